@@ -1,0 +1,63 @@
+package hooks
+
+import (
+	"log/slog"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// Limits enforces the per-client limits mochi leaves to its embedder:
+// max_keepalive, and cleanup of expired sessions.
+type Limits struct {
+	mqtt.HookBase
+	server       *mqtt.Server
+	maxKeepalive uint16
+	log          *slog.Logger
+}
+
+// NewLimits returns the hook. maxKeepalive is Mosquitto's max_keepalive
+// (65535 means no limit below the protocol's own).
+func NewLimits(s *mqtt.Server, maxKeepalive uint16, log *slog.Logger) *Limits {
+	return &Limits{server: s, maxKeepalive: maxKeepalive, log: log}
+}
+
+// ID implements mqtt.Hook.
+func (h *Limits) ID() string { return "limits" }
+
+// Provides implements mqtt.Hook.
+func (h *Limits) Provides(b byte) bool {
+	return b == mqtt.OnConnect || b == mqtt.OnClientExpired
+}
+
+// OnConnect applies max_keepalive the way Mosquitto does: an MQTT 5 client
+// asking for more (or for none) is told the server's value in CONNACK; an
+// MQTT 3.1.1 client cannot be told, so asking for more is refused with
+// "identifier rejected".
+func (h *Limits) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	ka := pk.Connect.Keepalive
+	if h.maxKeepalive == 0 || (ka != 0 && ka <= h.maxKeepalive) {
+		return nil
+	}
+	if cl.Properties.ProtocolVersion == 5 {
+		cl.State.Keepalive = h.maxKeepalive
+		cl.State.ServerKeepalive = true
+		return nil
+	}
+	if ka == 0 {
+		return nil // 3.1.1 keepalive 0 is legal and cannot be corrected
+	}
+	h.log.Info("connect refused: keepalive above max_keepalive", "client", cl.ID,
+		"keepalive", ka, "max_keepalive", h.maxKeepalive)
+	_ = h.server.SendConnack(cl, packets.ErrClientIdentifierNotValid, false, nil)
+	return packets.ErrClientIdentifierNotValid
+}
+
+// OnClientExpired finishes what mochi's expiry leaves behind: it deletes
+// the session from Clients but not its subscriptions or queued messages,
+// which would otherwise leak (and keep matching) forever.
+func (h *Limits) OnClientExpired(cl *mqtt.Client) {
+	h.server.UnsubscribeClient(cl)
+	cl.ClearInflights()
+	h.log.Debug("session expired", "client", cl.ID)
+}

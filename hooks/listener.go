@@ -1,0 +1,184 @@
+package hooks
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+// Listener serves MQTT on an already bound net.Listener, over plain TCP (TLS
+// when the net.Listener is a tls listener) or WebSocket. mochi's own listeners
+// bind inside Serve, so a caller cannot learn the port of ":0" and cannot
+// guard the pre-CONNECT phase; this one wraps every connection in a
+// guardedConn that does both jobs described on that type.
+type Listener struct {
+	id        string
+	ln        net.Listener
+	websocket bool
+	guard     ConnGuard
+
+	log    *slog.Logger
+	httpSv *http.Server
+	closed atomic.Bool
+	wg     sync.WaitGroup
+}
+
+var _ listeners.Listener = (*Listener)(nil)
+
+// ConnGuard holds what every accepted connection is held to before and
+// around the MQTT session.
+type ConnGuard struct {
+	// ConnectTimeout bounds the time between accept and a complete CONNECT,
+	// so that sockets that never speak (or a flood of them) are reaped.
+	ConnectTimeout time.Duration
+	// MaxPacketSize is the largest MQTT packet accepted (fixed header
+	// included); 0 means no limit. mochi enforces the limit by closing the
+	// connection; the guard adds the MQTT 5 DISCONNECT 0x95 the spec asks for.
+	MaxPacketSize uint32
+	// Metrics, if set, counts connections that fail before a session exists.
+	Metrics *Metrics
+}
+
+// NewListener wraps ln. id names the listener in logs and metrics.
+func NewListener(id string, ln net.Listener, ws bool, guard ConnGuard) *Listener {
+	return &Listener{id: id, ln: ln, websocket: ws, guard: guard}
+}
+
+// ID implements listeners.Listener.
+func (l *Listener) ID() string { return l.id }
+
+// Address implements listeners.Listener.
+func (l *Listener) Address() string { return l.ln.Addr().String() }
+
+// Protocol implements listeners.Listener.
+func (l *Listener) Protocol() string {
+	if l.websocket {
+		return "ws"
+	}
+	return "tcp"
+}
+
+// Init implements listeners.Listener.
+func (l *Listener) Init(log *slog.Logger) error {
+	l.log = log
+	return nil
+}
+
+// Serve implements listeners.Listener; it returns when the listener is closed.
+func (l *Listener) Serve(establish listeners.EstablishFn) {
+	if l.websocket {
+		l.serveWebsocket(establish)
+		return
+	}
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			if !l.closed.Load() {
+				l.log.Error("accept failed; listener stopped", "listener", l.id, "error", err)
+			}
+			return
+		}
+		l.handle(conn, establish)
+	}
+}
+
+func (l *Listener) handle(conn net.Conn, establish listeners.EstablishFn) {
+	gc := newGuardedConn(conn, l.guard)
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		// mochi logs establish errors itself through OnDisconnect paths; the
+		// ones that end a connection before a session exists (timeouts,
+		// malformed CONNECT, bad credentials) are counted by the guard.
+		_ = establish(l.id, gc)
+		_ = gc.Close()
+	}()
+}
+
+func (l *Listener) serveWebsocket(establish listeners.EstablishFn) {
+	upgrader := websocket.Upgrader{
+		Subprotocols: []string{"mqtt"},
+		// MQTT clients are not browsers acting on behalf of a third-party
+		// page with ambient credentials; authentication is MQTT's own.
+		CheckOrigin: func(*http.Request) bool { return true },
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		c, err := upgrader.Upgrade(w, r, nil)
+		if err != nil {
+			return // the upgrader already answered with an HTTP error
+		}
+		conn := &wsConn{Conn: c.UnderlyingConn(), c: c}
+		gc := newGuardedConn(conn, l.guard)
+		_ = establish(l.id, gc)
+		_ = gc.Close()
+	})
+	l.httpSv = &http.Server{Handler: mux, ReadHeaderTimeout: l.guard.ConnectTimeout}
+	err := l.httpSv.Serve(l.ln)
+	if err != nil && !errors.Is(err, http.ErrServerClosed) && !l.closed.Load() {
+		l.log.Error("websocket listener stopped", "listener", l.id, "error", err)
+	}
+}
+
+// Close implements listeners.Listener: stop accepting, then let mochi
+// disconnect this listener's clients (MQTT 5 clients get 0x8B).
+func (l *Listener) Close(closeClients listeners.CloseFn) {
+	if l.closed.CompareAndSwap(false, true) {
+		if l.httpSv != nil {
+			// Shutdown does not wait for hijacked (upgraded) connections.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_ = l.httpSv.Shutdown(ctx)
+			cancel()
+		}
+		_ = l.ln.Close()
+	}
+	closeClients(l.id)
+}
+
+// wsConn carries the MQTT byte stream in binary WebSocket messages, as
+// MQTT-over-WebSocket clients expect (one MQTT packet may span messages).
+type wsConn struct {
+	net.Conn
+	c *websocket.Conn
+	r io.Reader // the message being read, nil between messages
+}
+
+func (ws *wsConn) Read(p []byte) (int, error) {
+	for {
+		if ws.r == nil {
+			op, r, err := ws.c.NextReader()
+			if err != nil {
+				return 0, err
+			}
+			if op != websocket.BinaryMessage {
+				return 0, errors.New("websocket: MQTT requires binary messages")
+			}
+			ws.r = r
+		}
+		n, err := ws.r.Read(p)
+		if errors.Is(err, io.EOF) {
+			ws.r = nil
+			if n == 0 {
+				continue
+			}
+			err = nil
+		}
+		return n, err
+	}
+}
+
+func (ws *wsConn) Write(p []byte) (int, error) {
+	if err := ws.c.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}

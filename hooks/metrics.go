@@ -1,0 +1,209 @@
+package hooks
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"sync/atomic"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/mochi-mqtt/server/v2/system"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics holds the broker's MQTT Prometheus metrics (namespace broker,
+// subsystem mqtt). Label values are bounded: QoS levels and fixed reason
+// strings, never a client id or a topic. A nil *Metrics counts nothing.
+type Metrics struct {
+	connects     prometheus.Counter
+	msgsIn       *prometheus.CounterVec
+	msgsOut      *prometheus.CounterVec
+	payloadIn    *prometheus.CounterVec
+	payloadOut   *prometheus.CounterVec
+	dropped      *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
+	aclDenied    *prometheus.CounterVec
+	packetErrors *prometheus.CounterVec
+}
+
+// NewMetrics registers the metrics on reg; info is the mochi server's
+// counters, read at scrape time for the gauges mochi already maintains.
+func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
+	const ns, sub = "broker", "mqtt"
+	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help}, labels)
+	}
+	m := &Metrics{
+		connects:     prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "connections_total", Help: "Sessions established (CONNECT accepted)."}),
+		msgsIn:       counter("messages_received_total", "PUBLISH packets received from clients, by QoS.", "qos"),
+		msgsOut:      counter("messages_sent_total", "PUBLISH packets sent to clients, by QoS.", "qos"),
+		payloadIn:    counter("payload_bytes_received_total", "Payload bytes of PUBLISH packets received, by QoS.", "qos"),
+		payloadOut:   counter("payload_bytes_sent_total", "Payload bytes of PUBLISH packets sent, by QoS.", "qos"),
+		dropped:      counter("messages_dropped_total", "Messages not delivered to a subscriber, by reason.", "reason"),
+		authFailures: counter("auth_failures_total", "Rejected CONNECTs, by reason.", "reason"),
+		aclDenied:    counter("acl_denied_total", "Publishes and subscriptions refused by the ACL, by access.", "access"),
+		packetErrors: counter("packet_errors_total", "Connections ended by bad input, by reason.", "reason"),
+	}
+	gauge := func(name, help string, v *int64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help},
+			func() float64 { return float64(atomic.LoadInt64(v)) })
+	}
+	counterFunc := func(name, help string, v *int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help},
+			func() float64 { return float64(atomic.LoadInt64(v)) })
+	}
+	reg.MustRegister(
+		m.connects, m.msgsIn, m.msgsOut, m.payloadIn, m.payloadOut, m.dropped,
+		m.authFailures, m.aclDenied, m.packetErrors,
+		gauge("connections", "Clients currently connected.", &info.ClientsConnected),
+		gauge("sessions", "Sessions held, connected or not.", &info.ClientsTotal),
+		gauge("subscriptions", "Active subscriptions.", &info.Subscriptions),
+		gauge("retained_messages", "Retained messages held.", &info.Retained),
+		gauge("inflight_messages", "QoS 1/2 messages in flight or queued for sessions.", &info.Inflight),
+		counterFunc("bytes_received_total", "Bytes received from clients.", &info.BytesReceived),
+		counterFunc("bytes_sent_total", "Bytes sent to clients.", &info.BytesSent),
+		counterFunc("queue_full_dropped_total", "QoS 1/2 messages dropped because a session's queue (max_queued_messages) was full.", &info.InflightDropped),
+	)
+	// Pre-create the label values people alert on, so they read 0, not absent.
+	for _, q := range []string{"0", "1", "2"} {
+		m.msgsIn.WithLabelValues(q)
+		m.msgsOut.WithLabelValues(q)
+	}
+	for _, r := range []string{"too_large", "malformed", "protocol_error", "no_connect", "keepalive_timeout"} {
+		m.packetErrors.WithLabelValues(r)
+	}
+	return m
+}
+
+func (m *Metrics) packetError(reason string) {
+	if m != nil {
+		m.packetErrors.WithLabelValues(reason).Inc()
+	}
+}
+
+// AuthFailure counts a rejected CONNECT; reason is a fixed, small string.
+func (m *Metrics) AuthFailure(reason string) {
+	if m != nil {
+		m.authFailures.WithLabelValues(reason).Inc()
+	}
+}
+
+// ACLDenied counts an ACL refusal; access is read, write or subscribe.
+func (m *Metrics) ACLDenied(access string) {
+	if m != nil {
+		m.aclDenied.WithLabelValues(access).Inc()
+	}
+}
+
+var qosLabel = [3]string{"0", "1", "2"}
+
+// MetricsHook feeds Metrics from mochi's events and records the protocol
+// version on each guarded connection (see guardedConn).
+type MetricsHook struct {
+	mqtt.HookBase
+	m   *Metrics
+	log *slog.Logger
+}
+
+// NewMetricsHook returns a hook counting into m.
+func NewMetricsHook(m *Metrics, log *slog.Logger) *MetricsHook {
+	return &MetricsHook{m: m, log: log}
+}
+
+// ID implements mqtt.Hook.
+func (h *MetricsHook) ID() string { return "metrics" }
+
+// Provides implements mqtt.Hook.
+func (h *MetricsHook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnect, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead,
+		mqtt.OnPacketSent, mqtt.OnPublishDropped:
+		return true
+	}
+	return false
+}
+
+// OnConnect records the protocol version on the connection so that an
+// over-size packet can be answered with an MQTT 5 DISCONNECT.
+func (h *MetricsHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	if gc, ok := cl.Net.Conn.(*guardedConn); ok {
+		gc.SetProtocolVersion(cl.Properties.ProtocolVersion)
+	}
+	return nil
+}
+
+// OnSessionEstablished implements mqtt.Hook.
+func (h *MetricsHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	h.m.connects.Inc()
+}
+
+// OnPacketRead implements mqtt.Hook.
+func (h *MetricsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos <= 2 {
+		q := qosLabel[pk.FixedHeader.Qos]
+		h.m.msgsIn.WithLabelValues(q).Inc()
+		h.m.payloadIn.WithLabelValues(q).Add(float64(len(pk.Payload)))
+	}
+	return pk, nil
+}
+
+// OnPacketSent implements mqtt.Hook.
+func (h *MetricsHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
+	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos <= 2 {
+		q := qosLabel[pk.FixedHeader.Qos]
+		h.m.msgsOut.WithLabelValues(q).Inc()
+		h.m.payloadOut.WithLabelValues(q).Add(float64(len(pk.Payload)))
+	}
+}
+
+// OnPublishDropped implements mqtt.Hook: the client's write queue was full.
+func (h *MetricsHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	h.m.dropped.WithLabelValues("slow_consumer").Inc()
+}
+
+// OnDisconnect classifies the error that ended a session: one log line and
+// one count per connection, never per packet.
+func (h *MetricsHook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	reason := disconnectReason(err)
+	switch reason {
+	case "":
+		return
+	case "too_large":
+		// counted by guardedConn.Close, which also sends the DISCONNECT
+	default:
+		h.m.packetError(reason)
+	}
+	h.log.Info("client connection ended by error", "client", cl.ID, "remote", cl.Net.Remote,
+		"reason", reason, "error", err)
+}
+
+// disconnectReason maps the error that ended a session to a metric label,
+// or "" for an ordinary end (client DISCONNECT, EOF, takeover, shutdown).
+func disconnectReason(err error) string {
+	if err == nil || errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+		return ""
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return "keepalive_timeout"
+	}
+	var code packets.Code
+	if errors.As(err, &code) {
+		switch {
+		case code.Code == packets.ErrPacketTooLarge.Code:
+			return "too_large"
+		case code.Code == packets.ErrMalformedPacket.Code:
+			return "malformed"
+		case code.Code == packets.ErrProtocolViolation.Code:
+			return "protocol_error"
+		case code.Code < 0x80, code.Code == packets.ErrSessionTakenOver.Code, code.Code == packets.ErrServerShuttingDown.Code:
+			return ""
+		default:
+			return "code_" + strconv.FormatUint(uint64(code.Code), 16)
+		}
+	}
+	return ""
+}

@@ -1,0 +1,103 @@
+// Package logx holds the broker's logging helpers: the handler constructor
+// used by cmd/broker and a rate limiter for libraries that log per packet.
+package logx
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+)
+
+// New returns a logger writing text (format "text") or JSON ("json") at
+// level to w. An empty format picks text on a terminal and JSON otherwise,
+// which is what a container log collector wants.
+func New(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log level %q: use debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch strings.ToLower(format) {
+	case "":
+		if f, ok := w.(*os.File); ok && isTerminal(f) {
+			return slog.New(slog.NewTextHandler(w, opts)), nil
+		}
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("log format %q: use text or json", format)
+}
+
+func isTerminal(f *os.File) bool {
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// RateLimit wraps h so that records with the same level and message are
+// written at most once per window; the next one written after a quiet
+// spell carries "suppressed" with the number dropped. It exists for mochi,
+// which logs a warning for every bad packet and failed connection: a flood
+// of junk must not become a flood of log lines.
+func RateLimit(h slog.Handler, window time.Duration) slog.Handler {
+	return &rateLimited{h: h, window: window, state: &rlState{seen: map[string]*rlEntry{}}}
+}
+
+type rateLimited struct {
+	h      slog.Handler
+	window time.Duration
+	state  *rlState
+}
+
+type rlState struct {
+	mu   sync.Mutex
+	seen map[string]*rlEntry
+}
+
+type rlEntry struct {
+	last       time.Time
+	suppressed int
+}
+
+func (r *rateLimited) Enabled(ctx context.Context, l slog.Level) bool { return r.h.Enabled(ctx, l) }
+
+func (r *rateLimited) Handle(ctx context.Context, rec slog.Record) error {
+	key := rec.Level.String() + "\x00" + rec.Message
+	r.state.mu.Lock()
+	e, ok := r.state.seen[key]
+	if !ok {
+		if len(r.state.seen) > 1024 { // bounded: messages are constants, but be safe
+			clear(r.state.seen)
+		}
+		e = &rlEntry{}
+		r.state.seen[key] = e
+	}
+	if ok && rec.Time.Sub(e.last) < r.window {
+		e.suppressed++
+		r.state.mu.Unlock()
+		return nil
+	}
+	n := e.suppressed
+	e.last, e.suppressed = rec.Time, 0
+	r.state.mu.Unlock()
+	if n > 0 {
+		rec = rec.Clone()
+		rec.AddAttrs(slog.Int("suppressed", n))
+	}
+	return r.h.Handle(ctx, rec)
+}
+
+func (r *rateLimited) WithAttrs(as []slog.Attr) slog.Handler {
+	return &rateLimited{h: r.h.WithAttrs(as), window: r.window, state: r.state}
+}
+
+func (r *rateLimited) WithGroup(name string) slog.Handler {
+	return &rateLimited{h: r.h.WithGroup(name), window: r.window, state: r.state}
+}
