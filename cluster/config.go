@@ -1,0 +1,215 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// ProtocolVersion is the version of the cluster-port protocols (handshake and
+// forwarding frames) and is announced in node metadata. A peer with another
+// version is refused at the handshake.
+const ProtocolVersion uint8 = 1
+
+// Default addresses (the command-line contract's defaults).
+const (
+	DefaultGossipPort  = 7946
+	DefaultClusterPort = 7947
+)
+
+// ErrInvalidConfig is wrapped by every Validate error.
+var ErrInvalidConfig = errors.New("invalid cluster config")
+
+// Config configures a Node. Zero values are replaced by defaults in
+// Sanitize; Validate reports what cannot be defaulted.
+type Config struct {
+	// NodeID names this node cluster-wide (memberlist node name). Required.
+	NodeID string
+	// AdvertiseHost is the address peers use to reach this node (an IP or a
+	// DNS name such as the pod's stable name). Empty: the bind IP if it is
+	// specific, otherwise the first private IP (memberlist's rule).
+	AdvertiseHost string
+	// GossipAddr is the memberlist bind address (TCP and UDP). Port 0 picks
+	// a free port (tests).
+	GossipAddr string
+	// ClusterAddr is the forwarding/raft bind address. Port 0 allowed.
+	ClusterAddr string
+	// MQTTPort is advertised in node metadata (for status and clients).
+	MQTTPort int
+	// Join lists seeds: "host:port", "host" (gossip port assumed) or DNS
+	// names; a name with several A/AAAA records joins all of them.
+	Join []string
+	// ClusterKey is an optional shared secret. When set, gossip is encrypted
+	// (AES-256 with sha256-derived key) and cluster-port connections must
+	// pass an HMAC-SHA256 challenge/response in both directions.
+	ClusterKey []byte
+
+	// Failure detection. The defaults detect a dead node in about 4 to 5
+	// seconds on a LAN (see DESIGN.md for the arithmetic).
+	ProbeInterval           time.Duration
+	ProbeTimeout            time.Duration
+	SuspicionMult           int
+	SuspicionMaxTimeoutMult int
+	GossipInterval          time.Duration
+	// PushPullInterval is the anti-entropy period (full route state).
+	PushPullInterval time.Duration
+	// TCPTimeout bounds memberlist's TCP exchanges (join, push/pull).
+	TCPTimeout     time.Duration
+	RetransmitMult int
+	// RejoinInterval is how often the seed list is re-resolved and seeds
+	// that are not members are joined (partition healing).
+	RejoinInterval time.Duration
+	// LeaveTimeout bounds the graceful leave in Close.
+	LeaveTimeout time.Duration
+
+	// QueueSize and QueueBytes bound each peer's forward queue; a message
+	// that does not fit is dropped (tail drop) and counted. A single message
+	// larger than QueueBytes is still accepted into an empty queue.
+	QueueSize  int
+	QueueBytes int
+	// FlushInterval is the longest a forwarded message waits in the write
+	// buffer for more to batch with; FlushBytes flushes earlier. 0 means
+	// "flush as soon as the queue is drained".
+	FlushInterval time.Duration
+	FlushBytes    int
+	// MaxFrameSize bounds one forwarded frame in both directions.
+	MaxFrameSize     int
+	DialTimeout      time.Duration
+	HandshakeTimeout time.Duration
+	// WriteTimeout bounds one flush to a peer; a peer that does not read for
+	// that long is disconnected (its messages in flight are lost).
+	WriteTimeout time.Duration
+	ReconnectMin time.Duration
+	ReconnectMax time.Duration
+
+	// Logger receives structured logs (component=cluster, node=<id>).
+	Logger *slog.Logger
+	// Registerer receives the broker_cluster_* metrics; nil uses a private
+	// registry (metrics then go nowhere).
+	Registerer prometheus.Registerer
+	// LookupHost resolves seed names; nil uses net.DefaultResolver.
+	LookupHost func(ctx context.Context, host string) ([]string, error)
+}
+
+// Sanitize fills zero fields with defaults.
+func (c *Config) Sanitize() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	defInt := func(i *int, v int) {
+		if *i == 0 {
+			*i = v
+		}
+	}
+	if c.GossipAddr == "" {
+		c.GossipAddr = net.JoinHostPort("", strconv.Itoa(DefaultGossipPort))
+	}
+	if c.ClusterAddr == "" {
+		c.ClusterAddr = net.JoinHostPort("", strconv.Itoa(DefaultClusterPort))
+	}
+	def(&c.ProbeInterval, time.Second)
+	def(&c.ProbeTimeout, 500*time.Millisecond)
+	defInt(&c.SuspicionMult, 3)
+	defInt(&c.SuspicionMaxTimeoutMult, 2)
+	def(&c.GossipInterval, 200*time.Millisecond)
+	def(&c.PushPullInterval, 15*time.Second)
+	def(&c.TCPTimeout, 5*time.Second)
+	defInt(&c.RetransmitMult, 4)
+	def(&c.RejoinInterval, 10*time.Second)
+	def(&c.LeaveTimeout, 2*time.Second)
+	defInt(&c.QueueSize, 16384)
+	defInt(&c.QueueBytes, 64<<20)
+	if c.FlushInterval == 0 {
+		c.FlushInterval = time.Millisecond
+	} else if c.FlushInterval < 0 {
+		c.FlushInterval = 0 // explicit "no wait"
+	}
+	defInt(&c.FlushBytes, 64<<10)
+	defInt(&c.MaxFrameSize, DefaultMaxFrameSize)
+	def(&c.DialTimeout, 2*time.Second)
+	def(&c.HandshakeTimeout, 5*time.Second)
+	def(&c.WriteTimeout, 10*time.Second)
+	def(&c.ReconnectMin, 50*time.Millisecond)
+	def(&c.ReconnectMax, 5*time.Second)
+	if c.Logger == nil {
+		c.Logger = discardLogger()
+	}
+	if c.Registerer == nil {
+		c.Registerer = prometheus.NewRegistry()
+	}
+	if c.LookupHost == nil {
+		c.LookupHost = net.DefaultResolver.LookupHost
+	}
+}
+
+// Validate reports configuration errors, all of them, wrapped in
+// ErrInvalidConfig. Call it after Sanitize.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf(format, args...))
+	}
+	if c.NodeID == "" {
+		bad("node id is required")
+	}
+	if len(c.NodeID) > 200 {
+		bad("node id longer than 200 bytes")
+	}
+	if _, _, err := splitHostPort(c.GossipAddr); err != nil {
+		bad("gossip address %q: %w", c.GossipAddr, err)
+	}
+	if _, _, err := splitHostPort(c.ClusterAddr); err != nil {
+		bad("cluster address %q: %w", c.ClusterAddr, err)
+	}
+	if c.MQTTPort < 0 || c.MQTTPort > 65535 {
+		bad("mqtt port %d out of range", c.MQTTPort)
+	}
+	if len(c.AdvertiseHost) > 253 {
+		bad("advertise host too long")
+	}
+	if c.ProbeTimeout >= c.ProbeInterval {
+		bad("probe timeout %v must be shorter than probe interval %v", c.ProbeTimeout, c.ProbeInterval)
+	}
+	if c.SuspicionMult < 1 || c.SuspicionMaxTimeoutMult < 1 || c.RetransmitMult < 1 {
+		bad("suspicion and retransmit multipliers must be >= 1")
+	}
+	if c.QueueSize < 1 || c.QueueBytes < 1 || c.FlushBytes < 512 {
+		bad("queue size, queue bytes must be positive and flush bytes >= 512")
+	}
+	if c.MaxFrameSize < 1024 || c.MaxFrameSize > 1<<31-1 {
+		bad("max frame size %d out of range [1024, 2^31)", c.MaxFrameSize)
+	}
+	if c.ReconnectMin > c.ReconnectMax {
+		bad("reconnect min %v above max %v", c.ReconnectMin, c.ReconnectMax)
+	}
+	for _, s := range c.Join {
+		if s == "" {
+			bad("empty join entry")
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, errors.Join(errs...))
+	}
+	return nil
+}
+
+// splitHostPort parses "host:port" with a numeric port (0 allowed).
+func splitHostPort(addr string) (string, int, error) {
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	p, err := strconv.Atoi(ps)
+	if err != nil || p < 0 || p > 65535 {
+		return "", 0, fmt.Errorf("bad port %q", ps)
+	}
+	return host, p, nil
+}

@@ -1,0 +1,273 @@
+package cluster
+
+import (
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// maxDeltaSize keeps a delta inside one gossip packet (memberlist's UDP
+// buffer is 1400 bytes, minus headers, labels and encryption overhead).
+// Bigger deltas (filters over ~900 bytes) are not gossiped; the version gap
+// they leave is closed by the next push/pull.
+const maxDeltaSize = 900
+
+// maxQueuedDeltas bounds the broadcast queue; beyond it the oldest (most
+// retransmitted) deltas are pruned and anti-entropy repairs the gaps.
+const maxQueuedDeltas = 4096
+
+// routeBroadcast is a route delta in memberlist's broadcast queue. Deltas
+// never invalidate each other: each is one link of a version chain.
+type routeBroadcast []byte
+
+func (b routeBroadcast) Invalidates(memberlist.Broadcast) bool { return false }
+func (b routeBroadcast) Message() []byte                       { return b }
+func (b routeBroadcast) Finished()                             {}
+
+// delegate receives memberlist callbacks. memberlist calls the event methods
+// while holding its own locks, so none of them may call back into the
+// memberlist synchronously or block.
+type delegate struct{ n *Node }
+
+var (
+	_ memberlist.Delegate         = (*delegate)(nil)
+	_ memberlist.EventDelegate    = (*delegate)(nil)
+	_ memberlist.ConflictDelegate = (*delegate)(nil)
+)
+
+func (d *delegate) NodeMeta(limit int) []byte {
+	b := appendMeta(nil, d.n.meta)
+	if len(b) > limit {
+		// Validate caps the node id and host, so this is a bug, not input.
+		d.n.log.Error("node metadata too large", "size", len(b), "limit", limit)
+		return nil
+	}
+	return b
+}
+
+func (d *delegate) NotifyMsg(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	delta, err := decodeDelta(b)
+	if err != nil {
+		d.n.metrics.badGossip.Inc()
+		if d.n.badGossipLog.allow() {
+			d.n.log.Warn("dropping undecodable gossip message", "err", err)
+		}
+		return
+	}
+	res := d.n.routes.applyDelta(delta)
+	d.n.metrics.deltas.WithLabelValues(res.String()).Inc()
+}
+
+func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return d.n.bcast.GetBroadcasts(overhead, limit)
+}
+
+func (d *delegate) LocalState(join bool) []byte {
+	return appendState(nil, d.n.routes.snapshot())
+}
+
+func (d *delegate) MergeRemoteState(buf []byte, join bool) {
+	entries, err := decodeState(buf)
+	if err != nil {
+		d.n.metrics.badGossip.Inc()
+		if d.n.badGossipLog.allow() {
+			d.n.log.Warn("dropping undecodable route state", "err", err)
+		}
+		return
+	}
+	res := d.n.routes.merge(entries)
+	d.n.metrics.merges.Add(float64(res.Replaced))
+	if res.Bumped {
+		d.n.log.Warn("a peer knew a newer route incarnation of this node; raised ours so our routes win")
+	}
+}
+
+func (d *delegate) NotifyJoin(node *memberlist.Node)   { d.n.onJoin(node) }
+func (d *delegate) NotifyLeave(node *memberlist.Node)  { d.n.onLeave(node) }
+func (d *delegate) NotifyUpdate(node *memberlist.Node) { d.n.onUpdate(node) }
+
+func (d *delegate) NotifyConflict(existing, other *memberlist.Node) {
+	d.n.log.Warn("two nodes claim the same node id", "node_id", existing.Name,
+		"existing", existing.Address(), "other", other.Address())
+}
+
+// member is what we remember about a node for Status, including nodes that
+// have gone (kept for goneRetention so operators can see what died).
+type member struct {
+	id          string
+	state       string // alive, dead, left
+	gossipAddr  string
+	clusterAddr string
+	meta        nodeMeta
+	metaErr     error
+	since       time.Time
+}
+
+const goneRetention = time.Hour
+
+// clusterAddr derives where a node accepts forwarding connections: its
+// advertised host (which may be a stable DNS name) or, when it advertised
+// none, the address memberlist reaches it at.
+func clusterAddr(node *memberlist.Node, meta nodeMeta) string {
+	host := meta.AdvertiseHost
+	if host == "" {
+		host = node.Addr.String()
+	}
+	if meta.ClusterPort == 0 {
+		return ""
+	}
+	return net.JoinHostPort(host, strconv.Itoa(int(meta.ClusterPort)))
+}
+
+func (n *Node) onJoin(node *memberlist.Node) {
+	meta, metaErr := decodeMeta(node.Meta)
+	caddr := ""
+	if metaErr == nil {
+		caddr = clusterAddr(node, meta)
+	}
+	self := node.Name == n.cfg.NodeID
+	n.mu.Lock()
+	n.members[node.Name] = &member{id: node.Name, state: "alive", gossipAddr: node.Address(), clusterAddr: caddr,
+		meta: meta, metaErr: metaErr, since: time.Now()}
+	n.pruneGoneLocked()
+	n.updateAliveLocked()
+	if self || n.closing {
+		n.mu.Unlock()
+		return
+	}
+	switch {
+	case metaErr != nil:
+		n.log.Warn("member has unreadable metadata; not forwarding to it", "peer", node.Name, "err", metaErr)
+	case meta.Proto != ProtocolVersion:
+		n.log.Warn("member speaks another cluster protocol version; not forwarding to it",
+			"peer", node.Name, "theirs", meta.Proto, "ours", ProtocolVersion)
+	default:
+		if p := n.peers[node.Name]; p != nil {
+			p.setAddr(caddr)
+		} else if caddr != "" {
+			p = newPeer(n, node.Name, caddr)
+			n.peers[node.Name] = p
+			n.wg.Add(1)
+			go func() {
+				defer n.wg.Done()
+				p.run()
+			}()
+		}
+	}
+	running := n.ml != nil
+	n.mu.Unlock()
+	n.routes.setMember(node.Name, true)
+	n.metrics.memberEvents.WithLabelValues("join").Inc()
+	n.log.Info("member joined", "peer", node.Name, "gossip_addr", node.Address(), "cluster_addr", caddr)
+	if running {
+		// Exchange full route state with the newcomer right away rather than
+		// at the next push/pull: it may have routes from before it joined
+		// (restored sessions) that no delta will ever carry to us.
+		n.syncWith(node.Address())
+	}
+}
+
+func (n *Node) onUpdate(node *memberlist.Node) {
+	meta, err := decodeMeta(node.Meta)
+	if err != nil || node.Name == n.cfg.NodeID {
+		return
+	}
+	caddr := clusterAddr(node, meta)
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if m := n.members[node.Name]; m != nil {
+		m.meta, m.clusterAddr, m.gossipAddr = meta, caddr, node.Address()
+	}
+	if p := n.peers[node.Name]; p != nil && caddr != "" {
+		p.setAddr(caddr)
+	}
+}
+
+func (n *Node) onLeave(node *memberlist.Node) {
+	if node.Name == n.cfg.NodeID {
+		return
+	}
+	state, event := "dead", "fail"
+	if node.State == memberlist.StateLeft {
+		state, event = "left", "leave"
+	}
+	n.mu.Lock()
+	if m := n.members[node.Name]; m != nil {
+		m.state, m.since = state, time.Now()
+	}
+	n.updateAliveLocked()
+	p := n.peers[node.Name]
+	delete(n.peers, node.Name)
+	in := n.inbound[node.Name]
+	if p != nil && !n.closing {
+		// stop waits for the writer; never block memberlist's callback.
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			p.stop(dropPeerGone)
+		}()
+	}
+	n.mu.Unlock()
+	if in != nil {
+		_ = in.conn.Close()
+	}
+	n.routes.setMember(node.Name, false)
+	n.metrics.memberEvents.WithLabelValues(event).Inc()
+	n.log.Info("member gone; its routes are removed", "peer", node.Name, "state", state)
+}
+
+func (n *Node) updateAliveLocked() {
+	alive := 0
+	for _, m := range n.members {
+		if m.state == "alive" {
+			alive++
+		}
+	}
+	n.numAlive.Store(int32(alive))
+	n.metrics.members.Set(float64(alive))
+}
+
+func (n *Node) pruneGoneLocked() {
+	for id, m := range n.members {
+		if m.state != "alive" && time.Since(m.since) > goneRetention {
+			delete(n.members, id)
+		}
+	}
+}
+
+// syncWith runs a one-off push/pull (memberlist Join) with addr in the
+// background.
+func (n *Node) syncWith(addr string) {
+	n.mu.Lock()
+	if n.closing || n.ml == nil {
+		n.mu.Unlock()
+		return
+	}
+	ml := n.ml
+	n.wg.Add(1)
+	n.mu.Unlock()
+	go func() {
+		defer n.wg.Done()
+		if _, err := ml.Join([]string{addr}); err != nil {
+			n.log.Debug("route sync with new member failed", "addr", addr, "err", err)
+		}
+	}()
+}
+
+// queueDelta gossips a local route change.
+func (n *Node) queueDelta(d routeDelta) {
+	b := appendDelta(make([]byte, 0, 32+len(d.Node)+len(d.Filter)), d)
+	if len(b) > maxDeltaSize {
+		n.log.Debug("route delta too large to gossip; left to anti-entropy", "size", len(b))
+		return
+	}
+	n.bcast.QueueBroadcast(routeBroadcast(b))
+	if n.bcast.NumQueued() > maxQueuedDeltas {
+		n.bcast.Prune(maxQueuedDeltas)
+	}
+}

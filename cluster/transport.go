@@ -1,0 +1,471 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Forwarding: each node dials every peer once for its own outgoing traffic
+// (so a pair of nodes has two connections, one per direction) and keeps one
+// ordered, bounded queue per peer, drained by one writer goroutine. One
+// queue and one connection per peer is what keeps MQTT's per-publisher order
+// across the hop; the receiver delivers one connection's frames in order on
+// one goroutine.
+
+// outMsg is one queued message for one peer. m is shared between the queues
+// of all peers it goes to (read-only); shared is this peer's own decision.
+type outMsg struct {
+	m      *Message
+	shared []string
+	size   int // frame bytes including the length prefix
+}
+
+// peer is the sending side towards one remote node.
+type peer struct {
+	n     *Node
+	id    string
+	depth prometheus.Gauge
+	bytes prometheus.Gauge
+
+	mu        sync.Mutex
+	addr      string
+	queue     []outMsg
+	qbytes    int
+	closed    bool
+	connected bool
+	conn      net.Conn
+	everUp    bool
+	forwarded uint64
+	dropped   uint64
+	lastErr   string
+
+	wake   chan struct{} // cap 1: "the queue is not empty" or "state changed"
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func newPeer(n *Node, id, addr string) *peer {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &peer{
+		n: n, id: id, addr: addr,
+		depth: n.metrics.queueDepth.WithLabelValues(id),
+		bytes: n.metrics.queueBytes.WithLabelValues(id),
+		wake:  make(chan struct{}, 1),
+		ctx:   ctx, cancel: cancel,
+		done: make(chan struct{}),
+	}
+}
+
+func (p *peer) signal() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// enqueue appends om unless the queue is full or closed (tail drop: what is
+// already queued keeps its order and nothing queued is ever reordered). It
+// never blocks: it runs on the publisher's goroutine.
+func (p *peer) enqueue(om outMsg) (bool, string) {
+	p.mu.Lock()
+	if p.closed {
+		p.dropped++
+		p.mu.Unlock()
+		return false, dropPeerGone
+	}
+	cfg := &p.n.cfg
+	if len(p.queue) >= cfg.QueueSize || (len(p.queue) > 0 && p.qbytes+om.size > cfg.QueueBytes) {
+		p.dropped++
+		p.mu.Unlock()
+		return false, dropQueueFull
+	}
+	p.queue = append(p.queue, om)
+	p.qbytes += om.size
+	depth, qb := len(p.queue), p.qbytes
+	p.mu.Unlock()
+	p.depth.Set(float64(depth))
+	p.bytes.Set(float64(qb))
+	p.signal()
+	return true, ""
+}
+
+// take moves the whole queue into buf (swapping backing arrays, so steady
+// state allocates nothing).
+func (p *peer) take(buf []outMsg) []outMsg {
+	p.mu.Lock()
+	q := p.queue
+	p.queue = buf[:0]
+	p.qbytes = 0
+	p.mu.Unlock()
+	p.depth.Set(0)
+	p.bytes.Set(0)
+	return q
+}
+
+// setAddr switches the peer to a new cluster address (node metadata
+// changed); the current connection is cut so the next dial uses it.
+func (p *peer) setAddr(addr string) {
+	p.mu.Lock()
+	changed := p.addr != addr
+	p.addr = addr
+	c := p.conn
+	p.mu.Unlock()
+	if changed && c != nil {
+		_ = c.Close()
+	}
+}
+
+// stop ends the peer: queued messages are dropped with reason, the
+// connection is closed, and stop waits for the writer goroutine.
+func (p *peer) stop(reason string) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		<-p.done
+		return
+	}
+	p.closed = true
+	q := p.queue
+	p.queue = nil
+	p.qbytes = 0
+	p.dropped += uint64(len(q))
+	c := p.conn
+	p.mu.Unlock()
+	if len(q) > 0 {
+		p.n.metrics.dropped.WithLabelValues(reason).Add(float64(len(q)))
+	}
+	p.cancel()
+	if c != nil {
+		_ = c.Close()
+	}
+	<-p.done
+	p.n.metrics.queueDepth.DeleteLabelValues(p.id)
+	p.n.metrics.queueBytes.DeleteLabelValues(p.id)
+}
+
+type peerStats struct {
+	Addr       string
+	Connected  bool
+	QueueDepth int
+	QueueBytes int
+	Forwarded  uint64
+	Dropped    uint64
+	LastError  string
+}
+
+func (p *peer) stats() peerStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return peerStats{Addr: p.addr, Connected: p.connected, QueueDepth: len(p.queue), QueueBytes: p.qbytes,
+		Forwarded: p.forwarded, Dropped: p.dropped, LastError: p.lastErr}
+}
+
+// run dials, writes until the connection fails, and reconnects with
+// exponential backoff until stop. Messages keep queueing while disconnected
+// (up to the bounds), so a short blip loses only what was in flight.
+func (p *peer) run() {
+	defer close(p.done)
+	log := p.n.log.With("peer", p.id)
+	backoff := p.n.cfg.ReconnectMin
+	failures := 0
+	var buf []outMsg
+	for p.ctx.Err() == nil {
+		p.mu.Lock()
+		addr := p.addr
+		p.mu.Unlock()
+		conn, err := p.n.mux.Dial(p.ctx, addr, ProtoForward)
+		if err == nil && conn.Peer() != p.id {
+			_ = conn.Close()
+			err = fmt.Errorf("%w: %s answered as %q, expected %q", ErrHandshake, addr, conn.Peer(), p.id)
+		}
+		if err != nil {
+			if p.ctx.Err() != nil {
+				return
+			}
+			p.n.metrics.dialErrors.Inc()
+			failures++
+			p.mu.Lock()
+			p.lastErr = err.Error()
+			p.mu.Unlock()
+			if failures == 1 || errors.Is(err, ErrAuth) || errors.Is(err, ErrProtocolVersion) {
+				log.Warn("cannot connect to peer", "addr", addr, "err", err)
+			} else {
+				log.Debug("cannot connect to peer", "addr", addr, "err", err, "failures", failures)
+			}
+			select {
+			case <-time.After(jitter(backoff)):
+			case <-p.ctx.Done():
+				return
+			}
+			backoff = min(2*backoff, p.n.cfg.ReconnectMax)
+			continue
+		}
+		backoff, failures = p.n.cfg.ReconnectMin, 0
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			_ = conn.Close()
+			return
+		}
+		if p.everUp {
+			p.n.metrics.reconnects.Inc()
+		}
+		p.everUp, p.connected, p.conn, p.lastErr = true, true, conn, ""
+		p.mu.Unlock()
+		log.Debug("connected to peer", "addr", addr)
+
+		buf, err = p.writeLoop(conn, buf)
+
+		_ = conn.Close()
+		p.mu.Lock()
+		p.connected, p.conn = false, nil
+		if err != nil {
+			p.lastErr = err.Error()
+		}
+		p.mu.Unlock()
+		if p.ctx.Err() == nil {
+			log.Info("forwarding connection lost", "addr", addr, "err", err)
+		}
+	}
+}
+
+// jitter spreads reconnects of many nodes over [d/2, d).
+func jitter(d time.Duration) time.Duration {
+	if d <= 1 {
+		return d
+	}
+	return d/2 + time.Duration(time.Now().UnixNano()%int64(d/2))
+}
+
+// writeLoop drains the queue into a buffered writer. It flushes when the
+// buffer fills (FlushBytes), or when the queue is empty and the oldest
+// unflushed message has waited FlushInterval: under load frames go out in
+// large writes, at low rates the added latency is at most FlushInterval.
+func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
+	cfg := &p.n.cfg
+	m := p.n.metrics
+	// A reader that only waits for the peer to close (the receiver never
+	// writes) tells us about a dead connection before we lose a batch on it.
+	closed := make(chan struct{})
+	go func() {
+		_, _ = io.Copy(io.Discard, conn)
+		close(closed)
+	}()
+	bw := bufio.NewWriterSize(conn, cfg.FlushBytes)
+	hdr := make([]byte, 0, 256)
+	var (
+		unflushed      int // messages written into bw since the last flush
+		unflushedBytes int
+		oldest         time.Time
+		timer          *time.Timer
+		timerC         <-chan time.Time
+	)
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	flush := func() error {
+		_ = conn.SetWriteDeadline(time.Now().Add(cfg.WriteTimeout))
+		if err := bw.Flush(); err != nil {
+			return err
+		}
+		m.forwarded.Add(float64(unflushed))
+		m.forwardedBytes.Add(float64(unflushedBytes))
+		p.mu.Lock()
+		p.forwarded += uint64(unflushed)
+		p.mu.Unlock()
+		unflushed, unflushedBytes = 0, 0
+		return nil
+	}
+	lose := func(batch []outMsg, err error) ([]outMsg, error) {
+		if n := unflushed + len(batch); n > 0 {
+			m.dropped.WithLabelValues(dropConnLost).Add(float64(n))
+			p.mu.Lock()
+			p.dropped += uint64(n)
+			p.mu.Unlock()
+		}
+		return clearBatch(batch), err
+	}
+	for {
+		batch := p.take(buf)
+		if len(batch) > 0 {
+			if unflushed == 0 {
+				oldest = time.Now()
+			}
+			for i := range batch {
+				om := &batch[i]
+				hdr = appendPublishHeader(hdr[:0], om.m, om.shared)
+				_ = conn.SetWriteDeadline(time.Now().Add(cfg.WriteTimeout))
+				_, err := bw.Write(hdr)
+				if err == nil && len(om.m.Payload) > 0 {
+					_, err = bw.Write(om.m.Payload)
+				}
+				if err != nil {
+					return lose(batch[i:], fmt.Errorf("write to %s: %w", p.id, err))
+				}
+				unflushed++
+				unflushedBytes += om.size
+			}
+			buf = clearBatch(batch)
+			continue // drain everything that queued meanwhile before deciding to flush
+		}
+		buf = batch
+		if unflushed > 0 && (cfg.FlushInterval <= 0 || time.Since(oldest) >= cfg.FlushInterval) {
+			if err := flush(); err != nil {
+				return lose(nil, fmt.Errorf("flush to %s: %w", p.id, err))
+			}
+		}
+		timerC = nil
+		if unflushed > 0 {
+			wait := cfg.FlushInterval - time.Since(oldest)
+			if timer == nil {
+				timer = time.NewTimer(wait)
+			} else {
+				timer.Reset(wait)
+			}
+			timerC = timer.C
+		}
+		select {
+		case <-p.wake:
+		case <-timerC:
+		case <-closed:
+			return lose(nil, fmt.Errorf("peer %s closed the connection", p.id))
+		case <-p.ctx.Done():
+			return lose(nil, ErrClosed)
+		}
+	}
+}
+
+// clearBatch drops references so sent messages can be collected while the
+// backing array is reused.
+func clearBatch(b []outMsg) []outMsg {
+	clear(b)
+	return b[:0]
+}
+
+// --- receiving side ---
+
+// inbound is one accepted forwarding connection.
+type inbound struct {
+	conn *PeerConn
+	done chan struct{}
+}
+
+// acceptForward serves the ProtoForward listener until it is closed.
+func (n *Node) acceptForward(ln net.Listener) {
+	defer n.wg.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		pc := c.(*PeerConn)
+		in := &inbound{conn: pc, done: make(chan struct{})}
+		n.mu.Lock()
+		if n.closing {
+			n.mu.Unlock()
+			_ = c.Close()
+			continue
+		}
+		prev := n.inbound[pc.Peer()]
+		n.inbound[pc.Peer()] = in
+		n.wg.Add(1)
+		n.mu.Unlock()
+		go n.serveInbound(in, prev)
+	}
+}
+
+// serveInbound reads frames and hands them to the Deliverer in order. A newer
+// connection from the same peer replaces the older one only after the older
+// one's last Deliver returned, so Deliver never runs twice at once for a peer.
+func (n *Node) serveInbound(in *inbound, prev *inbound) {
+	defer n.wg.Done()
+	defer close(in.done)
+	defer func() {
+		_ = in.conn.Close()
+		n.mu.Lock()
+		if n.inbound[in.conn.Peer()] == in {
+			delete(n.inbound, in.conn.Peer())
+		}
+		n.mu.Unlock()
+	}()
+	if prev != nil {
+		_ = prev.conn.Close()
+		<-prev.done
+	}
+	from := in.conn.Peer()
+	br := bufio.NewReaderSize(in.conn, 64<<10)
+	var lenBuf [frameLenSize]byte
+	for {
+		if _, err := io.ReadFull(br, lenBuf[:]); err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				n.badFrame(from, "truncated length", err)
+			}
+			return
+		}
+		size := binary.BigEndian.Uint32(lenBuf[:])
+		if size == 0 || uint64(size) > uint64(n.cfg.MaxFrameSize) {
+			n.badFrame(from, "frame size", fmt.Errorf("%w: %d bytes (max %d)", ErrFrameTooLarge, size, n.cfg.MaxFrameSize))
+			return
+		}
+		body, err := readFrameBody(br, int(size))
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				n.badFrame(from, "truncated frame", err)
+			}
+			return
+		}
+		m, err := decodeFrame(body)
+		if err != nil {
+			n.badFrame(from, "decode", err)
+			return
+		}
+		n.metrics.received.Inc()
+		n.metrics.receivedBytes.Add(float64(frameLenSize + len(body)))
+		n.deliverer.Deliver(from, m)
+	}
+}
+
+// readFrameBody reads n bytes. Small frames get one exact allocation; large
+// ones grow as bytes actually arrive, so a forged length costs the sender as
+// much memory as it costs us.
+func readFrameBody(r io.Reader, n int) ([]byte, error) {
+	const chunk = 1 << 20
+	if n <= chunk {
+		b := make([]byte, n)
+		if _, err := io.ReadFull(r, b); err != nil {
+			return nil, err
+		}
+		return b, nil
+	}
+	b := make([]byte, 0, chunk)
+	for len(b) < n {
+		want := min(n-len(b), chunk)
+		b = slices.Grow(b, want)
+		k, err := io.ReadFull(r, b[len(b):len(b)+want])
+		b = b[:len(b)+k]
+		if err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
+}
+
+func (n *Node) badFrame(from, what string, err error) {
+	n.metrics.badFrames.Inc()
+	if n.badFrameLog.allow() {
+		n.log.Warn("dropping forwarding connection: bad frame", "peer", from, "what", what, "err", err)
+	}
+}
