@@ -216,6 +216,7 @@ func decodeFrame(body []byte) (*Message, error) {
 // Append-only: values are on the wire.
 const (
 	gossipRouteDelta byte = 1
+	gossipLeave      byte = 2 // "I am leaving gracefully", sent reliably before memberlist's Leave
 )
 
 // stateFormat is the first byte of LocalState; bump it on format changes.
@@ -228,6 +229,26 @@ func appendDelta(b []byte, d routeDelta) []byte {
 	b = appendUvarint(b, d.Version)
 	b = appendString(b, d.Node)
 	return appendString(b, d.Filter)
+}
+
+// leave intent: u8 type | str node
+func appendLeave(b []byte, node string) []byte {
+	return appendString(append(b, gossipLeave), node)
+}
+
+func decodeLeave(b []byte) (string, error) {
+	r := reader{b: b}
+	if t := r.u8(); r.err == nil && t != gossipLeave {
+		return "", fmt.Errorf("unknown gossip message type %d", t)
+	}
+	node := r.str()
+	if r.err == nil && len(r.b) != 0 {
+		r.fail(errors.New("trailing bytes"))
+	}
+	if r.err != nil {
+		return "", fmt.Errorf("decode leave intent: %w", r.err)
+	}
+	return node, nil
 }
 
 func decodeDelta(b []byte) (routeDelta, error) {

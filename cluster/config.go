@@ -93,6 +93,11 @@ type Config struct {
 	// Registerer receives the broker_cluster_* metrics; nil uses a private
 	// registry (metrics then go nowhere).
 	Registerer prometheus.Registerer
+	// OnMemberEvent, if set, is called for every membership change of other
+	// nodes, in order, on one goroutine (so it may take a lock but should
+	// not block for long). hooks/replication use it, e.g. to fire the wills
+	// of a failed node's clients.
+	OnMemberEvent func(MemberEvent)
 	// LookupHost resolves seed names; nil uses net.DefaultResolver.
 	LookupHost func(ctx context.Context, host string) ([]string, error)
 }
@@ -115,9 +120,9 @@ func (c *Config) Sanitize() {
 	if c.ClusterAddr == "" {
 		c.ClusterAddr = net.JoinHostPort("", strconv.Itoa(DefaultClusterPort))
 	}
-	def(&c.ProbeInterval, time.Second)
-	def(&c.ProbeTimeout, 500*time.Millisecond)
-	defInt(&c.SuspicionMult, 3)
+	def(&c.ProbeInterval, 500*time.Millisecond)
+	def(&c.ProbeTimeout, 250*time.Millisecond)
+	defInt(&c.SuspicionMult, 4)
 	defInt(&c.SuspicionMaxTimeoutMult, 2)
 	def(&c.GossipInterval, 200*time.Millisecond)
 	def(&c.PushPullInterval, 15*time.Second)

@@ -1,8 +1,10 @@
 package cluster
 
 import (
+	"fmt"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -51,16 +53,28 @@ func (d *delegate) NotifyMsg(b []byte) {
 	if len(b) == 0 {
 		return
 	}
-	delta, err := decodeDelta(b)
+	var err error
+	switch b[0] {
+	case gossipRouteDelta:
+		var delta routeDelta
+		if delta, err = decodeDelta(b); err == nil {
+			res := d.n.routes.applyDelta(delta)
+			d.n.metrics.deltas.WithLabelValues(res.String()).Inc()
+		}
+	case gossipLeave:
+		var node string
+		if node, err = decodeLeave(b); err == nil {
+			d.n.onLeaveIntent(node)
+		}
+	default:
+		err = fmt.Errorf("unknown gossip message type %d", b[0])
+	}
 	if err != nil {
 		d.n.metrics.badGossip.Inc()
 		if d.n.badGossipLog.allow() {
 			d.n.log.Warn("dropping undecodable gossip message", "err", err)
 		}
-		return
 	}
-	res := d.n.routes.applyDelta(delta)
-	d.n.metrics.deltas.WithLabelValues(res.String()).Inc()
 }
 
 func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
@@ -132,6 +146,7 @@ func (n *Node) onJoin(node *memberlist.Node) {
 	}
 	self := node.Name == n.cfg.NodeID
 	n.mu.Lock()
+	delete(n.leaving, node.Name)
 	n.members[node.Name] = &member{id: node.Name, state: "alive", gossipAddr: node.Address(), clusterAddr: caddr,
 		meta: meta, metaErr: metaErr, since: time.Now()}
 	n.pruneGoneLocked()
@@ -163,6 +178,7 @@ func (n *Node) onJoin(node *memberlist.Node) {
 	n.mu.Unlock()
 	n.routes.setMember(node.Name, true)
 	n.metrics.memberEvents.WithLabelValues("join").Inc()
+	n.emit(MemberEvent{Type: MemberJoin, NodeID: node.Name, GossipAddr: node.Address(), ClusterAddr: caddr, MQTTPort: int(meta.MQTTPort)})
 	n.log.Info("member joined", "peer", node.Name, "gossip_addr", node.Address(), "cluster_addr", caddr)
 	if running {
 		// Exchange full route state with the newcomer right away rather than
@@ -186,17 +202,22 @@ func (n *Node) onUpdate(node *memberlist.Node) {
 	if p := n.peers[node.Name]; p != nil && caddr != "" {
 		p.setAddr(caddr)
 	}
+	n.emit(MemberEvent{Type: MemberUpdate, NodeID: node.Name, GossipAddr: node.Address(), ClusterAddr: caddr, MQTTPort: int(meta.MQTTPort)})
 }
 
 func (n *Node) onLeave(node *memberlist.Node) {
 	if node.Name == n.cfg.NodeID {
 		return
 	}
-	state, event := "dead", "fail"
-	if node.State == memberlist.StateLeft {
-		state, event = "left", "leave"
-	}
+	// memberlist v0.7.0 never sets Node.State on the node it hands to
+	// NotifyLeave, so a graceful leave is recognised by the intent the
+	// leaving node sent us first (see announceLeave).
+	state, event, evType := "dead", "fail", MemberFail
 	n.mu.Lock()
+	if t, ok := n.leaving[node.Name]; ok && time.Since(t) < leaveIntentTTL {
+		state, event, evType = "left", "leave", MemberLeave
+	}
+	delete(n.leaving, node.Name)
 	if m := n.members[node.Name]; m != nil {
 		m.state, m.since = state, time.Now()
 	}
@@ -218,7 +239,51 @@ func (n *Node) onLeave(node *memberlist.Node) {
 	}
 	n.routes.setMember(node.Name, false)
 	n.metrics.memberEvents.WithLabelValues(event).Inc()
+	n.emit(MemberEvent{Type: evType, NodeID: node.Name, GossipAddr: node.Address()})
 	n.log.Info("member gone; its routes are removed", "peer", node.Name, "state", state)
+}
+
+// leaveIntentTTL bounds how long a leave intent explains a later NotifyLeave.
+const leaveIntentTTL = time.Minute
+
+// onLeaveIntent records that node announced a graceful leave. If its
+// NotifyLeave already arrived (the intent lost the race with the gossip),
+// the member's state is corrected to "left".
+func (n *Node) onLeaveIntent(node string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if m := n.members[node]; m != nil && m.state == "dead" && time.Since(m.since) < leaveIntentTTL {
+		m.state = "left"
+		return
+	}
+	n.leaving[node] = time.Now()
+}
+
+// announceLeave tells every live member, over TCP and before memberlist's
+// own leave broadcast, that this node is leaving on purpose.
+func (n *Node) announceLeave(ml *memberlist.Memberlist) {
+	msg := appendLeave(nil, n.cfg.NodeID)
+	var targets []*memberlist.Node
+	n.mu.RLock()
+	for id, m := range n.members {
+		if id == n.cfg.NodeID || m.state != "alive" {
+			continue
+		}
+		host, port, err := splitHostPort(m.gossipAddr)
+		if ip := net.ParseIP(host); err == nil && ip != nil {
+			targets = append(targets, &memberlist.Node{Name: id, Addr: ip, Port: uint16(port)})
+		}
+	}
+	n.mu.RUnlock()
+	var wg sync.WaitGroup
+	for _, t := range targets {
+		wg.Go(func() {
+			if err := ml.SendReliable(t, msg); err != nil {
+				n.log.Debug("leave intent not delivered", "peer", t.Name, "err", err)
+			}
+		})
+	}
+	wg.Wait()
 }
 
 func (n *Node) updateAliveLocked() {

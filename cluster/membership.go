@@ -119,10 +119,16 @@ func (n *Node) joinTargets() ([]string, error) {
 		port = DefaultGossipPort
 	}
 	addrs, err := resolveSeeds(ctx, n.cfg.LookupHost, n.cfg.Join, port)
+	// Our own member records, not ml.Members(): memberlist mutates the
+	// *Node values it returns without a lock readers could take.
 	known := make(map[string]bool)
-	for _, m := range n.ml.Members() {
-		known[m.Address()] = true
+	n.mu.RLock()
+	for _, m := range n.members {
+		if m.state == "alive" {
+			known[m.gossipAddr] = true
+		}
 	}
+	n.mu.RUnlock()
 	out := addrs[:0]
 	for _, a := range addrs {
 		if !known[a] && a != n.selfGossip {

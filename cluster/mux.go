@@ -219,19 +219,21 @@ func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
 	if version != ProtocolVersion {
 		return "", fmt.Errorf("%w: ours %d, theirs %d", ErrProtocolVersion, ProtocolVersion, version)
 	}
+	var macC []byte
+	if x.key != nil {
+		macC = x.mac('C', proto, nonceC[:], nonceS, x.self, serverID)
+	}
+	// Answer before judging the server, so that a server with another key
+	// also sees (and counts) the failure instead of a bare EOF.
+	if err := writeHandshake(c, appendBytes(nil, macC)); err != nil {
+		return "", err
+	}
 	if x.key != nil {
 		if !hmac.Equal(macS, x.mac('S', proto, nonceC[:], nonceS, x.self, serverID)) {
 			return "", fmt.Errorf("%w: server %q failed to prove the cluster key", ErrAuth, serverID)
 		}
 	} else if len(macS) != 0 {
 		return "", fmt.Errorf("%w: server %q expects a cluster key", ErrAuth, serverID)
-	}
-	var macC []byte
-	if x.key != nil {
-		macC = x.mac('C', proto, nonceC[:], nonceS, x.self, serverID)
-	}
-	if err := writeHandshake(c, appendBytes(nil, macC)); err != nil {
-		return "", err
 	}
 	res, err := readHandshake(c)
 	if err != nil {
@@ -355,7 +357,7 @@ func (x *Mux) handle(c net.Conn) {
 	_ = c.SetDeadline(time.Now().Add(x.hsTimeout))
 	var pb [1]byte
 	if _, err := io.ReadFull(c, pb[:]); err != nil {
-		x.reject(c, "malformed", err)
+		x.reject(c, hsReason(err), err)
 		return
 	}
 	x.mu.Lock()

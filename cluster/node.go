@@ -56,9 +56,14 @@ type Node struct {
 	numAlive  atomic.Int32
 	stop      chan struct{}
 	matchPool sync.Pool
+	events    *eventQueue
 
 	badFrameLog  rateLimited
 	badGossipLog rateLimited
+
+	// wrapTransport, when set (tests only), wraps memberlist's network
+	// transport, e.g. to cut a node off the network.
+	wrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
 
 	// Set in Start before memberlist exists, read-only afterwards.
 	meta       nodeMeta
@@ -75,6 +80,7 @@ type Node struct {
 	peers    map[string]*peer    // outgoing, by node id
 	inbound  map[string]*inbound // accepted forwarding connections, by node id
 	members  map[string]*member
+	leaving  map[string]time.Time // leave intents received, by node id
 	started  time.Time
 	closeErr error
 	closed   chan struct{}
@@ -108,6 +114,8 @@ func New(cfg Config, d Deliverer) (*Node, error) {
 		peers:        make(map[string]*peer),
 		inbound:      make(map[string]*inbound),
 		members:      make(map[string]*member),
+		leaving:      make(map[string]time.Time),
+		events:       newEventQueue(cfg.OnMemberEvent),
 		badFrameLog:  rateLimited{every: time.Second},
 		badGossipLog: rateLimited{every: time.Second},
 	}
@@ -202,6 +210,15 @@ func (n *Node) start(ctx context.Context) error {
 		mc.SecretKey = deriveKey("mqtt-ha gossip", n.cfg.ClusterKey)
 		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	}
+	if n.wrapTransport != nil {
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
+			BindAddrs: []string{mc.BindAddr}, BindPort: port, Logger: mc.Logger})
+		if err != nil {
+			return fmt.Errorf("gossip transport on %s: %w", n.cfg.GossipAddr, err)
+		}
+		mc.Transport = n.wrapTransport(nt)
+		mc.BindPort, mc.AdvertisePort = nt.GetAutoBindPort(), nt.GetAutoBindPort()
+	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		return fmt.Errorf("start memberlist on %s: %w", n.cfg.GossipAddr, err)
@@ -219,10 +236,14 @@ func (n *Node) start(ctx context.Context) error {
 	n.ml = ml
 	n.state = StateRunning
 	n.started = time.Now()
-	n.wg.Add(2)
+	n.wg.Add(3)
 	n.mu.Unlock()
 	go n.acceptForward(n.fwdLn)
 	go n.joinLoop()
+	go func() {
+		defer n.wg.Done()
+		n.events.run(n.stop)
+	}()
 	n.log.Info("cluster node started", "gossip_addr", n.selfGossip,
 		"cluster_addr", net.JoinHostPort(n.meta.AdvertiseHost, strconv.Itoa(clusterPort)),
 		"seeds", n.cfg.Join, "encrypted", len(n.cfg.ClusterKey) > 0)
@@ -284,8 +305,11 @@ func (n *Node) shutdown(graceful bool) error {
 	close(n.stop)
 	if ml != nil {
 		if graceful {
+			n.announceLeave(ml)
+			// A leave that times out is not a failure of Close: peers then
+			// detect the departure as a failure, a few seconds later.
 			if err := ml.Leave(n.cfg.LeaveTimeout); err != nil {
-				errs = append(errs, fmt.Errorf("leave: %w", err))
+				n.log.Warn("graceful leave not confirmed", "err", err)
 			}
 		}
 		if err := ml.Shutdown(); err != nil {
@@ -297,7 +321,10 @@ func (n *Node) shutdown(graceful bool) error {
 	n.mu.Lock()
 	peers := n.peers
 	n.peers = map[string]*peer{}
-	ins := n.inbound
+	ins := make([]*inbound, 0, len(n.inbound))
+	for _, in := range n.inbound {
+		ins = append(ins, in)
+	}
 	n.mu.Unlock()
 	var pw sync.WaitGroup
 	for _, p := range peers {

@@ -98,6 +98,8 @@ func (n *Node) Status() Status {
 		}
 	}
 	// memberlist knows about suspicion; our own records only see join/leave.
+	// Only Name and State are read: memberlist rewrites other fields of
+	// these shared *Node values (the address, on reclaim) without a lock.
 	if ml != nil && state == StateRunning {
 		suspect := make(map[string]bool)
 		for _, m := range ml.Members() {
