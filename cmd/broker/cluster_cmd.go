@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mqtt-ha/broker/cluster"
+)
+
+// clusterCmd runs `broker cluster status`: it asks a running node's HTTP
+// endpoint (/api/cluster) and prints the members as a table.
+func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] != "status" {
+		fmt.Fprintln(stderr, "usage: broker cluster status [--http-addr host:port]")
+		return 2
+	}
+	fs := flag.NewFlagSet("broker cluster status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	def := "127.0.0.1:8080"
+	if v := getenv("BROKER_HTTP_ADDR"); v != "" {
+		def = v
+	}
+	addr := fs.String("http-addr", def, "HTTP address of the node to ask")
+	asJSON := fs.Bool("json", false, "print the raw JSON")
+	if err := fs.Parse(args[1:]); err != nil {
+		return 2
+	}
+	host := *addr
+	if strings.HasPrefix(host, ":") {
+		host = "127.0.0.1" + host
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+host+"/api/cluster", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: cannot reach the node at %s: %v (is it running? pass --http-addr)\n", host, err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "broker: %s/api/cluster answered %s: %v\n", host, resp.Status, err)
+		return 1
+	}
+	if *asJSON {
+		_, _ = stdout.Write(body)
+		return 0
+	}
+	var st cluster.Status
+	if err := json.Unmarshal(body, &st); err != nil {
+		fmt.Fprintf(stderr, "broker: bad answer from %s: %v\n", host, err)
+		return 1
+	}
+	printStatus(stdout, st)
+	return 0
+}
+
+func printStatus(w io.Writer, st cluster.Status) {
+	fmt.Fprintf(w, "node %s: %s, %d alive members, %d local routes (version %d)\n\n",
+		st.NodeID, st.State, st.AliveMembers, st.LocalRoutes, st.RouteVersion)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MEMBER\tSTATE\tGOSSIP\tCLUSTER\tMQTT\tROUTES\tCONNECTED\tQUEUE\tFORWARDED\tDROPPED")
+	for _, m := range st.Members {
+		id := m.ID
+		if m.Self {
+			id += " (self)"
+		}
+		conn := "-"
+		if !m.Self {
+			conn = fmt.Sprint(m.Connected)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%s\t%d\t%d\t%d\n", id, m.State, m.GossipAddr, m.ClusterAddr,
+			m.MQTTPort, m.Routes, conn, m.QueueDepth, m.Forwarded, m.Dropped)
+	}
+	_ = tw.Flush()
+}

@@ -1,0 +1,118 @@
+// Command broker runs a node of the clustered MQTT broker.
+//
+//	broker [serve] [flags]     run a node (the default)
+//	broker version             print the version
+//
+// Every flag of serve also reads BROKER_<FLAG> from the environment.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/mqtt-ha/broker/internal/logx"
+	"github.com/mqtt-ha/broker/internal/node"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+}
+
+// run is main without the process: it returns the exit status. 0: clean
+// stop; 1: runtime failure; 2: bad command line or configuration.
+func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	cmd := "serve"
+	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "serve":
+		return serve(args, getenv, stderr)
+	case "cluster":
+		return clusterCmd(args, getenv, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "broker", version)
+		return 0
+	case "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "broker: unknown command %q\n\n%s", cmd, usage)
+	return 2
+}
+
+const usage = `Usage:
+  broker [serve] [flags]   run a broker node (the default; 'broker serve -h' lists the flags)
+  broker cluster status    show the cluster as a running node sees it (--http-addr)
+  broker version           print the version
+`
+
+func serve(args []string, getenv func(string) string, stderr io.Writer) int {
+	o, err := parseServe(args, getenv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err == nil {
+		err = o.loadConfigFile()
+	}
+	if err == nil {
+		err = o.validate()
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: configuration error: %v\n", err)
+		return 2
+	}
+	log, err := logx.New(stderr, o.logFormat, o.logLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: configuration error: %v\n", &usageError{source: "flag --log-format/--log-level", msg: err.Error()})
+		return 2
+	}
+	for _, w := range o.warnings {
+		log.Warn("config directive ignored", "where", w.where, "reason", w.msg)
+	}
+	o.cfg.Logger = log
+	n, err := node.New(o.cfg)
+	if err != nil {
+		log.Error("cannot start node", "error", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := n.Start(ctx); err != nil {
+		log.Error("cannot start node", "error", err)
+		return 1
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	for {
+		select {
+		case <-hup:
+			if err := n.Reload(); err != nil {
+				log.Error("reload failed; previous settings stay in force", "error", err)
+			} else {
+				log.Info("reloaded password, ACL and TLS files")
+			}
+			continue
+		case <-ctx.Done():
+		}
+		break
+	}
+	log.Info("signal received, stopping", "timeout", o.cfg.ShutdownTimeout)
+	sctx, cancel := context.WithTimeout(context.Background(), o.cfg.ShutdownTimeout)
+	defer cancel()
+	if err := n.Shutdown(sctx); err != nil {
+		log.Error("graceful shutdown incomplete", "error", err)
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}

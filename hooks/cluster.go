@@ -1,0 +1,265 @@
+package hooks
+
+import (
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/cluster"
+)
+
+// injectorPrefix starts the client id of every inline client that injects
+// forwarded messages. MQTT strings may not contain U+0000, so no real
+// client can ever collide with one.
+const injectorPrefix = "\x00cluster/"
+
+// Cluster connects mochi to the cluster package:
+//
+//   - local subscriptions become routes (reference counted per client and
+//     filter, so re-subscribing or overlapping sessions count once each);
+//   - every local publish (and will) that passed mochi's checks is handed
+//     to cluster.Node.Forward, which sends it at most once to each node with
+//     a matching route;
+//   - messages from peers are injected into mochi through one inline client
+//     per peer (protocol version 5), on that peer's delivery goroutine, so
+//     per-publisher order holds; they are never forwarded again.
+//
+// Shared subscriptions: the origin node decides which node serves each
+// group (cluster.Node.Forward); a receiving node delivers only to the groups
+// named in cluster.Message.Shared and skips its others (OnSelectSubscribers).
+type Cluster struct {
+	mqtt.HookBase
+	server *mqtt.Server
+	node   *cluster.Node
+	log    *slog.Logger
+
+	mu     sync.Mutex
+	routes map[string]map[string]struct{} // client id -> filters holding a route reference
+
+	injMu     sync.RWMutex
+	injectors map[string]*injector // by inline client id
+}
+
+// injector is the inline client of one peer. Its fields other than cl are
+// touched only on that peer's delivery goroutine.
+type injector struct {
+	cl     *mqtt.Client
+	shared map[string]struct{} // shared groups this node serves for the message being injected
+}
+
+// NewCluster returns the hook; SetNode must be called before the server
+// serves (the node needs the hook as its Deliverer, so they are made in two
+// steps).
+func NewCluster(s *mqtt.Server, log *slog.Logger) *Cluster {
+	return &Cluster{
+		server:    s,
+		log:       log.With("component", "cluster"),
+		routes:    map[string]map[string]struct{}{},
+		injectors: map[string]*injector{},
+	}
+}
+
+// SetNode attaches the cluster node.
+func (h *Cluster) SetNode(n *cluster.Node) { h.node = n }
+
+var _ cluster.Deliverer = (*Cluster)(nil)
+
+// ID implements mqtt.Hook.
+func (h *Cluster) ID() string { return "cluster" }
+
+// Provides implements mqtt.Hook.
+func (h *Cluster) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnStarted, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublished,
+		mqtt.OnWillSent, mqtt.OnSelectSubscribers:
+		return true
+	}
+	return false
+}
+
+// OnStarted routes the subscriptions of sessions restored from disk, which
+// mochi loads without firing OnSubscribed.
+func (h *Cluster) OnStarted() {
+	for _, cl := range h.server.Clients.GetAll() {
+		for filter := range cl.State.Subscriptions.GetAll() {
+			h.addRoute(cl.ID, filter)
+		}
+	}
+}
+
+// OnSubscribed implements mqtt.Hook: only granted filters are routed.
+func (h *Cluster) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	if cl.Net.Inline {
+		return
+	}
+	for i, sub := range pk.Filters {
+		if i < len(reasonCodes) && reasonCodes[i] < 0x80 {
+			h.addRoute(cl.ID, sub.Filter)
+		}
+	}
+}
+
+// OnUnsubscribed implements mqtt.Hook. mochi also calls it with every filter
+// when a session ends or expires, which withdraws that session's routes.
+func (h *Cluster) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	for _, sub := range pk.Filters {
+		h.removeRoute(cl.ID, sub.Filter)
+	}
+}
+
+func (h *Cluster) addRoute(clientID, filter string) {
+	h.mu.Lock()
+	fs := h.routes[clientID]
+	if fs == nil {
+		fs = map[string]struct{}{}
+		h.routes[clientID] = fs
+	}
+	_, had := fs[filter]
+	fs[filter] = struct{}{}
+	h.mu.Unlock()
+	if !had {
+		if err := h.node.AddRoute(filter); err != nil {
+			h.log.Warn("subscription not routed", "client", clientID, "error", err)
+		}
+	}
+}
+
+func (h *Cluster) removeRoute(clientID, filter string) {
+	h.mu.Lock()
+	fs := h.routes[clientID]
+	_, had := fs[filter]
+	delete(fs, filter)
+	if len(fs) == 0 {
+		delete(h.routes, clientID)
+	}
+	h.mu.Unlock()
+	if had {
+		h.node.RemoveRoute(filter)
+	}
+}
+
+// OnPublished forwards a local publish. It runs after mochi's ACL check and
+// every OnPublish hook, so only accepted messages leave the node.
+func (h *Cluster) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	if h.isInjector(cl) || pk.Ignore {
+		return
+	}
+	m := toClusterMessage(cl, pk)
+	if pk.Expiry > 0 {
+		m.MessageExpiry = uint32(max(pk.Expiry-time.Now().Unix(), 1))
+	}
+	h.node.Forward(m)
+}
+
+// OnWillSent forwards wills, which mochi publishes without OnPublished. A
+// delayed will's pk.Expiry is its send deadline, not a message expiry, and
+// mochi keeps no expiry for wills, so none is sent.
+func (h *Cluster) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
+	h.node.Forward(toClusterMessage(cl, pk))
+}
+
+// OnSelectSubscribers keeps, for a forwarded message, only the shared
+// groups the origin chose this node for; mochi then picks one local member
+// of each. For a local message all local groups stay (the origin node
+// serves a group whenever it has a member).
+func (h *Cluster) OnSelectSubscribers(subs *mqtt.Subscribers, pk packets.Packet) *mqtt.Subscribers {
+	if !strings.HasPrefix(pk.Origin, injectorPrefix) {
+		return subs
+	}
+	h.injMu.RLock()
+	inj := h.injectors[pk.Origin]
+	h.injMu.RUnlock()
+	if inj == nil {
+		return subs
+	}
+	for group := range subs.Shared {
+		if _, ok := inj.shared[group]; !ok {
+			delete(subs.Shared, group)
+		}
+	}
+	return subs
+}
+
+func (h *Cluster) isInjector(cl *mqtt.Client) bool {
+	return cl.Net.Inline && strings.HasPrefix(cl.ID, injectorPrefix)
+}
+
+// Deliver implements cluster.Deliverer: inject a peer's message into mochi.
+func (h *Cluster) Deliver(from string, m *cluster.Message) {
+	id := injectorPrefix + from
+	h.injMu.RLock()
+	inj := h.injectors[id]
+	h.injMu.RUnlock()
+	if inj == nil {
+		cl := h.server.NewClient(nil, "cluster", id, true)
+		// InjectPacket copies the client's version into the packet, and
+		// mochi enforces message expiry only for version 5 packets.
+		cl.Properties.ProtocolVersion = 5
+		inj = &injector{cl: cl, shared: map[string]struct{}{}}
+		h.injMu.Lock()
+		h.injectors[id] = inj
+		h.injMu.Unlock()
+	}
+	clear(inj.shared)
+	for _, g := range m.Shared {
+		inj.shared[g] = struct{}{}
+	}
+	if err := h.server.InjectPacket(inj.cl, fromClusterMessage(m)); err != nil {
+		h.log.Warn("forwarded message rejected", "from", from, "error", err)
+	}
+}
+
+// toClusterMessage copies what must survive the hop; the caller sets the
+// remaining expiry (MQTT-3.3.2-6).
+func toClusterMessage(cl *mqtt.Client, pk packets.Packet) *cluster.Message {
+	p := pk.Properties
+	m := &cluster.Message{
+		Topic:            pk.TopicName,
+		Payload:          pk.Payload,
+		QoS:              pk.FixedHeader.Qos,
+		Retain:           pk.FixedHeader.Retain,
+		PayloadFormat:    p.PayloadFormat,
+		PayloadFormatSet: p.PayloadFormatFlag,
+		ContentType:      p.ContentType,
+		ResponseTopic:    p.ResponseTopic,
+		CorrelationData:  p.CorrelationData,
+		OriginClient:     cl.ID,
+	}
+	if len(p.User) > 0 {
+		m.UserProperties = make([]cluster.UserProperty, len(p.User))
+		for i, u := range p.User {
+			m.UserProperties[i] = cluster.UserProperty{Key: u.Key, Value: u.Val}
+		}
+	}
+	return m
+}
+
+func fromClusterMessage(m *cluster.Message) packets.Packet {
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: m.QoS, Retain: m.Retain},
+		TopicName:   m.Topic,
+		Payload:     m.Payload,
+		Properties: packets.Properties{
+			MessageExpiryInterval: m.MessageExpiry,
+			PayloadFormat:         m.PayloadFormat,
+			PayloadFormatFlag:     m.PayloadFormatSet,
+			ContentType:           m.ContentType,
+			ResponseTopic:         m.ResponseTopic,
+			CorrelationData:       m.CorrelationData,
+		},
+	}
+	if m.QoS > 0 {
+		pk.PacketID = 1 // required non-zero; the inline client keeps no inflight state
+	}
+	for _, u := range m.UserProperties {
+		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
+	}
+	return pk
+}

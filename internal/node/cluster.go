@@ -1,0 +1,44 @@
+package node
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+
+	"github.com/mqtt-ha/broker/cluster"
+)
+
+func (n *Node) newCluster() error {
+	mqttPort := 0
+	if a := n.Addr("mqtt"); a != "" {
+		if _, p, err := net.SplitHostPort(a); err == nil {
+			mqttPort, _ = strconv.Atoi(p)
+		}
+	}
+	cfg := cluster.Config{
+		NodeID:        n.cfg.NodeID,
+		AdvertiseHost: n.cfg.AdvertiseHost,
+		GossipAddr:    n.cfg.GossipAddr,
+		ClusterAddr:   n.cfg.ClusterAddr,
+		MQTTPort:      mqttPort,
+		Join:          n.cfg.Join,
+		Logger:        n.cfg.Logger, // the cluster adds its own node attribute
+		Registerer:    n.reg,
+	}
+	if n.cfg.ClusterKey != "" {
+		cfg.ClusterKey = []byte(n.cfg.ClusterKey)
+	}
+	if n.cfg.ClusterTuning != nil {
+		n.cfg.ClusterTuning(&cfg)
+	}
+	cn, err := cluster.New(cfg, n.clusterHook)
+	if err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
+	n.cluster = cn
+	n.clusterHook.SetNode(cn)
+	return nil
+}
+
+// ClusterStatus is the node's view of the cluster, for /api/cluster.
+func (n *Node) ClusterStatus() cluster.Status { return n.cluster.Status() }

@@ -1,0 +1,84 @@
+package node
+
+import (
+	"log/slog"
+	"math"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+
+	"github.com/mqtt-ha/broker/cluster"
+)
+
+// Config is everything a node needs, already validated by its caller.
+type Config struct {
+	NodeID  string
+	DataDir string
+
+	MQTTAddr, WSAddr, HTTPAddr string
+	TLSAddr, TLSCert, TLSKey   string
+	TLSClientCA                string // set: clients must present a certificate signed by it
+	GossipAddr, ClusterAddr    string
+	AdvertiseHost              string
+	Join                       []string
+	BootstrapExpect            int
+	ClusterKey                 string
+
+	AllowAnonymous bool
+	PasswordFile   string
+	ACLFile        string
+
+	MaxPacketSize       uint32 // message_size_limit; 0 = protocol maximum
+	MaxQueuedMessages   int    // per session, queued plus in flight
+	MaxInflightMessages int    // see capabilities(): accepted, not enforced outbound
+	MaxKeepalive        uint16
+	MaxConnections      int64 // -1 = unlimited
+	RetainAvailable     bool
+	SessionExpiry       time.Duration // cap for persistent sessions; 0 = never
+	Persistence         bool
+
+	ConnectTimeout  time.Duration
+	ShutdownTimeout time.Duration
+	Pprof           bool
+
+	Logger *slog.Logger
+	// ClusterTuning, if set, adjusts the cluster configuration before the
+	// node is built (tests tighten failure-detection timings with it).
+	ClusterTuning func(*cluster.Config)
+}
+
+// capabilities sets every mochi capability deliberately rather than
+// inheriting mochi's defaults, some of which would surprise a Mosquitto
+// user (see the comments).
+func (c Config) capabilities() *mqtt.Capabilities {
+	caps := mqtt.NewDefaultServerCapabilities()
+	// mochi's default (86400) deletes every retained and queued message a
+	// day after it was published, whatever its own expiry. Mosquitto keeps
+	// them until the message's own expiry, so do we: 0 means no cap.
+	caps.MaximumMessageExpiryInterval = 0
+	caps.MaximumPacketSize = c.MaxPacketSize
+	caps.MaximumInflight = uint16(min(max(c.MaxQueuedMessages, 1), math.MaxUint16))
+	caps.MaximumClients = math.MaxInt64
+	if c.MaxConnections > 0 {
+		caps.MaximumClients = c.MaxConnections
+	}
+	caps.MaximumSessionExpiryInterval = math.MaxUint32
+	if c.SessionExpiry > 0 {
+		caps.MaximumSessionExpiryInterval = uint32(min(c.SessionExpiry/time.Second, math.MaxUint32-1))
+	}
+	caps.RetainAvailable = 0
+	if c.RetainAvailable {
+		caps.RetainAvailable = 1
+	}
+	// Mosquitto's default topic_alias_maximum is 10; mochi's 65535 lets one
+	// client pin 65535 topic strings per connection.
+	caps.TopicAliasMaximum = 10
+	// Inbound QoS 1/2 flow control per client (MQTT 5 Receive Maximum).
+	// MaxInflightMessages is deliberately NOT applied to mochi's outbound
+	// send quota: mochi drops the redelivery record of every message sent
+	// through that path (notes/mochi-v2.7.9.md §4), which would break
+	// at-least-once. Outbound in-flight is bounded by the client's own
+	// Receive Maximum and by MaxQueuedMessages.
+	caps.ReceiveMaximum = 1024
+	return caps
+}

@@ -1,0 +1,272 @@
+// Package node assembles one broker node from a validated Config: the mochi
+// server with its hooks and listeners, and the HTTP endpoints. cmd/broker
+// builds the Config from flags, environment and files; tests build it
+// directly, so several nodes can run in one process on port 0.
+package node
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.etcd.io/bbolt"
+
+	"github.com/mqtt-ha/broker/cluster"
+	"github.com/mqtt-ha/broker/hooks"
+	"github.com/mqtt-ha/broker/internal/logx"
+)
+
+// Node is one running broker node.
+type Node struct {
+	cfg  Config
+	log  *slog.Logger
+	mqtt *mqtt.Server
+	auth *hooks.Auth
+	reg  *prometheus.Registry
+
+	cluster     *cluster.Node
+	clusterHook *hooks.Cluster
+	tls         *certReloader
+
+	listeners []*hooks.Listener
+	httpLn    net.Listener
+	httpSv    *http.Server
+
+	ready     atomic.Bool
+	checks    []readinessCheck
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// readinessCheck is one condition /readyz requires; the cluster and
+// replication layers add theirs ("joined", "caught up").
+type readinessCheck struct {
+	name  string
+	check func() error
+}
+
+// New validates nothing (Config.Validate did), binds every listener so that
+// a port in use is reported before anything starts, and wires the hooks.
+func New(cfg Config) (_ *Node, err error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("node", cfg.NodeID)
+	n := &Node{cfg: cfg, log: log, reg: prometheus.NewRegistry()}
+	defer func() {
+		if err != nil {
+			n.closeListeners()
+		}
+	}()
+
+	n.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	mochiLog := slog.New(logx.RateLimit(log.Handler(), 10*time.Second)).With("component", "mqtt")
+	n.mqtt = mqtt.New(&mqtt.Options{
+		Capabilities: cfg.capabilities(),
+		Logger:       mochiLog,
+		// $SYS topics every 10 s, as Mosquitto's sys_interval default.
+		SysTopicResendInterval: 10,
+	})
+	metrics := hooks.NewMetrics(n.reg, n.mqtt.Info)
+
+	n.auth, err = hooks.NewAuth(hooks.AuthOptions{
+		AllowAnonymous: cfg.AllowAnonymous,
+		PasswordFile:   cfg.PasswordFile,
+		ACLFile:        cfg.ACLFile,
+		Logger:         log,
+		OnAuthFailure:  metrics.AuthFailure,
+		OnACLDenied:    metrics.ACLDenied,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("auth: %w", err)
+	}
+	n.clusterHook = hooks.NewCluster(n.mqtt, log)
+	// Order matters: auth decides first; storage and the cluster see only
+	// accepted traffic.
+	for _, h := range []mqtt.Hook{
+		n.auth,
+		hooks.NewMetricsHook(metrics, log.With("component", "mqtt")),
+		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, log.With("component", "mqtt")),
+		n.clusterHook,
+	} {
+		if err := n.mqtt.AddHook(h, nil); err != nil {
+			return nil, fmt.Errorf("add hook %s: %w", h.ID(), err)
+		}
+	}
+	if cfg.Persistence {
+		if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+			return nil, fmt.Errorf("data dir: %w", err)
+		}
+		// Interim single-node persistence (sessions, subscriptions, queued
+		// and retained messages) until the replicated store replaces it.
+		err := n.mqtt.AddHook(new(bolt.Hook), &bolt.Options{
+			Path:    filepath.Join(cfg.DataDir, "mqtt.db"),
+			Options: &bbolt.Options{Timeout: 2 * time.Second},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("persistence at %s (is another broker using this --data-dir?): %w", cfg.DataDir, err)
+		}
+	}
+
+	if err := n.bindListeners(metrics); err != nil {
+		return nil, err
+	}
+	if err := n.newCluster(); err != nil {
+		return nil, err
+	}
+	n.httpLn, err = net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return nil, fmt.Errorf("--http-addr %s: %w", cfg.HTTPAddr, err)
+	}
+	n.httpSv = &http.Server{Handler: n.routes(), ReadHeaderTimeout: 10 * time.Second}
+	n.addReadiness("listeners", func() error { return nil })
+	return n, nil
+}
+
+func (n *Node) bindListeners(metrics *hooks.Metrics) error {
+	guard := hooks.ConnGuard{
+		ConnectTimeout: n.cfg.ConnectTimeout,
+		MaxPacketSize:  n.cfg.MaxPacketSize,
+		Metrics:        metrics,
+	}
+	add := func(id, addr string, ws bool, tcfg *tls.Config) error {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("listener %s on %s: %w", id, addr, err)
+		}
+		if tcfg != nil {
+			ln = tls.NewListener(ln, tcfg)
+		}
+		l := hooks.NewListener(id, ln, ws, guard)
+		n.listeners = append(n.listeners, l)
+		return n.mqtt.AddListener(l)
+	}
+	if n.cfg.MQTTAddr != "" {
+		if err := add("mqtt", n.cfg.MQTTAddr, false, nil); err != nil {
+			return err
+		}
+	}
+	if n.cfg.WSAddr != "" {
+		if err := add("ws", n.cfg.WSAddr, true, nil); err != nil {
+			return err
+		}
+	}
+	if n.cfg.TLSAddr != "" {
+		var err error
+		n.tls, err = newCertReloader(n.cfg.TLSCert, n.cfg.TLSKey, n.cfg.TLSClientCA)
+		if err != nil {
+			return err
+		}
+		if err := add("tls", n.cfg.TLSAddr, false, n.tls.config()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Start serves MQTT and HTTP; it returns once every listener is accepting.
+func (n *Node) Start(ctx context.Context) error {
+	if err := n.cluster.Start(ctx); err != nil {
+		return fmt.Errorf("start cluster: %w", err)
+	}
+	if err := n.mqtt.Serve(); err != nil {
+		return fmt.Errorf("start mqtt: %w", err)
+	}
+	go func() {
+		if err := n.httpSv.Serve(n.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			n.log.Error("http server stopped", "error", err)
+		}
+	}()
+	n.ready.Store(true)
+	n.log.Info("broker node started", "mqtt", n.Addr("mqtt"), "ws", n.Addr("ws"), "tls", n.Addr("tls"),
+		"http", n.httpLn.Addr().String())
+	return nil
+}
+
+// Addr returns the bound address of a listener ("mqtt", "ws", "tls",
+// "http"), or "" when that listener is off.
+func (n *Node) Addr(id string) string {
+	if id == "http" && n.httpLn != nil {
+		return n.httpLn.Addr().String()
+	}
+	for _, l := range n.listeners {
+		if l.ID() == id {
+			return l.Address()
+		}
+	}
+	return ""
+}
+
+// Reload re-reads what an operator may change without a restart: the
+// password and ACL files and the TLS certificate. Connections stay up; on
+// error the previous rules stay in force.
+func (n *Node) Reload() error {
+	var errs []error
+	if err := n.auth.Reload(); err != nil {
+		errs = append(errs, fmt.Errorf("auth: %w", err))
+	}
+	if n.tls != nil {
+		if err := n.tls.reload(); err != nil {
+			errs = append(errs, fmt.Errorf("tls: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Shutdown stops the node gracefully: readiness turns false, listeners stop
+// accepting, clients are disconnected (MQTT 5: reason 0x8B), and pending
+// writes are flushed. It gives up when ctx ends. It is idempotent.
+func (n *Node) Shutdown(ctx context.Context) error {
+	n.closeOnce.Do(func() {
+		n.ready.Store(false)
+		n.log.Info("shutting down")
+		done := make(chan struct{})
+		go func() {
+			_ = n.mqtt.Close()
+			n.mqtt.Listeners.ClientsWg.Wait()
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			n.closeErr = fmt.Errorf("clients still draining: %w", ctx.Err())
+		}
+		// Leave after the clients are gone: what they published before the
+		// listeners closed has been handed to the forward queues.
+		if err := n.cluster.Close(); err != nil {
+			n.log.Warn("cluster leave", "error", err)
+		}
+		hctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = n.httpSv.Shutdown(hctx)
+	})
+	return n.closeErr
+}
+
+func (n *Node) closeListeners() {
+	for _, l := range n.listeners {
+		l.Close(func(string) {})
+	}
+	if n.httpLn != nil {
+		_ = n.httpLn.Close()
+	}
+}
+
+func (n *Node) addReadiness(name string, check func() error) {
+	n.checks = append(n.checks, readinessCheck{name: name, check: check})
+}
