@@ -3,6 +3,7 @@ package cluster
 import (
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"reflect"
 	"slices"
@@ -114,7 +115,8 @@ func TestOverlappingFiltersDeliverOncePerNode(t *testing.T) {
 }
 
 func TestNoLoopsWithThreeNodes(t *testing.T) {
-	nodes := startCluster(t, 3)
+	// A linger on the write path here, so the timer-driven flush is covered too.
+	nodes := startCluster(t, 3, withConfig(func(c *Config) { c.FlushInterval = 2 * time.Millisecond }))
 	for _, tn := range nodes {
 		if err := tn.AddRoute("#"); err != nil {
 			t.Fatal(err)
@@ -388,7 +390,15 @@ func TestPartitionedNodeRejoinsByItself(t *testing.T) {
 		if i > 1 {
 			join = []string{nodes[0].selfGossip}
 		}
-		nodes = append(nodes, startNode(t, id, join, withPartition(pts[id])))
+		// memberlist alone heals a partition if it heals while memberlist
+		// still gossips to the dead; make that window tiny so only the
+		// node's own rejoin loop can bring n3 back.
+		noGossipToDead := func(_ *Config, n *Node) {
+			if n != nil {
+				n.gossipToTheDead = time.Millisecond
+			}
+		}
+		nodes = append(nodes, startNode(t, id, join, withPartition(pts[id]), noGossipToDead))
 	}
 	waitMembers(t, nodes, 3)
 	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
@@ -453,5 +463,57 @@ func TestStatusIsJSON(t *testing.T) {
 		if !strings.Contains(string(b), key) {
 			t.Fatalf("status JSON lacks %s: %s", key, b)
 		}
+	}
+}
+
+func TestLifecycle(t *testing.T) {
+	// Close before Start, twice.
+	n := newTestNode(t, "idle", nil)
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if err := n.Start(t.Context()); err == nil {
+		t.Fatal("Start after Close succeeded")
+	}
+	if n.Status().State != StateClosed {
+		t.Fatalf("state %q", n.Status().State)
+	}
+
+	// A port in use fails Start cleanly, and the registry is released so a
+	// new node can register its metrics on it.
+	a := startNode(t, "a", nil)
+	cfg := testConfig(t, "b")
+	cfg.ClusterAddr = a.clusterAddr()
+	reg := cfg.Registerer
+	b, err := New(cfg, &recorder{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(t.Context()); err == nil {
+		t.Fatal("Start on a used port succeeded")
+	}
+	if err := b.Close(); err != nil {
+		t.Fatalf("Close after failed Start: %v", err)
+	}
+	cfg.ClusterAddr = "127.0.0.1:0"
+	cfg.Registerer = reg
+	c, err := New(cfg, &recorder{})
+	if err != nil {
+		t.Fatalf("New on a released registry: %v", err)
+	}
+	_ = c.Close()
+
+	// Validation.
+	if _, err := New(Config{}, &recorder{}); !errors.Is(err, ErrInvalidConfig) {
+		t.Fatalf("empty config: %v", err)
+	}
+	if _, err := New(Config{NodeID: "x", GossipAddr: "nope"}, &recorder{}); !errors.Is(err, ErrInvalidConfig) {
+		t.Fatalf("bad address: %v", err)
+	}
+	if err := a.AddRoute("a/#/b"); err == nil {
+		t.Fatal("AddRoute accepted an invalid filter")
 	}
 }

@@ -376,10 +376,16 @@ func (x *Mux) handle(c net.Conn) {
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
+	// A protocol whose owner stopped accepting must not pin connections
+	// (and goroutines) forever.
+	t := time.NewTimer(x.hsTimeout)
+	defer t.Stop()
 	select {
 	case l.ch <- &PeerConn{Conn: c, peer: peer}:
 		dispatched = true
 	case <-l.done:
+	case <-t.C:
+		x.reject(c, "not_accepted", fmt.Errorf("protocol %d listener did not accept within %v", pb[0], x.hsTimeout))
 	}
 }
 

@@ -64,6 +64,9 @@ type Node struct {
 	// wrapTransport, when set (tests only), wraps memberlist's network
 	// transport, e.g. to cut a node off the network.
 	wrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
+	// gossipToTheDead, when set (tests only), overrides how long memberlist
+	// keeps gossiping to dead nodes (which can heal a partition by itself).
+	gossipToTheDead time.Duration
 
 	// Set in Start before memberlist exists, read-only afterwards.
 	meta       nodeMeta
@@ -197,6 +200,9 @@ func (n *Node) start(ctx context.Context) error {
 	mc.GossipInterval = n.cfg.GossipInterval
 	mc.PushPullInterval = n.cfg.PushPullInterval
 	mc.GossipToTheDeadTime = 2 * n.cfg.PushPullInterval
+	if n.gossipToTheDead > 0 {
+		mc.GossipToTheDeadTime = n.gossipToTheDead
+	}
 	mc.TCPTimeout = n.cfg.TCPTimeout
 	mc.RetransmitMult = n.cfg.RetransmitMult
 	// A node restarted under the same id with a new address (a rescheduled

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"slices"
 	"sync"
@@ -245,13 +246,14 @@ func jitter(d time.Duration) time.Duration {
 	if d <= 1 {
 		return d
 	}
-	return d/2 + time.Duration(time.Now().UnixNano()%int64(d/2))
+	return d/2 + time.Duration(rand.Int64N(int64(d/2)))
 }
 
 // writeLoop drains the queue into a buffered writer. It flushes when the
-// buffer fills (FlushBytes), or when the queue is empty and the oldest
-// unflushed message has waited FlushInterval: under load frames go out in
-// large writes, at low rates the added latency is at most FlushInterval.
+// buffer fills (FlushBytes), and when the queue is empty and the oldest
+// unflushed message has waited FlushInterval (0 by default: at once). While
+// a write is in progress new messages pile up in the queue, so under load
+// frames go out in large writes without any timer.
 func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 	cfg := &p.n.cfg
 	m := p.n.metrics

@@ -126,8 +126,9 @@ func TestJunkOnGossipPortDoesNotHurt(t *testing.T) {
 	(&delegate{n: n1.Node}).NotifyMsg([]byte{gossipRouteDelta, 1, 0xFF})
 	(&delegate{n: n1.Node}).MergeRemoteState([]byte{stateFormat, 0xFF, 0xFF}, false)
 	(&delegate{n: n1.Node}).NotifyMsg([]byte{0x77})
-	if got := n1.counter(n1.metrics.badGossip); got != 3 {
-		t.Fatalf("bad_gossip_total = %v, want 3", got)
+	// >= because random UDP junk may itself parse as a memberlist user message.
+	if got := n1.counter(n1.metrics.badGossip); got < 3 {
+		t.Fatalf("bad_gossip_total = %v, want >= 3", got)
 	}
 	n2 := startNode(t, "n2", []string{n1.selfGossip})
 	nodes := []*testNode{n1, n2}
