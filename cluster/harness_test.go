@@ -252,7 +252,7 @@ func routeViews(observers []*testNode, node string) map[string][]string {
 }
 
 func (tn *testNode) kill() {
-	if err := tn.shutdown(false); err != nil {
+	if err := tn.Kill(); err != nil {
 		tn.t.Errorf("kill %s: %v", tn.ID(), err)
 	}
 }

@@ -294,8 +294,8 @@ func (n *Node) advertiseIP(ctx context.Context, bindHost string) (string, error)
 // the node's goroutines. Queued messages are dropped. Idempotent.
 func (n *Node) Close() error { return n.shutdown(true) }
 
-// shutdown with graceful=false skips the leave: peers must detect the death
-// (tests use it to simulate a crash).
+// shutdown with graceful=false (Kill) skips the leave: peers must detect
+// the death. Close and Kill share one shutdown; whichever comes first wins.
 func (n *Node) shutdown(graceful bool) error {
 	n.mu.Lock()
 	if n.closing {
