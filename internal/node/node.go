@@ -270,3 +270,21 @@ func (n *Node) closeListeners() {
 func (n *Node) addReadiness(name string, check func() error) {
 	n.checks = append(n.checks, readinessCheck{name: name, check: check})
 }
+
+// Kill stops the node abruptly, as far as a process can to itself: the
+// cluster leaves without telling peers and client connections drop without
+// DISCONNECT. In-process tests use it to stand in for SIGKILL.
+func (n *Node) Kill() {
+	n.closeOnce.Do(func() {
+		n.ready.Store(false)
+		_ = n.cluster.Kill()
+		for _, l := range n.listeners {
+			l.Close(func(string) {})
+		}
+		for _, cl := range n.mqtt.Clients.GetAll() {
+			cl.Stop(nil)
+		}
+		_ = n.mqtt.Close()
+		_ = n.httpSv.Close()
+	})
+}

@@ -1,0 +1,126 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/mqtt-ha/broker/cluster"
+	"github.com/mqtt-ha/broker/internal/testutil"
+)
+
+// testCluster runs N full broker nodes (mochi, hooks, cluster) in this
+// process, every port chosen by the OS. Timings are tightened here, once.
+type testCluster struct {
+	t     *testing.T
+	nodes map[string]*Node
+	seed  string // gossip address of the first node
+}
+
+func testLogger() *slog.Logger {
+	if os.Getenv("BROKER_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func fastCluster(c *cluster.Config) {
+	c.ProbeInterval = 200 * time.Millisecond
+	c.ProbeTimeout = 100 * time.Millisecond
+	c.SuspicionMult = 2
+	c.SuspicionMaxTimeoutMult = 2
+	c.GossipInterval = 20 * time.Millisecond
+	c.PushPullInterval = time.Second
+	c.RejoinInterval = 300 * time.Millisecond
+	c.LeaveTimeout = 500 * time.Millisecond
+}
+
+func newTestCluster(t *testing.T, ids ...string) *testCluster {
+	tc := &testCluster{t: t, nodes: map[string]*Node{}}
+	for _, id := range ids {
+		tc.start(id)
+	}
+	tc.waitMembers(len(ids))
+	return tc
+}
+
+func (tc *testCluster) start(id string) *Node {
+	tc.t.Helper()
+	cfg := Config{
+		NodeID: id, DataDir: tc.t.TempDir(),
+		MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0",
+		GossipAddr: "127.0.0.1:0", ClusterAddr: "127.0.0.1:0", AdvertiseHost: "127.0.0.1",
+		AllowAnonymous: true, MaxPacketSize: 1 << 20, MaxQueuedMessages: 1000, MaxKeepalive: 65535,
+		RetainAvailable: true, ConnectTimeout: 5 * time.Second, ShutdownTimeout: 5 * time.Second,
+		Logger: testLogger(), ClusterTuning: fastCluster,
+	}
+	if tc.seed != "" {
+		cfg.Join = []string{tc.seed}
+	}
+	n, err := New(cfg)
+	if err != nil {
+		tc.t.Fatalf("node %s: %v", id, err)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		tc.t.Fatalf("start %s: %v", id, err)
+	}
+	if tc.seed == "" {
+		tc.seed = n.ClusterStatus().GossipAddr
+	}
+	tc.nodes[id] = n
+	tc.t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = n.Shutdown(ctx)
+	})
+	return n
+}
+
+// waitMembers waits until every running node sees want alive members.
+func (tc *testCluster) waitMembers(want int) {
+	tc.t.Helper()
+	testutil.Eventually(tc.t, 10*time.Second, func() error {
+		for id, n := range tc.nodes {
+			if got := n.ClusterStatus().AliveMembers; got != want {
+				return fmt.Errorf("%s sees %d alive members, want %d", id, got, want)
+			}
+		}
+		return nil
+	})
+}
+
+// waitRoutes waits until node `at` holds exactly n routes of node `of`.
+func (tc *testCluster) waitRoutes(at, of string, n int) {
+	tc.t.Helper()
+	testutil.Eventually(tc.t, 10*time.Second, func() error {
+		for _, m := range tc.nodes[at].ClusterStatus().Members {
+			if m.ID == of {
+				if m.Routes == n {
+					return nil
+				}
+				return fmt.Errorf("%s holds %d routes of %s, want %d", at, m.Routes, of, n)
+			}
+		}
+		if n == 0 {
+			return nil // the member is gone, and its routes with it
+		}
+		return fmt.Errorf("%s does not know %s", at, of)
+	})
+}
+
+func (tc *testCluster) client(node, id string) *testutil.Client {
+	tc.t.Helper()
+	return testutil.Connect(tc.t, tc.nodes[node].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true, Buffer: 50000})
+}
+
+// forwarded sums the messages node `id` has forwarded to its peers.
+func (tc *testCluster) forwarded(id string) uint64 {
+	var sum uint64
+	for _, m := range tc.nodes[id].ClusterStatus().Members {
+		sum += m.Forwarded
+	}
+	return sum
+}
