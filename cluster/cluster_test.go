@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"reflect"
 	"slices"
 	"strings"
@@ -515,5 +516,62 @@ func TestLifecycle(t *testing.T) {
 	}
 	if err := a.AddRoute("a/#/b"); err == nil {
 		t.Fatal("AddRoute accepted an invalid filter")
+	}
+}
+
+// TestRouteChurnConverges hammers the route table with concurrent random
+// subscribe/unsubscribe bursts on three nodes; every node must end up with
+// exactly every other node's final local set.
+func TestRouteChurnConverges(t *testing.T) {
+	// No periodic push/pull during the test: deltas and gap repairs must do it.
+	nodes := startCluster(t, 3, withConfig(func(c *Config) { c.PushPullInterval = time.Hour }))
+	var wg sync.WaitGroup
+	for i, tn := range nodes {
+		wg.Go(func() {
+			r := rand.New(rand.NewPCG(uint64(i), 42))
+			for k := 0; k < 400; k++ {
+				f := fmt.Sprintf("churn/%d/+", r.IntN(25))
+				if r.IntN(2) == 0 {
+					if err := tn.AddRoute(f); err != nil {
+						t.Error(err)
+						return
+					}
+				} else {
+					tn.RemoveRoute(f)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for _, tn := range nodes {
+		waitRoutes(t, nodes, tn.ID(), tn.routes.localFilters()...)
+	}
+	res := map[string]float64{}
+	for _, tn := range nodes {
+		for _, r := range []string{"applied", "stale", "buffered", "ignored", "invalid"} {
+			res[r] += tn.counter(tn.metrics.deltas.WithLabelValues(r))
+		}
+		res["merges"] += tn.counter(tn.metrics.merges)
+		res["repairs"] += tn.counter(tn.metrics.repairs)
+	}
+	t.Logf("delta results: %v", res)
+	if res["applied"]+res["buffered"] == 0 {
+		t.Fatal("no gossiped delta ever arrived: convergence came from anti-entropy alone")
+	}
+}
+
+// TestLostDeltaIsRepaired drops a route change on the floor (the delta is
+// never gossiped, as when every transmission of it is lost): the periodic
+// head announcement must make the peer fetch the full entry long before a
+// push/pull would.
+func TestLostDeltaIsRepaired(t *testing.T) {
+	nodes := startCluster(t, 2, withConfig(func(c *Config) { c.PushPullInterval = time.Hour }))
+	n1 := nodes[0]
+	if _, _, err := n1.routes.addLocal("lost/delta"); err != nil { // not queueDelta: nothing is gossiped
+		t.Fatal(err)
+	}
+	waitRoutes(t, nodes, "n1", "lost/delta")
+	if got := nodes[1].counter(nodes[1].metrics.repairs); got < 1 {
+		t.Fatalf("route_repairs_total = %v", got)
 	}
 }

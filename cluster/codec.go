@@ -217,6 +217,7 @@ func decodeFrame(body []byte) (*Message, error) {
 const (
 	gossipRouteDelta byte = 1
 	gossipLeave      byte = 2 // "I am leaving gracefully", sent reliably before memberlist's Leave
+	gossipRouteHead  byte = 3 // "my routes are at (incarnation, version)": lets peers notice lost deltas
 )
 
 // stateFormat is the first byte of LocalState; bump it on format changes.
@@ -229,6 +230,29 @@ func appendDelta(b []byte, d routeDelta) []byte {
 	b = appendUvarint(b, d.Version)
 	b = appendString(b, d.Node)
 	return appendString(b, d.Filter)
+}
+
+// route head: u8 type | uvarint incarnation | uvarint version | str node
+func appendHead(b []byte, node string, inc, ver uint64) []byte {
+	b = append(b, gossipRouteHead)
+	b = appendUvarint(b, inc)
+	b = appendUvarint(b, ver)
+	return appendString(b, node)
+}
+
+func decodeHead(b []byte) (node string, inc, ver uint64, err error) {
+	r := reader{b: b}
+	if t := r.u8(); r.err == nil && t != gossipRouteHead {
+		return "", 0, 0, fmt.Errorf("unknown gossip message type %d", t)
+	}
+	inc, ver, node = r.uvarint(), r.uvarint(), r.str()
+	if r.err == nil && len(r.b) != 0 {
+		r.fail(errors.New("trailing bytes"))
+	}
+	if r.err != nil {
+		return "", 0, 0, fmt.Errorf("decode route head: %w", r.err)
+	}
+	return node, inc, ver, nil
 }
 
 // leave intent: u8 type | str node

@@ -28,6 +28,26 @@ func (b routeBroadcast) Invalidates(memberlist.Broadcast) bool { return false }
 func (b routeBroadcast) Message() []byte                       { return b }
 func (b routeBroadcast) Finished()                             {}
 
+// UniqueBroadcast tells the queue not to scan for invalidations.
+func (b routeBroadcast) UniqueBroadcast() {}
+
+// headBroadcast announces our route head; a newer one replaces the queued
+// older one (only the latest head matters).
+type headBroadcast []byte
+
+func (b headBroadcast) Invalidates(o memberlist.Broadcast) bool {
+	nb, ok := o.(memberlist.NamedBroadcast)
+	return ok && nb.Name() == b.Name()
+}
+func (b headBroadcast) Message() []byte { return b }
+func (b headBroadcast) Finished()       {}
+func (b headBroadcast) Name() string    { return "route-head" }
+
+var (
+	_ memberlist.UniqueBroadcast = routeBroadcast(nil)
+	_ memberlist.NamedBroadcast  = headBroadcast(nil)
+)
+
 // delegate receives memberlist callbacks. memberlist calls the event methods
 // while holding its own locks, so none of them may call back into the
 // memberlist synchronously or block.
@@ -60,6 +80,15 @@ func (d *delegate) NotifyMsg(b []byte) {
 		if delta, err = decodeDelta(b); err == nil {
 			res := d.n.routes.applyDelta(delta)
 			d.n.metrics.deltas.WithLabelValues(res.String()).Inc()
+			if res == deltaBuffered {
+				d.n.scheduleRepair(delta.Node)
+			}
+		}
+	case gossipRouteHead:
+		var node string
+		var inc, ver uint64
+		if node, inc, ver, err = decodeHead(b); err == nil && d.n.routes.noteHead(node, inc, ver) {
+			d.n.scheduleRepair(node)
 		}
 	case gossipLeave:
 		var node string
@@ -324,6 +353,60 @@ func (n *Node) syncWith(addr string) {
 	}()
 }
 
+// scheduleRepair closes a gap in a node's delta chain. Each delta is
+// gossiped a bounded number of times to random peers, so with bursts a peer
+// regularly misses one (and everything after it waits). If the gap is still
+// open after a few gossip rounds (the missing delta may just be late), a
+// push/pull with that node fetches its full entry. At most one repair per
+// node is pending at a time.
+func (n *Node) scheduleRepair(node string) {
+	n.mu.Lock()
+	if n.closing || n.ml == nil || n.repairing[node] {
+		n.mu.Unlock()
+		return
+	}
+	n.repairing[node] = true
+	n.wg.Add(1)
+	n.mu.Unlock()
+	go func() {
+		defer n.wg.Done()
+		defer func() {
+			n.mu.Lock()
+			delete(n.repairing, node)
+			n.mu.Unlock()
+		}()
+		t := time.NewTimer(repairGraceRounds * n.cfg.GossipInterval)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-n.stop:
+			return
+		}
+		if !n.routes.needsRepair(node) {
+			return
+		}
+		n.mu.RLock()
+		m := n.members[node]
+		ml := n.ml
+		addr := ""
+		if m != nil && m.state == "alive" {
+			addr = m.gossipAddr
+		}
+		n.mu.RUnlock()
+		if addr == "" {
+			return
+		}
+		n.metrics.repairs.Inc()
+		if _, err := ml.Join([]string{addr}); err != nil {
+			n.log.Debug("route repair push/pull failed", "peer", node, "err", err)
+		}
+	}()
+}
+
+// repairGraceRounds is how many gossip rounds a delta gap may stay open
+// before scheduleRepair asks the node for its full entry.
+const repairGraceRounds = 5
+
 // queueDelta gossips a local route change.
 func (n *Node) queueDelta(d routeDelta) {
 	b := appendDelta(make([]byte, 0, 32+len(d.Node)+len(d.Filter)), d)
@@ -332,7 +415,37 @@ func (n *Node) queueDelta(d routeDelta) {
 		return
 	}
 	n.bcast.QueueBroadcast(routeBroadcast(b))
+	n.queueHead()
 	if n.bcast.NumQueued() > maxQueuedDeltas {
 		n.bcast.Prune(maxQueuedDeltas)
+	}
+}
+
+// queueHead gossips our route head. It follows every delta (replacing the
+// previous head in the queue), so a peer that lost the last deltas of a
+// burst notices, and headLoop repeats it so that even a lost head is
+// eventually noticed well before the next push/pull.
+func (n *Node) queueHead() {
+	inc, ver := n.routes.head()
+	if ver == 0 {
+		return
+	}
+	n.bcast.QueueBroadcast(headBroadcast(appendHead(nil, n.cfg.NodeID, inc, ver)))
+}
+
+// headInterval is how often headLoop re-announces our head, in gossip rounds.
+const headInterval = 10
+
+func (n *Node) headLoop() {
+	defer n.wg.Done()
+	t := time.NewTicker(headInterval * n.cfg.GossipInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-t.C:
+			n.queueHead()
+		}
 	}
 }

@@ -39,6 +39,7 @@ type metrics struct {
 	members        prometheus.Gauge
 	deltas         *prometheus.CounterVec
 	merges         prometheus.Counter
+	repairs        prometheus.Counter
 	badGossip      prometheus.Counter
 	memberEvents   *prometheus.CounterVec
 }
@@ -79,6 +80,7 @@ func newMetrics(reg prometheus.Registerer, rt *routeTable) (*metrics, error) {
 	m.collectors = append(m.collectors, m.members)
 	m.deltas = counterVec("route_deltas_total", "Gossiped route deltas received, by outcome.", "result")
 	m.merges = counter("route_merges_total", "Route entries replaced by anti-entropy (push/pull).")
+	m.repairs = counter("route_repairs_total", "Push/pulls triggered to close a gap in a node's delta chain.")
 	m.badGossip = counter("bad_gossip_total", "Undecodable gossip messages or states.")
 	m.memberEvents = counterVec("member_events_total", "Membership events.", "event")
 	m.collectors = append(m.collectors,

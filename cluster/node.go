@@ -76,18 +76,19 @@ type Node struct {
 	// Lock order: mu, then peer.mu. routeTable.mu and Mux.mu are leaves
 	// (nothing is acquired while holding them). Never call memberlist while
 	// holding mu: memberlist calls us back with its own locks held.
-	mu       sync.RWMutex
-	state    string
-	closing  bool
-	ml       *memberlist.Memberlist
-	peers    map[string]*peer    // outgoing, by node id
-	inbound  map[string]*inbound // accepted forwarding connections, by node id
-	members  map[string]*member
-	leaving  map[string]time.Time // leave intents received, by node id
-	started  time.Time
-	closeErr error
-	closed   chan struct{}
-	wg       sync.WaitGroup
+	mu        sync.RWMutex
+	state     string
+	closing   bool
+	ml        *memberlist.Memberlist
+	peers     map[string]*peer    // outgoing, by node id
+	inbound   map[string]*inbound // accepted forwarding connections, by node id
+	members   map[string]*member
+	leaving   map[string]time.Time // leave intents received, by node id
+	repairing map[string]bool      // nodes with a scheduled route repair
+	started   time.Time
+	closeErr  error
+	closed    chan struct{}
+	wg        sync.WaitGroup
 }
 
 // New validates cfg and builds a Node; nothing is bound until Start.
@@ -118,6 +119,7 @@ func New(cfg Config, d Deliverer) (*Node, error) {
 		inbound:      make(map[string]*inbound),
 		members:      make(map[string]*member),
 		leaving:      make(map[string]time.Time),
+		repairing:    make(map[string]bool),
 		events:       newEventQueue(cfg.OnMemberEvent),
 		badFrameLog:  rateLimited{every: time.Second},
 		badGossipLog: rateLimited{every: time.Second},
@@ -242,10 +244,11 @@ func (n *Node) start(ctx context.Context) error {
 	n.ml = ml
 	n.state = StateRunning
 	n.started = time.Now()
-	n.wg.Add(3)
+	n.wg.Add(4)
 	n.mu.Unlock()
 	go n.acceptForward(n.fwdLn)
 	go n.joinLoop()
+	go n.headLoop()
 	go func() {
 		defer n.wg.Done()
 		n.events.run(n.stop)
@@ -420,6 +423,7 @@ func (n *Node) Forward(m *Message) int {
 	}()
 	n.routes.match(m.Topic, res)
 	if len(res.plain) == 0 && len(res.shared) == 0 {
+		println("NO MATCH", m.Topic)
 		return 0
 	}
 	type target struct {
@@ -460,10 +464,12 @@ func (n *Node) Forward(m *Message) int {
 		}
 		p := n.peers[t.node]
 		if p == nil {
+			println("NO PEER", t.node)
 			n.metrics.dropped.WithLabelValues(dropNoPeer).Inc()
 			continue
 		}
 		if ok, reason := p.enqueue(outMsg{m: m, shared: t.shared, size: size}); !ok {
+			println("ENQ FAIL", reason)
 			n.metrics.dropped.WithLabelValues(reason).Inc()
 			continue
 		}

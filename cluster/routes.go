@@ -83,6 +83,8 @@ type remoteEntry struct {
 	filters     map[string]struct{}
 	pendingInc  uint64
 	pending     map[uint64]routeDelta // by version, deltas of pendingInc only
+	headInc     uint64                // latest head the node announced
+	headVer     uint64
 }
 
 // routeTable is safe for concurrent use. Lock order: routeTable.mu is a leaf;
@@ -289,6 +291,45 @@ func (rt *routeTable) replaceLocked(node string, e *remoteEntry, inc, ver uint64
 		}
 	}
 	e.filters, e.incarnation, e.version = next, inc, ver
+}
+
+// noteHead records the head (incarnation, version) a node announced and
+// reports whether our entry is behind it, i.e. we missed deltas.
+func (rt *routeTable) noteHead(node string, inc, ver uint64) bool {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	if node == rt.self || !rt.members[node] {
+		return false
+	}
+	e := rt.remote[node]
+	if e == nil {
+		e = &remoteEntry{filters: make(map[string]struct{})}
+		rt.remote[node] = e
+	}
+	if inc > e.headInc || inc == e.headInc && ver > e.headVer {
+		e.headInc, e.headVer = inc, ver
+	}
+	return e.behindLocked()
+}
+
+// needsRepair reports whether node's entry waits for a missing delta or is
+// older than the head the node announced.
+func (rt *routeTable) needsRepair(node string) bool {
+	rt.mu.RLock()
+	defer rt.mu.RUnlock()
+	e := rt.remote[node]
+	return e != nil && (len(e.pending) > 0 && e.pendingInc >= e.incarnation || e.behindLocked())
+}
+
+func (e *remoteEntry) behindLocked() bool {
+	return e.headInc > e.incarnation || e.headInc == e.incarnation && e.headVer > e.version
+}
+
+// head returns our own (incarnation, version).
+func (rt *routeTable) head() (uint64, uint64) {
+	rt.mu.RLock()
+	defer rt.mu.RUnlock()
+	return rt.incarnation, rt.version
 }
 
 // snapshot returns the full table (our own entry first) for push/pull. The

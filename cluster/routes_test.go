@@ -66,6 +66,12 @@ func TestDeltasApplyInVersionOrder(t *testing.T) {
 		{routeDelta{Node: "n2", Incarnation: 7, Version: 6, Op: opAdd, Filter: "a/#/b"}, deltaInvalid, []string{"b", "c", "d"}},
 	}
 	for i, s := range steps {
+		if i == 4 && !rt.needsRepair("n2") {
+			t.Fatal("needsRepair = false with v2 missing")
+		}
+		if i == 5 && rt.needsRepair("n2") {
+			t.Fatal("needsRepair = true after the gap filled")
+		}
 		if got := rt.applyDelta(s.d); got != s.want {
 			t.Fatalf("step %d %+v: result %v, want %v", i, s.d, got, s.want)
 		}
@@ -236,5 +242,27 @@ func TestPendingBufferIsBounded(t *testing.T) {
 	}
 	if got := rt.applyDelta(routeDelta{Node: "n2", Incarnation: 1, Version: 5000, Op: opAdd, Filter: "f"}); got != deltaStale {
 		t.Fatalf("over the bound: %v", got)
+	}
+}
+
+func TestHeadRevealsMissedDeltas(t *testing.T) {
+	rt := newRouteTable("n1", 1)
+	addMembers(rt, "n2")
+	rt.merge([]nodeRoutes{{Node: "n2", Incarnation: 5, Version: 3, Filters: []string{"a"}}})
+	if rt.noteHead("n2", 5, 3) || rt.needsRepair("n2") {
+		t.Fatal("up to date entry reported behind")
+	}
+	if !rt.noteHead("n2", 5, 4) || !rt.needsRepair("n2") {
+		t.Fatal("missed delta not detected")
+	}
+	if rt.noteHead("n9", 1, 1) {
+		t.Fatal("head of a non-member acted upon")
+	}
+	rt.merge([]nodeRoutes{{Node: "n2", Incarnation: 5, Version: 4, Filters: []string{"a", "b"}}})
+	if rt.needsRepair("n2") {
+		t.Fatal("still behind after the full entry arrived")
+	}
+	if !rt.noteHead("n2", 6, 1) {
+		t.Fatal("a restart (newer incarnation) not detected")
 	}
 }
