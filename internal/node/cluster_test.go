@@ -269,3 +269,21 @@ func TestRoutesFollowKilledAndRestartedNode(t *testing.T) {
 		t.Fatalf("sub3b got %q", p.Payload)
 	}
 }
+
+func TestWillReachesOtherNodes(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2")
+	sub := tc.client("n1", "watcher")
+	sub.Sub(t, 1, "devices/+/status")
+	tc.waitRoutes("n2", "n1", 1)
+	dev, err := testutil.TryConnect(tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "devices/dev/status", QoS: 1, Payload: []byte("offline")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = dev.Conn.Close() // abrupt: no DISCONNECT, so the will must fire
+	p := sub.MustNext(t, wait)
+	if p.Topic != "devices/dev/status" || string(p.Payload) != "offline" {
+		t.Fatalf("got %s %q", p.Topic, p.Payload)
+	}
+	expectNone(t, sub, 300*time.Millisecond)
+}

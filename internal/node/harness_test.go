@@ -15,7 +15,7 @@ import (
 // testCluster runs N full broker nodes (mochi, hooks, cluster) in this
 // process, every port chosen by the OS. Timings are tightened here, once.
 type testCluster struct {
-	t     *testing.T
+	t     testing.TB
 	nodes map[string]*Node
 	seed  string // gossip address of the first node
 }
@@ -38,7 +38,7 @@ func fastCluster(c *cluster.Config) {
 	c.LeaveTimeout = 500 * time.Millisecond
 }
 
-func newTestCluster(t *testing.T, ids ...string) *testCluster {
+func newTestCluster(t testing.TB, ids ...string) *testCluster {
 	tc := &testCluster{t: t, nodes: map[string]*Node{}}
 	for _, id := range ids {
 		tc.start(id)
@@ -92,16 +92,22 @@ func (tc *testCluster) waitMembers(want int) {
 	})
 }
 
-// waitRoutes waits until node `at` holds exactly n routes of node `of`.
+// waitRoutes waits until node `at` holds exactly n routes of node `of` and
+// has caught up with of's route version: a count alone would also match a
+// stale set (an old filter not yet withdrawn, the new one not yet added).
 func (tc *testCluster) waitRoutes(at, of string, n int) {
 	tc.t.Helper()
 	testutil.Eventually(tc.t, 10*time.Second, func() error {
+		want := uint64(0)
+		if o := tc.nodes[of]; o != nil {
+			want = o.ClusterStatus().RouteVersion
+		}
 		for _, m := range tc.nodes[at].ClusterStatus().Members {
 			if m.ID == of {
-				if m.Routes == n {
+				if m.Routes == n && m.RouteVersion == want {
 					return nil
 				}
-				return fmt.Errorf("%s holds %d routes of %s, want %d", at, m.Routes, of, n)
+				return fmt.Errorf("%s holds %d routes of %s at version %d, want %d at %d", at, m.Routes, of, m.RouteVersion, n, want)
 			}
 		}
 		if n == 0 {

@@ -36,6 +36,7 @@ func Eventually(t testing.TB, timeout time.Duration, cond func() error) {
 type Client struct {
 	*paho.Client
 	ID          string
+	Conn        net.Conn // the socket: closing it drops the client without DISCONNECT
 	Connack     *paho.Connack
 	Msgs        chan *paho.Publish
 	Disconnects chan *paho.Disconnect
@@ -71,7 +72,7 @@ func TryConnect(addr string, o ClientOptions) (*Client, error) {
 	if o.Buffer == 0 {
 		o.Buffer = 1000
 	}
-	c := &Client{ID: o.ID, Msgs: make(chan *paho.Publish, o.Buffer), Disconnects: make(chan *paho.Disconnect, 4)}
+	c := &Client{ID: o.ID, Conn: conn, Msgs: make(chan *paho.Publish, o.Buffer), Disconnects: make(chan *paho.Disconnect, 4)}
 	c.Client = paho.NewClient(paho.ClientConfig{
 		ClientID: o.ID,
 		Conn:     packets.NewThreadSafeConn(conn),
