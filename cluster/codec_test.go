@@ -91,6 +91,8 @@ func TestGossipGoldenBytes(t *testing.T) {
 			"01" + "01" + "026e31" + "05" + "02" + "01" + "0161"},
 		{"meta", appendMeta(nil, nodeMeta{Proto: 1, NodeID: "n1", AdvertiseHost: "h", ClusterPort: 7947, MQTTPort: 1883}),
 			"01" + "01" + "1f0b" + "075b" + "0168" + "026e31"},
+		{"leave", appendLeave(nil, "n1"), "02" + "026e31"},
+		{"head", appendHead(nil, "n1", 5, 300), "03" + "05" + "ac02" + "026e31"},
 	}
 	for _, tt := range tests {
 		if h := hex.EncodeToString(tt.got); h != tt.want {
@@ -100,6 +102,12 @@ func TestGossipGoldenBytes(t *testing.T) {
 	d, err := decodeDelta(tests[0].got)
 	if err != nil || d != (routeDelta{Node: "n1", Incarnation: 5, Version: 2, Op: opAdd, Filter: "a/#"}) {
 		t.Errorf("delta round trip: %+v %v", d, err)
+	}
+	if node, err := decodeLeave(tests[3].got); err != nil || node != "n1" {
+		t.Errorf("leave round trip: %q %v", node, err)
+	}
+	if node, inc, ver, err := decodeHead(tests[4].got); err != nil || node != "n1" || inc != 5 || ver != 300 {
+		t.Errorf("head round trip: %q %d %d %v", node, inc, ver, err)
 	}
 	md, err := decodeMeta(tests[2].got)
 	if err != nil || md != (nodeMeta{Proto: 1, NodeID: "n1", AdvertiseHost: "h", ClusterPort: 7947, MQTTPort: 1883}) {
@@ -129,6 +137,15 @@ func TestDecodersRejectTruncation(t *testing.T) {
 	for i := 0; i < len(state); i++ {
 		if _, err := decodeState(state[:i]); err == nil {
 			t.Fatalf("state cut at %d decoded", i)
+		}
+	}
+	for _, b := range [][]byte{appendLeave(nil, "node"), appendHead(nil, "node", 1<<40, 7)} {
+		for i := 0; i < len(b); i++ {
+			_, err1 := decodeLeave(b[:i])
+			_, _, _, err2 := decodeHead(b[:i])
+			if err1 == nil || err2 == nil {
+				t.Fatalf("leave/head cut at %d decoded", i)
+			}
 		}
 	}
 	meta := appendMeta(nil, nodeMeta{Proto: 1, NodeID: "node", AdvertiseHost: "host", ClusterPort: 1, MQTTPort: 2})
@@ -186,6 +203,8 @@ func TestDecodersSurviveJunk(t *testing.T) {
 		_, _ = decodeDelta(b)
 		_, _ = decodeState(b)
 		_, _ = decodeMeta(b)
+		_, _ = decodeLeave(b)
+		_, _, _, _ = decodeHead(b)
 	}
 }
 

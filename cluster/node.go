@@ -423,7 +423,6 @@ func (n *Node) Forward(m *Message) int {
 	}()
 	n.routes.match(m.Topic, res)
 	if len(res.plain) == 0 && len(res.shared) == 0 {
-		println("NO MATCH", m.Topic)
 		return 0
 	}
 	type target struct {
@@ -464,12 +463,10 @@ func (n *Node) Forward(m *Message) int {
 		}
 		p := n.peers[t.node]
 		if p == nil {
-			println("NO PEER", t.node)
 			n.metrics.dropped.WithLabelValues(dropNoPeer).Inc()
 			continue
 		}
 		if ok, reason := p.enqueue(outMsg{m: m, shared: t.shared, size: size}); !ok {
-			println("ENQ FAIL", reason)
 			n.metrics.dropped.WithLabelValues(reason).Inc()
 			continue
 		}
