@@ -567,6 +567,9 @@ func TestRouteChurnConverges(t *testing.T) {
 func TestLostDeltaIsRepaired(t *testing.T) {
 	nodes := startCluster(t, 2, withConfig(func(c *Config) { c.PushPullInterval = time.Hour }))
 	n1 := nodes[0]
+	// Let the join-time full syncs finish first: they would carry the change.
+	eventually(t, 5*time.Second, func() bool { return nodes[0].syncing.Load() == 0 && nodes[1].syncing.Load() == 0 },
+		"join syncs still running")
 	if _, _, err := n1.routes.addLocal("lost/delta"); err != nil { // not queueDelta: nothing is gossiped
 		t.Fatal(err)
 	}

@@ -184,6 +184,8 @@ func (n *Node) onJoin(node *memberlist.Node) {
 		n.mu.Unlock()
 		return
 	}
+	// Accept its routes before anything (the sync below) can deliver them.
+	n.routes.setMember(node.Name, true)
 	switch {
 	case metaErr != nil:
 		n.log.Warn("member has unreadable metadata; not forwarding to it", "peer", node.Name, "err", metaErr)
@@ -203,18 +205,17 @@ func (n *Node) onJoin(node *memberlist.Node) {
 			}()
 		}
 	}
-	running := n.ml != nil
+	if n.ml != nil {
+		// Exchange full route state with the newcomer right away rather than
+		// at the next push/pull: it may have routes from before it joined
+		// (restored sessions) that no delta will ever carry to us. Started
+		// under mu so that "member counted" implies "sync counted".
+		n.syncWithLocked(node.Address())
+	}
 	n.mu.Unlock()
-	n.routes.setMember(node.Name, true)
 	n.metrics.memberEvents.WithLabelValues("join").Inc()
 	n.emit(MemberEvent{Type: MemberJoin, NodeID: node.Name, GossipAddr: node.Address(), ClusterAddr: caddr, MQTTPort: int(meta.MQTTPort)})
 	n.log.Info("member joined", "peer", node.Name, "gossip_addr", node.Address(), "cluster_addr", caddr)
-	if running {
-		// Exchange full route state with the newcomer right away rather than
-		// at the next push/pull: it may have routes from before it joined
-		// (restored sessions) that no delta will ever carry to us.
-		n.syncWith(node.Address())
-	}
 }
 
 func (n *Node) onUpdate(node *memberlist.Node) {
@@ -334,19 +335,18 @@ func (n *Node) pruneGoneLocked() {
 	}
 }
 
-// syncWith runs a one-off push/pull (memberlist Join) with addr in the
-// background.
-func (n *Node) syncWith(addr string) {
-	n.mu.Lock()
+// syncWithLocked runs a one-off push/pull (memberlist Join) with addr in
+// the background. Caller holds n.mu.
+func (n *Node) syncWithLocked(addr string) {
 	if n.closing || n.ml == nil {
-		n.mu.Unlock()
 		return
 	}
 	ml := n.ml
 	n.wg.Add(1)
-	n.mu.Unlock()
+	n.syncing.Add(1)
 	go func() {
 		defer n.wg.Done()
+		defer n.syncing.Add(-1)
 		if _, err := ml.Join([]string{addr}); err != nil {
 			n.log.Debug("route sync with new member failed", "addr", addr, "err", err)
 		}

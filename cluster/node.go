@@ -54,6 +54,7 @@ type Node struct {
 	mux       *Mux
 	fwdLn     net.Listener
 	numAlive  atomic.Int32
+	syncing   atomic.Int32 // join-time push/pulls in flight (tests wait for them)
 	stop      chan struct{}
 	matchPool sync.Pool
 	events    *eventQueue
