@@ -287,3 +287,28 @@ func TestWillReachesOtherNodes(t *testing.T) {
 	}
 	expectNone(t, sub, 300*time.Millisecond)
 }
+func TestRetainedReachesEveryNode(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	pub := tc.client("n1", "pub")
+	pub.Pub(t, "status/car", 1, true, []byte("parked"))
+	// No node had a subscriber when it was published; a new subscriber on
+	// any node must still get it.
+	for _, id := range []string{"n1", "n2", "n3"} {
+		testutil.Eventually(t, wait, func() error {
+			c, err := testutil.TryConnect(tc.nodes[id].Addr("mqtt"), testutil.ClientOptions{ID: "late-" + id, CleanStart: true})
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.Sub(t, 1, "status/#")
+			p, err := c.Next(time.Second)
+			if err != nil {
+				return fmt.Errorf("%s: no retained message", id)
+			}
+			if string(p.Payload) != "parked" || !p.Retain {
+				t.Fatalf("%s: got %q retain %v", id, p.Payload, p.Retain)
+			}
+			return nil
+		})
+	}
+}
