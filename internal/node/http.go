@@ -41,8 +41,10 @@ func (n *Node) routes() http.Handler {
 func (n *Node) serveReady(w http.ResponseWriter, _ *http.Request) {
 	var b strings.Builder
 	ok := n.ready.Load()
-	if !ok {
-		b.WriteString("node: not serving (starting or shutting down)\n")
+	if ok {
+		b.WriteString("listeners: ok\n")
+	} else {
+		b.WriteString("listeners: not accepting (starting or shutting down)\n")
 	}
 	for _, c := range n.checks {
 		if err := c.check(); err != nil {

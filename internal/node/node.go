@@ -134,7 +134,12 @@ func New(cfg Config) (_ *Node, err error) {
 		return nil, fmt.Errorf("--http-addr %s: %w", cfg.HTTPAddr, err)
 	}
 	n.httpSv = &http.Server{Handler: n.routes(), ReadHeaderTimeout: 10 * time.Second}
-	n.addReadiness("listeners", func() error { return nil })
+	n.addReadiness("cluster", func() error {
+		if st := n.cluster.Status().State; st != cluster.StateRunning {
+			return fmt.Errorf("cluster membership is %s", st)
+		}
+		return nil
+	})
 	return n, nil
 }
 
