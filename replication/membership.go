@@ -1,0 +1,328 @@
+package replication
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// manageLoop runs every ReconcileInterval (and once at start): bootstrap
+// while that is still a question, membership reconciliation and the expiry
+// sweep on the leader, and the "state but not a member" check.
+func (n *Node) manageLoop() {
+	defer n.wg.Done()
+	t := time.NewTicker(n.cfg.ReconcileInterval)
+	defer t.Stop()
+	nextSweep := time.Now().Add(n.cfg.ExpirySweepInterval)
+	for {
+		if !n.bootDone.Load() {
+			n.maybeBootstrap()
+		}
+		if n.raft.State() == raft.Leader {
+			n.reconcile()
+			if n.cfg.ExpirySweepInterval > 0 && time.Now().After(nextSweep) {
+				n.sweepExpired()
+				nextSweep = time.Now().Add(n.cfg.ExpirySweepInterval)
+			}
+		}
+		n.checkMember()
+		select {
+		case <-t.C:
+		case <-n.stop:
+			return
+		}
+	}
+}
+
+// peers returns what membership sees, with this node's own entry replaced
+// by its own truth (and added if the caller left it out).
+func (n *Node) peers() []Peer {
+	var in []Peer
+	if n.cfg.Peers != nil {
+		in = n.cfg.Peers()
+	}
+	out := make([]Peer, 0, len(in)+1)
+	for _, p := range in {
+		if p.ID != "" && p.ID != n.cfg.NodeID {
+			out = append(out, p)
+		}
+	}
+	return append(out, Peer{ID: n.cfg.NodeID, Addr: n.cfg.Advertise, BootstrapExpect: n.cfg.BootstrapExpect, HasState: n.HasState()})
+}
+
+// bootstrapPlan decides whether self should bootstrap, and with which
+// voters. It is a pure function of what membership shows, so every node
+// that sees the same peers computes the same configuration (Consul and
+// Nomad's bootstrap_expect):
+//
+//   - never with state of our own, never when any visible peer has state
+//     (a cluster exists: wait for its leader to add us);
+//   - peers with BootstrapExpect 0 are join-only and ignored; a peer with
+//     another non-zero value aborts (misconfiguration);
+//   - wait for at least expect candidates; the voters are the expect
+//     candidates with the lowest ids, and only those bootstrap: a node
+//     outside them waits for the leader to add it.
+//
+// It returns the servers and "" when self should bootstrap now, else nil
+// and the reason.
+func bootstrapPlan(self Peer, expect int, peers []Peer) ([]raft.Server, string) {
+	if expect <= 0 {
+		return nil, "bootstrap disabled (bootstrap_expect 0): waiting to be added"
+	}
+	if self.HasState {
+		return nil, "this node has raft state"
+	}
+	byID := make(map[string]Peer, len(peers))
+	var cands []Peer
+	for _, p := range peers {
+		if prev, dup := byID[p.ID]; dup {
+			if prev.Addr != p.Addr {
+				return nil, fmt.Sprintf("node id %q seen with two addresses (%s, %s)", p.ID, prev.Addr, p.Addr)
+			}
+			continue
+		}
+		byID[p.ID] = p
+		switch {
+		case p.HasState:
+			return nil, fmt.Sprintf("peer %s has raft state: waiting for the cluster's leader to add this node", p.ID)
+		case p.BootstrapExpect == 0:
+			continue
+		case p.BootstrapExpect != expect:
+			return nil, fmt.Sprintf("peer %s has bootstrap_expect %d, this node %d: not bootstrapping", p.ID, p.BootstrapExpect, expect)
+		case p.Addr == "":
+			return nil, fmt.Sprintf("peer %s has no address yet", p.ID)
+		}
+		cands = append(cands, p)
+	}
+	if len(cands) < expect {
+		return nil, fmt.Sprintf("waiting for bootstrap peers: %d of %d visible", len(cands), expect)
+	}
+	slices.SortFunc(cands, func(a, b Peer) int { return cmp.Compare(a.ID, b.ID) })
+	chosen := cands[:expect]
+	if !slices.ContainsFunc(chosen, func(p Peer) bool { return p.ID == self.ID }) {
+		return nil, fmt.Sprintf("not among the %d lowest ids: waiting for the leader to add this node", expect)
+	}
+	servers := make([]raft.Server, len(chosen))
+	for i, p := range chosen {
+		servers[i] = raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(p.ID), Address: raft.ServerAddress(p.Addr)}
+	}
+	return servers, ""
+}
+
+func planKey(servers []raft.Server) string {
+	var b strings.Builder
+	for _, s := range servers {
+		b.WriteString(string(s.ID) + "=" + string(s.Address) + ";")
+	}
+	return b.String()
+}
+
+// maybeBootstrap bootstraps when the plan says so and the plan was the same
+// on the previous tick too (for expect > 1): one interval of settling lets
+// "has state" and late joiners propagate through gossip before a
+// configuration is written that can never be taken back.
+func (n *Node) maybeBootstrap() {
+	if n.HasState() {
+		n.bootDone.Store(true)
+		return
+	}
+	servers, reason := bootstrapPlan(Peer{ID: n.cfg.NodeID, HasState: false}, n.cfg.BootstrapExpect, n.peers())
+	n.memberMu.Lock()
+	key, prev := planKey(servers), n.lastPlan
+	n.lastPlan = key
+	n.memberMu.Unlock()
+	if servers == nil {
+		if n.planLog.allow() {
+			n.log.Info("not bootstrapping", "reason", reason)
+		}
+		return
+	}
+	if n.cfg.BootstrapExpect > 1 && key != prev {
+		return // settle: confirm on the next tick
+	}
+	err := n.raft.BootstrapCluster(raft.Configuration{Servers: servers}).Error()
+	switch {
+	case err == nil:
+		n.bootDone.Store(true)
+		n.hadState.Store(true)
+		n.log.Info("bootstrapped the cluster", "voters", key)
+	case errors.Is(err, raft.ErrCantBootstrap):
+		n.bootDone.Store(true)
+	default:
+		n.log.Error("bootstrap failed", "err", err)
+	}
+}
+
+// reconcile runs on the leader: add visible peers that are not in the
+// configuration as non-voters, fix changed addresses, promote caught-up
+// non-voters. It never removes anyone: a peer that vanished from
+// membership may just be restarting or briefly unreachable.
+func (n *Node) reconcile() {
+	ctx, cancel := context.WithTimeout(n.life, max(n.cfg.ReconcileInterval, 500*time.Millisecond))
+	defer cancel()
+	cfg, err := n.configuration(ctx)
+	if err != nil {
+		return
+	}
+	peers := n.peers()
+	visible := make(map[string]bool, len(peers))
+	for _, p := range peers {
+		visible[p.ID] = true
+	}
+	n.memberMu.Lock()
+	for id := range n.tombstones {
+		if !visible[id] {
+			delete(n.tombstones, id) // it left; it may come back fresh
+		}
+	}
+	n.memberMu.Unlock()
+
+	timeout := n.cfg.IOTimeout
+	for _, p := range peers {
+		if p.ID == n.cfg.NodeID || p.Addr == "" {
+			continue
+		}
+		s, in := findServer(cfg, p.ID)
+		switch {
+		case !in:
+			n.memberMu.Lock()
+			_, removed := n.tombstones[p.ID]
+			n.memberMu.Unlock()
+			if removed {
+				continue
+			}
+			if err := waitFuture(ctx, n.raft.AddNonvoter(raft.ServerID(p.ID), raft.ServerAddress(p.Addr), 0, timeout)); err != nil {
+				n.log.Warn("adding non-voter failed", "server", p.ID, "addr", p.Addr, "err", err)
+				return
+			}
+			n.m.membership.WithLabelValues("add_nonvoter").Inc()
+			n.log.Info("added server as non-voter", "server", p.ID, "addr", p.Addr)
+		case string(s.Address) != p.Addr:
+			// AddNonvoter keeps a voter a voter and only updates the address.
+			if err := waitFuture(ctx, n.raft.AddNonvoter(s.ID, raft.ServerAddress(p.Addr), 0, timeout)); err != nil {
+				n.log.Warn("updating server address failed", "server", p.ID, "err", err)
+				return
+			}
+			n.m.membership.WithLabelValues("update_address").Inc()
+			n.log.Warn("server address changed", "server", p.ID, "old", string(s.Address), "new", p.Addr)
+		}
+	}
+	n.promote(ctx, cfg)
+}
+
+// promote makes non-voters voters once their log has stayed within
+// CatchUpThreshold entries of the leader's for StabilizationTime (what
+// autopilot calls server stabilization), so an empty new node never counts
+// toward the quorum while it is still catching up.
+func (n *Node) promote(ctx context.Context, cfg raft.Configuration) {
+	now := time.Now()
+	nonvoters := map[string]bool{}
+	for _, s := range cfg.Servers {
+		if s.Suffrage != raft.Nonvoter {
+			continue
+		}
+		id := string(s.ID)
+		nonvoters[id] = true
+		st, err := n.fetchPeerStatus(ctx, string(s.Address))
+		last := n.raft.LastIndex()
+		n.memberMu.Lock()
+		since, seen := n.caughtUp[id]
+		switch {
+		case err != nil || st.LastIndex+n.cfg.CatchUpThreshold < last:
+			delete(n.caughtUp, id)
+			seen = false
+		case !seen:
+			n.caughtUp[id] = now
+		}
+		n.memberMu.Unlock()
+		if !seen || now.Sub(since) < n.cfg.StabilizationTime {
+			continue
+		}
+		if err := waitFuture(ctx, n.raft.AddVoter(s.ID, s.Address, 0, n.cfg.IOTimeout)); err != nil {
+			n.log.Warn("promoting non-voter failed", "server", id, "err", err)
+			return
+		}
+		n.memberMu.Lock()
+		delete(n.caughtUp, id)
+		n.memberMu.Unlock()
+		n.m.membership.WithLabelValues("promote").Inc()
+		n.log.Info("promoted server to voter", "server", id, "its_last_index", st.LastIndex, "leader_last_index", last)
+	}
+	n.memberMu.Lock()
+	for id := range n.caughtUp {
+		if !nonvoters[id] {
+			delete(n.caughtUp, id)
+		}
+	}
+	n.memberMu.Unlock()
+}
+
+// fetchPeerStatus asks a node for its log position.
+func (n *Node) fetchPeerStatus(ctx context.Context, addr string) (peerStatus, error) {
+	resp, err := n.rpcc.call(ctx, addr, rpcStatus, nil)
+	if err != nil {
+		return peerStatus{}, err
+	}
+	r := reader{b: resp}
+	if err := r.error(); err != nil {
+		return peerStatus{}, err
+	}
+	st := peerStatus{LastIndex: r.uvarint(), AppliedIndex: r.uvarint(), Term: r.uvarint()}
+	return st, r.end()
+}
+
+// peerStatus is this node's answer to fetchPeerStatus.
+func (n *Node) peerStatus() peerStatus {
+	return peerStatus{LastIndex: n.raft.LastIndex(), AppliedIndex: n.raft.AppliedIndex(), Term: n.raft.CurrentTerm()}
+}
+
+// checkMember logs loudly (once a minute) when this node has raft state but
+// is not in its latest configuration: it then neither votes nor serves
+// writes until the leader re-adds it, which happens when it is visible in
+// membership and was not removed on purpose.
+func (n *Node) checkMember() {
+	if n.left.Load() || !n.bootDone.Load() || !n.HasState() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(n.life, time.Second)
+	defer cancel()
+	cfg, err := n.configuration(ctx)
+	if err != nil {
+		return
+	}
+	if _, ok := findServer(cfg, n.cfg.NodeID); ok || len(cfg.Servers) == 0 && n.raft.LastIndex() == 0 {
+		return
+	}
+	if n.notMember.allow() {
+		n.log.Error("this node has raft state but is not in the raft configuration; it will not vote or take writes "+
+			"until the leader re-adds it (the leader does so when it sees this node in membership, unless it was removed on purpose; "+
+			"to rejoin a removed node, wipe its data dir)",
+			"servers", len(cfg.Servers), "last_index", n.raft.LastIndex(), "data_dir", n.cfg.DataDir)
+	}
+}
+
+// sweepExpired clears retained messages whose expiry passed, with
+// conditional clears so that a value replaced meanwhile survives.
+func (n *Node) sweepExpired() {
+	exp := n.fsm.expired(time.Now(), 1000)
+	if len(exp) == 0 {
+		return
+	}
+	b := &Batch{Commands: make([]Command, len(exp))}
+	for i, m := range exp {
+		b.Commands[i] = &RetainClear{Topic: m.Topic, IfIndex: m.Index}
+	}
+	ctx, cancel := context.WithTimeout(n.life, n.cfg.IOTimeout)
+	defer cancel()
+	if _, err := n.Apply(ctx, b); err != nil {
+		n.log.Warn("clearing expired retained messages failed", "count", len(exp), "err", err)
+		return
+	}
+	n.log.Debug("cleared expired retained messages", "count", len(exp))
+}

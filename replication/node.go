@@ -1,0 +1,380 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/boltdb/bolt"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+const (
+	raftDBFile = "raft.db"
+	snapDir    = "snapshots" // created by raft's FileSnapshotStore under DataDir
+	boltOpenTO = 2 * time.Second
+)
+
+// Lifecycle states.
+const (
+	stateNew int32 = iota
+	stateRunning
+	stateClosed
+)
+
+// Node is one replica: a raft server over a bolt log, the state machine, the
+// group-commit batcher, the forwarding RPC, and the background loop that
+// bootstraps and manages membership.
+type Node struct {
+	cfg Config
+	log *slog.Logger
+	fsm *FSM
+	m   *metrics
+
+	// mu serialises Start and Close. Lock order: mu, then FSM.mu,
+	// batcher/rpc/demux internals, memberMu, leaderMu.
+	mu       sync.Mutex
+	state    atomic.Int32
+	raft     *raft.Raft
+	trans    *raft.NetworkTransport
+	store    *raftboltdb.BoltStore
+	demux    *demux
+	rpcc     *rpcClient
+	batch    *batcher
+	gauges   []prometheus.Collector
+	observer *raft.Observer
+	stop     chan struct{}
+	life     context.Context // cancelled at shutdown
+	lifeStop context.CancelFunc
+	wg       sync.WaitGroup
+
+	hadState atomic.Bool // raft state existed at Start, or was created since
+	bootDone atomic.Bool // bootstrap is no longer a question for this node
+	left     atomic.Bool // Leave removed this node
+
+	leaderMu      sync.Mutex
+	leaderCh      chan struct{} // closed and replaced on every leader change
+	noLeaderSince atomic.Int64  // unix nanos since no leader is known, 0 if one is
+
+	memberMu   sync.Mutex
+	tombstones map[string]struct{}  // removed ids not to re-add while visible
+	caughtUp   map[string]time.Time // non-voter id -> caught up since
+	lastPlan   string               // previous tick's bootstrap plan (settling)
+
+	notMember rateLimit // "has state but not in the configuration" log
+	planLog   rateLimit
+}
+
+// New validates cfg and returns a Node that is not started. It does no I/O.
+func New(cfg Config) (*Node, error) {
+	cfg.Sanitize()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger.With("component", "replication", "node", cfg.NodeID)
+	m := newMetrics()
+	life, lifeStop := context.WithCancel(context.Background())
+	n := &Node{
+		life: life, lifeStop: lifeStop,
+		cfg: cfg, log: log, m: m,
+		stop:       make(chan struct{}),
+		leaderCh:   make(chan struct{}),
+		tombstones: make(map[string]struct{}),
+		caughtUp:   make(map[string]time.Time),
+		notMember:  rateLimit{every: time.Minute},
+		planLog:    rateLimit{every: 10 * time.Second},
+	}
+	n.fsm = newFSM(observers{onRetained: cfg.OnRetained, onOwner: cfg.OnOwner, onRestore: cfg.OnRestore}, m, log)
+	return n, nil
+}
+
+// HasState reports whether dir holds raft state (a log, a term or a
+// snapshot), without creating anything. Call it before Start (bolt allows
+// one process at a time); afterwards use Node.HasState.
+func HasState(dir string) (bool, error) {
+	dbPath := filepath.Join(dir, raftDBFile)
+	snaps, err := os.ReadDir(filepath.Join(dir, snapDir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return false, fmt.Errorf("replication: read snapshots: %w", err)
+	}
+	if len(snaps) > 0 {
+		return true, nil
+	}
+	if _, err := os.Stat(dbPath); errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	store, err := raftboltdb.New(raftboltdb.Options{
+		Path: dbPath, BoltOptions: &bolt.Options{Timeout: boltOpenTO, ReadOnly: true},
+	})
+	if err != nil {
+		return false, fmt.Errorf("replication: open %s: %w", dbPath, err)
+	}
+	defer store.Close()
+	ok, err := raft.HasExistingState(store, store, raft.NewDiscardSnapshotStore())
+	if err != nil {
+		return false, fmt.Errorf("replication: %w", err)
+	}
+	return ok, nil
+}
+
+// Start opens the log, stable and snapshot stores under DataDir, starts raft
+// on the caller's listener and the background loops. The node then
+// bootstraps (BootstrapExpect) or waits to be added by the leader. ctx
+// bounds start-up only.
+func (n *Node) Start(ctx context.Context) (err error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.state.Load() != stateNew {
+		return fmt.Errorf("%w: Start called twice or after Close", ErrClosed)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	cfg := &n.cfg
+	var cleanup []func()
+	defer func() {
+		if err != nil {
+			for i := len(cleanup) - 1; i >= 0; i-- {
+				cleanup[i]()
+			}
+		}
+	}()
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return fmt.Errorf("replication: data dir: %w", err)
+	}
+	store, err := raftboltdb.New(raftboltdb.Options{
+		Path: filepath.Join(cfg.DataDir, raftDBFile), BoltOptions: &bolt.Options{Timeout: boltOpenTO},
+	})
+	if err != nil {
+		return fmt.Errorf("replication: open log store: %w", err)
+	}
+	cleanup = append(cleanup, func() { _ = store.Close() })
+	logs, err := raft.NewLogCache(cfg.LogCacheSize, store)
+	if err != nil {
+		return fmt.Errorf("replication: log cache: %w", err)
+	}
+	hlog := newHclog(n.log, "")
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, cfg.SnapshotRetain, hlog.Named("snapshot"))
+	if err != nil {
+		return fmt.Errorf("replication: snapshot store: %w", err)
+	}
+	had, err := raft.HasExistingState(logs, store, snaps)
+	if err != nil {
+		return fmt.Errorf("replication: %w", err)
+	}
+	n.hadState.Store(had)
+	n.bootDone.Store(had)
+
+	maxFrame := cfg.MaxBatchBytes + maxRPCFrameSlack
+	n.demux = newDemux(cfg, n.log, func(c net.Conn) { (&rpcServer{n: n, maxFrame: maxFrame}).serveConn(c) })
+	cleanup = append(cleanup, n.demux.close)
+	n.rpcc = newRPCClient(n.demux, maxFrame)
+	cleanup = append(cleanup, n.rpcc.close)
+	trans := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream: &streamLayer{d: n.demux}, MaxPool: cfg.MaxPool, Timeout: cfg.IOTimeout,
+		Logger: hlog.Named("net"),
+	})
+	cleanup = append(cleanup, func() { trans.CloseStreams(); _ = trans.Close() })
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.NodeID)
+	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	rc.ElectionTimeout = cfg.ElectionTimeout
+	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
+	rc.CommitTimeout = cfg.CommitTimeout
+	rc.MaxAppendEntries = cfg.MaxAppendEntries
+	rc.SnapshotInterval = cfg.SnapshotInterval
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.TrailingLogs = cfg.TrailingLogs
+	rc.ShutdownOnRemove = true
+	rc.NoLegacyTelemetry = true
+	rc.Logger = hlog
+	if err := raft.ValidateConfig(rc); err != nil {
+		return fmt.Errorf("%w: raft: %w", ErrInvalidConfig, err)
+	}
+	// NewRaft restores the latest snapshot into the FSM (OnRestore fires).
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, trans)
+	if err != nil {
+		return fmt.Errorf("replication: start raft: %w", err)
+	}
+	n.raft, n.trans, n.store = r, trans, store
+	cleanup = append(cleanup, func() { _ = r.Shutdown().Error() })
+
+	n.gauges = n.newGauges()
+	if err := n.m.register(cfg.Registerer, n.gauges...); err != nil {
+		return err
+	}
+
+	obsCh := make(chan raft.Observation, 64)
+	n.observer = raft.NewObserver(obsCh, false, func(o *raft.Observation) bool {
+		_, ok := o.Data.(raft.LeaderObservation)
+		return ok
+	})
+	r.RegisterObserver(n.observer)
+	n.noLeaderSince.Store(time.Now().UnixNano())
+	n.batch = newBatcher(r, cfg, n.m)
+	n.batch.start()
+	n.demux.start()
+	n.wg.Add(2)
+	go n.observeLoop(obsCh)
+	go n.manageLoop()
+	n.state.Store(stateRunning)
+	n.log.Info("replication started", "advertise", cfg.Advertise, "data_dir", cfg.DataDir,
+		"has_state", had, "bootstrap_expect", cfg.BootstrapExpect)
+	return nil
+}
+
+// Close stops the node. A leader first hands leadership to another voter
+// (bounded by ShutdownTransferTimeout) so the cluster does not wait out an
+// election timeout. Close does NOT leave the configuration (a restart keeps
+// the voter set; see Leave). Idempotent.
+func (n *Node) Close() error { return n.shutdown(true) }
+
+// kill stops the node without a leadership transfer, as close to a crash as
+// the process allows (tests).
+func (n *Node) kill() error { return n.shutdown(false) }
+
+func (n *Node) shutdown(graceful bool) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.state.Swap(stateClosed) != stateRunning {
+		return nil
+	}
+	if graceful && n.raft.State() == raft.Leader && len(n.otherVoters()) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ShutdownTransferTimeout)
+		if err := waitFuture(ctx, n.raft.LeadershipTransfer()); err != nil {
+			n.log.Warn("leadership transfer before shutdown failed", "err", err)
+		}
+		cancel()
+	}
+	close(n.stop)
+	n.lifeStop()
+	n.wg.Wait()
+	n.raft.DeregisterObserver(n.observer)
+	var errs []error
+	if err := n.raft.Shutdown().Error(); err != nil {
+		errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
+	}
+	n.batch.close()
+	n.rpcc.close()
+	n.trans.CloseStreams()
+	_ = n.trans.Close()
+	n.demux.close()
+	if err := n.store.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close log store: %w", err))
+	}
+	n.m.unregister(n.cfg.Registerer, n.gauges...)
+	n.log.Info("replication stopped")
+	if len(errs) > 0 {
+		return fmt.Errorf("replication: close: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+func (n *Node) running() bool { return n.state.Load() == stateRunning }
+
+// observeLoop follows leader changes: metrics, logs, and waking Apply calls
+// that wait for a leader.
+func (n *Node) observeLoop(ch chan raft.Observation) {
+	defer n.wg.Done()
+	for {
+		select {
+		case o := <-ch:
+			lo, ok := o.Data.(raft.LeaderObservation)
+			if !ok {
+				continue
+			}
+			n.m.leaderChanges.Inc()
+			if lo.LeaderID == "" {
+				n.noLeaderSince.CompareAndSwap(0, time.Now().UnixNano())
+				n.log.Info("no leader")
+			} else {
+				n.noLeaderSince.Store(0)
+				n.log.Info("leader changed", "leader", string(lo.LeaderID), "leader_addr", string(lo.LeaderAddr))
+			}
+			n.leaderMu.Lock()
+			close(n.leaderCh)
+			n.leaderCh = make(chan struct{})
+			n.leaderMu.Unlock()
+		case <-n.stop:
+			return
+		}
+	}
+}
+
+// leaderChanged returns a channel closed at the next leader change.
+func (n *Node) leaderChanged() <-chan struct{} {
+	n.leaderMu.Lock()
+	defer n.leaderMu.Unlock()
+	return n.leaderCh
+}
+
+// HasState reports whether this node has raft state: it had some at Start,
+// or has bootstrapped or been sent entries since. Gossip it as Peer.HasState.
+func (n *Node) HasState() bool {
+	if n.hadState.Load() {
+		return true
+	}
+	if n.state.Load() == stateNew {
+		ok, _ := HasState(n.cfg.DataDir)
+		return ok
+	}
+	if r := n.raft; r != nil && (r.LastIndex() > 0 || r.CurrentTerm() > 0) {
+		n.hadState.Store(true)
+		return true
+	}
+	return false
+}
+
+// ID returns the node id.
+func (n *Node) ID() string { return n.cfg.NodeID }
+
+// Retained returns a copy of every retained message, sorted by topic
+// (initial load, and resync after OnRestore). Expired messages not swept
+// yet are included: filter with RetainedMessage.Expired.
+func (n *Node) Retained() []RetainedMessage { return n.fsm.Retained() }
+
+// RetainedMessage returns the retained message of topic.
+func (n *Node) RetainedMessage(topic string) (RetainedMessage, bool) {
+	return n.fsm.RetainedMessage(topic)
+}
+
+// Owner returns the owner of clientID as of this node's applied state.
+func (n *Node) Owner(clientID string) (Owner, bool) { return n.fsm.Owner(clientID) }
+
+// Owners returns a copy of the client-id ownership table.
+func (n *Node) Owners() map[string]Owner { return n.fsm.Owners() }
+
+// waitFuture waits for a raft future or ctx. Raft futures have no channel,
+// so a goroutine waits; raft resolves every future by shutdown at the
+// latest, so it cannot leak for long.
+func waitFuture(ctx context.Context, f raft.Future) error {
+	ch := make(chan error, 1)
+	go func() { ch <- f.Error() }()
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())
+	}
+}
+
+// rpcContext bounds a forwarded call by the caller's remaining deadline
+// (ms, relative so that clocks need not agree), by IOTimeout, and by this
+// node's shutdown.
+func (n *Node) rpcContext(ms uint64) (context.Context, context.CancelFunc) {
+	d := n.cfg.IOTimeout
+	if ms > 0 && time.Duration(ms)*time.Millisecond < d {
+		d = time.Duration(ms) * time.Millisecond
+	}
+	return context.WithTimeout(n.life, d)
+}

@@ -1,0 +1,183 @@
+package replication
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// Snapshot format (version 1), streamed record by record so neither Persist
+// nor Restore needs the whole snapshot in memory twice:
+//
+//	"MQRS" | u8 version
+//	record*: u8 kind | uvarint len | body
+//	  kind 1 retained: uvarint index | RetainSet payload
+//	  kind 2 owner:    str client_id | str node | uvarint epoch | varint since
+//	  kind 0 end:      uvarint epoch | uvarint n_retained | uvarint n_owners
+//
+// Record kinds are append-only like command types; kinds >= 0x80 may be
+// skipped by a reader that does not know them. The end record's counts
+// detect truncation.
+const (
+	snapMagic   = "MQRS"
+	snapVersion = 1
+
+	recEnd      byte = 0
+	recRetained byte = 1
+	recOwner    byte = 2
+	recSkip     byte = 0x80
+
+	maxSnapRecord = 1 << 30
+)
+
+// fsmSnapshot is a point-in-time copy of the state.
+type fsmSnapshot struct {
+	st *state
+	m  *metrics
+}
+
+// Persist writes the copy to sink and cancels the sink on any error, so a
+// partial snapshot is never promoted to the latest one.
+func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
+	start := time.Now()
+	n, err := writeSnapshot(sink, s.st)
+	if err != nil {
+		_ = sink.Cancel()
+		return fmt.Errorf("replication: persist snapshot: %w", err)
+	}
+	if err := sink.Close(); err != nil {
+		return fmt.Errorf("replication: close snapshot: %w", err)
+	}
+	s.m.snapshotBytes.Set(float64(n))
+	s.m.snapshotDuration.Observe(time.Since(start).Seconds())
+	return nil
+}
+
+// Release drops the copy.
+func (s *fsmSnapshot) Release() { s.st = nil }
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// writeSnapshot encodes st in sorted order (snapshots of equal states are
+// byte-identical) and returns the number of bytes written.
+func writeSnapshot(w io.Writer, st *state) (int64, error) {
+	cw := &countingWriter{w: w}
+	bw := bufio.NewWriterSize(cw, 64<<10)
+	bw.WriteString(snapMagic)
+	bw.WriteByte(snapVersion)
+	var body []byte
+	record := func(kind byte) {
+		bw.WriteByte(kind)
+		var hdr [binary.MaxVarintLen64]byte
+		bw.Write(hdr[:binary.PutUvarint(hdr[:], uint64(len(body)))])
+		bw.Write(body)
+	}
+	for _, t := range st.sortedTopics() {
+		m := st.retained[t]
+		body = appendUvarint(body[:0], m.Index)
+		body = (&RetainSet{Msg: m}).appendPayload(body)
+		record(recRetained)
+	}
+	for _, c := range st.sortedClients() {
+		o := st.owners[c]
+		body = appendString(body[:0], c)
+		body = appendString(body, o.Node)
+		body = appendUvarint(body, o.Epoch)
+		body = appendVarint(body, o.Since)
+		record(recOwner)
+	}
+	body = appendUvarint(body[:0], st.epoch)
+	body = appendUvarint(body, uint64(len(st.retained)))
+	body = appendUvarint(body, uint64(len(st.owners)))
+	record(recEnd)
+	// bufio.Writer errors are sticky: Flush reports the first one.
+	if err := bw.Flush(); err != nil {
+		return cw.n, err
+	}
+	return cw.n, nil
+}
+
+// readSnapshot decodes a snapshot into a new state.
+func readSnapshot(r io.Reader) (*state, error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	hdr := make([]byte, len(snapMagic)+1)
+	if _, err := io.ReadFull(br, hdr); err != nil {
+		return nil, fmt.Errorf("%w: header: %w", errCorrupt, err)
+	}
+	if string(hdr[:len(snapMagic)]) != snapMagic {
+		return nil, fmt.Errorf("%w: bad magic %q", errCorrupt, hdr[:len(snapMagic)])
+	}
+	if v := hdr[len(snapMagic)]; v != snapVersion {
+		return nil, fmt.Errorf("%w: unsupported snapshot version %d", errCorrupt, v)
+	}
+	st := newState()
+	var body []byte
+	for {
+		kind, err := br.ReadByte()
+		if err != nil {
+			return nil, fmt.Errorf("%w: truncated (no end record): %w", errCorrupt, err)
+		}
+		n, err := binary.ReadUvarint(br)
+		if err != nil || n > maxSnapRecord {
+			return nil, fmt.Errorf("%w: record length: %v", errCorrupt, err)
+		}
+		if uint64(cap(body)) < n {
+			body = make([]byte, n)
+		}
+		body = body[:n]
+		if _, err := io.ReadFull(br, body); err != nil {
+			return nil, fmt.Errorf("%w: record body: %w", errCorrupt, err)
+		}
+		rd := reader{b: body}
+		switch kind {
+		case recRetained:
+			idx := rd.uvarint()
+			c, err := DecodeCommand(append([]byte{byte(CmdRetainSet)}, rd.b...))
+			if rd.err != nil || err != nil {
+				return nil, fmt.Errorf("retained record: %w", errors.Join(rd.err, err))
+			}
+			m := c.(*RetainSet).Msg
+			m.Index = idx
+			st.retained[m.Topic] = m
+		case recOwner:
+			client := rd.str()
+			o := Owner{Node: rd.str(), Epoch: rd.uvarint(), Since: rd.varint()}
+			if err := rd.end(); err != nil {
+				return nil, fmt.Errorf("owner record: %w", err)
+			}
+			st.owners[client] = o
+		case recEnd:
+			st.epoch = rd.uvarint()
+			nr, no := rd.uvarint(), rd.uvarint()
+			if err := rd.end(); err != nil {
+				return nil, fmt.Errorf("end record: %w", err)
+			}
+			if nr != uint64(len(st.retained)) || no != uint64(len(st.owners)) {
+				return nil, fmt.Errorf("%w: counts %d/%d, end record says %d/%d",
+					errCorrupt, len(st.retained), len(st.owners), nr, no)
+			}
+			if _, err := br.ReadByte(); err != io.EOF {
+				return nil, fmt.Errorf("%w: data after end record", errCorrupt)
+			}
+			return st, nil
+		default:
+			if kind&recSkip == 0 {
+				return nil, fmt.Errorf("%w: unknown record kind %d", errCorrupt, kind)
+			}
+		}
+	}
+}

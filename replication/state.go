@@ -1,0 +1,179 @@
+package replication
+
+import (
+	"maps"
+	"slices"
+	"time"
+)
+
+// UserProperty is one MQTT 5 user property (order and duplicates matter).
+type UserProperty struct {
+	Key   string
+	Value string
+}
+
+// RetainedMessage is a retained MQTT message as the cluster stores it. The
+// type is this package's own (never mochi's), so the state machine is
+// testable without a broker.
+type RetainedMessage struct {
+	Topic   string
+	Payload []byte
+	QoS     byte
+	// MQTT 5 properties that a retained message carries to new subscribers.
+	PayloadFormat   byte // 0 unspecified bytes, 1 UTF-8
+	ContentType     string
+	ResponseTopic   string
+	CorrelationData []byte
+	UserProperties  []UserProperty
+	// Expires is the absolute expiry deadline in Unix milliseconds, 0 for
+	// never. It is computed once by the publisher's node and travels in the
+	// command, because Apply never reads the clock.
+	Expires int64
+	// Created is when the publishing node received the message (Unix ms).
+	Created int64
+	// Index is the raft log index that stored this value. The state machine
+	// sets it (it is not part of RetainSet's encoding); it orders versions
+	// of a topic and makes conditional clears (RetainClear.IfIndex) possible.
+	Index uint64
+}
+
+// Expired reports whether the message's expiry deadline has passed at now.
+// Readers filter with their own clock; the state machine never does.
+func (m *RetainedMessage) Expired(now time.Time) bool {
+	return m.Expires != 0 && now.UnixMilli() >= m.Expires
+}
+
+// ExpiryInterval returns the remaining MQTT 5 message expiry interval in
+// whole seconds (rounded up) at now and whether the message has an expiry.
+func (m *RetainedMessage) ExpiryInterval(now time.Time) (uint32, bool) {
+	if m.Expires == 0 {
+		return 0, false
+	}
+	left := m.Expires - now.UnixMilli()
+	if left <= 0 {
+		return 0, true
+	}
+	return uint32((left + 999) / 1000), true
+}
+
+// Owner is the node holding the live connection of a client id. Epoch is a
+// cluster-wide fencing token: every claim of any client id takes the next
+// value, so a stale release or a delayed takeover can always be recognised.
+type Owner struct {
+	Node  string
+	Epoch uint64
+	Since int64 // Unix ms, from the claim command
+}
+
+// RetainedChange is passed to Config.OnRetained after a retained message was
+// set or cleared by an applied log entry.
+type RetainedChange struct {
+	Topic   string
+	Cleared bool
+	// Msg is the new value when !Cleared.
+	Msg RetainedMessage
+	// Index is the log index of the entry that made the change.
+	Index uint64
+}
+
+// OwnerChange is passed to Config.OnOwner after a client id's owner changed.
+type OwnerChange struct {
+	ClientID string
+	// Owner is the new owner; zero (Node == "") when the client id was
+	// released.
+	Owner Owner
+	// Prev is the owner it replaced (zero if none).
+	Prev  Owner
+	Index uint64
+}
+
+// state is the replicated state. It is only mutated by applyCommand under
+// FSM.mu, and never handed out: readers get copies.
+type state struct {
+	retained map[string]RetainedMessage
+	owners   map[string]Owner
+	// epoch is the last ownership epoch issued.
+	epoch uint64
+}
+
+func newState() *state {
+	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner)}
+}
+
+// clone copies the maps. Values are copied by value; their byte slices are
+// shared, which is safe because stored messages are never mutated (the
+// codec always decodes into fresh slices).
+func (s *state) clone() *state {
+	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners), epoch: s.epoch}
+}
+
+// event is an observer notification produced by applyCommand and delivered
+// after the state lock is released.
+type event struct {
+	retained *RetainedChange
+	owner    *OwnerChange
+}
+
+// applyCommand applies one decoded command at log index idx. It is
+// deterministic: it reads nothing but s, cmd and idx (no clock, no
+// randomness, no map iteration order). Domain errors are returned in the
+// Result; the state is then unchanged.
+func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []event) {
+	res := Result{Index: idx}
+	if err := cmd.validate(); err != nil {
+		res.Err = err
+		return res, evs
+	}
+	switch c := cmd.(type) {
+	case *RetainSet:
+		m := c.Msg
+		m.Index = idx
+		s.retained[m.Topic] = m
+		res.Changed = true
+		evs = append(evs, event{retained: &RetainedChange{Topic: m.Topic, Msg: m, Index: idx}})
+	case *RetainClear:
+		cur, ok := s.retained[c.Topic]
+		if !ok || (c.IfIndex != 0 && cur.Index != c.IfIndex) {
+			return res, evs
+		}
+		delete(s.retained, c.Topic)
+		res.Changed = true
+		evs = append(evs, event{retained: &RetainedChange{Topic: c.Topic, Cleared: true, Index: idx}})
+	case *ClaimOwner:
+		prev := s.owners[c.ClientID]
+		s.epoch++
+		o := Owner{Node: c.Node, Epoch: s.epoch, Since: c.At}
+		s.owners[c.ClientID] = o
+		res.Changed, res.Epoch, res.Prev = true, o.Epoch, prev
+		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Owner: o, Prev: prev, Index: idx}})
+	case *ReleaseOwner:
+		cur, ok := s.owners[c.ClientID]
+		res.Prev = cur
+		if !ok || cur.Node != c.Node || cur.Epoch != c.Epoch {
+			return res, evs // stale: someone claimed it since
+		}
+		delete(s.owners, c.ClientID)
+		res.Changed, res.Epoch = true, cur.Epoch
+		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Prev: cur, Index: idx}})
+	case *Batch:
+		res.Results = make([]Result, len(c.Commands))
+		for i, sub := range c.Commands {
+			res.Results[i], evs = s.applyCommand(sub, idx, evs)
+			res.Changed = res.Changed || res.Results[i].Changed
+		}
+	default:
+		// validate() rejects every type the switch does not know.
+		res.Err = ErrInvalidCommand
+	}
+	return res, evs
+}
+
+// sortedTopics returns the retained topics in order (deterministic
+// snapshots and reads).
+func (s *state) sortedTopics() []string {
+	return slices.Sorted(maps.Keys(s.retained))
+}
+
+func (s *state) sortedClients() []string {
+	return slices.Sorted(maps.Keys(s.owners))
+}

@@ -1,0 +1,253 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// The caller hands us one demultiplexed listener and one dial function for
+// the cluster port. Replication needs two protocols on it, raft's own
+// transport and the forwarding RPC, so every connection starts with one
+// more byte that selects between them. The caller's handshake has already
+// authenticated the peer.
+//
+// Sub-protocol bytes. Append-only: values are on the wire.
+const (
+	subRaft byte = 1
+	subRPC  byte = 2
+)
+
+// demux accepts connections on the caller's listener, reads the
+// sub-protocol byte and routes them. It tracks every connection (both
+// directions) so that Close really cuts this node off, as a crash would.
+type demux struct {
+	ln      net.Listener
+	dial    func(ctx context.Context, addr string) (net.Conn, error)
+	advert  string
+	hsTO    time.Duration
+	dialTO  time.Duration
+	log     *slog.Logger
+	onRPC   func(net.Conn)
+	raftCh  chan net.Conn
+	done    chan struct{}
+	closeMu sync.Mutex
+	closed  bool
+	conns   map[*trackedConn]struct{}
+	wg      sync.WaitGroup
+	warn    rateLimit
+}
+
+func newDemux(cfg *Config, log *slog.Logger, onRPC func(net.Conn)) *demux {
+	return &demux{
+		ln: cfg.Listener, dial: cfg.Dial, advert: cfg.Advertise,
+		hsTO: cfg.HandshakeTimeout, dialTO: cfg.DialTimeout, log: log, onRPC: onRPC,
+		raftCh: make(chan net.Conn), done: make(chan struct{}),
+		conns: make(map[*trackedConn]struct{}),
+		warn:  rateLimit{every: time.Minute},
+	}
+}
+
+func (d *demux) start() {
+	d.wg.Add(1)
+	go d.acceptLoop()
+}
+
+func (d *demux) acceptLoop() {
+	defer d.wg.Done()
+	var backoff time.Duration
+	for {
+		c, err := d.ln.Accept()
+		if err != nil {
+			select {
+			case <-d.done:
+				return
+			default:
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			d.log.Warn("replication accept failed", "err", err)
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			select {
+			case <-time.After(backoff):
+			case <-d.done:
+				return
+			}
+			continue
+		}
+		backoff = 0
+		tc, ok := d.track(c)
+		if !ok {
+			continue
+		}
+		d.wg.Add(1)
+		go d.route(tc)
+	}
+}
+
+// route reads the sub-protocol byte (bounded by HandshakeTimeout, so junk
+// costs one goroutine for that long at most) and hands the connection on.
+func (d *demux) route(c *trackedConn) {
+	defer d.wg.Done()
+	_ = c.SetReadDeadline(time.Now().Add(d.hsTO))
+	var b [1]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		_ = c.Close()
+		return
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	switch b[0] {
+	case subRaft:
+		select {
+		case d.raftCh <- c:
+		case <-d.done:
+			_ = c.Close()
+		}
+	case subRPC:
+		d.onRPC(c)
+	default:
+		if d.warn.allow() {
+			d.log.Warn("replication connection with unknown sub-protocol dropped",
+				"remote", c.RemoteAddr().String(), "byte", b[0])
+		}
+		_ = c.Close()
+	}
+}
+
+// dialSub dials addr through the caller's Dial and writes the sub-protocol
+// byte.
+func (d *demux) dialSub(ctx context.Context, addr string, sub byte) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, d.dialTO)
+	defer cancel()
+	c, err := d.dial(ctx, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetWriteDeadline(dl)
+	}
+	if _, err := c.Write([]byte{sub}); err != nil {
+		_ = c.Close()
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	_ = c.SetWriteDeadline(time.Time{})
+	tc, ok := d.track(c)
+	if !ok {
+		return nil, ErrClosed
+	}
+	return tc, nil
+}
+
+func (d *demux) track(c net.Conn) (*trackedConn, bool) {
+	d.closeMu.Lock()
+	defer d.closeMu.Unlock()
+	if d.closed {
+		_ = c.Close()
+		return nil, false
+	}
+	tc := &trackedConn{Conn: c, d: d}
+	d.conns[tc] = struct{}{}
+	return tc, true
+}
+
+// close stops accepting and closes every tracked connection.
+func (d *demux) close() {
+	d.closeMu.Lock()
+	if d.closed {
+		d.closeMu.Unlock()
+		return
+	}
+	d.closed = true
+	close(d.done)
+	conns := d.conns
+	d.conns = nil
+	d.closeMu.Unlock()
+	_ = d.ln.Close()
+	for c := range conns {
+		_ = c.Conn.Close()
+	}
+	d.wg.Wait()
+}
+
+type trackedConn struct {
+	net.Conn
+	d    *demux
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	var err error
+	c.once.Do(func() {
+		c.d.closeMu.Lock()
+		delete(c.d.conns, c)
+		c.d.closeMu.Unlock()
+		err = c.Conn.Close()
+	})
+	return err
+}
+
+// streamLayer is raft's view of the demux.
+type streamLayer struct {
+	d *demux
+}
+
+var _ raft.StreamLayer = (*streamLayer)(nil)
+
+func (s *streamLayer) Accept() (net.Conn, error) {
+	select {
+	case c := <-s.d.raftCh:
+		return c, nil
+	case <-s.d.done:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close is called by raft's transport; the demux itself is closed by the
+// Node after raft has shut down.
+func (s *streamLayer) Close() error { return nil }
+
+// Addr is the advertised address: raft uses it as this server's address.
+func (s *streamLayer) Addr() net.Addr { return advertAddr(s.d.advert) }
+
+func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	ctx := context.Background()
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	return s.d.dialSub(ctx, string(address), subRaft)
+}
+
+// advertAddr is a net.Addr whose String is the advertise "host:port",
+// which may be a DNS name.
+type advertAddr string
+
+func (a advertAddr) Network() string { return "tcp" }
+func (a advertAddr) String() string  { return string(a) }
+
+// rateLimit allows one event per period (for log lines that could flood).
+type rateLimit struct {
+	mu    sync.Mutex
+	every time.Duration
+	last  time.Time
+}
+
+func (r *rateLimit) allow() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	if !r.last.IsZero() && now.Sub(r.last) < r.every {
+		return false
+	}
+	r.last = now
+	return true
+}
