@@ -3,6 +3,7 @@ package replication
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -61,7 +62,15 @@ func (h *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
 		attrs = append(attrs, "raft", h.name)
 	}
 	attrs = append(attrs, h.implied...)
-	attrs = append(attrs, args...)
+	for _, a := range args {
+		// hclog.Fmt values are printf calls deferred until output.
+		if f, ok := a.(hclog.Format); ok && len(f) > 0 {
+			if format, ok := f[0].(string); ok {
+				a = fmt.Sprintf(format, f[1:]...)
+			}
+		}
+		attrs = append(attrs, a)
+	}
 	h.l.Log(ctx, sl, msg, attrs...)
 }
 

@@ -32,6 +32,7 @@ func (n *Node) manageLoop() {
 			}
 		}
 		n.checkMember()
+		n.ticks.Add(1)
 		select {
 		case <-t.C:
 		case <-n.stop:

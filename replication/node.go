@@ -12,9 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/boltdb/bolt"
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -46,7 +44,7 @@ type Node struct {
 	state    atomic.Int32
 	raft     *raft.Raft
 	trans    *raft.NetworkTransport
-	store    *raftboltdb.BoltStore
+	store    *boltStore
 	demux    *demux
 	rpcc     *rpcClient
 	batch    *batcher
@@ -57,9 +55,10 @@ type Node struct {
 	lifeStop context.CancelFunc
 	wg       sync.WaitGroup
 
-	hadState atomic.Bool // raft state existed at Start, or was created since
-	bootDone atomic.Bool // bootstrap is no longer a question for this node
-	left     atomic.Bool // Leave removed this node
+	hadState atomic.Bool   // raft state existed at Start, or was created since
+	bootDone atomic.Bool   // bootstrap is no longer a question for this node
+	left     atomic.Bool   // Leave removed this node
+	ticks    atomic.Uint64 // manage loop iterations (tests wait on it)
 
 	leaderMu      sync.Mutex
 	leaderCh      chan struct{} // closed and replaced on every leader change
@@ -112,11 +111,9 @@ func HasState(dir string) (bool, error) {
 	if _, err := os.Stat(dbPath); errors.Is(err, os.ErrNotExist) {
 		return false, nil
 	}
-	store, err := raftboltdb.New(raftboltdb.Options{
-		Path: dbPath, BoltOptions: &bolt.Options{Timeout: boltOpenTO, ReadOnly: true},
-	})
+	store, err := openBoltStore(dbPath, true)
 	if err != nil {
-		return false, fmt.Errorf("replication: open %s: %w", dbPath, err)
+		return false, fmt.Errorf("replication: %w", err)
 	}
 	defer store.Close()
 	ok, err := raft.HasExistingState(store, store, raft.NewDiscardSnapshotStore())
@@ -151,9 +148,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("replication: data dir: %w", err)
 	}
-	store, err := raftboltdb.New(raftboltdb.Options{
-		Path: filepath.Join(cfg.DataDir, raftDBFile), BoltOptions: &bolt.Options{Timeout: boltOpenTO},
-	})
+	store, err := openBoltStore(filepath.Join(cfg.DataDir, raftDBFile), false)
 	if err != nil {
 		return fmt.Errorf("replication: open log store: %w", err)
 	}
@@ -195,7 +190,10 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	rc.SnapshotInterval = cfg.SnapshotInterval
 	rc.SnapshotThreshold = cfg.SnapshotThreshold
 	rc.TrailingLogs = cfg.TrailingLogs
-	rc.ShutdownOnRemove = true
+	// A removed node stays a (non-voting, never electing) follower rather
+	// than shutting raft down underneath the Node, so that it keeps
+	// answering Status/Ready and can be re-added.
+	rc.ShutdownOnRemove = false
 	rc.NoLegacyTelemetry = true
 	rc.Logger = hlog
 	if err := raft.ValidateConfig(rc); err != nil {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -172,6 +173,7 @@ func (d *demux) close() {
 	d.closeMu.Unlock()
 	_ = d.ln.Close()
 	for c := range conns {
+		c.closed.Store(true)
 		_ = c.Conn.Close()
 	}
 	d.wg.Wait()
@@ -179,12 +181,25 @@ func (d *demux) close() {
 
 type trackedConn struct {
 	net.Conn
-	d    *demux
-	once sync.Once
+	d      *demux
+	once   sync.Once
+	closed atomic.Bool
+}
+
+// Read reports a read cut short by our own Close as io.EOF, so raft's
+// transport treats shutdown as a clean end of stream instead of logging an
+// error per connection.
+func (c *trackedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil && c.closed.Load() {
+		err = io.EOF
+	}
+	return n, err
 }
 
 func (c *trackedConn) Close() error {
 	var err error
+	c.closed.Store(true)
 	c.once.Do(func() {
 		c.d.closeMu.Lock()
 		delete(c.d.conns, c)

@@ -1,0 +1,134 @@
+package replication
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+)
+
+// TestAddNodeNonvoterThenVoter: a fourth node joining an existing cluster
+// is added by the leader as a non-voter and promoted once caught up.
+func TestAddNodeNonvoterThenVoter(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.mutate = func(cfg *Config) { cfg.StabilizationTime = 400 * time.Millisecond }
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	ctx := ctxT(t, waitFor)
+	for i := range 50 {
+		if _, err := lead.node().Apply(ctx, setRetained(fmt.Sprintf("pre/%d", i), "x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n4 := c.startNew("n4")[0]
+	// First a non-voter...
+	waitConfig(t, lead, []string{"n1", "n2", "n3"}, []string{"n4"})
+	// ...then, caught up and stable, a voter.
+	waitConfig(t, lead, []string{"n1", "n2", "n3", "n4"}, nil)
+	waitConfig(t, n4, []string{"n1", "n2", "n3", "n4"}, nil)
+	eventually(t, waitFor, n4.node().Ready)
+	if got := len(n4.node().Retained()); got != 50 {
+		t.Fatalf("n4 has %d retained, want 50", got)
+	}
+	// It serves forwarded writes like any member.
+	if _, err := n4.node().Apply(ctx, setRetained("from/n4", "y")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRemoveServerAndRejoin: a server removed by RemoveServer (issued on a
+// follower, forwarded to the leader) is not re-added while it stays
+// visible; once it has left membership and comes back with its old data,
+// the leader adds it again and it catches up.
+func TestRemoveServerAndRejoin(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	var victim, asker *testNode
+	for _, tn := range c.up() {
+		if tn == lead {
+			continue
+		}
+		if victim == nil {
+			victim = tn
+		} else {
+			asker = tn
+		}
+	}
+	ctx := ctxT(t, waitFor)
+	if err := asker.node().RemoveServer(ctx, victim.id); err != nil {
+		t.Fatal(err)
+	}
+	rest := []string{lead.id, asker.id}
+	slices.Sort(rest)
+	waitConfig(t, lead, rest, nil)
+	// Still running and visible, but removed on purpose: stays out.
+	waitTicks(t, lead, 10)
+	waitConfig(t, lead, rest, nil)
+	if err := victim.node().Ready(); !errors.Is(err, ErrNotMember) {
+		t.Fatalf("removed node Ready = %v, want ErrNotMember", err)
+	}
+	// Writes go on with two voters.
+	if _, err := asker.node().Apply(ctx, setRetained("after/remove", "x")); err != nil {
+		t.Fatal(err)
+	}
+	// It leaves membership (stops), then comes back with its data dir.
+	victim.stop(false)
+	waitTicks(t, lead, 3)
+	if err := victim.start(); err != nil {
+		t.Fatal(err)
+	}
+	waitConfig(t, lead, []string{"n1", "n2", "n3"}, nil)
+	c.waitRetained(map[string]string{"after/remove": "x"})
+	eventually(t, waitFor, victim.node().Ready)
+}
+
+// TestLeaveLeader: the leader leaves gracefully: leadership moves first,
+// then it is removed, and the rest keep a leader and take writes.
+func TestLeaveLeader(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	if err := lead.node().Leave(ctxT(t, waitFor)); err != nil {
+		t.Fatal(err)
+	}
+	lead.stop(false)
+	newLead := c.leader()
+	if newLead == lead {
+		t.Fatal("leader did not change")
+	}
+	var rest []string
+	for _, tn := range c.up() {
+		rest = append(rest, tn.id)
+	}
+	waitConfig(t, newLead, rest, nil)
+	if _, err := c.follower(newLead).node().Apply(ctxT(t, waitFor), setRetained("after/leave", "x")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLeaveLastVoterRefused(t *testing.T) {
+	c := newTestCluster(t, 1)
+	tn := c.startNew("solo")[0]
+	c.leader()
+	if err := tn.node().Leave(ctxT(t, waitFor)); !errors.Is(err, ErrLastVoter) {
+		t.Fatalf("Leave of the only voter = %v, want ErrLastVoter", err)
+	}
+}
+
+// TestGracefulCloseTransfersLeadership: Close on the leader hands over
+// before stopping, so the others have a new leader without waiting out an
+// election timeout (observable as: a leader among the rest right away).
+func TestGracefulCloseTransfersLeadership(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	lead.stop(false)
+	newLead := c.leader()
+	if newLead == lead {
+		t.Fatal("same leader")
+	}
+	// The stopped node stays in the configuration (Close is not Leave).
+	waitConfig(t, newLead, []string{"n1", "n2", "n3"}, nil)
+}
