@@ -22,6 +22,7 @@ import (
 
 // applyReq is one caller's commands; they stay contiguous in the entry.
 type applyReq struct {
+	ctx   context.Context // the caller's: a request it gave up on is not proposed
 	cmds  []Command
 	enc   [][]byte // EncodeCommand of each command
 	size  int      // encoded bytes
@@ -101,6 +102,7 @@ func (b *batcher) close() {
 
 // submit queues req and waits for its reply or ctx.
 func (b *batcher) submit(ctx context.Context, req *applyReq) (Result, error) {
+	req.ctx = ctx
 	select {
 	case b.reqs <- req:
 	case <-b.stop:
@@ -183,6 +185,21 @@ func (b *batcher) loop() {
 // per entry waits for the commit and completes every caller with its own
 // slice of the results.
 func (b *batcher) propose(batch []*applyReq, n int) {
+	// Callers that gave up while queued have been told "timeout, outcome
+	// unknown"; proposing their commands anyway would only add stale
+	// writes (a storm of them after a quorum loss heals).
+	live := batch[:0]
+	for _, r := range batch {
+		if r.ctx != nil && r.ctx.Err() != nil {
+			n -= len(r.cmds)
+			continue
+		}
+		live = append(live, r)
+	}
+	batch = live
+	if n == 0 {
+		return
+	}
 	var entry []byte
 	if n == 1 {
 		entry = batch[0].enc[0]

@@ -1,6 +1,32 @@
-// Package replication will own everything under consensus: the raft node, its
-// bolt log and snapshot store, the state machine and its command codec.
+// Package replication owns everything under consensus: a hashicorp/raft
+// node with a bbolt log and stable store and file snapshots under the data
+// dir, the state machine (retained messages and client-id ownership), its
+// append-only command codec, group commit, leader forwarding, bootstrap
+// (bootstrap_expect) and membership, and plain read APIs.
 //
-// Not implemented yet: this is the "Replication I" and "Replication II" work.
-// Nothing in the broker depends on it today.
+// It imports neither mochi nor the cluster or hooks packages. The caller
+// supplies the transport seam (a demultiplexed Listener and a Dial function
+// for the shared cluster port), what membership sees (Peers), and observer
+// callbacks through which the hooks keep mochi's local retained index in
+// step on every node. See DESIGN.md for the why, the command format, the
+// bootstrap algorithm and the lock order.
+//
+// Typical wiring:
+//
+//	ln, _ := mux.Listen(cluster.ProtoRaft)
+//	n, _ := replication.New(replication.Config{
+//		NodeID:          id,
+//		Advertise:       net.JoinHostPort(advertiseHost, clusterPort),
+//		DataDir:         dataDir,
+//		BootstrapExpect: expect,
+//		Peers:           peersFromMemberlist,
+//		Listener:        ln,
+//		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
+//			return mux.Dial(ctx, addr, cluster.ProtoRaft)
+//		},
+//		OnRetained: hooks.applyRetainedLocally,
+//		OnRestore:  hooks.resyncRetained,
+//	})
+//	err := n.Start(ctx)
+//	res, err := n.Apply(ctx, &replication.RetainSet{Msg: m})
 package replication

@@ -104,6 +104,7 @@ type testNode struct {
 	addr string // current listener address, "" while down
 
 	retained atomic.Int64 // OnRetained calls
+	owners   atomic.Int64 // OnOwner calls
 	restores atomic.Int64 // OnRestore calls
 }
 
@@ -212,6 +213,7 @@ func (tn *testNode) config(ln net.Listener) Config {
 	cfg.Listener, cfg.Dial = ln, tn.c.dial
 	cfg.Logger = tn.c.log
 	cfg.OnRetained = func(RetainedChange) { tn.retained.Add(1) }
+	cfg.OnOwner = func(OwnerChange) { tn.owners.Add(1) }
 	cfg.OnRestore = func() { tn.restores.Add(1) }
 	if tn.c.mutate != nil {
 		tn.c.mutate(&cfg)

@@ -274,13 +274,14 @@ func (n *Node) fetchPeerStatus(ctx context.Context, addr string) (peerStatus, er
 	if err := r.error(); err != nil {
 		return peerStatus{}, err
 	}
-	st := peerStatus{LastIndex: r.uvarint(), AppliedIndex: r.uvarint(), Term: r.uvarint()}
+	st := peerStatus{LastIndex: r.uvarint(), AppliedIndex: r.uvarint(), Term: r.uvarint(), CommitIndex: r.uvarint()}
 	return st, r.end()
 }
 
 // peerStatus is this node's answer to fetchPeerStatus.
 func (n *Node) peerStatus() peerStatus {
-	return peerStatus{LastIndex: n.raft.LastIndex(), AppliedIndex: n.raft.AppliedIndex(), Term: n.raft.CurrentTerm()}
+	return peerStatus{LastIndex: n.raft.LastIndex(), AppliedIndex: n.raft.AppliedIndex(),
+		Term: n.raft.CurrentTerm(), CommitIndex: n.raft.CommitIndex()}
 }
 
 // checkMember logs loudly (once a minute) when this node has raft state but

@@ -39,7 +39,7 @@ type Node struct {
 	m   *metrics
 
 	// mu serialises Start and Close. Lock order: mu, then FSM.mu,
-	// batcher/rpc/demux internals, memberMu, leaderMu.
+	// readyMu, batcher/rpc/demux internals, memberMu, leaderMu.
 	mu       sync.Mutex
 	state    atomic.Int32
 	raft     *raft.Raft
@@ -68,6 +68,10 @@ type Node struct {
 	tombstones map[string]struct{}  // removed ids not to re-add while visible
 	caughtUp   map[string]time.Time // non-voter id -> caught up since
 	lastPlan   string               // previous tick's bootstrap plan (settling)
+
+	readyMu     sync.Mutex // guards the leader commit index cached by Ready
+	readyCommit uint64
+	readyAt     time.Time
 
 	notMember rateLimit // "has state but not in the configuration" log
 	planLog   rateLimit

@@ -92,6 +92,19 @@ func TestApplyOnLeaderAndFollowers(t *testing.T) {
 		t.Fatalf("batch: %+v %v", res, err)
 	}
 	c.waitRetained(map[string]string{"from/follower": "F", "b/1": "1"})
+	// Ownership observers ran on every node: two claims, one effective
+	// release, one claim in the batch (the stale release changed nothing).
+	eventually(t, waitFor, func() error {
+		for _, tn := range c.up() {
+			if got := tn.owners.Load(); got != 4 {
+				return fmt.Errorf("%s: OnOwner called %d times, want 4", tn.id, got)
+			}
+			if o, ok := tn.node().Owner("x"); !ok || o.Node != f.id {
+				return fmt.Errorf("%s: owner of x = %+v", tn.id, o)
+			}
+		}
+		return nil
+	})
 
 	// Domain errors come back as errors (and are caught before proposing).
 	if _, err := f.node().Apply(ctx, &RetainSet{Msg: RetainedMessage{Topic: "t"}}); !errors.Is(err, ErrInvalidCommand) {

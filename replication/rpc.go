@@ -21,7 +21,7 @@ import (
 //	frame:    u32 len | u8 kind | uvarint id | body
 //	apply:    uvarint timeout_ms | bytes entry        -> result
 //	remove:   uvarint timeout_ms | str server_id      -> (nothing)
-//	status:   (empty)                                 -> peerStatus
+//	status:   (empty)                                 -> uvarint last | uvarint applied | uvarint term | uvarint commit
 //	response: kind|0x80, body = error | payload
 //	error:    uvarint sentinel_mask | str message     (mask 0: success)
 //
@@ -113,11 +113,13 @@ func (r *reader) result(depth int) Result {
 	return res
 }
 
-// peerStatus is what a node reports about its log to the leader.
+// peerStatus is what a node reports about its log (to the leader judging
+// a non-voter's progress, and to a follower judging its own readiness).
 type peerStatus struct {
 	LastIndex    uint64
 	AppliedIndex uint64
 	Term         uint64
+	CommitIndex  uint64
 }
 
 func writeFrame(w *bufio.Writer, kind byte, id uint64, body []byte) error {
@@ -399,7 +401,8 @@ func (s *rpcServer) handle(kind byte, body []byte) []byte {
 		b := appendError(nil, nil)
 		b = appendUvarint(b, st.LastIndex)
 		b = appendUvarint(b, st.AppliedIndex)
-		return appendUvarint(b, st.Term)
+		b = appendUvarint(b, st.Term)
+		return appendUvarint(b, st.CommitIndex)
 	}
 	return appendError(nil, fmt.Errorf("%w: unknown rpc kind %d", ErrInvalidCommand, kind))
 }

@@ -105,11 +105,14 @@ func parseUint(s string) (uint64, error) {
 }
 
 // Ready returns nil when this node is fit to serve: it is running, it is in
-// the raft configuration (voter or non-voter), a leader is known (on a
-// follower: heard from within 2 x HeartbeatTimeout, so its commit index is
-// the leader's as of that contact), and its state machine has applied
-// everything it knows to be committed. Otherwise the error says why
-// (ErrClosed, ErrNotMember, ErrNoLeader, ErrNotCaughtUp). Wire it into
+// the raft configuration (voter or non-voter), a leader is known (a
+// follower heard from it within 2 x HeartbeatTimeout), and its state
+// machine has caught up: it applied everything it knows to be committed
+// and, on a follower, its applied index is within CatchUpThreshold entries
+// of the leader's commit index (asked over the RPC, cached for
+// HeartbeatTimeout), because a follower still catching up only knows the
+// commit index of the entries it already received. Otherwise the error says
+// why (ErrClosed, ErrNotMember, ErrNoLeader, ErrNotCaughtUp). Wire it into
 // /readyz.
 func (n *Node) Ready() error {
 	if !n.running() {
@@ -133,10 +136,41 @@ func (n *Node) Ready() error {
 			return fmt.Errorf("%w: no contact with the leader for %v", ErrNoLeader, since.Round(time.Millisecond))
 		}
 	}
-	if applied, commit := r.AppliedIndex(), r.CommitIndex(); applied < commit || commit == 0 {
+	applied, commit := r.AppliedIndex(), r.CommitIndex()
+	if applied < commit || commit == 0 {
 		return fmt.Errorf("%w: applied %d of %d committed", ErrNotCaughtUp, applied, commit)
 	}
+	if r.State() == raft.Leader {
+		return nil
+	}
+	lc, err := n.leaderCommit(ctx)
+	if err != nil {
+		return fmt.Errorf("%w: asking the leader for its commit index: %w", ErrNoLeader, err)
+	}
+	if applied+n.cfg.CatchUpThreshold < lc {
+		return fmt.Errorf("%w: applied %d, leader committed %d", ErrNotCaughtUp, applied, lc)
+	}
 	return nil
+}
+
+// leaderCommit returns the leader's commit index, cached for
+// HeartbeatTimeout so that frequent probes cost the leader little.
+func (n *Node) leaderCommit(ctx context.Context) (uint64, error) {
+	n.readyMu.Lock()
+	defer n.readyMu.Unlock()
+	if time.Since(n.readyAt) < n.cfg.HeartbeatTimeout {
+		return n.readyCommit, nil
+	}
+	addr, _ := n.raft.LeaderWithID()
+	if addr == "" {
+		return 0, ErrNoLeader
+	}
+	st, err := n.fetchPeerStatus(ctx, string(addr))
+	if err != nil {
+		return 0, err
+	}
+	n.readyCommit, n.readyAt = st.CommitIndex, time.Now()
+	return st.CommitIndex, nil
 }
 
 // newGauges are the per-node gauges read at scrape time.
