@@ -1,0 +1,156 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+)
+
+// clusterView is the part of /api/cluster the tests read.
+type clusterView struct {
+	AliveMembers int `json:"alive_members"`
+	Members      []struct {
+		ID     string `json:"id"`
+		State  string `json:"state"`
+		Routes int    `json:"routes"`
+	} `json:"members"`
+}
+
+func (b *Broker) clusterView() (clusterView, error) {
+	var v clusterView
+	code, body, err := b.HTTPGet("/api/cluster")
+	if err != nil {
+		return v, err
+	}
+	if code != 200 {
+		return v, fmt.Errorf("/api/cluster: HTTP %d", code)
+	}
+	return v, json.Unmarshal([]byte(body), &v)
+}
+
+// startCluster starts n real broker processes joined through the first.
+func startCluster(t *testing.T, n int) []*Broker {
+	t.Helper()
+	var nodes []*Broker
+	for i := 1; i <= n; i++ {
+		spec := brokerSpec{ID: fmt.Sprintf("node%d", i)}
+		if i > 1 {
+			spec.Args = []string{"--join", nodes[0].GossipAddr}
+		}
+		nodes = append(nodes, startBrokerSpec(t, spec))
+	}
+	waitAlive(t, nodes, n)
+	return nodes
+}
+
+// waitAlive waits until every node in nodes sees want alive members.
+func waitAlive(t *testing.T, nodes []*Broker, want int) {
+	t.Helper()
+	eventually(t, 20*time.Second, func() error {
+		for _, b := range nodes {
+			v, err := b.clusterView()
+			if err != nil {
+				return err
+			}
+			if v.AliveMembers != want {
+				return fmt.Errorf("%s sees %d alive members, want %d", b.ID, v.AliveMembers, want)
+			}
+		}
+		return nil
+	})
+}
+
+// waitRoutesOf waits until node `at` holds want routes of the node `of`
+// (a member it no longer lists counts as 0).
+func waitRoutesOf(t *testing.T, at *Broker, of string, want int) {
+	t.Helper()
+	eventually(t, 20*time.Second, func() error {
+		v, err := at.clusterView()
+		if err != nil {
+			return err
+		}
+		for _, m := range v.Members {
+			if m.ID == of {
+				if m.Routes == want && (want == 0 || m.State == "alive") {
+					return nil
+				}
+				return fmt.Errorf("%s: member %s is %s with %d routes, want %d", at.ID, of, m.State, m.Routes, want)
+			}
+		}
+		if want == 0 {
+			return nil
+		}
+		return fmt.Errorf("%s does not list %s", at.ID, of)
+	})
+}
+
+func TestClusterCrossNodeWithMosquittoClients(t *testing.T) {
+	t.Parallel()
+	nodes := startCluster(t, 3)
+	n1, n2 := nodes[0], nodes[1]
+
+	// The first subscriber of the filter is on the publishing node, the
+	// second on another node: both must receive.
+	local := n1.sub(t, "-t", "sensors/+/temp", "-q", "1", "-C", "2")
+	remote := n2.sub(t, "-V", "mqttv5", "-t", "sensors/+/temp", "-q", "1", "-C", "2")
+	waitRoutesOf(t, n1, n2.ID, 1)
+
+	n1.mustPub(t, "-t", "sensors/kitchen/temp", "-m", "21.5", "-q", "1")
+	n1.mustPub(t, "-V", "mqttv5", "-t", "sensors/hall/temp", "-m", "19.0", "-q", "1")
+	want := []message{msg("sensors/kitchen/temp", 1, false, "21.5"), msg("sensors/hall/temp", 1, false, "19.0")}
+	assertMessages(t, local.wait(t), want...)
+	assertMessages(t, remote.wait(t), want...)
+}
+
+func TestClusterRetainedOnEveryNode(t *testing.T) {
+	t.Parallel()
+	nodes := startCluster(t, 3)
+	nodes[0].mustPub(t, "-t", "teslamate/cars/1/state", "-m", "asleep", "-r", "-q", "1")
+	for _, b := range nodes {
+		eventually(t, 10*time.Second, func() error {
+			_, got := b.sub(t, "-t", "teslamate/#", "-C", "1", "-W", "2").result(t)
+			if len(got) != 1 || got[0] != msg("teslamate/cars/1/state", 0, true, "asleep") {
+				return fmt.Errorf("%s: late subscriber got %v", b.ID, got)
+			}
+			return nil
+		})
+	}
+	// A clear on another node clears it everywhere.
+	nodes[2].mustPub(t, "-t", "teslamate/cars/1/state", "-r", "-n", "-q", "1")
+	for _, b := range nodes {
+		eventually(t, 10*time.Second, func() error {
+			if _, got := b.sub(t, "-t", "teslamate/#", "-C", "1", "-W", "1").result(t); len(got) != 0 {
+				return fmt.Errorf("%s still serves %v after the clear", b.ID, got)
+			}
+			return nil
+		})
+	}
+}
+
+func TestClusterKilledNodeRoutesGoAndItRejoins(t *testing.T) {
+	t.Parallel()
+	nodes := startCluster(t, 3)
+	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
+	n3.sub(t, "-t", "k/#")
+	waitRoutesOf(t, n1, n3.ID, 1)
+
+	n3.Kill()
+	waitAlive(t, []*Broker{n1, n2}, 2)
+	waitRoutesOf(t, n1, n3.ID, 0)
+	waitRoutesOf(t, n2, n3.ID, 0)
+
+	// The survivors keep serving each other.
+	s2 := n2.sub(t, "-t", "k/#", "-C", "1")
+	waitRoutesOf(t, n1, n2.ID, 1)
+	n1.mustPub(t, "-t", "k/1", "-m", "after-kill")
+	assertMessages(t, s2.wait(t), msg("k/1", 0, false, "after-kill"))
+
+	// Restarted from its data directory, it rejoins by itself.
+	n3.Restart()
+	waitAlive(t, nodes, 3)
+	s3b := n3.sub(t, "-t", "k/#", "-C", "1")
+	waitRoutesOf(t, n1, n3.ID, 1)
+	n1.mustPub(t, "-t", "k/2", "-m", "after-restart")
+	assertMessages(t, s3b.wait(t), msg("k/2", 0, false, "after-restart"))
+}
