@@ -93,19 +93,30 @@ func (n *Node) apply(ctx context.Context, cmd Command) (Result, string, error) {
 		}
 		res, err := n.forwardApply(ctx, string(addr), entry, req.batch)
 		switch {
-		case err == nil, errors.Is(err, ErrInvalidCommand) && !errors.Is(err, errNotSent):
-			return res, path, err
-		case errors.Is(err, errNotSent), errors.Is(err, ErrNotLeader), errors.Is(err, ErrNoLeader):
-			lastErr = err // not delivered, or delivered but not proposed: retry
+		case err == nil:
+			return res, path, nil
+		case retrySafe(err):
+			lastErr = err // not delivered, or delivered but not proposed
 			continue
 		case ctx.Err() != nil:
 			return Result{}, path, fmt.Errorf("%w: %w: forwarded to %s: %w", ErrTimeout, ErrUnknownOutcome, addr, err)
-		case errors.Is(err, ErrTimeout) || errors.Is(err, ErrUnknownOutcome) || errors.Is(err, ErrClosed) || errors.Is(err, ErrTooLarge):
+		case errors.Is(err, ErrInvalidCommand), errors.Is(err, ErrTooLarge):
+			return res, path, err // committed with a domain error, or refused before proposing
+		case errors.Is(err, ErrTimeout), errors.Is(err, ErrUnknownOutcome):
 			return Result{}, path, fmt.Errorf("forwarded to %s: %w", addr, err)
 		default:
 			return Result{}, path, fmt.Errorf("%w: forwarded to %s: %w", ErrUnknownOutcome, addr, err)
 		}
 	}
+}
+
+// retrySafe reports whether a forwarded call certainly did not propose
+// anything: it was not delivered, or the remote was not (or no longer) the
+// leader, or it was shutting down before proposing (ErrClosed without
+// ErrUnknownOutcome).
+func retrySafe(err error) bool {
+	return errors.Is(err, errNotSent) || errors.Is(err, ErrNotLeader) || errors.Is(err, ErrNoLeader) ||
+		(errors.Is(err, ErrClosed) && !errors.Is(err, ErrUnknownOutcome))
 }
 
 // timeoutErr is the error for an Apply whose ctx ended while it was not
@@ -252,7 +263,7 @@ func (n *Node) RemoveServer(ctx context.Context, id string) error {
 			r := reader{b: resp}
 			err = r.error()
 		}
-		if err != nil && (errors.Is(err, errNotSent) || errors.Is(err, ErrNotLeader) || errors.Is(err, ErrNoLeader)) {
+		if err != nil && retrySafe(err) {
 			lastErr = err
 			continue
 		}

@@ -115,6 +115,15 @@ func (b *batcher) submit(ctx context.Context, req *applyReq) (Result, error) {
 		return rep.res, rep.err
 	case <-ctx.Done():
 		return Result{}, fmt.Errorf("%w: %w: waiting for commit: %w", ErrTimeout, ErrUnknownOutcome, ctx.Err())
+	case <-b.stop:
+		// close() answers everything it saw; this catches a request that
+		// slipped into the queue after close drained it.
+		select {
+		case rep := <-req.done:
+			return rep.res, rep.err
+		default:
+			return Result{}, fmt.Errorf("%w: %w", ErrClosed, ErrUnknownOutcome)
+		}
 	}
 }
 

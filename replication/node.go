@@ -147,6 +147,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 			for i := len(cleanup) - 1; i >= 0; i-- {
 				cleanup[i]()
 			}
+			// The listener is closed now: this Node cannot start again.
+			n.state.Store(stateClosed)
+			n.lifeStop()
 		}
 	}()
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {

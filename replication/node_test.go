@@ -348,3 +348,109 @@ func TestJunkOnReplicationPort(t *testing.T) {
 		t.Fatalf("node broken by junk: %v", err)
 	}
 }
+
+// TestApplyAcrossLeaderCrash: writers keep going through followers while
+// the leader crashes. Every acknowledged write is on every survivor
+// afterwards; every failure carries one of the documented sentinels.
+func TestApplyAcrossLeaderCrash(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	var targets []*testNode
+	for _, tn := range c.up() {
+		if tn != lead {
+			targets = append(targets, tn)
+		}
+	}
+	var mu sync.Mutex
+	acked := map[string]string{}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var seq, fails int
+	for w := range 8 {
+		n := targets[w%2].node()
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				mu.Lock()
+				seq++
+				topic := fmt.Sprintf("crash/%d", seq)
+				mu.Unlock()
+				_, err := n.Apply(ctxT(t, 3*time.Second), setRetained(topic, "v"))
+				mu.Lock()
+				if err == nil {
+					acked[topic] = "v"
+				} else {
+					fails++
+					if !errors.Is(err, ErrTimeout) && !errors.Is(err, ErrNoLeader) && !errors.Is(err, ErrUnknownOutcome) {
+						t.Errorf("unexpected error kind: %v", err)
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	eventually(t, waitFor, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(acked) < 50 {
+			return fmt.Errorf("%d acked", len(acked))
+		}
+		return nil
+	})
+	lead.stop(true)
+	newLead := c.leader()
+	eventually(t, waitFor, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(acked) < 150 {
+			return fmt.Errorf("%d acked after the crash", len(acked))
+		}
+		return nil
+	})
+	close(stop)
+	wg.Wait()
+	t.Logf("%d acked, %d failed around the crash; new leader %s", len(acked), fails, newLead.id)
+	// Unacknowledged writes may have committed too: check containment.
+	eventually(t, waitFor, func() error {
+		for _, tn := range c.up() {
+			for topic := range acked {
+				if _, ok := tn.node().RetainedMessage(topic); !ok {
+					return fmt.Errorf("%s lost acknowledged %s", tn.id, topic)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+func TestCloseIdempotent(t *testing.T) {
+	c := newTestCluster(t, 1)
+	tn := c.startNew("solo")[0]
+	c.leader()
+	n := tn.node()
+	for range 2 {
+		if err := n.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := n.Apply(ctxT(t, time.Second), setRetained("a", "b")); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Apply after Close = %v", err)
+	}
+	if err := n.Ready(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Ready after Close = %v", err)
+	}
+	if st := n.Status(); st.State != "closed" {
+		t.Fatalf("status after Close %+v", st)
+	}
+	if err := n.Start(ctxT(t, time.Second)); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Start after Close = %v", err)
+	}
+	tn.mu.Lock()
+	tn.n, tn.addr = nil, ""
+	tn.mu.Unlock()
+}

@@ -331,7 +331,6 @@ func (c *rpcClient) close() {
 type rpcServer struct {
 	n        *Node
 	maxFrame int
-	wg       sync.WaitGroup
 }
 
 // serveConn reads requests and answers each on its own goroutine (an apply
