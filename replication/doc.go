@@ -22,7 +22,11 @@
 //		Peers:           peersFromMemberlist,
 //		Listener:        ln,
 //		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
-//			return mux.Dial(ctx, addr, cluster.ProtoRaft)
+//			c, err := mux.Dial(ctx, addr, cluster.ProtoRaft)
+//			if err != nil {
+//				return nil, err // not a typed nil inside net.Conn
+//			}
+//			return c, nil
 //		},
 //		OnRetained: hooks.applyRetainedLocally,
 //		OnRestore:  hooks.resyncRetained,
