@@ -27,6 +27,7 @@ type guardedConn struct {
 	writeMu   sync.Mutex // serialises our DISCONNECT with mochi's whole-packet writes
 	version   atomic.Uint32
 	oversize  atomic.Bool
+	malformed atomic.Bool
 	firstDone atomic.Bool
 	closeOnce sync.Once
 }
@@ -54,6 +55,9 @@ func (c *guardedConn) Read(p []byte) (int, error) {
 		if c.scan.oversize {
 			c.oversize.Store(true)
 		}
+		if c.scan.malformed {
+			c.malformed.Store(true)
+		}
 	}
 	return n, err
 }
@@ -78,6 +82,10 @@ func (c *guardedConn) Close() error {
 				_, _ = c.Conn.Write([]byte{0xE0, 0x02, 0x95, 0x00})
 				c.writeMu.Unlock()
 			}
+		case c.malformed.Load() && !c.firstDone.Load():
+			// Later malformed packets are counted by the metrics hook
+			// from mochi's error; before CONNECT there is no session.
+			m.packetError("malformed")
 		case !c.firstDone.Load():
 			m.packetError("no_connect")
 		}
@@ -95,6 +103,7 @@ type packetScanner struct {
 	remaining uint32
 	packets   int
 	oversize  bool
+	malformed bool
 	stopped   bool // framing lost or limit hit: mochi closes the connection anyway
 }
 
@@ -112,7 +121,7 @@ func (s *packetScanner) feed(p []byte, max uint32) {
 			s.lenBytes++
 			switch {
 			case b&0x80 != 0 && s.lenBytes == 4:
-				s.stopped = true // malformed length; mochi rejects it
+				s.malformed, s.stopped = true, true // mochi rejects it too
 			case b&0x80 != 0:
 			case max > 0 && s.remaining+1 > max: // the same test mochi applies
 				s.oversize, s.stopped = true, true

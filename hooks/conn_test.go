@@ -44,7 +44,7 @@ func TestPacketScanner(t *testing.T) {
 func TestPacketScannerStopsOnMalformedLength(t *testing.T) {
 	var s packetScanner
 	s.feed([]byte{0x30, 0xff, 0xff, 0xff, 0xff, 0x01}, 0)
-	if !s.stopped || s.packets != 0 {
+	if !s.stopped || !s.malformed || s.packets != 0 {
 		t.Fatalf("stopped=%v packets=%d, want stopped with no packet", s.stopped, s.packets)
 	}
 }

@@ -11,15 +11,17 @@ import (
 // max_keepalive, and cleanup of expired sessions.
 type Limits struct {
 	mqtt.HookBase
-	server       *mqtt.Server
-	maxKeepalive uint16
-	log          *slog.Logger
+	server        *mqtt.Server
+	maxKeepalive  uint16
+	maxPacketSize uint32
+	log           *slog.Logger
 }
 
 // NewLimits returns the hook. maxKeepalive is Mosquitto's max_keepalive
-// (65535 means no limit below the protocol's own).
-func NewLimits(s *mqtt.Server, maxKeepalive uint16, log *slog.Logger) *Limits {
-	return &Limits{server: s, maxKeepalive: maxKeepalive, log: log}
+// (65535 means no limit below the protocol's own); maxPacketSize is the
+// largest packet accepted (0: the protocol's limit).
+func NewLimits(s *mqtt.Server, maxKeepalive uint16, maxPacketSize uint32, log *slog.Logger) *Limits {
+	return &Limits{server: s, maxKeepalive: maxKeepalive, maxPacketSize: maxPacketSize, log: log}
 }
 
 // ID implements mqtt.Hook.
@@ -27,7 +29,18 @@ func (h *Limits) ID() string { return "limits" }
 
 // Provides implements mqtt.Hook.
 func (h *Limits) Provides(b byte) bool {
-	return b == mqtt.OnConnect || b == mqtt.OnClientExpired
+	return b == mqtt.OnConnect || b == mqtt.OnClientExpired || b == mqtt.OnPacketEncode
+}
+
+// OnPacketEncode tells MQTT 5 clients the packet size limit in CONNACK
+// (Maximum Packet Size), which mochi never sends: without it a client
+// learns the limit only by being disconnected with 0x95.
+func (h *Limits) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Connack && h.maxPacketSize > 0 && pk.ReasonCode < 0x80 &&
+		cl.Properties.ProtocolVersion == 5 {
+		pk.Properties.MaximumPacketSize = h.maxPacketSize
+	}
+	return pk
 }
 
 // OnConnect applies max_keepalive the way Mosquitto does: an MQTT 5 client

@@ -132,6 +132,13 @@ func (l *Listener) serveWebsocket(establish listeners.EstablishFn) {
 // Close implements listeners.Listener: stop accepting, then let mochi
 // disconnect this listener's clients (MQTT 5 clients get 0x8B).
 func (l *Listener) Close(closeClients listeners.CloseFn) {
+	l.StopAccepting()
+	closeClients(l.id)
+}
+
+// StopAccepting closes the socket so no new client connects; connected
+// clients are untouched.
+func (l *Listener) StopAccepting() {
 	if l.closed.CompareAndSwap(false, true) {
 		if l.httpSv != nil {
 			// Shutdown does not wait for hijacked (upgraded) connections.
@@ -141,7 +148,6 @@ func (l *Listener) Close(closeClients listeners.CloseFn) {
 		}
 		_ = l.ln.Close()
 	}
-	closeClients(l.id)
 }
 
 // wsConn carries the MQTT byte stream in binary WebSocket messages, as

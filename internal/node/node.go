@@ -20,6 +20,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.etcd.io/bbolt"
@@ -101,7 +102,8 @@ func New(cfg Config) (_ *Node, err error) {
 	for _, h := range []mqtt.Hook{
 		n.auth,
 		hooks.NewMetricsHook(metrics, log.With("component", "mqtt")),
-		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, log.With("component", "mqtt")),
+		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, cfg.MaxPacketSize, log.With("component", "mqtt")),
+		hooks.NewQueueOrder(n.mqtt),
 		n.clusterHook,
 	} {
 		if err := n.mqtt.AddHook(h, nil); err != nil {
@@ -114,7 +116,7 @@ func New(cfg Config) (_ *Node, err error) {
 		}
 		// Interim single-node persistence (sessions, subscriptions, queued
 		// and retained messages) until the replicated store replaces it.
-		err := n.mqtt.AddHook(new(bolt.Hook), &bolt.Options{
+		err := n.mqtt.AddHook(hooks.NewPersistence(), &bolt.Options{
 			Path:    filepath.Join(cfg.DataDir, "mqtt.db"),
 			Options: &bbolt.Options{Timeout: 2 * time.Second},
 		})
@@ -242,6 +244,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		n.log.Info("shutting down")
 		done := make(chan struct{})
 		go func() {
+			n.disconnectClients()
 			_ = n.mqtt.Close()
 			n.mqtt.Listeners.ClientsWg.Wait()
 			close(done)
@@ -261,6 +264,26 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		_ = n.httpSv.Shutdown(hctx)
 	})
 	return n.closeErr
+}
+
+// disconnectClients stops accepting, then ends every connection: MQTT 5
+// clients get DISCONNECT 0x8B (server shutting down); MQTT 3.1.1 has no
+// server DISCONNECT, so those connections are just closed (mochi would
+// send one regardless of the version).
+func (n *Node) disconnectClients() {
+	for _, l := range n.listeners {
+		l.StopAccepting()
+	}
+	for _, cl := range n.mqtt.Clients.GetAll() {
+		if cl.Net.Conn == nil || cl.Closed() {
+			continue
+		}
+		if cl.Properties.ProtocolVersion == 5 {
+			_ = n.mqtt.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		} else {
+			cl.Stop(packets.ErrServerShuttingDown)
+		}
+	}
 }
 
 func (n *Node) closeListeners() {

@@ -1,0 +1,55 @@
+package hooks
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/mochi-mqtt/server/v2/hooks/storage"
+	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
+)
+
+// Persistence is mochi's bolt storage hook with its restore bug fixed: it
+// stores queued and in-flight messages without their packet id (the id is
+// only in the key), so after a restart they all load with id 0, collide,
+// and the first resend fails with a protocol error, dropping the client.
+// The id is recovered from the key ("IFM_<client>:<id>").
+//
+// Interim single-node persistence: the replicated store replaces it.
+type Persistence struct {
+	*bolt.Hook
+}
+
+// NewPersistence returns the hook; add it with bolt.Options.
+func NewPersistence() *Persistence { return &Persistence{Hook: new(bolt.Hook)} }
+
+// StoredInflightMessages implements mqtt.Hook.
+func (p *Persistence) StoredInflightMessages() ([]storage.Message, error) {
+	msgs, err := p.Hook.StoredInflightMessages()
+	if err != nil {
+		return nil, err
+	}
+	out := msgs[:0]
+	for _, m := range msgs {
+		id, err := packetIDFromKey(m.ID)
+		if err != nil {
+			p.Log.Warn("stored in-flight message skipped", "key", m.ID, "error", err)
+			continue
+		}
+		m.PacketID = id
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+func packetIDFromKey(key string) (uint16, error) {
+	i := strings.LastIndexByte(key, ':')
+	if i < 0 {
+		return 0, fmt.Errorf("no packet id in key")
+	}
+	n, err := strconv.ParseUint(key[i+1:], 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("bad packet id %q", key[i+1:])
+	}
+	return uint16(n), nil
+}
