@@ -344,6 +344,9 @@ type nodeMeta struct {
 	AdvertiseHost string
 	ClusterPort   uint16
 	MQTTPort      uint16
+	// App is opaque metadata of the embedding program (replication state
+	// for raft bootstrap); the cluster only carries it.
+	App []byte
 }
 
 // u8 format | u8 proto | u16 cluster port | u16 mqtt port | str advertise host | str node id
@@ -352,7 +355,8 @@ func appendMeta(b []byte, m nodeMeta) []byte {
 	b = binary.BigEndian.AppendUint16(b, m.ClusterPort)
 	b = binary.BigEndian.AppendUint16(b, m.MQTTPort)
 	b = appendString(b, m.AdvertiseHost)
-	return appendString(b, m.NodeID)
+	b = appendString(b, m.NodeID)
+	return appendBytes(b, m.App)
 }
 
 func decodeMeta(b []byte) (nodeMeta, error) {
@@ -368,6 +372,7 @@ func decodeMeta(b []byte) (nodeMeta, error) {
 	}
 	m.AdvertiseHost = r.str()
 	m.NodeID = r.str()
+	m.App = r.bytes()
 	if r.err != nil {
 		return nodeMeta{}, fmt.Errorf("decode node metadata: %w", r.err)
 	}

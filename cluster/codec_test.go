@@ -89,8 +89,8 @@ func TestGossipGoldenBytes(t *testing.T) {
 			"01" + "01" + "05" + "02" + "026e31" + "03612f23"},
 		{"state", appendState(nil, []nodeRoutes{{Node: "n1", Incarnation: 5, Version: 2, Filters: []string{"a"}}}),
 			"01" + "01" + "026e31" + "05" + "02" + "01" + "0161"},
-		{"meta", appendMeta(nil, nodeMeta{Proto: 1, NodeID: "n1", AdvertiseHost: "h", ClusterPort: 7947, MQTTPort: 1883}),
-			"01" + "01" + "1f0b" + "075b" + "0168" + "026e31"},
+		{"meta", appendMeta(nil, nodeMeta{Proto: 1, NodeID: "n1", AdvertiseHost: "h", ClusterPort: 7947, MQTTPort: 1883, App: []byte{9}}),
+			"01" + "01" + "1f0b" + "075b" + "0168" + "026e31" + "0109"},
 		{"leave", appendLeave(nil, "n1"), "02" + "026e31"},
 		{"head", appendHead(nil, "n1", 5, 300), "03" + "05" + "ac02" + "026e31"},
 	}
@@ -110,7 +110,7 @@ func TestGossipGoldenBytes(t *testing.T) {
 		t.Errorf("head round trip: %q %d %d %v", node, inc, ver, err)
 	}
 	md, err := decodeMeta(tests[2].got)
-	if err != nil || md != (nodeMeta{Proto: 1, NodeID: "n1", AdvertiseHost: "h", ClusterPort: 7947, MQTTPort: 1883}) {
+	if err != nil || !reflect.DeepEqual(md, nodeMeta{Proto: 1, NodeID: "n1", AdvertiseHost: "h", ClusterPort: 7947, MQTTPort: 1883, App: []byte{9}}) {
 		t.Errorf("meta round trip: %+v %v", md, err)
 	}
 }

@@ -103,6 +103,9 @@ type Config struct {
 	OnMemberEvent func(MemberEvent)
 	// LookupHost resolves seed names; nil uses net.DefaultResolver.
 	LookupHost func(ctx context.Context, host string) ([]string, error)
+	// AppMeta is opaque metadata gossiped with this node (at most 64
+	// bytes), read by peers from MemberStatus.AppMeta; SetAppMeta changes it.
+	AppMeta []byte
 }
 
 // Sanitize fills zero fields with defaults.
@@ -168,6 +171,9 @@ func (c *Config) Validate() error {
 	}
 	if len(c.NodeID) > 200 {
 		bad("node id longer than 200 bytes")
+	}
+	if len(c.AppMeta) > maxAppMeta {
+		bad("app metadata longer than %d bytes", maxAppMeta)
 	}
 	if _, _, err := splitHostPort(c.GossipAddr); err != nil {
 		bad("gossip address %q: %w", c.GossipAddr, err)

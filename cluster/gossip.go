@@ -60,7 +60,9 @@ var (
 )
 
 func (d *delegate) NodeMeta(limit int) []byte {
+	d.n.metaMu.Lock()
 	b := appendMeta(nil, d.n.meta)
+	d.n.metaMu.Unlock()
 	if len(b) > limit {
 		// Validate caps the node id and host, so this is a bug, not input.
 		d.n.log.Error("node metadata too large", "size", len(b), "limit", limit)

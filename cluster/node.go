@@ -70,6 +70,7 @@ type Node struct {
 	gossipToTheDead time.Duration
 
 	// Set in Start before memberlist exists, read-only afterwards.
+	metaMu     sync.Mutex // guards meta; never held while calling memberlist
 	meta       nodeMeta
 	gossipPort int
 	selfGossip string
@@ -183,7 +184,7 @@ func (n *Node) start(ctx context.Context) error {
 		return err
 	}
 	n.meta = nodeMeta{Proto: ProtocolVersion, NodeID: n.cfg.NodeID, AdvertiseHost: n.cfg.AdvertiseHost,
-		ClusterPort: uint16(clusterPort), MQTTPort: uint16(n.cfg.MQTTPort)}
+		ClusterPort: uint16(clusterPort), MQTTPort: uint16(n.cfg.MQTTPort), App: n.cfg.AppMeta}
 	if n.meta.AdvertiseHost == "" && advertiseIP != "" {
 		n.meta.AdvertiseHost = advertiseIP
 	}

@@ -43,6 +43,7 @@ type MemberStatus struct {
 	Forwarded       uint64    `json:"forwarded"`
 	Dropped         uint64    `json:"dropped"`
 	LastError       string    `json:"last_error,omitempty"`
+	AppMeta         []byte    `json:"app_meta,omitempty"`
 }
 
 // Status returns the node's view of the cluster, members sorted by id.
@@ -72,7 +73,7 @@ func (n *Node) Status() Status {
 		ms := MemberStatus{
 			ID: id, Self: id == n.cfg.NodeID, State: m.state, Since: m.since,
 			GossipAddr: m.gossipAddr, ClusterAddr: m.clusterAddr,
-			MQTTPort: int(m.meta.MQTTPort), ProtocolVersion: int(m.meta.Proto),
+			MQTTPort: int(m.meta.MQTTPort), ProtocolVersion: int(m.meta.Proto), AppMeta: m.meta.App,
 		}
 		if ms.Self {
 			ms.Routes, ms.RouteVersion = self.Routes, self.Version

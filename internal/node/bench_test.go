@@ -45,7 +45,7 @@ func runDelivery(b *testing.B, tc *testCluster, subNode string, qos byte, paced 
 		ID: fmt.Sprintf("bsub-%d", benchSeq), CleanStart: true, Buffer: 1 << 16})
 	sub.Sub(b, qos, topic)
 	if subNode != "n1" {
-		tc.waitRoutes("n1", subNode, 1)
+		tc.waitRoutes(b, "n1", subNode, 1)
 	}
 	pub := testutil.Connect(b, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: fmt.Sprintf("bpub-%d", benchSeq), CleanStart: true})
 

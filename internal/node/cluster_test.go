@@ -34,7 +34,7 @@ func TestCrossNodeDelivery(t *testing.T) {
 	local.Sub(t, 1, "home/+/temp")
 	remote := tc.client("n2", "remote")
 	remote.Sub(t, 1, "home/+/temp")
-	tc.waitRoutes("n1", "n2", 1)
+	tc.waitRoutes(t, "n1", "n2", 1)
 
 	pub := tc.client("n1", "pub")
 	pub.Pub(t, "home/kitchen/temp", 1, false, []byte("21.5"))
@@ -55,7 +55,7 @@ func TestForwardedPropertiesSurvive(t *testing.T) {
 		{Topic: "rpc/#", QoS: 2, RetainAsPublished: true}}}); err != nil {
 		t.Fatal(err)
 	}
-	tc.waitRoutes("n1", "n2", 1)
+	tc.waitRoutes(t, "n1", "n2", 1)
 	pub := tc.client("n1", "pub")
 	expiry, format := uint32(3600), byte(1)
 	_, err := pub.Publish(ctx, &paho.Publish{Topic: "rpc/req", QoS: 2, Retain: true, Payload: []byte(`{"a":1}`),
@@ -93,7 +93,7 @@ func TestOverlappingFiltersNoDuplicatesNoLoops(t *testing.T) {
 	for _, from := range []string{"n1", "n2", "n3"} {
 		for _, of := range []string{"n1", "n2", "n3"} {
 			if from != of {
-				tc.waitRoutes(from, of, 4)
+				tc.waitRoutes(t, from, of, 4)
 			}
 		}
 	}
@@ -135,8 +135,8 @@ func TestOrderPerPublisher(t *testing.T) {
 			topic := fmt.Sprintf("order/%d", qos)
 			sub := tc.client("n2", fmt.Sprintf("sub-%d", qos))
 			sub.Sub(t, qos, topic+"/#")
-			tc.waitRoutes("n1", "n2", 1)
-			tc.waitRoutes("n3", "n2", 1)
+			tc.waitRoutes(t, "n1", "n2", 1)
+			tc.waitRoutes(t, "n3", "n2", 1)
 			var wg sync.WaitGroup
 			for i, node := range []string{"n1", "n3"} {
 				pub := tc.client(node, fmt.Sprintf("pub-%d-%d", qos, i))
@@ -153,21 +153,36 @@ func TestOrderPerPublisher(t *testing.T) {
 					}
 				}()
 			}
+			// QoS 1 and 2: every message, in order. QoS 0 may lose messages
+			// under overload (a full queue drops, by design), so there the
+			// check is order without duplicates: strictly increasing.
 			next := map[string]uint64{}
-			for range 2 * perPublisher {
-				p, err := sub.Next(wait)
+			received := 0
+			for received < 2*perPublisher {
+				timeout := wait
+				if qos == 0 {
+					timeout = 2 * time.Second // quiet this long: the rest was dropped
+				}
+				p, err := sub.Next(timeout)
 				if err != nil {
+					if qos == 0 {
+						break
+					}
 					t.Fatalf("after %v: %v", next, err)
 				}
 				seq := binary.BigEndian.Uint64(p.Payload)
-				if seq != next[p.Topic] {
+				if qos > 0 && seq != next[p.Topic] || qos == 0 && seq < next[p.Topic] {
 					t.Fatalf("%s: got seq %d, want %d (reordered, lost or duplicated)", p.Topic, seq, next[p.Topic])
 				}
-				next[p.Topic]++
+				next[p.Topic] = seq + 1
+				received++
+			}
+			if lost := 2*perPublisher - received; lost > 0 {
+				t.Logf("QoS 0: %d of %d messages dropped under load (allowed at QoS 0)", lost, 2*perPublisher)
 			}
 			wg.Wait()
 			sub.Close()
-			tc.waitRoutes("n1", "n2", 0)
+			tc.waitRoutes(t, "n1", "n2", 0)
 		})
 	}
 }
@@ -181,13 +196,13 @@ func TestSharedSubscriptionExactlyOnce(t *testing.T) {
 		c.Sub(t, 1, filter)
 		members = append(members, c)
 	}
-	tc.waitRoutes("n1", "n2", 1)
-	tc.waitRoutes("n1", "n3", 1)
+	tc.waitRoutes(t, "n1", "n2", 1)
+	tc.waitRoutes(t, "n1", "n3", 1)
 	// A plain subscriber on n2 too: its node gets a forward for it, which
 	// must not make n2's group members deliver a second copy.
 	plain := tc.client("n2", "plain")
 	plain.Sub(t, 1, "jobs/#")
-	tc.waitRoutes("n1", "n2", 2)
+	tc.waitRoutes(t, "n1", "n2", 2)
 
 	pub := tc.client("n1", "pub")
 	for i := range n {
@@ -242,14 +257,14 @@ func TestRoutesFollowKilledAndRestartedNode(t *testing.T) {
 	sub3.Sub(t, 0, "k/#")
 	sub2 := tc.client("n2", "sub2")
 	sub2.Sub(t, 0, "k/#")
-	tc.waitRoutes("n1", "n3", 1)
-	tc.waitRoutes("n1", "n2", 1)
+	tc.waitRoutes(t, "n1", "n3", 1)
+	tc.waitRoutes(t, "n1", "n2", 1)
 
 	tc.nodes["n3"].Kill()
 	delete(tc.nodes, "n3")
 	tc.waitMembers(2)
-	tc.waitRoutes("n1", "n3", 0)
-	tc.waitRoutes("n2", "n3", 0)
+	tc.waitRoutes(t, "n1", "n3", 0)
+	tc.waitRoutes(t, "n2", "n3", 0)
 
 	// The survivors keep serving.
 	pub := tc.client("n1", "pub")
@@ -263,7 +278,7 @@ func TestRoutesFollowKilledAndRestartedNode(t *testing.T) {
 	tc.waitMembers(3)
 	sub3b := tc.client("n3", "sub3b")
 	sub3b.Sub(t, 0, "k/#")
-	tc.waitRoutes("n1", "n3", 1)
+	tc.waitRoutes(t, "n1", "n3", 1)
 	pub.Pub(t, "k/2", 0, false, []byte("after-restart"))
 	if p := sub3b.MustNext(t, wait); string(p.Payload) != "after-restart" {
 		t.Fatalf("sub3b got %q", p.Payload)
@@ -274,7 +289,7 @@ func TestWillReachesOtherNodes(t *testing.T) {
 	tc := newTestCluster(t, "n1", "n2")
 	sub := tc.client("n1", "watcher")
 	sub.Sub(t, 1, "devices/+/status")
-	tc.waitRoutes("n2", "n1", 1)
+	tc.waitRoutes(t, "n2", "n1", 1)
 	dev, err := testutil.TryConnect(tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "dev", CleanStart: true,
 		Will: &paho.WillMessage{Topic: "devices/dev/status", QoS: 1, Payload: []byte("offline")}})
 	if err != nil {

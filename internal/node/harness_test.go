@@ -95,9 +95,9 @@ func (tc *testCluster) waitMembers(want int) {
 // waitRoutes waits until node `at` holds exactly n routes of node `of` and
 // has caught up with of's route version: a count alone would also match a
 // stale set (an old filter not yet withdrawn, the new one not yet added).
-func (tc *testCluster) waitRoutes(at, of string, n int) {
-	tc.t.Helper()
-	testutil.Eventually(tc.t, 10*time.Second, func() error {
+func (tc *testCluster) waitRoutes(t testing.TB, at, of string, n int) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, func() error {
 		want := uint64(0)
 		if o := tc.nodes[of]; o != nil {
 			want = o.ClusterStatus().RouteVersion
