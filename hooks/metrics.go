@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -13,6 +14,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/mochi-mqtt/server/v2/system"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mqtt-ha/broker/replication"
 )
 
 // Metrics holds the broker's MQTT Prometheus metrics (namespace broker,
@@ -28,6 +31,7 @@ type Metrics struct {
 	authFailures *prometheus.CounterVec
 	aclDenied    *prometheus.CounterVec
 	packetErrors *prometheus.CounterVec
+	retainedFail *prometheus.CounterVec
 }
 
 // NewMetrics registers the metrics on reg; info is the mochi server's
@@ -47,6 +51,7 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		authFailures: counter("auth_failures_total", "Rejected CONNECTs, by reason.", "reason"),
 		aclDenied:    counter("acl_denied_total", "Publishes and subscriptions refused by the ACL, by access.", "access"),
 		packetErrors: counter("packet_errors_total", "Connections ended by bad input, by reason.", "reason"),
+		retainedFail: counter("retained_replication_failures_total", "Retained writes the raft log did not commit, by reason.", "reason"),
 	}
 	gauge := func(name, help string, v *int64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help},
@@ -58,7 +63,7 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 	}
 	reg.MustRegister(
 		m.connects, m.msgsIn, m.msgsOut, m.payloadIn, m.payloadOut, m.dropped,
-		m.authFailures, m.aclDenied, m.packetErrors,
+		m.authFailures, m.aclDenied, m.packetErrors, m.retainedFail,
 		gauge("connections", "Clients currently connected.", &info.ClientsConnected),
 		gauge("sessions", "Sessions held, connected or not.", &info.ClientsTotal),
 		gauge("subscriptions", "Active subscriptions.", &info.Subscriptions),
@@ -83,6 +88,22 @@ func (m *Metrics) packetError(reason string) {
 	if m != nil {
 		m.packetErrors.WithLabelValues(reason).Inc()
 	}
+}
+
+func (m *Metrics) retainedFailed(err error) {
+	if m == nil {
+		return
+	}
+	reason := "other"
+	switch {
+	case errors.Is(err, replication.ErrTooLarge):
+		reason = "too_large"
+	case errors.Is(err, replication.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+		reason = "timeout"
+	case errors.Is(err, replication.ErrNoLeader), errors.Is(err, replication.ErrNotLeader):
+		reason = "no_leader"
+	}
+	m.retainedFail.WithLabelValues(reason).Inc()
 }
 
 // AuthFailure counts a rejected CONNECT; reason is a fixed, small string.

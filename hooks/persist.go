@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/storage"
 	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
 )
@@ -18,6 +19,16 @@ import (
 // Interim single-node persistence: the replicated store replaces it.
 type Persistence struct {
 	*bolt.Hook
+}
+
+// Provides implements mqtt.Hook: everything bolt stores except retained
+// messages, whose source of truth is the raft log (see Retained).
+func (p *Persistence) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnRetainMessage, mqtt.OnRetainedExpired, mqtt.StoredRetainedMessages:
+		return false
+	}
+	return p.Hook.Provides(b)
 }
 
 // NewPersistence returns the hook; add it with bolt.Options.

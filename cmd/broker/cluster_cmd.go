@@ -11,7 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/mqtt-ha/broker/cluster"
+	"github.com/mqtt-ha/broker/internal/node"
 )
 
 // clusterCmd runs `broker cluster status`: it asks a running node's HTTP
@@ -54,7 +54,7 @@ func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 		_, _ = stdout.Write(body)
 		return 0
 	}
-	var st cluster.Status
+	var st node.ClusterInfo
 	if err := json.Unmarshal(body, &st); err != nil {
 		fmt.Fprintf(stderr, "broker: bad answer from %s: %v\n", host, err)
 		return 1
@@ -63,9 +63,19 @@ func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 	return 0
 }
 
-func printStatus(w io.Writer, st cluster.Status) {
-	fmt.Fprintf(w, "node %s: %s, %d alive members, %d local routes (version %d)\n\n",
+func printStatus(w io.Writer, st node.ClusterInfo) {
+	fmt.Fprintf(w, "node %s: %s, %d alive members, %d local routes (version %d)\n",
 		st.NodeID, st.State, st.AliveMembers, st.LocalRoutes, st.RouteVersion)
+	r := st.Raft
+	var voters, nonVoters []string
+	for _, v := range r.Voters {
+		voters = append(voters, v.ID)
+	}
+	for _, v := range r.NonVoters {
+		nonVoters = append(nonVoters, v.ID)
+	}
+	fmt.Fprintf(w, "raft: %s, leader %s, term %d, commit %d, applied %d, voters [%s], non-voters [%s], %d retained\n\n",
+		r.State, r.LeaderID, r.Term, r.CommitIndex, r.AppliedIndex, strings.Join(voters, " "), strings.Join(nonVoters, " "), r.Retained)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "MEMBER\tSTATE\tGOSSIP\tCLUSTER\tMQTT\tROUTES\tCONNECTED\tQUEUE\tFORWARDED\tDROPPED")
 	for _, m := range st.Members {

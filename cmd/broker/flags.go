@@ -76,6 +76,12 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 		c.MaxPacketSize = n
 		return err
 	})
+	c.ReplicatedSizeLimit = 1 << 20
+	fs.Func("replicated-size-limit", "largest retained message, which is written to the raft log (default 1MB)", func(s string) error {
+		n, err := parseBytes(s)
+		c.ReplicatedSizeLimit = int(n)
+		return err
+	})
 	fs.IntVar(&c.MaxQueuedMessages, "max-queued-messages", 1000, "QoS 1/2 messages held per session, queued plus in flight (1-65535)")
 	fs.IntVar(&c.MaxInflightMessages, "max-inflight-messages", 20, "outbound in-flight QoS 1/2 messages per client (see README: not enforced yet)")
 	fs.Func("max-keepalive", "largest keepalive a client may ask for, seconds (default 65535)", func(s string) error {
@@ -210,6 +216,9 @@ func (o *serveOptions) validate() error {
 	}
 	if c.MaxPacketSize != 0 && c.MaxPacketSize < 64 {
 		return bad("message-size-limit", "%d bytes is too small for any MQTT client; use at least 1KB, or 0 for the protocol maximum", c.MaxPacketSize)
+	}
+	if c.ReplicatedSizeLimit < 1024 || c.ReplicatedSizeLimit > 8<<20 {
+		return bad("replicated-size-limit", "%d bytes: must be between 1KB and 8MB (a raft entry must stay small enough to replicate quickly)", c.ReplicatedSizeLimit)
 	}
 	if c.ConnectTimeout <= 0 {
 		return bad("connect-timeout", "%s: must be positive, e.g. 10s", c.ConnectTimeout)

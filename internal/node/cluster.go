@@ -25,6 +25,7 @@ func (n *Node) newCluster() error {
 		Logger:        n.cfg.Logger, // the cluster adds its own node attribute
 		Registerer:    n.reg,
 	}
+	cfg.AppMeta = encodeAppMeta(n.cfg.BootstrapExpect, n.initialHasState)
 	if n.cfg.ClusterKey != "" {
 		cfg.ClusterKey = []byte(n.cfg.ClusterKey)
 	}
@@ -39,6 +40,3 @@ func (n *Node) newCluster() error {
 	n.clusterHook.SetNode(cn)
 	return nil
 }
-
-// ClusterStatus is the node's view of the cluster, for /api/cluster.
-func (n *Node) ClusterStatus() cluster.Status { return n.cluster.Status() }

@@ -8,6 +8,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 
 	"github.com/mqtt-ha/broker/cluster"
+	"github.com/mqtt-ha/broker/replication"
 )
 
 // Config is everything a node needs, already validated by its caller.
@@ -45,6 +46,11 @@ type Config struct {
 	// ClusterTuning, if set, adjusts the cluster configuration before the
 	// node is built (tests tighten failure-detection timings with it).
 	ClusterTuning func(*cluster.Config)
+	// ReplicationTuning, likewise, adjusts the raft configuration.
+	ReplicationTuning func(*replication.Config)
+	// ReplicatedSizeLimit caps a message written to the raft log (a
+	// retained message); larger ones are refused. 0: the replication default.
+	ReplicatedSizeLimit int
 }
 
 // capabilities sets every mochi capability deliberately rather than

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/mqtt-ha/broker/cluster"
+	"github.com/mqtt-ha/broker/replication"
 	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
@@ -18,6 +19,8 @@ type testCluster struct {
 	t     testing.TB
 	nodes map[string]*Node
 	seed  string // gossip address of the first node
+	// expect is every node's --bootstrap-expect: the initial cluster size.
+	expect int
 }
 
 func testLogger() *slog.Logger {
@@ -38,8 +41,17 @@ func fastCluster(c *cluster.Config) {
 	c.LeaveTimeout = 500 * time.Millisecond
 }
 
+func fastRaft(c *replication.Config) {
+	c.HeartbeatTimeout = 200 * time.Millisecond
+	c.ElectionTimeout = 200 * time.Millisecond
+	c.LeaderLeaseTimeout = 150 * time.Millisecond
+	c.CommitTimeout = 5 * time.Millisecond
+	c.ReconcileInterval = 50 * time.Millisecond
+	c.StabilizationTime = 300 * time.Millisecond
+}
+
 func newTestCluster(t testing.TB, ids ...string) *testCluster {
-	tc := &testCluster{t: t, nodes: map[string]*Node{}}
+	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids)}
 	for _, id := range ids {
 		tc.start(id)
 	}
@@ -55,7 +67,8 @@ func (tc *testCluster) start(id string) *Node {
 		GossipAddr: "127.0.0.1:0", ClusterAddr: "127.0.0.1:0", AdvertiseHost: "127.0.0.1",
 		AllowAnonymous: true, MaxPacketSize: 1 << 20, MaxQueuedMessages: 1000, MaxKeepalive: 65535,
 		RetainAvailable: true, ConnectTimeout: 5 * time.Second, ShutdownTimeout: 5 * time.Second,
-		Logger: testLogger(), ClusterTuning: fastCluster,
+		Logger: testLogger(), ClusterTuning: fastCluster, ReplicationTuning: fastRaft,
+		BootstrapExpect: tc.expect,
 	}
 	if tc.seed != "" {
 		cfg.Join = []string{tc.seed}

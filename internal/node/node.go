@@ -28,7 +28,12 @@ import (
 	"github.com/mqtt-ha/broker/cluster"
 	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/logx"
+	"github.com/mqtt-ha/broker/replication"
 )
+
+// replicatedWriteTimeout bounds a write that must be committed before the
+// client is acknowledged: without a quorum it fails after this long.
+const replicatedWriteTimeout = 5 * time.Second
 
 // Node is one running broker node.
 type Node struct {
@@ -38,8 +43,13 @@ type Node struct {
 	auth *hooks.Auth
 	reg  *prometheus.Registry
 
-	cluster     *cluster.Node
-	clusterHook *hooks.Cluster
+	cluster         *cluster.Node
+	clusterHook     *hooks.Cluster
+	repl            *replication.Node
+	retainedHook    *hooks.Retained
+	raftAddr        string
+	initialHasState bool
+	stopped         chan struct{} // closed when the node stops; ends background loops
 	tls         *certReloader
 
 	listeners []*hooks.Listener
@@ -67,7 +77,10 @@ func New(cfg Config) (_ *Node, err error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	log = log.With("node", cfg.NodeID)
-	n := &Node{cfg: cfg, log: log, reg: prometheus.NewRegistry()}
+	n := &Node{cfg: cfg, log: log, reg: prometheus.NewRegistry(), stopped: make(chan struct{})}
+	if n.initialHasState, err = replication.HasState(n.raftDir()); err != nil {
+		return nil, fmt.Errorf("raft state in %s: %w", n.raftDir(), err)
+	}
 	defer func() {
 		if err != nil {
 			n.closeListeners()
@@ -97,6 +110,7 @@ func New(cfg Config) (_ *Node, err error) {
 		return nil, fmt.Errorf("auth: %w", err)
 	}
 	n.clusterHook = hooks.NewCluster(n.mqtt, log)
+	n.retainedHook = hooks.NewRetained(n.mqtt, replicatedWriteTimeout, metrics, log)
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.
 	for _, h := range []mqtt.Hook{
@@ -104,6 +118,7 @@ func New(cfg Config) (_ *Node, err error) {
 		hooks.NewMetricsHook(metrics, log.With("component", "mqtt")),
 		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, cfg.MaxPacketSize, log.With("component", "mqtt")),
 		hooks.NewQueueOrder(n.mqtt),
+		n.retainedHook,
 		n.clusterHook,
 	} {
 		if err := n.mqtt.AddHook(h, nil); err != nil {
@@ -191,6 +206,9 @@ func (n *Node) Start(ctx context.Context) error {
 	if err := n.cluster.Start(ctx); err != nil {
 		return fmt.Errorf("start cluster: %w", err)
 	}
+	if err := n.startReplication(ctx); err != nil {
+		return err
+	}
 	if err := n.mqtt.Serve(); err != nil {
 		return fmt.Errorf("start mqtt: %w", err)
 	}
@@ -254,6 +272,12 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		case <-ctx.Done():
 			n.closeErr = fmt.Errorf("clients still draining: %w", ctx.Err())
 		}
+		close(n.stopped)
+		if n.repl != nil {
+			if err := n.repl.Close(); err != nil {
+				n.log.Warn("raft close", "error", err)
+			}
+		}
 		// Leave after the clients are gone: what they published before the
 		// listeners closed has been handed to the forward queues.
 		if err := n.cluster.Close(); err != nil {
@@ -305,6 +329,10 @@ func (n *Node) addReadiness(name string, check func() error) {
 func (n *Node) Kill() {
 	n.closeOnce.Do(func() {
 		n.ready.Store(false)
+		close(n.stopped)
+		if n.repl != nil {
+			_ = n.repl.Close()
+		}
 		_ = n.cluster.Kill()
 		for _, l := range n.listeners {
 			l.Close(func(string) {})

@@ -34,9 +34,13 @@ func startCluster(t *testing.T, n int) []*Broker {
 	t.Helper()
 	var nodes []*Broker
 	for i := 1; i <= n; i++ {
-		spec := brokerSpec{ID: fmt.Sprintf("node%d", i)}
+		// The first node bootstraps raft alone; the others join it and are
+		// added by its leader (they wait for n nodes without raft state,
+		// which never happens, so they never bootstrap a cluster of their
+		// own). Nodes start one at a time because each must be ready first.
+		spec := brokerSpec{ID: fmt.Sprintf("node%d", i), Args: []string{"--bootstrap-expect", "1"}}
 		if i > 1 {
-			spec.Args = []string{"--join", nodes[0].GossipAddr}
+			spec.Args = []string{"--join", nodes[0].GossipAddr, "--bootstrap-expect", fmt.Sprint(n)}
 		}
 		nodes = append(nodes, startBrokerSpec(t, spec))
 	}

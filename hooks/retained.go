@@ -1,0 +1,187 @@
+package hooks
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Retained makes the raft log the source of truth for retained messages:
+//
+//   - a PUBLISH with the retain flag is proposed to the log; for QoS 1 and 2
+//     mochi acknowledges it only after the entry is committed (OnPublish
+//     blocks until then; the replication layer batches concurrent writes
+//     into one entry, so the cost is one commit per batch, not per message);
+//   - every node applies committed changes to its own mochi retained index
+//     (Apply), so a new subscriber anywhere is served locally;
+//   - whatever mochi stores by itself afterwards (the publisher's own copy,
+//     or a copy forwarded by the cluster layer) is overwritten with the
+//     committed value (OnRetainMessage), so a stale forward can never
+//     replace a newer committed value.
+//
+// Without a quorum a retained QoS 1/2 write fails fast: an MQTT 5 client
+// gets PUBACK 0x83 (implementation specific error) with a reason string;
+// an MQTT 3.1.1 client gets no PUBACK and resends. QoS 0 retained writes
+// are proposed in the background, best effort.
+type Retained struct {
+	mqtt.HookBase
+	server  *mqtt.Server
+	repl    *replication.Node
+	timeout time.Duration
+	metrics *Metrics
+	log     *slog.Logger
+}
+
+// NewRetained returns the hook; timeout bounds each replicated write.
+// SetReplication must be called before the server serves.
+func NewRetained(s *mqtt.Server, timeout time.Duration, m *Metrics, log *slog.Logger) *Retained {
+	return &Retained{server: s, timeout: timeout, metrics: m, log: log.With("component", "retained")}
+}
+
+// SetReplication attaches the raft node (it is built once the cluster port
+// is bound, after the hooks).
+func (h *Retained) SetReplication(r *replication.Node) { h.repl = r }
+
+// ID implements mqtt.Hook.
+func (h *Retained) ID() string { return "replicated-retained" }
+
+// Provides implements mqtt.Hook.
+func (h *Retained) Provides(b byte) bool {
+	return b == mqtt.OnPublish || b == mqtt.OnRetainMessage
+}
+
+// OnPublish replicates a local retained publish before mochi acknowledges it.
+func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if !pk.FixedHeader.Retain || cl.Net.Inline || pk.Ignore {
+		return pk, nil
+	}
+	cmd := retainCommand(pk, time.Now())
+	if pk.FixedHeader.Qos == 0 {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
+			defer cancel()
+			if _, err := h.repl.Apply(ctx, cmd); err != nil {
+				h.metrics.retainedFailed(err)
+				h.log.Warn("QoS 0 retained message not replicated", "topic", pk.TopicName, "error", err)
+			}
+		}()
+		return pk, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
+	defer cancel()
+	if _, err := h.repl.Apply(ctx, cmd); err != nil {
+		h.metrics.retainedFailed(err)
+		h.log.Warn("retained message not replicated; not acknowledged", "client", cl.ID, "topic", pk.TopicName, "error", err)
+		if cl.Properties.ProtocolVersion < 5 {
+			return pk, packets.ErrRejectPacket // no PUBACK: the client resends
+		}
+		code := packets.ErrImplementationSpecificError
+		if errors.Is(err, replication.ErrTooLarge) {
+			code = packets.ErrQuotaExceeded
+		}
+		code.Reason = "retained message not replicated: " + err.Error()
+		return pk, code
+	}
+	return pk, nil
+}
+
+// OnRetainMessage re-asserts the committed value after mochi stored a copy
+// of its own (see the type comment).
+func (h *Retained) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
+	h.assert(pk.TopicName)
+}
+
+func (h *Retained) assert(topic string) {
+	if m, ok := h.repl.RetainedMessage(topic); ok && !m.Expired(time.Now()) {
+		h.server.Topics.RetainMessage(retainedPacket(m))
+	} else {
+		h.server.Topics.RetainMessage(clearPacket(topic))
+	}
+	atomic.StoreInt64(&h.server.Info.Retained, int64(h.server.Topics.Retained.Len()))
+}
+
+// Apply is the replication observer: a committed change, in log order.
+func (h *Retained) Apply(ch replication.RetainedChange) {
+	if ch.Cleared {
+		h.server.Topics.RetainMessage(clearPacket(ch.Topic))
+	} else {
+		h.server.Topics.RetainMessage(retainedPacket(ch.Msg))
+	}
+	atomic.StoreInt64(&h.server.Info.Retained, int64(h.server.Topics.Retained.Len()))
+}
+
+// Resync replaces the local retained index with the replicated state,
+// after a snapshot restore (including at start-up).
+func (h *Retained) Resync() {
+	want := map[string]bool{}
+	now := time.Now()
+	for _, m := range h.repl.Retained() {
+		if m.Expired(now) {
+			continue
+		}
+		want[m.Topic] = true
+		h.server.Topics.RetainMessage(retainedPacket(m))
+	}
+	for _, pk := range h.server.Topics.Retained.GetAll() {
+		if !want[pk.TopicName] {
+			h.server.Topics.RetainMessage(clearPacket(pk.TopicName))
+		}
+	}
+	atomic.StoreInt64(&h.server.Info.Retained, int64(h.server.Topics.Retained.Len()))
+}
+
+func retainCommand(pk packets.Packet, now time.Time) replication.Command {
+	if len(pk.Payload) == 0 {
+		return &replication.RetainClear{Topic: pk.TopicName}
+	}
+	p := pk.Properties
+	m := replication.RetainedMessage{
+		Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos,
+		PayloadFormat: p.PayloadFormat, ContentType: p.ContentType, ResponseTopic: p.ResponseTopic,
+		CorrelationData: p.CorrelationData, Created: now.UnixMilli(),
+	}
+	if p.MessageExpiryInterval > 0 {
+		m.Expires = now.UnixMilli() + int64(p.MessageExpiryInterval)*1000
+	}
+	for _, u := range p.User {
+		m.UserProperties = append(m.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+	}
+	return &replication.RetainSet{Msg: m}
+}
+
+// retainedPacket builds the packet mochi keeps in its retained index. The
+// protocol version is 5 so mochi enforces the message expiry.
+func retainedPacket(m replication.RetainedMessage) packets.Packet {
+	pk := packets.Packet{
+		FixedHeader:     packets.FixedHeader{Type: packets.Publish, Retain: true, Qos: m.QoS},
+		TopicName:       m.Topic,
+		Payload:         m.Payload,
+		Created:         m.Created / 1000,
+		ProtocolVersion: 5,
+		Properties: packets.Properties{
+			PayloadFormat:     m.PayloadFormat,
+			PayloadFormatFlag: m.PayloadFormat != 0,
+			ContentType:       m.ContentType,
+			ResponseTopic:     m.ResponseTopic,
+			CorrelationData:   m.CorrelationData,
+		},
+	}
+	if m.Expires > 0 {
+		pk.Expiry = (m.Expires + 999) / 1000
+	}
+	for _, u := range m.UserProperties {
+		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
+	}
+	return pk
+}
+
+func clearPacket(topic string) packets.Packet {
+	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}, TopicName: topic}
+}
