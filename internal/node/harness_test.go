@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/mqtt-ha/broker/cluster"
-	"github.com/mqtt-ha/broker/replication"
 	"github.com/mqtt-ha/broker/internal/testutil"
+	"github.com/mqtt-ha/broker/replication"
 )
 
 // testCluster runs N full broker nodes (mochi, hooks, cluster) in this

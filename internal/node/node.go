@@ -50,7 +50,7 @@ type Node struct {
 	raftAddr        string
 	initialHasState bool
 	stopped         chan struct{} // closed when the node stops; ends background loops
-	tls         *certReloader
+	tls             *certReloader
 
 	listeners []*hooks.Listener
 	httpLn    net.Listener

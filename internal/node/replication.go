@@ -143,4 +143,3 @@ func (n *Node) ClusterStatus() ClusterInfo {
 	}
 	return ci
 }
-
