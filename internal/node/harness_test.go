@@ -21,6 +21,7 @@ type testCluster struct {
 	seed  string // gossip address of the first node
 	// expect is every node's --bootstrap-expect: the initial cluster size.
 	expect int
+	cfgs   map[string]Config // the last configuration of each node, bound addresses filled in
 }
 
 func testLogger() *slog.Logger {
@@ -51,7 +52,7 @@ func fastRaft(c *replication.Config) {
 }
 
 func newTestCluster(t testing.TB, ids ...string) *testCluster {
-	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids)}
+	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}}
 	for _, id := range ids {
 		tc.start(id)
 	}
@@ -73,6 +74,26 @@ func (tc *testCluster) start(id string) *Node {
 	if tc.seed != "" {
 		cfg.Join = []string{tc.seed}
 	}
+	return tc.run(id, cfg)
+}
+
+// restart starts node id again from its data directory, on the same
+// addresses (raft knows its peers by address, as by DNS name in Kubernetes).
+// It does not wait for the node to be ready.
+func (tc *testCluster) restart(id string) *Node {
+	tc.t.Helper()
+	cfg := tc.cfgs[id]
+	cfg.Join = nil
+	for other, c := range tc.cfgs {
+		if other != id {
+			cfg.Join = append(cfg.Join, c.GossipAddr)
+		}
+	}
+	return tc.run(id, cfg)
+}
+
+func (tc *testCluster) run(id string, cfg Config) *Node {
+	tc.t.Helper()
 	n, err := New(cfg)
 	if err != nil {
 		tc.t.Fatalf("node %s: %v", id, err)
@@ -84,6 +105,9 @@ func (tc *testCluster) start(id string) *Node {
 		tc.seed = n.ClusterStatus().GossipAddr
 	}
 	tc.nodes[id] = n
+	cfg.MQTTAddr, cfg.HTTPAddr = n.Addr("mqtt"), n.Addr("http")
+	cfg.GossipAddr, cfg.ClusterAddr = n.ClusterStatus().GossipAddr, n.ClusterStatus().ClusterAddr
+	tc.cfgs[id] = cfg
 	tc.t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -127,6 +151,32 @@ func (tc *testCluster) waitRoutes(t testing.TB, at, of string, n int) {
 			return nil // the member is gone, and its routes with it
 		}
 		return fmt.Errorf("%s does not know %s", at, of)
+	})
+}
+
+// stop shuts node id down gracefully and forgets it (restart brings it back).
+func (tc *testCluster) stop(id string) {
+	tc.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := tc.nodes[id].Shutdown(ctx); err != nil {
+		tc.t.Fatalf("shutdown %s: %v", id, err)
+	}
+	delete(tc.nodes, id)
+}
+
+// waitReady waits until every running node's readiness checks pass.
+func (tc *testCluster) waitReady() {
+	tc.t.Helper()
+	testutil.Eventually(tc.t, 20*time.Second, func() error {
+		for id, n := range tc.nodes {
+			for _, c := range n.checks {
+				if err := c.check(); err != nil {
+					return fmt.Errorf("%s %s: %w", id, c.name, err)
+				}
+			}
+		}
+		return nil
 	})
 }
 

@@ -1,0 +1,100 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
+)
+
+// lateRetained connects a fresh client to node id and returns the payloads
+// of the retained messages it is served for filter ("" when none arrives).
+func lateRetained(t *testing.T, tc *testCluster, id, filter string) (string, error) {
+	c, err := testutil.TryConnect(tc.nodes[id].Addr("mqtt"), testutil.ClientOptions{ID: "late-" + id, CleanStart: true})
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.Sub(t, 1, filter)
+	p, err := c.Next(500 * time.Millisecond)
+	if err != nil {
+		return "", nil
+	}
+	if !p.Retain {
+		return "", fmt.Errorf("%s: message without the retain flag", id)
+	}
+	return string(p.Payload), nil
+}
+
+func TestRetainedSurvivesFullClusterRestart(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	pub := tc.client("n2", "pub")
+	pub.Pub(t, "homeassistant/sensor/a/config", 1, true, []byte("cfg-a"))
+	pub.Pub(t, "homeassistant/sensor/b/config", 1, true, []byte("cfg-b"))
+	pub.Pub(t, "homeassistant/sensor/b/config", 1, true, nil) // cleared
+	pub.Close()
+
+	for _, id := range []string{"n1", "n2", "n3"} {
+		tc.stop(id)
+	}
+	for _, id := range []string{"n1", "n2", "n3"} {
+		tc.restart(id)
+	}
+	tc.waitReady()
+	for _, id := range []string{"n1", "n2", "n3"} {
+		testutil.Eventually(t, wait, func() error {
+			got, err := lateRetained(t, tc, id, "homeassistant/sensor/a/config")
+			if err != nil || got != "cfg-a" {
+				return fmt.Errorf("%s serves %q (%v), want cfg-a", id, got, err)
+			}
+			return nil
+		})
+		if got, err := lateRetained(t, tc, id, "homeassistant/sensor/b/config"); err != nil || got != "" {
+			t.Fatalf("%s serves %q (%v) for a cleared topic", id, got, err)
+		}
+	}
+}
+
+func TestRetainedWriteWithoutQuorumFailsFast(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	sub := tc.client("n3", "sub")
+	sub.Sub(t, 0, "plain/#")
+	pub := tc.client("n3", "pub")
+
+	tc.nodes["n1"].Kill()
+	tc.nodes["n2"].Kill()
+	delete(tc.nodes, "n1")
+	delete(tc.nodes, "n2")
+
+	// A retained QoS 1 write needs the log: it is refused with a reason
+	// code, within the write timeout, and never hangs.
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*replicatedWriteTimeout)
+	defer cancel()
+	res, err := pub.Publish(ctx, &paho.Publish{Topic: "state/x", QoS: 1, Retain: true, Payload: []byte("v")})
+	if res == nil || res.ReasonCode < 0x80 {
+		t.Fatalf("retained write without quorum acknowledged: %+v %v", res, err)
+	}
+	if took := time.Since(start); took > 2*replicatedWriteTimeout {
+		t.Errorf("refusal took %s", took)
+	}
+	if res.Properties == nil || !strings.Contains(res.Properties.ReasonString, "not replicated") {
+		t.Errorf("reason string %+v does not say why", res.Properties)
+	}
+	// Plain traffic on the minority side keeps flowing.
+	pub.Pub(t, "plain/1", 0, false, []byte("still-here"))
+	if p := sub.MustNext(t, wait); string(p.Payload) != "still-here" {
+		t.Fatalf("got %q", p.Payload)
+	}
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		t.Logf("paho error (expected with a failure code): %v", err)
+	}
+}
