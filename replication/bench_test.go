@@ -13,7 +13,7 @@ import (
 )
 
 // BenchmarkApply measures retained writes through raft on a three-node
-// in-process cluster (real bbolt files, real fsyncs, TCP on 127.0.0.1) with
+// in-process cluster (real bolt files, real fsyncs, TCP on 127.0.0.1) with
 // many parallel callers. Reported:
 //
 //	cmds/s        commands committed per second (what clients see)

@@ -1,5 +1,5 @@
 // Package replication owns everything under consensus: a hashicorp/raft
-// node with a bbolt log and stable store and file snapshots under the data
+// node with a raft-boltdb log and stable store and file snapshots under the data
 // dir, the state machine (retained messages and client-id ownership), its
 // append-only command codec, group commit, leader forwarding, bootstrap
 // (bootstrap_expect) and membership, and plain read APIs.
