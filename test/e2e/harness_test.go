@@ -49,7 +49,7 @@ func runMain(m *testing.M) int {
 	brokerBin = filepath.Join(dir, "broker")
 	args := []string{"build", "-o", brokerBin}
 	if os.Getenv("E2E_RACE") == "1" {
-		args = append(args, "-race")
+		args = append(args, "-race", "-gcflags=all=-d=checkptr=0") // see replication/logstore.go
 	}
 	args = append(args, "github.com/mqtt-ha/broker/cmd/broker")
 	build := exec.Command("go", args...)
