@@ -47,6 +47,7 @@ type Node struct {
 	clusterHook     *hooks.Cluster
 	repl            *replication.Node
 	retainedHook    *hooks.Retained
+	ownershipHook   *hooks.Ownership
 	raftAddr        string
 	initialHasState bool
 	stopped         chan struct{} // closed when the node stops; ends background loops
@@ -111,6 +112,7 @@ func New(cfg Config) (_ *Node, err error) {
 	}
 	n.clusterHook = hooks.NewCluster(n.mqtt, log)
 	n.retainedHook = hooks.NewRetained(n.mqtt, replicatedWriteTimeout, metrics, log)
+	n.ownershipHook = hooks.NewOwnership(n.mqtt, cfg.NodeID, replicatedWriteTimeout, log)
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.
 	for _, h := range []mqtt.Hook{
@@ -119,6 +121,7 @@ func New(cfg Config) (_ *Node, err error) {
 		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, cfg.MaxPacketSize, log.With("component", "mqtt")),
 		hooks.NewQueueOrder(n.mqtt),
 		n.retainedHook,
+		n.ownershipHook,
 		n.clusterHook,
 	} {
 		if err := n.mqtt.AddHook(h, nil); err != nil {

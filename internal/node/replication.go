@@ -63,6 +63,7 @@ func (n *Node) startReplication(ctx context.Context) error {
 		},
 		OnRetained:      n.retainedHook.Apply,
 		OnRestore:       n.retainedHook.Resync,
+		OnOwner:         n.ownershipHook.Apply,
 		MaxCommandBytes: n.cfg.ReplicatedSizeLimit,
 		Logger:          n.cfg.Logger,
 		Registerer:      n.reg,
@@ -75,6 +76,7 @@ func (n *Node) startReplication(ctx context.Context) error {
 		return fmt.Errorf("replication: %w", err)
 	}
 	n.retainedHook.SetReplication(n.repl)
+	n.ownershipHook.SetReplication(n.repl, n.stopped)
 	if err := n.repl.Start(ctx); err != nil {
 		return fmt.Errorf("start replication: %w", err)
 	}

@@ -98,3 +98,40 @@ func TestRetainedWriteWithoutQuorumFailsFast(t *testing.T) {
 		t.Logf("paho error (expected with a failure code): %v", err)
 	}
 }
+
+// TestClientIDTakeoverAcrossNodes: the same client id connecting to
+// another node takes over; the old connection gets DISCONNECT 0x8E and the
+// new one stays up (guarantee 3, live-connection half).
+func TestClientIDTakeoverAcrossNodes(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	first := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "car-1", CleanStart: true})
+	// The first connection's claim must be committed before the second
+	// connects, or the second claim could legitimately land first.
+	testutil.Eventually(t, wait, func() error {
+		if o, ok := tc.nodes["n2"].repl.Owner("car-1"); !ok || o.Node != "n1" {
+			return fmt.Errorf("owner of car-1 is %+v, want n1", o)
+		}
+		return nil
+	})
+	second := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "car-1", CleanStart: true})
+	select {
+	case d := <-first.Disconnects:
+		if d.ReasonCode != 0x8E {
+			t.Fatalf("old connection got DISCONNECT 0x%02x, want 0x8E", d.ReasonCode)
+		}
+	case <-time.After(wait):
+		t.Fatal("old connection was not disconnected")
+	}
+	// The new owner keeps working.
+	second.Sub(t, 1, "cars/1/#")
+	second.Pub(t, "cars/1/state", 1, false, []byte("driving"))
+	if p := second.MustNext(t, wait); string(p.Payload) != "driving" {
+		t.Fatalf("got %q", p.Payload)
+	}
+	select {
+	case d := <-second.Disconnects:
+		t.Fatalf("new connection disconnected too: 0x%02x", d.ReasonCode)
+	default:
+	}
+}

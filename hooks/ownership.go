@@ -1,0 +1,187 @@
+package hooks
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Ownership keeps at most one live connection per client id cluster-wide:
+// every session established here claims the client id in the raft log
+// (ClaimOwner); every node watches the committed claims (Apply) and
+// disconnects its own connection for a client id that a later claim gave to
+// another node, with MQTT 5 reason 0x8E (session taken over).
+//
+// The claim is made after CONNACK and does not delay it. Without a quorum
+// the claim fails and the connection stays up: ownership is then best
+// effort and settles when the log is writable again (the client's next
+// connect claims again). Only a connection whose own claim has been applied
+// here is ever disconnected, and only by a claim with a higher epoch, so two
+// nodes racing for one id cannot both drop their clients: the later claim
+// in log order wins.
+//
+// Not yet: moving a persistent session's queue with the takeover (the old
+// node keeps its offline copy) and throttling clients that flap between
+// nodes.
+type Ownership struct {
+	mqtt.HookBase
+	server  *mqtt.Server
+	self    string
+	repl    *replication.Node
+	timeout time.Duration
+	log     *slog.Logger
+
+	mu sync.Mutex
+	// owned: client id -> this node's committed claim for its live
+	// connection. latestOther: the highest epoch another node claimed for a
+	// client id that has a live connection here (bounded by local clients).
+	owned       map[string]owned
+	latestOther map[string]uint64
+	claims      chan claim
+}
+
+type owned struct {
+	cl    *mqtt.Client
+	epoch uint64
+}
+
+type claim struct {
+	cl      *mqtt.Client
+	release bool
+}
+
+// NewOwnership returns the hook for node self.
+func NewOwnership(s *mqtt.Server, self string, timeout time.Duration, log *slog.Logger) *Ownership {
+	return &Ownership{server: s, self: self, timeout: timeout, log: log.With("component", "ownership"),
+		owned: map[string]owned{}, latestOther: map[string]uint64{}, claims: make(chan claim, 4096)}
+}
+
+// SetReplication attaches the raft node and starts the claim workers.
+func (h *Ownership) SetReplication(r *replication.Node, stop <-chan struct{}) {
+	h.repl = r
+	// A few workers: claims of different clients are batched together by
+	// the replication layer's group commit.
+	for range 4 {
+		go h.work(stop)
+	}
+}
+
+// ID implements mqtt.Hook.
+func (h *Ownership) ID() string { return "ownership" }
+
+// Provides implements mqtt.Hook.
+func (h *Ownership) Provides(b byte) bool {
+	return b == mqtt.OnSessionEstablished || b == mqtt.OnDisconnect
+}
+
+// OnSessionEstablished queues the claim for the new connection.
+func (h *Ownership) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	h.enqueue(claim{cl: cl})
+}
+
+// OnDisconnect releases the client id if this connection still holds it,
+// unless the connection was taken over (the new owner holds it then).
+func (h *Ownership) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if cl.Net.Inline || cl.StopCause() == packets.ErrSessionTakenOver {
+		return
+	}
+	h.enqueue(claim{cl: cl, release: true})
+}
+
+func (h *Ownership) enqueue(c claim) {
+	select {
+	case h.claims <- c:
+	default:
+		h.log.Warn("ownership queue full; client id not claimed", "client", c.cl.ID)
+	}
+}
+
+func (h *Ownership) work(stop <-chan struct{}) {
+	for {
+		select {
+		case <-stop:
+			return
+		case c := <-h.claims:
+			h.do(c)
+		}
+	}
+}
+
+func (h *Ownership) do(c claim) {
+	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
+	defer cancel()
+	if c.release {
+		h.mu.Lock()
+		o, ok := h.owned[c.cl.ID]
+		if ok && o.cl == c.cl {
+			delete(h.owned, c.cl.ID)
+			delete(h.latestOther, c.cl.ID)
+		}
+		h.mu.Unlock()
+		if ok && o.cl == c.cl {
+			_, _ = h.repl.Apply(ctx, &replication.ReleaseOwner{ClientID: c.cl.ID, Node: h.self, Epoch: o.epoch})
+		}
+		return
+	}
+	if c.cl.Closed() {
+		return
+	}
+	res, err := h.repl.Apply(ctx, &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: time.Now().UnixMilli()})
+	if err != nil {
+		h.log.Warn("client id not claimed; ownership is best effort until the log is writable", "client", c.cl.ID, "error", err)
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if cur, ok := h.server.Clients.Get(c.cl.ID); !ok || cur != c.cl || c.cl.Closed() {
+		return // gone or replaced meanwhile; its successor claims for itself
+	}
+	if o, had := h.owned[c.cl.ID]; had && o.epoch > res.Epoch {
+		return
+	}
+	h.owned[c.cl.ID] = owned{cl: c.cl, epoch: res.Epoch}
+	// The observer may already have applied a later claim by another node.
+	if h.latestOther[c.cl.ID] > res.Epoch {
+		h.disconnectLocked(c.cl.ID)
+	}
+}
+
+// Apply is the replication observer for ownership changes, in log order.
+func (h *Ownership) Apply(ch replication.OwnerChange) {
+	if ch.Owner.Node == "" || ch.Owner.Node == h.self {
+		return
+	}
+	if cl, ok := h.server.Clients.Get(ch.ClientID); !ok || cl.Closed() {
+		return // no live connection here to fence
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.latestOther[ch.ClientID] = max(h.latestOther[ch.ClientID], ch.Owner.Epoch)
+	if o, ok := h.owned[ch.ClientID]; ok && o.epoch < ch.Owner.Epoch {
+		h.disconnectLocked(ch.ClientID)
+	}
+}
+
+// disconnectLocked drops this node's connection for id; the caller holds mu.
+func (h *Ownership) disconnectLocked(id string) {
+	o, ok := h.owned[id]
+	if !ok {
+		return
+	}
+	delete(h.owned, id)
+	delete(h.latestOther, id)
+	cl := o.cl
+	h.log.Info("client id taken over by another node; disconnecting", "client", id)
+	// Off the observer goroutine: DisconnectClient writes to the socket
+	// and runs mochi hooks, which must not block the raft apply loop.
+	// The client lives on elsewhere: no will for this connection.
+	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+	go func() { _ = h.server.DisconnectClient(cl, packets.ErrSessionTakenOver) }()
+}
