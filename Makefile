@@ -25,7 +25,7 @@ run: build
 	./scripts/run-cluster.sh $(BIN)
 
 ## test: everything CI runs: static checks, then unit, in-process and e2e tests with -race.
-test: test-deps fmt-check vet deps-check tidy-check
+test: test-deps lint tidy-check
 	$(GO) test $(RACE) -count=1 -timeout 20m ./...
 
 unit:
