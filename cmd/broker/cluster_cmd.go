@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,11 +18,11 @@ import (
 // clusterCmd runs `broker cluster status`: it asks a running node's HTTP
 // endpoint (/api/cluster) and prints the members as a table.
 func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] != "status" {
-		fmt.Fprintln(stderr, "usage: broker cluster status [--http-addr host:port]")
+	if len(args) == 0 || (args[0] != "status" && args[0] != "remove-node") {
+		fmt.Fprintln(stderr, "usage: broker cluster status [--http-addr host:port] [--json]\n       broker cluster remove-node [--http-addr host:port] NODE-ID")
 		return 2
 	}
-	fs := flag.NewFlagSet("broker cluster status", flag.ContinueOnError)
+	fs := flag.NewFlagSet("broker cluster "+args[0], flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	def := "127.0.0.1:8080"
 	if v := getenv("BROKER_HTTP_ADDR"); v != "" {
@@ -35,6 +36,13 @@ func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 	host := *addr
 	if strings.HasPrefix(host, ":") {
 		host = "127.0.0.1" + host
+	}
+	if args[0] == "remove-node" {
+		if fs.NArg() != 1 {
+			fmt.Fprintln(stderr, "usage: broker cluster remove-node [--http-addr host:port] NODE-ID")
+			return 2
+		}
+		return removeNode(host, fs.Arg(0), stdout, stderr)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -91,4 +99,25 @@ func printStatus(w io.Writer, st node.ClusterInfo) {
 			m.MQTTPort, m.Routes, conn, m.QueueDepth, m.Forwarded, m.Dropped)
 	}
 	_ = tw.Flush()
+}
+
+// removeNode asks a running node to remove id from the raft configuration.
+func removeNode(host, id string, stdout, stderr io.Writer) int {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost,
+		"http://"+host+"/api/cluster/remove-node?id="+url.QueryEscape(id), nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: cannot reach the node at %s: %v (is it running? pass --http-addr)\n", host, err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "broker: %s", body)
+		return 1
+	}
+	_, _ = stdout.Write(body)
+	return 0
 }

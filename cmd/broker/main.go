@@ -53,6 +53,8 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 const usage = `Usage:
   broker [serve] [flags]   run a broker node (the default; 'broker serve -h' lists the flags)
   broker cluster status    show the cluster as a running node sees it (--http-addr)
+  broker cluster remove-node ID
+                           remove a dead node from the raft configuration
   broker version           print the version
 `
 

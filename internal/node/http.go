@@ -1,11 +1,13 @@
 package node
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/pprof"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -23,6 +25,28 @@ func (n *Node) routes() http.Handler {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(n.ClusterStatus())
+	})
+	// Admin: remove a dead node from the raft configuration for good (the
+	// only way a member is removed besides a graceful leave). POST only, so
+	// a stray GET from a browser or a probe cannot do it.
+	mux.HandleFunc("POST /api/cluster/remove-node", func(w http.ResponseWriter, r *http.Request) {
+		id := r.URL.Query().Get("id")
+		if id == "" {
+			http.Error(w, "missing ?id=<node id>", http.StatusBadRequest)
+			return
+		}
+		if n.repl == nil {
+			http.Error(w, "replication not started", http.StatusServiceUnavailable)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+		defer cancel()
+		if err := n.repl.RemoveServer(ctx, id); err != nil {
+			http.Error(w, fmt.Sprintf("remove %s: %v", id, err), http.StatusConflict)
+			return
+		}
+		n.log.Warn("node removed from the raft configuration by an operator", "removed", id)
+		fmt.Fprintf(w, "removed %s\n", id)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{Registry: n.reg}))
 	if n.cfg.Pprof {

@@ -284,3 +284,26 @@ func (b *Broker) raftView() (raftView, error) {
 	}
 	return v.Raft, json.Unmarshal([]byte(body), &v)
 }
+
+// TestClusterRemoveNode: a dead node leaves the raft configuration only
+// when an operator says so (`broker cluster remove-node`), never because it
+// vanished from gossip.
+func TestClusterRemoveNode(t *testing.T) {
+	t.Parallel()
+	nodes := startCluster(t, 3)
+	waitVoters(t, nodes, 3)
+	nodes[2].Kill()
+	waitAlive(t, nodes[:2], 2)
+	// Gone from membership, still a voter.
+	if v, err := nodes[0].raftView(); err != nil || len(v.Voters) != 3 {
+		t.Fatalf("voters after the kill: %+v %v; a dead node must stay until removed", v.Voters, err)
+	}
+	r := runCmd(t, cliTimeout, nil, "", brokerBin, "cluster", "remove-node", "--http-addr", nodes[1].HTTPAddr, nodes[2].ID)
+	mustSucceed(t, r)
+	waitVoters(t, nodes[:2], 2)
+	r = runCmd(t, cliTimeout, nil, "", brokerBin, "cluster", "status", "--http-addr", nodes[0].HTTPAddr)
+	mustSucceed(t, r)
+	if !strings.Contains(r.Stdout, "voters [node1 node2]") {
+		t.Fatalf("status does not show the two remaining voters:\n%s", r.Stdout)
+	}
+}
