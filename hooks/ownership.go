@@ -44,7 +44,9 @@ type Ownership struct {
 	// client id that has a live connection here (bounded by local clients).
 	owned       map[string]owned
 	latestOther map[string]uint64
+	takeovers   map[string][]time.Time // recent takeovers away from this node, for flap throttling
 	claims      chan claim
+	stop        <-chan struct{}
 }
 
 type owned struct {
@@ -55,17 +57,31 @@ type owned struct {
 type claim struct {
 	cl      *mqtt.Client
 	release bool
+	retry   bool
 }
+
+// claimRetry is how often a claim that could not be committed is retried.
+const claimRetry = 2 * time.Second
+
+// Flap throttling: a client id taken over from this node flapMax times
+// within flapWindow (two instances with one id, reconnecting in turn on two
+// nodes) is refused here for flapWindow, so the other instance keeps its
+// connection instead of both ping-ponging forever.
+const (
+	flapMax    = 3
+	flapWindow = time.Minute
+)
 
 // NewOwnership returns the hook for node self.
 func NewOwnership(s *mqtt.Server, self string, timeout time.Duration, log *slog.Logger) *Ownership {
 	return &Ownership{server: s, self: self, timeout: timeout, log: log.With("component", "ownership"),
-		owned: map[string]owned{}, latestOther: map[string]uint64{}, claims: make(chan claim, 4096)}
+		owned: map[string]owned{}, latestOther: map[string]uint64{}, takeovers: map[string][]time.Time{},
+		claims: make(chan claim, 4096)}
 }
 
 // SetReplication attaches the raft node and starts the claim workers.
 func (h *Ownership) SetReplication(r *replication.Node, stop <-chan struct{}) {
-	h.repl = r
+	h.repl, h.stop = r, stop
 	// A few workers: claims of different clients are batched together by
 	// the replication layer's group commit.
 	for range 4 {
@@ -78,7 +94,43 @@ func (h *Ownership) ID() string { return "ownership" }
 
 // Provides implements mqtt.Hook.
 func (h *Ownership) Provides(b byte) bool {
-	return b == mqtt.OnSessionEstablished || b == mqtt.OnDisconnect
+	return b == mqtt.OnConnect || b == mqtt.OnSessionEstablished || b == mqtt.OnDisconnect
+}
+
+// OnConnect refuses a client id that keeps being taken over from this node
+// (see flapMax). MQTT 5 gets 0x97 (quota exceeded), 3.1.1 "server
+// unavailable"; the client's other instance, on another node, stays up.
+func (h *Ownership) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	h.mu.Lock()
+	recent := h.recentTakeoversLocked(cl.ID, time.Now())
+	h.mu.Unlock()
+	if recent < flapMax {
+		return nil
+	}
+	h.log.Warn("client id flapping between nodes; connection refused here for a while", "client", cl.ID,
+		"takeovers", recent, "window", flapWindow)
+	code := packets.ErrQuotaExceeded
+	if cl.Properties.ProtocolVersion < 5 {
+		code = packets.ErrServerUnavailable
+	}
+	_ = h.server.SendConnack(cl, code, false, nil)
+	return code
+}
+
+// recentTakeoversLocked prunes and counts id's takeovers within flapWindow.
+func (h *Ownership) recentTakeoversLocked(id string, now time.Time) int {
+	ts := h.takeovers[id]
+	i := 0
+	for i < len(ts) && now.Sub(ts[i]) > flapWindow {
+		i++
+	}
+	ts = ts[i:]
+	if len(ts) == 0 {
+		delete(h.takeovers, id)
+	} else {
+		h.takeovers[id] = ts
+	}
+	return len(ts)
 }
 
 // OnSessionEstablished queues the claim for the new connection.
@@ -135,7 +187,20 @@ func (h *Ownership) do(c claim) {
 	}
 	res, err := h.repl.Apply(ctx, &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: time.Now().UnixMilli()})
 	if err != nil {
-		h.log.Warn("client id not claimed; ownership is best effort until the log is writable", "client", c.cl.ID, "error", err)
+		if !c.retry {
+			h.log.Warn("client id not claimed; retrying until the log is writable", "client", c.cl.ID, "error", err)
+		}
+		// Reconciliation after a partition: the claim is retried while the
+		// connection lives, so once a quorum is back the later of two
+		// connections made on either side wins.
+		go func() {
+			select {
+			case <-time.After(claimRetry):
+				c.retry = true
+				h.enqueue(c)
+			case <-h.stop:
+			}
+		}()
 		return
 	}
 	h.mu.Lock()
@@ -177,6 +242,11 @@ func (h *Ownership) disconnectLocked(id string) {
 	}
 	delete(h.owned, id)
 	delete(h.latestOther, id)
+	h.recentTakeoversLocked(id, time.Now())
+	h.takeovers[id] = append(h.takeovers[id], time.Now())
+	if len(h.takeovers) > 100_000 { // bounded even under an id-cycling storm
+		clear(h.takeovers)
+	}
 	cl := o.cl
 	h.log.Info("client id taken over by another node; disconnecting", "client", id)
 	// Off the observer goroutine: DisconnectClient writes to the socket

@@ -135,3 +135,40 @@ func TestClientIDTakeoverAcrossNodes(t *testing.T) {
 	default:
 	}
 }
+
+// TestFlappingClientIDIsThrottled: two instances of one client id that keep
+// taking each other over on two nodes are stopped: after flapMax takeovers
+// away from n1, n1 refuses that id for a while and n2's connection stays.
+func TestFlappingClientIDIsThrottled(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	connect := func(node string) (*testutil.Client, error) {
+		c, err := testutil.TryConnect(tc.nodes[node].Addr("mqtt"), testutil.ClientOptions{ID: "twin", CleanStart: true})
+		if err != nil {
+			return nil, err
+		}
+		t.Cleanup(c.Close)
+		testutil.Eventually(t, wait, func() error {
+			if o, ok := tc.nodes["n3"].repl.Owner("twin"); !ok || o.Node != node {
+				return fmt.Errorf("owner is %+v, want %s", o, node)
+			}
+			return nil
+		})
+		return c, nil
+	}
+	for range 3 {
+		if _, err := connect("n1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := connect("n2"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// n1 has lost "twin" three times: it refuses it now.
+	_, err := testutil.TryConnect(tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "twin", CleanStart: true})
+	if err == nil || !strings.Contains(err.Error(), "CONNECT") {
+		t.Fatalf("flapping client id accepted on n1: %v", err)
+	}
+	// Other client ids are unaffected.
+	tc.client("n1", "calm")
+}
