@@ -66,7 +66,7 @@ func (tc *testCluster) start(id string) *Node {
 		NodeID: id, DataDir: tc.t.TempDir(),
 		MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0",
 		GossipAddr: "127.0.0.1:0", ClusterAddr: "127.0.0.1:0", AdvertiseHost: "127.0.0.1",
-		AllowAnonymous: true, MaxPacketSize: 1 << 20, MaxQueuedMessages: 1000, MaxKeepalive: 65535,
+		AllowAnonymous: true, MaxPacketSize: 4 << 20, MaxQueuedMessages: 1000, MaxKeepalive: 65535,
 		RetainAvailable: true, ConnectTimeout: 5 * time.Second, ShutdownTimeout: 5 * time.Second,
 		Logger: testLogger(), ClusterTuning: fastCluster, ReplicationTuning: fastRaft,
 		BootstrapExpect: tc.expect,

@@ -172,3 +172,25 @@ func TestFlappingClientIDIsThrottled(t *testing.T) {
 	// Other client ids are unaffected.
 	tc.client("n1", "calm")
 }
+
+// TestRetainedOverReplicatedCapIsRefused: a retained message larger than
+// the replicated-size cap is refused with a reason code, while the same
+// payload without the retain flag (plain forwarding, 256 MB limit) passes.
+func TestRetainedOverReplicatedCapIsRefused(t *testing.T) {
+	tc := newTestCluster(t, "n1")
+	tc.waitReady()
+	pub := tc.client("n1", "pub")
+	sub := tc.client("n1", "sub")
+	sub.Sub(t, 1, "big/#")
+	big := make([]byte, 2<<20) // over the 1 MB default cap
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	res, _ := pub.Publish(ctx, &paho.Publish{Topic: "big/retained", QoS: 1, Retain: true, Payload: big})
+	if res == nil || res.ReasonCode != 0x97 {
+		t.Fatalf("over-cap retained write: %+v, want PUBACK 0x97", res)
+	}
+	pub.Pub(t, "big/plain", 1, false, big)
+	if p := sub.MustNext(t, wait); p.Topic != "big/plain" || len(p.Payload) != len(big) {
+		t.Fatalf("got %s (%d bytes)", p.Topic, len(p.Payload))
+	}
+}
