@@ -294,6 +294,10 @@ func (n *Node) advertiseIP(ctx context.Context, bindHost string) (string, error)
 	return "", fmt.Errorf("resolve advertise host %q: no address", h)
 }
 
+// leaveDrain is how long a graceful Close waits between telling peers it
+// is leaving and announcing the leave through memberlist.
+const leaveDrain = 250 * time.Millisecond
+
 // Close leaves the cluster gracefully (peers drop our routes at once instead
 // of waiting for failure detection), closes every connection and waits for
 // the node's goroutines. Queued messages are dropped. Idempotent.
@@ -317,6 +321,12 @@ func (n *Node) shutdown(graceful bool) error {
 	if ml != nil {
 		if graceful {
 			n.announceLeave(ml)
+			// SendReliable returns once the intent is written, not once the
+			// peer has handled it, and memberlist's own leave travels by UDP
+			// gossip, which can overtake it: a peer would then report this
+			// departure as a failure. A short drain, as Consul's
+			// leave_drain_time, lets the intents land first.
+			time.Sleep(leaveDrain)
 			// A leave that times out is not a failure of Close: peers then
 			// detect the departure as a failure, a few seconds later.
 			if err := ml.Leave(n.cfg.LeaveTimeout); err != nil {
