@@ -1,0 +1,443 @@
+package chaos
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// brokerBin is the broker binary TestMain builds once (or CHAOS_BROKER_BIN).
+var brokerBin string
+
+const (
+	readyTimeout = 45 * time.Second // process start to /readyz 200
+	stopTimeout  = 20 * time.Second // SIGTERM to exit
+)
+
+func TestMain(m *testing.M) { os.Exit(runMain(m)) }
+
+func runMain(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "broker-chaos-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "chaos: temp dir:", err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	if bin := os.Getenv("CHAOS_BROKER_BIN"); bin != "" {
+		brokerBin = bin
+		return m.Run()
+	}
+	brokerBin = filepath.Join(dir, "broker")
+	args := []string{"build", "-o", brokerBin, "github.com/mqtt-ha/broker/cmd/broker"}
+	if out, err := exec.Command("go", args...).CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "chaos: go %s: %v\n%s", strings.Join(args, " "), err, out)
+		return 1
+	}
+	return m.Run()
+}
+
+// errStop, returned by a poll condition, ends the poll at once.
+type errStop struct{ err error }
+
+func (e errStop) Error() string { return e.err.Error() }
+func (e errStop) Unwrap() error { return e.err }
+
+// poll calls cond every 25ms until it returns nil, returns an errStop, or
+// timeout passes; it returns the last error.
+func poll(timeout time.Duration, cond func() error) error {
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(25 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := cond()
+		if err == nil {
+			return nil
+		}
+		var stop errStop
+		if errors.As(err, &stop) {
+			return stop.err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not true after %s: %w", timeout, err)
+		}
+		<-tick.C
+	}
+}
+
+func freeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("pick a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// lockedBuffer collects a process's output.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// Node is one broker process. Its methods return errors instead of failing
+// the test, so the fault injector can run in its own goroutine.
+type Node struct {
+	ID          string
+	DataDir     string
+	MQTTAddr    string
+	HTTPAddr    string
+	GossipAddr  string
+	ClusterAddr string
+	Join        []string
+
+	log *lockedBuffer
+
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	done   chan struct{}
+	exit   int
+	starts int
+	paused bool
+}
+
+func newNode(id, dataDir string) (*Node, error) {
+	n := &Node{ID: id, DataDir: dataDir, log: &lockedBuffer{}}
+	var err error
+	for _, p := range []*string{&n.MQTTAddr, &n.HTTPAddr, &n.GossipAddr, &n.ClusterAddr} {
+		if *p, err = freeAddr(); err != nil {
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+func (n *Node) args() []string {
+	level := os.Getenv("CHAOS_LOG_LEVEL")
+	if level == "" {
+		level = "info"
+	}
+	return []string{"serve",
+		"--node-id", n.ID,
+		"--data-dir", n.DataDir,
+		"--mqtt-addr", n.MQTTAddr,
+		"--http-addr", n.HTTPAddr,
+		"--gossip-addr", n.GossipAddr,
+		"--cluster-addr", n.ClusterAddr,
+		"--advertise-host", "127.0.0.1",
+		"--bootstrap-expect", "3",
+		"--join", strings.Join(n.Join, ","),
+		"--log-format", "json",
+		"--log-level", level,
+	}
+}
+
+func brokerEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "BROKER_") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+// launch starts the process without waiting for readiness.
+func (n *Node) launch() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.cmd != nil && !n.exitedLocked() {
+		return fmt.Errorf("node %s is already running", n.ID)
+	}
+	n.starts++
+	fmt.Fprintf(n.log, "=== start #%d at %s\n", n.starts, time.Now().Format(time.RFC3339Nano))
+	cmd := exec.Command(brokerBin, n.args()...)
+	cmd.Env = brokerEnv()
+	cmd.Stdout, cmd.Stderr = n.log, n.log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.WaitDelay = 2 * time.Second
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("exec %s: %w", brokerBin, err)
+	}
+	done := make(chan struct{})
+	n.cmd, n.done, n.paused = cmd, done, false
+	start := n.starts
+	go func() {
+		err := cmd.Wait()
+		code := cmd.ProcessState.ExitCode()
+		if code == -1 {
+			code = -int(cmd.ProcessState.Sys().(syscall.WaitStatus).Signal())
+		}
+		n.mu.Lock()
+		n.exit = code
+		n.mu.Unlock()
+		fmt.Fprintf(n.log, "=== exit #%d at %s: %v (code %d)\n", start, time.Now().Format(time.RFC3339Nano), err, code)
+		close(done)
+	}()
+	return nil
+}
+
+func (n *Node) exitedLocked() bool {
+	select {
+	case <-n.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (n *Node) exited() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.cmd != nil && n.exitedLocked()
+}
+
+func (n *Node) exitCode() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.exit
+}
+
+var httpClient = &http.Client{Timeout: 2 * time.Second}
+
+func (n *Node) httpGet(path string) (int, []byte, error) {
+	resp, err := httpClient.Get("http://" + n.HTTPAddr + path)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return resp.StatusCode, nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	return resp.StatusCode, body, nil
+}
+
+// ready reports whether /readyz answers 200 now.
+func (n *Node) ready() error {
+	if n.exited() {
+		return errStop{fmt.Errorf("node %s exited with code %d", n.ID, n.exitCode())}
+	}
+	code, body, err := n.httpGet("/readyz")
+	if err != nil {
+		return fmt.Errorf("node %s /readyz: %w", n.ID, err)
+	}
+	if code != http.StatusOK {
+		return fmt.Errorf("node %s /readyz: %d %q", n.ID, code, strings.TrimSpace(string(body)))
+	}
+	return nil
+}
+
+func (n *Node) waitReady(timeout time.Duration) error {
+	return poll(timeout, n.ready)
+}
+
+// raftView is the part of /api/cluster the campaign reads.
+type raftView struct {
+	AliveMembers int `json:"alive_members"`
+	Raft         struct {
+		State    string `json:"state"`
+		LeaderID string `json:"leader_id"`
+		Voters   []struct {
+			ID string `json:"id"`
+		} `json:"voters"`
+	} `json:"raft"`
+}
+
+func (n *Node) view() (raftView, error) {
+	var v raftView
+	code, body, err := n.httpGet("/api/cluster")
+	if err != nil {
+		return v, err
+	}
+	if code != http.StatusOK {
+		return v, fmt.Errorf("node %s /api/cluster: HTTP %d", n.ID, code)
+	}
+	if err := json.Unmarshal(body, &v); err != nil {
+		return v, fmt.Errorf("node %s /api/cluster: %w", n.ID, err)
+	}
+	return v, nil
+}
+
+func (n *Node) signal(sig syscall.Signal) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.cmd == nil || n.exitedLocked() {
+		return fmt.Errorf("node %s: %v: not running", n.ID, sig)
+	}
+	if err := syscall.Kill(-n.cmd.Process.Pid, sig); err != nil {
+		return fmt.Errorf("node %s: send %v: %w", n.ID, sig, err)
+	}
+	switch sig {
+	case syscall.SIGSTOP:
+		n.paused = true
+	case syscall.SIGCONT:
+		n.paused = false
+	}
+	return nil
+}
+
+// wait waits for the current process to exit.
+func (n *Node) wait(timeout time.Duration) error {
+	n.mu.Lock()
+	done := n.done
+	n.mu.Unlock()
+	select {
+	case <-done:
+		return nil
+	case <-time.After(timeout):
+		return fmt.Errorf("node %s still running %s after it was asked to stop", n.ID, timeout)
+	}
+}
+
+// kill sends SIGKILL to the process group and waits for the exit.
+func (n *Node) kill() error {
+	if err := n.signal(syscall.SIGKILL); err != nil {
+		return err
+	}
+	return n.wait(stopTimeout)
+}
+
+// stop sends SIGTERM and requires a clean exit.
+func (n *Node) stop() error {
+	if err := n.signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	if err := n.wait(stopTimeout); err != nil {
+		return err
+	}
+	if code := n.exitCode(); code != 0 {
+		return fmt.Errorf("node %s: SIGTERM: exit status %d, want 0", n.ID, code)
+	}
+	return nil
+}
+
+// restart starts a stopped node on the same ports and data directory and
+// waits for /readyz; a port of the previous run that is briefly unavailable
+// makes the process exit, and it is started again.
+func (n *Node) restart() error {
+	return poll(readyTimeout, func() error {
+		if err := n.launch(); err != nil {
+			return errStop{err}
+		}
+		err := n.waitReady(readyTimeout)
+		if err != nil && n.exited() && strings.Contains(n.log.String(), "address already in use") {
+			return err
+		}
+		if err != nil {
+			return errStop{fmt.Errorf("restart %s: %w", n.ID, err)}
+		}
+		return nil
+	})
+}
+
+// shutdown kills a node left running (continuing it first if paused).
+func (n *Node) shutdown() {
+	n.mu.Lock()
+	running := n.cmd != nil && !n.exitedLocked()
+	n.mu.Unlock()
+	if running {
+		_ = n.signal(syscall.SIGCONT)
+		_ = n.kill()
+	}
+}
+
+// crashRE finds what the Go runtime prints on a panic or fatal error.
+var crashRE = regexp.MustCompile(`(?m)^(panic: |fatal error: |WARNING: DATA RACE).*`)
+
+// cluster is three nodes started together.
+type cluster struct {
+	nodes []*Node
+}
+
+func startCluster(t *testing.T, n int) *cluster {
+	t.Helper()
+	c := &cluster{}
+	var gossip []string
+	for i := 1; i <= n; i++ {
+		node, err := newNode(fmt.Sprintf("node%d", i), t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.nodes = append(c.nodes, node)
+		gossip = append(gossip, node.GossipAddr)
+	}
+	t.Cleanup(func() {
+		for _, node := range c.nodes {
+			node.shutdown()
+			if m := crashRE.FindString(node.log.String()); m != "" {
+				t.Errorf("node %s crashed: its output contains %q", node.ID, m)
+			}
+			if t.Failed() || os.Getenv("CHAOS_NODE_LOGS") == "1" {
+				t.Logf("node %s output:\n%s", node.ID, tail(node.log.String(), 200))
+			}
+		}
+	})
+	for _, node := range c.nodes {
+		node.Join = gossip
+		if err := node.launch(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.waitHealthy(60 * time.Second); err != nil {
+		t.Fatalf("cluster did not form: %v", err)
+	}
+	return c
+}
+
+// waitHealthy waits until every node is ready and sees the same leader
+// among all voters and every member alive.
+func (c *cluster) waitHealthy(timeout time.Duration) error {
+	return poll(timeout, func() error {
+		leader := ""
+		for _, n := range c.nodes {
+			if err := n.ready(); err != nil {
+				return err
+			}
+			v, err := n.view()
+			if err != nil {
+				return err
+			}
+			if len(v.Raft.Voters) != len(c.nodes) || v.Raft.LeaderID == "" || v.AliveMembers != len(c.nodes) {
+				return fmt.Errorf("%s: leader %q, %d voters, %d alive", n.ID, v.Raft.LeaderID, len(v.Raft.Voters), v.AliveMembers)
+			}
+			if leader != "" && v.Raft.LeaderID != leader {
+				return fmt.Errorf("%s sees leader %q, another node %q", n.ID, v.Raft.LeaderID, leader)
+			}
+			leader = v.Raft.LeaderID
+		}
+		return nil
+	})
+}
+
+func tail(s string, lines int) string {
+	parts := strings.Split(s, "\n")
+	if len(parts) > lines {
+		parts = append([]string{fmt.Sprintf("... (%d lines omitted)", len(parts)-lines)}, parts[len(parts)-lines:]...)
+	}
+	return strings.Join(parts, "\n")
+}
