@@ -24,7 +24,20 @@ const (
 	CmdClaimOwner   CommandType = 3
 	CmdReleaseOwner CommandType = 4
 	CmdBatch        CommandType = 5
-	// Next: 6 (or 0x86 for a command old nodes may skip).
+	// Persistent sessions (session_command.go).
+	CmdSessionOpen   CommandType = 6
+	CmdSessionClose  CommandType = 7
+	CmdSessionDelete CommandType = 8
+	CmdSubscribe     CommandType = 9
+	CmdUnsubscribe   CommandType = 10
+	CmdEnqueue       CommandType = 11
+	CmdAck           CommandType = 12
+	CmdQueueRelease  CommandType = 13
+	CmdQoS2Received  CommandType = 14
+	CmdQoS2Released  CommandType = 15
+	CmdSetWill       CommandType = 16
+	CmdClearWill     CommandType = 17
+	// Next: 18 (or 0x92 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -41,6 +54,30 @@ func (t CommandType) String() string {
 		return "release_owner"
 	case CmdBatch:
 		return "batch"
+	case CmdSessionOpen:
+		return "session_open"
+	case CmdSessionClose:
+		return "session_close"
+	case CmdSessionDelete:
+		return "session_delete"
+	case CmdSubscribe:
+		return "subscribe"
+	case CmdUnsubscribe:
+		return "unsubscribe"
+	case CmdEnqueue:
+		return "enqueue"
+	case CmdAck:
+		return "ack"
+	case CmdQueueRelease:
+		return "queue_release"
+	case CmdQoS2Received:
+		return "qos2_received"
+	case CmdQoS2Released:
+		return "qos2_released"
+	case CmdSetWill:
+		return "set_will"
+	case CmdClearWill:
+		return "clear_will"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -271,6 +308,10 @@ func DecodeCommand(b []byte) (Command, error) {
 		}
 		c = bc
 	default:
+		if sc, ok := decodeSessionCommand(t, &r); ok {
+			c = sc
+			break
+		}
 		if t&cmdSkippable != 0 {
 			return nil, nil
 		}
@@ -289,7 +330,8 @@ type Result struct {
 	// Changed reports whether the state changed: always for RetainSet and
 	// ClaimOwner; for RetainClear whether a message was removed; for
 	// ReleaseOwner whether the release was current; for Batch whether any
-	// command changed something.
+	// command changed something; for QoS2Received false means a duplicate
+	// (the packet id already awaits its PUBREL).
 	Changed bool
 	// Epoch is the new epoch for ClaimOwner and the released one for
 	// ReleaseOwner.
@@ -297,6 +339,16 @@ type Result struct {
 	// Prev is the owner that ClaimOwner replaced, or the owner found by a
 	// ReleaseOwner (zero if none).
 	Prev Owner
+	// Present (SessionOpen): an existing session was resumed (MQTT
+	// CONNACK session present).
+	Present bool
+	// Seqs (Enqueue): the sequence number given to each target, in
+	// Targets order; 0 where nothing was queued (no such session, or the
+	// message was dropped by a full queue under DropNewest).
+	Seqs []uint64
+	// Dropped (Enqueue): messages dropped by full queues (the new one
+	// under DropNewest, evicted ones under DropOldest).
+	Dropped uint64
 	// Results holds one result per command of a Batch.
 	Results []Result
 	// Err is a domain error (wrapping ErrInvalidCommand): the command was

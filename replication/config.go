@@ -67,10 +67,15 @@ type Config struct {
 	// OnOwner is called after every applied ownership change, like
 	// OnRetained.
 	OnOwner func(OwnerChange)
+	// OnSession is called after every applied change of a persistent
+	// session (opened, closed, deleted, subscriptions, queue appended,
+	// acked, dropped, released, will), like OnRetained. The hooks use it
+	// to mirror sessions into the local broker; it is not wired yet.
+	OnSession func(SessionChange)
 	// OnRestore is called after the state was replaced from a snapshot
 	// (at start-up when a snapshot exists, and when the leader sends one).
-	// No OnRetained/OnOwner calls are made for a restore: resync from
-	// Node.Retained() and Node.Owners().
+	// No OnRetained/OnOwner/OnSession calls are made for a restore: resync
+	// from Node.Retained(), Node.Owners() and Node.Sessions().
 	OnRestore func()
 
 	// Raft timing.
@@ -110,7 +115,9 @@ type Config struct {
 	StabilizationTime time.Duration
 	CatchUpThreshold  uint64
 	// ExpirySweepInterval: how often the leader clears expired retained
-	// messages (conditional clears). Negative disables.
+	// messages (conditional clears) and deletes persistent sessions
+	// disconnected for longer than their expiry interval (conditional
+	// deletes). Negative disables.
 	ExpirySweepInterval time.Duration
 
 	// Transport.

@@ -32,6 +32,9 @@ var (
 	ErrNotMember = errors.New("replication: not a member of the raft configuration")
 	// ErrNotCaughtUp: this node's state machine lags the commit index.
 	ErrNotCaughtUp = errors.New("replication: not caught up")
+	// ErrNoSession: a session command named a client id without a
+	// persistent session (a domain error, always with ErrInvalidCommand).
+	ErrNoSession = errors.New("replication: no such session")
 	// ErrLastVoter: Leave refused to remove the only voter.
 	ErrLastVoter = errors.New("replication: last voter")
 )

@@ -33,6 +33,7 @@ type FSM struct {
 type observers struct {
 	onRetained func(RetainedChange)
 	onOwner    func(OwnerChange)
+	onSession  func(SessionChange)
 	onRestore  func()
 }
 
@@ -111,6 +112,8 @@ func (f *FSM) notify(evs []event) {
 			f.obs.onRetained(*e.retained)
 		case e.owner != nil && f.obs.onOwner != nil:
 			f.obs.onOwner(*e.owner)
+		case e.session != nil && f.obs.onSession != nil:
+			f.obs.onSession(*e.session)
 		}
 	}
 }
@@ -140,7 +143,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.mu.Unlock()
 	f.restores.Add(1)
 	f.log.Info("restored state from snapshot", "retained", len(st.retained), "owners", len(st.owners),
-		"duration", time.Since(start))
+		"sessions", len(st.sessions), "duration", time.Since(start))
 	if f.obs.onRestore != nil {
 		f.obs.onRestore()
 	}

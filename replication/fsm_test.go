@@ -183,17 +183,57 @@ func TestFSMSnapshotRoundTrip(t *testing.T) {
 }
 
 // TestSnapshotGolden pins the snapshot format like the command goldens.
+// Version 2 added session records and two end-record counts; the version 1
+// bytes this test pinned before are kept in TestSnapshotRestoresV1.
 func TestSnapshotGolden(t *testing.T) {
 	f := testFSM(observers{})
 	f.Apply(entry(3, &RetainSet{Msg: msg("a", "p")}))
 	f.Apply(entry(4, &ClaimOwner{ClientID: "c", Node: "n", At: 1}))
 	got := hex.EncodeToString(snapshotBytes(t, f))
-	want := "4d515253" + "01" + // "MQRS" v1
+	want := "4d515253" + "02" + // "MQRS" v2
 		"01" + "0d" + "03" + "0161" + "0170" + "0000000000000000" + // retained a@3 (13-byte body)
 		"02" + "06" + "0163" + "016e" + "01" + "02" + // owner c -> n epoch 1 since 1
-		"00" + "03" + "01" + "01" + "01" // end: epoch 1, 1 retained, 1 owner
+		"00" + "05" + "01" + "01" + "01" + "00" + "00" // end: epoch 1, 1 retained, 1 owner, 0 sessions, 0 queued
 	if got != want {
 		t.Fatalf("snapshot format changed\n got %s\nwant %s", got, want)
+	}
+}
+
+// snapshotV1 is the same state in the version 1 format (before sessions),
+// byte for byte what the previous release wrote.
+const snapshotV1 = "4d515253" + "01" +
+	"01" + "0d" + "03" + "0161" + "0170" + "0000000000000000" +
+	"02" + "06" + "0163" + "016e" + "01" + "02" +
+	"00" + "03" + "01" + "01" + "01"
+
+// TestSnapshotRestoresV1: a node upgraded to the session-aware version
+// still restores a snapshot written before sessions existed.
+func TestSnapshotRestoresV1(t *testing.T) {
+	raw, _ := hex.DecodeString(snapshotV1)
+	g := testFSM(observers{})
+	if err := g.Restore(io.NopCloser(bytes.NewReader(raw))); err != nil {
+		t.Fatal(err)
+	}
+	if m, ok := g.RetainedMessage("a"); !ok || string(m.Payload) != "p" || m.Index != 3 {
+		t.Fatalf("retained %+v %v", m, ok)
+	}
+	if o, ok := g.Owner("c"); !ok || o != (Owner{Node: "n", Epoch: 1, Since: 1}) {
+		t.Fatalf("owner %+v %v", o, ok)
+	}
+	if len(g.Sessions()) != 0 {
+		t.Fatal("sessions from a v1 snapshot")
+	}
+	// Written back, it is the v2 golden.
+	f := testFSM(observers{})
+	f.Apply(entry(3, &RetainSet{Msg: msg("a", "p")}))
+	f.Apply(entry(4, &ClaimOwner{ClientID: "c", Node: "n", At: 1}))
+	if !bytes.Equal(snapshotBytes(t, f), snapshotBytes(t, g)) {
+		t.Fatal("v1 restore differs from the same state applied")
+	}
+	// A v1 snapshot cannot carry session records.
+	bad, _ := hex.DecodeString("4d515253" + "01" + "03" + "00" + snapshotV1[10:])
+	if err := g.Restore(io.NopCloser(bytes.NewReader(bad))); err == nil {
+		t.Fatal("session record accepted in a v1 snapshot")
 	}
 }
 

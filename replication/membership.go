@@ -28,6 +28,7 @@ func (n *Node) manageLoop() {
 			n.reconcile()
 			if n.cfg.ExpirySweepInterval > 0 && time.Now().After(nextSweep) {
 				n.sweepExpired()
+				n.sweepSessions()
 				nextSweep = time.Now().Add(n.cfg.ExpirySweepInterval)
 			}
 		}

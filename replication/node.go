@@ -96,7 +96,8 @@ func New(cfg Config) (*Node, error) {
 		notMember:  rateLimit{every: time.Minute},
 		planLog:    rateLimit{every: 10 * time.Second},
 	}
-	n.fsm = newFSM(observers{onRetained: cfg.OnRetained, onOwner: cfg.OnOwner, onRestore: cfg.OnRestore}, m, log)
+	n.fsm = newFSM(observers{onRetained: cfg.OnRetained, onOwner: cfg.OnOwner,
+		onSession: cfg.OnSession, onRestore: cfg.OnRestore}, m, log)
 	return n, nil
 }
 

@@ -40,7 +40,7 @@ const (
 // Append-only.
 var errSentinels = []error{
 	ErrNotLeader, ErrNoLeader, ErrTimeout, ErrUnknownOutcome, ErrClosed,
-	ErrTooLarge, ErrInvalidCommand, ErrNotMember, ErrLastVoter,
+	ErrTooLarge, ErrInvalidCommand, ErrNotMember, ErrLastVoter, ErrNoSession,
 }
 
 // remoteError is an error decoded from the wire: its message is the
@@ -89,6 +89,12 @@ func appendResult(b []byte, r *Result) []byte {
 	b = appendUvarint(b, r.Prev.Epoch)
 	b = appendVarint(b, r.Prev.Since)
 	b = appendError(b, r.Err)
+	b = appendBool(b, r.Present)
+	b = appendUvarint(b, uint64(len(r.Seqs)))
+	for _, s := range r.Seqs {
+		b = appendUvarint(b, s)
+	}
+	b = appendUvarint(b, r.Dropped)
 	b = appendUvarint(b, uint64(len(r.Results)))
 	for i := range r.Results {
 		b = appendResult(b, &r.Results[i])
@@ -100,6 +106,14 @@ func (r *reader) result(depth int) Result {
 	res := Result{Index: r.uvarint(), Changed: r.bool(), Epoch: r.uvarint()}
 	res.Prev = Owner{Node: r.str(), Epoch: r.uvarint(), Since: r.varint()}
 	res.Err = r.error()
+	res.Present = r.bool()
+	if n := r.count(1); n > 0 {
+		res.Seqs = make([]uint64, n)
+		for i := range res.Seqs {
+			res.Seqs[i] = r.uvarint()
+		}
+	}
+	res.Dropped = r.uvarint()
 	if n := r.count(8); n > 0 {
 		if depth > 0 {
 			r.fail("nested results")

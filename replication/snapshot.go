@@ -11,25 +11,39 @@ import (
 	"github.com/hashicorp/raft"
 )
 
-// Snapshot format (version 1), streamed record by record so neither Persist
+// Snapshot format (version 2), streamed record by record so neither Persist
 // nor Restore needs the whole snapshot in memory twice:
 //
 //	"MQRS" | u8 version
 //	record*: u8 kind | uvarint len | body
 //	  kind 1 retained: uvarint index | RetainSet payload
 //	  kind 2 owner:    str client_id | str node | uvarint epoch | varint since
+//	  kind 3 session:  session record (session_snapshot.go), v2 only
+//	  kind 4 queued:   str client_id | queued message, after its session, v2 only
 //	  kind 0 end:      uvarint epoch | uvarint n_retained | uvarint n_owners
+//	                   [v2: | uvarint n_sessions | uvarint n_queued]
+//
+// Version 1 (before persistent sessions) is still read: it is version 2
+// without session records and without the two last end-record counts. A
+// version bump rather than skippable record kinds, because an older node
+// that skipped session records would silently diverge; an older node
+// refuses a v2 snapshot loudly instead (upgrade all nodes before sessions
+// are used). Queued messages are records of their own so that no record
+// holds a whole queue (payloads up to MaxCommandBytes each).
 //
 // Record kinds are append-only like command types; kinds >= 0x80 may be
 // skipped by a reader that does not know them. The end record's counts
 // detect truncation.
 const (
-	snapMagic   = "MQRS"
-	snapVersion = 1
+	snapMagic     = "MQRS"
+	snapVersion   = 2
+	snapVersionV1 = 1
 
 	recEnd      byte = 0
 	recRetained byte = 1
 	recOwner    byte = 2
+	recSession  byte = 3
+	recQueued   byte = 4
 	recSkip     byte = 0x80
 
 	maxSnapRecord = 1 << 30
@@ -100,9 +114,23 @@ func writeSnapshot(w io.Writer, st *state) (int64, error) {
 		body = appendVarint(body, o.Since)
 		record(recOwner)
 	}
+	var nQueued uint64
+	for _, c := range st.sortedSessions() {
+		e := st.sessions[c]
+		body = appendSessionRecord(body[:0], &e.Session)
+		record(recSession)
+		for i := range e.Queue {
+			body = appendString(body[:0], c)
+			body = appendQueued(body, &e.Queue[i])
+			record(recQueued)
+		}
+		nQueued += uint64(len(e.Queue))
+	}
 	body = appendUvarint(body[:0], st.epoch)
 	body = appendUvarint(body, uint64(len(st.retained)))
 	body = appendUvarint(body, uint64(len(st.owners)))
+	body = appendUvarint(body, uint64(len(st.sessions)))
+	body = appendUvarint(body, nQueued)
 	record(recEnd)
 	// bufio.Writer errors are sticky: Flush reports the first one.
 	if err := bw.Flush(); err != nil {
@@ -121,11 +149,14 @@ func readSnapshot(r io.Reader) (*state, error) {
 	if string(hdr[:len(snapMagic)]) != snapMagic {
 		return nil, fmt.Errorf("%w: bad magic %q", errCorrupt, hdr[:len(snapMagic)])
 	}
-	if v := hdr[len(snapMagic)]; v != snapVersion {
-		return nil, fmt.Errorf("%w: unsupported snapshot version %d", errCorrupt, v)
+	version := hdr[len(snapMagic)]
+	if version != snapVersion && version != snapVersionV1 {
+		return nil, fmt.Errorf("%w: unsupported snapshot version %d", errCorrupt, version)
 	}
 	st := newState()
 	var body []byte
+	var nQueued uint64
+	var last *sessionEntry // the session queued records belong to
 	for {
 		kind, err := br.ReadByte()
 		if err != nil {
@@ -160,15 +191,41 @@ func readSnapshot(r io.Reader) (*state, error) {
 				return nil, fmt.Errorf("owner record: %w", err)
 			}
 			st.owners[client] = o
+		case recSession:
+			if version < snapVersion {
+				return nil, fmt.Errorf("%w: session record in a v%d snapshot", errCorrupt, version)
+			}
+			e, err := readSessionRecord(&rd)
+			if err != nil {
+				return nil, err
+			}
+			if _, dup := st.sessions[e.ClientID]; dup {
+				return nil, fmt.Errorf("%w: duplicate session %q", errCorrupt, e.ClientID)
+			}
+			st.sessions[e.ClientID] = e
+			last = e
+		case recQueued:
+			if version < snapVersion {
+				return nil, fmt.Errorf("%w: queued record in a v%d snapshot", errCorrupt, version)
+			}
+			if err := readQueuedRecord(&rd, last); err != nil {
+				return nil, err
+			}
+			nQueued++
 		case recEnd:
 			st.epoch = rd.uvarint()
 			nr, no := rd.uvarint(), rd.uvarint()
+			var ns, nq uint64
+			if version >= snapVersion {
+				ns, nq = rd.uvarint(), rd.uvarint()
+			}
 			if err := rd.end(); err != nil {
 				return nil, fmt.Errorf("end record: %w", err)
 			}
-			if nr != uint64(len(st.retained)) || no != uint64(len(st.owners)) {
-				return nil, fmt.Errorf("%w: counts %d/%d, end record says %d/%d",
-					errCorrupt, len(st.retained), len(st.owners), nr, no)
+			if nr != uint64(len(st.retained)) || no != uint64(len(st.owners)) ||
+				ns != uint64(len(st.sessions)) || nq != nQueued {
+				return nil, fmt.Errorf("%w: counts %d/%d/%d/%d, end record says %d/%d/%d/%d", errCorrupt,
+					len(st.retained), len(st.owners), len(st.sessions), nQueued, nr, no, ns, nq)
 			}
 			if _, err := br.ReadByte(); err != io.EOF {
 				return nil, fmt.Errorf("%w: data after end record", errCorrupt)

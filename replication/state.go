@@ -92,19 +92,26 @@ type OwnerChange struct {
 type state struct {
 	retained map[string]RetainedMessage
 	owners   map[string]Owner
+	// sessions are the persistent sessions (session_state.go); entries
+	// are copy-on-write once a clone shares them.
+	sessions map[string]*sessionEntry
 	// epoch is the last ownership epoch issued.
 	epoch uint64
 }
 
 func newState() *state {
-	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner)}
+	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
+		sessions: make(map[string]*sessionEntry)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
 // shared, which is safe because stored messages are never mutated (the
-// codec always decodes into fresh slices).
+// codec always decodes into fresh slices). Session entries are shared and
+// frozen: the applier copies one before mutating it (copy-on-write), so a
+// snapshot costs O(sessions), not O(queued messages).
 func (s *state) clone() *state {
-	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners), epoch: s.epoch}
+	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
+		sessions: s.freezeSessions(), epoch: s.epoch}
 }
 
 // event is an observer notification produced by applyCommand and delivered
@@ -112,6 +119,7 @@ func (s *state) clone() *state {
 type event struct {
 	retained *RetainedChange
 	owner    *OwnerChange
+	session  *SessionChange
 }
 
 // applyCommand applies one decoded command at log index idx. It is
@@ -162,8 +170,11 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 			res.Changed = res.Changed || res.Results[i].Changed
 		}
 	default:
-		// validate() rejects every type the switch does not know.
-		res.Err = ErrInvalidCommand
+		var ok bool
+		if evs, ok = s.applySession(cmd, &res, evs); !ok {
+			// validate() rejects every type the switches do not know.
+			res.Err = ErrInvalidCommand
+		}
 	}
 	return res, evs
 }

@@ -1,0 +1,242 @@
+package replication
+
+import (
+	"fmt"
+	"slices"
+)
+
+// applySession applies a validated session command (deterministic, like
+// applyCommand: no clock, no map iteration order). ok is false for a type
+// that is not a session command.
+func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bool) {
+	idx := res.Index
+	emit := func(c SessionChange) {
+		c.Index = idx
+		evs = append(evs, event{session: &c})
+	}
+	noSession := func(id string) {
+		res.Err = fmt.Errorf("%w: %w: %v %q", ErrInvalidCommand, ErrNoSession, cmd.Type(), id)
+	}
+	switch c := cmd.(type) {
+	case *SessionOpen:
+		e := s.mutableSession(c.ClientID)
+		if e != nil && c.CleanStart {
+			// Clean start: the old session ends here, with everything it
+			// held; observers see a delete then an open.
+			delete(s.sessions, c.ClientID)
+			emit(SessionChange{Kind: SessionDeleted, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
+			e = nil
+		}
+		res.Present = e != nil
+		if e == nil {
+			e = &sessionEntry{Session: Session{ClientID: c.ClientID, NextSeq: 1, Subscriptions: map[string]Subscription{}}}
+			s.sessions[c.ClientID] = e
+		}
+		e.ProtocolVersion, e.ExpiryInterval, e.Owner = c.ProtocolVersion, c.ExpiryInterval, c.Owner
+		e.Connected, e.DisconnectedAt, e.OpenedIndex = true, 0, idx
+		// A will belongs to one connection; a resumed session's old (maybe
+		// delayed) will is cancelled by the reconnect (MQTT-3.1.3-9).
+		e.Will = nil
+		res.Changed = true
+		emit(SessionChange{Kind: SessionOpened, ClientID: c.ClientID, Owner: c.Owner, Present: res.Present})
+	case *SessionClose:
+		e := s.sessions[c.ClientID]
+		if e == nil || e.Owner != c.Owner || !e.Connected || (c.IfOpened != 0 && e.OpenedIndex != c.IfOpened) {
+			return evs, true // stale: closed, reopened or taken over since
+		}
+		e = s.mutableSession(c.ClientID)
+		e.Connected, e.DisconnectedAt = false, c.At
+		if c.SetExpiry {
+			e.ExpiryInterval = c.ExpiryInterval
+		}
+		if c.WillPublished {
+			e.Will = nil
+		}
+		res.Changed = true
+		emit(SessionChange{Kind: SessionClosed, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
+	case *SessionDelete:
+		e := s.sessions[c.ClientID]
+		if e == nil || (c.IfOpened != 0 && e.OpenedIndex != c.IfOpened) {
+			return evs, true
+		}
+		delete(s.sessions, c.ClientID)
+		res.Changed = true
+		emit(SessionChange{Kind: SessionDeleted, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
+	case *Subscribe:
+		e := s.mutableSession(c.ClientID)
+		if e == nil {
+			noSession(c.ClientID)
+			return evs, true
+		}
+		filters := make([]string, len(c.Subscriptions))
+		for i, sub := range c.Subscriptions {
+			e.Subscriptions[sub.Filter] = sub
+			filters[i] = sub.Filter
+		}
+		res.Changed = true
+		emit(SessionChange{Kind: SessionSubscribed, ClientID: c.ClientID, Owner: e.Owner, Filters: filters})
+	case *Unsubscribe:
+		e := s.mutableSession(c.ClientID)
+		if e == nil {
+			noSession(c.ClientID)
+			return evs, true
+		}
+		var removed []string
+		for _, f := range c.Filters {
+			if _, ok := e.Subscriptions[f]; ok {
+				delete(e.Subscriptions, f)
+				removed = append(removed, f)
+			}
+		}
+		if len(removed) > 0 {
+			res.Changed = true
+			emit(SessionChange{Kind: SessionUnsubscribed, ClientID: c.ClientID, Owner: e.Owner, Filters: removed})
+		}
+	case *Enqueue:
+		evs = s.applyEnqueue(c, res, evs)
+	case *Ack:
+		e := s.sessions[c.ClientID]
+		if e == nil {
+			return evs, true // deleted meanwhile: nothing left to ack
+		}
+		var acked []uint64
+		for _, m := range e.Queue {
+			if m.Seq <= c.UpTo || slices.Contains(c.Seqs, m.Seq) {
+				acked = append(acked, m.Seq)
+			}
+		}
+		if len(acked) == 0 {
+			return evs, true
+		}
+		e = s.mutableSession(c.ClientID)
+		// A new slice, never in place: cheap at queue sizes (<= a few
+		// thousand) and keeps the removal obviously correct.
+		kept := make([]QueuedMessage, 0, len(e.Queue)-len(acked))
+		for _, m := range e.Queue {
+			if _, found := slices.BinarySearch(acked, m.Seq); !found {
+				kept = append(kept, m)
+			}
+		}
+		e.Queue = kept
+		res.Changed = true
+		emit(SessionChange{Kind: QueueAcked, ClientID: c.ClientID, Owner: e.Owner, Seqs: acked})
+	case *QueueRelease:
+		e := s.sessions[c.ClientID]
+		if e == nil {
+			return evs, true
+		}
+		i, found := slices.BinarySearchFunc(e.Queue, c.Seq, func(m QueuedMessage, seq uint64) int {
+			return cmpU64(m.Seq, seq)
+		})
+		if !found || (e.Queue[i].Released && e.Queue[i].PacketID == c.PacketID) {
+			return evs, true
+		}
+		e = s.mutableSession(c.ClientID)
+		e.Queue[i].Released, e.Queue[i].PacketID = true, c.PacketID
+		res.Changed = true
+		emit(SessionChange{Kind: QueueReleased, ClientID: c.ClientID, Owner: e.Owner, Seqs: []uint64{c.Seq}})
+	case *QoS2Received:
+		e := s.mutableSession(c.ClientID)
+		if e == nil {
+			noSession(c.ClientID)
+			return evs, true
+		}
+		i, found := slices.BinarySearch(e.AwaitingRelease, c.PacketID)
+		if !found {
+			e.AwaitingRelease = slices.Insert(e.AwaitingRelease, i, c.PacketID)
+			res.Changed = true
+		}
+	case *QoS2Released:
+		e := s.sessions[c.ClientID]
+		if e == nil {
+			return evs, true
+		}
+		if i, found := slices.BinarySearch(e.AwaitingRelease, c.PacketID); found {
+			e = s.mutableSession(c.ClientID)
+			e.AwaitingRelease = slices.Delete(e.AwaitingRelease, i, i+1)
+			res.Changed = true
+		}
+	case *SetWill:
+		e := s.mutableSession(c.ClientID)
+		if e == nil {
+			noSession(c.ClientID)
+			return evs, true
+		}
+		w := c.Will
+		e.Will = &w
+		res.Changed = true
+		emit(SessionChange{Kind: WillSet, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(&w)})
+	case *ClearWill:
+		e := s.sessions[c.ClientID]
+		if e == nil || e.Will == nil {
+			return evs, true
+		}
+		e = s.mutableSession(c.ClientID)
+		e.Will = nil
+		res.Changed = true
+		emit(SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: e.Owner})
+	default:
+		return evs, false
+	}
+	return evs, true
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// applyEnqueue queues one message for every target with a session, in
+// Targets order, enforcing MaxQueued per session.
+func (s *state) applyEnqueue(c *Enqueue, res *Result, evs []event) []event {
+	res.Seqs = make([]uint64, len(c.Targets))
+	for i, t := range c.Targets {
+		e := s.mutableSession(t.ClientID)
+		if e == nil {
+			continue // expired or deleted since the proposer matched it
+		}
+		if c.MaxQueued > 0 && len(e.Queue) >= int(c.MaxQueued) {
+			var evicted []uint64
+			if c.Policy == DropOldest {
+				// Evict the oldest unreleased messages until there is room
+				// (more than one if the limit was lowered since).
+				for len(e.Queue) >= int(c.MaxQueued) {
+					v := slices.IndexFunc(e.Queue, func(m QueuedMessage) bool { return !m.Released })
+					if v < 0 {
+						break
+					}
+					evicted = append(evicted, e.Queue[v].Seq)
+					e.Queue = slices.Delete(e.Queue, v, v+1)
+				}
+			}
+			res.Dropped += uint64(len(evicted))
+			full := len(e.Queue) >= int(c.MaxQueued)
+			if full {
+				// DropNewest, or only released messages left: the new
+				// message is dropped too.
+				res.Dropped++
+			}
+			evs = append(evs, event{session: &SessionChange{Kind: QueueDropped, ClientID: t.ClientID,
+				Owner: e.Owner, Seqs: evicted, DroppedNew: full, Index: res.Index}})
+			if full {
+				continue
+			}
+		}
+		seq := e.NextSeq
+		e.NextSeq++
+		e.Queue = append(e.Queue, QueuedMessage{
+			Seq: seq, Topic: c.Topic, Payload: c.Payload, QoS: t.QoS, Retain: t.Retain,
+			SubscriptionIDs: t.SubscriptionIDs, Properties: c.Properties, Expires: c.Expires, Created: c.Created,
+		})
+		res.Seqs[i] = seq
+		res.Changed = true
+		evs = append(evs, event{session: &SessionChange{Kind: QueueAppended, ClientID: t.ClientID,
+			Owner: e.Owner, Seqs: []uint64{seq}, Index: res.Index}})
+	}
+	return evs
+}
