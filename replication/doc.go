@@ -1,6 +1,7 @@
 // Package replication owns everything under consensus: a hashicorp/raft
 // node with a raft-boltdb log and stable store and file snapshots under the data
-// dir, the state machine (retained messages and client-id ownership), its
+// dir, the state machine (retained messages, client-id ownership and
+// persistent sessions with their queues), its
 // append-only command codec, group commit, leader forwarding, bootstrap
 // (bootstrap_expect) and membership, and plain read APIs.
 //

@@ -81,6 +81,14 @@ func (r *reader) error() error {
 	return e
 }
 
+// appendResult encodes a Result for the apply reply:
+//
+//	uvarint index | bool changed | uvarint epoch | str prev_node |
+//	uvarint prev_epoch | varint prev_since | error | bool present |
+//	uvarint n | n x uvarint seq | uvarint dropped | uvarint k | k x result
+//
+// present, seqs and dropped were added with persistent sessions: a node of
+// the previous version cannot decode them (upgrade all nodes together).
 func appendResult(b []byte, r *Result) []byte {
 	b = appendUvarint(b, r.Index)
 	b = appendBool(b, r.Changed)
