@@ -34,6 +34,11 @@ unit:
 e2e: test-deps
 	$(GO) test $(RACE) -count=1 -timeout 20m ./test/e2e/...
 
+## chaos: the long fault campaign against three real nodes (make chaos CHAOS_DURATION=2m CHAOS_SEED=42).
+CHAOS_DURATION ?= 10m
+chaos:
+	CHAOS_DURATION=$(CHAOS_DURATION) CHAOS_SEED=$(CHAOS_SEED) $(GO) test -count=1 -v -timeout 0 -run TestChaos ./test/chaos/
+
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 

@@ -1,0 +1,684 @@
+package chaos
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+	"github.com/mqtt-ha/broker/internal/testutil"
+)
+
+const (
+	shortFaultPhase = 35 * time.Second // without CHAOS_DURATION: ~45 s in all
+	healTimeout     = 60 * time.Second // after a fault, the cluster is whole again within this
+	settleTimeout   = 30 * time.Second // after the run, nodes agree within this
+	publishTimeout  = 5 * time.Second  // no PUBACK within this: outcome unknown
+	retainTopics    = 4
+	retainWriters   = 3
+)
+
+// Fault kinds.
+const (
+	FaultKill       = "kill"        // SIGKILL one node, restart it after a while
+	FaultPause      = "pause"       // SIGSTOP one node, SIGCONT after a while
+	FaultRolling    = "rolling"     // SIGTERM, restart, wait ready: each node in turn
+	FaultRestartAll = "restart-all" // SIGKILL every node at the end, restart them together
+)
+
+type faultEvent struct {
+	Kind  string    `json:"kind"`
+	Node  string    `json:"node"`
+	Start time.Time `json:"start"`
+	End   time.Time `json:"end"`
+	Err   string    `json:"err,omitempty"`
+}
+
+type campaign struct {
+	t    *testing.T
+	seed int64
+	c    *cluster
+	h    History
+
+	mu          sync.Mutex
+	down        map[string]bool
+	unavailable map[string]time.Duration
+	faults      []faultEvent
+
+	connMu sync.Mutex
+	conns  map[string][]*testutil.Client // client id -> every connection it opened
+}
+
+// Report is the JSON the campaign writes.
+type Report struct {
+	Seed               int64              `json:"seed"`
+	Duration           string             `json:"fault_phase"`
+	Elapsed            string             `json:"elapsed"`
+	Operations         int                `json:"operations"`
+	Faults             map[string]int     `json:"faults"`
+	UnavailableSeconds map[string]float64 `json:"unavailable_seconds"`
+	Result             CheckResult        `json:"result"`
+	LiveConnections    map[string]int     `json:"live_connections_after_settle"`
+	FaultLog           []faultEvent       `json:"fault_log"`
+	FinalReads         []FinalRead        `json:"final_reads"`
+}
+
+func TestChaos(t *testing.T) {
+	phase := shortFaultPhase
+	if d := os.Getenv("CHAOS_DURATION"); d != "" {
+		var err error
+		if phase, err = time.ParseDuration(d); err != nil {
+			t.Fatalf("CHAOS_DURATION=%q: %v", d, err)
+		}
+	}
+	seed := time.Now().UnixNano() % 1_000_000_000
+	if s := os.Getenv("CHAOS_SEED"); s != "" {
+		var err error
+		if seed, err = strconv.ParseInt(s, 10, 64); err != nil {
+			t.Fatalf("CHAOS_SEED=%q: %v", s, err)
+		}
+	}
+	t.Logf("chaos: seed %d (rerun with CHAOS_SEED=%d), fault phase %s", seed, seed, phase)
+	began := time.Now()
+
+	cp := &campaign{t: t, seed: seed, down: map[string]bool{}, unavailable: map[string]time.Duration{}, conns: map[string][]*testutil.Client{}}
+	cp.c = startCluster(t, 3)
+
+	ctx, stopWorkload := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for i := 1; i <= retainWriters; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cp.retainWriter(ctx, fmt.Sprintf("writer%d", i), rand.New(rand.NewSource(seed+int64(i))))
+		}()
+	}
+	var subNode, pubNode sync.Map // "node" -> current node id of the stream clients
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		cp.streamSubscriber(ctx, "stream-sub", &subNode, &pubNode, rand.New(rand.NewSource(seed+100)))
+	}()
+	go func() {
+		defer wg.Done()
+		cp.streamPublisher(ctx, "stream-pub", &pubNode, &subNode, rand.New(rand.NewSource(seed+101)))
+	}()
+
+	faultErr := cp.injectFaults(phase, rand.New(rand.NewSource(seed)))
+	stopWorkload()
+	wg.Wait()
+	if faultErr != nil {
+		t.Errorf("seed %d: %v", seed, faultErr)
+	}
+
+	// Settle: the cluster is whole, then at most one live connection per
+	// client id (an abandoned connection on a node that was paused must be
+	// taken over once the node resumes).
+	if err := cp.c.waitHealthy(healTimeout); err != nil {
+		t.Errorf("seed %d: cluster not healthy after the fault phase: %v", seed, err)
+	}
+	live := cp.checkOneConnectionPerClient()
+	cp.closeAll()
+
+	// A full-cluster restart: every acknowledged retained write survives it.
+	if err := cp.restartAll(); err != nil {
+		t.Errorf("seed %d: full-cluster restart: %v", seed, err)
+	}
+	finals, readErr := cp.finalReads()
+	if readErr != nil {
+		t.Errorf("seed %d: final reads: %v", seed, readErr)
+	}
+
+	ops := cp.h.Ops()
+	res := Check(ops, finals)
+	rep := Report{Seed: seed, Duration: phase.String(), Elapsed: time.Since(began).Round(time.Second).String(),
+		Operations: len(ops), Faults: map[string]int{}, UnavailableSeconds: map[string]float64{},
+		Result: res, LiveConnections: live, FaultLog: cp.faults, FinalReads: finals}
+	for _, f := range cp.faults {
+		rep.Faults[f.Kind]++
+	}
+	for id, d := range cp.unavailable {
+		rep.UnavailableSeconds[id] = d.Round(10 * time.Millisecond).Seconds()
+	}
+	cp.writeReport(rep, ops)
+	t.Log("chaos summary\n" + summary(rep))
+	for _, v := range res.Violations {
+		t.Errorf("seed %d: violation %s", seed, v)
+	}
+	if res.RetainOps[OK] == 0 {
+		t.Errorf("seed %d: no retained write was acknowledged: the workload did not run", seed)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Faults
+
+func (cp *campaign) setDown(n *Node, down bool) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	cp.down[n.ID] = down
+}
+
+// pick returns a node that is not under a fault, other than avoid when
+// possible.
+func (cp *campaign) pick(rng *rand.Rand, avoid ...string) *Node {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	var up, any []*Node
+	for _, n := range cp.c.nodes {
+		skip := false
+		for _, a := range avoid {
+			skip = skip || a == n.ID
+		}
+		if skip {
+			continue
+		}
+		any = append(any, n)
+		if !cp.down[n.ID] {
+			up = append(up, n)
+		}
+	}
+	switch {
+	case len(up) > 0:
+		return up[rng.Intn(len(up))]
+	case len(any) > 0:
+		return any[rng.Intn(len(any))]
+	default:
+		return cp.c.nodes[rng.Intn(len(cp.c.nodes))]
+	}
+}
+
+func (cp *campaign) record(f faultEvent, err error) {
+	f.End = time.Now()
+	if err != nil {
+		f.Err = err.Error()
+	}
+	cp.mu.Lock()
+	cp.faults = append(cp.faults, f)
+	cp.mu.Unlock()
+	cp.t.Logf("fault %-8s %s %s..%s (%s)%s", f.Kind, f.Node, f.Start.Format("15:04:05.000"), f.End.Format("15:04:05.000"), f.End.Sub(f.Start).Round(time.Millisecond), map[bool]string{true: " ERROR: " + f.Err, false: ""}[err != nil])
+}
+
+func (cp *campaign) addUnavailable(n *Node, since time.Time) {
+	cp.mu.Lock()
+	cp.unavailable[n.ID] += time.Since(since)
+	cp.mu.Unlock()
+}
+
+// injectFaults runs the seeded schedule for phase: one fault at a time on a
+// minority (one node), each followed by a wait until the cluster is whole.
+// The first three faults are one of each kind in a seeded order.
+func (cp *campaign) injectFaults(phase time.Duration, rng *rand.Rand) error {
+	deadline := time.Now().Add(phase)
+	kinds := []string{FaultKill, FaultPause, FaultRolling}
+	rng.Shuffle(len(kinds), func(i, j int) { kinds[i], kinds[j] = kinds[j], kinds[i] })
+	for i := 0; time.Now().Before(deadline); i++ {
+		// Quiet time between faults is part of the schedule, not a wait
+		// for a condition.
+		time.Sleep(time.Duration(500+rng.Intn(1500)) * time.Millisecond)
+		kind := FaultKill
+		if i < len(kinds) {
+			kind = kinds[i]
+		} else if p := rng.Intn(100); p >= 85 {
+			kind = FaultRolling
+		} else if p >= 45 {
+			kind = FaultPause
+		}
+		n := cp.c.nodes[rng.Intn(len(cp.c.nodes))]
+		hold := time.Duration(500+rng.Intn(3000)) * time.Millisecond
+		var err error
+		switch kind {
+		case FaultKill:
+			err = cp.killRestart(n, hold)
+		case FaultPause:
+			err = cp.pauseResume(n, hold)
+		case FaultRolling:
+			err = cp.rolling()
+		}
+		if err != nil {
+			return fmt.Errorf("fault %d (%s on %s): %w", i+1, kind, n.ID, err)
+		}
+		if err := cp.c.waitHealthy(healTimeout); err != nil {
+			return fmt.Errorf("after fault %d (%s on %s) the cluster did not heal: %w", i+1, kind, n.ID, err)
+		}
+	}
+	return nil
+}
+
+func (cp *campaign) killRestart(n *Node, hold time.Duration) (err error) {
+	f := faultEvent{Kind: FaultKill, Node: n.ID, Start: time.Now()}
+	defer func() { cp.record(f, err) }()
+	cp.setDown(n, true)
+	defer cp.setDown(n, false)
+	defer cp.addUnavailable(n, f.Start)
+	if err := n.kill(); err != nil {
+		return err
+	}
+	time.Sleep(hold) // downtime: part of the schedule
+	return n.restart()
+}
+
+func (cp *campaign) pauseResume(n *Node, hold time.Duration) (err error) {
+	f := faultEvent{Kind: FaultPause, Node: n.ID, Start: time.Now()}
+	defer func() { cp.record(f, err) }()
+	cp.setDown(n, true)
+	defer cp.setDown(n, false)
+	defer cp.addUnavailable(n, f.Start)
+	if err := n.signal(syscall.SIGSTOP); err != nil {
+		return err
+	}
+	time.Sleep(hold) // paused time: part of the schedule
+	if err := n.signal(syscall.SIGCONT); err != nil {
+		return err
+	}
+	return n.waitReady(healTimeout)
+}
+
+// rolling restarts each node in turn as a StatefulSet rollout does: SIGTERM,
+// start, wait until ready and the cluster is whole, then the next.
+func (cp *campaign) rolling() (err error) {
+	f := faultEvent{Kind: FaultRolling, Node: "all", Start: time.Now()}
+	defer func() { cp.record(f, err) }()
+	for _, n := range cp.c.nodes {
+		start := time.Now()
+		cp.setDown(n, true)
+		err := n.stop()
+		if err == nil {
+			err = n.restart()
+		}
+		cp.addUnavailable(n, start)
+		cp.setDown(n, false)
+		if err != nil {
+			return err
+		}
+		if err := cp.c.waitHealthy(healTimeout); err != nil {
+			return fmt.Errorf("after restarting %s: %w", n.ID, err)
+		}
+	}
+	return nil
+}
+
+// restartAll kills every node and starts them together (no node alone has
+// a quorum, so none is ready before the others are up).
+func (cp *campaign) restartAll() (err error) {
+	f := faultEvent{Kind: FaultRestartAll, Node: "all", Start: time.Now()}
+	defer func() { cp.record(f, err) }()
+	for _, n := range cp.c.nodes {
+		cp.setDown(n, true)
+		if err := n.kill(); err != nil {
+			return err
+		}
+	}
+	for _, n := range cp.c.nodes {
+		if err := n.launch(); err != nil {
+			return err
+		}
+	}
+	for _, n := range cp.c.nodes {
+		err := n.waitReady(healTimeout)
+		cp.addUnavailable(n, f.Start)
+		cp.setDown(n, false)
+		if err != nil {
+			return err
+		}
+	}
+	return cp.c.waitHealthy(healTimeout)
+}
+
+// ---------------------------------------------------------------------------
+// Workload
+
+func (cp *campaign) connect(id string, n *Node, buffer int) (*testutil.Client, error) {
+	c, err := testutil.TryConnect(n.MQTTAddr, testutil.ClientOptions{ID: id, CleanStart: true, Buffer: buffer})
+	if err != nil {
+		return nil, fmt.Errorf("%s connect to %s: %w", id, n.ID, err)
+	}
+	cp.connMu.Lock()
+	cp.conns[id] = append(cp.conns[id], c)
+	cp.connMu.Unlock()
+	return c, nil
+}
+
+// publish sends a QoS 1 PUBLISH and classifies the outcome.
+func publish(c *testutil.Client, topic string, retain bool, payload string) (Outcome, string) {
+	ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+	defer cancel()
+	pr, err := c.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Retain: retain, Payload: []byte(payload)})
+	switch {
+	case err != nil:
+		return Unknown, err.Error()
+	case pr != nil && pr.ReasonCode >= 0x80:
+		reason := ""
+		if pr.Properties != nil {
+			reason = pr.Properties.ReasonString
+		}
+		return Failed, fmt.Sprintf("reason code 0x%02x %s", pr.ReasonCode, reason)
+	}
+	return OK, ""
+}
+
+// pace waits d or until ctx ends; it reports whether to go on.
+func pace(ctx context.Context, d time.Duration) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
+// retainWriter publishes unique retained values to random topics through a
+// connection to a random node, moving to another node when a publish fails.
+// A connection whose publish got no answer is abandoned, not closed: its
+// node (perhaps paused) must drop it once the id connects elsewhere.
+func (cp *campaign) retainWriter(ctx context.Context, id string, rng *rand.Rand) {
+	var c *testutil.Client
+	var node *Node
+	last := ""
+	for seq := 1; ctx.Err() == nil; {
+		if c == nil {
+			node = cp.pick(rng, last)
+			var err error
+			if c, err = cp.connect(id, node, 0); err != nil {
+				last = node.ID
+				if !pace(ctx, 100*time.Millisecond) {
+					return
+				}
+				continue
+			}
+		}
+		topic := fmt.Sprintf("chaos/ret/%d", rng.Intn(retainTopics))
+		value := fmt.Sprintf("%s-%d", id, seq)
+		seq++
+		op := Op{Kind: KindRetain, Client: id, Node: node.ID, Topic: topic, Value: value, Start: time.Now()}
+		op.Outcome, op.Err = publish(c, topic, true, value)
+		op.End = time.Now()
+		cp.h.Add(op)
+		switch op.Outcome {
+		case Unknown:
+			c, last = nil, node.ID
+		case Failed:
+			go c.Close()
+			c, last = nil, node.ID
+		}
+		if !pace(ctx, time.Duration(10+rng.Intn(30))*time.Millisecond) {
+			return
+		}
+	}
+}
+
+const streamTopic = "chaos/stream"
+
+// streamPublisher publishes sequence-numbered QoS 1 messages from a node
+// other than the subscriber's.
+func (cp *campaign) streamPublisher(ctx context.Context, id string, mine, other *sync.Map, rng *rand.Rand) {
+	var c *testutil.Client
+	var node *Node
+	epoch := 0
+	for seq := 1; ctx.Err() == nil; {
+		if c == nil {
+			o, _ := other.Load("node")
+			avoid, _ := o.(string)
+			node = cp.pick(rng, avoid)
+			var err error
+			if c, err = cp.connect(id, node, 0); err != nil {
+				if !pace(ctx, 100*time.Millisecond) {
+					return
+				}
+				continue
+			}
+			epoch++
+			mine.Store("node", node.ID)
+		}
+		op := Op{Kind: KindStreamPub, Client: id, Node: node.ID, Topic: streamTopic, Publisher: id, Seq: seq, PubConn: epoch, Start: time.Now()}
+		op.Outcome, op.Err = publish(c, streamTopic, false, fmt.Sprintf("%s:%d:%d", id, seq, epoch))
+		op.End = time.Now()
+		seq++
+		cp.h.Add(op)
+		if op.Outcome != OK {
+			_ = c.Conn.Close()
+			c = nil
+		}
+		if !pace(ctx, time.Duration(10+rng.Intn(20))*time.Millisecond) {
+			return
+		}
+	}
+}
+
+// streamSubscriber receives the stream on a node other than the
+// publisher's, recording every message with its connection epoch; it moves
+// when its connection drops or nothing arrives for a while (paused node).
+func (cp *campaign) streamSubscriber(ctx context.Context, id string, mine, other *sync.Map, rng *rand.Rand) {
+	epoch := 0
+	for ctx.Err() == nil {
+		o, _ := other.Load("node")
+		avoid, _ := o.(string)
+		node := cp.pick(rng, avoid)
+		c, err := cp.connect(id, node, 100000)
+		if err != nil {
+			if !pace(ctx, 100*time.Millisecond) {
+				return
+			}
+			continue
+		}
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		sa, err := c.Subscribe(sctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: streamTopic, QoS: 1}}})
+		cancel()
+		if err != nil || len(sa.Reasons) != 1 || sa.Reasons[0] >= 0x80 {
+			_ = c.Conn.Close()
+			continue
+		}
+		epoch++
+		mine.Store("node", node.ID)
+		cp.receive(ctx, c, id, node, epoch)
+		_ = c.Conn.Close()
+	}
+}
+
+func (cp *campaign) receive(ctx context.Context, c *testutil.Client, id string, node *Node, epoch int) {
+	idle := time.NewTimer(3 * time.Second)
+	defer idle.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.Done():
+			return
+		case <-idle.C:
+			return // nothing for 3 s: the node or the route is gone; move
+		case p := <-c.Msgs:
+			idle.Reset(3 * time.Second)
+			parts := strings.Split(string(p.Payload), ":")
+			if len(parts) != 3 {
+				cp.t.Errorf("stream: malformed payload %q", p.Payload)
+				continue
+			}
+			seq, _ := strconv.Atoi(parts[1])
+			pubConn, _ := strconv.Atoi(parts[2])
+			now := time.Now()
+			cp.h.Add(Op{Kind: KindStreamRecv, Client: id, Node: node.ID, Topic: p.Topic, Publisher: parts[0],
+				Seq: seq, PubConn: pubConn, SubConn: epoch, Start: now, End: now, Outcome: OK})
+		}
+	}
+}
+
+// checkOneConnectionPerClient waits until each client id has at most one
+// live connection and returns the counts.
+func (cp *campaign) checkOneConnectionPerClient() map[string]int {
+	counts := map[string]int{}
+	err := poll(settleTimeout, func() error {
+		cp.connMu.Lock()
+		defer cp.connMu.Unlock()
+		var bad []string
+		for id, cs := range cp.conns {
+			n := 0
+			for _, c := range cs {
+				select {
+				case <-c.Done():
+				default:
+					n++
+				}
+			}
+			counts[id] = n
+			if n > 1 {
+				bad = append(bad, fmt.Sprintf("%s has %d live connections", id, n))
+			}
+		}
+		if len(bad) > 0 {
+			sort.Strings(bad)
+			return fmt.Errorf("%s", strings.Join(bad, "; "))
+		}
+		return nil
+	})
+	if err != nil {
+		cp.t.Errorf("seed %d: at most one live connection per client id: %v", cp.seed, err)
+	}
+	return counts
+}
+
+func (cp *campaign) closeAll() {
+	cp.connMu.Lock()
+	defer cp.connMu.Unlock()
+	for _, cs := range cp.conns {
+		for _, c := range cs {
+			_ = c.Conn.Close()
+		}
+	}
+}
+
+// finalReads reads the retained values on every node with a fresh
+// subscriber, retrying until the nodes agree or settleTimeout passes (the
+// last reading is checked either way).
+func (cp *campaign) finalReads() ([]FinalRead, error) {
+	var finals []FinalRead
+	attempt := 0
+	err := poll(settleTimeout, func() error {
+		attempt++
+		finals = finals[:0]
+		for _, n := range cp.c.nodes {
+			vals, err := readRetained(n, fmt.Sprintf("reader-%s-%d", n.ID, attempt))
+			if err != nil {
+				return err
+			}
+			finals = append(finals, FinalRead{Node: n.ID, Values: vals})
+		}
+		for _, f := range finals[1:] {
+			if fmt.Sprint(f.Values) != fmt.Sprint(finals[0].Values) {
+				return fmt.Errorf("%s serves %v, %s serves %v", finals[0].Node, finals[0].Values, f.Node, f.Values)
+			}
+		}
+		return nil
+	})
+	if err != nil && len(finals) != len(cp.c.nodes) {
+		return finals, err
+	}
+	return finals, nil
+}
+
+// readRetained subscribes to chaos/ret/# and a marker topic, then publishes
+// to the marker: the node sends a subscription's retained messages before it
+// handles the next packet, so the marker comes after every retained value.
+func readRetained(n *Node, id string) (map[string]string, error) {
+	c, err := testutil.TryConnect(n.MQTTAddr, testutil.ClientOptions{ID: id, CleanStart: true})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", n.ID, err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	marker := "chaos/marker/" + id
+	sub := &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "chaos/ret/#", QoS: 1}, {Topic: marker, QoS: 1}}}
+	if _, err := c.Subscribe(ctx, sub); err != nil {
+		return nil, fmt.Errorf("%s: subscribe: %w", n.ID, err)
+	}
+	if _, err := c.Publish(ctx, &paho.Publish{Topic: marker, QoS: 1, Payload: []byte("end")}); err != nil {
+		return nil, fmt.Errorf("%s: publish marker: %w", n.ID, err)
+	}
+	vals := map[string]string{}
+	for {
+		select {
+		case p := <-c.Msgs:
+			if p.Topic == marker {
+				return vals, nil
+			}
+			if p.Retain {
+				vals[p.Topic] = string(p.Payload)
+			}
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%s: the end marker did not arrive", n.ID)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+func summary(r Report) string {
+	var b strings.Builder
+	w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(w, "seed\t%d\n", r.Seed)
+	fmt.Fprintf(w, "fault phase / elapsed\t%s / %s\n", r.Duration, r.Elapsed)
+	fmt.Fprintf(w, "operations\t%d\n", r.Operations)
+	fmt.Fprintf(w, "retained writes ok/failed/unknown\t%d/%d/%d\n", r.Result.RetainOps[OK], r.Result.RetainOps[Failed], r.Result.RetainOps[Unknown])
+	fmt.Fprintf(w, "stream published ok/failed/unknown\t%d/%d/%d\n", r.Result.StreamPubs[OK], r.Result.StreamPubs[Failed], r.Result.StreamPubs[Unknown])
+	fmt.Fprintf(w, "stream received\t%d\n", r.Result.StreamRecv)
+	for _, k := range sortedKeys(r.Faults) {
+		fmt.Fprintf(w, "faults: %s\t%d\n", k, r.Faults[k])
+	}
+	fmt.Fprintf(w, "lost (acked retained)\t%d\n", r.Result.Lost)
+	fmt.Fprintf(w, "divergent retained topics\t%d\n", r.Result.Divergent)
+	fmt.Fprintf(w, "reordered (stream)\t%d\n", r.Result.Reordered)
+	fmt.Fprintf(w, "duplicated (stream, allowed)\t%d\n", r.Result.Duplicated)
+	fmt.Fprintf(w, "late after publisher reconnect (info)\t%d\n", r.Result.CrossConnBack)
+	for _, k := range sortedKeys(r.UnavailableSeconds) {
+		fmt.Fprintf(w, "unavailable s: %s\t%.1f\n", k, r.UnavailableSeconds[k])
+	}
+	maxLive := 0
+	for _, n := range r.LiveConnections {
+		maxLive = max(maxLive, n)
+	}
+	fmt.Fprintf(w, "max live connections per client id\t%d\n", maxLive)
+	fmt.Fprintf(w, "violations\t%d\n", len(r.Result.Violations))
+	_ = w.Flush()
+	return b.String()
+}
+
+// writeReport writes the JSON report ($CHAOS_REPORT or the test's temp
+// dir) and the full history next to it as JSON lines.
+func (cp *campaign) writeReport(r Report, ops []Op) {
+	path := os.Getenv("CHAOS_REPORT")
+	if path == "" {
+		path = filepath.Join(cp.t.TempDir(), "chaos-report.json")
+	}
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		cp.t.Errorf("encode report: %v", err)
+		return
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		cp.t.Errorf("write report %s: %v", path, err)
+		return
+	}
+	hist := strings.TrimSuffix(path, filepath.Ext(path)) + "-history.jsonl"
+	var b strings.Builder
+	enc := json.NewEncoder(&b)
+	for _, o := range ops {
+		_ = enc.Encode(o)
+	}
+	if err := os.WriteFile(hist, []byte(b.String()), 0o644); err != nil {
+		cp.t.Errorf("write history %s: %v", hist, err)
+		return
+	}
+	cp.t.Logf("report: %s, history: %s", path, hist)
+}
