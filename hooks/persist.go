@@ -22,10 +22,13 @@ type Persistence struct {
 }
 
 // Provides implements mqtt.Hook: everything bolt stores except retained
-// messages, whose source of truth is the raft log (see Retained).
+// messages, whose source of truth is the raft log (see Retained), and the
+// $SYS counters (process-local; mochi does not restore them by default, and
+// a fresh store logs a spurious error for the missing key).
 func (p *Persistence) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnRetainMessage, mqtt.OnRetainedExpired, mqtt.StoredRetainedMessages:
+	case mqtt.OnRetainMessage, mqtt.OnRetainedExpired, mqtt.StoredRetainedMessages,
+		mqtt.OnSysInfoTick, mqtt.StoredSysInfo:
 		return false
 	}
 	return p.Hook.Provides(b)
