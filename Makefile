@@ -5,6 +5,7 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules
 
 GO        ?= go
+BENCH_DURATION ?= 10s
 BIN       := bin/broker
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
@@ -39,8 +40,10 @@ CHAOS_DURATION ?= 10m
 chaos:
 	CHAOS_DURATION=$(CHAOS_DURATION) CHAOS_SEED=$(CHAOS_SEED) $(GO) test -count=1 -v -timeout 0 -run TestChaos ./test/chaos/
 
+## bench: Go benchmarks, then the load tool against Debian's mosquitto and a three-node cluster.
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./...
+	$(GO) test -run '^$$' -bench . -benchmem ./cluster ./replication ./internal/node
+	./scripts/bench-delivery.sh $(BENCH_DURATION)
 
 lint: fmt-check vet deps-check
 	$(GO) run $(STATICCHECK) ./...

@@ -7,6 +7,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/storage"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
 )
 
@@ -32,6 +33,40 @@ func (p *Persistence) Provides(b byte) bool {
 		return false
 	}
 	return p.Hook.Provides(b)
+}
+
+// The per-message hooks below skip clean sessions: their in-flight state
+// dies with the connection anyway, and bolt fsyncs every write, which cut
+// QoS 1 throughput tenfold (about 600 msg/s against Mosquitto's 6,000 in
+// the same run) for no durability gain.
+
+// OnQosPublish implements mqtt.Hook.
+func (p *Persistence) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
+	if !cleanSession(cl) {
+		p.Hook.OnQosPublish(cl, pk, sent, resends)
+	}
+}
+
+// OnQosComplete implements mqtt.Hook.
+func (p *Persistence) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	if !cleanSession(cl) {
+		p.Hook.OnQosComplete(cl, pk)
+	}
+}
+
+// OnQosDropped implements mqtt.Hook.
+func (p *Persistence) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
+	if !cleanSession(cl) {
+		p.Hook.OnQosDropped(cl, pk)
+	}
+}
+
+// cleanSession reports whether cl's session ends with its connection.
+func cleanSession(cl *mqtt.Client) bool {
+	if cl.Properties.ProtocolVersion == 5 {
+		return cl.Properties.Props.SessionExpiryInterval == 0
+	}
+	return cl.Properties.Clean
 }
 
 // NewPersistence returns the hook; add it with bolt.Options.
