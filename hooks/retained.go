@@ -62,6 +62,9 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if !pk.FixedHeader.Retain || cl.Net.Inline || pk.Ignore {
 		return pk, nil
 	}
+	if ackBeforeCommit {
+		return pk, nil // the deliberately broken build: see brokenbuild_on.go
+	}
 	cmd := retainCommand(pk, time.Now())
 	if pk.FixedHeader.Qos == 0 {
 		go func() {
