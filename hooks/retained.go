@@ -98,6 +98,9 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 // OnRetainMessage re-asserts the committed value after mochi stored a copy
 // of its own (see the type comment).
 func (h *Retained) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
+	if ackBeforeCommit {
+		return // the broken build keeps mochi's local, unreplicated copy
+	}
 	h.assert(pk.TopicName)
 }
 
