@@ -70,8 +70,9 @@ type readinessCheck struct {
 	check func() error
 }
 
-// New validates nothing (Config.Validate did), binds every listener so that
-// a port in use is reported before anything starts, and wires the hooks.
+// New takes a Config its caller validated (cmd/broker does, naming flags
+// and files), binds every listener so that a port in use is reported
+// before anything starts, and wires the hooks.
 func New(cfg Config) (_ *Node, err error) {
 	log := cfg.Logger
 	if log == nil {
@@ -132,8 +133,9 @@ func New(cfg Config) (_ *Node, err error) {
 		if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 			return nil, fmt.Errorf("data dir: %w", err)
 		}
-		// Interim single-node persistence (sessions, subscriptions, queued
-		// and retained messages) until the replicated store replaces it.
+		// Interim per-node persistence of sessions, subscriptions and
+		// queued messages until they are replicated (retained messages
+		// already are: see hooks.Retained).
 		err := n.mqtt.AddHook(hooks.NewPersistence(), &bolt.Options{
 			Path:    filepath.Join(cfg.DataDir, "mqtt.db"),
 			Options: &bbolt.Options{Timeout: 2 * time.Second},
