@@ -422,9 +422,8 @@ func (n *Node) HasLocalRoute(filter string) bool { return n.routes.hasLocal(filt
 // receiving node must deliver to exactly the groups in Message.Shared and
 // skip its other groups. The caller's m.Shared is ignored.
 //
-// Retained messages (m.Retain) go to every peer, matching routes or not:
-// each node keeps its own retained index, so a later subscriber anywhere is
-// served the latest value. A receiver without subscribers just stores it.
+// Retained messages are forwarded like any other: the replication layer,
+// not forwarding, brings them to every node's retained index.
 //
 // Messages that came from a peer are never forwarded (no loops), and m must
 // not be modified after the call.
@@ -438,7 +437,7 @@ func (n *Node) Forward(m *Message) int {
 		n.matchPool.Put(res)
 	}()
 	n.routes.match(m.Topic, res)
-	if len(res.plain) == 0 && len(res.shared) == 0 && !m.Retain {
+	if len(res.plain) == 0 && len(res.shared) == 0 {
 		return 0
 	}
 	type target struct {
@@ -457,13 +456,6 @@ func (n *Node) Forward(m *Message) int {
 	defer n.mu.RUnlock()
 	if n.closing {
 		return 0
-	}
-	if m.Retain {
-		for id := range n.peers {
-			if !slices.ContainsFunc(targets, func(t target) bool { return t.node == id }) {
-				targets = append(targets, target{node: id})
-			}
-		}
 	}
 	for _, sm := range res.shared {
 		if n.routes.hasLocal(sm.Group) {

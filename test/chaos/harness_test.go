@@ -108,6 +108,7 @@ func (b *lockedBuffer) String() string {
 // the test, so the fault injector can run in its own goroutine.
 type Node struct {
 	ID          string
+	Bin         string // the broker binary; brokerBin when empty
 	DataDir     string
 	MQTTAddr    string
 	HTTPAddr    string
@@ -175,13 +176,17 @@ func (n *Node) launch() error {
 	}
 	n.starts++
 	fmt.Fprintf(n.log, "=== start #%d at %s\n", n.starts, time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(brokerBin, n.args()...)
+	bin := n.Bin
+	if bin == "" {
+		bin = brokerBin
+	}
+	cmd := exec.Command(bin, n.args()...)
 	cmd.Env = brokerEnv()
 	cmd.Stdout, cmd.Stderr = n.log, n.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.WaitDelay = 2 * time.Second
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("exec %s: %w", brokerBin, err)
+		return fmt.Errorf("exec %s: %w", bin, err)
 	}
 	done := make(chan struct{})
 	n.cmd, n.done, n.paused = cmd, done, false
@@ -376,6 +381,12 @@ type cluster struct {
 
 func startCluster(t *testing.T, n int) *cluster {
 	t.Helper()
+	return startClusterBin(t, "", n)
+}
+
+// startClusterBin starts n nodes running bin (brokerBin when empty).
+func startClusterBin(t *testing.T, bin string, n int) *cluster {
+	t.Helper()
 	c := &cluster{}
 	var gossip []string
 	for i := 1; i <= n; i++ {
@@ -383,6 +394,7 @@ func startCluster(t *testing.T, n int) *cluster {
 		if err != nil {
 			t.Fatal(err)
 		}
+		node.Bin = bin
 		c.nodes = append(c.nodes, node)
 		gossip = append(gossip, node.GossipAddr)
 	}
