@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -82,6 +83,7 @@ func (c *guardedConn) Close() error {
 				_, _ = c.Conn.Write([]byte{0xE0, 0x02, 0x95, 0x00})
 				c.writeMu.Unlock()
 			}
+			c.lingerClose()
 		case c.malformed.Load() && !c.firstDone.Load():
 			// Later malformed packets are counted by the metrics hook
 			// from mochi's error; before CONNECT there is no session.
@@ -92,6 +94,18 @@ func (c *guardedConn) Close() error {
 		err = c.Conn.Close()
 	})
 	return err
+}
+
+// lingerClose half-closes and discards what the client is still sending
+// (the rest of the over-size packet) for a moment before the socket is
+// closed: closing with unread input makes the kernel send RST, which can
+// destroy the DISCONNECT in flight before the client reads it.
+func (c *guardedConn) lingerClose() {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	_ = c.Conn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	_, _ = io.CopyN(io.Discard, c.Conn, 1<<20)
 }
 
 // packetScanner follows MQTT fixed-header framing over a byte stream without
