@@ -156,12 +156,23 @@ func TestFlappingClientIDIsThrottled(t *testing.T) {
 		})
 		return c, nil
 	}
+	// Each connection must be seen taken over (its DISCONNECT arrives)
+	// before the next one: that is when its node counts the takeover.
+	var prev *testutil.Client
 	for range 3 {
-		if _, err := connect("n1"); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := connect("n2"); err != nil {
-			t.Fatal(err)
+		for _, node := range []string{"n1", "n2"} {
+			c, err := connect(node)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if prev != nil {
+				select {
+				case <-prev.Done():
+				case <-time.After(wait):
+					t.Fatalf("connection on the other node was not taken over by %s", node)
+				}
+			}
+			prev = c
 		}
 	}
 	// n1 has lost "twin" three times: it refuses it now.
