@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -17,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
 // brokerBin is the broker binary TestMain builds once (or CHAOS_BROKER_BIN).
@@ -77,14 +78,7 @@ func poll(timeout time.Duration, cond func() error) error {
 	}
 }
 
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("pick a free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
+func freeAddr() (string, error) { return testutil.FreeAddr() }
 
 // lockedBuffer collects a process's output.
 type lockedBuffer struct {
@@ -387,6 +381,33 @@ func startCluster(t *testing.T, n int) *cluster {
 // startClusterBin starts n nodes running bin (brokerBin when empty).
 func startClusterBin(t *testing.T, bin string, n int) *cluster {
 	t.Helper()
+	// A port picked as free can be taken by another process before the node
+	// binds it; the node then exits with "address already in use", and the
+	// whole cluster is started again on new ports (every join list names
+	// every node's gossip address).
+	for attempt := 1; ; attempt++ {
+		c, err := tryStartCluster(t, bin, n)
+		if err == nil {
+			return c
+		}
+		portTaken := false
+		for _, node := range c.nodes {
+			if node.exited() && strings.Contains(node.log.String(), "address already in use") {
+				portTaken = true
+			}
+		}
+		if !portTaken || attempt == 3 {
+			t.Fatalf("cluster did not form: %v", err)
+		}
+		t.Logf("a port was taken before a node bound it; starting the cluster again (%v)", err)
+		for _, node := range c.nodes {
+			node.shutdown()
+		}
+	}
+}
+
+func tryStartCluster(t *testing.T, bin string, n int) (*cluster, error) {
+	t.Helper()
 	c := &cluster{}
 	var gossip []string
 	for i := 1; i <= n; i++ {
@@ -415,10 +436,16 @@ func startClusterBin(t *testing.T, bin string, n int) *cluster {
 			t.Fatal(err)
 		}
 	}
-	if err := c.waitHealthy(60 * time.Second); err != nil {
-		t.Fatalf("cluster did not form: %v", err)
-	}
-	return c
+	// Give up early when a node already died: the caller may retry.
+	err := poll(60*time.Second, func() error {
+		for _, node := range c.nodes {
+			if node.exited() {
+				return errStop{fmt.Errorf("node %s exited during start", node.ID)}
+			}
+		}
+		return c.waitHealthy(0)
+	})
+	return c, err
 }
 
 // waitHealthy waits until every node is ready and sees the same leader

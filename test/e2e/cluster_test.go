@@ -201,43 +201,52 @@ func TestClusterRetainedSurvivesKillingEveryNode(t *testing.T) {
 // management) form one raft cluster with three voters.
 func TestClusterBootstrapsWhenStartedTogether(t *testing.T) {
 	t.Parallel()
+	for attempt := 1; ; attempt++ {
+		nodes, err := launchTogether(t, 3)
+		if err == nil {
+			waitVoters(t, nodes, 3)
+			return
+		}
+		portTaken := false
+		for _, b := range nodes {
+			if b.exited() && strings.Contains(b.log.String(), "address already in use") {
+				portTaken = true
+			}
+		}
+		if !portTaken || attempt == 3 {
+			t.Fatal(err)
+		}
+		t.Logf("a port was taken before a node bound it; starting again (%v)", err)
+		for _, b := range nodes {
+			b.Kill()
+		}
+	}
+}
+
+// launchTogether starts n nodes at the same moment, each joining all, with
+// --bootstrap-expect n, and waits until all are ready.
+func launchTogether(t *testing.T, n int) ([]*Broker, error) {
 	var nodes []*Broker
-	for i := 1; i <= 3; i++ {
+	var gossip []string
+	for i := 1; i <= n; i++ {
 		b := &Broker{t: t, ID: fmt.Sprintf("node%d", i), DataDir: t.TempDir(), log: &lockedBuffer{}}
 		t.Cleanup(b.cleanup)
 		b.pickPorts()
 		nodes = append(nodes, b)
+		gossip = append(gossip, b.GossipAddr)
 	}
 	for _, b := range nodes {
-		b.spec.Args = []string{"--bootstrap-expect", "3",
-			"--join", nodes[0].GossipAddr + "," + nodes[1].GossipAddr + "," + nodes[2].GossipAddr}
+		b.spec.Args = []string{"--bootstrap-expect", fmt.Sprint(n), "--join", strings.Join(gossip, ",")}
 		if err := b.launch(); err != nil {
-			t.Fatal(err)
+			return nodes, err
 		}
 	}
 	for _, b := range nodes {
 		if err := b.waitReady(); err != nil {
-			t.Fatalf("%s: %v", b.ID, err)
+			return nodes, fmt.Errorf("%s: %w", b.ID, err)
 		}
 	}
-	waitVoters(t, nodes, 3)
-}
-
-// waitVoters waits until every node sees a leader and n voters.
-func waitVoters(t *testing.T, nodes []*Broker, n int) {
-	t.Helper()
-	eventually(t, 30*time.Second, func() error {
-		for _, b := range nodes {
-			v, err := b.raftView()
-			if err != nil {
-				return err
-			}
-			if len(v.Voters) != n || v.LeaderID == "" {
-				return fmt.Errorf("%s: leader %q, voters %v", b.ID, v.LeaderID, v.Voters)
-			}
-		}
-		return nil
-	})
+	return nodes, nil
 }
 
 // TestClusterWithoutQuorum: with two of three nodes killed, the survivor
@@ -306,4 +315,21 @@ func TestClusterRemoveNode(t *testing.T) {
 	if !strings.Contains(r.Stdout, "voters [node1 node2]") {
 		t.Fatalf("status does not show the two remaining voters:\n%s", r.Stdout)
 	}
+}
+
+// waitVoters waits until every node sees a leader and n voters.
+func waitVoters(t *testing.T, nodes []*Broker, n int) {
+	t.Helper()
+	eventually(t, 30*time.Second, func() error {
+		for _, b := range nodes {
+			v, err := b.raftView()
+			if err != nil {
+				return err
+			}
+			if len(v.Voters) != n || v.LeaderID == "" {
+				return fmt.Errorf("%s: leader %q, voters %v", b.ID, v.LeaderID, v.Voters)
+			}
+		}
+		return nil
+	})
 }

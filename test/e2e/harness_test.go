@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
 // brokerBin is the broker binary TestMain builds once for the package.
@@ -111,12 +113,11 @@ func eventually(t testing.TB, timeout time.Duration, cond func() error) {
 // already in use" for the ports it picked itself.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := testutil.FreeAddr()
 	if err != nil {
 		t.Fatalf("pick a free port: %v", err)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return addr
 }
 
 func portOf(addr string) string {
