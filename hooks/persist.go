@@ -42,27 +42,27 @@ func (p *Persistence) Provides(b byte) bool {
 
 // OnQosPublish implements mqtt.Hook.
 func (p *Persistence) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
-	if !cleanSession(cl) {
+	if !CleanSession(cl) {
 		p.Hook.OnQosPublish(cl, pk, sent, resends)
 	}
 }
 
 // OnQosComplete implements mqtt.Hook.
 func (p *Persistence) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
-	if !cleanSession(cl) {
+	if !CleanSession(cl) {
 		p.Hook.OnQosComplete(cl, pk)
 	}
 }
 
 // OnQosDropped implements mqtt.Hook.
 func (p *Persistence) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
-	if !cleanSession(cl) {
+	if !CleanSession(cl) {
 		p.Hook.OnQosDropped(cl, pk)
 	}
 }
 
-// cleanSession reports whether cl's session ends with its connection.
-func cleanSession(cl *mqtt.Client) bool {
+// CleanSession reports whether cl's session ends with its connection.
+func CleanSession(cl *mqtt.Client) bool {
 	if cl.Properties.ProtocolVersion == 5 {
 		return cl.Properties.Props.SessionExpiryInterval == 0
 	}

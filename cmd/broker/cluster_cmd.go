@@ -44,18 +44,9 @@ func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 		}
 		return removeNode(host, fs.Arg(0), stdout, stderr)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+host+"/api/cluster", nil)
-	resp, err := http.DefaultClient.Do(req)
+	body, err := apiGet(host, "/api/cluster")
 	if err != nil {
-		fmt.Fprintf(stderr, "broker: cannot reach the node at %s: %v (is it running? pass --http-addr)\n", host, err)
-		return 1
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		fmt.Fprintf(stderr, "broker: %s/api/cluster answered %s: %v\n", host, resp.Status, err)
+		fmt.Fprintf(stderr, "broker: %v\n", err)
 		return 1
 	}
 	if *asJSON {
@@ -119,5 +110,62 @@ func removeNode(host, id string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	_, _ = stdout.Write(body)
+	return 0
+}
+
+// apiGet fetches path from a running node's HTTP endpoint.
+func apiGet(host, path string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+host+path, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the node at %s: %w (is it running? pass --http-addr)", host, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s%s answered %s: %v", host, path, resp.Status, err)
+	}
+	return body, nil
+}
+
+// sessionsCmd runs `broker sessions`: the sessions a running node holds.
+func sessionsCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("broker sessions", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	def := "127.0.0.1:8080"
+	if v := getenv("BROKER_HTTP_ADDR"); v != "" {
+		def = v
+	}
+	addr := fs.String("http-addr", def, "HTTP address of the node to ask")
+	asJSON := fs.Bool("json", false, "print the raw JSON")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	host := *addr
+	if strings.HasPrefix(host, ":") {
+		host = "127.0.0.1" + host
+	}
+	body, err := apiGet(host, "/api/sessions")
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: %v\n", err)
+		return 1
+	}
+	if *asJSON {
+		_, _ = stdout.Write(body)
+		return 0
+	}
+	var ss []node.SessionInfo
+	if err := json.Unmarshal(body, &ss); err != nil {
+		fmt.Fprintf(stderr, "broker: bad answer from %s: %v\n", host, err)
+		return 1
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CLIENT\tOWNER\tSTATE\tMQTT\tPERSISTENT\tSUBSCRIPTIONS\tQUEUED")
+	for _, s := range ss {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%v\t%d\t%d\n", s.ClientID, s.Owner, s.State, s.ProtocolVersion, s.Persistent, s.Subscriptions, s.QueueDepth)
+	}
+	_ = tw.Flush()
 	return 0
 }

@@ -39,6 +39,8 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return serve(args, getenv, stderr)
 	case "cluster":
 		return clusterCmd(args, getenv, stdout, stderr)
+	case "sessions":
+		return sessionsCmd(args, getenv, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "broker", version)
 		return 0
@@ -55,6 +57,7 @@ const usage = `Usage:
   broker cluster status    show the cluster as a running node sees it (--http-addr)
   broker cluster remove-node ID
                            remove a dead node from the raft configuration
+  broker sessions          list the sessions a running node holds (--http-addr)
   broker version           print the version
 `
 

@@ -48,6 +48,12 @@ func (n *Node) routes() http.Handler {
 		n.log.Warn("node removed from the raft configuration by an operator", "removed", id)
 		fmt.Fprintf(w, "removed %s\n", id)
 	})
+	mux.HandleFunc("GET /api/sessions", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(n.Sessions())
+	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{Registry: n.reg}))
 	if n.cfg.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
