@@ -2,7 +2,6 @@ package mosquitto
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -201,11 +200,8 @@ func ParseACL(name string, r io.Reader) (*ACL, error) {
 	if err := sc.Err(); err != nil {
 		errs = append(errs, &ConfigError{File: name, Line: n + 1, Msg: "cannot read the file: " + err.Error()})
 	}
-	if len(errs) == 1 {
-		return nil, errs[0]
-	}
-	if len(errs) > 1 {
-		return nil, errors.Join(errs...)
+	if err := joinErrors(errs); err != nil {
+		return nil, err
 	}
 	return a, nil
 }

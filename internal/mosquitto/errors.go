@@ -1,6 +1,7 @@
 package mosquitto
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
 )
@@ -61,4 +62,16 @@ type Source struct {
 
 func (s Source) String() string {
 	return fmt.Sprintf("%s:%d", s.File, s.Line)
+}
+
+// joinErrors returns nil for none, the error itself for one (so errors.As
+// finds a *ConfigError directly), and errors.Join for several.
+func joinErrors(errs []error) error {
+	switch len(errs) {
+	case 0:
+		return nil
+	case 1:
+		return errs[0]
+	}
+	return errors.Join(errs...)
 }

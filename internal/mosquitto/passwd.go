@@ -6,7 +6,6 @@ import (
 	"crypto/sha512"
 	"crypto/subtle"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -146,11 +145,8 @@ func ParsePasswordFile(name string, r io.Reader) (*PasswordFile, error) {
 	if err := sc.Err(); err != nil {
 		errs = append(errs, &ConfigError{File: name, Line: n + 1, Msg: "cannot read the file: " + err.Error()})
 	}
-	if len(errs) == 1 {
-		return nil, errs[0]
-	}
-	if len(errs) > 1 {
-		return nil, errors.Join(errs...)
+	if err := joinErrors(errs); err != nil {
+		return nil, err
 	}
 	return pf, nil
 }
