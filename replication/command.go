@@ -37,7 +37,8 @@ const (
 	CmdQoS2Released  CommandType = 15
 	CmdSetWill       CommandType = 16
 	CmdClearWill     CommandType = 17
-	// Next: 18 (or 0x92 for a command old nodes may skip).
+	CmdClaimWill     CommandType = 18
+	// Next: 19 (or 0x93 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -78,6 +79,8 @@ func (t CommandType) String() string {
 		return "set_will"
 	case CmdClearWill:
 		return "clear_will"
+	case CmdClaimWill:
+		return "claim_will"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

@@ -160,7 +160,7 @@ func (c *Config) Sanitize() {
 	def(&c.HeartbeatTimeout, time.Second)
 	def(&c.ElectionTimeout, time.Second)
 	def(&c.LeaderLeaseTimeout, 500*time.Millisecond)
-	def(&c.CommitTimeout, 50*time.Millisecond)
+	def(&c.CommitTimeout, 5*time.Millisecond)
 	defInt(&c.MaxAppendEntries, 64)
 	def(&c.SnapshotInterval, 2*time.Minute)
 	defU64(&c.SnapshotThreshold, 8192)

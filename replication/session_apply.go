@@ -175,6 +175,15 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		e.Will = nil
 		res.Changed = true
 		emit(SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: e.Owner})
+	case *ClaimWill:
+		e := s.sessions[c.ClientID]
+		if e == nil || e.Will == nil || e.Connected || e.OpenedIndex != c.IfOpened {
+			return evs, true
+		}
+		e = s.mutableSession(c.ClientID)
+		e.Will = nil
+		res.Changed = true
+		emit(SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: e.Owner})
 	default:
 		return evs, false
 	}

@@ -172,8 +172,24 @@ type ClearWill struct {
 	ClientID string
 }
 
+// ClaimWill takes the will of a disconnected session for publication: it
+// clears the will, with Result.Changed, only if the session is still the
+// one opened at IfOpened, is disconnected and still holds a will. The node
+// that publishes wills (the leader) claims first and publishes only on
+// Changed, so a will is published once even if two nodes try, and never
+// after the client reconnected (the reconnect's SessionOpen moved
+// OpenedIndex on). ClearWill cannot do this: it would clear the will of a
+// connection opened in between.
+//
+//	str client_id | uvarint if_opened
+type ClaimWill struct {
+	ClientID string
+	IfOpened uint64
+}
+
 // Compile-time assertions.
 var (
+	_ Command = (*ClaimWill)(nil)
 	_ Command = (*SessionOpen)(nil)
 	_ Command = (*SessionClose)(nil)
 	_ Command = (*SessionDelete)(nil)
@@ -200,6 +216,7 @@ func (*QoS2Received) Type() CommandType  { return CmdQoS2Received }
 func (*QoS2Released) Type() CommandType  { return CmdQoS2Released }
 func (*SetWill) Type() CommandType       { return CmdSetWill }
 func (*ClearWill) Type() CommandType     { return CmdClearWill }
+func (*ClaimWill) Type() CommandType     { return CmdClaimWill }
 
 func appendProps(b []byte, p *Properties) []byte {
 	b = append(b, p.PayloadFormat)
@@ -372,6 +389,10 @@ func (c *SetWill) appendPayload(b []byte) []byte {
 
 func (c *ClearWill) appendPayload(b []byte) []byte { return appendString(b, c.ClientID) }
 
+func (c *ClaimWill) appendPayload(b []byte) []byte {
+	return appendUvarint(appendString(b, c.ClientID), c.IfOpened)
+}
+
 // decodeSessionCommand decodes the payload of a session command type; ok
 // is false for a type that is not one.
 func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
@@ -432,6 +453,8 @@ func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
 		return &SetWill{ClientID: r.str(), Will: r.will()}, true
 	case CmdClearWill:
 		return &ClearWill{ClientID: r.str()}, true
+	case CmdClaimWill:
+		return &ClaimWill{ClientID: r.str(), IfOpened: r.uvarint()}, true
 	}
 	return nil, false
 }
@@ -558,6 +581,16 @@ func (c *SetWill) validate() error {
 func (c *ClearWill) validate() error {
 	if c.ClientID == "" {
 		return invalid(c.Type(), "empty client id")
+	}
+	return nil
+}
+
+func (c *ClaimWill) validate() error {
+	if c.ClientID == "" {
+		return invalid(c.Type(), "empty client id")
+	}
+	if c.IfOpened == 0 {
+		return invalid(c.Type(), "zero if_opened")
 	}
 	return nil
 }

@@ -27,6 +27,7 @@ func sessionGoldenCmds() []Command {
 		&SetWill{ClientID: "c", Will: Will{Topic: "w", Payload: []byte("x"), QoS: 1, Retain: true, DelaySeconds: 10,
 			ExpirySeconds: 60, Properties: Properties{ContentType: "c"}}},
 		&ClearWill{ClientID: "c"},
+		&ClaimWill{ClientID: "c", IfOpened: 300},
 	}
 }
 
@@ -46,6 +47,7 @@ var goldenSession = []string{
 	"0f" + "0163" + "ac02",
 	"10" + "0163" + "0177" + "0178" + "01" + "01" + "0a" + "3c" + "00" + "0163" + "00" + "00" + "00",
 	"11" + "0163",
+	"12" + "0163" + "ac02",
 }
 
 func TestSessionCommandGoldenBytes(t *testing.T) {
@@ -102,7 +104,7 @@ func TestDecodeSessionOutOfRange(t *testing.T) {
 		"packet id > 65535":  {0x0e, 0x01, 'c', 0x80, 0x80, 0x04},
 		"expiry > 2^32-1":    {0x06, 0x01, 'c', 0x05, 0x80, 0x80, 0x80, 0x80, 0x10, 0x01, 'n', 0x00, 0x00},
 		"bad bool":           {0x06, 0x01, 'c', 0x05, 0x00, 0x01, 'n', 0x00, 0x02},
-		"unknown type 18":    {0x12, 0x00},
+		"unknown type 19":    {0x13, 0x00},
 		"huge target count":  {0x0b, 0x01, 't', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0x03},
 		"huge subscriptions": {0x09, 0x01, 'c', 0xff, 0xff, 0x03},
 	} {
@@ -138,6 +140,8 @@ func TestValidateSessionCommands(t *testing.T) {
 		"qos2 received pid 0":     &QoS2Received{ClientID: "c"},
 		"qos2 released pid 0":     &QoS2Released{ClientID: "c"},
 		"will empty topic":        &SetWill{ClientID: "c"},
+		"claim will empty":        &ClaimWill{IfOpened: 1},
+		"claim will if_opened 0":  &ClaimWill{ClientID: "c"},
 		"will qos 3":              &SetWill{ClientID: "c", Will: Will{Topic: "w", QoS: 3}},
 		"will bad payload format": &SetWill{ClientID: "c", Will: Will{Topic: "w", Properties: Properties{PayloadFormat: 7}}},
 		"clear will empty":        &ClearWill{},

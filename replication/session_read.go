@@ -2,6 +2,7 @@ package replication
 
 import (
 	"context"
+	"slices"
 	"time"
 )
 
@@ -53,11 +54,11 @@ func (f *FSM) Queue(clientID string, fromSeq uint64, limit int) []QueuedMessage 
 	if !ok {
 		return nil
 	}
+	// The queue is in Seq order: start at fromSeq without scanning (the
+	// delivery pump pages through long queues message by message).
+	i, _ := slices.BinarySearchFunc(e.Queue, fromSeq, func(m QueuedMessage, seq uint64) int { return cmpU64(m.Seq, seq) })
 	var out []QueuedMessage
-	for _, m := range e.Queue {
-		if m.Seq < fromSeq {
-			continue
-		}
+	for _, m := range e.Queue[i:] {
 		if limit > 0 && len(out) >= limit {
 			break
 		}

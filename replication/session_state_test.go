@@ -363,6 +363,39 @@ func TestWillCommands(t *testing.T) {
 	}
 }
 
+// TestClaimWill: the will is claimed once, only while the session is still
+// disconnected from the connection the claimer saw.
+func TestClaimWill(t *testing.T) {
+	a := newSessionApplier(t)
+	if r := a.apply(&ClaimWill{ClientID: "c", IfOpened: 1}); r.Changed || r.Err != nil {
+		t.Fatalf("claim without session: %+v", r)
+	}
+	opened := a.apply(open("c", "A", false)).Index
+	a.apply(&SetWill{ClientID: "c", Will: Will{Topic: "w"}})
+	if r := a.apply(&ClaimWill{ClientID: "c", IfOpened: opened}); r.Changed {
+		t.Fatal("claimed the will of a connected session")
+	}
+	a.apply(&SessionClose{ClientID: "c", Owner: "A", IfOpened: opened, At: 5})
+	if r := a.apply(&ClaimWill{ClientID: "c", IfOpened: opened + 1}); r.Changed {
+		t.Fatal("claimed with a stale if_opened")
+	}
+	if r := a.apply(&ClaimWill{ClientID: "c", IfOpened: opened}); !r.Changed || a.sess("c").Will != nil ||
+		a.evs[0].session.Kind != WillCleared {
+		t.Fatal("claim of a disconnected session's will")
+	}
+	if r := a.apply(&ClaimWill{ClientID: "c", IfOpened: opened}); r.Changed {
+		t.Fatal("will claimed twice")
+	}
+	// Reconnected with a new will: a claim made for the old connection
+	// must not take the new one.
+	reopened := a.apply(open("c", "B", false)).Index
+	a.apply(&SetWill{ClientID: "c", Will: Will{Topic: "w2"}})
+	a.apply(&SessionClose{ClientID: "c", Owner: "B", IfOpened: reopened, At: 9})
+	if r := a.apply(&ClaimWill{ClientID: "c", IfOpened: opened}); r.Changed || a.sess("c").Will == nil {
+		t.Fatal("stale claim took the new connection's will")
+	}
+}
+
 // TestSessionReadsAreDeepCopies: nothing a reader gets aliases the state.
 func TestSessionReadsAreDeepCopies(t *testing.T) {
 	f := testFSM(observers{})
