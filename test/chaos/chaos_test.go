@@ -35,6 +35,7 @@ const (
 	FaultPause      = "pause"       // SIGSTOP one node, SIGCONT after a while
 	FaultRolling    = "rolling"     // SIGTERM, restart, wait ready: each node in turn
 	FaultRestartAll = "restart-all" // SIGKILL every node at the end, restart them together
+	FaultPartition  = "partition"   // cut one node off from the others (network namespaces), then heal
 )
 
 type faultEvent struct {
@@ -63,6 +64,7 @@ type campaign struct {
 // Report is the JSON the campaign writes.
 type Report struct {
 	Seed               int64              `json:"seed"`
+	WorkloadStart      time.Time          `json:"workload_start"` // the timeline's origin
 	Duration           string             `json:"fault_phase"`
 	Elapsed            string             `json:"elapsed"`
 	Operations         int                `json:"operations"`
@@ -96,6 +98,7 @@ func TestChaos(t *testing.T) {
 	cp.c = startCluster(t, 3)
 
 	ctx, stopWorkload := context.WithCancel(context.Background())
+	workStart := time.Now()
 	var wg sync.WaitGroup
 	for i := 1; i <= retainWriters; i++ {
 		wg.Add(1)
@@ -142,7 +145,7 @@ func TestChaos(t *testing.T) {
 
 	ops := cp.h.Ops()
 	res := Check(ops, finals)
-	rep := Report{Seed: seed, Duration: phase.String(), Elapsed: time.Since(began).Round(time.Second).String(),
+	rep := Report{Seed: seed, WorkloadStart: workStart, Duration: phase.String(), Elapsed: time.Since(began).Round(time.Second).String(),
 		Operations: len(ops), Faults: map[string]int{}, UnavailableSeconds: map[string]float64{},
 		Result: res, LiveConnections: live, FaultLog: cp.faults, FinalReads: finals}
 	for _, f := range cp.faults {
@@ -655,7 +658,8 @@ func summary(r Report) string {
 }
 
 // writeReport writes the JSON report ($CHAOS_REPORT or the test's temp
-// dir) and the full history next to it as JSON lines.
+// dir), the full history next to it as JSON lines and the timeline plot
+// as SVG.
 func (cp *campaign) writeReport(r Report, ops []Op) {
 	path := os.Getenv("CHAOS_REPORT")
 	if path == "" {
@@ -680,5 +684,16 @@ func (cp *campaign) writeReport(r Report, ops []Op) {
 		cp.t.Errorf("write history %s: %v", hist, err)
 		return
 	}
-	cp.t.Logf("report: %s, history: %s", path, hist)
+	svg := strings.TrimSuffix(path, filepath.Ext(path)) + "-timeline.svg"
+	var plot strings.Builder
+	title := fmt.Sprintf("chaos seed %d: fault phase %s, %d operations, %d violation(s)", r.Seed, r.Duration, r.Operations, len(r.Result.Violations))
+	if err := renderTimeline(&plot, title, ops, r.FaultLog, r.WorkloadStart); err != nil {
+		cp.t.Errorf("render timeline: %v", err)
+		return
+	}
+	if err := os.WriteFile(svg, []byte(plot.String()), 0o644); err != nil {
+		cp.t.Errorf("write timeline %s: %v", svg, err)
+		return
+	}
+	cp.t.Logf("report: %s, history: %s, timeline: %s", path, hist, svg)
 }
