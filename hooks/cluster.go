@@ -148,7 +148,7 @@ func (h *Cluster) removeRoute(clientID, filter string) {
 // OnPublished forwards a local publish. It runs after mochi's ACL check and
 // every OnPublish hook, so only accepted messages leave the node.
 func (h *Cluster) OnPublished(cl *mqtt.Client, pk packets.Packet) {
-	if h.isInjector(cl) || pk.Ignore {
+	if isInjector(cl) || pk.Ignore {
 		return
 	}
 	m := toClusterMessage(cl, pk)
@@ -185,10 +185,6 @@ func (h *Cluster) OnSelectSubscribers(subs *mqtt.Subscribers, pk packets.Packet)
 		}
 	}
 	return subs
-}
-
-func (h *Cluster) isInjector(cl *mqtt.Client) bool {
-	return cl.Net.Inline && strings.HasPrefix(cl.ID, injectorPrefix)
 }
 
 // Deliver implements cluster.Deliverer: inject a peer's message into mochi.

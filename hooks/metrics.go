@@ -32,6 +32,32 @@ type Metrics struct {
 	aclDenied    *prometheus.CounterVec
 	packetErrors *prometheus.CounterVec
 	retainedFail *prometheus.CounterVec
+	sessions     *sessionMetrics
+}
+
+// sessionMetrics count the replicated-session events of this node (the
+// queue-depth histogram is the node's: it reads the log).
+type sessionMetrics struct {
+	dropped, redelivered, wills, enqueueFailed, openFailed, opsDropped, qos2Duplicates prometheus.Counter
+}
+
+func newSessionMetrics() *sessionMetrics {
+	c := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: "broker", Subsystem: "sessions", Name: name, Help: help})
+	}
+	return &sessionMetrics{
+		dropped:        c("queue_dropped_total", "Messages not queued for a persistent session because its queue was full (max_queued_messages), counted by the publishing node."),
+		redelivered:    c("redelivered_total", "Queued messages sent again to a resumed session (DUP)."),
+		wills:          c("wills_published_total", "Wills this node published for sessions closed without DISCONNECT or whose node died."),
+		enqueueFailed:  c("enqueue_failures_total", "QoS 1/2 publishes for persistent sessions refused because the log did not commit them."),
+		openFailed:     c("open_failures_total", "Persistent sessions served without replication because SessionOpen failed."),
+		opsDropped:     c("writes_dropped_total", "Asynchronous session writes (acks, closes) dropped because the write queue was full."),
+		qos2Duplicates: c("qos2_duplicates_total", "Inbound QoS 2 PUBLISH resends recognised from the log and not delivered again."),
+	}
+}
+
+func (s *sessionMetrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{s.dropped, s.redelivered, s.wills, s.enqueueFailed, s.openFailed, s.opsDropped, s.qos2Duplicates}
 }
 
 // NewMetrics registers the metrics on reg; info is the mochi server's
@@ -52,7 +78,9 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		aclDenied:    counter("acl_denied_total", "Publishes and subscriptions refused by the ACL, by access.", "access"),
 		packetErrors: counter("packet_errors_total", "Connections ended by bad input, by reason.", "reason"),
 		retainedFail: counter("retained_replication_failures_total", "Retained writes the raft log did not commit, by reason.", "reason"),
+		sessions:     newSessionMetrics(),
 	}
+	reg.MustRegister(m.sessions.collectors()...)
 	gauge := func(name, help string, v *int64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help},
 			func() float64 { return float64(atomic.LoadInt64(v)) })

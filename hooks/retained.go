@@ -59,7 +59,9 @@ func (h *Retained) Provides(b byte) bool {
 
 // OnPublish replicates a local retained publish before mochi acknowledges it.
 func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if !pk.FixedHeader.Retain || cl.Net.Inline || pk.Ignore {
+	// Forwarded copies were replicated by their origin; every other
+	// publish is replicated here, wills published by the leader included.
+	if !pk.FixedHeader.Retain || isInjector(cl) || pk.Ignore {
 		return pk, nil
 	}
 	if ackBeforeCommit {

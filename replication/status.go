@@ -201,3 +201,16 @@ func (n *Node) newGauges() []prometheus.Collector {
 		}),
 	}
 }
+
+// IsLeader reports whether this node is the raft leader now.
+func (n *Node) IsLeader() bool { return n.running() && n.raft.State() == raft.Leader }
+
+// HasLeader reports whether this node knows a raft leader (a write can be
+// attempted; it may still fail).
+func (n *Node) HasLeader() bool {
+	if !n.running() {
+		return false
+	}
+	addr, _ := n.raft.LeaderWithID()
+	return addr != ""
+}

@@ -13,17 +13,14 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"go.etcd.io/bbolt"
 
 	"github.com/mqtt-ha/broker/cluster"
 	"github.com/mqtt-ha/broker/hooks"
@@ -48,6 +45,7 @@ type Node struct {
 	repl            *replication.Node
 	retainedHook    *hooks.Retained
 	ownershipHook   *hooks.Ownership
+	sessionsHook    *hooks.Sessions
 	raftAddr        string
 	initialHasState bool
 	stopped         chan struct{} // closed when the node stops; ends background loops
@@ -114,6 +112,10 @@ func New(cfg Config) (_ *Node, err error) {
 	n.clusterHook = hooks.NewCluster(n.mqtt, log)
 	n.retainedHook = hooks.NewRetained(n.mqtt, replicatedWriteTimeout, metrics, log)
 	n.ownershipHook = hooks.NewOwnership(n.mqtt, cfg.NodeID, replicatedWriteTimeout, log)
+	n.sessionsHook = hooks.NewSessions(n.mqtt, n.clusterHook, hooks.SessionsConfig{
+		Self: cfg.NodeID, MaxQueued: cfg.MaxQueuedMessages, MaxInflight: cfg.MaxInflightMessages,
+		Timeout: replicatedWriteTimeout, Alive: n.memberAlive, Log: log, Metrics: metrics,
+	})
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.
 	for _, h := range []mqtt.Hook{
@@ -122,6 +124,7 @@ func New(cfg Config) (_ *Node, err error) {
 		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, cfg.MaxPacketSize, log.With("component", "mqtt")),
 		hooks.NewQueueOrder(n.mqtt),
 		n.retainedHook,
+		n.sessionsHook, // before the cluster hook: it may refuse filters in OnSubscribed
 		n.ownershipHook,
 		n.clusterHook,
 	} {
@@ -129,20 +132,11 @@ func New(cfg Config) (_ *Node, err error) {
 			return nil, fmt.Errorf("add hook %s: %w", h.ID(), err)
 		}
 	}
-	if cfg.Persistence {
-		if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
-			return nil, fmt.Errorf("data dir: %w", err)
-		}
-		// Interim per-node persistence of sessions, subscriptions and
-		// queued messages until they are replicated (retained messages
-		// already are: see hooks.Retained).
-		err := n.mqtt.AddHook(hooks.NewPersistence(), &bolt.Options{
-			Path:    filepath.Join(cfg.DataDir, "mqtt.db"),
-			Options: &bbolt.Options{Timeout: 2 * time.Second},
-		})
-		if err != nil {
-			return nil, fmt.Errorf("persistence at %s (is another broker using this --data-dir?): %w", cfg.DataDir, err)
-		}
+	// Sessions, subscriptions, queued messages and retained messages are
+	// kept by the raft log (hooks.Sessions, hooks.Retained), so there is no
+	// per-node store: cfg.Persistence is always in effect.
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
 	}
 
 	if err := n.bindListeners(metrics); err != nil {
@@ -277,6 +271,9 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		case <-ctx.Done():
 			n.closeErr = fmt.Errorf("clients still draining: %w", ctx.Err())
 		}
+		// Acknowledgements of delivered messages are still queued for the
+		// log: propose them before raft stops (fewer redeliveries).
+		n.sessionsHook.Flush(ctx)
 		close(n.stopped)
 		if n.repl != nil {
 			if err := n.repl.Close(); err != nil {

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/mqtt-ha/broker/cluster"
 	"github.com/mqtt-ha/broker/replication"
 )
@@ -61,12 +63,18 @@ func (n *Node) startReplication(ctx context.Context) error {
 			}
 			return c, nil
 		},
-		OnRetained:      n.retainedHook.Apply,
-		OnRestore:       n.retainedHook.Resync,
-		OnOwner:         n.ownershipHook.Apply,
-		MaxCommandBytes: n.cfg.ReplicatedSizeLimit,
-		Logger:          n.cfg.Logger,
-		Registerer:      n.reg,
+		OnRetained: n.retainedHook.Apply,
+		OnRestore: func() {
+			n.retainedHook.Resync()
+			n.sessionsHook.Resync()
+		},
+		OnOwner:   n.ownershipHook.Apply,
+		OnSession: n.sessionsHook.Apply,
+		// Expired sessions (and retained messages) go within 2 s.
+		ExpirySweepInterval: 2 * time.Second,
+		MaxCommandBytes:     n.cfg.ReplicatedSizeLimit,
+		Logger:              n.cfg.Logger,
+		Registerer:          n.reg,
 	}
 	if n.cfg.ReplicationTuning != nil {
 		n.cfg.ReplicationTuning(&cfg)
@@ -77,6 +85,8 @@ func (n *Node) startReplication(ctx context.Context) error {
 	}
 	n.retainedHook.SetReplication(n.repl)
 	n.ownershipHook.SetReplication(n.repl, n.stopped)
+	n.sessionsHook.SetReplication(n.repl, n.stopped)
+	n.reg.MustRegister(queueDepthCollector{n.repl})
 	if err := n.repl.Start(ctx); err != nil {
 		return fmt.Errorf("start replication: %w", err)
 	}
@@ -144,4 +154,43 @@ func (n *Node) ClusterStatus() ClusterInfo {
 		ci.Raft = n.repl.Status()
 	}
 	return ci
+}
+
+// memberAlive reports whether membership sees node as alive.
+func (n *Node) memberAlive(node string) bool {
+	for _, m := range n.cluster.Status().Members {
+		if m.ID == node {
+			return m.State == "alive"
+		}
+	}
+	return false
+}
+
+// queueDepthCollector exports the distribution of persistent-session queue
+// depths (queued plus in flight) as a histogram, read from the log at
+// scrape time: the same on every node, never one series per client.
+type queueDepthCollector struct{ r *replication.Node }
+
+var queueDepthDesc = prometheus.NewDesc("broker_sessions_queue_depth",
+	"Persistent sessions by queue depth (messages queued or in flight), cluster-wide from the replicated state.", nil, nil)
+
+var queueDepthBuckets = []float64{0, 1, 10, 100, 1000, 10000}
+
+func (queueDepthCollector) Describe(ch chan<- *prometheus.Desc) { ch <- queueDepthDesc }
+
+func (c queueDepthCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := make(map[float64]uint64, len(queueDepthBuckets))
+	var n uint64
+	var sum float64
+	for _, s := range c.r.Sessions() {
+		d := float64(s.QueueDepth)
+		n++
+		sum += d
+		for _, b := range queueDepthBuckets {
+			if d <= b {
+				counts[b]++
+			}
+		}
+	}
+	ch <- prometheus.MustNewConstHistogram(queueDepthDesc, n, sum, counts)
 }

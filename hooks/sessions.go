@@ -1,0 +1,1055 @@
+package hooks
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"maps"
+	"math"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Sessions keeps persistent sessions (MQTT 3.1.1 clean session 0, MQTT 5
+// session expiry > 0) in the raft log instead of in mochi, so that they
+// survive the loss of the node that held them (DESIGN.md guarantees 1, 3
+// and 4; replication/DESIGN.md "Persistent sessions" for the state).
+//
+// The replicated queue is the only queue. mochi keeps no offline state for
+// a persistent session: its subscriptions are taken out of mochi's topic
+// index right after SUBACK and live in the log (and in idx, this node's
+// mirror of every persistent session's subscriptions, used for matching).
+//
+//   - Publish: a QoS 1/2 PUBLISH matching persistent sessions is enqueued
+//     for all of them in one Enqueue entry before mochi acknowledges it
+//     (OnPublish blocks until commit; group commit batches concurrent
+//     publishers into one entry).
+//   - Delivery: the node holding a session's connection runs a pump that
+//     reads the replicated queue in Seq order and sends at most a window
+//     of messages (max_inflight_messages, and the client's Receive
+//     Maximum) ahead of the acknowledgements. Packet ids are derived from
+//     Seq, so a message resent by another node after a failover carries
+//     the packet id the client saw, and a QoS 2 receiver discards it as a
+//     duplicate. PUBACK/PUBCOMP become batched Ack entries, PUBREC a
+//     QueueRelease. QoS 0 copies (QoS 0 publishes, QoS 0 subscriptions)
+//     go to live sessions directly, as mochi would.
+//   - Connect: SessionOpen (with the will) is committed before CONNACK,
+//     whose session-present flag comes from the log. Any node can resume
+//     any session; the previous owner sees the SessionOpen and drops its
+//     connection (0x8E).
+//   - Wills of persistent sessions live in the log. The raft leader
+//     publishes each will once (ClaimWill, then publish) when its session
+//     was closed without DISCONNECT, after the will delay, or when the node
+//     that held the connection is declared dead (it closes those sessions
+//     on the dead node's behalf first). Clean sessions with a will are
+//     mirrored too, so their will fires when their node dies; while the
+//     node lives, mochi publishes it as before.
+//
+// Shared subscriptions of persistent sessions stay in mochi (not durable).
+type Sessions struct {
+	mqtt.HookBase
+	server  *mqtt.Server
+	cluster *Cluster
+	cfg     SessionsConfig
+	log     *slog.Logger
+	m       *sessionMetrics
+	repl    *replication.Node
+	stop    <-chan struct{}
+	willCl  *mqtt.Client
+
+	mu    sync.Mutex
+	conns map[*mqtt.Client]*sessConn // connections this hook tracks
+	live  map[string]*sessConn       // client id -> the live persistent connection here
+
+	// idx mirrors the subscriptions of every persistent session in the log
+	// (by client id), for matching publishes. Written only by the raft
+	// observer goroutine and by resync.
+	idx     *mqtt.TopicsIndex
+	idxMu   sync.Mutex
+	idxSubs map[string]map[string]struct{}
+
+	ops     chan sessOp
+	pending atomic.Int64
+	wake    chan struct{} // wakes the leader's will loop
+
+	stale   map[string]uint64 // maintenance: sessions seen stale once (id -> opened index)
+	dead    map[string]time.Time
+	dropLog atomic.Int64 // unix ns of the last queue-drop log line
+}
+
+// SessionsConfig configures the Sessions hook.
+type SessionsConfig struct {
+	Self string // this node's id
+	// MaxQueued caps each session's queue (max_queued_messages), 0 none;
+	// the newest message is dropped when it is full, as Mosquitto does.
+	MaxQueued int
+	// MaxInflight caps the messages sent to one client and not yet
+	// acknowledged (max_inflight_messages); 0: the client's Receive Maximum.
+	MaxInflight int
+	// Timeout bounds a write the client waits for (CONNACK, PUBACK).
+	Timeout time.Duration
+	// Alive reports whether a node is a live cluster member. A session
+	// whose owner has not been alive for DeadAfter is closed on its behalf.
+	Alive     func(node string) bool
+	DeadAfter time.Duration
+	Log       *slog.Logger
+	Metrics   *Metrics
+}
+
+// sessConn is one client connection the hook tracks.
+type sessConn struct {
+	cl      *mqtt.Client
+	id      string
+	managed bool // persistent session in the log
+	mirror  bool // clean session whose will is mirrored in the log
+	present bool
+	opened  atomic.Uint64 // OpenedIndex of this connection's SessionOpen
+	expiry  uint32
+
+	pump *pump
+}
+
+// sessOp is an asynchronous write; cmd is evaluated when the writer builds
+// its batch (so it can read results of earlier ops), nil skips it.
+type sessOp struct {
+	cmd  func() replication.Command
+	done func(replication.Result, error)
+}
+
+// NewSessions returns the hook. SetReplication must be called before the
+// server serves.
+func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
+	if cfg.DeadAfter == 0 {
+		cfg.DeadAfter = 3 * time.Second
+	}
+	sm := newSessionMetrics() // unregistered, when the caller keeps no metrics
+	if cfg.Metrics != nil {
+		sm = cfg.Metrics.sessions
+	}
+	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
+		m:     sm,
+		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{},
+		idx: mqtt.NewTopicsIndex(), idxSubs: map[string]map[string]struct{}{},
+		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
+		stale: map[string]uint64{}, dead: map[string]time.Time{}}
+	h.willCl = s.NewClient(nil, "cluster", willClientID, true)
+	h.willCl.Properties.ProtocolVersion = 5
+	return h
+}
+
+// willClientID publishes the wills of sessions whose node is gone. Like
+// the injectors' ids it cannot collide with a real client (U+0000).
+const willClientID = "\x00wills"
+
+// SetReplication attaches the raft node and starts the background loops.
+func (h *Sessions) SetReplication(r *replication.Node, stop <-chan struct{}) {
+	h.repl, h.stop = r, stop
+	go h.writer()
+	go h.maintain()
+}
+
+// ID implements mqtt.Hook.
+func (h *Sessions) ID() string { return "replicated-sessions" }
+
+// Provides implements mqtt.Hook.
+func (h *Sessions) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnect, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
+		mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnWillSent,
+		mqtt.OnPacketRead, mqtt.OnPacketEncode:
+		return true
+	}
+	return false
+}
+
+// persistent reports whether a CONNECT asks for a session that outlives
+// the connection.
+func persistent(cl *mqtt.Client, pk packets.Packet) bool {
+	if cl.Properties.ProtocolVersion == 5 {
+		return cl.Properties.Props.SessionExpiryInterval > 0
+	}
+	return !pk.Connect.Clean
+}
+
+// expiryOf is the session expiry to store: the client's (MQTT 5) or the
+// server's maximum (3.1.1), capped by the server's maximum.
+func (h *Sessions) expiryOf(cl *mqtt.Client) uint32 {
+	limit := h.server.Options.Capabilities.MaximumSessionExpiryInterval
+	e := limit
+	if cl.Properties.ProtocolVersion == 5 {
+		e = min(cl.Properties.Props.SessionExpiryInterval, limit)
+	}
+	if e == math.MaxUint32 {
+		return replication.NeverExpires
+	}
+	return e
+}
+
+func (h *Sessions) conn(cl *mqtt.Client) *sessConn {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.conns[cl]
+}
+
+// OnConnect refuses a persistent session while the log has no leader: it
+// could neither be resumed nor stored (guarantee 5: fail fast with a clear
+// reason rather than hang). Clean sessions are served.
+func (h *Sessions) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	if !persistent(cl, pk) || h.repl.HasLeader() {
+		return nil
+	}
+	h.log.Info("persistent session refused: no raft leader", "client", cl.ID)
+	code := packets.ErrServerUnavailable
+	_ = h.server.SendConnack(cl, code, false, nil)
+	return code
+}
+
+// OnSessionEstablish opens the session in the log before CONNACK.
+func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	c := &sessConn{cl: cl, id: cl.ID}
+	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
+	if !persistent(cl, pk) {
+		if !hasWill {
+			return
+		}
+		// A clean session's will: mochi publishes it while this node
+		// lives; the mirror lets a survivor publish it if the node dies.
+		// Best effort and asynchronous: a clean session must not wait for
+		// (or need) a quorum.
+		c.mirror = true
+		h.track(c)
+		open := h.openCommands(cl, pk, 0)
+		h.submit(sessOp{cmd: func() replication.Command { return open },
+			done: func(r replication.Result, err error) {
+				if err == nil {
+					c.opened.Store(r.Index)
+				}
+			}})
+		return
+	}
+	c.managed, c.expiry = true, h.expiryOf(cl)
+	// A connection of this id still live here is being taken over by
+	// mochi (inheritClientSession): stop its pump, and take its in-flight
+	// messages out of what mochi would clone and resend, since the new
+	// pump resends them from the log.
+	h.mu.Lock()
+	old := h.live[cl.ID]
+	h.mu.Unlock()
+	if old != nil {
+		old.pump.stop()
+		old.pump.forget()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	defer cancel()
+	res, err := h.repl.Apply(ctx, h.openCommands(cl, pk, c.expiry))
+	if err != nil {
+		// CONNACK cannot be refused from here (mochi): serve the
+		// connection as a local, non-replicated session instead.
+		h.log.Warn("persistent session not replicated; served by this node only", "client", cl.ID, "error", err)
+		h.m.openFailed.Inc()
+		return
+	}
+	r0 := res
+	if len(res.Results) > 0 {
+		r0 = res.Results[0]
+	}
+	c.present = r0.Present
+	c.opened.Store(res.Index)
+	if hasWill {
+		// The log holds the will now; mochi must not publish it too.
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+	}
+	h.track(c)
+}
+
+func (h *Sessions) track(c *sessConn) {
+	h.mu.Lock()
+	h.conns[c.cl] = c
+	h.mu.Unlock()
+}
+
+// openCommands is SessionOpen, plus SetWill when the CONNECT has a will.
+func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) replication.Command {
+	open := &replication.SessionOpen{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
+		ExpiryInterval: expiry, Owner: h.cfg.Self, At: time.Now().UnixMilli(), CleanStart: pk.Connect.Clean}
+	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 0 {
+		return open
+	}
+	w := cl.Properties.Will
+	will := replication.Will{Topic: w.TopicName, Payload: w.Payload, QoS: w.Qos, Retain: w.Retain,
+		DelaySeconds: w.WillDelayInterval}
+	for _, u := range w.User {
+		will.Properties.UserProperties = append(will.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+	}
+	return &replication.Batch{Commands: []replication.Command{open, &replication.SetWill{ClientID: cl.ID, Will: will}}}
+}
+
+// OnPacketEncode sets CONNACK's session-present flag from the log (mochi
+// only knows sessions it holds itself), and fixes the reason codes of
+// UNSUBACK for filters that lived in the log rather than in mochi.
+func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type != packets.Connack || pk.ReasonCode >= 0x80 {
+		return pk
+	}
+	if c := h.conn(cl); c != nil && c.managed {
+		pk.SessionPresent = c.present
+	}
+	return pk
+}
+
+// OnSessionEstablished starts delivering the session's queue (CONNACK has
+// been sent) and routes its subscriptions to this node.
+func (h *Sessions) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	c := h.conn(cl)
+	if c == nil || !c.managed {
+		return
+	}
+	c.pump = newPump(h, c)
+	h.mu.Lock()
+	old := h.live[c.id]
+	h.live[c.id] = c
+	h.mu.Unlock()
+	if old != nil && old != c {
+		old.pump.stop()
+	}
+	if s, ok := h.repl.Session(c.id); ok {
+		for f := range s.Subscriptions {
+			h.cluster.addRoute(c.id, f)
+		}
+	}
+	go c.pump.run()
+}
+
+// OnSubscribed moves a persistent session's new subscriptions from mochi's
+// index into the log before SUBACK. A filter that could not be stored is
+// reported as failed (0x80) in SUBACK: mochi sends the same reasonCodes
+// slice after this hook, and the cluster hook, after this one, routes only
+// granted filters.
+func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	c := h.conn(cl)
+	if c == nil || !c.managed {
+		return
+	}
+	var subs []replication.Subscription
+	var idx []int
+	for i, f := range pk.Filters {
+		if i >= len(reasonCodes) || reasonCodes[i] >= 0x80 || strings.HasPrefix(f.Filter, "$share/") {
+			continue
+		}
+		subs = append(subs, replication.Subscription{Filter: f.Filter, QoS: reasonCodes[i], NoLocal: f.NoLocal,
+			RetainAsPublished: f.RetainAsPublished, RetainHandling: f.RetainHandling, Identifier: uint32(f.Identifier)})
+		idx = append(idx, i)
+	}
+	if len(subs) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	defer cancel()
+	_, err := h.repl.Apply(ctx, &replication.Subscribe{ClientID: c.id, Subscriptions: subs})
+	for _, i := range idx {
+		// Out of mochi either way: delivery to this session is the pump's.
+		if h.server.Topics.Unsubscribe(pk.Filters[i].Filter, cl.ID) {
+			atomic.AddInt64(&h.server.Info.Subscriptions, -1)
+		}
+		cl.State.Subscriptions.Delete(pk.Filters[i].Filter)
+		if err != nil {
+			reasonCodes[i] = packets.ErrUnspecifiedError.Code
+		}
+	}
+	if err != nil {
+		h.log.Warn("subscription not replicated; refused", "client", c.id, "error", err)
+	}
+}
+
+// OnUnsubscribed removes filters from the log (only an UNSUBSCRIBE: mochi's
+// whole-client cleanup never sees the log's filters).
+func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	c := h.conn(cl)
+	if c == nil || !c.managed || pk.FixedHeader.Type != packets.Unsubscribe {
+		return
+	}
+	var filters []string
+	for _, f := range pk.Filters {
+		filters = append(filters, f.Filter)
+	}
+	if len(filters) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	defer cancel()
+	if _, err := h.repl.Apply(ctx, &replication.Unsubscribe{ClientID: c.id, Filters: filters}); err != nil {
+		h.log.Warn("unsubscribe not replicated", "client", c.id, "error", err)
+		return
+	}
+	for _, f := range filters {
+		h.cluster.removeRoute(c.id, f)
+	}
+}
+
+// OnPublish enqueues a QoS 1/2 message for every matching persistent
+// session and returns once that is committed, so mochi acknowledges only
+// what the log holds.
+func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) {
+		return pk, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	defer cancel()
+	// A QoS 2 PUBLISH from a persistent session is recorded first: the
+	// client resends it (same packet id) on another node if the PUBREC was
+	// lost, and that copy must not be delivered again.
+	if c := h.conn(cl); c != nil && c.managed && pk.FixedHeader.Qos == 2 && !cl.Net.Inline {
+		res, err := h.repl.Apply(ctx, &replication.QoS2Received{ClientID: c.id, PacketID: pk.PacketID})
+		if err != nil {
+			return pk, h.refuse(cl, pk, err)
+		}
+		if !res.Changed {
+			h.m.qos2Duplicates.Inc()
+			return pk, packets.CodeSuccessIgnore
+		}
+	}
+	cmd := h.enqueueCommand(pk, cl.ID)
+	if cmd == nil {
+		return pk, nil
+	}
+	if ackBeforeCommit {
+		go func() { _, _ = h.repl.Apply(context.Background(), cmd) }() // the deliberately broken build
+		return pk, nil
+	}
+	res, err := h.repl.Apply(ctx, cmd)
+	if err != nil {
+		return pk, h.refuse(cl, pk, err)
+	}
+	h.enqueued(res)
+	return pk, nil
+}
+
+// refuse is what the publisher gets when its message could not be stored:
+// MQTT 5 a PUBACK/PUBREC with 0x83 (or 0x97 when too large) and a reason
+// string; MQTT 3.1.1 no acknowledgement, so it resends.
+func (h *Sessions) refuse(cl *mqtt.Client, pk packets.Packet, err error) error {
+	h.m.enqueueFailed.Inc()
+	h.log.Warn("message for persistent sessions not replicated; not acknowledged", "client", cl.ID,
+		"topic", pk.TopicName, "error", err)
+	if cl.Properties.ProtocolVersion < 5 {
+		return packets.ErrRejectPacket
+	}
+	code := packets.ErrImplementationSpecificError
+	if errors.Is(err, replication.ErrTooLarge) {
+		code = packets.ErrQuotaExceeded
+	}
+	code.Reason = "message not replicated: " + err.Error()
+	return code
+}
+
+func (h *Sessions) enqueued(res replication.Result) {
+	if res.Dropped == 0 {
+		return
+	}
+	h.m.dropped.Add(float64(res.Dropped))
+	now := time.Now().UnixNano()
+	if last := h.dropLog.Load(); now-last > int64(10*time.Second) && h.dropLog.CompareAndSwap(last, now) {
+		h.log.Warn("session queue full: messages dropped (max_queued_messages)", "dropped", res.Dropped,
+			"limit", h.cfg.MaxQueued)
+	}
+}
+
+// enqueueCommand matches pk against every persistent session; nil when no
+// session gets it at QoS 1 or 2 (QoS 0 copies are delivered directly).
+func (h *Sessions) enqueueCommand(pk packets.Packet, origin string) *replication.Enqueue {
+	subs := h.idx.Subscribers(pk.TopicName)
+	if len(subs.Subscriptions) == 0 {
+		return nil
+	}
+	var targets []replication.QueueTarget
+	for _, id := range slices.Sorted(maps.Keys(subs.Subscriptions)) {
+		sub := subs.Subscriptions[id]
+		qos := min(pk.FixedHeader.Qos, sub.Qos)
+		if qos == 0 || (sub.NoLocal && id == origin) {
+			continue
+		}
+		targets = append(targets, replication.QueueTarget{ClientID: id, QoS: qos,
+			Retain: pk.FixedHeader.Retain && sub.RetainAsPublished, SubscriptionIDs: subscriptionIDs(sub)})
+	}
+	if len(targets) == 0 {
+		return nil
+	}
+	now := time.Now().UnixMilli()
+	p := pk.Properties
+	cmd := &replication.Enqueue{Topic: pk.TopicName, Payload: pk.Payload, Created: now,
+		MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest, Targets: targets,
+		Properties: replication.Properties{PayloadFormat: p.PayloadFormat, ContentType: p.ContentType,
+			ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}}
+	for _, u := range p.User {
+		cmd.Properties.UserProperties = append(cmd.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+	}
+	if p.MessageExpiryInterval > 0 {
+		cmd.Expires = now + int64(p.MessageExpiryInterval)*1000
+	}
+	return cmd
+}
+
+func subscriptionIDs(sub packets.Subscription) []uint32 {
+	var ids []uint32
+	if sub.Identifiers != nil {
+		for _, v := range sub.Identifiers {
+			if v > 0 {
+				ids = append(ids, uint32(v))
+			}
+		}
+	} else if sub.Identifier > 0 {
+		ids = append(ids, uint32(sub.Identifier))
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// OnPublished delivers QoS 0 copies to the live persistent sessions here
+// (their subscriptions are not in mochi's index). It runs for local
+// publishes and for messages forwarded by peers alike.
+func (h *Sessions) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	h.deliverQoS0(pk)
+}
+
+// OnWillSent handles wills mochi publishes itself (clean sessions), which
+// skip OnPublish: persistent sessions still get them queued (best effort,
+// nobody waits for an acknowledgement) and QoS 0 copies.
+func (h *Sessions) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
+	h.deliverQoS0(pk)
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	if cmd := h.enqueueCommand(pk, cl.ID); cmd != nil {
+		h.submit(sessOp{cmd: func() replication.Command { return cmd }})
+	}
+}
+
+func (h *Sessions) deliverQoS0(pk packets.Packet) {
+	subs := h.idx.Subscribers(pk.TopicName)
+	if len(subs.Subscriptions) == 0 {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for id, sub := range subs.Subscriptions {
+		c := h.live[id]
+		if c == nil || min(pk.FixedHeader.Qos, sub.Qos) != 0 || (sub.NoLocal && pk.Origin == id) {
+			continue
+		}
+		out := pk.Copy(false)
+		out.FixedHeader.Qos, out.PacketID, out.FixedHeader.Dup = 0, 0, false
+		if !sub.RetainAsPublished {
+			out.FixedHeader.Retain = false
+		}
+		out.Properties.SubscriptionIdentifier = nil
+		for _, v := range subscriptionIDs(sub) {
+			out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, int(v))
+		}
+		out.Properties.TopicAlias, out.Properties.TopicAliasFlag = 0, false
+		c.pump.sendQoS0(out)
+	}
+}
+
+// OnPacketRead turns a client's acknowledgements of messages the pump sent
+// into log writes (before mochi processes the packet; mochi's own
+// inflight bookkeeping cannot tell our deliveries from its own).
+func (h *Sessions) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	switch pk.FixedHeader.Type {
+	case packets.Puback, packets.Pubrec, packets.Pubcomp, packets.Pubrel:
+	default:
+		return pk, nil
+	}
+	c := h.conn(cl)
+	if c == nil || !c.managed {
+		return pk, nil
+	}
+	switch pk.FixedHeader.Type {
+	case packets.Puback, packets.Pubcomp:
+		c.pump.acked(pk.PacketID)
+	case packets.Pubrec:
+		if pk.ReasonCode >= 0x80 {
+			c.pump.acked(pk.PacketID) // refused by the client: the message ends here
+		} else {
+			c.pump.released(pk.PacketID)
+		}
+	case packets.Pubrel:
+		id, pid := c.id, pk.PacketID
+		h.submit(sessOp{cmd: func() replication.Command { return &replication.QoS2Released{ClientID: id, PacketID: pid} }})
+	}
+	return pk, nil
+}
+
+// OnDisconnect closes the session in the log. A connection taken over, or
+// dropped because this node shuts down, leaves the session as it is: the
+// client continues elsewhere (and a node that restarts closes what nobody
+// resumed, see maintain). Without DISCONNECT the will stays in the log for
+// the leader to publish; with one it is cleared.
+func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	h.mu.Lock()
+	c := h.conns[cl]
+	delete(h.conns, cl)
+	if c != nil && h.live[c.id] == c {
+		delete(h.live, c.id)
+	}
+	h.mu.Unlock()
+	if c == nil {
+		return
+	}
+	cause := cl.StopCause()
+	handedOver := errors.Is(cause, packets.ErrSessionTakenOver) || errors.Is(cause, packets.ErrServerShuttingDown) ||
+		errors.Is(cause, packets.ErrAdministrativeAction)
+	if c.mirror {
+		if !handedOver {
+			h.submit(sessOp{cmd: func() replication.Command {
+				if o := c.opened.Load(); o != 0 {
+					return &replication.SessionDelete{ClientID: c.id, IfOpened: o}
+				}
+				return nil
+			}})
+		}
+		return
+	}
+	if c.pump != nil {
+		c.pump.stop()
+		c.pump.forget()
+	}
+	if s, ok := h.repl.Session(c.id); ok {
+		for f := range s.Subscriptions {
+			h.cluster.removeRoute(c.id, f)
+		}
+	}
+	// mochi keeps a persistent client in Clients while offline; the log
+	// holds this session, so mochi must not (it would queue for it).
+	if cur, ok := h.server.Clients.Get(c.id); ok && cur == cl {
+		h.server.Clients.Delete(c.id)
+	}
+	if handedOver {
+		return
+	}
+	closeCmd := &replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: c.opened.Load(),
+		At: time.Now().UnixMilli()}
+	if e := cl.Properties.Props.SessionExpiryInterval; cl.Properties.ProtocolVersion == 5 &&
+		cl.Properties.Props.SessionExpiryIntervalFlag && e != c.expiry {
+		closeCmd.SetExpiry, closeCmd.ExpiryInterval = true, min(e, c.expiry)
+	}
+	var cmd replication.Command = closeCmd
+	if err == nil {
+		// DISCONNECT: the will is discarded (MQTT-3.1.2-10).
+		cmd = &replication.Batch{Commands: []replication.Command{&replication.ClearWill{ClientID: c.id}, closeCmd}}
+	}
+	h.submit(sessOp{cmd: func() replication.Command { return cmd }})
+}
+
+// ---- replication observer ----
+
+// Apply is the raft observer for session changes (log order, on raft's
+// FSM goroutine: it must not block).
+func (h *Sessions) Apply(ch replication.SessionChange) {
+	switch ch.Kind {
+	case replication.SessionSubscribed:
+		if s, ok := h.repl.Session(ch.ClientID); ok {
+			for _, f := range ch.Filters {
+				if sub, ok := s.Subscriptions[f]; ok {
+					h.index(ch.ClientID, sub)
+				}
+			}
+		}
+	case replication.SessionUnsubscribed:
+		for _, f := range ch.Filters {
+			h.unindex(ch.ClientID, f)
+		}
+	case replication.SessionDeleted:
+		h.unindexAll(ch.ClientID)
+	case replication.QueueAppended:
+		h.mu.Lock()
+		c := h.live[ch.ClientID]
+		h.mu.Unlock()
+		if c != nil {
+			c.pump.poke()
+		}
+	case replication.SessionOpened:
+		h.mu.Lock()
+		c := h.live[ch.ClientID]
+		h.mu.Unlock()
+		if c != nil && c.opened.Load() != ch.Index && c.opened.Load() != 0 && ch.Owner != h.cfg.Self {
+			// Resumed on another node: this connection is stale.
+			h.drop(c, packets.ErrSessionTakenOver)
+		}
+	case replication.SessionClosed:
+		h.mu.Lock()
+		c := h.live[ch.ClientID]
+		h.mu.Unlock()
+		if c != nil {
+			if s, ok := h.repl.Session(ch.ClientID); ok && !s.Connected && s.OpenedIndex == c.opened.Load() {
+				// Closed by the leader on our behalf (this node was
+				// declared dead, e.g. paused): the client must reconnect
+				// so that its session is open again.
+				h.drop(c, packets.ErrAdministrativeAction)
+			}
+		}
+		if ch.Will != nil {
+			h.pokeWills()
+		}
+	}
+}
+
+func (h *Sessions) drop(c *sessConn, code packets.Code) {
+	h.log.Info("disconnecting a connection whose session moved on in the log", "client", c.id, "reason", code.Reason)
+	c.pump.stop()
+	atomic.StoreUint32(&c.cl.Properties.Will.Flag, 0)
+	go func() {
+		if c.cl.Properties.ProtocolVersion == 5 {
+			_ = h.server.DisconnectClient(c.cl, code)
+		} else {
+			c.cl.Stop(code)
+		}
+	}()
+}
+
+// Resync rebuilds the subscription mirror from the log (after a snapshot
+// restore, including at start-up) and wakes every pump.
+func (h *Sessions) Resync() {
+	h.idxMu.Lock()
+	for id, fs := range h.idxSubs {
+		for f := range fs {
+			h.idx.Unsubscribe(f, id)
+		}
+	}
+	clear(h.idxSubs)
+	h.idxMu.Unlock()
+	for _, s := range h.repl.Sessions() {
+		full, ok := h.repl.Session(s.ClientID)
+		if !ok {
+			continue
+		}
+		for _, sub := range full.Subscriptions {
+			h.index(s.ClientID, sub)
+		}
+	}
+	h.mu.Lock()
+	for _, c := range h.live {
+		c.pump.poke()
+	}
+	h.mu.Unlock()
+}
+
+func (h *Sessions) index(id string, sub replication.Subscription) {
+	h.idxMu.Lock()
+	defer h.idxMu.Unlock()
+	if strings.HasPrefix(sub.Filter, "$share/") {
+		return
+	}
+	h.idx.Subscribe(id, packets.Subscription{Filter: sub.Filter, Qos: sub.QoS, NoLocal: sub.NoLocal,
+		RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: int(sub.Identifier)})
+	fs := h.idxSubs[id]
+	if fs == nil {
+		fs = map[string]struct{}{}
+		h.idxSubs[id] = fs
+	}
+	fs[sub.Filter] = struct{}{}
+}
+
+func (h *Sessions) unindex(id, filter string) {
+	h.idxMu.Lock()
+	defer h.idxMu.Unlock()
+	h.idx.Unsubscribe(filter, id)
+	delete(h.idxSubs[id], filter)
+}
+
+func (h *Sessions) unindexAll(id string) {
+	h.idxMu.Lock()
+	defer h.idxMu.Unlock()
+	for f := range h.idxSubs[id] {
+		h.idx.Unsubscribe(f, id)
+	}
+	delete(h.idxSubs, id)
+}
+
+// ---- asynchronous writes ----
+
+func (h *Sessions) submit(op sessOp) {
+	h.pending.Add(1)
+	select {
+	case h.ops <- op:
+	default:
+		h.pending.Add(-1)
+		h.m.opsDropped.Inc()
+		h.log.Warn("session write queue full; write dropped")
+	}
+}
+
+// writer proposes queued writes, everything waiting in one entry (acks of
+// many clients and sessions become one commit).
+func (h *Sessions) writer() {
+	for {
+		var batch []sessOp
+		select {
+		case <-h.stop:
+			return
+		case op := <-h.ops:
+			batch = append(batch, op)
+		}
+	drain:
+		for len(batch) < 4096 {
+			select {
+			case op := <-h.ops:
+				batch = append(batch, op)
+			default:
+				break drain
+			}
+		}
+		h.write(batch)
+		h.pending.Add(-int64(len(batch)))
+	}
+}
+
+func (h *Sessions) write(batch []sessOp) {
+	var cmds []replication.Command
+	var owners []int // index in batch of each command
+	for i, op := range batch {
+		c := op.cmd()
+		if b, ok := c.(*replication.Batch); ok {
+			// Batches do not nest: flatten; the op's done gets the
+			// result of its first command.
+			for _, sub := range b.Commands {
+				cmds = append(cmds, sub)
+				owners = append(owners, i)
+			}
+		} else if c != nil {
+			cmds = append(cmds, c)
+			owners = append(owners, i)
+		}
+	}
+	if len(cmds) == 0 {
+		return
+	}
+	var cmd replication.Command = &replication.Batch{Commands: cmds}
+	if len(cmds) == 1 {
+		cmd = cmds[0]
+	}
+	var res replication.Result
+	var err error
+	// Every write here is idempotent or conditional, so a retry after an
+	// unknown outcome is safe; give up after a while (a minority side) and
+	// let redelivery and the maintenance loop repair.
+	for attempt := 0; attempt < 20; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+		res, err = h.repl.Apply(ctx, cmd)
+		cancel()
+		if err == nil || errors.Is(err, replication.ErrInvalidCommand) {
+			break
+		}
+		select {
+		case <-h.stop:
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	if err != nil {
+		h.log.Warn("session writes not replicated", "count", len(cmds), "error", err)
+	}
+	for j, i := range owners {
+		if batch[i].done == nil || (j > 0 && owners[j-1] == i) {
+			continue
+		}
+		r := res
+		if len(cmds) > 1 && j < len(res.Results) {
+			r = res.Results[j]
+			r.Index = res.Index
+		}
+		batch[i].done(r, err)
+	}
+}
+
+// Flush waits until the asynchronous writes queued so far are proposed
+// (graceful shutdown), or ctx ends.
+func (h *Sessions) Flush(ctx context.Context) {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for h.pending.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// ---- leader duties: dead owners, wills; every node: its own stale sessions ----
+
+func (h *Sessions) pokeWills() {
+	select {
+	case h.wake <- struct{}{}:
+	default:
+	}
+}
+
+// maintain runs on every node. Each node closes the sessions the log says
+// it holds but that have no connection here (left over from before a
+// restart); the leader also closes the sessions of dead nodes and
+// publishes wills that are due.
+func (h *Sessions) maintain() {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-h.stop:
+			return
+		case <-t.C:
+		case <-h.wake:
+		}
+		h.closeStale()
+		if h.repl.IsLeader() {
+			h.closeDeadOwners()
+			h.publishDueWills()
+		}
+	}
+}
+
+// closeStale closes sessions owned by this node and marked connected with
+// no connection here, once seen twice (a connection being established has
+// its SessionOpen committed before it is registered).
+func (h *Sessions) closeStale() {
+	if !h.repl.HasLeader() {
+		return
+	}
+	seen := map[string]uint64{}
+	for _, s := range h.repl.SessionsOwnedBy(h.cfg.Self) {
+		if !s.Connected || h.isLive(s.ClientID, s.OpenedIndex) {
+			continue
+		}
+		seen[s.ClientID] = s.OpenedIndex
+		if h.stale[s.ClientID] == s.OpenedIndex {
+			id, opened := s.ClientID, s.OpenedIndex
+			h.submit(sessOp{cmd: func() replication.Command {
+				return &replication.SessionClose{ClientID: id, Owner: h.cfg.Self, IfOpened: opened, At: time.Now().UnixMilli()}
+			}})
+			delete(seen, s.ClientID)
+		}
+	}
+	h.stale = seen
+}
+
+func (h *Sessions) isLive(id string, opened uint64) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if c := h.live[id]; c != nil && c.opened.Load() == opened {
+		return true
+	}
+	for _, c := range h.conns {
+		if c.id == id && (c.opened.Load() == opened || c.opened.Load() == 0) {
+			return true
+		}
+	}
+	return false
+}
+
+// closeDeadOwners closes, on their owner's behalf, the sessions of nodes
+// that have not been alive for DeadAfter; their wills then become due.
+func (h *Sessions) closeDeadOwners() {
+	now := time.Now()
+	var b replication.Batch
+	owners := map[string]bool{}
+	for _, s := range h.repl.Sessions() {
+		if !s.Connected || s.Owner == h.cfg.Self {
+			continue
+		}
+		dead, known := owners[s.Owner]
+		if !known {
+			dead = !h.cfg.Alive(s.Owner)
+			owners[s.Owner] = dead
+			if !dead {
+				delete(h.dead, s.Owner)
+			} else if _, ok := h.dead[s.Owner]; !ok {
+				h.dead[s.Owner] = now
+			}
+		}
+		if dead && now.Sub(h.dead[s.Owner]) >= h.cfg.DeadAfter {
+			b.Commands = append(b.Commands, &replication.SessionClose{ClientID: s.ClientID, Owner: s.Owner,
+				IfOpened: s.OpenedIndex, At: now.UnixMilli()})
+		}
+	}
+	if len(b.Commands) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	defer cancel()
+	if _, err := h.repl.Apply(ctx, &b); err != nil {
+		h.log.Warn("closing sessions of a dead node failed", "count", len(b.Commands), "error", err)
+		return
+	}
+	h.log.Info("closed the sessions of dead nodes", "count", len(b.Commands))
+}
+
+// publishDueWills claims and publishes every will whose delay (or session
+// expiry, if sooner) has passed since its session was closed.
+func (h *Sessions) publishDueWills() {
+	now := time.Now().UnixMilli()
+	for _, s := range h.repl.Sessions() {
+		if s.Connected || !s.HasWill {
+			continue
+		}
+		full, ok := h.repl.Session(s.ClientID)
+		if !ok || full.Will == nil {
+			continue
+		}
+		delay := int64(full.Will.DelaySeconds)
+		if full.ExpiryInterval != replication.NeverExpires {
+			delay = min(delay, int64(full.ExpiryInterval))
+		}
+		if now < full.DisconnectedAt+delay*1000 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+		res, err := h.repl.Apply(ctx, &replication.ClaimWill{ClientID: s.ClientID, IfOpened: full.OpenedIndex})
+		cancel()
+		if err != nil {
+			h.log.Warn("will not claimed", "client", s.ClientID, "error", err)
+			continue
+		}
+		if !res.Changed {
+			continue // reconnected, or claimed by someone else meanwhile
+		}
+		h.publishWill(s.ClientID, full.Will)
+	}
+}
+
+func (h *Sessions) publishWill(id string, w *replication.Will) {
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: w.QoS, Retain: w.Retain},
+		TopicName:   w.Topic,
+		Payload:     w.Payload,
+		Properties: packets.Properties{MessageExpiryInterval: w.ExpirySeconds,
+			PayloadFormat: w.Properties.PayloadFormat, PayloadFormatFlag: w.Properties.PayloadFormat != 0,
+			ContentType: w.Properties.ContentType, ResponseTopic: w.Properties.ResponseTopic,
+			CorrelationData: w.Properties.CorrelationData},
+	}
+	for _, u := range w.Properties.UserProperties {
+		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
+	}
+	if pk.FixedHeader.Qos > 0 {
+		pk.PacketID = 1
+	}
+	if err := h.server.InjectPacket(h.willCl, pk); err != nil {
+		h.log.Warn("will not published", "client", id, "topic", w.Topic, "error", err)
+		return
+	}
+	h.m.wills.Inc()
+	h.log.Info("published the will of a disconnected session", "client", id, "topic", w.Topic)
+}
+
+// isInjector reports whether cl injects messages forwarded by a peer.
+func isInjector(cl *mqtt.Client) bool {
+	return cl.Net.Inline && strings.HasPrefix(cl.ID, injectorPrefix)
+}
