@@ -145,6 +145,11 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	return h
 }
 
+// subscribeVisibleTimeout bounds how long SUBACK waits for the other nodes
+// to apply a persistent subscription (a dead or paused node must not hold
+// it longer).
+const subscribeVisibleTimeout = 500 * time.Millisecond
+
 // willClientID publishes the wills of sessions whose node is gone. Like
 // the injectors' ids it cannot collide with a real client (U+0000).
 const willClientID = "\x00wills"
@@ -356,7 +361,18 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
 	defer cancel()
-	_, err := h.repl.Apply(ctx, &replication.Subscribe{ClientID: c.id, Subscriptions: subs})
+	res, err := h.repl.Apply(ctx, &replication.Subscribe{ClientID: c.id, Subscriptions: subs})
+	if err == nil {
+		// Publishers on every node match against their own copy of the
+		// log: SUBACK waits (briefly) until every live node has applied
+		// the subscription, so a message published anywhere after SUBACK
+		// is queued for it.
+		wctx, wcancel := context.WithTimeout(context.Background(), subscribeVisibleTimeout)
+		if werr := h.repl.WaitApplied(wctx, res.Index); werr != nil {
+			h.log.Debug("subscription not yet applied on every node", "client", c.id, "error", werr)
+		}
+		wcancel()
+	}
 	for _, i := range idx {
 		// Out of mochi either way: delivery to this session is the pump's.
 		if h.server.Topics.Unsubscribe(pk.Filters[i].Filter, cl.ID) {

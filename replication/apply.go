@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -378,4 +379,53 @@ func (n *Node) otherVoters() []raft.Server {
 		}
 	}
 	return out
+}
+
+// WaitApplied waits until this node and every peer that membership sees
+// alive have applied the log up to index, or ctx ends (then it returns
+// ctx's error; a dead or partitioned peer does not hold the caller longer
+// than that). A write acknowledged only after WaitApplied is visible to
+// reads on every live node: hooks.Sessions waits so before SUBACK, so a
+// publish on any node after SUBACK matches the new subscription.
+func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
+	var wg sync.WaitGroup
+	errs := make(chan error, 1)
+	wait := func(applied func() (uint64, error)) {
+		defer wg.Done()
+		for {
+			a, err := applied()
+			if err == nil && a >= index {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				select {
+				case errs <- ctx.Err():
+				default:
+				}
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+	}
+	wg.Add(1)
+	go wait(func() (uint64, error) { return n.raft.AppliedIndex(), nil })
+	for _, p := range n.peers() {
+		if p.ID == n.cfg.NodeID {
+			continue
+		}
+		addr := p.Addr
+		wg.Add(1)
+		go wait(func() (uint64, error) {
+			st, err := n.fetchPeerStatus(ctx, addr)
+			return st.AppliedIndex, err
+		})
+	}
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return err
+	default:
+		return nil
+	}
 }

@@ -454,3 +454,27 @@ func TestCloseIdempotent(t *testing.T) {
 	tn.n, tn.addr = nil, ""
 	tn.mu.Unlock()
 }
+
+// TestWaitApplied: once WaitApplied returns for a write's index, every node
+// reads the write (no polling).
+func TestWaitApplied(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	f := c.follower(c.leader())
+	ctx := ctxT(t, waitFor)
+	for i := range 20 {
+		topic := fmt.Sprintf("visible/%d", i)
+		res, err := f.node().Apply(ctx, setRetained(topic, "v"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.node().WaitApplied(ctx, res.Index); err != nil {
+			t.Fatal(err)
+		}
+		for _, tn := range c.up() {
+			if _, ok := tn.node().RetainedMessage(topic); !ok {
+				t.Fatalf("%s has not applied index %d after WaitApplied", tn.id, res.Index)
+			}
+		}
+	}
+}

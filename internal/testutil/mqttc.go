@@ -12,6 +12,8 @@ import (
 
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/eclipse/paho.golang/paho/session"
+	"github.com/eclipse/paho.golang/paho/session/state"
 )
 
 // Eventually polls cond every 10 ms until it returns nil or timeout passes,
@@ -49,6 +51,13 @@ type ClientOptions struct {
 	SessionExpiry uint32
 	Will          *paho.WillMessage
 	Buffer        int // size of Msgs; default 1000
+	// Session, if set, is the client-side session state (in-flight QoS 2
+	// ids) carried over from an earlier connection, as a real client that
+	// resumes its session keeps it; it must not be shared by two live
+	// connections.
+	Session *state.State
+	// ReceiveMaximum, if set, is sent in CONNECT.
+	ReceiveMaximum uint16
 }
 
 // Connect dials addr and completes an MQTT 5 CONNECT, failing the test on
@@ -88,11 +97,19 @@ func TryConnect(addr string, o ClientOptions) (*Client, error) {
 		},
 		OnClientError: func(error) {},
 		PacketTimeout: 10 * time.Second,
+		Session:       sessionOrNil(o.Session),
 	})
 	cp := &paho.Connect{ClientID: o.ID, KeepAlive: 30, CleanStart: o.CleanStart}
-	if o.SessionExpiry > 0 {
-		se := o.SessionExpiry
-		cp.Properties = &paho.ConnectProperties{SessionExpiryInterval: &se}
+	if o.SessionExpiry > 0 || o.ReceiveMaximum > 0 {
+		cp.Properties = &paho.ConnectProperties{}
+		if o.SessionExpiry > 0 {
+			se := o.SessionExpiry
+			cp.Properties.SessionExpiryInterval = &se
+		}
+		if o.ReceiveMaximum > 0 {
+			rm := o.ReceiveMaximum
+			cp.Properties.ReceiveMaximum = &rm
+		}
 	}
 	if o.Will != nil {
 		cp.WillMessage, cp.WillProperties = o.Will, &paho.WillProperties{}
@@ -106,6 +123,14 @@ func TryConnect(addr string, o ClientOptions) (*Client, error) {
 		return nil, fmt.Errorf("CONNECT: %w", err)
 	}
 	return c, nil
+}
+
+// sessionOrNil avoids a typed nil in the interface (paho then makes its own).
+func sessionOrNil(s *state.State) session.SessionManager {
+	if s == nil {
+		return nil
+	}
+	return s
 }
 
 // Close disconnects normally; it is safe to call twice.
