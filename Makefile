@@ -77,6 +77,11 @@ test-deps:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	fi
+	@# Network partitions in test/chaos need root, ip (iproute2) and nft (nftables).
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v ip >/dev/null || ! command -v nft >/dev/null; }; then \
+	  echo "installing iproute2 and nftables"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables >/dev/null; \
+	fi
 
 clean:
 	rm -rf bin data

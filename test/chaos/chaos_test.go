@@ -25,6 +25,8 @@ const (
 	healTimeout     = 60 * time.Second // after a fault, the cluster is whole again within this
 	settleTimeout   = 30 * time.Second // after the run, nodes agree within this
 	publishTimeout  = 5 * time.Second  // no PUBACK within this: outcome unknown
+	probeTimeout    = 10 * time.Second // the minority probe waits longer than failFastBound
+	longPartition   = 9 * time.Second  // the first partition: longer than failFastBound
 	retainTopics    = 4
 	retainWriters   = 3
 )
@@ -38,12 +40,17 @@ const (
 	FaultPartition  = "partition"   // cut one node off from the others (network namespaces), then heal
 )
 
+// faultEvent is one fault as it happened. For a partition, Start is when
+// the cut took effect and End when it was healed; MajorityLeader is when
+// the other nodes were first seen agreeing on a leader among themselves
+// during the cut (zero: not within the cut).
 type faultEvent struct {
-	Kind  string    `json:"kind"`
-	Node  string    `json:"node"`
-	Start time.Time `json:"start"`
-	End   time.Time `json:"end"`
-	Err   string    `json:"err,omitempty"`
+	Kind           string    `json:"kind"`
+	Node           string    `json:"node"`
+	Start          time.Time `json:"start"`
+	End            time.Time `json:"end"`
+	MajorityLeader time.Time `json:"majority_leader,omitzero"`
+	Err            string    `json:"err,omitempty"`
 }
 
 type campaign struct {
@@ -59,6 +66,10 @@ type campaign struct {
 
 	connMu sync.Mutex
 	conns  map[string][]*testutil.Client // client id -> every connection it opened
+
+	partitionSkipped string // why there are no partitions ("": there are)
+	partitions       int    // partitions done so far
+	probeSeq         int    // last minority probe value
 }
 
 // Report is the JSON the campaign writes.
@@ -69,6 +80,8 @@ type Report struct {
 	Elapsed            string             `json:"elapsed"`
 	Operations         int                `json:"operations"`
 	Faults             map[string]int     `json:"faults"`
+	PartitionSkipped   string             `json:"partition_skipped,omitempty"` // why partitions were not injected
+	PartitionMethod    string             `json:"partition_method,omitempty"`
 	UnavailableSeconds map[string]float64 `json:"unavailable_seconds"`
 	Result             CheckResult        `json:"result"`
 	LiveConnections    map[string]int     `json:"live_connections_after_settle"`
@@ -95,7 +108,21 @@ func TestChaos(t *testing.T) {
 	began := time.Now()
 
 	cp := &campaign{t: t, seed: seed, down: map[string]bool{}, unavailable: map[string]time.Duration{}, conns: map[string][]*testutil.Client{}}
-	cp.c = startCluster(t, 3)
+	// Partitions need every node in its own network namespace; without
+	// them the campaign runs on 127.0.0.1 with the other faults.
+	var lab *netLab
+	if cp.partitionSkipped = netnsUnavailable(); cp.partitionSkipped == "" {
+		var err error
+		if lab, err = newNetLab(t, 3); err != nil {
+			cp.partitionSkipped, lab = "network lab: "+err.Error(), nil
+		}
+	}
+	if lab != nil {
+		t.Logf("chaos: every node in its own network namespace (%s, %s.0/24); partitions by %s", strings.Join(lab.nodes, ", "), labNet, lab.method())
+	} else {
+		t.Logf("chaos: partition: skipped (%s); nodes on 127.0.0.1", cp.partitionSkipped)
+	}
+	cp.c = startClusterLab(t, "", 3, lab)
 
 	ctx, stopWorkload := context.WithCancel(context.Background())
 	workStart := time.Now()
@@ -144,10 +171,14 @@ func TestChaos(t *testing.T) {
 	}
 
 	ops := cp.h.Ops()
-	res := Check(ops, finals)
+	res := Check(ops, finals, cp.faults)
 	rep := Report{Seed: seed, WorkloadStart: workStart, Duration: phase.String(), Elapsed: time.Since(began).Round(time.Second).String(),
 		Operations: len(ops), Faults: map[string]int{}, UnavailableSeconds: map[string]float64{},
-		Result: res, LiveConnections: live, FaultLog: cp.faults, FinalReads: finals}
+		PartitionSkipped: cp.partitionSkipped,
+		Result:           res, LiveConnections: live, FaultLog: cp.faults, FinalReads: finals}
+	if lab != nil {
+		rep.PartitionMethod = lab.method()
+	}
 	for _, f := range cp.faults {
 		rep.Faults[f.Kind]++
 	}
@@ -203,14 +234,23 @@ func (cp *campaign) pick(rng *rand.Rand, avoid ...string) *Node {
 }
 
 func (cp *campaign) record(f faultEvent, err error) {
-	f.End = time.Now()
+	if f.End.IsZero() {
+		f.End = time.Now()
+	}
 	if err != nil {
 		f.Err = err.Error()
 	}
 	cp.mu.Lock()
 	cp.faults = append(cp.faults, f)
 	cp.mu.Unlock()
-	cp.t.Logf("fault %-8s %s %s..%s (%s)%s", f.Kind, f.Node, f.Start.Format("15:04:05.000"), f.End.Format("15:04:05.000"), f.End.Sub(f.Start).Round(time.Millisecond), map[bool]string{true: " ERROR: " + f.Err, false: ""}[err != nil])
+	extra := ""
+	if f.Kind == FaultPartition {
+		extra = ", no majority leader seen during the cut"
+		if !f.MajorityLeader.IsZero() {
+			extra = fmt.Sprintf(", majority leader seen after %s", f.MajorityLeader.Sub(f.Start).Round(time.Millisecond))
+		}
+	}
+	cp.t.Logf("fault %-9s %s %s..%s (%s%s)%s", f.Kind, f.Node, f.Start.Format("15:04:05.000"), f.End.Format("15:04:05.000"), f.End.Sub(f.Start).Round(time.Millisecond), extra, errSuffix(f.Err))
 }
 
 func (cp *campaign) addUnavailable(n *Node, since time.Time) {
@@ -221,25 +261,35 @@ func (cp *campaign) addUnavailable(n *Node, since time.Time) {
 
 // injectFaults runs the seeded schedule for phase: one fault at a time on a
 // minority (one node), each followed by a wait until the cluster is whole.
-// The first three faults are one of each kind in a seeded order.
+// The first faults are one of each kind in a seeded order (all of them run
+// even if that takes longer than phase).
 func (cp *campaign) injectFaults(phase time.Duration, rng *rand.Rand) error {
 	deadline := time.Now().Add(phase)
 	kinds := []string{FaultKill, FaultPause, FaultRolling}
+	if cp.c.lab != nil {
+		kinds = append(kinds, FaultPartition)
+	}
 	rng.Shuffle(len(kinds), func(i, j int) { kinds[i], kinds[j] = kinds[j], kinds[i] })
-	for i := 0; time.Now().Before(deadline); i++ {
+	for i := 0; i < len(kinds) || time.Now().Before(deadline); i++ {
 		// Quiet time between faults is part of the schedule, not a wait
 		// for a condition.
 		time.Sleep(time.Duration(500+rng.Intn(1500)) * time.Millisecond)
 		kind := FaultKill
-		if i < len(kinds) {
+		p := rng.Intn(100)
+		switch {
+		case i < len(kinds):
 			kind = kinds[i]
-		} else if p := rng.Intn(100); p >= 85 {
+		case cp.c.lab == nil && p >= 85, cp.c.lab != nil && p >= 90:
 			kind = FaultRolling
-		} else if p >= 45 {
+		case cp.c.lab == nil && p >= 45, cp.c.lab != nil && p >= 60:
 			kind = FaultPause
+		case cp.c.lab != nil && p >= 35:
+			kind = FaultPartition
 		}
-		n := cp.c.nodes[rng.Intn(len(cp.c.nodes))]
+		ni := rng.Intn(len(cp.c.nodes))
+		n := cp.c.nodes[ni]
 		hold := time.Duration(500+rng.Intn(3000)) * time.Millisecond
+		cut := time.Duration(2000+rng.Intn(4000)) * time.Millisecond
 		var err error
 		switch kind {
 		case FaultKill:
@@ -248,6 +298,12 @@ func (cp *campaign) injectFaults(phase time.Duration, rng *rand.Rand) error {
 			err = cp.pauseResume(n, hold)
 		case FaultRolling:
 			err = cp.rolling()
+		case FaultPartition:
+			if cp.partitions == 0 {
+				cut = longPartition
+			}
+			cp.partitions++
+			err = cp.partition(ni, cut)
 		}
 		if err != nil {
 			return fmt.Errorf("fault %d (%s on %s): %w", i+1, kind, n.ID, err)
@@ -287,6 +343,111 @@ func (cp *campaign) pauseResume(n *Node, hold time.Duration) (err error) {
 	}
 	return n.waitReady(healTimeout)
 }
+
+// partition cuts node i off from the other nodes for hold, then heals it.
+// Its clients can still reach it. During the cut a probe client on the cut
+// node writes retained values (guarantee 5: they must fail fast), and the
+// other nodes are watched until they agree on a leader among themselves
+// (from then on their retained writes must succeed).
+func (cp *campaign) partition(i int, hold time.Duration) (err error) {
+	n := cp.c.nodes[i]
+	f := faultEvent{Kind: FaultPartition, Node: n.ID}
+	cp.setDown(n, true)
+	defer cp.setDown(n, false)
+	defer func() { cp.record(f, err) }()
+	if err := cp.c.lab.cut(i); err != nil {
+		return err
+	}
+	f.Start = time.Now()
+	stop, probeDone := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(probeDone)
+		cp.minorityProbe(stop, n)
+	}()
+	healAt := f.Start.Add(hold)
+	majority := func() error {
+		leader := ""
+		for _, m := range cp.c.nodes {
+			if m == n {
+				continue
+			}
+			v, err := m.view()
+			if err != nil {
+				return err
+			}
+			if v.Raft.LeaderID == "" || v.Raft.LeaderID == n.ID || (leader != "" && v.Raft.LeaderID != leader) {
+				return fmt.Errorf("%s sees leader %q", m.ID, v.Raft.LeaderID)
+			}
+			leader = v.Raft.LeaderID
+		}
+		return nil
+	}
+	if poll(time.Until(healAt), majority) == nil && time.Now().Before(healAt) {
+		f.MajorityLeader = time.Now()
+	}
+	time.Sleep(time.Until(healAt)) // the rest of the cut: part of the schedule
+	healErr := cp.c.lab.heal(i)
+	f.End = time.Now()
+	cp.addUnavailable(n, f.Start)
+	close(stop)
+	<-probeDone
+	if healErr != nil {
+		return healErr
+	}
+	return n.waitReady(healTimeout)
+}
+
+// minorityProbe writes retained values through node n until stop, waiting
+// up to probeTimeout for each answer (longer than failFastBound, so that a
+// write that hangs is seen hanging).
+func (cp *campaign) minorityProbe(stop <-chan struct{}, n *Node) {
+	const id = "minority-probe"
+	var c *testutil.Client
+	defer func() {
+		if c != nil {
+			go c.Close()
+		}
+	}()
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		if c == nil {
+			var err error
+			if c, err = cp.connect(id, n, 0); err != nil {
+				select {
+				case <-stop:
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+				continue
+			}
+		}
+		cp.mu.Lock()
+		cp.probeSeq++
+		value := fmt.Sprintf("%s-%d", id, cp.probeSeq)
+		cp.mu.Unlock()
+		op := Op{Kind: KindRetain, Client: id, Node: n.ID, Topic: probeTopic, Value: value, Start: time.Now()}
+		op.Outcome, op.Err = publishWithin(c, probeTopic, true, value, probeTimeout)
+		op.End = time.Now()
+		cp.h.Add(op)
+		if op.Outcome == Unknown {
+			_ = c.Conn.Close()
+			c = nil
+		}
+		select {
+		case <-stop:
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// probeTopic is written only by the minority probe (inside chaos/ret/#, so
+// the final retained checks cover it too).
+const probeTopic = "chaos/ret/probe"
 
 // rolling restarts each node in turn as a StatefulSet rollout does: SIGTERM,
 // start, wait until ready and the cluster is whole, then the next.
@@ -343,7 +504,7 @@ func (cp *campaign) restartAll() (err error) {
 // Workload
 
 func (cp *campaign) connect(id string, n *Node, buffer int) (*testutil.Client, error) {
-	c, err := testutil.TryConnect(n.MQTTAddr, testutil.ClientOptions{ID: id, CleanStart: true, Buffer: buffer})
+	c, err := connectNode(n, testutil.ClientOptions{ID: id, CleanStart: true, Buffer: buffer})
 	if err != nil {
 		return nil, fmt.Errorf("%s connect to %s: %w", id, n.ID, err)
 	}
@@ -355,21 +516,37 @@ func (cp *campaign) connect(id string, n *Node, buffer int) (*testutil.Client, e
 
 // publish sends a QoS 1 PUBLISH and classifies the outcome.
 func publish(c *testutil.Client, topic string, retain bool, payload string) (Outcome, string) {
-	ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+	return publishWithin(c, topic, retain, payload, publishTimeout)
+}
+
+// publishWithin is publish waiting up to timeout for the PUBACK.
+func publishWithin(c *testutil.Client, topic string, retain bool, payload string, timeout time.Duration) (Outcome, string) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	pr, err := c.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Retain: retain, Payload: []byte(payload)})
 	switch {
-	case err != nil:
-		return Unknown, err.Error()
 	case pr != nil && pr.ReasonCode >= 0x80:
+		// paho returns the PUBACK and an error for a failure reason code:
+		// the broker answered, so the outcome is known.
 		reason := ""
 		if pr.Properties != nil {
 			reason = pr.Properties.ReasonString
 		}
 		return Failed, fmt.Sprintf("reason code 0x%02x %s", pr.ReasonCode, reason)
+	case err != nil:
+		msg := err.Error()
+		select {
+		case d := <-c.Disconnects: // the broker closed the connection, and said why
+			msg += fmt.Sprintf(" (%s 0x%02x)", serverDisconnect, d.ReasonCode)
+		default:
+		}
+		return Unknown, msg
 	}
 	return OK, ""
 }
+
+// serverDisconnect marks an op's error when the broker sent DISCONNECT.
+const serverDisconnect = "server DISCONNECT"
 
 // pace waits d or until ctx ends; it reports whether to go on.
 func pace(ctx context.Context, d time.Duration) bool {
@@ -593,7 +770,7 @@ func (cp *campaign) finalReads() ([]FinalRead, error) {
 // to the marker: the node sends a subscription's retained messages before it
 // handles the next packet, so the marker comes after every retained value.
 func readRetained(n *Node, id string) (map[string]string, error) {
-	c, err := testutil.TryConnect(n.MQTTAddr, testutil.ClientOptions{ID: id, CleanStart: true})
+	c, err := connectNode(n, testutil.ClientOptions{ID: id, CleanStart: true})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", n.ID, err)
 	}
@@ -638,6 +815,15 @@ func summary(r Report) string {
 	fmt.Fprintf(w, "stream received\t%d\n", r.Result.StreamRecv)
 	for _, k := range sortedKeys(r.Faults) {
 		fmt.Fprintf(w, "faults: %s\t%d\n", k, r.Faults[k])
+	}
+	if r.PartitionSkipped != "" {
+		fmt.Fprintf(w, "partition\tskipped (%s)\n", r.PartitionSkipped)
+	} else {
+		pr := r.Result.Partition
+		fmt.Fprintf(w, "partition: minority retained writes ok/failed/unknown\t%d/%d/%d\n", pr.Minority[OK], pr.Minority[Failed], pr.Minority[Unknown])
+		fmt.Fprintf(w, "partition: minority writes judged for fail-fast (<= %s)\t%d (slowest failure %.1f s)\n", failFastBound, pr.MinorityJudged, pr.MinorityMaxFail)
+		fmt.Fprintf(w, "partition: majority writes after its leader ok/failed/unknown\t%d/%d/%d\n", pr.Majority[OK], pr.Majority[Failed], pr.Majority[Unknown])
+		fmt.Fprintf(w, "partition: majority writes lost to a takeover (0x8E, info)\t%d\n", pr.MajorityTakenOver)
 	}
 	fmt.Fprintf(w, "lost (acked retained)\t%d\n", r.Result.Lost)
 	fmt.Fprintf(w, "divergent retained topics\t%d\n", r.Result.Divergent)

@@ -2,10 +2,12 @@ package chaos
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -16,6 +18,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/mqtt-ha/broker/internal/testutil"
 )
@@ -109,8 +114,14 @@ type Node struct {
 	GossipAddr  string
 	ClusterAddr string
 	Join        []string
+	// NetNS is the node's network namespace in the network lab ("": the
+	// test's own, every address on 127.0.0.1); Advertise is the host its
+	// peers reach it on.
+	NetNS     string
+	Advertise string
 
-	log *lockedBuffer
+	log   *lockedBuffer
+	httpc *http.Client
 
 	mu     sync.Mutex
 	cmd    *exec.Cmd
@@ -120,15 +131,36 @@ type Node struct {
 	paused bool
 }
 
-func newNode(id, dataDir string) (*Node, error) {
-	n := &Node{ID: id, DataDir: dataDir, log: &lockedBuffer{}}
-	var err error
-	for _, p := range []*string{&n.MQTTAddr, &n.HTTPAddr, &n.GossipAddr, &n.ClusterAddr} {
-		if *p, err = freeAddr(); err != nil {
-			return nil, err
+// newNode prepares node i (0-based) of a cluster: on free 127.0.0.1 ports,
+// or, in a network lab, on fixed ports in the node's own namespace (MQTT
+// and HTTP on its loopback, gossip and cluster on its lab address).
+func newNode(id, dataDir string, lab *netLab, i int) (*Node, error) {
+	n := &Node{ID: id, DataDir: dataDir, log: &lockedBuffer{}, Advertise: "127.0.0.1"}
+	if lab != nil {
+		ip := lab.nodeIP(i)
+		n.NetNS, n.Advertise = lab.nodes[i], ip
+		n.MQTTAddr, n.HTTPAddr = "127.0.0.1:1883", "127.0.0.1:8080"
+		n.GossipAddr, n.ClusterAddr = ip+":7946", ip+":7947"
+	} else {
+		var err error
+		for _, p := range []*string{&n.MQTTAddr, &n.HTTPAddr, &n.GossipAddr, &n.ClusterAddr} {
+			if *p, err = freeAddr(); err != nil {
+				return nil, err
+			}
 		}
 	}
+	n.httpc = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return n.dial(addr, 2*time.Second)
+		},
+		MaxIdleConnsPerHost: 2,
+	}}
 	return n, nil
+}
+
+// dial opens a TCP connection to addr as seen from the node's namespace.
+func (n *Node) dial(addr string, timeout time.Duration) (net.Conn, error) {
+	return dialNS(n.NetNS, addr, timeout)
 }
 
 func (n *Node) args() []string {
@@ -143,7 +175,7 @@ func (n *Node) args() []string {
 		"--http-addr", n.HTTPAddr,
 		"--gossip-addr", n.GossipAddr,
 		"--cluster-addr", n.ClusterAddr,
-		"--advertise-host", "127.0.0.1",
+		"--advertise-host", n.Advertise,
 		"--bootstrap-expect", "3",
 		"--join", strings.Join(n.Join, ","),
 		"--log-format", "json",
@@ -175,6 +207,11 @@ func (n *Node) launch() error {
 		bin = brokerBin
 	}
 	cmd := exec.Command(bin, n.args()...)
+	if n.NetNS != "" {
+		// ip execs the broker in place: the pid (and process group) is
+		// the broker's.
+		cmd = exec.Command("ip", append([]string{"netns", "exec", n.NetNS, bin}, n.args()...)...)
+	}
 	cmd.Env = brokerEnv()
 	cmd.Stdout, cmd.Stderr = n.log, n.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -221,10 +258,8 @@ func (n *Node) exitCode() int {
 	return n.exit
 }
 
-var httpClient = &http.Client{Timeout: 2 * time.Second}
-
 func (n *Node) httpGet(path string) (int, []byte, error) {
-	resp, err := httpClient.Get("http://" + n.HTTPAddr + path)
+	resp, err := n.httpc.Get("http://" + n.HTTPAddr + path)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -371,22 +406,19 @@ var crashRE = regexp.MustCompile(`(?m)^(panic: |fatal error: |WARNING: DATA RACE
 // cluster is three nodes started together.
 type cluster struct {
 	nodes []*Node
+	lab   *netLab // nil: every node on 127.0.0.1
 }
 
-func startCluster(t *testing.T, n int) *cluster {
-	t.Helper()
-	return startClusterBin(t, "", n)
-}
-
-// startClusterBin starts n nodes running bin (brokerBin when empty).
-func startClusterBin(t *testing.T, bin string, n int) *cluster {
+// startClusterLab starts n nodes running bin (brokerBin when empty), each
+// in its own namespace of lab, or all on 127.0.0.1 when lab is nil.
+func startClusterLab(t *testing.T, bin string, n int, lab *netLab) *cluster {
 	t.Helper()
 	// A port picked as free can be taken by another process before the node
 	// binds it; the node then exits with "address already in use", and the
 	// whole cluster is started again on new ports (every join list names
 	// every node's gossip address).
 	for attempt := 1; ; attempt++ {
-		c, err := tryStartCluster(t, bin, n)
+		c, err := tryStartCluster(t, bin, n, lab)
 		if err == nil {
 			return c
 		}
@@ -406,12 +438,12 @@ func startClusterBin(t *testing.T, bin string, n int) *cluster {
 	}
 }
 
-func tryStartCluster(t *testing.T, bin string, n int) (*cluster, error) {
+func tryStartCluster(t *testing.T, bin string, n int, lab *netLab) (*cluster, error) {
 	t.Helper()
-	c := &cluster{}
+	c := &cluster{lab: lab}
 	var gossip []string
 	for i := 1; i <= n; i++ {
-		node, err := newNode(fmt.Sprintf("node%d", i), t.TempDir())
+		node, err := newNode(fmt.Sprintf("node%d", i), t.TempDir(), lab, i-1)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -479,4 +511,42 @@ func tail(s string, lines int) string {
 		parts = append([]string{fmt.Sprintf("... (%d lines omitted)", len(parts)-lines)}, parts[len(parts)-lines:]...)
 	}
 	return strings.Join(parts, "\n")
+}
+
+// connectNode dials node n (inside its namespace, if any) and completes an
+// MQTT 5 CONNECT: testutil.TryConnect over a connection the campaign opens.
+func connectNode(n *Node, o testutil.ClientOptions) (*testutil.Client, error) {
+	conn, err := n.dial(n.MQTTAddr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	if o.Buffer == 0 {
+		o.Buffer = 1000
+	}
+	c := &testutil.Client{ID: o.ID, Conn: conn, Msgs: make(chan *paho.Publish, o.Buffer), Disconnects: make(chan *paho.Disconnect, 4)}
+	c.Client = paho.NewClient(paho.ClientConfig{
+		ClientID: o.ID,
+		Conn:     packets.NewThreadSafeConn(conn),
+		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+			c.Msgs <- pr.Packet
+			return true, nil
+		}},
+		OnServerDisconnect: func(d *paho.Disconnect) {
+			select {
+			case c.Disconnects <- d:
+			default:
+			}
+		},
+		OnClientError: func(error) {},
+		PacketTimeout: 2 * probeTimeout, // each call's own deadline decides
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ca, err := c.Connect(ctx, &paho.Connect{ClientID: o.ID, KeepAlive: 30, CleanStart: o.CleanStart})
+	c.Connack = ca
+	if err != nil {
+		_ = conn.Close()
+		return nil, fmt.Errorf("CONNECT: %w", err)
+	}
+	return c, nil
 }

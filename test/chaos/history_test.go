@@ -116,14 +116,40 @@ type CheckResult struct {
 	Duplicated    int             `json:"duplicated"`
 	Divergent     int             `json:"divergent_topics"`
 	CrossConnBack int             `json:"cross_connection_regressions"` // informational: order across publisher reconnects
+	Partition     PartitionResult `json:"partition"`
 	Violations    []Violation     `json:"violations"`
 }
 
-// Check runs every check over the history and the final reads. Checks for
-// guarantees not built yet (persistent sessions, wills) slot in here as more
-// functions over the same history.
-func Check(ops []Op, finals []FinalRead) CheckResult {
-	r := CheckResult{RetainOps: map[Outcome]int{}, StreamPubs: map[Outcome]int{}}
+// PartitionResult counts the retained writes that began during partitions
+// (guarantee 5).
+type PartitionResult struct {
+	// Minority: writes through the cut-off node. MinorityJudged: those
+	// that began at least failFastBound before the heal, so that they had
+	// to fail within the cut. MinorityMaxFail: the slowest failure (s).
+	Minority        map[Outcome]int `json:"minority"`
+	MinorityJudged  int             `json:"minority_judged"`
+	MinorityMaxFail float64         `json:"minority_max_fail_seconds"`
+	// Majority: writes through the other nodes that began once those
+	// agreed on a leader and ended before the heal. MajorityTakenOver: of
+	// those, the ones lost because the broker took the connection over
+	// (DISCONNECT 0x8E) for another connection of the same client id;
+	// counted, not judged here (see the README: a claim retried late).
+	Majority          map[Outcome]int `json:"majority"`
+	MajorityTakenOver int             `json:"majority_taken_over"`
+}
+
+// failFastBound is how long a retained write on a side without a quorum may
+// take to fail: the broker's replicated-write timeout (5 s, internal/node)
+// plus slack for a loaded machine. A write still unanswered after that
+// hangs, which guarantee 5 forbids.
+const failFastBound = 7 * time.Second
+
+// Check runs every check over the history, the final reads and the fault
+// log. Checks for guarantees not built yet (persistent sessions, wills)
+// slot in here as more functions over the same history.
+func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
+	r := CheckResult{RetainOps: map[Outcome]int{}, StreamPubs: map[Outcome]int{},
+		Partition: PartitionResult{Minority: map[Outcome]int{}, Majority: map[Outcome]int{}}}
 	for _, o := range ops {
 		switch o.Kind {
 		case KindRetain:
@@ -136,7 +162,83 @@ func Check(ops []Op, finals []FinalRead) CheckResult {
 	}
 	checkRetained(ops, finals, &r)
 	checkStreamOrder(ops, &r)
+	checkPartitions(ops, faults, &r)
 	return r
+}
+
+// checkPartitions checks guarantee 5 for the retained writes that began
+// while a node was cut off (between a partition's Start and End):
+//
+//   - the cut-off node acknowledges none of them before the heal: it has no
+//     quorum, so an acknowledgement would be a write that is not committed
+//     (minority-acked);
+//   - one that began at least failFastBound before the heal fails (PUBACK
+//     with a failure reason code) within failFastBound (minority-hang). A
+//     write whose client gave up or lost the connection earlier is counted,
+//     not judged: only the probe waits longer than the bound;
+//   - on the other nodes, once they agreed on a leader, every write that
+//     ended before the heal is acknowledged (majority-unavailable).
+func checkPartitions(ops []Op, faults []faultEvent, r *CheckResult) {
+	p := &r.Partition
+	for _, f := range faults {
+		if f.Kind != FaultPartition || f.Start.IsZero() || !f.End.After(f.Start) {
+			continue
+		}
+		for _, o := range ops {
+			if o.Kind != KindRetain || o.Start.Before(f.Start) || !o.Start.Before(f.End) {
+				continue
+			}
+			if o.Node != f.Node {
+				if f.MajorityLeader.IsZero() || o.Start.Before(f.MajorityLeader) || !o.End.Before(f.End) {
+					continue
+				}
+				p.Majority[o.Outcome]++
+				if o.Outcome == Unknown && strings.Contains(o.Err, serverDisconnect+" 0x8e") {
+					p.MajorityTakenOver++
+					continue
+				}
+				if o.Outcome != OK {
+					r.Violations = append(r.Violations, Violation{Check: "majority-unavailable", Topic: o.Topic,
+						Detail: fmt.Sprintf("%s was cut off; %s, on the majority side, did not acknowledge a retained write begun %s after its side had a leader and ended before the heal",
+							f.Node, o.Node, o.Start.Sub(f.MajorityLeader).Round(time.Millisecond)),
+						Excerpt: []string{partitionLine(f), o.String()}})
+				}
+				continue
+			}
+			p.Minority[o.Outcome]++
+			took := o.End.Sub(o.Start)
+			if o.Outcome == Failed {
+				p.MinorityMaxFail = max(p.MinorityMaxFail, took.Seconds())
+			}
+			if o.Outcome == OK && o.End.Before(f.End) {
+				r.Violations = append(r.Violations, Violation{Check: "minority-acked", Topic: o.Topic,
+					Detail:  fmt.Sprintf("%s acknowledged a retained write while it was cut off from the majority", f.Node),
+					Excerpt: []string{partitionLine(f), o.String()}})
+				continue
+			}
+			if f.End.Sub(o.Start) < failFastBound {
+				continue // the heal came before the write had to fail
+			}
+			if o.Outcome == Unknown && took < failFastBound {
+				continue // the client gave up or lost the connection first: not judged
+			}
+			p.MinorityJudged++
+			if o.Outcome != Failed || took > failFastBound {
+				r.Violations = append(r.Violations, Violation{Check: "minority-hang", Topic: o.Topic,
+					Detail: fmt.Sprintf("%s was cut off; a retained write through it was not refused within %s (%s after %s)",
+						f.Node, failFastBound, o.Outcome, took.Round(time.Millisecond)),
+					Excerpt: []string{partitionLine(f), o.String()}})
+			}
+		}
+	}
+}
+
+func partitionLine(f faultEvent) string {
+	s := fmt.Sprintf("partition of %s %s..%s", f.Node, f.Start.Format("15:04:05.000"), f.End.Format("15:04:05.000"))
+	if !f.MajorityLeader.IsZero() {
+		s += ", majority leader seen at " + f.MajorityLeader.Format("15:04:05.000")
+	}
+	return s
 }
 
 // checkRetained: per topic, every node serves the same value, and that value
