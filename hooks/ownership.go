@@ -27,9 +27,10 @@ import (
 // nodes racing for one id cannot both drop their clients: the later claim
 // in log order wins.
 //
-// Not yet: moving a persistent session's queue with the takeover (the old
-// node keeps its offline copy) and throttling clients that flap between
-// nodes.
+// A claim that could not be committed is retried as a ReclaimOwner, which
+// never takes the id from a connection established later elsewhere (see
+// replication.ReclaimOwner). Persistent sessions are fenced by their
+// SessionOpen as well (hooks.Sessions), which moves their queue.
 type Ownership struct {
 	mqtt.HookBase
 	server  *mqtt.Server
@@ -56,6 +57,7 @@ type owned struct {
 
 type claim struct {
 	cl      *mqtt.Client
+	at      int64 // Unix ms: when the connection was established
 	release bool
 	retry   bool
 }
@@ -135,7 +137,7 @@ func (h *Ownership) recentTakeoversLocked(id string, now time.Time) int {
 
 // OnSessionEstablished queues the claim for the new connection.
 func (h *Ownership) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
-	h.enqueue(claim{cl: cl})
+	h.enqueue(claim{cl: cl, at: time.Now().UnixMilli()})
 }
 
 // OnDisconnect releases the client id if this connection still holds it,
@@ -185,7 +187,14 @@ func (h *Ownership) do(c claim) {
 	if c.cl.Closed() {
 		return
 	}
-	res, err := h.repl.Apply(ctx, &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: time.Now().UnixMilli()})
+	// A retry (the first attempt found no quorum) must not take the id
+	// from a connection made since on another node: the client may have
+	// given up on this one long ago (ReclaimOwner compares connect times).
+	var cmd replication.Command = &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+	if c.retry {
+		cmd = &replication.ReclaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+	}
+	res, err := h.repl.Apply(ctx, cmd)
 	if err != nil {
 		if !c.retry {
 			h.log.Warn("client id not claimed; retrying until the log is writable", "client", c.cl.ID, "error", err)
@@ -207,6 +216,16 @@ func (h *Ownership) do(c claim) {
 	defer h.mu.Unlock()
 	if cur, ok := h.server.Clients.Get(c.cl.ID); !ok || cur != c.cl || c.cl.Closed() {
 		return // gone or replaced meanwhile; its successor claims for itself
+	}
+	if !res.Changed {
+		// The reclaim lost to a newer connection elsewhere: this one is
+		// stale (the client reconnected there while we were cut off).
+		h.log.Info("client id held by a newer connection on another node; disconnecting", "client", c.cl.ID,
+			"owner", res.Prev.Node)
+		atomic.StoreUint32(&c.cl.Properties.Will.Flag, 0)
+		cl := c.cl
+		go func() { _ = h.server.DisconnectClient(cl, packets.ErrSessionTakenOver) }()
+		return
 	}
 	if o, had := h.owned[c.cl.ID]; had && o.epoch > res.Epoch {
 		return

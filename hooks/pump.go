@@ -16,6 +16,12 @@ import (
 // connection, in Seq order, keeping at most window messages unacknowledged.
 // It also writes the session's QoS 0 copies, so all writes to the client
 // from this hook come from one goroutine and never block a publisher.
+//
+// Its deliveries are not entered in mochi's inflight table: mochi keeps
+// inbound and outbound packet ids in that one table, and would refuse a
+// SUBSCRIBE (0x91) or drop our entry on an inbound PUBLISH that happens to
+// use the same id. The acknowledgements of the pump's deliveries are
+// consumed in Sessions.OnPacketRead and never reach mochi.
 type pump struct {
 	h      *Sessions
 	c      *sessConn
@@ -118,18 +124,13 @@ func (p *pump) fill() {
 				pid = m.PacketID
 			}
 			if _, busy := p.cl.State.Inflight.Get(pid); busy {
-				return // mochi holds this id (a retained message it sent, an inbound QoS 2): wait
+				return // mochi holds this id (an inbound QoS 2, a shared subscription's message): wait
 			}
 			pk := p.packet(m, pid)
 			p.mu.Lock()
 			p.inflight[pid] = m.Seq
 			p.next = m.Seq + 1
 			p.mu.Unlock()
-			// mochi's inflight entry makes it answer PUBREC with PUBREL and
-			// keeps its packet-id allocator off this id.
-			if p.cl.State.Inflight.Set(pk) {
-				atomic.AddInt64(&p.h.server.Info.Inflight, 1)
-			}
 			if m.Seq <= p.resumeUpTo {
 				p.h.m.redelivered.Inc()
 			}
@@ -137,8 +138,7 @@ func (p *pump) fill() {
 				if errors.Is(err, packets.ErrPacketTooLarge) {
 					// Larger than the client accepts: it can never be
 					// delivered (MQTT-3.1.2-25), so it is discarded.
-					p.forgetID(pid)
-					p.h.ack(p.c.id, m.Seq)
+					p.acked(pid)
 					continue
 				}
 				return // connection gone; OnDisconnect stops the pump
@@ -183,8 +183,9 @@ func (p *pump) packet(m replication.QueuedMessage, pid uint16) packets.Packet {
 	return pk
 }
 
-// acked: PUBACK, PUBCOMP, or a refusing PUBREC for packet id pid.
-func (p *pump) acked(pid uint16) {
+// acked: PUBACK, PUBCOMP, or a refusing PUBREC for packet id pid. It
+// reports whether pid was a delivery of the pump.
+func (p *pump) acked(pid uint16) bool {
 	p.mu.Lock()
 	seq, ok := p.inflight[pid]
 	delete(p.inflight, pid)
@@ -193,19 +194,15 @@ func (p *pump) acked(pid uint16) {
 		p.h.ack(p.c.id, seq)
 		p.poke()
 	}
+	return ok
 }
 
-// released: PUBREC for a QoS 2 message; only PUBREL/PUBCOMP remain.
-func (p *pump) released(pid uint16) {
+// seqOf returns the Seq of a message in flight under packet id pid.
+func (p *pump) seqOf(pid uint16) (uint64, bool) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	seq, ok := p.inflight[pid]
-	p.mu.Unlock()
-	if ok {
-		id := p.c.id
-		p.h.submit(sessOp{cmd: func() replication.Command {
-			return &replication.QueueRelease{ClientID: id, Seq: seq, PacketID: pid}
-		}})
-	}
+	return seq, ok
 }
 
 func (p *pump) sendQoS0(pk packets.Packet) {
@@ -224,30 +221,6 @@ func (p *pump) poke() {
 }
 
 func (p *pump) stop() { p.stopOnce.Do(func() { close(p.done) }) }
-
-// forget removes the pump's deliveries from mochi's inflight state: the
-// log keeps them, and whichever connection resumes the session resends
-// them from there (mochi must not resend its own copies as well).
-func (p *pump) forget() {
-	p.mu.Lock()
-	ids := make([]uint16, 0, len(p.inflight))
-	for id := range p.inflight {
-		ids = append(ids, id)
-	}
-	p.mu.Unlock()
-	for _, id := range ids {
-		p.forgetID(id)
-	}
-}
-
-func (p *pump) forgetID(pid uint16) {
-	p.mu.Lock()
-	delete(p.inflight, pid)
-	p.mu.Unlock()
-	if p.cl.State.Inflight.Delete(pid) {
-		atomic.AddInt64(&p.h.server.Info.Inflight, -1)
-	}
-}
 
 // ack queues the acknowledgement of one delivered (or discarded) message.
 func (h *Sessions) ack(id string, seq uint64) {

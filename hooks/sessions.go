@@ -115,6 +115,9 @@ type sessConn struct {
 	expiry  uint32
 
 	pump *pump
+	// rh: the retain handling each filter of the SUBSCRIBE being processed
+	// asked for (OnSubscribe to OnSubscribed, on the client's goroutine).
+	rh map[string]byte
 }
 
 // sessOp is an asynchronous write; cmd is evaluated when the writer builds
@@ -168,7 +171,7 @@ func (h *Sessions) ID() string { return "replicated-sessions" }
 func (h *Sessions) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
-		mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnWillSent,
+		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnWillSent,
 		mqtt.OnPacketRead, mqtt.OnPacketEncode:
 		return true
 	}
@@ -245,15 +248,13 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	}
 	c.managed, c.expiry = true, h.expiryOf(cl)
 	// A connection of this id still live here is being taken over by
-	// mochi (inheritClientSession): stop its pump, and take its in-flight
-	// messages out of what mochi would clone and resend, since the new
-	// pump resends them from the log.
+	// mochi (inheritClientSession): stop its pump; the new one resends
+	// what was in flight from the log.
 	h.mu.Lock()
 	old := h.live[cl.ID]
 	h.mu.Unlock()
 	if old != nil {
 		old.pump.stop()
-		old.pump.forget()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
 	defer cancel()
@@ -336,6 +337,28 @@ func (h *Sessions) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	go c.pump.run()
 }
 
+// OnSubscribe keeps mochi from sending retained messages to a persistent
+// session itself (retain handling 2 in what mochi sees): mochi would use
+// packet ids the pump may be using. OnSubscribed queues them through the
+// log instead, honouring the retain handling the client asked for.
+func (h *Sessions) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	c := h.conn(cl)
+	if c == nil || !c.managed {
+		return pk
+	}
+	c.rh = map[string]byte{}
+	filters := slices.Clone(pk.Filters)
+	for i, f := range filters {
+		if strings.HasPrefix(f.Filter, "$share/") {
+			continue
+		}
+		c.rh[f.Filter] = f.RetainHandling
+		filters[i].RetainHandling = 2
+	}
+	pk.Filters = filters
+	return pk
+}
+
 // OnSubscribed moves a persistent session's new subscriptions from mochi's
 // index into the log before SUBACK. A filter that could not be stored is
 // reported as failed (0x80) in SUBACK: mochi sends the same reasonCodes
@@ -348,14 +371,20 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 	}
 	var subs []replication.Subscription
 	var idx []int
+	var existed []bool
+	h.idxMu.Lock()
 	for i, f := range pk.Filters {
 		if i >= len(reasonCodes) || reasonCodes[i] >= 0x80 || strings.HasPrefix(f.Filter, "$share/") {
 			continue
 		}
+		rh := c.rh[f.Filter]
 		subs = append(subs, replication.Subscription{Filter: f.Filter, QoS: reasonCodes[i], NoLocal: f.NoLocal,
-			RetainAsPublished: f.RetainAsPublished, RetainHandling: f.RetainHandling, Identifier: uint32(f.Identifier)})
+			RetainAsPublished: f.RetainAsPublished, RetainHandling: rh, Identifier: uint32(f.Identifier)})
 		idx = append(idx, i)
+		_, had := h.idxSubs[c.id][f.Filter]
+		existed = append(existed, had)
 	}
+	h.idxMu.Unlock()
 	if len(subs) == 0 {
 		return
 	}
@@ -385,6 +414,61 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 	}
 	if err != nil {
 		h.log.Warn("subscription not replicated; refused", "client", c.id, "error", err)
+		return
+	}
+	h.queueRetained(c, subs, existed)
+}
+
+// queueRetained delivers the retained messages matching new subscriptions
+// (MQTT-3.3.1-9, with retain handling 1 and 2): QoS 0 copies directly, the
+// others through the session's replicated queue, so they are ordered with
+// everything else and get the pump's packet ids.
+func (h *Sessions) queueRetained(c *sessConn, subs []replication.Subscription, existed []bool) {
+	now := time.Now()
+	var cmds []replication.Command
+	for k, sub := range subs {
+		if sub.RetainHandling == 2 || (sub.RetainHandling == 1 && existed[k]) {
+			continue
+		}
+		for _, r := range h.server.Topics.Messages(sub.Filter) {
+			if r.Expiry > 0 && r.Expiry < now.Unix() {
+				continue
+			}
+			var ids []uint32
+			if sub.Identifier > 0 {
+				ids = []uint32{sub.Identifier}
+			}
+			qos := min(r.FixedHeader.Qos, sub.QoS)
+			if qos == 0 {
+				out := r.Copy(false)
+				out.FixedHeader.Qos, out.PacketID, out.FixedHeader.Retain = 0, 0, true
+				for _, id := range ids {
+					out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, int(id))
+				}
+				c.pump.sendQoS0(out)
+				continue
+			}
+			e := &replication.Enqueue{Topic: r.TopicName, Payload: r.Payload, Created: now.UnixMilli(),
+				MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest,
+				Targets: []replication.QueueTarget{{ClientID: c.id, QoS: qos, Retain: true, SubscriptionIDs: ids}},
+				Properties: replication.Properties{PayloadFormat: r.Properties.PayloadFormat, ContentType: r.Properties.ContentType,
+					ResponseTopic: r.Properties.ResponseTopic, CorrelationData: r.Properties.CorrelationData}}
+			for _, u := range r.Properties.User {
+				e.Properties.UserProperties = append(e.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+			}
+			if r.Expiry > 0 {
+				e.Expires = r.Expiry * 1000
+			}
+			cmds = append(cmds, e)
+		}
+	}
+	if len(cmds) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	defer cancel()
+	if _, err := h.repl.Apply(ctx, &replication.Batch{Commands: cmds}); err != nil {
+		h.log.Warn("retained messages for a new subscription not queued", "client", c.id, "count", len(cmds), "error", err)
 	}
 }
 
@@ -580,6 +664,16 @@ func (h *Sessions) deliverQoS0(pk packets.Packet) {
 // OnPacketRead turns a client's acknowledgements of messages the pump sent
 // into log writes (before mochi processes the packet; mochi's own
 // inflight bookkeeping cannot tell our deliveries from its own).
+//
+// The two QoS 2 packets after which the client forgets a packet id are
+// held back until the log knows: PUBREL (sent by us after PUBREC) and
+// PUBCOMP (sent by us after the client's PUBREL). If the node died after
+// sending one but before the log recorded the step, the next node would
+// resend a PUBLISH the client no longer recognises (a duplicate), or treat
+// the client's next message under that packet id as a duplicate (a loss).
+// So PUBREL is sent (by us) only once QueueRelease is committed, and the
+// client's PUBREL is handed to mochi (InjectPacket) only once QoS2Released
+// is.
 func (h *Sessions) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	switch pk.FixedHeader.Type {
 	case packets.Puback, packets.Pubrec, packets.Pubcomp, packets.Pubrel:
@@ -587,23 +681,58 @@ func (h *Sessions) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 		return pk, nil
 	}
 	c := h.conn(cl)
-	if c == nil || !c.managed {
+	if c == nil || !c.managed || c.pump == nil {
 		return pk, nil
 	}
 	switch pk.FixedHeader.Type {
 	case packets.Puback, packets.Pubcomp:
-		c.pump.acked(pk.PacketID)
+		if c.pump.acked(pk.PacketID) {
+			return ignoredPacket, nil
+		}
 	case packets.Pubrec:
+		seq, ok := c.pump.seqOf(pk.PacketID)
+		if !ok {
+			return pk, nil // not a pump delivery: mochi's own
+		}
 		if pk.ReasonCode >= 0x80 {
 			c.pump.acked(pk.PacketID) // refused by the client: the message ends here
-		} else {
-			c.pump.released(pk.PacketID)
+			return ignoredPacket, nil
 		}
+		id, pid := c.id, pk.PacketID
+		h.submit(sessOp{cmd: func() replication.Command { return &replication.QueueRelease{ClientID: id, Seq: seq, PacketID: pid} },
+			done: func(_ replication.Result, err error) {
+				if err != nil {
+					h.log.Warn("PUBREC not replicated; the client will repeat it", "client", id, "error", err)
+					return
+				}
+				rel := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: pid}
+				go func() { _ = cl.WritePacket(rel) }()
+			}})
+		return ignoredPacket, nil
 	case packets.Pubrel:
 		id, pid := c.id, pk.PacketID
-		h.submit(sessOp{cmd: func() replication.Command { return &replication.QoS2Released{ClientID: id, PacketID: pid} }})
+		held := pk
+		h.submit(sessOp{cmd: func() replication.Command { return &replication.QoS2Released{ClientID: id, PacketID: pid} },
+			done: func(_ replication.Result, err error) { h.handBack(cl, held, err) }})
+		return ignoredPacket, nil
 	}
 	return pk, nil
+}
+
+// ignoredPacket replaces a packet consumed in OnPacketRead (an OnPacketRead
+// error would end the connection): mochi looks up packet id 0 among its
+// in-flight messages, finds nothing, and moves on.
+var ignoredPacket = packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}}
+
+// handBack gives mochi a PUBREL held back by OnPacketRead once
+// the log has recorded it. If it could not be recorded the packet is
+// dropped: the client repeats it when it resumes the session.
+func (h *Sessions) handBack(cl *mqtt.Client, pk packets.Packet, err error) {
+	if err != nil {
+		h.log.Warn("QoS 2 step not replicated; the client will repeat it", "client", cl.ID, "packet", pk.FixedHeader.Type, "error", err)
+		return
+	}
+	go func() { _ = h.server.InjectPacket(cl, pk) }()
 }
 
 // OnDisconnect closes the session in the log. A connection taken over, or
@@ -638,7 +767,6 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 	if c.pump != nil {
 		c.pump.stop()
-		c.pump.forget()
 	}
 	if s, ok := h.repl.Session(c.id); ok {
 		for f := range s.Subscriptions {

@@ -38,7 +38,8 @@ const (
 	CmdSetWill       CommandType = 16
 	CmdClearWill     CommandType = 17
 	CmdClaimWill     CommandType = 18
-	// Next: 19 (or 0x93 for a command old nodes may skip).
+	CmdReclaimOwner  CommandType = 19
+	// Next: 20 (or 0x94 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -81,6 +82,8 @@ func (t CommandType) String() string {
 		return "clear_will"
 	case CmdClaimWill:
 		return "claim_will"
+	case CmdReclaimOwner:
+		return "reclaim_owner"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -101,6 +104,7 @@ var (
 	_ Command = (*RetainSet)(nil)
 	_ Command = (*RetainClear)(nil)
 	_ Command = (*ClaimOwner)(nil)
+	_ Command = (*ReclaimOwner)(nil)
 	_ Command = (*ReleaseOwner)(nil)
 	_ Command = (*Batch)(nil)
 )
@@ -137,6 +141,21 @@ type ClaimOwner struct {
 	At       int64 // Unix ms, the claiming node's clock
 }
 
+// ReclaimOwner is a claim retried after it could not be committed (no
+// quorum, a partition): it takes ClientID over only if the current owner's
+// connection is not newer than this one (Since <= At, At being when this
+// connection was established). A client that moved on to another node
+// while this node was cut off must not be disconnected there by its
+// abandoned connection's late claim. Result.Changed is false when it lost;
+// the claiming node then drops its own connection.
+//
+//	str client_id | str node | varint at
+type ReclaimOwner struct {
+	ClientID string
+	Node     string
+	At       int64 // Unix ms: when the connection was established
+}
+
 // ReleaseOwner removes the ownership of ClientID only if Node still holds it
 // at Epoch: a node that lost a takeover race can never release the winner.
 //
@@ -158,6 +177,7 @@ type Batch struct {
 func (*RetainSet) Type() CommandType    { return CmdRetainSet }
 func (*RetainClear) Type() CommandType  { return CmdRetainClear }
 func (*ClaimOwner) Type() CommandType   { return CmdClaimOwner }
+func (*ReclaimOwner) Type() CommandType { return CmdReclaimOwner }
 func (*ReleaseOwner) Type() CommandType { return CmdReleaseOwner }
 func (*Batch) Type() CommandType        { return CmdBatch }
 
@@ -184,6 +204,12 @@ func (c *RetainClear) appendPayload(b []byte) []byte {
 }
 
 func (c *ClaimOwner) appendPayload(b []byte) []byte {
+	b = appendString(b, c.ClientID)
+	b = appendString(b, c.Node)
+	return appendVarint(b, c.At)
+}
+
+func (c *ReclaimOwner) appendPayload(b []byte) []byte {
 	b = appendString(b, c.ClientID)
 	b = appendString(b, c.Node)
 	return appendVarint(b, c.At)
@@ -229,6 +255,13 @@ func (c *RetainClear) validate() error {
 func (c *ClaimOwner) validate() error {
 	if c.ClientID == "" || c.Node == "" {
 		return fmt.Errorf("%w: claim_owner: empty client id or node", ErrInvalidCommand)
+	}
+	return nil
+}
+
+func (c *ReclaimOwner) validate() error {
+	if c.ClientID == "" || c.Node == "" {
+		return fmt.Errorf("%w: reclaim_owner: empty client id or node", ErrInvalidCommand)
 	}
 	return nil
 }
@@ -288,6 +321,8 @@ func DecodeCommand(b []byte) (Command, error) {
 		c = &RetainClear{Topic: r.str(), IfIndex: r.uvarint()}
 	case CmdClaimOwner:
 		c = &ClaimOwner{ClientID: r.str(), Node: r.str(), At: r.varint()}
+	case CmdReclaimOwner:
+		c = &ReclaimOwner{ClientID: r.str(), Node: r.str(), At: r.varint()}
 	case CmdReleaseOwner:
 		c = &ReleaseOwner{ClientID: r.str(), Node: r.str(), Epoch: r.uvarint()}
 	case CmdBatch:

@@ -48,6 +48,11 @@ var goldenCommands = []struct {
 		hex:  "04" + "026331" + "026e31" + "07",
 	},
 	{
+		name: "reclaim_owner",
+		cmd:  &ReclaimOwner{ClientID: "c1", Node: "n1", At: 5},
+		hex:  "13" + "026331" + "026e31" + "0a",
+	},
+	{
 		name: "batch",
 		cmd:  &Batch{Commands: []Command{&RetainClear{Topic: "a"}, &ReleaseOwner{ClientID: "c", Node: "n", Epoch: 1}}},
 		hex:  "05" + "02" + "04" + "02016100" + "06" + "040163016e01",

@@ -154,6 +154,17 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		s.owners[c.ClientID] = o
 		res.Changed, res.Epoch, res.Prev = true, o.Epoch, prev
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Owner: o, Prev: prev, Index: idx}})
+	case *ReclaimOwner:
+		prev, ok := s.owners[c.ClientID]
+		res.Prev = prev
+		if ok && prev.Node != c.Node && prev.Since > c.At {
+			return res, evs // a newer connection elsewhere holds it
+		}
+		s.epoch++
+		o := Owner{Node: c.Node, Epoch: s.epoch, Since: c.At}
+		s.owners[c.ClientID] = o
+		res.Changed, res.Epoch = true, o.Epoch
+		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Owner: o, Prev: prev, Index: idx}})
 	case *ReleaseOwner:
 		cur, ok := s.owners[c.ClientID]
 		res.Prev = cur

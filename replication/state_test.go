@@ -186,3 +186,24 @@ func TestRetainedMessageExpiry(t *testing.T) {
 		t.Fatal("message without expiry has an interval")
 	}
 }
+
+// TestReclaimOwner: a retried claim never takes a client id from a newer
+// connection on another node, but does take it from an older one.
+func TestReclaimOwner(t *testing.T) {
+	s := newState()
+	s.applyCommand(&ClaimOwner{ClientID: "c", Node: "B", At: 200}, 1, nil)
+	if r, evs := s.applyCommand(&ReclaimOwner{ClientID: "c", Node: "A", At: 100}, 2, nil); r.Changed || len(evs) != 0 ||
+		r.Prev.Node != "B" || s.owners["c"].Node != "B" {
+		t.Fatalf("stale reclaim took over: %+v", r)
+	}
+	if r, _ := s.applyCommand(&ReclaimOwner{ClientID: "c", Node: "A", At: 300}, 3, nil); !r.Changed || s.owners["c"].Node != "A" {
+		t.Fatalf("newer reclaim refused: %+v", r)
+	}
+	// Its own earlier claim (same node) never blocks it; nor does no owner.
+	if r, _ := s.applyCommand(&ReclaimOwner{ClientID: "c", Node: "A", At: 250}, 4, nil); !r.Changed {
+		t.Fatalf("reclaim over own claim: %+v", r)
+	}
+	if r, _ := s.applyCommand(&ReclaimOwner{ClientID: "d", Node: "A", At: 1}, 5, nil); !r.Changed {
+		t.Fatalf("reclaim of a free id: %+v", r)
+	}
+}

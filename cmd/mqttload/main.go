@@ -1,6 +1,7 @@
-// Command mqttload is the project's load tool: one subscriber and one
-// publisher, possibly on different brokers or nodes, a paced publish rate,
-// and the publish-to-delivery latency of every message. Run it against a
+// Command mqttload is the project's load tool: publishers and subscribers
+// (one topic per subscriber, clean or persistent sessions), possibly spread
+// over several brokers or nodes, a paced total publish rate, and the
+// publish-to-delivery latency of every message. Run it against a
 // baseline (Debian's mosquitto, a single node) and the case under test in
 // the same session and compare ratios; absolute numbers depend on the
 // machine.
@@ -17,6 +18,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,37 +28,57 @@ import (
 )
 
 type result struct {
-	Label      string  `json:"label"`
-	QoS        int     `json:"qos"`
-	Rate       int     `json:"rate"`
-	Sent       int     `json:"sent"`
-	Received   int     `json:"received"`
-	Lost       int     `json:"lost"`
-	Throughput float64 `json:"throughput_msgs_per_s"`
-	P50us      int64   `json:"p50_us"`
-	P90us      int64   `json:"p90_us"`
-	P99us      int64   `json:"p99_us"`
-	Maxus      int64   `json:"max_us"`
+	Label       string  `json:"label"`
+	QoS         int     `json:"qos"`
+	Rate        int     `json:"rate"`
+	Publishers  int     `json:"publishers"`
+	Subscribers int     `json:"subscribers"`
+	Persistent  bool    `json:"persistent"`
+	Sent        int     `json:"sent"`
+	Received    int     `json:"received"`
+	Lost        int     `json:"lost"`
+	Throughput  float64 `json:"throughput_msgs_per_s"`
+	P50us       int64   `json:"p50_us"`
+	P90us       int64   `json:"p90_us"`
+	P99us       int64   `json:"p99_us"`
+	Maxus       int64   `json:"max_us"`
+}
+
+type options struct {
+	pubAddrs, subAddrs []string
+	rate               int
+	duration           time.Duration
+	qos                byte
+	size               int
+	publishers         int
+	subscribers        int
+	persistent         bool
 }
 
 func main() {
-	pubAddr := flag.String("pub", "127.0.0.1:1883", "broker the publisher connects to")
-	subAddr := flag.String("sub", "", "broker the subscriber connects to (default: --pub)")
-	rate := flag.Int("rate", 5000, "messages per second (0: as fast as possible)")
+	pubAddr := flag.String("pub", "127.0.0.1:1883", "broker(s) the publishers connect to, comma-separated (round robin)")
+	subAddr := flag.String("sub", "", "broker(s) the subscribers connect to, comma-separated (default: --pub)")
+	rate := flag.Int("rate", 5000, "messages per second, all publishers together (0: as fast as possible)")
 	duration := flag.Duration("duration", 10*time.Second, "how long to publish")
 	qos := flag.Int("qos", 1, "QoS of publish and subscription (0, 1 or 2)")
 	size := flag.Int("size", 64, "payload bytes (at least 16)")
+	publishers := flag.Int("publishers", 1, "publisher connections; publisher i sends to subscriber i mod --subscribers")
+	subscribers := flag.Int("subscribers", 1, "subscriber connections, one topic each")
+	persistent := flag.Bool("persistent", false, "subscribers use persistent sessions (clean start off, session expiry 300 s)")
 	label := flag.String("label", "", "name of this run in the output")
 	asJSON := flag.Bool("json", false, "print the result as JSON")
 	flag.Parse()
 	if *subAddr == "" {
 		*subAddr = *pubAddr
 	}
-	if *size < 16 || *qos < 0 || *qos > 2 || *rate < 0 {
-		fmt.Fprintln(os.Stderr, "mqttload: --size must be at least 16, --qos 0-2, --rate >= 0")
+	if *size < 16 || *qos < 0 || *qos > 2 || *rate < 0 || *publishers < 1 || *subscribers < 1 {
+		fmt.Fprintln(os.Stderr, "mqttload: --size must be at least 16, --qos 0-2, --rate >= 0, --publishers and --subscribers >= 1")
 		os.Exit(2)
 	}
-	r, err := run(*pubAddr, *subAddr, *rate, *duration, byte(*qos), *size)
+	o := options{pubAddrs: strings.Split(*pubAddr, ","), subAddrs: strings.Split(*subAddr, ","), rate: *rate,
+		duration: *duration, qos: byte(*qos), size: *size, publishers: *publishers, subscribers: *subscribers,
+		persistent: *persistent}
+	r, err := run(o)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "mqttload:", err)
 		os.Exit(1)
@@ -66,11 +88,11 @@ func main() {
 		_ = json.NewEncoder(os.Stdout).Encode(r)
 		return
 	}
-	fmt.Printf("%-24s qos%d rate %6d: sent %7d recv %7d lost %5d  %8.0f msg/s  p50 %6dus p90 %6dus p99 %6dus max %7dus\n",
-		r.Label, r.QoS, r.Rate, r.Sent, r.Received, r.Lost, r.Throughput, r.P50us, r.P90us, r.P99us, r.Maxus)
+	fmt.Printf("%-24s qos%d rate %6d pubs %3d subs %3d: sent %7d recv %7d lost %5d  %8.0f msg/s  p50 %6dus p90 %6dus p99 %6dus max %7dus\n",
+		r.Label, r.QoS, r.Rate, r.Publishers, r.Subscribers, r.Sent, r.Received, r.Lost, r.Throughput, r.P50us, r.P90us, r.P99us, r.Maxus)
 }
 
-func connect(addr, id string, onMsg func(*paho.Publish)) (*paho.Client, error) {
+func connect(addr, id string, persistent bool, onMsg func(*paho.Publish)) (*paho.Client, error) {
 	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		return nil, err
@@ -85,83 +107,130 @@ func connect(addr, id string, onMsg func(*paho.Publish)) (*paho.Client, error) {
 	c := paho.NewClient(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := c.Connect(ctx, &paho.Connect{ClientID: id, KeepAlive: 30, CleanStart: true}); err != nil {
+	cp := &paho.Connect{ClientID: id, KeepAlive: 30, CleanStart: true}
+	if persistent {
+		expiry := uint32(300)
+		cp.Properties = &paho.ConnectProperties{SessionExpiryInterval: &expiry}
+	}
+	if _, err := c.Connect(ctx, cp); err != nil {
 		return nil, fmt.Errorf("connect %s: %w", addr, err)
 	}
 	return c, nil
 }
 
-func run(pubAddr, subAddr string, rate int, duration time.Duration, qos byte, size int) (result, error) {
-	res := result{QoS: int(qos), Rate: rate}
-	run := time.Now().UnixNano()
-	topic := fmt.Sprintf("mqttload/%d", run)
+func run(o options) (result, error) {
+	res := result{QoS: int(o.qos), Rate: o.rate, Publishers: o.publishers, Subscribers: o.subscribers, Persistent: o.persistent}
+	runID := time.Now().UnixNano()
+	topic := func(i int) string { return fmt.Sprintf("mqttload/%d/%d", runID, i%o.subscribers) }
 	var (
 		mu       sync.Mutex
 		lat      = make([]int64, 0, 1<<16)
 		received atomic.Int64
+		measure  atomic.Bool
 	)
-	sub, err := connect(subAddr, fmt.Sprintf("mqttload-sub-%d", run), func(p *paho.Publish) {
-		if len(p.Payload) >= 8 {
-			d := time.Now().UnixNano() - int64(binary.BigEndian.Uint64(p.Payload))
-			mu.Lock()
-			lat = append(lat, d)
-			mu.Unlock()
-			received.Add(1)
+	onMsg := func(p *paho.Publish) {
+		if len(p.Payload) < 8 {
+			return
 		}
-	})
-	if err != nil {
-		return res, err
+		received.Add(1)
+		if !measure.Load() || p.Payload[8] == 1 { // probes are not measured
+			return
+		}
+		d := time.Now().UnixNano() - int64(binary.BigEndian.Uint64(p.Payload))
+		mu.Lock()
+		lat = append(lat, d)
+		mu.Unlock()
 	}
-	defer func() { _ = sub.Disconnect(&paho.Disconnect{}) }()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	if _, err := sub.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: qos}}}); err != nil {
+	for i := range o.subscribers {
+		addr := o.subAddrs[i%len(o.subAddrs)]
+		sub, err := connect(addr, fmt.Sprintf("mqttload-sub-%d-%d", runID, i), o.persistent, onMsg)
+		if err != nil {
+			return res, err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err = sub.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic(i), QoS: o.qos}}})
 		cancel()
-		return res, fmt.Errorf("subscribe: %w", err)
-	}
-	cancel()
-	pub, err := connect(pubAddr, fmt.Sprintf("mqttload-pub-%d", run), nil)
-	if err != nil {
-		return res, err
-	}
-	defer func() { _ = pub.Disconnect(&paho.Disconnect{}) }()
-	// Wait until a probe crosses (routes may still be propagating), then
-	// discard it.
-	probe := make([]byte, size)
-	deadline := time.Now().Add(15 * time.Second)
-	for received.Load() == 0 {
-		if time.Now().After(deadline) {
-			return res, fmt.Errorf("no probe message reached the subscriber within 15s")
+		if err != nil {
+			return res, fmt.Errorf("subscribe: %w", err)
 		}
-		binary.BigEndian.PutUint64(probe, uint64(time.Now().UnixNano()))
-		pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_, _ = pub.Publish(pctx, &paho.Publish{Topic: topic, QoS: qos, Payload: probe})
-		pcancel()
-		time.Sleep(50 * time.Millisecond)
+		defer func() {
+			// A persistent session ends with session expiry 0 on DISCONNECT.
+			d := &paho.Disconnect{}
+			if o.persistent {
+				zero := uint32(0)
+				d.Properties = &paho.DisconnectProperties{SessionExpiryInterval: &zero}
+			}
+			_ = sub.Disconnect(d)
+		}()
 	}
-	time.Sleep(200 * time.Millisecond) // let stray probes land before resetting
+	pubs := make([]*paho.Client, o.publishers)
+	for i := range pubs {
+		addr := o.pubAddrs[i%len(o.pubAddrs)]
+		pub, err := connect(addr, fmt.Sprintf("mqttload-pub-%d-%d", runID, i), false, nil)
+		if err != nil {
+			return res, err
+		}
+		pubs[i] = pub
+		defer func() { _ = pub.Disconnect(&paho.Disconnect{}) }()
+	}
+	// Wait until a probe from every publisher crosses (routes may still be
+	// propagating); probes carry a marker byte and are not measured.
+	probe := make([]byte, o.size)
+	probe[8] = 1
+	deadline := time.Now().Add(15 * time.Second)
+	for i, pub := range pubs {
+		for want := received.Load() + 1; received.Load() < want; {
+			if time.Now().After(deadline) {
+				return res, fmt.Errorf("no probe message from publisher %d reached a subscriber within 15s", i)
+			}
+			pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_, _ = pub.Publish(pctx, &paho.Publish{Topic: topic(i), QoS: o.qos, Payload: probe})
+			pcancel()
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	time.Sleep(200 * time.Millisecond) // let stray probes land before measuring
 	base := received.Load()
+	measure.Store(true)
 
 	start := time.Now()
 	var interval time.Duration
-	if rate > 0 {
-		interval = time.Second / time.Duration(rate)
+	if o.rate > 0 {
+		interval = time.Second * time.Duration(o.publishers) / time.Duration(o.rate)
 	}
-	for i := 0; time.Since(start) < duration; i++ {
-		if interval > 0 {
-			if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
-				time.Sleep(d)
+	var sent atomic.Int64
+	errs := make(chan error, o.publishers)
+	var wg sync.WaitGroup
+	for p, pub := range pubs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			offset := time.Duration(p) * interval / time.Duration(o.publishers)
+			for i := 0; time.Since(start) < o.duration; i++ {
+				if interval > 0 {
+					if d := time.Until(start.Add(offset + time.Duration(i)*interval)); d > 0 {
+						time.Sleep(d)
+					}
+				}
+				payload := make([]byte, o.size)
+				binary.BigEndian.PutUint64(payload, uint64(time.Now().UnixNano()))
+				pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
+				_, err := pub.Publish(pctx, &paho.Publish{Topic: topic(p), QoS: o.qos, Payload: payload})
+				pcancel()
+				if err != nil {
+					errs <- fmt.Errorf("publisher %d, publish %d: %w", p, i, err)
+					return
+				}
+				sent.Add(1)
 			}
-		}
-		payload := make([]byte, size)
-		binary.BigEndian.PutUint64(payload, uint64(time.Now().UnixNano()))
-		pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_, err := pub.Publish(pctx, &paho.Publish{Topic: topic, QoS: qos, Payload: payload})
-		pcancel()
-		if err != nil {
-			return res, fmt.Errorf("publish %d: %w", i, err)
-		}
-		res.Sent++
+		}()
 	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return res, err
+	}
+	res.Sent = int(sent.Load())
 	elapsed := time.Since(start)
 	// Wait for stragglers: until everything arrived or 2 s pass quietly.
 	for last, quiet := received.Load(), time.Now(); received.Load()-base < int64(res.Sent) && time.Since(quiet) < 2*time.Second; {
@@ -171,7 +240,7 @@ func run(pubAddr, subAddr string, rate int, duration time.Duration, qos byte, si
 		}
 	}
 	mu.Lock()
-	lat = slices.Clone(lat[base:])
+	lat = slices.Clone(lat)
 	mu.Unlock()
 	res.Received = len(lat)
 	res.Lost = res.Sent - res.Received

@@ -87,6 +87,20 @@ func collect(c *testutil.Client, r *streamResult) {
 	}
 }
 
+// allReceived reports the first acknowledged message not received yet.
+func allReceived(acked []bool, got []int) error {
+	seen := make(map[int]bool, len(got))
+	for _, n := range got {
+		seen[n] = true
+	}
+	for i, ok := range acked {
+		if ok && !seen[i] {
+			return fmt.Errorf("message %d acknowledged, not received yet (%d distinct received)", i, len(seen))
+		}
+	}
+	return nil
+}
+
 // checkStream: every acknowledged message was received, first receipts are
 // in publish order; returns the number of duplicates.
 func checkStream(t *testing.T, acked []bool, got []int) int {
@@ -173,18 +187,7 @@ func TestSessionFailover(t *testing.T) {
 			}
 			go collect(sub2, &res)
 			refused := <-pubDone
-			eventually(t, 2*time.Minute, func() error {
-				seen := map[int]bool{}
-				for _, n := range res.snapshot() {
-					seen[n] = true
-				}
-				for i, ok := range acked {
-					if ok && !seen[i] {
-						return fmt.Errorf("message %d acknowledged, not received yet (%d distinct received)", i, len(seen))
-					}
-				}
-				return nil
-			})
+			eventually(t, 2*time.Minute, func() error { return allReceived(acked, res.snapshot()) })
 			got := res.snapshot()
 			dups := checkStream(t, acked, got)
 			t.Logf("QoS %d: %d published, %d refused (no quorum during election), %d received before the kill, %d receipts, %d duplicates",
@@ -362,12 +365,7 @@ func TestSessionTakeoverAcrossNodes(t *testing.T) {
 		}
 		acked[i] = true
 	}
-	eventually(t, 30*time.Second, func() error {
-		if n := len(res.snapshot()); n < total {
-			return fmt.Errorf("%d receipts", n)
-		}
-		return nil
-	})
+	eventually(t, 30*time.Second, func() error { return allReceived(acked, res.snapshot()) })
 	dups := checkStream(t, acked, res.snapshot())
 	t.Logf("%d messages across a takeover, %d duplicates", total, dups)
 }
