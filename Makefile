@@ -44,6 +44,7 @@ chaos:
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./cluster ./replication ./internal/node
 	./scripts/bench-delivery.sh $(BENCH_DURATION)
+	./scripts/bench-sessions.sh $(BENCH_DURATION)
 
 lint: fmt-check vet deps-check
 	$(GO) run $(STATICCHECK) ./...

@@ -266,6 +266,13 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		h.m.openFailed.Inc()
 		return
 	}
+	// The pump reads this node's copy of the log: it must include
+	// everything committed before this connection (acks and QoS 2 steps
+	// recorded by the session's previous node), or it would resend what
+	// the client already completed.
+	if err := h.repl.WaitAppliedLocal(ctx, res.Index); err != nil {
+		h.log.Warn("session state not applied here in time; resending from an older state", "client", cl.ID, "error", err)
+	}
 	r0 := res
 	if len(res.Results) > 0 {
 		r0 = res.Results[0]
@@ -755,14 +762,16 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	handedOver := errors.Is(cause, packets.ErrSessionTakenOver) || errors.Is(cause, packets.ErrServerShuttingDown) ||
 		errors.Is(cause, packets.ErrAdministrativeAction)
 	if c.mirror {
-		if !handedOver {
-			h.submit(sessOp{cmd: func() replication.Command {
-				if o := c.opened.Load(); o != 0 {
-					return &replication.SessionDelete{ClientID: c.id, IfOpened: o}
-				}
-				return nil
-			}})
-		}
+		// mochi publishes a clean session's will itself (also when this
+		// node shuts down), so the mirror always ends with the connection;
+		// a connection taken over was replaced in the log already (the
+		// conditional delete is then a no-op).
+		h.submit(sessOp{cmd: func() replication.Command {
+			if o := c.opened.Load(); o != 0 {
+				return &replication.SessionDelete{ClientID: c.id, IfOpened: o}
+			}
+			return nil
+		}})
 		return
 	}
 	if c.pump != nil {

@@ -429,3 +429,17 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 		return nil
 	}
 }
+
+// WaitAppliedLocal waits until this node has applied the log up to index
+// (a write forwarded to the leader returns once the leader applied it;
+// this node's state machine may still lag), or ctx ends.
+func (n *Node) WaitAppliedLocal(ctx context.Context, index uint64) error {
+	for n.raft.AppliedIndex() < index {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return nil
+}

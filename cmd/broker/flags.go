@@ -83,7 +83,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 		return err
 	})
 	fs.IntVar(&c.MaxQueuedMessages, "max-queued-messages", 1000, "QoS 1/2 messages held per session, queued plus in flight (1-65535)")
-	fs.IntVar(&c.MaxInflightMessages, "max-inflight-messages", 20, "outbound in-flight QoS 1/2 messages per client (see README: not enforced yet)")
+	fs.IntVar(&c.MaxInflightMessages, "max-inflight-messages", 20, "QoS 1/2 messages sent to a persistent session ahead of its acknowledgements (0: the client's Receive Maximum)")
 	fs.Func("max-keepalive", "largest keepalive a client may ask for, seconds (default 65535)", func(s string) error {
 		n, err := strconv.ParseUint(s, 10, 16)
 		if err != nil {

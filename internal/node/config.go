@@ -31,7 +31,7 @@ type Config struct {
 
 	MaxPacketSize       uint32 // message_size_limit; 0 = protocol maximum
 	MaxQueuedMessages   int    // per session, queued plus in flight
-	MaxInflightMessages int    // see capabilities(): accepted, not enforced outbound
+	MaxInflightMessages int    // persistent sessions (hooks.Sessions); see capabilities() for clean ones
 	MaxKeepalive        uint16
 	MaxConnections      int64 // -1 = unlimited
 	RetainAvailable     bool
