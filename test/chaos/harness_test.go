@@ -516,6 +516,21 @@ func tail(s string, lines int) string {
 // connectNode dials node n (inside its namespace, if any) and completes an
 // MQTT 5 CONNECT: testutil.TryConnect over a connection the campaign opens.
 func connectNode(n *Node, o testutil.ClientOptions) (*testutil.Client, error) {
+	return connectNodeOpts(n, connectOptions{ClientOptions: o})
+}
+
+// connectOptions are testutil's client options plus the keep-alive (a
+// short one makes paho notice a paused node: no PINGRESP).
+type connectOptions struct {
+	testutil.ClientOptions
+	KeepAlive uint16 // seconds; 0: 30
+}
+
+// connectNodeOpts is connectNode with the session settings: session
+// expiry, a will (MQTT 5 will properties, no delay) and the client-side
+// session state carried over from an earlier connection (paho's in-flight
+// QoS 2 ids, so a resent QoS 2 message is not delivered twice).
+func connectNodeOpts(n *Node, o connectOptions) (*testutil.Client, error) {
 	conn, err := n.dial(n.MQTTAddr, 5*time.Second)
 	if err != nil {
 		return nil, err
@@ -523,8 +538,11 @@ func connectNode(n *Node, o testutil.ClientOptions) (*testutil.Client, error) {
 	if o.Buffer == 0 {
 		o.Buffer = 1000
 	}
+	if o.KeepAlive == 0 {
+		o.KeepAlive = 30
+	}
 	c := &testutil.Client{ID: o.ID, Conn: conn, Msgs: make(chan *paho.Publish, o.Buffer), Disconnects: make(chan *paho.Disconnect, 4)}
-	c.Client = paho.NewClient(paho.ClientConfig{
+	cfg := paho.ClientConfig{
 		ClientID: o.ID,
 		Conn:     packets.NewThreadSafeConn(conn),
 		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
@@ -539,10 +557,22 @@ func connectNode(n *Node, o testutil.ClientOptions) (*testutil.Client, error) {
 		},
 		OnClientError: func(error) {},
 		PacketTimeout: 2 * probeTimeout, // each call's own deadline decides
-	})
+	}
+	if o.Session != nil {
+		cfg.Session = o.Session
+	}
+	c.Client = paho.NewClient(cfg)
+	cp := &paho.Connect{ClientID: o.ID, KeepAlive: o.KeepAlive, CleanStart: o.CleanStart}
+	if o.SessionExpiry > 0 {
+		se := o.SessionExpiry
+		cp.Properties = &paho.ConnectProperties{SessionExpiryInterval: &se}
+	}
+	if o.Will != nil {
+		cp.WillMessage, cp.WillProperties = o.Will, &paho.WillProperties{}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	ca, err := c.Connect(ctx, &paho.Connect{ClientID: o.ID, KeepAlive: 30, CleanStart: o.CleanStart})
+	ca, err := c.Connect(ctx, cp)
 	c.Connack = ca
 	if err != nil {
 		_ = conn.Close()

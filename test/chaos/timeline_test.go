@@ -12,7 +12,8 @@ import (
 
 // The timeline plot: per-second acknowledged operations and errors (failed
 // plus unknown) of the client PUBLISHes that wait for an acknowledgement
-// (retained writes and stream publishes), bucketed by the second the
+// (retained writes, stream publishes and publishes to the persistent
+// subscribers), bucketed by the second the
 // outcome was known, with every fault drawn as a shaded band. Pure SVG from
 // the standard library; written next to the JSON report.
 
@@ -55,7 +56,7 @@ func timelineBuckets(ops []Op, faults []faultEvent, origin time.Time) timelineSe
 	n := max(1, int(math.Ceil(span)))
 	s := timelineSeries{OK: make([]int, n), Errors: make([]int, n)}
 	for _, o := range ops {
-		if o.Kind != KindRetain && o.Kind != KindStreamPub {
+		if o.Kind != KindRetain && o.Kind != KindStreamPub && o.Kind != KindSessPub {
 			continue
 		}
 		i := int(o.End.Sub(origin).Seconds())
