@@ -66,8 +66,9 @@ type Sessions struct {
 	willCl  *mqtt.Client
 
 	mu    sync.Mutex
-	conns map[*mqtt.Client]*sessConn // connections this hook tracks
-	live  map[string]*sessConn       // client id -> the live persistent connection here
+	conns   map[*mqtt.Client]*sessConn // connections this hook tracks
+	live    map[string]*sessConn       // client id -> the live persistent connection here
+	mirrors map[string]*sessConn       // client id -> the clean session here whose will is mirrored
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
@@ -110,6 +111,10 @@ type sessConn struct {
 	id      string
 	managed bool // persistent session in the log
 	mirror  bool // clean session whose will is mirrored in the log
+	refused bool // the log could not open the session: CONNACK refuses it
+	// closedByLeader: the leader closed this mirror on the node's behalf
+	// and owns its will now; the connection must not delete it.
+	closedByLeader atomic.Bool
 	present bool
 	opened  atomic.Uint64 // OpenedIndex of this connection's SessionOpen
 	expiry  uint32
@@ -139,7 +144,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	}
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
-		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{},
+		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
 		idx: mqtt.NewTopicsIndex(), idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}}
@@ -237,6 +242,9 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// (or need) a quorum.
 		c.mirror = true
 		h.track(c)
+		h.mu.Lock()
+		h.mirrors[c.id] = c
+		h.mu.Unlock()
 		open := h.openCommands(cl, pk, 0)
 		h.submit(sessOp{cmd: func() replication.Command { return open },
 			done: func(r replication.Result, err error) {
@@ -258,12 +266,27 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
 	defer cancel()
-	res, err := h.repl.Apply(ctx, h.openCommands(cl, pk, c.expiry))
+	open := h.openCommands(cl, pk, c.expiry)
+	res, err := h.repl.Apply(ctx, open)
+	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
+		// Outcome unknown (the leader died while committing) or no
+		// leader yet: opening again is safe (the same session resumes,
+		// or the same clean start happens again).
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+		res, err = h.repl.Apply(ctx, open)
+	}
 	if err != nil {
-		// CONNACK cannot be refused from here (mochi): serve the
-		// connection as a local, non-replicated session instead.
-		h.log.Warn("persistent session not replicated; served by this node only", "client", cl.ID, "error", err)
+		// mochi cannot refuse the CONNECT from here: OnPacketEncode turns
+		// its CONNACK into a refusal and OnSessionEstablished closes the
+		// connection. Serving it without the log would answer session
+		// present 0 to a client whose session exists.
+		h.log.Warn("persistent session could not be opened in the log; connection refused", "client", cl.ID, "error", err)
 		h.m.openFailed.Inc()
+		c.refused = true
+		h.track(c)
 		return
 	}
 	// The pump reads this node's copy of the log: it must include
@@ -315,7 +338,17 @@ func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Pa
 	if pk.FixedHeader.Type != packets.Connack || pk.ReasonCode >= 0x80 {
 		return pk
 	}
-	if c := h.conn(cl); c != nil && c.managed {
+	c := h.conn(cl)
+	switch {
+	case c == nil || !c.managed:
+	case c.refused:
+		pk.SessionPresent = false
+		pk.ReasonCode = packets.ErrServerUnavailable.Code
+		if cl.Properties.ProtocolVersion < 5 {
+			pk.ReasonCode = packets.Err3ServerUnavailable.Code
+		}
+		pk.Properties.ReasonString = "session could not be stored in the cluster's log; try again"
+	default:
 		pk.SessionPresent = c.present
 	}
 	return pk
@@ -326,6 +359,10 @@ func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Pa
 func (h *Sessions) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	c := h.conn(cl)
 	if c == nil || !c.managed {
+		return
+	}
+	if c.refused {
+		cl.Stop(packets.ErrServerUnavailable) // CONNACK said so
 		return
 	}
 	c.pump = newPump(h, c)
@@ -754,8 +791,17 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if c != nil && h.live[c.id] == c {
 		delete(h.live, c.id)
 	}
+	if c != nil && h.mirrors[c.id] == c {
+		delete(h.mirrors, c.id)
+	}
 	h.mu.Unlock()
 	if c == nil {
+		return
+	}
+	if c.refused {
+		if cur, ok := h.server.Clients.Get(c.id); ok && cur == cl {
+			h.server.Clients.Delete(c.id)
+		}
 		return
 	}
 	cause := cl.StopCause()
@@ -766,6 +812,9 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		// node shuts down), so the mirror always ends with the connection;
 		// a connection taken over was replaced in the log already (the
 		// conditional delete is then a no-op).
+		if c.closedByLeader.Load() {
+			return
+		}
 		h.submit(sessOp{cmd: func() replication.Command {
 			if o := c.opened.Load(); o != 0 {
 				return &replication.SessionDelete{ClientID: c.id, IfOpened: o}
@@ -842,7 +891,18 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 	case replication.SessionClosed:
 		h.mu.Lock()
 		c := h.live[ch.ClientID]
+		m := h.mirrors[ch.ClientID]
 		h.mu.Unlock()
+		if m != nil && m.opened.Load() != 0 {
+			if s, ok := h.repl.Session(ch.ClientID); ok && s.OpenedIndex == m.opened.Load() {
+				// A clean session's mirror is only ever closed by the
+				// leader on this node's behalf (this node was declared
+				// dead): its will is the leader's to publish now, and the
+				// client must learn it was declared gone.
+				m.closedByLeader.Store(true)
+				h.drop(m, packets.ErrAdministrativeAction)
+			}
+		}
 		if c != nil {
 			if s, ok := h.repl.Session(ch.ClientID); ok && !s.Connected && s.OpenedIndex == c.opened.Load() {
 				// Closed by the leader on our behalf (this node was
@@ -859,7 +919,9 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 
 func (h *Sessions) drop(c *sessConn, code packets.Code) {
 	h.log.Info("disconnecting a connection whose session moved on in the log", "client", c.id, "reason", code.Reason)
-	c.pump.stop()
+	if c.pump != nil {
+		c.pump.stop()
+	}
 	atomic.StoreUint32(&c.cl.Properties.Will.Flag, 0)
 	go func() {
 		if c.cl.Properties.ProtocolVersion == 5 {

@@ -157,6 +157,24 @@ func TestSessionExpiredSelection(t *testing.T) {
 	if got := f.expiredSessions(time.UnixMilli(1_000_000+9_999), 10); len(got) != 0 {
 		t.Fatalf("expired early %+v", got)
 	}
+	// An expired session still holding its will waits for the will to be
+	// claimed (published), then goes.
+	f.Apply(entry(8, &SessionOpen{ClientID: "willing", ProtocolVersion: 5, ExpiryInterval: 1, Owner: "n"}))
+	f.Apply(entry(9, &SetWill{ClientID: "willing", Will: Will{Topic: "w"}}))
+	f.Apply(entry(10, &SessionClose{ClientID: "willing", Owner: "n", At: 1_000_000}))
+	for _, e := range f.expiredSessions(time.UnixMilli(1_000_000+50_000), 10) {
+		if e.ClientID == "willing" {
+			t.Fatal("session with an unclaimed will selected for deletion")
+		}
+	}
+	f.Apply(entry(11, &ClaimWill{ClientID: "willing", IfOpened: 8}))
+	found := false
+	for _, e := range f.expiredSessions(time.UnixMilli(1_000_000+50_000), 10) {
+		found = found || e.ClientID == "willing"
+	}
+	if !found {
+		t.Fatal("session not selected after its will was claimed")
+	}
 }
 
 // TestSessionExpirySweep: the leader deletes sessions disconnected longer

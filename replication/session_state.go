@@ -286,9 +286,13 @@ type expiredSession struct {
 }
 
 // sessionExpired reports whether a disconnected session's expiry passed at
-// nowMs (never for a connected one or one with NeverExpires).
+// nowMs (never for a connected one, one with NeverExpires, or one whose
+// will has not been claimed yet).
 func sessionExpired(s *Session, nowMs int64) bool {
-	if s.Connected || s.ExpiryInterval == NeverExpires {
+	// A session still holding a will is kept until the will is claimed
+	// (ClaimWill): it is published at the latest when the session expires
+	// (MQTT-3.1.3-9), and deleting first would lose it.
+	if s.Connected || s.ExpiryInterval == NeverExpires || s.Will != nil {
 		return false
 	}
 	return nowMs >= s.DisconnectedAt+int64(s.ExpiryInterval)*1000
