@@ -65,7 +65,7 @@ type Sessions struct {
 	stop    <-chan struct{}
 	willCl  *mqtt.Client
 
-	mu    sync.Mutex
+	mu      sync.Mutex
 	conns   map[*mqtt.Client]*sessConn // connections this hook tracks
 	live    map[string]*sessConn       // client id -> the live persistent connection here
 	mirrors map[string]*sessConn       // client id -> the clean session here whose will is mirrored
@@ -115,9 +115,9 @@ type sessConn struct {
 	// closedByLeader: the leader closed this mirror on the node's behalf
 	// and owns its will now; the connection must not delete it.
 	closedByLeader atomic.Bool
-	present bool
-	opened  atomic.Uint64 // OpenedIndex of this connection's SessionOpen
-	expiry  uint32
+	present        bool
+	opened         atomic.Uint64 // OpenedIndex of this connection's SessionOpen
+	expiry         uint32
 
 	pump *pump
 	// rh: the retain handling each filter of the SUBSCRIBE being processed
