@@ -272,8 +272,11 @@ func (n *Node) Shutdown(ctx context.Context) error {
 			n.closeErr = fmt.Errorf("clients still draining: %w", ctx.Err())
 		}
 		// Acknowledgements of delivered messages are still queued for the
-		// log: propose them before raft stops (fewer redeliveries).
-		n.sessionsHook.Flush(ctx)
+		// log: propose them before raft stops (fewer redeliveries). Not
+		// for long: without a leader they cannot commit anyway.
+		fctx, fcancel := context.WithTimeout(ctx, 2*time.Second)
+		n.sessionsHook.Flush(fctx)
+		fcancel()
 		close(n.stopped)
 		if n.repl != nil {
 			if err := n.repl.Close(); err != nil {

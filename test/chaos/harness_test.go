@@ -362,6 +362,11 @@ func (n *Node) stop() error {
 		return err
 	}
 	if err := n.wait(stopTimeout); err != nil {
+		// A hung shutdown: SIGQUIT makes the Go runtime print every
+		// goroutine's stack into the node's output, which the failure
+		// shows.
+		_ = n.signal(syscall.SIGQUIT)
+		_ = n.wait(5 * time.Second)
 		return err
 	}
 	if code := n.exitCode(); code != 0 {
@@ -459,6 +464,15 @@ func tryStartCluster(t *testing.T, bin string, n int, lab *netLab) (*cluster, er
 			}
 			if t.Failed() || os.Getenv("CHAOS_NODE_LOGS") == "1" {
 				t.Logf("node %s output:\n%s", node.ID, tail(node.log.String(), 200))
+			}
+			if dir := os.Getenv("CHAOS_NODE_LOG_DIR"); dir != "" {
+				// The whole output (a hung node's goroutine dump is long).
+				path := filepath.Join(dir, node.ID+".log")
+				if err := os.WriteFile(path, []byte(node.log.String()), 0o644); err != nil {
+					t.Errorf("node log: %v", err)
+				} else {
+					t.Logf("node %s output: %s", node.ID, path)
+				}
 			}
 		}
 	})
