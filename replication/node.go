@@ -208,7 +208,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("%w: raft: %w", ErrInvalidConfig, err)
 	}
 	// NewRaft restores the latest snapshot into the FSM (OnRestore fires).
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, trans)
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}

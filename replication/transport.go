@@ -266,3 +266,20 @@ func (r *rateLimit) allow() bool {
 	r.last = now
 	return true
 }
+
+// noPipeline is the network transport without pipelined replication.
+// hashicorp/raft v1.8.0's pipeline can deadlock: when a follower answers
+// an AppendEntries with Success=false, the pipeline's decoder waits to hand
+// back a response nobody reads any more, while the replication goroutine
+// waits to queue its next request behind it. That goroutine then never
+// replicates to the follower again and raft's Shutdown waits for it
+// forever (the chaos campaign caught a node whose SIGTERM never finished;
+// the same bug made grafana/pyroscope disable pipelining, PR 5518). Without
+// a pipeline raft sends one AppendEntries at a time per follower, each
+// carrying up to MaxAppendEntries entries; group commit keeps entries
+// large, so the cost is small next to the follower's fsync.
+type noPipeline struct{ *raft.NetworkTransport }
+
+func (noPipeline) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
+	return nil, raft.ErrPipelineReplicationNotSupported
+}
