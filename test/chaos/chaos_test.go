@@ -446,8 +446,13 @@ func (cp *campaign) partition(i int, hold time.Duration) (err error) {
 		f.MajorityLeader = time.Now()
 	}
 	time.Sleep(time.Until(healAt)) // the rest of the cut: part of the schedule
-	healErr := cp.c.lab.heal(i)
+	// The cut is over as soon as the heal command starts removing it: a
+	// write that was waiting for a quorum may then commit, and be
+	// acknowledged, before the command returns. End is therefore taken
+	// before it (an acknowledgement a few ms "before" a later End was
+	// reported as minority-acked; seed 288808259).
 	f.End = time.Now()
+	healErr := cp.c.lab.heal(i)
 	cp.addUnavailable(n, f.Start)
 	close(stop)
 	<-probeDone
