@@ -37,13 +37,18 @@ type Retained struct {
 	timeout time.Duration
 	metrics *Metrics
 	log     *slog.Logger
+	base    context.Context // see Sessions.base
 }
 
 // NewRetained returns the hook; timeout bounds each replicated write.
 // SetReplication must be called before the server serves.
 func NewRetained(s *mqtt.Server, timeout time.Duration, m *Metrics, log *slog.Logger) *Retained {
-	return &Retained{server: s, timeout: timeout, metrics: m, log: log.With("component", "retained")}
+	return &Retained{server: s, timeout: timeout, metrics: m, log: log.With("component", "retained"), base: context.Background()}
 }
+
+// SetBase sets the context client-facing writes derive from; call it
+// before the server serves.
+func (h *Retained) SetBase(ctx context.Context) { h.base = ctx }
 
 // SetReplication attaches the raft node (it is built once the cluster port
 // is bound, after the hooks).
@@ -79,7 +84,7 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		}()
 		return pk, nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
+	ctx, cancel := context.WithTimeout(h.base, h.timeout)
 	defer cancel()
 	if _, err := h.repl.Apply(ctx, cmd); err != nil {
 		h.metrics.retainedFailed(err)

@@ -64,6 +64,10 @@ type Sessions struct {
 	repl    *replication.Node
 	stop    <-chan struct{}
 	willCl  *mqtt.Client
+	// base bounds every write a client waits for; cancelled when the node
+	// starts shutting down, so no client hangs on to a quorum while its
+	// connection should drain.
+	base context.Context
 
 	mu      sync.Mutex
 	conns   map[*mqtt.Client]*sessConn // connections this hook tracks
@@ -148,6 +152,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 		idx: mqtt.NewTopicsIndex(), idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}}
+	h.base = context.Background()
 	h.willCl = s.NewClient(nil, "cluster", willClientID, true)
 	h.willCl.Properties.ProtocolVersion = 5
 	return h
@@ -161,6 +166,10 @@ const subscribeVisibleTimeout = 500 * time.Millisecond
 // willClientID publishes the wills of sessions whose node is gone. Like
 // the injectors' ids it cannot collide with a real client (U+0000).
 const willClientID = "\x00wills"
+
+// SetBase sets the context client-facing writes derive from (see base);
+// call it before the server serves.
+func (h *Sessions) SetBase(ctx context.Context) { h.base = ctx }
 
 // SetReplication attaches the raft node and starts the background loops.
 func (h *Sessions) SetReplication(r *replication.Node, stop <-chan struct{}) {
@@ -264,7 +273,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if old != nil {
 		old.pump.stop()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	open := h.openCommands(cl, pk, c.expiry)
 	res, err := h.repl.Apply(ctx, open)
@@ -432,7 +441,7 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 	if len(subs) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	res, err := h.repl.Apply(ctx, &replication.Subscribe{ClientID: c.id, Subscriptions: subs})
 	if err == nil {
@@ -440,7 +449,7 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 		// log: SUBACK waits (briefly) until every live node has applied
 		// the subscription, so a message published anywhere after SUBACK
 		// is queued for it.
-		wctx, wcancel := context.WithTimeout(context.Background(), subscribeVisibleTimeout)
+		wctx, wcancel := context.WithTimeout(h.base, subscribeVisibleTimeout)
 		if werr := h.repl.WaitApplied(wctx, res.Index); werr != nil {
 			h.log.Debug("subscription not yet applied on every node", "client", c.id, "error", werr)
 		}
@@ -509,7 +518,7 @@ func (h *Sessions) queueRetained(c *sessConn, subs []replication.Subscription, e
 	if len(cmds) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	if _, err := h.repl.Apply(ctx, &replication.Batch{Commands: cmds}); err != nil {
 		h.log.Warn("retained messages for a new subscription not queued", "client", c.id, "count", len(cmds), "error", err)
@@ -530,7 +539,7 @@ func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	if len(filters) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	if _, err := h.repl.Apply(ctx, &replication.Unsubscribe{ClientID: c.id, Filters: filters}); err != nil {
 		h.log.Warn("unsubscribe not replicated", "client", c.id, "error", err)
@@ -548,7 +557,7 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) {
 		return pk, nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	// A QoS 2 PUBLISH from a persistent session is recorded first: the
 	// client resends it (same packet id) on another node if the PUBREC was

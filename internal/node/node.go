@@ -48,7 +48,8 @@ type Node struct {
 	sessionsHook    *hooks.Sessions
 	raftAddr        string
 	initialHasState bool
-	stopped         chan struct{} // closed when the node stops; ends background loops
+	stopped         chan struct{}      // closed when the node stops; ends background loops
+	drain           context.CancelFunc // ends the replicated writes clients wait for (shutdown)
 	tls             *certReloader
 
 	listeners []*hooks.Listener
@@ -112,10 +113,14 @@ func New(cfg Config) (_ *Node, err error) {
 	n.clusterHook = hooks.NewCluster(n.mqtt, log)
 	n.retainedHook = hooks.NewRetained(n.mqtt, replicatedWriteTimeout, metrics, log)
 	n.ownershipHook = hooks.NewOwnership(n.mqtt, cfg.NodeID, replicatedWriteTimeout, log)
+	drainCtx, drain := context.WithCancel(context.Background())
+	n.drain = drain
+	n.retainedHook.SetBase(drainCtx)
 	n.sessionsHook = hooks.NewSessions(n.mqtt, n.clusterHook, hooks.SessionsConfig{
 		Self: cfg.NodeID, MaxQueued: cfg.MaxQueuedMessages, MaxInflight: cfg.MaxInflightMessages,
 		Timeout: replicatedWriteTimeout, Alive: n.memberAlive, Log: log, Metrics: metrics,
 	})
+	n.sessionsHook.SetBase(drainCtx)
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.
 	for _, h := range []mqtt.Hook{
@@ -259,6 +264,9 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	n.closeOnce.Do(func() {
 		n.ready.Store(false)
 		n.log.Info("shutting down")
+		// A client blocked in a replicated write (no quorum right now)
+		// gets its failure at once instead of holding the drain up.
+		n.drain()
 		done := make(chan struct{})
 		go func() {
 			n.disconnectClients()
@@ -334,6 +342,7 @@ func (n *Node) addReadiness(name string, check func() error) {
 func (n *Node) Kill() {
 	n.closeOnce.Do(func() {
 		n.ready.Store(false)
+		n.drain()
 		close(n.stopped)
 		if n.repl != nil {
 			_ = n.repl.Close()
