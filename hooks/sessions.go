@@ -503,12 +503,8 @@ func (h *Sessions) queueRetained(c *sessConn, subs []replication.Subscription, e
 			}
 			e := &replication.Enqueue{Topic: r.TopicName, Payload: r.Payload, Created: now.UnixMilli(),
 				MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest,
-				Targets: []replication.QueueTarget{{ClientID: c.id, QoS: qos, Retain: true, SubscriptionIDs: ids}},
-				Properties: replication.Properties{PayloadFormat: r.Properties.PayloadFormat, ContentType: r.Properties.ContentType,
-					ResponseTopic: r.Properties.ResponseTopic, CorrelationData: r.Properties.CorrelationData}}
-			for _, u := range r.Properties.User {
-				e.Properties.UserProperties = append(e.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
-			}
+				Targets:    []replication.QueueTarget{{ClientID: c.id, QoS: qos, Retain: true, SubscriptionIDs: ids}},
+				Properties: storedProps(r.Properties)}
 			if r.Expiry > 0 {
 				e.Expires = r.Expiry * 1000
 			}
@@ -642,11 +638,7 @@ func (h *Sessions) enqueueCommand(pk packets.Packet, origin string) *replication
 	p := pk.Properties
 	cmd := &replication.Enqueue{Topic: pk.TopicName, Payload: pk.Payload, Created: now,
 		MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest, Targets: targets,
-		Properties: replication.Properties{PayloadFormat: p.PayloadFormat, ContentType: p.ContentType,
-			ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}}
-	for _, u := range p.User {
-		cmd.Properties.UserProperties = append(cmd.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
-	}
+		Properties: storedProps(p)}
 	if p.MessageExpiryInterval > 0 {
 		cmd.Expires = now + int64(p.MessageExpiryInterval)*1000
 	}
@@ -1254,14 +1246,9 @@ func (h *Sessions) publishWill(id string, w *replication.Will) {
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: w.QoS, Retain: w.Retain},
 		TopicName:   w.Topic,
 		Payload:     w.Payload,
-		Properties: packets.Properties{MessageExpiryInterval: w.ExpirySeconds,
-			PayloadFormat: w.Properties.PayloadFormat, PayloadFormatFlag: w.Properties.PayloadFormat != 0,
-			ContentType: w.Properties.ContentType, ResponseTopic: w.Properties.ResponseTopic,
-			CorrelationData: w.Properties.CorrelationData},
+		Properties:  packetProps(w.Properties),
 	}
-	for _, u := range w.Properties.UserProperties {
-		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
-	}
+	pk.Properties.MessageExpiryInterval = w.ExpirySeconds
 	if pk.FixedHeader.Qos > 0 {
 		pk.PacketID = 1
 	}
@@ -1276,4 +1263,24 @@ func (h *Sessions) publishWill(id string, w *replication.Will) {
 // isInjector reports whether cl injects messages forwarded by a peer.
 func isInjector(cl *mqtt.Client) bool {
 	return cl.Net.Inline && strings.HasPrefix(cl.ID, injectorPrefix)
+}
+
+// storedProps and packetProps convert the publish properties a queued
+// message or a will keeps in the log (expiry is kept separately).
+func storedProps(p packets.Properties) replication.Properties {
+	out := replication.Properties{PayloadFormat: p.PayloadFormat, ContentType: p.ContentType,
+		ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}
+	for _, u := range p.User {
+		out.UserProperties = append(out.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+	}
+	return out
+}
+
+func packetProps(p replication.Properties) packets.Properties {
+	out := packets.Properties{PayloadFormat: p.PayloadFormat, PayloadFormatFlag: p.PayloadFormat != 0,
+		ContentType: p.ContentType, ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}
+	for _, u := range p.UserProperties {
+		out.User = append(out.User, packets.UserProperty{Key: u.Key, Val: u.Value})
+	}
+	return out
 }
