@@ -890,27 +890,29 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 			h.drop(c, packets.ErrSessionTakenOver)
 		}
 	case replication.SessionClosed:
+		// A close with this node as owner, applied after the connection's
+		// own SessionOpen, while the connection is still here, was made on
+		// this node's behalf (it was declared dead: paused or cut off).
+		// Decided from the event, not from the current state: a node
+		// catching up applies the claim and delete that follow before its
+		// observers run.
 		h.mu.Lock()
 		c := h.live[ch.ClientID]
 		m := h.mirrors[ch.ClientID]
 		h.mu.Unlock()
-		if m != nil && m.opened.Load() != 0 {
-			if s, ok := h.repl.Session(ch.ClientID); ok && s.OpenedIndex == m.opened.Load() {
-				// A clean session's mirror is only ever closed by the
-				// leader on this node's behalf (this node was declared
-				// dead): its will is the leader's to publish now, and the
-				// client must learn it was declared gone.
-				m.closedByLeader.Store(true)
-				h.drop(m, packets.ErrAdministrativeAction)
-			}
+		closedOnBehalf := func(x *sessConn) bool {
+			o := x.opened.Load()
+			return ch.Owner == h.cfg.Self && o != 0 && ch.Index > o
 		}
-		if c != nil {
-			if s, ok := h.repl.Session(ch.ClientID); ok && !s.Connected && s.OpenedIndex == c.opened.Load() {
-				// Closed by the leader on our behalf (this node was
-				// declared dead, e.g. paused): the client must reconnect
-				// so that its session is open again.
-				h.drop(c, packets.ErrAdministrativeAction)
-			}
+		if m != nil && closedOnBehalf(m) {
+			// A clean session's will is the leader's to publish now, and
+			// the client must learn it was declared gone.
+			m.closedByLeader.Store(true)
+			h.drop(m, packets.ErrAdministrativeAction)
+		}
+		if c != nil && closedOnBehalf(c) {
+			// The client must reconnect so that its session is open again.
+			h.drop(c, packets.ErrAdministrativeAction)
 		}
 		if ch.Will != nil {
 			h.pokeWills()
