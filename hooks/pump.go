@@ -163,10 +163,19 @@ func (p *pump) packet(m replication.QueuedMessage, pid uint16) packets.Packet {
 		Payload:     m.Payload,
 		PacketID:    pid,
 		Created:     m.Created / 1000,
-		Properties:  packetProps(m.Properties),
+		Properties: packets.Properties{
+			PayloadFormat:     m.Properties.PayloadFormat,
+			PayloadFormatFlag: m.Properties.PayloadFormat != 0,
+			ContentType:       m.Properties.ContentType,
+			ResponseTopic:     m.Properties.ResponseTopic,
+			CorrelationData:   m.Properties.CorrelationData,
+		},
 	}
 	if m.Expires > 0 {
 		pk.Expiry = (m.Expires + 999) / 1000 // WritePacket sends the remaining interval
+	}
+	for _, u := range m.Properties.UserProperties {
+		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
 	}
 	for _, id := range m.SubscriptionIDs {
 		pk.Properties.SubscriptionIdentifier = append(pk.Properties.SubscriptionIdentifier, int(id))

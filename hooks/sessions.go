@@ -503,8 +503,12 @@ func (h *Sessions) queueRetained(c *sessConn, subs []replication.Subscription, e
 			}
 			e := &replication.Enqueue{Topic: r.TopicName, Payload: r.Payload, Created: now.UnixMilli(),
 				MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest,
-				Targets:    []replication.QueueTarget{{ClientID: c.id, QoS: qos, Retain: true, SubscriptionIDs: ids}},
-				Properties: storedProps(r.Properties)}
+				Targets: []replication.QueueTarget{{ClientID: c.id, QoS: qos, Retain: true, SubscriptionIDs: ids}},
+				Properties: replication.Properties{PayloadFormat: r.Properties.PayloadFormat, ContentType: r.Properties.ContentType,
+					ResponseTopic: r.Properties.ResponseTopic, CorrelationData: r.Properties.CorrelationData}}
+			for _, u := range r.Properties.User {
+				e.Properties.UserProperties = append(e.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+			}
 			if r.Expiry > 0 {
 				e.Expires = r.Expiry * 1000
 			}
@@ -638,7 +642,11 @@ func (h *Sessions) enqueueCommand(pk packets.Packet, origin string) *replication
 	p := pk.Properties
 	cmd := &replication.Enqueue{Topic: pk.TopicName, Payload: pk.Payload, Created: now,
 		MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest, Targets: targets,
-		Properties: storedProps(p)}
+		Properties: replication.Properties{PayloadFormat: p.PayloadFormat, ContentType: p.ContentType,
+			ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}}
+	for _, u := range p.User {
+		cmd.Properties.UserProperties = append(cmd.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+	}
 	if p.MessageExpiryInterval > 0 {
 		cmd.Expires = now + int64(p.MessageExpiryInterval)*1000
 	}
@@ -890,29 +898,27 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 			h.drop(c, packets.ErrSessionTakenOver)
 		}
 	case replication.SessionClosed:
-		// A close with this node as owner, applied after the connection's
-		// own SessionOpen, while the connection is still here, was made on
-		// this node's behalf (it was declared dead: paused or cut off).
-		// Decided from the event, not from the current state: a node
-		// catching up applies the claim and delete that follow before its
-		// observers run.
 		h.mu.Lock()
 		c := h.live[ch.ClientID]
 		m := h.mirrors[ch.ClientID]
 		h.mu.Unlock()
-		closedOnBehalf := func(x *sessConn) bool {
-			o := x.opened.Load()
-			return ch.Owner == h.cfg.Self && o != 0 && ch.Index > o
+		if m != nil && m.opened.Load() != 0 {
+			if s, ok := h.repl.Session(ch.ClientID); ok && s.OpenedIndex == m.opened.Load() {
+				// A clean session's mirror is only ever closed by the
+				// leader on this node's behalf (this node was declared
+				// dead): its will is the leader's to publish now, and the
+				// client must learn it was declared gone.
+				m.closedByLeader.Store(true)
+				h.drop(m, packets.ErrAdministrativeAction)
+			}
 		}
-		if m != nil && closedOnBehalf(m) {
-			// A clean session's will is the leader's to publish now, and
-			// the client must learn it was declared gone.
-			m.closedByLeader.Store(true)
-			h.drop(m, packets.ErrAdministrativeAction)
-		}
-		if c != nil && closedOnBehalf(c) {
-			// The client must reconnect so that its session is open again.
-			h.drop(c, packets.ErrAdministrativeAction)
+		if c != nil {
+			if s, ok := h.repl.Session(ch.ClientID); ok && !s.Connected && s.OpenedIndex == c.opened.Load() {
+				// Closed by the leader on our behalf (this node was
+				// declared dead, e.g. paused): the client must reconnect
+				// so that its session is open again.
+				h.drop(c, packets.ErrAdministrativeAction)
+			}
 		}
 		if ch.Will != nil {
 			h.pokeWills()
@@ -1248,9 +1254,14 @@ func (h *Sessions) publishWill(id string, w *replication.Will) {
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: w.QoS, Retain: w.Retain},
 		TopicName:   w.Topic,
 		Payload:     w.Payload,
-		Properties:  packetProps(w.Properties),
+		Properties: packets.Properties{MessageExpiryInterval: w.ExpirySeconds,
+			PayloadFormat: w.Properties.PayloadFormat, PayloadFormatFlag: w.Properties.PayloadFormat != 0,
+			ContentType: w.Properties.ContentType, ResponseTopic: w.Properties.ResponseTopic,
+			CorrelationData: w.Properties.CorrelationData},
 	}
-	pk.Properties.MessageExpiryInterval = w.ExpirySeconds
+	for _, u := range w.Properties.UserProperties {
+		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
+	}
 	if pk.FixedHeader.Qos > 0 {
 		pk.PacketID = 1
 	}
@@ -1265,24 +1276,4 @@ func (h *Sessions) publishWill(id string, w *replication.Will) {
 // isInjector reports whether cl injects messages forwarded by a peer.
 func isInjector(cl *mqtt.Client) bool {
 	return cl.Net.Inline && strings.HasPrefix(cl.ID, injectorPrefix)
-}
-
-// storedProps and packetProps convert the publish properties a queued
-// message or a will keeps in the log (expiry is kept separately).
-func storedProps(p packets.Properties) replication.Properties {
-	out := replication.Properties{PayloadFormat: p.PayloadFormat, ContentType: p.ContentType,
-		ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}
-	for _, u := range p.User {
-		out.UserProperties = append(out.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
-	}
-	return out
-}
-
-func packetProps(p replication.Properties) packets.Properties {
-	out := packets.Properties{PayloadFormat: p.PayloadFormat, PayloadFormatFlag: p.PayloadFormat != 0,
-		ContentType: p.ContentType, ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}
-	for _, u := range p.UserProperties {
-		out.User = append(out.User, packets.UserProperty{Key: u.Key, Val: u.Value})
-	}
-	return out
 }
