@@ -434,12 +434,5 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 // (a write forwarded to the leader returns once the leader applied it;
 // this node's state machine may still lag), or ctx ends.
 func (n *Node) WaitAppliedLocal(ctx context.Context, index uint64) error {
-	for n.raft.AppliedIndex() < index {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Millisecond):
-		}
-	}
-	return nil
+	return n.WaitSynced(ctx, index)
 }

@@ -39,7 +39,8 @@ const (
 	CmdClearWill     CommandType = 17
 	CmdClaimWill     CommandType = 18
 	CmdReclaimOwner  CommandType = 19
-	// Next: 20 (or 0x94 for a command old nodes may skip).
+	CmdQoS2Publish   CommandType = 20
+	// Next: 21 (or 0x95 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -84,6 +85,8 @@ func (t CommandType) String() string {
 		return "claim_will"
 	case CmdReclaimOwner:
 		return "reclaim_owner"
+	case CmdQoS2Publish:
+		return "qos2_publish"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

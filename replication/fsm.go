@@ -25,6 +25,18 @@ type FSM struct {
 	m        *metrics
 	log      *slog.Logger
 	restores atomic.Uint64
+
+	// synced is the index of the last entry whose effects, observers
+	// included, are visible on this node. raft's own AppliedIndex moves
+	// when entries are handed to the FSM goroutine, before they are
+	// applied, so it cannot tell a reader that the state holds an entry.
+	// Only entries raft hands to the FSM (commands and configuration
+	// changes) move it; see Node.ReadBarrier for how a target index is
+	// chosen so that waiting for it terminates.
+	synced     atomic.Uint64
+	syncedTerm atomic.Uint64 // term of the entry at synced
+	syncedMu   sync.Mutex
+	syncedWake chan struct{} // closed and replaced whenever synced moves
 }
 
 // observers are the caller's callbacks; they run on raft's FSM goroutine,
@@ -45,7 +57,26 @@ var (
 )
 
 func newFSM(obs observers, m *metrics, log *slog.Logger) *FSM {
-	return &FSM{st: newState(), obs: obs, m: m, log: log}
+	return &FSM{st: newState(), obs: obs, m: m, log: log, syncedWake: make(chan struct{})}
+}
+
+// setSynced records that every entry up to index is visible and wakes the
+// waiters.
+func (f *FSM) setSynced(index uint64) {
+	f.syncedMu.Lock()
+	if index > f.synced.Load() {
+		f.synced.Store(index)
+	}
+	close(f.syncedWake)
+	f.syncedWake = make(chan struct{})
+	f.syncedMu.Unlock()
+}
+
+// syncedState returns the synced index and a channel closed when it moves.
+func (f *FSM) syncedState() (uint64, <-chan struct{}) {
+	f.syncedMu.Lock()
+	defer f.syncedMu.Unlock()
+	return f.synced.Load(), f.syncedWake
 }
 
 // decodeEntry decodes a command entry or panics: an entry this node cannot
@@ -95,6 +126,10 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	f.m.appliedEntries.Add(float64(len(logs)))
 	f.m.appliedCommands.Add(float64(n))
 	f.notify(evs)
+	if len(logs) > 0 {
+		f.syncedTerm.Store(logs[len(logs)-1].Term)
+		f.setSynced(logs[len(logs)-1].Index)
+	}
 	return out
 }
 
@@ -124,6 +159,10 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	st := f.st.clone()
 	f.mu.RUnlock()
+	// Snapshot runs on the FSM goroutine: synced is the last entry this
+	// snapshot holds that the FSM saw (the snapshot's own index may be a
+	// later no-op entry the FSM never sees).
+	st.synced = f.synced.Load()
 	return &fsmSnapshot{st: st, m: f.m}, nil
 }
 
@@ -147,6 +186,13 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if f.obs.onRestore != nil {
 		f.obs.onRestore()
 	}
+	// A restore may move the state backwards (a user restore) or forwards
+	// (a follower catching up): synced follows it either way.
+	f.syncedMu.Lock()
+	f.synced.Store(st.synced)
+	close(f.syncedWake)
+	f.syncedWake = make(chan struct{})
+	f.syncedMu.Unlock()
 	return nil
 }
 

@@ -20,6 +20,8 @@ type metrics struct {
 	snapshotDuration prometheus.Histogram
 	leaderChanges    prometheus.Counter
 	membership       *prometheus.CounterVec
+	barrierLatency   prometheus.Histogram
+	barrierErrors    *prometheus.CounterVec
 	collectors       []prometheus.Collector
 }
 
@@ -70,10 +72,20 @@ func newMetrics() *metrics {
 			Namespace: ns, Subsystem: sub, Name: "membership_changes_total",
 			Help: "Configuration changes made by this node as leader, by action.",
 		}, []string{"action"}),
+		barrierLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "read_barrier_duration_seconds",
+			Help:    "Node.ReadBarrier latency: a read index from the leader, then applying up to it here.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		barrierErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "read_barrier_errors_total",
+			Help: "Node.ReadBarrier failures by reason.",
+		}, []string{"reason"}),
 	}
 	m.collectors = []prometheus.Collector{
 		m.commitLatency, m.applyLatency, m.batchSize, m.appliedEntries, m.appliedCommands,
 		m.applyErrors, m.snapshotBytes, m.snapshotDuration, m.leaderChanges, m.membership,
+		m.barrierLatency, m.barrierErrors,
 	}
 	return m
 }

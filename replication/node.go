@@ -45,6 +45,8 @@ type Node struct {
 	raft     *raft.Raft
 	trans    *raft.NetworkTransport
 	store    *boltStore
+	logs     raft.LogStore // the cached log store raft uses
+	reads    readRounds    // coalesced ReadBarrier rounds
 	demux    *demux
 	rpcc     *rpcClient
 	batch    *batcher
@@ -212,7 +214,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}
-	n.raft, n.trans, n.store = r, trans, store
+	n.raft, n.trans, n.store, n.logs = r, trans, store, logs
 	cleanup = append(cleanup, func() { _ = r.Shutdown().Error() })
 
 	n.gauges = n.newGauges()

@@ -10,6 +10,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/hashicorp/raft"
 )
 
 // The forwarding RPC: followers send writes (and RemoveServer) to the
@@ -27,10 +29,11 @@ import (
 //
 // Kinds and mask bits are append-only (on the wire between versions).
 const (
-	rpcApply  byte = 1
-	rpcRemove byte = 2
-	rpcStatus byte = 3
-	rpcReply  byte = 0x80
+	rpcApply     byte = 1
+	rpcRemove    byte = 2
+	rpcStatus    byte = 3
+	rpcReadIndex byte = 4
+	rpcReply     byte = 0x80
 
 	maxRPCFrameSlack = 64 << 10
 	maxRPCInFlight   = 4096
@@ -417,6 +420,21 @@ func (s *rpcServer) handle(kind byte, body []byte) []byte {
 		ctx, cancel := s.n.rpcContext(ms)
 		defer cancel()
 		return appendError(nil, s.n.removeOnLeader(ctx, id))
+	case rpcReadIndex:
+		ms := r.uvarint()
+		if err := r.end(); err != nil {
+			return appendError(nil, fmt.Errorf("%w: %w", ErrInvalidCommand, err))
+		}
+		if s.n.raft.State() != raft.Leader {
+			return appendError(nil, ErrNotLeader)
+		}
+		ctx, cancel := s.n.rpcContext(ms)
+		defer cancel()
+		idx, err := s.n.joinReadRound(ctx)
+		if err != nil {
+			return appendError(nil, err)
+		}
+		return appendUvarint(appendError(nil, nil), idx)
 	case rpcStatus:
 		st := s.n.peerStatus()
 		b := appendError(nil, nil)

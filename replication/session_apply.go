@@ -94,6 +94,8 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		}
 	case *Enqueue:
 		evs = s.applyEnqueue(c, res, evs)
+	case *QoS2Publish:
+		evs = s.applyQoS2Publish(c, res, evs)
 	case *Ack:
 		e := s.sessions[c.ClientID]
 		if e == nil {

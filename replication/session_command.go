@@ -455,6 +455,8 @@ func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
 		return &ClearWill{ClientID: r.str()}, true
 	case CmdClaimWill:
 		return &ClaimWill{ClientID: r.str(), IfOpened: r.uvarint()}, true
+	case CmdQoS2Publish:
+		return decodeQoS2Publish(r), true
 	}
 	return nil, false
 }

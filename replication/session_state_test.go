@@ -499,3 +499,37 @@ func exportAll(f *FSM) map[string]Session {
 	}
 	return out
 }
+
+// TestQoS2PublishIsOneStep: receipt and enqueue of a QoS 2 PUBLISH are
+// applied together; a duplicate queues nothing; a publish that matched no
+// session still records the receipt.
+func TestQoS2PublishIsOneStep(t *testing.T) {
+	a := newSessionApplier(t)
+	a.apply(open("pub", "A", false))
+	a.apply(open("sub", "A", false))
+	enq := func(p string) *Enqueue {
+		return &Enqueue{Topic: "t", Payload: []byte(p), Targets: []QueueTarget{{ClientID: "sub", QoS: 2}}}
+	}
+	r := a.apply(&QoS2Publish{ClientID: "pub", PacketID: 5, Enqueue: enq("one")})
+	if !r.Changed || len(r.Seqs) != 1 || r.Seqs[0] == 0 {
+		t.Fatalf("first publish: %+v", r)
+	}
+	if got := a.sess("pub").AwaitingRelease; !slices.Equal(got, []uint16{5}) {
+		t.Fatalf("receipt not recorded: %v", got)
+	}
+	if r := a.apply(&QoS2Publish{ClientID: "pub", PacketID: 5, Enqueue: enq("dup")}); r.Changed || len(r.Seqs) != 0 {
+		t.Fatalf("duplicate applied: %+v", r)
+	}
+	if q := a.sess("sub").Queue; len(q) != 1 || string(q[0].Payload) != "one" {
+		t.Fatalf("queue after duplicate: %+v", q)
+	}
+	if r := a.apply(&QoS2Publish{ClientID: "pub", PacketID: 6}); !r.Changed {
+		t.Fatal("receipt without matches not recorded")
+	}
+	if r := a.apply(&QoS2Publish{ClientID: "nobody", PacketID: 1, Enqueue: enq("x")}); !errors.Is(r.Err, ErrNoSession) {
+		t.Fatalf("unknown publisher: %v", r.Err)
+	}
+	if q := a.sess("sub").Queue; len(q) != 1 {
+		t.Fatalf("an unknown publisher's message was queued: %+v", q)
+	}
+}

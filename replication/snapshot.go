@@ -20,6 +20,8 @@ import (
 //	  kind 2 owner:    str client_id | str node | uvarint epoch | varint since
 //	  kind 3 session:  session record (session_snapshot.go), v2 only
 //	  kind 4 queued:   str client_id | queued message, after its session, v2 only
+//	  kind 0x81 synced: uvarint index of the last entry the state holds
+//	                   (skippable; written when known)
 //	  kind 0 end:      uvarint epoch | uvarint n_retained | uvarint n_owners
 //	                   [v2: | uvarint n_sessions | uvarint n_queued]
 //
@@ -45,6 +47,7 @@ const (
 	recSession  byte = 3
 	recQueued   byte = 4
 	recSkip     byte = 0x80
+	recSynced   byte = 0x81
 
 	maxSnapRecord = 1 << 30
 )
@@ -125,6 +128,10 @@ func writeSnapshot(w io.Writer, st *state) (int64, error) {
 			record(recQueued)
 		}
 		nQueued += uint64(len(e.Queue))
+	}
+	if st.synced != 0 {
+		body = appendUvarint(body[:0], st.synced)
+		record(recSynced)
 	}
 	body = appendUvarint(body[:0], st.epoch)
 	body = appendUvarint(body, uint64(len(st.retained)))
@@ -231,6 +238,11 @@ func readSnapshot(r io.Reader) (*state, error) {
 				return nil, fmt.Errorf("%w: data after end record", errCorrupt)
 			}
 			return st, nil
+		case recSynced:
+			st.synced = rd.uvarint()
+			if err := rd.end(); err != nil {
+				return nil, fmt.Errorf("synced record: %w", err)
+			}
 		default:
 			if kind&recSkip == 0 {
 				return nil, fmt.Errorf("%w: unknown record kind %d", errCorrupt, kind)

@@ -97,6 +97,9 @@ type state struct {
 	sessions map[string]*sessionEntry
 	// epoch is the last ownership epoch issued.
 	epoch uint64
+	// synced is the last log entry a snapshot of this state holds (set by
+	// FSM.Snapshot; not part of the replicated state itself).
+	synced uint64
 }
 
 func newState() *state {

@@ -1,0 +1,224 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// ReadBarrier returns once this node's state (and the observers fed from
+// it) holds every entry that was committed before the call began: reads
+// made after it see every write acknowledged before it, on any node. This
+// is Raft's ReadIndex (dissertation §6.4): the leader confirms it is still
+// the leader with a round of heartbeats and names an index covering
+// everything committed so far; this node waits until it has applied that
+// far. It costs one round trip to the leader and no log write; concurrent
+// callers share one round.
+//
+// hooks.Sessions calls it before it matches a QoS 1/2 publish against the
+// persistent subscriptions, so a node that is behind the log (restarted,
+// paused, on the minority side) never acknowledges a message for which it
+// missed a subscription (replication/DESIGN.md, "Acknowledging a publish").
+//
+// Without a leader it waits for one like Apply does (and fails fast with
+// ErrNoLeader on a node that has been without one for longer than an
+// election takes); it fails with ErrTimeout when ctx ends.
+func (n *Node) ReadBarrier(ctx context.Context) error {
+	start := time.Now()
+	idx, err := n.readIndex(ctx)
+	if err == nil {
+		err = n.WaitSynced(ctx, idx)
+	}
+	n.m.barrierLatency.Observe(time.Since(start).Seconds())
+	if err != nil {
+		n.m.barrierErrors.WithLabelValues(errReason(err)).Inc()
+	}
+	return err
+}
+
+// WaitSynced waits until this node's state holds the log up to index (see
+// FSM.synced), or ctx ends.
+func (n *Node) WaitSynced(ctx context.Context, index uint64) error {
+	for {
+		s, moved := n.fsm.syncedState()
+		if s >= index {
+			return nil
+		}
+		select {
+		case <-moved:
+		case <-ctx.Done():
+			return fmt.Errorf("%w: applied %d of %d here: %w", ErrTimeout, s, index, ctx.Err())
+		case <-n.stop:
+			return ErrClosed
+		}
+	}
+}
+
+// readRound is one read-index request shared by every caller that joined
+// it before it started.
+type readRound struct {
+	done chan struct{}
+	idx  uint64
+	err  error
+}
+
+// readRounds coalesces read-index requests: at most one is in flight, and
+// callers arriving meanwhile join the next one (never the one in flight,
+// whose index may predate their call).
+type readRounds struct {
+	mu      sync.Mutex
+	next    *readRound
+	running bool
+}
+
+// readIndex returns an index covering every entry committed before the
+// call, retrying through leader changes until ctx ends.
+func (n *Node) readIndex(ctx context.Context) (uint64, error) {
+	var lastErr error
+	for attempt := 0; ; attempt++ {
+		if !n.running() {
+			return 0, ErrClosed
+		}
+		if attempt > 0 {
+			t := time.NewTimer(min(time.Duration(attempt)*10*time.Millisecond, 100*time.Millisecond))
+			select {
+			case <-n.leaderChanged():
+			case <-t.C:
+			case <-ctx.Done():
+			case <-n.stop:
+			}
+			t.Stop()
+		}
+		if err := ctx.Err(); err != nil {
+			return 0, timeoutErr(ctx, lastErr)
+		}
+		idx, err := n.joinReadRound(ctx)
+		if err == nil {
+			return idx, nil
+		}
+		lastErr = err
+		if !errors.Is(err, ErrNoLeader) && !errors.Is(err, ErrNotLeader) && !errors.Is(err, errNotSent) &&
+			!errors.Is(err, ErrTimeout) {
+			return 0, err
+		}
+		if errors.Is(err, ErrNoLeader) {
+			if since := n.noLeaderSince.Load(); since != 0 && time.Since(time.Unix(0, since)) > n.fastFailAfter() {
+				return 0, fmt.Errorf("%w (for %v)", ErrNoLeader, time.Since(time.Unix(0, since)).Round(time.Millisecond))
+			}
+		}
+	}
+}
+
+func (n *Node) joinReadRound(ctx context.Context) (uint64, error) {
+	rr := &n.reads
+	rr.mu.Lock()
+	if rr.next == nil {
+		rr.next = &readRound{done: make(chan struct{})}
+	}
+	r := rr.next
+	if !rr.running {
+		rr.running = true
+		go n.runReadRounds()
+	}
+	rr.mu.Unlock()
+	select {
+	case <-r.done:
+		return r.idx, r.err
+	case <-ctx.Done():
+		return 0, timeoutErr(ctx, nil)
+	}
+}
+
+func (n *Node) runReadRounds() {
+	rr := &n.reads
+	for {
+		rr.mu.Lock()
+		r := rr.next
+		rr.next = nil
+		if r == nil {
+			rr.running = false
+			rr.mu.Unlock()
+			return
+		}
+		rr.mu.Unlock()
+		ctx, cancel := context.WithTimeout(n.life, n.cfg.IOTimeout)
+		r.idx, r.err = n.fetchReadIndex(ctx)
+		cancel()
+		close(r.done)
+	}
+}
+
+// fetchReadIndex asks the leader (this node or another) for a read index.
+func (n *Node) fetchReadIndex(ctx context.Context) (uint64, error) {
+	if n.raft.State() == raft.Leader {
+		return n.leaderReadIndex(ctx)
+	}
+	addr, id := n.raft.LeaderWithID()
+	if addr == "" || id == raft.ServerID(n.cfg.NodeID) {
+		return 0, ErrNoLeader
+	}
+	body, err := n.rpcc.call(ctx, string(addr), rpcReadIndex, appendUvarint(nil, timeoutMs(ctx)))
+	if err != nil {
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("%w: read index from %s: %w", ErrTimeout, addr, err)
+		}
+		return 0, fmt.Errorf("read index from %s: %w", addr, err)
+	}
+	r := reader{b: body}
+	if err := r.error(); err != nil {
+		return 0, err
+	}
+	idx := r.uvarint()
+	if err := r.end(); err != nil {
+		return 0, fmt.Errorf("%w: read index reply: %w", errCorrupt, err)
+	}
+	return idx, nil
+}
+
+// leaderReadIndex is the leader's side. The index is read first, then
+// leadership is confirmed: if this node is still the leader after the
+// heartbeat round, no other leader can have committed anything it lacks.
+//
+// The index is the commit index once this leader has applied an entry of
+// its own term (so its commit index covers every earlier term), else its
+// last index (which holds every committed entry, by Leader Completeness).
+// Either is then moved down past entries the FSM never sees (no-ops), so
+// that WaitSynced on any node ends at it.
+func (n *Node) leaderReadIndex(ctx context.Context) (uint64, error) {
+	idx := n.raft.LastIndex()
+	if n.fsm.syncedTerm.Load() == n.raft.CurrentTerm() {
+		idx = n.raft.CommitIndex()
+	}
+	f := n.raft.VerifyLeader()
+	errc := make(chan error, 1)
+	go func() { errc <- f.Error() }()
+	select {
+	case err := <-errc:
+		if err != nil {
+			return 0, fmt.Errorf("%w: %w", ErrNotLeader, err)
+		}
+	case <-ctx.Done():
+		return 0, fmt.Errorf("%w: verifying leadership: %w", ErrTimeout, ctx.Err())
+	}
+	return n.lastFSMEntry(idx), nil
+}
+
+// lastFSMEntry returns the highest index <= idx of an entry raft hands to
+// the FSM (a command or a configuration change), or idx when it cannot
+// tell (the entries were compacted into a snapshot).
+func (n *Node) lastFSMEntry(idx uint64) uint64 {
+	var l raft.Log
+	for i, steps := idx, 0; i > 0 && steps < 64; i, steps = i-1, steps+1 {
+		if err := n.logs.GetLog(i, &l); err != nil {
+			return idx
+		}
+		if l.Type == raft.LogCommand || l.Type == raft.LogConfiguration {
+			return i
+		}
+	}
+	return idx
+}
