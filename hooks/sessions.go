@@ -28,10 +28,12 @@ import (
 // index right after SUBACK and live in the log (and in idx, this node's
 // mirror of every persistent session's subscriptions, used for matching).
 //
-//   - Publish: a QoS 1/2 PUBLISH matching persistent sessions is enqueued
-//     for all of them in one Enqueue entry before mochi acknowledges it
-//     (OnPublish blocks until commit; group commit batches concurrent
-//     publishers into one entry).
+//   - Publish: a QoS 1/2 PUBLISH first passes a read barrier (this node's
+//     copy of the subscriptions then holds every SUBACK sent before it),
+//     then, if it matches persistent sessions, is enqueued for all of them
+//     in one Enqueue entry before mochi acknowledges it (OnPublish blocks
+//     until commit; group commit batches concurrent publishers into one
+//     entry). Without a leader it is refused.
 //   - Delivery: the node holding a session's connection runs a pump that
 //     reads the replicated queue in Seq order and sends at most a window
 //     of messages (max_inflight_messages, and the client's Receive
@@ -76,8 +78,9 @@ type Sessions struct {
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
-	// observer goroutine and by resync.
-	idx     *mqtt.TopicsIndex
+	// observer goroutine and by Resync, which builds a new index and swaps
+	// it in, so a publish never matches against a half-rebuilt one.
+	idx     atomic.Pointer[mqtt.TopicsIndex]
 	idxMu   sync.Mutex
 	idxSubs map[string]map[string]struct{}
 
@@ -149,19 +152,15 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		idx: mqtt.NewTopicsIndex(), idxSubs: map[string]map[string]struct{}{},
+		idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}}
+	h.idx.Store(mqtt.NewTopicsIndex())
 	h.base = context.Background()
 	h.willCl = s.NewClient(nil, "cluster", willClientID, true)
 	h.willCl.Properties.ProtocolVersion = 5
 	return h
 }
-
-// subscribeVisibleTimeout bounds how long SUBACK waits for the other nodes
-// to apply a persistent subscription (a dead or paused node must not hold
-// it longer).
-const subscribeVisibleTimeout = 500 * time.Millisecond
 
 // willClientID publishes the wills of sessions whose node is gone. Like
 // the injectors' ids it cannot collide with a real client (U+0000).
@@ -445,15 +444,13 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 	defer cancel()
 	res, err := h.repl.Apply(ctx, &replication.Subscribe{ClientID: c.id, Subscriptions: subs})
 	if err == nil {
-		// Publishers on every node match against their own copy of the
-		// log: SUBACK waits (briefly) until every live node has applied
-		// the subscription, so a message published anywhere after SUBACK
-		// is queued for it.
-		wctx, wcancel := context.WithTimeout(h.base, subscribeVisibleTimeout)
-		if werr := h.repl.WaitApplied(wctx, res.Index); werr != nil {
-			h.log.Debug("subscription not yet applied on every node", "client", c.id, "error", werr)
+		// QoS 0 copies are matched against this node's copy of the log
+		// (deliverQoS0): it must hold the subscription before SUBACK.
+		// Publishers on other nodes need no wait here: each QoS 1/2
+		// publish passes a read barrier first (OnPublish).
+		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
+			h.log.Debug("subscription not yet applied here", "client", c.id, "error", werr)
 		}
-		wcancel()
 	}
 	for _, i := range idx {
 		// Out of mochi either way: delivery to this session is the pump's.
@@ -553,17 +550,39 @@ func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // OnPublish enqueues a QoS 1/2 message for every matching persistent
 // session and returns once that is committed, so mochi acknowledges only
 // what the log holds.
+//
+// Matching uses this node's copy of the subscriptions, which may lag the
+// log (a node just restarted, paused, cut off, or slow to apply). So the
+// publish first waits on a read barrier: once it returns, this node holds
+// every subscription whose SUBACK was sent before the PUBLISH arrived, on
+// any node. Without a leader the barrier fails and the publish is refused
+// like a retained write without quorum (replication/DESIGN.md,
+// "Acknowledging a publish").
 func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) {
 		return pk, nil
 	}
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
-	// A QoS 2 PUBLISH from a persistent session is recorded first: the
-	// client resends it (same packet id) on another node if the PUBREC was
-	// lost, and that copy must not be delivered again.
+	if ackBeforeCommit {
+		// The deliberately broken build: match on a possibly stale view,
+		// acknowledge before the commit.
+		if cmd := h.enqueueCommand(pk, cl.ID); cmd != nil {
+			go func() { _, _ = h.repl.Apply(context.Background(), cmd) }()
+		}
+		return pk, nil
+	}
+	if err := h.repl.ReadBarrier(ctx); err != nil {
+		return pk, h.refuse(cl, pk, err)
+	}
+	cmd := h.enqueueCommand(pk, cl.ID)
+	// A QoS 2 PUBLISH from a persistent session is recorded with its
+	// enqueue, in one entry: the client resends it (same packet id) on
+	// another node if the PUBREC was lost, and that copy must not be
+	// delivered again; a receipt without its enqueue would drop the
+	// message for everyone.
 	if c := h.conn(cl); c != nil && c.managed && pk.FixedHeader.Qos == 2 && !cl.Net.Inline {
-		res, err := h.repl.Apply(ctx, &replication.QoS2Received{ClientID: c.id, PacketID: pk.PacketID})
+		res, err := h.repl.Apply(ctx, &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: cmd})
 		if err != nil {
 			return pk, h.refuse(cl, pk, err)
 		}
@@ -571,13 +590,10 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 			h.m.qos2Duplicates.Inc()
 			return pk, packets.CodeSuccessIgnore
 		}
-	}
-	cmd := h.enqueueCommand(pk, cl.ID)
-	if cmd == nil {
+		h.enqueued(res)
 		return pk, nil
 	}
-	if ackBeforeCommit {
-		go func() { _, _ = h.repl.Apply(context.Background(), cmd) }() // the deliberately broken build
+	if cmd == nil {
 		return pk, nil
 	}
 	res, err := h.repl.Apply(ctx, cmd)
@@ -621,7 +637,7 @@ func (h *Sessions) enqueued(res replication.Result) {
 // enqueueCommand matches pk against every persistent session; nil when no
 // session gets it at QoS 1 or 2 (QoS 0 copies are delivered directly).
 func (h *Sessions) enqueueCommand(pk packets.Packet, origin string) *replication.Enqueue {
-	subs := h.idx.Subscribers(pk.TopicName)
+	subs := h.idx.Load().Subscribers(pk.TopicName)
 	if len(subs.Subscriptions) == 0 {
 		return nil
 	}
@@ -689,7 +705,7 @@ func (h *Sessions) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (h *Sessions) deliverQoS0(pk packets.Packet) {
-	subs := h.idx.Subscribers(pk.TopicName)
+	subs := h.idx.Load().Subscribers(pk.TopicName)
 	if len(subs.Subscriptions) == 0 {
 		return
 	}
@@ -944,23 +960,20 @@ func (h *Sessions) drop(c *sessConn, code packets.Code) {
 // Resync rebuilds the subscription mirror from the log (after a snapshot
 // restore, including at start-up) and wakes every pump.
 func (h *Sessions) Resync() {
-	h.idxMu.Lock()
-	for id, fs := range h.idxSubs {
-		for f := range fs {
-			h.idx.Unsubscribe(f, id)
-		}
-	}
-	clear(h.idxSubs)
-	h.idxMu.Unlock()
+	idx, subs := mqtt.NewTopicsIndex(), map[string]map[string]struct{}{}
 	for _, s := range h.repl.Sessions() {
 		full, ok := h.repl.Session(s.ClientID)
 		if !ok {
 			continue
 		}
 		for _, sub := range full.Subscriptions {
-			h.index(s.ClientID, sub)
+			indexInto(idx, subs, s.ClientID, sub)
 		}
 	}
+	h.idxMu.Lock()
+	h.idx.Store(idx)
+	h.idxSubs = subs
+	h.idxMu.Unlock()
 	h.mu.Lock()
 	for _, c := range h.live {
 		c.pump.poke()
@@ -971,15 +984,19 @@ func (h *Sessions) Resync() {
 func (h *Sessions) index(id string, sub replication.Subscription) {
 	h.idxMu.Lock()
 	defer h.idxMu.Unlock()
+	indexInto(h.idx.Load(), h.idxSubs, id, sub)
+}
+
+func indexInto(idx *mqtt.TopicsIndex, subs map[string]map[string]struct{}, id string, sub replication.Subscription) {
 	if strings.HasPrefix(sub.Filter, "$share/") {
 		return
 	}
-	h.idx.Subscribe(id, packets.Subscription{Filter: sub.Filter, Qos: sub.QoS, NoLocal: sub.NoLocal,
+	idx.Subscribe(id, packets.Subscription{Filter: sub.Filter, Qos: sub.QoS, NoLocal: sub.NoLocal,
 		RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: int(sub.Identifier)})
-	fs := h.idxSubs[id]
+	fs := subs[id]
 	if fs == nil {
 		fs = map[string]struct{}{}
-		h.idxSubs[id] = fs
+		subs[id] = fs
 	}
 	fs[sub.Filter] = struct{}{}
 }
@@ -987,7 +1004,7 @@ func (h *Sessions) index(id string, sub replication.Subscription) {
 func (h *Sessions) unindex(id, filter string) {
 	h.idxMu.Lock()
 	defer h.idxMu.Unlock()
-	h.idx.Unsubscribe(filter, id)
+	h.idx.Load().Unsubscribe(filter, id)
 	delete(h.idxSubs[id], filter)
 }
 
@@ -995,7 +1012,7 @@ func (h *Sessions) unindexAll(id string) {
 	h.idxMu.Lock()
 	defer h.idxMu.Unlock()
 	for f := range h.idxSubs[id] {
-		h.idx.Unsubscribe(f, id)
+		h.idx.Load().Unsubscribe(f, id)
 	}
 	delete(h.idxSubs, id)
 }
