@@ -153,7 +153,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
 		idxSubs: map[string]map[string]struct{}{},
-		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
+		ops:     make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
 	h.base = context.Background()
