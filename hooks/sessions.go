@@ -851,7 +851,9 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if c.pump != nil {
 		c.pump.stop()
 	}
-	if s, ok := h.repl.Session(c.id); ok {
+	// Routes are keyed by client id: a connection taken over on this node
+	// must leave them to the connection that replaced it.
+	if s, ok := h.repl.Session(c.id); ok && !h.hasOtherConn(c) {
 		for f := range s.Subscriptions {
 			h.cluster.removeRoute(c.id, f)
 		}
@@ -876,6 +878,19 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		cmd = &replication.Batch{Commands: []replication.Command{&replication.ClearWill{ClientID: c.id}, closeCmd}}
 	}
 	h.submit(sessOp{cmd: func() replication.Command { return cmd }})
+}
+
+// hasOtherConn reports whether another connection of c's client id is
+// tracked here (a same-node takeover).
+func (h *Sessions) hasOtherConn(c *sessConn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, o := range h.conns {
+		if o != c && o.id == c.id && o.managed && !o.refused {
+			return true
+		}
+	}
+	return false
 }
 
 // ---- replication observer ----

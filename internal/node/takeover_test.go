@@ -1,0 +1,50 @@
+package node
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
+)
+
+// TestSameNodeTakeoverKeepsRoutes: a persistent client reconnects to the
+// same node (its old connection is taken over); QoS 0 messages published on
+// another node must keep reaching the new connection. The old connection's
+// disconnect used to withdraw the routes (keyed by client id) that the new
+// one relies on.
+func TestSameNodeTakeoverKeepsRoutes(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2")
+	tc.waitReady()
+	opts := testutil.ClientOptions{ID: "tk", CleanStart: true, SessionExpiry: 600, Buffer: 100}
+	old := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), opts)
+	old.Sub(t, 0, "tk/x")
+	opts.CleanStart = false
+	cur := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), opts)
+	select {
+	case <-old.Done():
+	case <-time.After(wait):
+		t.Fatal("the old connection was not taken over")
+	}
+	pub := tc.client("n2", "tk-pub")
+	testutil.Eventually(t, wait, func() error {
+		pub.Pub(t, "tk/x", 0, false, []byte("ping"))
+		if _, err := cur.Next(200 * time.Millisecond); err != nil {
+			return fmt.Errorf("QoS 0 from n2 does not reach the new connection: %w", err)
+		}
+		return nil
+	})
+	// And it stays so once the old connection's disconnect has been
+	// processed everywhere: the route must still be there a while later.
+	tc.waitRoutes(t, "n2", "n1", 1)
+	pub.Pub(t, "tk/x", 0, false, []byte("again"))
+	for {
+		p, err := cur.Next(wait)
+		if err != nil {
+			t.Fatalf("QoS 0 from n2 stopped reaching the new connection: %v", err)
+		}
+		if string(p.Payload) == "again" {
+			return
+		}
+	}
+}
