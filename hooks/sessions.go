@@ -440,10 +440,30 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 	if len(subs) == 0 {
 		return
 	}
+	// The retained messages for the new subscriptions are queued in the
+	// same entry as the subscription (MQTT-3.3.1-9), so every live message
+	// matched after it comes later in the queue: an older retained value
+	// never arrives after a newer live one. A very large retained set is
+	// split over further entries (chunks bounded by retainedChunkBytes).
+	retained, qos0 := h.retainedFor(c, subs, existed)
+	chunks := chunkCommands(retained, retainedChunkBytes)
+	var cmd replication.Command = &replication.Subscribe{ClientID: c.id, Subscriptions: subs}
+	if len(chunks) > 0 {
+		cmd = &replication.Batch{Commands: append([]replication.Command{cmd}, chunks[0]...)}
+		chunks = chunks[1:]
+	}
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
-	res, err := h.repl.Apply(ctx, &replication.Subscribe{ClientID: c.id, Subscriptions: subs})
+	res, err := h.repl.Apply(ctx, cmd)
+	if err == nil && len(res.Results) > 0 && res.Results[0].Err != nil {
+		err = res.Results[0].Err
+	}
 	if err == nil {
+		for _, ch := range chunks {
+			if _, cerr := h.repl.Apply(ctx, &replication.Batch{Commands: ch}); cerr != nil {
+				h.log.Warn("retained messages for a new subscription not queued", "client", c.id, "count", len(ch), "error", cerr)
+			}
+		}
 		// QoS 0 copies are matched against this node's copy of the log
 		// (deliverQoS0): it must hold the subscription before SUBACK.
 		// Publishers on other nodes need no wait here: each QoS 1/2
@@ -466,16 +486,47 @@ func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes 
 		h.log.Warn("subscription not replicated; refused", "client", c.id, "error", err)
 		return
 	}
-	h.queueRetained(c, subs, existed)
+	for _, p := range qos0 {
+		c.pump.sendQoS0(p)
+	}
 }
 
-// queueRetained delivers the retained messages matching new subscriptions
-// (MQTT-3.3.1-9, with retain handling 1 and 2): QoS 0 copies directly, the
-// others through the session's replicated queue, so they are ordered with
-// everything else and get the pump's packet ids.
-func (h *Sessions) queueRetained(c *sessConn, subs []replication.Subscription, existed []bool) {
+// retainedChunkBytes bounds the retained payload queued in one entry for a
+// new subscription (half the default raft batch size).
+const retainedChunkBytes = 4 << 20
+
+// chunkCommands splits enqueues into groups of at most budget payload
+// bytes (at least one command per group).
+func chunkCommands(cmds []replication.Command, budget int) [][]replication.Command {
+	var out [][]replication.Command
+	var cur []replication.Command
+	size := 0
+	for _, c := range cmds {
+		n := 256
+		if e, ok := c.(*replication.Enqueue); ok {
+			n += len(e.Payload) + len(e.Topic)
+		}
+		if len(cur) > 0 && size+n > budget {
+			out = append(out, cur)
+			cur, size = nil, 0
+		}
+		cur = append(cur, c)
+		size += n
+	}
+	if len(cur) > 0 {
+		out = append(out, cur)
+	}
+	return out
+}
+
+// retainedFor returns the retained messages matching new subscriptions
+// (MQTT-3.3.1-9, with retain handling 1 and 2): enqueues for the QoS 1/2
+// copies, so they are ordered with everything else and get the pump's
+// packet ids, and the QoS 0 copies to send directly.
+func (h *Sessions) retainedFor(c *sessConn, subs []replication.Subscription, existed []bool) ([]replication.Command, []packets.Packet) {
 	now := time.Now()
 	var cmds []replication.Command
+	var qos0 []packets.Packet
 	for k, sub := range subs {
 		if sub.RetainHandling == 2 || (sub.RetainHandling == 1 && existed[k]) {
 			continue
@@ -495,7 +546,7 @@ func (h *Sessions) queueRetained(c *sessConn, subs []replication.Subscription, e
 				for _, id := range ids {
 					out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, int(id))
 				}
-				c.pump.sendQoS0(out)
+				qos0 = append(qos0, out)
 				continue
 			}
 			e := &replication.Enqueue{Topic: r.TopicName, Payload: r.Payload, Created: now.UnixMilli(),
@@ -512,14 +563,7 @@ func (h *Sessions) queueRetained(c *sessConn, subs []replication.Subscription, e
 			cmds = append(cmds, e)
 		}
 	}
-	if len(cmds) == 0 {
-		return
-	}
-	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
-	defer cancel()
-	if _, err := h.repl.Apply(ctx, &replication.Batch{Commands: cmds}); err != nil {
-		h.log.Warn("retained messages for a new subscription not queued", "client", c.id, "count", len(cmds), "error", err)
-	}
+	return cmds, qos0
 }
 
 // OnUnsubscribed removes filters from the log (only an UNSUBSCRIBE: mochi's
