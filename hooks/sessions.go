@@ -127,6 +127,9 @@ type sessConn struct {
 	expiry         uint32
 
 	pump *pump
+	// unsuback: the reason codes of the UNSUBACK being sent (OnUnsubscribed
+	// to OnPacketEncode, on the client's goroutine).
+	unsuback []byte
 	// rh: the retain handling each filter of the SUBSCRIBE being processed
 	// asked for (OnSubscribe to OnSubscribed, on the client's goroutine).
 	rh map[string]byte
@@ -343,6 +346,12 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 // only knows sessions it holds itself), and fixes the reason codes of
 // UNSUBACK for filters that lived in the log rather than in mochi.
 func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Unsuback {
+		if c := h.conn(cl); c != nil && c.managed && len(c.unsuback) == len(pk.ReasonCodes) {
+			pk.ReasonCodes, c.unsuback = c.unsuback, nil
+		}
+		return pk
+	}
 	if pk.FixedHeader.Type != packets.Connack || pk.ReasonCode >= 0x80 {
 		return pk
 	}
@@ -567,7 +576,11 @@ func (h *Sessions) retainedFor(c *sessConn, subs []replication.Subscription, exi
 }
 
 // OnUnsubscribed removes filters from the log (only an UNSUBSCRIBE: mochi's
-// whole-client cleanup never sees the log's filters).
+// whole-client cleanup never sees the log's filters). mochi calls it before
+// it writes UNSUBACK, whose reason codes it computed from its own index,
+// where a persistent session's filters never are (0x11 for all):
+// OnPacketEncode replaces them with what the log says (0x00 removed, 0x11
+// not subscribed, 0x80 when the write failed and the filter stays).
 func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	c := h.conn(cl)
 	if c == nil || !c.managed || pk.FixedHeader.Type != packets.Unsubscribe {
@@ -580,10 +593,21 @@ func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	if len(filters) == 0 {
 		return
 	}
+	codes := make([]byte, len(filters))
+	s, _ := h.repl.Session(c.id)
+	for i, f := range filters {
+		if _, ok := s.Subscriptions[f]; !ok {
+			codes[i] = packets.CodeNoSubscriptionExisted.Code
+		}
+	}
+	c.unsuback = codes
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	if _, err := h.repl.Apply(ctx, &replication.Unsubscribe{ClientID: c.id, Filters: filters}); err != nil {
-		h.log.Warn("unsubscribe not replicated", "client", c.id, "error", err)
+		h.log.Warn("unsubscribe not replicated; refused", "client", c.id, "error", err)
+		for i := range codes {
+			codes[i] = packets.ErrUnspecifiedError.Code
+		}
 		return
 	}
 	for _, f := range filters {

@@ -1,9 +1,12 @@
 package node
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/mqtt-ha/broker/internal/testutil"
 )
@@ -46,5 +49,28 @@ func TestSameNodeTakeoverKeepsRoutes(t *testing.T) {
 		if string(p.Payload) == "again" {
 			return
 		}
+	}
+}
+
+// TestUnsubackOfPersistentSession: UNSUBACK reports what the log did
+// (0x00 for a filter the session had, 0x11 for one it did not), not mochi's
+// view, where a persistent session's filters never are.
+func TestUnsubackOfPersistentSession(t *testing.T) {
+	tc := newTestCluster(t, "n1")
+	tc.waitReady()
+	c := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "unsub", CleanStart: true,
+		SessionExpiry: 600, Buffer: 10})
+	c.Sub(t, 1, "u/a")
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	ack, err := c.Unsubscribe(ctx, &paho.Unsubscribe{Topics: []string{"u/a", "u/b"}})
+	if err != nil && ack == nil {
+		t.Fatal(err)
+	}
+	if len(ack.Reasons) != 2 || ack.Reasons[0] != 0x00 || ack.Reasons[1] != 0x11 {
+		t.Fatalf("UNSUBACK reasons %x, want [00 11]", ack.Reasons)
+	}
+	if s, _ := tc.nodes["n1"].repl.Session("unsub"); len(s.Subscriptions) != 0 {
+		t.Fatalf("subscriptions left in the log: %v", s.Subscriptions)
 	}
 }
