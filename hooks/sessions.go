@@ -88,9 +88,12 @@ type Sessions struct {
 	pending atomic.Int64
 	wake    chan struct{} // wakes the leader's will loop
 
-	stale   map[string]uint64 // maintenance: sessions seen stale once (id -> opened index)
-	dead    map[string]time.Time
-	dropLog atomic.Int64 // unix ns of the last queue-drop log line
+	stale map[string]uint64 // maintenance: sessions seen stale once (id -> opened index)
+	dead  map[string]time.Time
+	// ownerDead: node -> when the leader first saw it not alive while it
+	// still owned client ids (releaseDeadOwners).
+	ownerDead map[string]time.Time
+	dropLog   atomic.Int64 // unix ns of the last queue-drop log line
 }
 
 // SessionsConfig configures the Sessions hook.
@@ -157,7 +160,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
 		idxSubs: map[string]map[string]struct{}{},
 		ops:     make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
-		stale: map[string]uint64{}, dead: map[string]time.Time{}}
+		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
 	h.base = context.Background()
 	h.willCl = s.NewClient(nil, "cluster", willClientID, true)
@@ -1237,6 +1240,7 @@ func (h *Sessions) maintain() {
 		if h.repl.IsLeader() {
 			h.closeDeadOwners()
 			h.publishDueWills()
+			h.releaseDeadOwners()
 		}
 	}
 }

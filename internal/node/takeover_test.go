@@ -74,3 +74,25 @@ func TestUnsubackOfPersistentSession(t *testing.T) {
 		t.Fatalf("subscriptions left in the log: %v", s.Subscriptions)
 	}
 }
+
+// TestOwnershipOfCrashedNodeReleased: the client ids held by a node that
+// died are released by the leader (they used to stay in the log for ever).
+func TestOwnershipOfCrashedNodeReleased(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	tc.client("n2", "own-x")
+	testutil.Eventually(t, wait, func() error {
+		if o, ok := tc.nodes["n1"].repl.Owner("own-x"); !ok || o.Node != "n2" {
+			return fmt.Errorf("owner %+v %v, want n2", o, ok)
+		}
+		return nil
+	})
+	tc.nodes["n2"].Kill()
+	delete(tc.nodes, "n2")
+	testutil.Eventually(t, 20*time.Second, func() error {
+		if o, ok := tc.nodes["n1"].repl.Owner("own-x"); ok {
+			return fmt.Errorf("client id still owned by %+v", o)
+		}
+		return nil
+	})
+}
