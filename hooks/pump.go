@@ -114,7 +114,9 @@ func (p *pump) fill() {
 			if p.stopped() {
 				return
 			}
-			if m.Expires > 0 && m.Expires <= now {
+			// A released message (PUBREC received) is past expiry's reach:
+			// the client holds its packet id until PUBREL.
+			if m.Expires > 0 && m.Expires <= now && !m.Released {
 				p.advance(m.Seq)
 				p.h.ack(p.c.id, m.Seq) // expired while queued: never delivered (MQTT-3.3.2-5)
 				continue
@@ -125,6 +127,15 @@ func (p *pump) fill() {
 			}
 			if _, busy := p.cl.State.Inflight.Get(pid); busy {
 				return // mochi holds this id (an inbound QoS 2, a shared subscription's message): wait
+			}
+			p.mu.Lock()
+			_, busy := p.inflight[pid]
+			p.mu.Unlock()
+			if busy {
+				// The id wrapped (65,535 later messages went by while one
+				// stayed unacknowledged): wait for it rather than lose
+				// track of the older message.
+				return
 			}
 			pk := p.packet(m, pid)
 			p.mu.Lock()

@@ -842,7 +842,11 @@ func (h *Sessions) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 		h.submit(sessOp{cmd: func() replication.Command { return &replication.QueueRelease{ClientID: id, Seq: seq, PacketID: pid} },
 			done: func(_ replication.Result, err error) {
 				if err != nil {
-					h.log.Warn("PUBREC not replicated; the client will repeat it", "client", id, "error", err)
+					// The exchange would hold a delivery slot for ever:
+					// drop the connection, the client repeats PUBREC when
+					// it resumes the session.
+					h.log.Warn("PUBREC not replicated; disconnecting so that the client repeats it", "client", id, "error", err)
+					h.drop(c, stepNotReplicated)
 					return
 				}
 				rel := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: pid}
@@ -853,7 +857,7 @@ func (h *Sessions) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 		id, pid := c.id, pk.PacketID
 		held := pk
 		h.submit(sessOp{cmd: func() replication.Command { return &replication.QoS2Released{ClientID: id, PacketID: pid} },
-			done: func(_ replication.Result, err error) { h.handBack(cl, held, err) }})
+			done: func(_ replication.Result, err error) { h.handBack(c, held, err) }})
 		return ignoredPacket, nil
 	}
 	return pk, nil
@@ -865,15 +869,23 @@ func (h *Sessions) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 var ignoredPacket = packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}}
 
 // handBack gives mochi a PUBREL held back by OnPacketRead once
-// the log has recorded it. If it could not be recorded the packet is
-// dropped: the client repeats it when it resumes the session.
-func (h *Sessions) handBack(cl *mqtt.Client, pk packets.Packet, err error) {
+// the log has recorded it. If it could not be recorded (the writer retried
+// for a while) the connection is dropped: the client repeats the PUBREL
+// when it resumes the session, and until then the packet id stays taken.
+func (h *Sessions) handBack(c *sessConn, pk packets.Packet, err error) {
 	if err != nil {
-		h.log.Warn("QoS 2 step not replicated; the client will repeat it", "client", cl.ID, "packet", pk.FixedHeader.Type, "error", err)
+		h.log.Warn("QoS 2 step not replicated; disconnecting so that the client repeats it", "client", c.id,
+			"packet", pk.FixedHeader.Type, "error", err)
+		h.drop(c, stepNotReplicated)
 		return
 	}
-	go func() { _ = h.server.InjectPacket(cl, pk) }()
+	go func() { _ = h.server.InjectPacket(c.cl, pk) }()
 }
+
+// stepNotReplicated ends a connection whose QoS 2 step the log could not
+// record.
+var stepNotReplicated = packets.Code{Code: packets.ErrUnspecifiedError.Code,
+	Reason: "QoS 2 state could not be stored in the cluster's log; resume the session"}
 
 // OnDisconnect closes the session in the log. A connection taken over, or
 // dropped because this node shuts down, leaves the session as it is: the
