@@ -643,7 +643,7 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		}
 		return pk, nil
 	}
-	if err := h.repl.ReadBarrier(ctx); err != nil {
+	if err := h.repl.SubscriptionsBarrier(ctx); err != nil {
 		return pk, h.refuse(cl, pk, err)
 	}
 	cmd := h.enqueueCommand(pk, cl.ID)

@@ -28,9 +28,29 @@ import (
 // ErrNoLeader on a node that has been without one for longer than an
 // election takes); it fails with ErrTimeout when ctx ends.
 func (n *Node) ReadBarrier(ctx context.Context) error {
+	return n.barrier(ctx, false)
+}
+
+// SubscriptionsBarrier is ReadBarrier for the persistent sessions'
+// subscriptions only: once it returns, this node's state holds every entry
+// that changed a subscription (subscribe, unsubscribe, session deleted)
+// committed before the call. It is as safe as ReadBarrier for matching a
+// publish, and cheaper: such entries are rare, so this node usually holds
+// them already and does not wait for the entries committed just before
+// (its own publisher's previous message, which a follower learns is
+// committed only with the leader's next message).
+func (n *Node) SubscriptionsBarrier(ctx context.Context) error {
+	return n.barrier(ctx, true)
+}
+
+func (n *Node) barrier(ctx context.Context, subsOnly bool) error {
 	start := time.Now()
-	idx, err := n.readIndex(ctx)
+	ri, err := n.readIndex(ctx)
 	if err == nil {
+		idx := ri.read
+		if subsOnly {
+			idx = ri.subs
+		}
 		err = n.WaitSynced(ctx, idx)
 	}
 	n.m.barrierLatency.Observe(time.Since(start).Seconds())
@@ -62,8 +82,15 @@ func (n *Node) WaitSynced(ctx context.Context, index uint64) error {
 // it before it started.
 type readRound struct {
 	done chan struct{}
-	idx  uint64
+	idx  readIndexes
 	err  error
+}
+
+// readIndexes is what the leader answers: read covers every entry
+// committed before the request; subs (<= read) covers every entry among
+// them that changed a subscription.
+type readIndexes struct {
+	read, subs uint64
 }
 
 // readRounds coalesces read-index requests: at most one is in flight, and
@@ -77,11 +104,11 @@ type readRounds struct {
 
 // readIndex returns an index covering every entry committed before the
 // call, retrying through leader changes until ctx ends.
-func (n *Node) readIndex(ctx context.Context) (uint64, error) {
+func (n *Node) readIndex(ctx context.Context) (readIndexes, error) {
 	var lastErr error
 	for attempt := 0; ; attempt++ {
 		if !n.running() {
-			return 0, ErrClosed
+			return readIndexes{}, ErrClosed
 		}
 		if attempt > 0 {
 			t := time.NewTimer(min(time.Duration(attempt)*10*time.Millisecond, 100*time.Millisecond))
@@ -94,7 +121,7 @@ func (n *Node) readIndex(ctx context.Context) (uint64, error) {
 			t.Stop()
 		}
 		if err := ctx.Err(); err != nil {
-			return 0, timeoutErr(ctx, lastErr)
+			return readIndexes{}, timeoutErr(ctx, lastErr)
 		}
 		idx, err := n.joinReadRound(ctx)
 		if err == nil {
@@ -103,17 +130,17 @@ func (n *Node) readIndex(ctx context.Context) (uint64, error) {
 		lastErr = err
 		if !errors.Is(err, ErrNoLeader) && !errors.Is(err, ErrNotLeader) && !errors.Is(err, errNotSent) &&
 			!errors.Is(err, ErrTimeout) {
-			return 0, err
+			return readIndexes{}, err
 		}
 		if errors.Is(err, ErrNoLeader) {
 			if since := n.noLeaderSince.Load(); since != 0 && time.Since(time.Unix(0, since)) > n.fastFailAfter() {
-				return 0, fmt.Errorf("%w (for %v)", ErrNoLeader, time.Since(time.Unix(0, since)).Round(time.Millisecond))
+				return readIndexes{}, fmt.Errorf("%w (for %v)", ErrNoLeader, time.Since(time.Unix(0, since)).Round(time.Millisecond))
 			}
 		}
 	}
 }
 
-func (n *Node) joinReadRound(ctx context.Context) (uint64, error) {
+func (n *Node) joinReadRound(ctx context.Context) (readIndexes, error) {
 	rr := &n.reads
 	rr.mu.Lock()
 	if rr.next == nil {
@@ -129,7 +156,7 @@ func (n *Node) joinReadRound(ctx context.Context) (uint64, error) {
 	case <-r.done:
 		return r.idx, r.err
 	case <-ctx.Done():
-		return 0, timeoutErr(ctx, nil)
+		return readIndexes{}, timeoutErr(ctx, nil)
 	}
 }
 
@@ -152,31 +179,31 @@ func (n *Node) runReadRounds() {
 	}
 }
 
-// fetchReadIndex asks the leader (this node or another) for a read index.
-func (n *Node) fetchReadIndex(ctx context.Context) (uint64, error) {
+// fetchReadIndex asks the leader (this node or another) for read indexes.
+func (n *Node) fetchReadIndex(ctx context.Context) (readIndexes, error) {
 	if n.raft.State() == raft.Leader {
 		return n.leaderReadIndex(ctx)
 	}
 	addr, id := n.raft.LeaderWithID()
 	if addr == "" || id == raft.ServerID(n.cfg.NodeID) {
-		return 0, ErrNoLeader
+		return readIndexes{}, ErrNoLeader
 	}
 	body, err := n.rpcc.call(ctx, string(addr), rpcReadIndex, appendUvarint(nil, timeoutMs(ctx)))
 	if err != nil {
 		if ctx.Err() != nil {
-			return 0, fmt.Errorf("%w: read index from %s: %w", ErrTimeout, addr, err)
+			return readIndexes{}, fmt.Errorf("%w: read index from %s: %w", ErrTimeout, addr, err)
 		}
-		return 0, fmt.Errorf("read index from %s: %w", addr, err)
+		return readIndexes{}, fmt.Errorf("read index from %s: %w", addr, err)
 	}
 	r := reader{b: body}
 	if err := r.error(); err != nil {
-		return 0, err
+		return readIndexes{}, err
 	}
-	idx := r.uvarint()
+	ri := readIndexes{read: r.uvarint(), subs: r.uvarint()}
 	if err := r.end(); err != nil {
-		return 0, fmt.Errorf("%w: read index reply: %w", errCorrupt, err)
+		return readIndexes{}, fmt.Errorf("%w: read index reply: %w", errCorrupt, err)
 	}
-	return idx, nil
+	return ri, nil
 }
 
 // leaderReadIndex is the leader's side. The index is read first, then
@@ -187,8 +214,10 @@ func (n *Node) fetchReadIndex(ctx context.Context) (uint64, error) {
 // its own term (so its commit index covers every earlier term), else its
 // last index (which holds every committed entry, by Leader Completeness).
 // Either is then moved down past entries the FSM never sees (no-ops), so
-// that WaitSynced on any node ends at it.
-func (n *Node) leaderReadIndex(ctx context.Context) (uint64, error) {
+// that WaitSynced on any node ends at it. The leader then applies up to it
+// itself, so that its own record of the last subscription change covers
+// it.
+func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
 	idx := n.raft.LastIndex()
 	if n.fsm.syncedTerm.Load() == n.raft.CurrentTerm() {
 		idx = n.raft.CommitIndex()
@@ -199,12 +228,17 @@ func (n *Node) leaderReadIndex(ctx context.Context) (uint64, error) {
 	select {
 	case err := <-errc:
 		if err != nil {
-			return 0, fmt.Errorf("%w: %w", ErrNotLeader, err)
+			return readIndexes{}, fmt.Errorf("%w: %w", ErrNotLeader, err)
 		}
 	case <-ctx.Done():
-		return 0, fmt.Errorf("%w: verifying leadership: %w", ErrTimeout, ctx.Err())
+		return readIndexes{}, fmt.Errorf("%w: verifying leadership: %w", ErrTimeout, ctx.Err())
 	}
-	return n.lastFSMEntry(idx), nil
+	ri := readIndexes{read: n.lastFSMEntry(idx)}
+	if err := n.WaitSynced(ctx, ri.read); err != nil {
+		return readIndexes{}, err
+	}
+	ri.subs = min(n.fsm.subsChanged.Load(), ri.read)
+	return ri, nil
 }
 
 // lastFSMEntry returns the highest index <= idx of an entry raft hands to

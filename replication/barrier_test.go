@@ -89,3 +89,40 @@ func TestSnapshotCarriesSyncedIndex(t *testing.T) {
 		t.Fatalf("synced after restore = %d, want 4", s)
 	}
 }
+
+// TestSubscriptionsBarrierOnLaggingFollower: subscriptions committed while
+// a follower was down are in its state once SubscriptionsBarrier returns.
+func TestSubscriptionsBarrierOnLaggingFollower(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	f := c.follower(lead)
+	f.stop(true)
+	ctx := ctxT(t, waitFor)
+	const sessions = 20
+	for i := range sessions {
+		id := fmt.Sprintf("s%d", i)
+		if _, err := lead.node().Apply(ctx, &Batch{Commands: []Command{
+			&SessionOpen{ClientID: id, ProtocolVersion: 5, ExpiryInterval: 60, Owner: "n1", At: 1},
+			&Subscribe{ClientID: id, Subscriptions: []Subscription{{Filter: "a/#", QoS: 1}}},
+		}}); err != nil {
+			t.Fatal(err)
+		}
+		// Writes that change no subscription come after.
+		if _, err := lead.node().Apply(ctx, setRetained(fmt.Sprintf("other/%d", i), "v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.node().SubscriptionsBarrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i := range sessions {
+		s, ok := f.node().Session(fmt.Sprintf("s%d", i))
+		if _, sub := s.Subscriptions["a/#"]; !ok || !sub {
+			t.Fatalf("subscription of s%d committed before the barrier is not visible after it", i)
+		}
+	}
+}

@@ -35,8 +35,11 @@ type FSM struct {
 	// chosen so that waiting for it terminates.
 	synced     atomic.Uint64
 	syncedTerm atomic.Uint64 // term of the entry at synced
-	syncedMu   sync.Mutex
-	syncedWake chan struct{} // closed and replaced whenever synced moves
+	// subsChanged is the index of the last applied entry that changed a
+	// persistent session's subscriptions (Node.SubscriptionsBarrier).
+	subsChanged atomic.Uint64
+	syncedMu    sync.Mutex
+	syncedWake  chan struct{} // closed and replaced whenever synced moves
 }
 
 // observers are the caller's callbacks; they run on raft's FSM goroutine,
@@ -118,8 +121,12 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 			continue
 		}
 		var res Result
+		before := len(evs)
 		res, evs = f.st.applyCommand(cmds[i], l.Index, evs)
 		out[i] = res
+		if changesSubscriptions(evs[before:]) {
+			f.subsChanged.Store(l.Index)
+		}
 		n += commandCount(cmds[i])
 	}
 	f.mu.Unlock()
@@ -131,6 +138,21 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		f.setSynced(logs[len(logs)-1].Index)
 	}
 	return out
+}
+
+// changesSubscriptions reports whether an entry's events change which
+// persistent sessions a publish matches.
+func changesSubscriptions(evs []event) bool {
+	for _, e := range evs {
+		if e.session == nil {
+			continue
+		}
+		switch e.session.Kind {
+		case SessionSubscribed, SessionUnsubscribed, SessionDeleted:
+			return true
+		}
+	}
+	return false
 }
 
 func commandCount(c Command) int {
@@ -190,6 +212,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	// (a follower catching up): synced follows it either way.
 	f.syncedMu.Lock()
 	f.synced.Store(st.synced)
+	f.subsChanged.Store(st.synced) // anything up to the snapshot may have
 	close(f.syncedWake)
 	f.syncedWake = make(chan struct{})
 	f.syncedMu.Unlock()

@@ -430,11 +430,11 @@ func (s *rpcServer) handle(kind byte, body []byte) []byte {
 		}
 		ctx, cancel := s.n.rpcContext(ms)
 		defer cancel()
-		idx, err := s.n.joinReadRound(ctx)
+		ri, err := s.n.joinReadRound(ctx)
 		if err != nil {
 			return appendError(nil, err)
 		}
-		return appendUvarint(appendError(nil, nil), idx)
+		return appendUvarint(appendUvarint(appendError(nil, nil), ri.read), ri.subs)
 	case rpcStatus:
 		st := s.n.peerStatus()
 		b := appendError(nil, nil)
