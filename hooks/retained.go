@@ -73,9 +73,10 @@ func (h *Retained) Provides(b byte) bool {
 
 // OnPublish replicates a local retained publish before mochi acknowledges it.
 func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	// Forwarded copies were replicated by their origin; every other
-	// publish is replicated here, wills published by the leader included.
-	if !pk.FixedHeader.Retain || isInjector(cl) || pk.Ignore {
+	// Forwarded copies were replicated by their origin, wills published
+	// by the leader by their claim (PublishWill); every other publish is
+	// replicated here.
+	if !pk.FixedHeader.Retain || isInjector(cl) || isWillPublisher(cl) || pk.Ignore {
 		return pk, nil
 	}
 	if ackBeforeCommit {

@@ -46,7 +46,8 @@ import (
 //     any session; the previous owner sees the SessionOpen and drops its
 //     connection (0x8E).
 //   - Wills of persistent sessions live in the log. The raft leader
-//     publishes each will once (ClaimWill, then publish) when its session
+//     publishes each will once (PublishWill: the claim queues and retains
+//     it in the log; then the live publish, wills.go) when its session
 //     was closed without DISCONNECT, after the will delay, or when the node
 //     that held the connection is declared dead (it closes those sessions
 //     on the dead node's behalf first). Clean sessions with a will are
@@ -105,8 +106,12 @@ type SessionsConfig struct {
 	// whose owner has not been alive for DeadAfter is closed on its behalf.
 	Alive     func(node string) bool
 	DeadAfter time.Duration
-	Log       *slog.Logger
-	Metrics   *Metrics
+	// AfterWillClaim, if set, runs between claiming a will and publishing
+	// it live; false skips the live publication (tests stand in for a
+	// leader that dies right after the claim with it).
+	AfterWillClaim func(clientID string) bool
+	Log            *slog.Logger
+	Metrics        *Metrics
 }
 
 // sessConn is one client connection the hook tracks.
@@ -554,8 +559,8 @@ func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // session and returns once that is committed, so mochi acknowledges only
 // what the log holds.
 func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) {
-		return pk, nil
+	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) || isWillPublisher(cl) {
+		return pk, nil // a will's persistent copies were queued by its claim
 	}
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
@@ -1236,7 +1241,7 @@ func (h *Sessions) publishDueWills() {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
-		res, err := h.repl.Apply(ctx, &replication.ClaimWill{ClientID: s.ClientID, IfOpened: full.OpenedIndex})
+		res, err := h.repl.Apply(ctx, h.claimWill(s.ClientID, full.OpenedIndex))
 		cancel()
 		if err != nil {
 			h.log.Warn("will not claimed", "client", s.ClientID, "error", err)
@@ -1244,6 +1249,9 @@ func (h *Sessions) publishDueWills() {
 		}
 		if !res.Changed {
 			continue // reconnected, or claimed by someone else meanwhile
+		}
+		if h.cfg.AfterWillClaim != nil && !h.cfg.AfterWillClaim(s.ClientID) {
+			continue
 		}
 		h.publishWill(s.ClientID, full.Will)
 	}

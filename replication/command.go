@@ -39,7 +39,8 @@ const (
 	CmdClearWill     CommandType = 17
 	CmdClaimWill     CommandType = 18
 	CmdReclaimOwner  CommandType = 19
-	// Next: 20 (or 0x94 for a command old nodes may skip).
+	CmdPublishWill   CommandType = 20 // will_publish.go
+	// Next: 21 (or 0x95 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -84,6 +85,8 @@ func (t CommandType) String() string {
 		return "claim_will"
 	case CmdReclaimOwner:
 		return "reclaim_owner"
+	case CmdPublishWill:
+		return "publish_will"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -348,6 +351,10 @@ func DecodeCommand(b []byte) (Command, error) {
 	default:
 		if sc, ok := decodeSessionCommand(t, &r); ok {
 			c = sc
+			break
+		}
+		if wc, ok := decodeWillCommand(t, &r); ok {
+			c = wc
 			break
 		}
 		if t&cmdSkippable != 0 {

@@ -116,10 +116,14 @@ func New(cfg Config) (_ *Node, err error) {
 	drainCtx, drain := context.WithCancel(context.Background())
 	n.drain = drain
 	n.retainedHook.SetBase(drainCtx)
-	n.sessionsHook = hooks.NewSessions(n.mqtt, n.clusterHook, hooks.SessionsConfig{
+	scfg := hooks.SessionsConfig{
 		Self: cfg.NodeID, MaxQueued: cfg.MaxQueuedMessages, MaxInflight: cfg.MaxInflightMessages,
 		Timeout: replicatedWriteTimeout, Alive: n.memberAlive, Log: log, Metrics: metrics,
-	})
+	}
+	if cfg.SessionsTuning != nil {
+		cfg.SessionsTuning(&scfg)
+	}
+	n.sessionsHook = hooks.NewSessions(n.mqtt, n.clusterHook, scfg)
 	n.sessionsHook.SetBase(drainCtx)
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.

@@ -7,6 +7,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
+	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
@@ -64,4 +65,59 @@ func TestRetainedWillOfCleanSessionReplicated(t *testing.T) {
 		Will: &paho.WillMessage{Topic: "avail/plug", QoS: 1, Retain: true, Payload: []byte("offline")}})
 	_ = dev.Conn.Close() // no DISCONNECT: the will is published
 	tc.waitRetained(t, "avail/plug", "offline")
+}
+
+// newTunedCluster is newTestCluster with every node's session hook
+// configuration adjusted by tune.
+func newTunedCluster(t *testing.T, tune func(*hooks.SessionsConfig), ids ...string) *testCluster {
+	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}, sessionsTuning: tune}
+	for _, id := range ids {
+		tc.start(id)
+	}
+	tc.waitMembers(len(ids))
+	return tc
+}
+
+// TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication: the
+// claim of a dead node's will carries its publication into the log. The
+// claiming leader here never publishes it live (as if it died right after
+// the commit), and still the offline persistent subscriber finds the will
+// in its queue and a new subscriber on any node reads it as retained.
+func TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication(t *testing.T) {
+	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) {
+		c.AfterWillClaim = func(string) bool { return false }
+	}, "n1", "n2", "n3")
+	tc.waitReady()
+	tc.client("n1", "st-pub").Pub(t, "st/dev", 1, true, []byte("online"))
+	ha := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ha", CleanStart: true, SessionExpiry: 600})
+	ha.Sub(t, 1, "st/#")
+	if p := ha.MustNext(t, wait); string(p.Payload) != "online" {
+		t.Fatalf("retained on subscribe: %q", p.Payload)
+	}
+	ha.Close() // the session stays, offline
+	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "dev", CleanStart: true,
+		SessionExpiry: 600, Will: &paho.WillMessage{Topic: "st/dev", QoS: 1, Retain: true, Payload: []byte("offline")}})
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("dev"); !ok || s.Will == nil {
+			return fmt.Errorf("will not in the log yet")
+		}
+		return nil
+	})
+	tc.nodes["n2"].Kill()
+	delete(tc.nodes, "n2")
+	testutil.Eventually(t, 15*time.Second, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("dev"); !ok || s.Will != nil {
+			return fmt.Errorf("will not claimed yet")
+		}
+		return nil
+	})
+	tc.waitRetained(t, "st/dev", "offline")
+	again := testutil.Connect(t, tc.nodes["n3"].Addr("mqtt"), testutil.ClientOptions{ID: "ha", SessionExpiry: 600})
+	if !again.Connack.SessionPresent {
+		t.Fatal("session of ha not present")
+	}
+	p := again.MustNext(t, wait)
+	if p.Topic != "st/dev" || string(p.Payload) != "offline" {
+		t.Fatalf("queued for ha: %s %q, want the will", p.Topic, p.Payload)
+	}
 }
