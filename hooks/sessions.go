@@ -89,6 +89,8 @@ type Sessions struct {
 	stale   map[string]uint64 // maintenance: sessions seen stale once (id -> opened index)
 	dead    map[string]time.Time
 	dropLog atomic.Int64 // unix ns of the last queue-drop log line
+
+	stopping stopState // graceful stops and restarts (wills.go)
 }
 
 // SessionsConfig configures the Sessions hook.
@@ -103,9 +105,18 @@ type SessionsConfig struct {
 	// Timeout bounds a write the client waits for (CONNACK, PUBACK).
 	Timeout time.Duration
 	// Alive reports whether a node is a live cluster member. A session
-	// whose owner has not been alive for DeadAfter is closed on its behalf.
+	// whose owner has not been alive for DeadAfter is closed on its behalf
+	// (LeaveGrace if Left reports the owner left gracefully).
 	Alive     func(node string) bool
+	Left      func(node string) bool
 	DeadAfter time.Duration
+	// LeaveGrace: how long the sessions of a node that left gracefully
+	// stay open for their clients to come back before they are closed on
+	// its behalf (wills.go); default 30 s.
+	LeaveGrace time.Duration
+	// RestartedAfterStop: this node's previous run stopped gracefully; the
+	// sessions it still owns from that run get LeaveGrace too.
+	RestartedAfterStop bool
 	// AfterWillClaim, if set, runs between claiming a will and publishing
 	// it live; false skips the live publication (tests stand in for a
 	// leader that dies right after the claim with it).
@@ -158,6 +169,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}}
 	h.base = context.Background()
+	h.initStop()
 	h.willCl = s.NewClient(nil, "cluster", willClientID, true)
 	h.willCl.Properties.ProtocolVersion = 5
 	return h
@@ -248,6 +260,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
 	if !persistent(cl, pk) {
 		if !hasWill {
+			h.endMirrorOf(cl.ID)
 			return
 		}
 		// A clean session's will: mochi publishes it while this node
@@ -826,7 +839,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		// node shuts down), so the mirror always ends with the connection;
 		// a connection taken over was replaced in the log already (the
 		// conditional delete is then a no-op).
-		if c.closedByLeader.Load() {
+		if c.closedByLeader.Load() || h.keptAtStop(c) {
 			return
 		}
 		h.submit(sessOp{cmd: func() replication.Command {
@@ -1150,7 +1163,7 @@ func (h *Sessions) maintain() {
 // no connection here, once seen twice (a connection being established has
 // its SessionOpen committed before it is registered).
 func (h *Sessions) closeStale() {
-	if !h.repl.HasLeader() {
+	if !h.repl.HasLeader() || h.inRestartGrace() {
 		return
 	}
 	seen := map[string]uint64{}
@@ -1204,7 +1217,7 @@ func (h *Sessions) closeDeadOwners() {
 				h.dead[s.Owner] = now
 			}
 		}
-		if dead && now.Sub(h.dead[s.Owner]) >= h.cfg.DeadAfter {
+		if dead && now.Sub(h.dead[s.Owner]) >= h.goneAfter(s.Owner) {
 			b.Commands = append(b.Commands, &replication.SessionClose{ClientID: s.ClientID, Owner: s.Owner,
 				IfOpened: s.OpenedIndex, At: now.UnixMilli()})
 		}

@@ -121,3 +121,68 @@ func TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication(t *testing.T)
 		t.Fatalf("queued for ha: %s %q, want the will", p.Topic, p.Payload)
 	}
 }
+
+// TestGracefulStopFiresNoWillOfReturningClients: a graceful stop (SIGTERM:
+// rolling restart, scale-down) is not a death. Clients of the stopped node
+// that reconnect elsewhere within the leave grace keep their wills unfired,
+// persistent and clean sessions alike; those that do not come back get
+// their wills published once the grace is over (a retained one as the
+// retained value).
+func TestGracefulStopFiresNoWillOfReturningClients(t *testing.T) {
+	const grace = 8 * time.Second
+	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
+	tc.waitReady()
+	watcher := tc.client("n1", "gs-watcher")
+	watcher.Sub(t, 1, "gs/#")
+	will := func(id string, retain bool) *paho.WillMessage {
+		return &paho.WillMessage{Topic: "gs/" + id, QoS: 1, Retain: retain, Payload: []byte(id + " offline")}
+	}
+	n2 := tc.nodes["n2"].Addr("mqtt")
+	for _, o := range []testutil.ClientOptions{
+		{ID: "pa", CleanStart: true, SessionExpiry: 600, Will: will("pa", false)}, // persistent, comes back
+		{ID: "pb", CleanStart: true, SessionExpiry: 600, Will: will("pb", false)}, // persistent, does not
+		{ID: "ca", CleanStart: true, Will: will("ca", false)},                     // clean, comes back
+		{ID: "cb", CleanStart: true, Will: will("cb", true)},                      // clean, does not
+	} {
+		c, err := testutil.TryConnect(n2, o)
+		if err != nil {
+			t.Fatalf("connect %s: %v", o.ID, err)
+		}
+		t.Cleanup(func() { _ = c.Conn.Close() })
+	}
+	testutil.Eventually(t, wait, func() error {
+		for _, id := range []string{"pa", "pb", "ca", "cb"} {
+			if s, ok := tc.nodes["n1"].repl.Session(id); !ok || s.Will == nil {
+				return fmt.Errorf("will of %s not in the log yet", id)
+			}
+		}
+		return nil
+	})
+	tc.stop("n2")
+	// Longer than a dead node's wills take (DeadAfter, 3 s, and a
+	// maintenance tick), shorter than the grace: nothing may fire.
+	window := time.After(4500 * time.Millisecond)
+	for quiet := false; !quiet; {
+		select {
+		case p := <-watcher.Msgs:
+			t.Fatalf("%s %q published after a graceful stop", p.Topic, p.Payload)
+		case <-window:
+			quiet = true
+		}
+	}
+	testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "pa", SessionExpiry: 600})
+	testutil.Connect(t, tc.nodes["n3"].Addr("mqtt"), testutil.ClientOptions{ID: "ca", CleanStart: true})
+	got := map[string]bool{}
+	for range 2 {
+		p := watcher.MustNext(t, 2*grace)
+		got[p.Topic] = true
+	}
+	if !got["gs/pb"] || !got["gs/cb"] {
+		t.Fatalf("wills published: %v, want those of pb and cb", got)
+	}
+	tc.client("n3", "gs-marker").Pub(t, "gs/marker", 1, false, []byte("end"))
+	if p := watcher.MustNext(t, wait); p.Topic != "gs/marker" {
+		t.Fatalf("after the wills: %s %q (the will of a client that came back?)", p.Topic, p.Payload)
+	}
+	tc.waitRetained(t, "gs/cb", "cb offline")
+}
