@@ -186,3 +186,47 @@ func TestGracefulStopFiresNoWillOfReturningClients(t *testing.T) {
 	}
 	tc.waitRetained(t, "gs/cb", "cb offline")
 }
+
+// TestRollingRestartFiresNoWill: a node stopped gracefully and started
+// again (a rolling restart) finds the sessions of its previous run open in
+// the log with no connection; a client that comes back within the grace,
+// to any node, keeps its will unfired.
+func TestRollingRestartFiresNoWill(t *testing.T) {
+	const grace = 8 * time.Second
+	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
+	tc.waitReady()
+	watcher := tc.client("n1", "rr-watcher")
+	watcher.Sub(t, 1, "rr/#")
+	dev, err := testutil.TryConnect(tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "rr-dev", CleanStart: true,
+		SessionExpiry: 600, Will: &paho.WillMessage{Topic: "rr/dev", QoS: 1, Payload: []byte("offline")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = dev.Conn.Close() })
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("rr-dev"); !ok || s.Will == nil {
+			return fmt.Errorf("will not in the log yet")
+		}
+		return nil
+	})
+	tc.stop("n2")
+	tc.restart("n2")
+	tc.waitMembers(3)
+	tc.waitReady()
+	// Longer than a restarted node takes to close what it owns with no
+	// connection (two maintenance ticks) and than DeadAfter.
+	window := time.After(4 * time.Second)
+	for quiet := false; !quiet; {
+		select {
+		case p := <-watcher.Msgs:
+			t.Fatalf("%s %q published after a rolling restart", p.Topic, p.Payload)
+		case <-window:
+			quiet = true
+		}
+	}
+	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "rr-dev", SessionExpiry: 600})
+	tc.client("n3", "rr-marker").Pub(t, "rr/marker", 1, false, []byte("end"))
+	if p := watcher.MustNext(t, wait); p.Topic != "rr/marker" {
+		t.Fatalf("got %s %q, want only the marker", p.Topic, p.Payload)
+	}
+}
