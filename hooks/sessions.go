@@ -50,7 +50,8 @@ import (
 //     it in the log; then the live publish, wills.go) when its session
 //     was closed without DISCONNECT, after the will delay, or when the node
 //     that held the connection is declared dead (it closes those sessions
-//     on the dead node's behalf first). Clean sessions with a will are
+//     on the dead node's behalf first; a node that left gracefully gets a
+//     leave grace instead, see wills.go). Clean sessions with a will are
 //     mirrored too, so their will fires when their node dies; while the
 //     node lives, mochi publishes it as before.
 //
