@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -38,12 +39,16 @@ type Retained struct {
 	metrics *Metrics
 	log     *slog.Logger
 	base    context.Context // see Sessions.base
+
+	willMu sync.Mutex
+	wills  map[*mqtt.Client]string // retained wills mochi is publishing (retained_wills.go)
 }
 
 // NewRetained returns the hook; timeout bounds each replicated write.
 // SetReplication must be called before the server serves.
 func NewRetained(s *mqtt.Server, timeout time.Duration, m *Metrics, log *slog.Logger) *Retained {
-	return &Retained{server: s, timeout: timeout, metrics: m, log: log.With("component", "retained"), base: context.Background()}
+	return &Retained{server: s, timeout: timeout, metrics: m, log: log.With("component", "retained"), base: context.Background(),
+		wills: map[*mqtt.Client]string{}}
 }
 
 // SetBase sets the context client-facing writes derive from; call it
@@ -59,14 +64,19 @@ func (h *Retained) ID() string { return "replicated-retained" }
 
 // Provides implements mqtt.Hook.
 func (h *Retained) Provides(b byte) bool {
-	return b == mqtt.OnPublish || b == mqtt.OnRetainMessage
+	switch b {
+	case mqtt.OnPublish, mqtt.OnRetainMessage, mqtt.OnWill, mqtt.OnWillSent:
+		return true
+	}
+	return false
 }
 
 // OnPublish replicates a local retained publish before mochi acknowledges it.
 func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	// Forwarded copies were replicated by their origin; every other
-	// publish is replicated here, wills published by the leader included.
-	if !pk.FixedHeader.Retain || isInjector(cl) || pk.Ignore {
+	// Forwarded copies were replicated by their origin, wills published
+	// by the leader by their claim (PublishWill); every other publish is
+	// replicated here.
+	if !pk.FixedHeader.Retain || isInjector(cl) || isWillPublisher(cl) || pk.Ignore {
 		return pk, nil
 	}
 	if ackBeforeCommit {
@@ -107,6 +117,10 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 func (h *Retained) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
 	if ackBeforeCommit {
 		return // the broken build keeps mochi's local, unreplicated copy
+	}
+	if h.takeWill(cl, pk.TopicName) {
+		h.replicateWill(pk) // it never went through OnPublish
+		return
 	}
 	h.assert(pk.TopicName)
 }

@@ -48,10 +48,12 @@ import (
 //     any session; the previous owner sees the SessionOpen and drops its
 //     connection (0x8E).
 //   - Wills of persistent sessions live in the log. The raft leader
-//     publishes each will once (ClaimWill, then publish) when its session
+//     publishes each will once (PublishWill: the claim queues and retains
+//     it in the log; then the live publish, wills.go) when its session
 //     was closed without DISCONNECT, after the will delay, or when the node
 //     that held the connection is declared dead (it closes those sessions
-//     on the dead node's behalf first). Clean sessions with a will are
+//     on the dead node's behalf first; a node that left gracefully gets a
+//     leave grace instead, see wills.go). Clean sessions with a will are
 //     mirrored too, so their will fires when their node dies; while the
 //     node lives, mochi publishes it as before.
 //
@@ -94,6 +96,8 @@ type Sessions struct {
 	// still owned client ids (releaseDeadOwners).
 	ownerDead map[string]time.Time
 	dropLog   atomic.Int64 // unix ns of the last queue-drop log line
+
+	stopping stopState // graceful stops and restarts (wills.go)
 }
 
 // SessionsConfig configures the Sessions hook.
@@ -108,11 +112,24 @@ type SessionsConfig struct {
 	// Timeout bounds a write the client waits for (CONNACK, PUBACK).
 	Timeout time.Duration
 	// Alive reports whether a node is a live cluster member. A session
-	// whose owner has not been alive for DeadAfter is closed on its behalf.
+	// whose owner has not been alive for DeadAfter is closed on its behalf
+	// (LeaveGrace if Left reports the owner left gracefully).
 	Alive     func(node string) bool
+	Left      func(node string) bool
 	DeadAfter time.Duration
-	Log       *slog.Logger
-	Metrics   *Metrics
+	// LeaveGrace: how long the sessions of a node that left gracefully
+	// stay open for their clients to come back before they are closed on
+	// its behalf (wills.go); default 30 s.
+	LeaveGrace time.Duration
+	// RestartedAfterStop: this node's previous run stopped gracefully; the
+	// sessions it still owns from that run get LeaveGrace too.
+	RestartedAfterStop bool
+	// AfterWillClaim, if set, runs between claiming a will and publishing
+	// it live; false skips the live publication (tests stand in for a
+	// leader that dies right after the claim with it).
+	AfterWillClaim func(clientID string) bool
+	Log            *slog.Logger
+	Metrics        *Metrics
 }
 
 // sessConn is one client connection the hook tracks.
@@ -163,6 +180,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
 	h.base = context.Background()
+	h.initStop()
 	h.willCl = s.NewClient(nil, "cluster", willClientID, true)
 	h.willCl.Properties.ProtocolVersion = 5
 	return h
@@ -248,6 +266,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
 	if !persistent(cl, pk) {
 		if !hasWill {
+			h.endMirrorOf(cl.ID)
 			return
 		}
 		// A clean session's will: mochi publishes it while this node
@@ -630,8 +649,8 @@ func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // like a retained write without quorum (replication/DESIGN.md,
 // "Acknowledging a publish").
 func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) {
-		return pk, nil
+	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) || isWillPublisher(cl) {
+		return pk, nil // a will's persistent copies were queued by its claim
 	}
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
@@ -920,7 +939,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		// node shuts down), so the mirror always ends with the connection;
 		// a connection taken over was replaced in the log already (the
 		// conditional delete is then a no-op).
-		if c.closedByLeader.Load() {
+		if c.closedByLeader.Load() || h.keptAtStop(c) {
 			return
 		}
 		h.submit(sessOp{cmd: func() replication.Command {
@@ -1261,7 +1280,7 @@ func (h *Sessions) maintain() {
 // no connection here, once seen twice (a connection being established has
 // its SessionOpen committed before it is registered).
 func (h *Sessions) closeStale() {
-	if !h.repl.HasLeader() {
+	if !h.repl.HasLeader() || h.inRestartGrace() {
 		return
 	}
 	seen := map[string]uint64{}
@@ -1315,7 +1334,7 @@ func (h *Sessions) closeDeadOwners() {
 				h.dead[s.Owner] = now
 			}
 		}
-		if dead && now.Sub(h.dead[s.Owner]) >= h.cfg.DeadAfter {
+		if dead && now.Sub(h.dead[s.Owner]) >= h.goneAfter(s.Owner) {
 			b.Commands = append(b.Commands, &replication.SessionClose{ClientID: s.ClientID, Owner: s.Owner,
 				IfOpened: s.OpenedIndex, At: now.UnixMilli()})
 		}
@@ -1352,7 +1371,7 @@ func (h *Sessions) publishDueWills() {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
-		res, err := h.repl.Apply(ctx, &replication.ClaimWill{ClientID: s.ClientID, IfOpened: full.OpenedIndex})
+		res, err := h.repl.Apply(ctx, h.claimWill(s.ClientID, full.OpenedIndex))
 		cancel()
 		if err != nil {
 			h.log.Warn("will not claimed", "client", s.ClientID, "error", err)
@@ -1360,6 +1379,9 @@ func (h *Sessions) publishDueWills() {
 		}
 		if !res.Changed {
 			continue // reconnected, or claimed by someone else meanwhile
+		}
+		if h.cfg.AfterWillClaim != nil && !h.cfg.AfterWillClaim(s.ClientID) {
+			continue
 		}
 		h.publishWill(s.ClientID, full.Will)
 	}

@@ -40,7 +40,8 @@ const (
 	CmdClaimWill     CommandType = 18
 	CmdReclaimOwner  CommandType = 19
 	CmdQoS2Publish   CommandType = 20
-	// Next: 21 (or 0x95 for a command old nodes may skip).
+	CmdPublishWill   CommandType = 21 // will_publish.go
+	// Next: 22 (or 0x96 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -87,6 +88,8 @@ func (t CommandType) String() string {
 		return "reclaim_owner"
 	case CmdQoS2Publish:
 		return "qos2_publish"
+	case CmdPublishWill:
+		return "publish_will"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -351,6 +354,10 @@ func DecodeCommand(b []byte) (Command, error) {
 	default:
 		if sc, ok := decodeSessionCommand(t, &r); ok {
 			c = sc
+			break
+		}
+		if wc, ok := decodeWillCommand(t, &r); ok {
+			c = wc
 			break
 		}
 		if t&cmdSkippable != 0 {

@@ -53,6 +53,11 @@ var goldenCommands = []struct {
 		hex:  "13" + "026331" + "026e31" + "0a",
 	},
 	{
+		name: "publish_will",
+		cmd:  &PublishWill{ClientID: "c1", IfOpened: 300, At: 5, MaxQueued: 1000},
+		hex:  "15" + "026331" + "ac02" + "0a" + "e807",
+	},
+	{
 		name: "batch",
 		cmd:  &Batch{Commands: []Command{&RetainClear{Topic: "a"}, &ReleaseOwner{ClientID: "c", Node: "n", Epoch: 1}}},
 		hex:  "05" + "02" + "04" + "02016100" + "06" + "040163016e01",

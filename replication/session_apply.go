@@ -186,6 +186,8 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		e.Will = nil
 		res.Changed = true
 		emit(SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: e.Owner})
+	case *PublishWill:
+		evs = s.applyPublishWill(c, res, evs)
 	default:
 		return evs, false
 	}

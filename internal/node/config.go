@@ -8,6 +8,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 
 	"github.com/mqtt-ha/broker/cluster"
+	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -48,6 +49,9 @@ type Config struct {
 	ClusterTuning func(*cluster.Config)
 	// ReplicationTuning, likewise, adjusts the raft configuration.
 	ReplicationTuning func(*replication.Config)
+	// SessionsTuning, likewise, adjusts the persistent-session hook's
+	// configuration (tests shorten the leave grace with it).
+	SessionsTuning func(*hooks.SessionsConfig)
 	// ReplicatedSizeLimit caps a message written to the raft log (a
 	// retained message); larger ones are refused. 0: the replication default.
 	ReplicatedSizeLimit int

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/mqtt-ha/broker/cluster"
+	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/testutil"
 	"github.com/mqtt-ha/broker/replication"
 )
@@ -21,7 +22,9 @@ type testCluster struct {
 	seed  string // gossip address of the first node
 	// expect is every node's --bootstrap-expect: the initial cluster size.
 	expect int
-	cfgs   map[string]Config // the last configuration of each node, bound addresses filled in
+	cfgs   map[string]Config
+	// sessionsTuning is every node's Config.SessionsTuning.
+	sessionsTuning func(*hooks.SessionsConfig) // the last configuration of each node, bound addresses filled in
 }
 
 func testLogger() *slog.Logger {
@@ -69,7 +72,7 @@ func (tc *testCluster) start(id string) *Node {
 		AllowAnonymous: true, MaxPacketSize: 4 << 20, MaxQueuedMessages: 1000, MaxKeepalive: 65535,
 		RetainAvailable: true, ConnectTimeout: 5 * time.Second, ShutdownTimeout: 5 * time.Second,
 		Logger: testLogger(), ClusterTuning: fastCluster, ReplicationTuning: fastRaft,
-		BootstrapExpect: tc.expect,
+		BootstrapExpect: tc.expect, SessionsTuning: tc.sessionsTuning,
 	}
 	if tc.seed != "" {
 		cfg.Join = []string{tc.seed}

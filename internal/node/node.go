@@ -116,10 +116,17 @@ func New(cfg Config) (_ *Node, err error) {
 	drainCtx, drain := context.WithCancel(context.Background())
 	n.drain = drain
 	n.retainedHook.SetBase(drainCtx)
-	n.sessionsHook = hooks.NewSessions(n.mqtt, n.clusterHook, hooks.SessionsConfig{
+	scfg := hooks.SessionsConfig{
 		Self: cfg.NodeID, MaxQueued: cfg.MaxQueuedMessages, MaxInflight: cfg.MaxInflightMessages,
-		Timeout: replicatedWriteTimeout, Alive: n.memberAlive, Log: log, Metrics: metrics,
-	})
+		Timeout: replicatedWriteTimeout, Alive: n.memberAlive, Left: n.memberLeft, Log: log, Metrics: metrics,
+	}
+	if scfg.RestartedAfterStop, err = takeStoppedMarker(cfg.DataDir); err != nil {
+		return nil, err
+	}
+	if cfg.SessionsTuning != nil {
+		cfg.SessionsTuning(&scfg)
+	}
+	n.sessionsHook = hooks.NewSessions(n.mqtt, n.clusterHook, scfg)
 	n.sessionsHook.SetBase(drainCtx)
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.
@@ -267,6 +274,8 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		// A client blocked in a replicated write (no quorum right now)
 		// gets its failure at once instead of holding the drain up.
 		n.drain()
+		// Clean sessions' wills stay in the log for the leave grace.
+		n.sessionsHook.PrepareStop()
 		done := make(chan struct{})
 		go func() {
 			n.disconnectClients()
@@ -290,6 +299,9 @@ func (n *Node) Shutdown(ctx context.Context) error {
 			if err := n.repl.Close(); err != nil {
 				n.log.Warn("raft close", "error", err)
 			}
+		}
+		if err := writeStoppedMarker(n.cfg.DataDir); err != nil {
+			n.log.Warn("graceful stop not recorded; the next start closes this run's sessions at once", "error", err)
 		}
 		// Leave after the clients are gone: what they published before the
 		// listeners closed has been handed to the forward queues.

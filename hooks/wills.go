@@ -1,0 +1,142 @@
+package hooks
+
+import (
+	"errors"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Wills the leader publishes (persistent sessions, and the clean sessions
+// of nodes that are gone: see Sessions.publishDueWills).
+//
+// The claim is the publication: replication.PublishWill clears the will
+// and, in the same log entry, queues it for every matching persistent
+// session and stores it as the retained value when it is retained. What
+// is left to the claiming node afterwards is best effort: the live copies
+// for connected clean sessions and QoS 0 subscribers, here and (through
+// the cluster hook) on the other nodes. If the leader dies between the
+// commit and that live publication, those copies are lost, never the
+// queued ones nor the retained value. The will publisher's own publish is
+// therefore skipped by the hooks that would write it to the log again
+// (Sessions.OnPublish, Retained.OnPublish).
+
+// claimWill is the command that claims (and publishes in the log) the will
+// of the session opened at index opened.
+func (h *Sessions) claimWill(id string, opened uint64) replication.Command {
+	return &replication.PublishWill{ClientID: id, IfOpened: opened, At: time.Now().UnixMilli(),
+		MaxQueued: uint32(max(h.cfg.MaxQueued, 0))}
+}
+
+// isWillPublisher reports whether cl is the inline client that publishes
+// the wills claimed in the log.
+func isWillPublisher(cl *mqtt.Client) bool {
+	return cl.Net.Inline && cl.ID == willClientID
+}
+
+// Graceful stops (DESIGN.md guarantee 4: a graceful stop fires no will of
+// a client that reconnects elsewhere).
+//
+// A node that stops gracefully (SIGTERM) disconnects its clients (MQTT 5:
+// 0x8B) and leaves the sessions open in the log, owned by it: persistent
+// sessions as they are, and clean sessions' will mirrors too, whose will
+// mochi would otherwise publish at once (PrepareStop clears it in mochi
+// and the mirror keeps it). The leader sees the node as left, not dead,
+// and closes those sessions on its behalf only after LeaveGrace; a client
+// that reconnects anywhere before that opens its session again (or, clean,
+// ends the old mirror), so its will never fires. One that does not come
+// back is then treated as a disconnect without DISCONNECT: its will is
+// published after its will delay (or when the session expires, if sooner;
+// a clean session's at once), counted from the end of the grace.
+//
+// A node that restarts after a graceful stop (rolling restart) finds its
+// old sessions in the log without connections: it closes them only after
+// LeaveGrace from its start, for the same reason. After a crash it closes
+// them at once (closeStale), as before.
+//
+// mochi alone publishes every will on Close (its DisconnectClient makes
+// the read loop fail, and sendLWT runs); here, the cluster takes the place
+// of the single broker's restart: the session continues elsewhere.
+
+// defaultLeaveGrace is long enough for clients' reconnect back-off in a
+// rolling restart (paho and Home Assistant retry within seconds).
+const defaultLeaveGrace = 30 * time.Second
+
+type stopState struct {
+	started time.Time
+	// kept are the clean sessions whose will PrepareStop took from mochi
+	// (guarded by Sessions.mu).
+	kept map[*sessConn]bool
+}
+
+func (h *Sessions) initStop() {
+	if h.cfg.LeaveGrace <= 0 {
+		h.cfg.LeaveGrace = defaultLeaveGrace
+	}
+	h.stopping = stopState{started: time.Now(), kept: map[*sessConn]bool{}}
+}
+
+// PrepareStop is called when the node starts a graceful stop, before it
+// disconnects its clients: clean sessions whose will is mirrored in the
+// log keep it there (the leader publishes it if the client does not come
+// back within LeaveGrace), and mochi must not publish it now.
+func (h *Sessions) PrepareStop() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, c := range h.mirrors {
+		if c.opened.Load() == 0 || c.closedByLeader.Load() {
+			continue // not in the log (yet): mochi publishes it
+		}
+		if atomic.CompareAndSwapUint32(&c.cl.Properties.Will.Flag, 1, 0) {
+			h.stopping.kept[c] = true
+		}
+	}
+}
+
+// keptAtStop reports whether c's will mirror stays in the log for the
+// leader (see PrepareStop).
+func (h *Sessions) keptAtStop(c *sessConn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.stopping.kept[c] && errors.Is(c.cl.StopCause(), packets.ErrServerShuttingDown)
+}
+
+// goneAfter is how long the sessions of owner, no longer alive, stay open
+// before the leader closes them on its behalf.
+func (h *Sessions) goneAfter(owner string) time.Duration {
+	if h.cfg.Left != nil && h.cfg.Left(owner) {
+		return h.cfg.LeaveGrace
+	}
+	return h.cfg.DeadAfter
+}
+
+// inRestartGrace reports whether this node, restarted after a graceful
+// stop, still leaves the sessions of its previous run open.
+func (h *Sessions) inRestartGrace() bool {
+	return h.cfg.RestartedAfterStop && time.Since(h.stopping.started) < h.cfg.LeaveGrace
+}
+
+// endMirrorOf ends a clean session's will mirror left in the log by an
+// earlier connection of id (its node stopped gracefully): the client is
+// back, with a clean session and no will, so that will must not fire.
+// Connections with a will replace it in their SessionOpen (clean start).
+func (h *Sessions) endMirrorOf(id string) {
+	h.mu.Lock()
+	local := h.mirrors[id] != nil
+	h.mu.Unlock()
+	if local || h.repl == nil {
+		return
+	}
+	s, ok := h.repl.Session(id)
+	if !ok || s.ExpiryInterval != 0 || len(s.Subscriptions) != 0 || s.Will == nil {
+		return
+	}
+	opened := s.OpenedIndex
+	h.submit(sessOp{cmd: func() replication.Command {
+		return &replication.SessionDelete{ClientID: id, IfOpened: opened}
+	}})
+}

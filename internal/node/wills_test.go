@@ -1,0 +1,232 @@
+package node
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/mqtt-ha/broker/hooks"
+	"github.com/mqtt-ha/broker/internal/testutil"
+)
+
+// Wills and the retained store, graceful stops (DESIGN.md guarantee 4).
+
+// retainedOn reads the retained value of topic as a new subscriber on node
+// sees it ("" when there is none).
+func (tc *testCluster) retainedOn(t *testing.T, node, topic string, n int) (string, error) {
+	t.Helper()
+	c, err := testutil.TryConnect(tc.nodes[node].Addr("mqtt"), testutil.ClientOptions{ID: fmt.Sprintf("reader-%s-%d", node, n), CleanStart: true})
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.Sub(t, 1, topic)
+	p, err := c.Next(200 * time.Millisecond)
+	if err != nil {
+		return "", nil
+	}
+	if !p.Retain {
+		return "", fmt.Errorf("%s: got a live message %q, not the retained value", node, p.Payload)
+	}
+	return string(p.Payload), nil
+}
+
+// waitRetained waits until a new subscriber on every running node gets
+// want as the retained value of topic.
+func (tc *testCluster) waitRetained(t *testing.T, topic, want string) {
+	t.Helper()
+	n := 0
+	testutil.Eventually(t, wait, func() error {
+		for id := range tc.nodes {
+			n++
+			got, err := tc.retainedOn(t, id, topic, n)
+			if err != nil {
+				return err
+			}
+			if got != want {
+				return fmt.Errorf("a new subscriber on %s reads %q, want %q", id, got, want)
+			}
+		}
+		return nil
+	})
+}
+
+// TestRetainedWillOfCleanSessionReplicated: a clean session's retained will
+// (published by mochi on the node that held the connection) replaces the
+// retained value on every node, as Home Assistant availability topics need.
+func TestRetainedWillOfCleanSessionReplicated(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	tc.client("n1", "avail-pub").Pub(t, "avail/plug", 1, true, []byte("online"))
+	tc.waitRetained(t, "avail/plug", "online")
+	dev := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "plug", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "avail/plug", QoS: 1, Retain: true, Payload: []byte("offline")}})
+	_ = dev.Conn.Close() // no DISCONNECT: the will is published
+	tc.waitRetained(t, "avail/plug", "offline")
+}
+
+// newTunedCluster is newTestCluster with every node's session hook
+// configuration adjusted by tune.
+func newTunedCluster(t *testing.T, tune func(*hooks.SessionsConfig), ids ...string) *testCluster {
+	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}, sessionsTuning: tune}
+	for _, id := range ids {
+		tc.start(id)
+	}
+	tc.waitMembers(len(ids))
+	return tc
+}
+
+// TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication: the
+// claim of a dead node's will carries its publication into the log. The
+// claiming leader here never publishes it live (as if it died right after
+// the commit), and still the offline persistent subscriber finds the will
+// in its queue and a new subscriber on any node reads it as retained.
+func TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication(t *testing.T) {
+	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) {
+		c.AfterWillClaim = func(string) bool { return false }
+	}, "n1", "n2", "n3")
+	tc.waitReady()
+	tc.client("n1", "st-pub").Pub(t, "st/dev", 1, true, []byte("online"))
+	ha := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ha", CleanStart: true, SessionExpiry: 600})
+	ha.Sub(t, 1, "st/#")
+	if p := ha.MustNext(t, wait); string(p.Payload) != "online" {
+		t.Fatalf("retained on subscribe: %q", p.Payload)
+	}
+	ha.Close() // the session stays, offline
+	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "dev", CleanStart: true,
+		SessionExpiry: 600, Will: &paho.WillMessage{Topic: "st/dev", QoS: 1, Retain: true, Payload: []byte("offline")}})
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("dev"); !ok || s.Will == nil {
+			return fmt.Errorf("will not in the log yet")
+		}
+		return nil
+	})
+	tc.nodes["n2"].Kill()
+	delete(tc.nodes, "n2")
+	testutil.Eventually(t, 15*time.Second, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("dev"); !ok || s.Will != nil {
+			return fmt.Errorf("will not claimed yet")
+		}
+		return nil
+	})
+	tc.waitRetained(t, "st/dev", "offline")
+	again := testutil.Connect(t, tc.nodes["n3"].Addr("mqtt"), testutil.ClientOptions{ID: "ha", SessionExpiry: 600})
+	if !again.Connack.SessionPresent {
+		t.Fatal("session of ha not present")
+	}
+	p := again.MustNext(t, wait)
+	if p.Topic != "st/dev" || string(p.Payload) != "offline" {
+		t.Fatalf("queued for ha: %s %q, want the will", p.Topic, p.Payload)
+	}
+}
+
+// TestGracefulStopFiresNoWillOfReturningClients: a graceful stop (SIGTERM:
+// rolling restart, scale-down) is not a death. Clients of the stopped node
+// that reconnect elsewhere within the leave grace keep their wills unfired,
+// persistent and clean sessions alike; those that do not come back get
+// their wills published once the grace is over (a retained one as the
+// retained value).
+func TestGracefulStopFiresNoWillOfReturningClients(t *testing.T) {
+	const grace = 8 * time.Second
+	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
+	tc.waitReady()
+	watcher := tc.client("n1", "gs-watcher")
+	watcher.Sub(t, 1, "gs/#")
+	will := func(id string, retain bool) *paho.WillMessage {
+		return &paho.WillMessage{Topic: "gs/" + id, QoS: 1, Retain: retain, Payload: []byte(id + " offline")}
+	}
+	n2 := tc.nodes["n2"].Addr("mqtt")
+	for _, o := range []testutil.ClientOptions{
+		{ID: "pa", CleanStart: true, SessionExpiry: 600, Will: will("pa", false)}, // persistent, comes back
+		{ID: "pb", CleanStart: true, SessionExpiry: 600, Will: will("pb", false)}, // persistent, does not
+		{ID: "ca", CleanStart: true, Will: will("ca", false)},                     // clean, comes back
+		{ID: "cb", CleanStart: true, Will: will("cb", true)},                      // clean, does not
+	} {
+		c, err := testutil.TryConnect(n2, o)
+		if err != nil {
+			t.Fatalf("connect %s: %v", o.ID, err)
+		}
+		t.Cleanup(func() { _ = c.Conn.Close() })
+	}
+	testutil.Eventually(t, wait, func() error {
+		for _, id := range []string{"pa", "pb", "ca", "cb"} {
+			if s, ok := tc.nodes["n1"].repl.Session(id); !ok || s.Will == nil {
+				return fmt.Errorf("will of %s not in the log yet", id)
+			}
+		}
+		return nil
+	})
+	tc.stop("n2")
+	// Longer than a dead node's wills take (DeadAfter, 3 s, and a
+	// maintenance tick), shorter than the grace: nothing may fire.
+	window := time.After(4500 * time.Millisecond)
+	for quiet := false; !quiet; {
+		select {
+		case p := <-watcher.Msgs:
+			t.Fatalf("%s %q published after a graceful stop", p.Topic, p.Payload)
+		case <-window:
+			quiet = true
+		}
+	}
+	testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "pa", SessionExpiry: 600})
+	testutil.Connect(t, tc.nodes["n3"].Addr("mqtt"), testutil.ClientOptions{ID: "ca", CleanStart: true})
+	got := map[string]bool{}
+	for range 2 {
+		p := watcher.MustNext(t, 2*grace)
+		got[p.Topic] = true
+	}
+	if !got["gs/pb"] || !got["gs/cb"] {
+		t.Fatalf("wills published: %v, want those of pb and cb", got)
+	}
+	tc.client("n3", "gs-marker").Pub(t, "gs/marker", 1, false, []byte("end"))
+	if p := watcher.MustNext(t, wait); p.Topic != "gs/marker" {
+		t.Fatalf("after the wills: %s %q (the will of a client that came back?)", p.Topic, p.Payload)
+	}
+	tc.waitRetained(t, "gs/cb", "cb offline")
+}
+
+// TestRollingRestartFiresNoWill: a node stopped gracefully and started
+// again (a rolling restart) finds the sessions of its previous run open in
+// the log with no connection; a client that comes back within the grace,
+// to any node, keeps its will unfired.
+func TestRollingRestartFiresNoWill(t *testing.T) {
+	const grace = 8 * time.Second
+	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
+	tc.waitReady()
+	watcher := tc.client("n1", "rr-watcher")
+	watcher.Sub(t, 1, "rr/#")
+	dev, err := testutil.TryConnect(tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "rr-dev", CleanStart: true,
+		SessionExpiry: 600, Will: &paho.WillMessage{Topic: "rr/dev", QoS: 1, Payload: []byte("offline")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = dev.Conn.Close() })
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("rr-dev"); !ok || s.Will == nil {
+			return fmt.Errorf("will not in the log yet")
+		}
+		return nil
+	})
+	tc.stop("n2")
+	tc.restart("n2")
+	tc.waitMembers(3)
+	tc.waitReady()
+	// Longer than a restarted node takes to close what it owns with no
+	// connection (two maintenance ticks) and than DeadAfter.
+	window := time.After(4 * time.Second)
+	for quiet := false; !quiet; {
+		select {
+		case p := <-watcher.Msgs:
+			t.Fatalf("%s %q published after a rolling restart", p.Topic, p.Payload)
+		case <-window:
+			quiet = true
+		}
+	}
+	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "rr-dev", SessionExpiry: 600})
+	tc.client("n3", "rr-marker").Pub(t, "rr/marker", 1, false, []byte("end"))
+	if p := watcher.MustNext(t, wait); p.Topic != "rr/marker" {
+		t.Fatalf("got %s %q, want only the marker", p.Topic, p.Payload)
+	}
+}
