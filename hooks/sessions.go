@@ -128,8 +128,13 @@ type SessionsConfig struct {
 	// it live; false skips the live publication (tests stand in for a
 	// leader that dies right after the claim with it).
 	AfterWillClaim func(clientID string) bool
-	Log            *slog.Logger
-	Metrics        *Metrics
+	// ACL is the read check mochi applies to a SUBSCRIBE's filters
+	// (hooks.Auth.OnACLCheck); nil allows every filter. A persistent
+	// session's filters never reach mochi (session_subscribe.go), so the
+	// hook applies it itself.
+	ACL     func(cl *mqtt.Client, topic string, write bool) bool
+	Log     *slog.Logger
+	Metrics *Metrics
 }
 
 // sessConn is one client connection the hook tracks.
@@ -150,9 +155,9 @@ type sessConn struct {
 	// unsuback: the reason codes of the UNSUBACK being sent (OnUnsubscribed
 	// to OnPacketEncode, on the client's goroutine).
 	unsuback []byte
-	// rh: the retain handling each filter of the SUBSCRIBE being processed
-	// asked for (OnSubscribe to OnSubscribed, on the client's goroutine).
-	rh map[string]byte
+	// suback: the SUBACK being sent (OnSubscribe to OnPacketEncode, on the
+	// client's goroutine).
+	suback *pendingSuback
 }
 
 // sessOp is an asynchronous write; cmd is evaluated when the writer builds
@@ -208,7 +213,7 @@ func (h *Sessions) ID() string { return "replicated-sessions" }
 func (h *Sessions) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
-		mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnWillSent,
+		mqtt.OnSubscribe, mqtt.OnUnsubscribed, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnWillSent,
 		mqtt.OnPacketRead, mqtt.OnPacketEncode:
 		return true
 	}
@@ -368,6 +373,12 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 // only knows sessions it holds itself), and fixes the reason codes of
 // UNSUBACK for filters that lived in the log rather than in mochi.
 func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Suback {
+		if c := h.conn(cl); c != nil && c.managed && c.suback != nil {
+			pk.ReasonCodes, c.suback = c.suback.merge(pk.ReasonCodes), nil
+		}
+		return pk
+	}
 	if pk.FixedHeader.Type == packets.Unsuback {
 		if c := h.conn(cl); c != nil && c.managed && len(c.unsuback) == len(pk.ReasonCodes) {
 			pk.ReasonCodes, c.unsuback = c.unsuback, nil
@@ -418,183 +429,6 @@ func (h *Sessions) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		}
 	}
 	go c.pump.run()
-}
-
-// OnSubscribe keeps mochi from sending retained messages to a persistent
-// session itself (retain handling 2 in what mochi sees): mochi would use
-// packet ids the pump may be using. OnSubscribed queues them through the
-// log instead, honouring the retain handling the client asked for.
-func (h *Sessions) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
-	c := h.conn(cl)
-	if c == nil || !c.managed {
-		return pk
-	}
-	c.rh = map[string]byte{}
-	filters := slices.Clone(pk.Filters)
-	for i, f := range filters {
-		if strings.HasPrefix(f.Filter, "$share/") {
-			continue
-		}
-		c.rh[f.Filter] = f.RetainHandling
-		filters[i].RetainHandling = 2
-	}
-	pk.Filters = filters
-	return pk
-}
-
-// OnSubscribed moves a persistent session's new subscriptions from mochi's
-// index into the log before SUBACK. A filter that could not be stored is
-// reported as failed (0x80) in SUBACK: mochi sends the same reasonCodes
-// slice after this hook, and the cluster hook, after this one, routes only
-// granted filters.
-func (h *Sessions) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
-	c := h.conn(cl)
-	if c == nil || !c.managed {
-		return
-	}
-	var subs []replication.Subscription
-	var idx []int
-	var existed []bool
-	h.idxMu.Lock()
-	for i, f := range pk.Filters {
-		if i >= len(reasonCodes) || reasonCodes[i] >= 0x80 || strings.HasPrefix(f.Filter, "$share/") {
-			continue
-		}
-		rh := c.rh[f.Filter]
-		subs = append(subs, replication.Subscription{Filter: f.Filter, QoS: reasonCodes[i], NoLocal: f.NoLocal,
-			RetainAsPublished: f.RetainAsPublished, RetainHandling: rh, Identifier: uint32(f.Identifier)})
-		idx = append(idx, i)
-		_, had := h.idxSubs[c.id][f.Filter]
-		existed = append(existed, had)
-	}
-	h.idxMu.Unlock()
-	if len(subs) == 0 {
-		return
-	}
-	// The retained messages for the new subscriptions are queued in the
-	// same entry as the subscription (MQTT-3.3.1-9), so every live message
-	// matched after it comes later in the queue: an older retained value
-	// never arrives after a newer live one. A very large retained set is
-	// split over further entries (chunks bounded by retainedChunkBytes).
-	retained, qos0 := h.retainedFor(c, subs, existed)
-	chunks := chunkCommands(retained, retainedChunkBytes)
-	var cmd replication.Command = &replication.Subscribe{ClientID: c.id, Subscriptions: subs}
-	if len(chunks) > 0 {
-		cmd = &replication.Batch{Commands: append([]replication.Command{cmd}, chunks[0]...)}
-		chunks = chunks[1:]
-	}
-	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
-	defer cancel()
-	res, err := h.repl.Apply(ctx, cmd)
-	if err == nil && len(res.Results) > 0 && res.Results[0].Err != nil {
-		err = res.Results[0].Err
-	}
-	if err == nil {
-		for _, ch := range chunks {
-			if _, cerr := h.repl.Apply(ctx, &replication.Batch{Commands: ch}); cerr != nil {
-				h.log.Warn("retained messages for a new subscription not queued", "client", c.id, "count", len(ch), "error", cerr)
-			}
-		}
-		// QoS 0 copies are matched against this node's copy of the log
-		// (deliverQoS0): it must hold the subscription before SUBACK.
-		// Publishers on other nodes need no wait here: each QoS 1/2
-		// publish passes a read barrier first (OnPublish).
-		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
-			h.log.Debug("subscription not yet applied here", "client", c.id, "error", werr)
-		}
-	}
-	for _, i := range idx {
-		// Out of mochi either way: delivery to this session is the pump's.
-		if h.server.Topics.Unsubscribe(pk.Filters[i].Filter, cl.ID) {
-			atomic.AddInt64(&h.server.Info.Subscriptions, -1)
-		}
-		cl.State.Subscriptions.Delete(pk.Filters[i].Filter)
-		if err != nil {
-			reasonCodes[i] = packets.ErrUnspecifiedError.Code
-		}
-	}
-	if err != nil {
-		h.log.Warn("subscription not replicated; refused", "client", c.id, "error", err)
-		return
-	}
-	for _, p := range qos0 {
-		c.pump.sendQoS0(p)
-	}
-}
-
-// retainedChunkBytes bounds the retained payload queued in one entry for a
-// new subscription (half the default raft batch size).
-const retainedChunkBytes = 4 << 20
-
-// chunkCommands splits enqueues into groups of at most budget payload
-// bytes (at least one command per group).
-func chunkCommands(cmds []replication.Command, budget int) [][]replication.Command {
-	var out [][]replication.Command
-	var cur []replication.Command
-	size := 0
-	for _, c := range cmds {
-		n := 256
-		if e, ok := c.(*replication.Enqueue); ok {
-			n += len(e.Payload) + len(e.Topic)
-		}
-		if len(cur) > 0 && size+n > budget {
-			out = append(out, cur)
-			cur, size = nil, 0
-		}
-		cur = append(cur, c)
-		size += n
-	}
-	if len(cur) > 0 {
-		out = append(out, cur)
-	}
-	return out
-}
-
-// retainedFor returns the retained messages matching new subscriptions
-// (MQTT-3.3.1-9, with retain handling 1 and 2): enqueues for the QoS 1/2
-// copies, so they are ordered with everything else and get the pump's
-// packet ids, and the QoS 0 copies to send directly.
-func (h *Sessions) retainedFor(c *sessConn, subs []replication.Subscription, existed []bool) ([]replication.Command, []packets.Packet) {
-	now := time.Now()
-	var cmds []replication.Command
-	var qos0 []packets.Packet
-	for k, sub := range subs {
-		if sub.RetainHandling == 2 || (sub.RetainHandling == 1 && existed[k]) {
-			continue
-		}
-		for _, r := range h.server.Topics.Messages(sub.Filter) {
-			if r.Expiry > 0 && r.Expiry < now.Unix() {
-				continue
-			}
-			var ids []uint32
-			if sub.Identifier > 0 {
-				ids = []uint32{sub.Identifier}
-			}
-			qos := min(r.FixedHeader.Qos, sub.QoS)
-			if qos == 0 {
-				out := r.Copy(false)
-				out.FixedHeader.Qos, out.PacketID, out.FixedHeader.Retain = 0, 0, true
-				for _, id := range ids {
-					out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, int(id))
-				}
-				qos0 = append(qos0, out)
-				continue
-			}
-			e := &replication.Enqueue{Topic: r.TopicName, Payload: r.Payload, Created: now.UnixMilli(),
-				MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest,
-				Targets: []replication.QueueTarget{{ClientID: c.id, QoS: qos, Retain: true, SubscriptionIDs: ids}},
-				Properties: replication.Properties{PayloadFormat: r.Properties.PayloadFormat, ContentType: r.Properties.ContentType,
-					ResponseTopic: r.Properties.ResponseTopic, CorrelationData: r.Properties.CorrelationData}}
-			for _, u := range r.Properties.User {
-				e.Properties.UserProperties = append(e.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
-			}
-			if r.Expiry > 0 {
-				e.Expires = r.Expiry * 1000
-			}
-			cmds = append(cmds, e)
-		}
-	}
-	return cmds, qos0
 }
 
 // OnUnsubscribed removes filters from the log (only an UNSUBSCRIBE: mochi's
@@ -1105,7 +939,7 @@ func (h *Sessions) index(id string, sub replication.Subscription) {
 }
 
 func indexInto(idx *mqtt.TopicsIndex, subs map[string]map[string]struct{}, id string, sub replication.Subscription) {
-	if strings.HasPrefix(sub.Filter, "$share/") {
+	if isSharedFilter(sub.Filter) {
 		return
 	}
 	idx.Subscribe(id, packets.Subscription{Filter: sub.Filter, Qos: sub.QoS, NoLocal: sub.NoLocal,

@@ -119,6 +119,7 @@ func New(cfg Config) (_ *Node, err error) {
 	scfg := hooks.SessionsConfig{
 		Self: cfg.NodeID, MaxQueued: cfg.MaxQueuedMessages, MaxInflight: cfg.MaxInflightMessages,
 		Timeout: replicatedWriteTimeout, Alive: n.memberAlive, Left: n.memberLeft, Log: log, Metrics: metrics,
+		ACL: n.auth.OnACLCheck,
 	}
 	if scfg.RestartedAfterStop, err = takeStoppedMarker(cfg.DataDir); err != nil {
 		return nil, err

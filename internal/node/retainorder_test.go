@@ -35,11 +35,14 @@ func TestRetainedBeforeLiveForNewPersistentSubscription(t *testing.T) {
 			CleanStart: true, SessionExpiry: 600, Buffer: 10000})
 		sub.Sub(t, 1, "ord/x")
 		last := -1
+		var seq []string
 		for range 20 {
 			p := sub.MustNext(t, wait)
 			n, _ := strconv.Atoi(string(p.Payload))
+			seq = append(seq, fmt.Sprintf("%d/r%v/q%d", n, p.Retain, p.QoS))
 			if n < last {
-				t.Fatalf("subscriber %d: %d (retain %v) after %d: an older value arrived after a newer one", k, n, p.Retain, last)
+				t.Logf("received: %v", seq)
+				t.Fatalf("subscriber %d: %d (retain %v, qos %d) after %d: an older value arrived after a newer one", k, n, p.Retain, p.QoS, last)
 			}
 			last = n
 		}

@@ -1,0 +1,226 @@
+package hooks
+
+import (
+	"context"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// A persistent session's subscriptions live in the log, never in mochi's
+// topic index: if mochi indexed them, even briefly, it would deliver
+// messages published in that window to the client itself, outside the
+// session's queue (ahead of the retained values queued for the
+// subscription, and twice once the subscription is in the log). So
+// OnSubscribe takes a persistent session's filters out of the SUBSCRIBE
+// before mochi sees them, decides each one as mochi would (valid filter,
+// ACL, granted QoS), commits the granted ones with their retained messages
+// in one entry, and OnPacketEncode writes the reason codes into mochi's
+// SUBACK. Shared subscriptions ($share/...) are left to mochi (they are
+// not durable yet).
+
+// pendingSuback is a SUBACK being built: codes for every filter of the
+// SUBSCRIBE, and the positions of the filters left to mochi, whose codes
+// come from mochi's own SUBACK.
+type pendingSuback struct {
+	codes []byte
+	mochi []int
+}
+
+func (p *pendingSuback) merge(fromMochi []byte) []byte {
+	out := p.codes
+	for j, pos := range p.mochi {
+		if j < len(fromMochi) {
+			out[pos] = fromMochi[j]
+		}
+	}
+	return out
+}
+
+// OnSubscribe commits a persistent session's new subscriptions (and the
+// retained messages they get) before SUBACK; see above.
+func (h *Sessions) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	c := h.conn(cl)
+	if c == nil || !c.managed || c.refused || cl.Net.Inline {
+		return pk
+	}
+	c.suback = nil
+	if _, inUse := cl.State.Inflight.Get(pk.PacketID); inUse {
+		return pk // mochi refuses every filter (0x91) and indexes nothing
+	}
+	p := &pendingSuback{codes: make([]byte, len(pk.Filters))}
+	var keep []packets.Subscription
+	var subs []replication.Subscription
+	var pos []int
+	var existed []bool
+	maxQoS := h.server.Options.Capabilities.MaximumQos
+	h.idxMu.Lock()
+	known := h.idxSubs[c.id]
+	for i, f := range pk.Filters {
+		if isSharedFilter(f.Filter) {
+			keep = append(keep, f)
+			p.mochi = append(p.mochi, i)
+			continue
+		}
+		switch {
+		case !mqtt.IsValidFilter(f.Filter, false):
+			p.codes[i] = packets.ErrTopicFilterInvalid.Code
+		case h.cfg.ACL != nil && !h.cfg.ACL(cl, f.Filter, false):
+			p.codes[i] = packets.ErrNotAuthorized.Code
+			if h.server.Options.Capabilities.Compatibilities.ObscureNotAuthorized {
+				p.codes[i] = packets.ErrUnspecifiedError.Code
+			}
+		default:
+			q := min(f.Qos, maxQoS)
+			p.codes[i] = q
+			subs = append(subs, replication.Subscription{Filter: f.Filter, QoS: q, NoLocal: f.NoLocal,
+				RetainAsPublished: f.RetainAsPublished, RetainHandling: f.RetainHandling, Identifier: uint32(f.Identifier)})
+			pos = append(pos, i)
+			_, had := known[f.Filter]
+			existed = append(existed, had)
+		}
+		if p.codes[i] > packets.CodeGrantedQos2.Code && cl.Properties.ProtocolVersion < 5 {
+			p.codes[i] = packets.ErrUnspecifiedError.Code
+		}
+	}
+	h.idxMu.Unlock()
+	c.suback = p
+	pk.Filters = keep
+	if len(subs) == 0 {
+		return pk
+	}
+	if err := h.subscribe(c, subs, existed); err != nil {
+		h.log.Warn("subscription not replicated; refused", "client", c.id, "error", err)
+		for _, i := range pos {
+			p.codes[i] = packets.ErrUnspecifiedError.Code
+		}
+	}
+	return pk
+}
+
+// subscribe commits subs with the retained messages they get, routes them
+// to this node, and sends the QoS 0 retained copies.
+func (h *Sessions) subscribe(c *sessConn, subs []replication.Subscription, existed []bool) error {
+	// The retained messages for the new subscriptions are queued in the
+	// same entry as the subscription (MQTT-3.3.1-9), so every live message
+	// matched after it comes later in the queue: an older retained value
+	// never arrives after a newer live one. A very large retained set is
+	// split over further entries (chunks bounded by retainedChunkBytes).
+	retained, qos0 := h.retainedFor(c, subs, existed)
+	chunks := chunkCommands(retained, retainedChunkBytes)
+	var cmd replication.Command = &replication.Subscribe{ClientID: c.id, Subscriptions: subs}
+	if len(chunks) > 0 {
+		cmd = &replication.Batch{Commands: append([]replication.Command{cmd}, chunks[0]...)}
+		chunks = chunks[1:]
+	}
+	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
+	defer cancel()
+	res, err := h.repl.Apply(ctx, cmd)
+	if err == nil && len(res.Results) > 0 && res.Results[0].Err != nil {
+		err = res.Results[0].Err
+	}
+	if err != nil {
+		return err
+	}
+	for _, ch := range chunks {
+		if _, cerr := h.repl.Apply(ctx, &replication.Batch{Commands: ch}); cerr != nil {
+			h.log.Warn("retained messages for a new subscription not queued", "client", c.id, "count", len(ch), "error", cerr)
+		}
+	}
+	// QoS 0 copies are matched against this node's copy of the log
+	// (deliverQoS0): it must hold the subscription before SUBACK.
+	// Publishers on other nodes need no wait here: each QoS 1/2 publish
+	// passes a read barrier first (OnPublish).
+	if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
+		h.log.Debug("subscription not yet applied here", "client", c.id, "error", werr)
+	}
+	for _, s := range subs {
+		h.cluster.addRoute(c.id, s.Filter)
+	}
+	for _, p := range qos0 {
+		c.pump.sendQoS0(p)
+	}
+	return nil
+}
+
+// isSharedFilter reports whether filter is a shared subscription, as mochi
+// decides it (case-insensitive prefix).
+func isSharedFilter(filter string) bool { return mqtt.IsSharedFilter(filter) }
+
+// retainedChunkBytes bounds the retained payload queued in one entry for a
+// new subscription (half the default raft batch size).
+const retainedChunkBytes = 4 << 20
+
+// chunkCommands splits enqueues into groups of at most budget payload
+// bytes (at least one command per group).
+func chunkCommands(cmds []replication.Command, budget int) [][]replication.Command {
+	var out [][]replication.Command
+	var cur []replication.Command
+	size := 0
+	for _, c := range cmds {
+		n := 256
+		if e, ok := c.(*replication.Enqueue); ok {
+			n += len(e.Payload) + len(e.Topic)
+		}
+		if len(cur) > 0 && size+n > budget {
+			out = append(out, cur)
+			cur, size = nil, 0
+		}
+		cur = append(cur, c)
+		size += n
+	}
+	if len(cur) > 0 {
+		out = append(out, cur)
+	}
+	return out
+}
+
+// retainedFor returns the retained messages matching new subscriptions
+// (MQTT-3.3.1-9, with retain handling 1 and 2): enqueues for the QoS 1/2
+// copies, so they are ordered with everything else and get the pump's
+// packet ids, and the QoS 0 copies to send directly.
+func (h *Sessions) retainedFor(c *sessConn, subs []replication.Subscription, existed []bool) ([]replication.Command, []packets.Packet) {
+	now := time.Now()
+	var cmds []replication.Command
+	var qos0 []packets.Packet
+	for k, sub := range subs {
+		if sub.RetainHandling == 2 || (sub.RetainHandling == 1 && existed[k]) {
+			continue
+		}
+		for _, r := range h.server.Topics.Messages(sub.Filter) {
+			if r.Expiry > 0 && r.Expiry < now.Unix() {
+				continue
+			}
+			var ids []uint32
+			if sub.Identifier > 0 {
+				ids = []uint32{sub.Identifier}
+			}
+			qos := min(r.FixedHeader.Qos, sub.QoS)
+			if qos == 0 {
+				out := r.Copy(false)
+				out.FixedHeader.Qos, out.PacketID, out.FixedHeader.Retain = 0, 0, true
+				for _, id := range ids {
+					out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, int(id))
+				}
+				qos0 = append(qos0, out)
+				continue
+			}
+			e := &replication.Enqueue{Topic: r.TopicName, Payload: r.Payload, Created: now.UnixMilli(),
+				MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest,
+				Targets: []replication.QueueTarget{{ClientID: c.id, QoS: qos, Retain: true, SubscriptionIDs: ids}},
+				Properties: replication.Properties{PayloadFormat: r.Properties.PayloadFormat, ContentType: r.Properties.ContentType,
+					ResponseTopic: r.Properties.ResponseTopic, CorrelationData: r.Properties.CorrelationData}}
+			for _, u := range r.Properties.User {
+				e.Properties.UserProperties = append(e.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+			}
+			if r.Expiry > 0 {
+				e.Expires = r.Expiry * 1000
+			}
+			cmds = append(cmds, e)
+		}
+	}
+	return cmds, qos0
+}
