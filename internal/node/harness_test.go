@@ -22,6 +22,8 @@ type testCluster struct {
 	// expect is every node's --bootstrap-expect: the initial cluster size.
 	expect int
 	cfgs   map[string]Config // the last configuration of each node, bound addresses filled in
+	// tune, if set, adjusts each node's configuration before it starts.
+	tune func(*Config)
 }
 
 func testLogger() *slog.Logger {
@@ -52,7 +54,13 @@ func fastRaft(c *replication.Config) {
 }
 
 func newTestCluster(t testing.TB, ids ...string) *testCluster {
-	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}}
+	return newTunedCluster(t, nil, ids...)
+}
+
+// newTunedCluster is newTestCluster with tune applied to every node's
+// configuration.
+func newTunedCluster(t testing.TB, tune func(*Config), ids ...string) *testCluster {
+	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}, tune: tune}
 	for _, id := range ids {
 		tc.start(id)
 	}
@@ -73,6 +81,9 @@ func (tc *testCluster) start(id string) *Node {
 	}
 	if tc.seed != "" {
 		cfg.Join = []string{tc.seed}
+	}
+	if tc.tune != nil {
+		tc.tune(&cfg)
 	}
 	return tc.run(id, cfg)
 }
