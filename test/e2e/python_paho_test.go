@@ -11,13 +11,15 @@ import (
 
 // pahoScript connects with Python paho (Debian's python3-paho-mqtt, the
 // client library Home Assistant uses) at MQTT 5, subscribes, publishes a
-// QoS 1 message to itself, receives it and
+// QoS 1 message with a user property to itself, receives it and
 // disconnects. It prints "ok" and exits 0 only if all of that happened;
 // paho refuses a CONNACK whose properties are out of the spec's ranges
 // (an exception out of loop()).
 const pahoScript = `
 import sys, time
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
 
 port = int(sys.argv[1])
 state = {}
@@ -27,7 +29,9 @@ def on_connect(c, userdata, flags, rc, props=None):
     c.subscribe("py/t", qos=1)
 
 def on_subscribe(c, userdata, mid, rcs, props=None):
-    c.publish("py/t", b"hello", qos=1)
+    p = Properties(PacketTypes.PUBLISH)
+    p.UserProperty = ("k", "v")
+    c.publish("py/t", b"hello", qos=1, properties=p)
 
 def on_publish(c, userdata, mid):
     state["puback"] = True
@@ -83,7 +87,8 @@ func pythonPaho(t *testing.T) string {
 // TestPythonPahoMQTT5: a default node (256 MB message size limit) serves
 // Python paho at MQTT 5. It used to advertise Maximum Packet Size
 // 268,435,456, one above the protocol's maximum, and paho dropped the
-// connection at CONNACK.
+// connection at CONNACK; and it echoed the user property in PUBACK with
+// reason code 0x01, on which paho failed.
 func TestPythonPahoMQTT5(t *testing.T) {
 	py := pythonPaho(t)
 	b := startBroker(t)
