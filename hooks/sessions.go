@@ -122,6 +122,7 @@ type sessConn struct {
 	present        bool
 	opened         atomic.Uint64 // OpenedIndex of this connection's SessionOpen
 	expiry         uint32
+	will           bool // the CONNECT had a will (held by the log, not mochi)
 
 	pump *pump
 	// rh: the retain handling each filter of the SUBSCRIBE being processed
@@ -241,7 +242,10 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	}
 	c := &sessConn{cl: cl, id: cl.ID}
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
-	if !persistent(cl, pk) {
+	if !persistent(cl, pk) && !h.resumesWithoutExpiry(cl, pk) {
+		if pk.Connect.Clean {
+			h.discardSession(cl.ID) // session_lifecycle.go
+		}
 		if !hasWill {
 			return
 		}
@@ -254,7 +258,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		h.mu.Lock()
 		h.mirrors[c.id] = c
 		h.mu.Unlock()
-		open := h.openCommands(cl, pk, 0)
+		open, _ := h.openCommands(cl, pk, 0)
 		h.submit(sessOp{cmd: func() replication.Command { return open },
 			done: func(r replication.Result, err error) {
 				if err == nil {
@@ -263,7 +267,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			}})
 		return
 	}
-	c.managed, c.expiry = true, h.expiryOf(cl)
+	c.managed, c.expiry, c.will = true, h.expiryOf(cl), hasWill
 	// A connection of this id still live here is being taken over by
 	// mochi (inheritClientSession): stop its pump; the new one resends
 	// what was in flight from the log.
@@ -275,7 +279,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	}
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
-	open := h.openCommands(cl, pk, c.expiry)
+	open, at := h.openCommands(cl, pk, c.expiry)
 	res, err := h.repl.Apply(ctx, open)
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
 		// Outcome unknown (the leader died while committing) or no
@@ -306,8 +310,8 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		h.log.Warn("session state not applied here in time; resending from an older state", "client", cl.ID, "error", err)
 	}
 	r0 := res
-	if len(res.Results) > 0 {
-		r0 = res.Results[0]
+	if at < len(res.Results) {
+		r0 = res.Results[at]
 	}
 	c.present = r0.Present
 	c.opened.Store(res.Index)
@@ -324,20 +328,39 @@ func (h *Sessions) track(c *sessConn) {
 	h.mu.Unlock()
 }
 
-// openCommands is SessionOpen, plus SetWill when the CONNECT has a will.
-func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) replication.Command {
+// openCommands is SessionOpen, plus SetWill when the CONNECT has a will,
+// preceded by the delete of an expired session it would otherwise resume;
+// at is the index of SessionOpen's result in a Batch.
+func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) (cmd replication.Command, at int) {
+	now := time.Now().UnixMilli()
 	open := &replication.SessionOpen{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
-		ExpiryInterval: expiry, Owner: h.cfg.Self, At: time.Now().UnixMilli(), CleanStart: pk.Connect.Clean}
-	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 0 {
-		return open
+		ExpiryInterval: expiry, Owner: h.cfg.Self, At: now, CleanStart: pk.Connect.Clean}
+	var cmds []replication.Command
+	if !open.CleanStart {
+		if del := h.expiredSessionDelete(cl.ID, now); del != nil {
+			cmds = append(cmds, del)
+		}
 	}
+	at = len(cmds)
+	cmds = append(cmds, open)
+	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
+		cmds = append(cmds, h.setWill(cl))
+	}
+	if len(cmds) == 1 {
+		return open, 0
+	}
+	return &replication.Batch{Commands: cmds}, at
+}
+
+// setWill is the SetWill of the CONNECT's will.
+func (h *Sessions) setWill(cl *mqtt.Client) replication.Command {
 	w := cl.Properties.Will
 	will := replication.Will{Topic: w.TopicName, Payload: w.Payload, QoS: w.Qos, Retain: w.Retain,
 		DelaySeconds: w.WillDelayInterval}
 	for _, u := range w.User {
 		will.Properties.UserProperties = append(will.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
 	}
-	return &replication.Batch{Commands: []replication.Command{open, &replication.SetWill{ClientID: cl.ID, Will: will}}}
+	return &replication.SetWill{ClientID: cl.ID, Will: will}
 }
 
 // OnPacketEncode sets CONNACK's session-present flag from the log (mochi
@@ -848,17 +871,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if handedOver {
 		return
 	}
-	closeCmd := &replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: c.opened.Load(),
-		At: time.Now().UnixMilli()}
-	if e := cl.Properties.Props.SessionExpiryInterval; cl.Properties.ProtocolVersion == 5 &&
-		cl.Properties.Props.SessionExpiryIntervalFlag && e != c.expiry {
-		closeCmd.SetExpiry, closeCmd.ExpiryInterval = true, min(e, c.expiry)
-	}
-	var cmd replication.Command = closeCmd
-	if err == nil {
-		// DISCONNECT: the will is discarded (MQTT-3.1.2-10).
-		cmd = &replication.Batch{Commands: []replication.Command{&replication.ClearWill{ClientID: c.id}, closeCmd}}
-	}
+	cmd := h.closeCommands(cl, c, err) // session_lifecycle.go
 	h.submit(sessOp{cmd: func() replication.Command { return cmd }})
 }
 
