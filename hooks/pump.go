@@ -126,7 +126,7 @@ func (p *pump) fill() {
 			if _, busy := p.cl.State.Inflight.Get(pid); busy {
 				return // mochi holds this id (an inbound QoS 2, a shared subscription's message): wait
 			}
-			pk := p.packet(m, pid)
+			pk := p.packet(m, pid, now)
 			p.mu.Lock()
 			p.inflight[pid] = m.Seq
 			p.next = m.Seq + 1
@@ -153,7 +153,7 @@ func (p *pump) advance(seq uint64) {
 	p.mu.Unlock()
 }
 
-func (p *pump) packet(m replication.QueuedMessage, pid uint16) packets.Packet {
+func (p *pump) packet(m replication.QueuedMessage, pid uint16, now int64) packets.Packet {
 	if m.Released {
 		return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: pid}
 	}
@@ -172,7 +172,10 @@ func (p *pump) packet(m replication.QueuedMessage, pid uint16) packets.Packet {
 		},
 	}
 	if m.Expires > 0 {
-		pk.Expiry = (m.Expires + 999) / 1000 // WritePacket sends the remaining interval
+		// The remaining lifetime, rounded up to whole seconds
+		// (MQTT-3.3.2-6). Not through pk.Expiry: mochi computes it from
+		// whole-second clocks and reported up to two seconds too many.
+		pk.Properties.MessageExpiryInterval = uint32(max((m.Expires-now+999)/1000, 1))
 	}
 	for _, u := range m.Properties.UserProperties {
 		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
