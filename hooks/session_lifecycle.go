@@ -76,6 +76,115 @@ func (h *Sessions) discardSession(id string) {
 	h.submit(sessOp{cmd: func() replication.Command { return del }})
 }
 
+// disconnectGrace is how long a resuming CONNECT waits for a live
+// connection of the same client on this node to end by itself before
+// taking it over.
+const disconnectGrace = 100 * time.Millisecond
+
+// awaitDisconnectInFlight: a client that sends DISCONNECT and reconnects
+// at once uses two connections, read by two goroutines, so the new CONNECT
+// can be processed before the DISCONNECT. The session would then be taken
+// over as it was (resumed, where the DISCONNECT may have ended it, e.g.
+// with session expiry 0), and the DISCONNECT applied to nothing. A
+// resuming CONNECT therefore gives a live previous connection here up to
+// disconnectGrace to end; one that does not is taken over as before (a
+// half-open connection, or two instances sharing a client id).
+func (h *Sessions) awaitDisconnectInFlight(id string) {
+	old, ok := h.server.Clients.Get(id)
+	if !ok || old.Closed() || old.Net.Inline {
+		return
+	}
+	deadline := time.Now().Add(disconnectGrace)
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for !old.Closed() && time.Now().Before(deadline) {
+		select {
+		case <-t.C:
+		case <-h.base.Done():
+			return
+		}
+	}
+}
+
+// previousCloseTimeout bounds how long a CONNECT waits for the close of
+// the same client's previous connection on this node to be written.
+const previousCloseTimeout = time.Second
+
+// awaitPreviousClose waits (briefly) until the close of this client's
+// previous persistent connection on this node, if it just ended, is in
+// the log. A client that sends DISCONNECT (say with session expiry 0) and
+// reconnects at once must find the session as that DISCONNECT left it;
+// the close is written asynchronously, and without this wait the new
+// SessionOpen could overtake it: the session would be resumed, and the
+// late close then ignored as stale. old is the live connection of the id
+// here, if any; one still open is being taken over, not closed: no wait.
+//
+// Across nodes there is no such ordering: a reconnect elsewhere within
+// milliseconds of DISCONNECT may still overtake the close.
+func (h *Sessions) awaitPreviousClose(id string, old *sessConn) {
+	h.mu.Lock()
+	prev := h.closing[id]
+	h.mu.Unlock()
+	if prev == nil && old != nil && old.cl.Closed() {
+		prev = old // ended, its OnDisconnect not run yet
+	}
+	if prev == nil || prev.closeDone == nil {
+		return
+	}
+	t := time.NewTimer(previousCloseTimeout)
+	defer t.Stop()
+	select {
+	case <-prev.closeDone:
+	case <-t.C:
+		h.log.Debug("previous connection's close not written in time; opening anyway", "client", id)
+	case <-h.base.Done():
+	}
+}
+
+// awaitMochiSessionEnd waits (at most previousCloseTimeout) until mochi
+// has removed the ended session of this client's previous connection here,
+// when that session ended with its connection (MQTT 5 expiry 0, 3.1.1
+// clean session 1) but mochi's connection goroutine has not yet deleted
+// it. For a CONNECT with clean start 0 that mochi serves alone, mochi would
+// otherwise inherit that session (subscriptions and all) and answer
+// session present 1 to a client that reconnects at once.
+func (h *Sessions) awaitMochiSessionEnd(id string) {
+	old, ok := h.server.Clients.Get(id)
+	if !ok || !old.Closed() {
+		return // none, or a live connection being taken over
+	}
+	p := old.Properties
+	if !(p.ProtocolVersion == 5 && p.Props.SessionExpiryInterval == 0) && !(p.ProtocolVersion < 5 && p.Clean) {
+		return
+	}
+	deadline := time.Now().Add(previousCloseTimeout)
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for time.Now().Before(deadline) {
+		if cur, ok := h.server.Clients.Get(id); !ok || cur != old {
+			return
+		}
+		select {
+		case <-t.C:
+		case <-h.base.Done():
+			return
+		}
+	}
+	h.log.Debug("previous connection's session still in mochi; it may be inherited", "client", id)
+}
+
+// closeWritten records that c's close is in the log (or was not needed).
+func (h *Sessions) closeWritten(c *sessConn) {
+	if c.closeDone != nil {
+		c.closeOnce.Do(func() { close(c.closeDone) })
+	}
+	h.mu.Lock()
+	if h.closing[c.id] == c {
+		delete(h.closing, c.id)
+	}
+	h.mu.Unlock()
+}
+
 // capExpiry applies the server's maximum session expiry to a client's.
 func (h *Sessions) capExpiry(e uint32) uint32 {
 	e = min(e, h.server.Options.Capabilities.MaximumSessionExpiryInterval)

@@ -73,6 +73,7 @@ type Sessions struct {
 	conns   map[*mqtt.Client]*sessConn // connections this hook tracks
 	live    map[string]*sessConn       // client id -> the live persistent connection here
 	mirrors map[string]*sessConn       // client id -> the clean session here whose will is mirrored
+	closing map[string]*sessConn       // client id -> the persistent connection here whose close is being written
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
@@ -123,6 +124,10 @@ type sessConn struct {
 	opened         atomic.Uint64 // OpenedIndex of this connection's SessionOpen
 	expiry         uint32
 	will           bool // the CONNECT had a will (held by the log, not mochi)
+	// closeDone is closed once the connection's close is written to the
+	// log (or nothing is to be written): see awaitPreviousClose.
+	closeDone chan struct{}
+	closeOnce sync.Once
 
 	pump *pump
 	// rh: the retain handling each filter of the SUBSCRIBE being processed
@@ -150,7 +155,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		idx: mqtt.NewTopicsIndex(), idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, idx: mqtt.NewTopicsIndex(), idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}}
 	h.base = context.Background()
@@ -240,11 +245,16 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
-	c := &sessConn{cl: cl, id: cl.ID}
+	if !pk.Connect.Clean {
+		h.awaitDisconnectInFlight(cl.ID) // session_lifecycle.go
+	}
+	c := &sessConn{cl: cl, id: cl.ID, closeDone: make(chan struct{})}
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
 	if !persistent(cl, pk) && !h.resumesWithoutExpiry(cl, pk) {
 		if pk.Connect.Clean {
 			h.discardSession(cl.ID) // session_lifecycle.go
+		} else {
+			h.awaitMochiSessionEnd(cl.ID)
 		}
 		if !hasWill {
 			return
@@ -277,6 +287,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if old != nil {
 		old.pump.stop()
 	}
+	h.awaitPreviousClose(cl.ID, old) // session_lifecycle.go
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	open, at := h.openCommands(cl, pk, c.expiry)
@@ -869,10 +880,15 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.server.Clients.Delete(c.id)
 	}
 	if handedOver {
+		h.closeWritten(c)
 		return
 	}
 	cmd := h.closeCommands(cl, c, err) // session_lifecycle.go
-	h.submit(sessOp{cmd: func() replication.Command { return cmd }})
+	h.mu.Lock()
+	h.closing[c.id] = c
+	h.mu.Unlock()
+	h.submit(sessOp{cmd: func() replication.Command { return cmd },
+		done: func(replication.Result, error) { h.closeWritten(c) }})
 }
 
 // ---- replication observer ----
