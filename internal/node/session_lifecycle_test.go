@@ -319,3 +319,29 @@ func TestReconnectExpiryAndExpiredSession(t *testing.T) {
 	})
 	tc.resumeFresh(t, "n1", "rx", "rx/t")
 }
+
+// TestCleanConnectWithoutQuorum: on a node cut off from the raft quorum a
+// clean session is still served (guarantee 5), promptly: the discard of
+// the old persistent session is bounded and left to the background.
+func TestCleanConnectWithoutQuorum(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	tc.persistentSub(t, "n2", "noquorum", "noquorum/t")
+	for _, id := range []string{"n2", "n3"} {
+		tc.nodes[id].Kill()
+		delete(tc.nodes, id)
+	}
+	start := time.Now()
+	c := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "noquorum", CleanStart: true})
+	if took := time.Since(start); took > 4*time.Second {
+		t.Fatalf("clean CONNACK took %s without a quorum", took)
+	}
+	if c.Connack.SessionPresent {
+		t.Fatal("clean session: session present 1")
+	}
+	c.Sub(t, 0, "noquorum/live")
+	tc.client("n1", "noquorum-pub").Pub(t, "noquorum/live", 0, false, []byte("served"))
+	if p := c.MustNext(t, wait); string(p.Payload) != "served" {
+		t.Fatalf("got %q", p.Payload)
+	}
+}
