@@ -22,8 +22,8 @@ import (
 //     replicated one.
 //   - MQTT 5 clean start 0 with session expiry 0 resumes an existing
 //     session (session present 1, its queue delivered) and ends it with
-//     the connection (MQTT-3.1.2-23: the session lasts while the network
-//     connection does).
+//     the connection (MQTT 5 3.1.2.11.2: with expiry 0 the session ends
+//     when the network connection closes).
 //   - DISCONNECT's session expiry replaces CONNECT's (MQTT 5 3.14.2.2.2);
 //     0 ends the session now. mochi refuses a non-zero one after CONNECT's
 //     0 (protocol error 0x82) before the hooks see it.
