@@ -78,6 +78,12 @@ test-deps:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	fi
+	@# Python paho (the client Home Assistant uses): test/e2e's MQTT 5 interop test.
+	@if ! /usr/bin/python3 -c 'import paho.mqtt.client' 2>/dev/null; then \
+	  echo "installing python3-paho-mqtt"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-paho-mqtt >/dev/null; \
+	fi
 	@# Network partitions in test/chaos need root, ip (iproute2) and nft (nftables).
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v ip >/dev/null || ! command -v nft >/dev/null; }; then \
 	  echo "installing iproute2 and nftables"; \

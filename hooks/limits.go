@@ -32,13 +32,36 @@ func (h *Limits) Provides(b byte) bool {
 	return b == mqtt.OnConnect || b == mqtt.OnClientExpired || b == mqtt.OnPacketEncode
 }
 
-// OnPacketEncode tells MQTT 5 clients the packet size limit in CONNACK
-// (Maximum Packet Size), which mochi never sends: without it a client
-// learns the limit only by being disconnected with 0x95.
+// maxMQTTPacket is the largest Maximum Packet Size MQTT 5 allows in
+// CONNACK (the largest variable byte integer): strict clients such as
+// Python paho refuse a CONNACK above it.
+const maxMQTTPacket = 268435455
+
+// OnPacketEncode completes the CONNACK properties mochi leaves out, so that
+// an MQTT 5 client knows the limits it is held to (each within the range
+// the spec allows, MQTT 5 section 3.2.2.3):
+//   - Maximum Packet Size: the configured limit, at most 268,435,455 (the
+//     seed config's 256 MB is one byte more; packets up to the configured
+//     limit are still accepted); without it a client learns the limit only
+//     by being disconnected with 0x95.
+//   - Topic Alias Maximum: mochi accepts aliases up to its capability but
+//     never says so, and a client may only use them when told
+//     (MQTT-3.2.2-17).
+//   - Retain Available 0 when retain is disabled (MQTT-3.2.2-13).
+//
+// mochi already sends Receive Maximum (1..65535), Maximum QoS (only when
+// below 2), Server Keep Alive and the capped Session Expiry Interval.
 func (h *Limits) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
-	if pk.FixedHeader.Type == packets.Connack && h.maxPacketSize > 0 && pk.ReasonCode < 0x80 &&
-		cl.Properties.ProtocolVersion == 5 {
-		pk.Properties.MaximumPacketSize = h.maxPacketSize
+	if pk.FixedHeader.Type != packets.Connack || pk.ReasonCode >= 0x80 || cl.Properties.ProtocolVersion != 5 {
+		return pk
+	}
+	if h.maxPacketSize > 0 {
+		pk.Properties.MaximumPacketSize = min(h.maxPacketSize, maxMQTTPacket)
+	}
+	caps := h.server.Options.Capabilities
+	pk.Properties.TopicAliasMaximum = caps.TopicAliasMaximum
+	if caps.RetainAvailable == 0 {
+		pk.Properties.RetainAvailable, pk.Properties.RetainAvailableFlag = 0, true
 	}
 	return pk
 }

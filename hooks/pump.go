@@ -137,7 +137,7 @@ func (p *pump) fill() {
 				// track of the older message.
 				return
 			}
-			pk := p.packet(m, pid)
+			pk := p.packet(m, pid, now)
 			p.mu.Lock()
 			p.inflight[pid] = m.Seq
 			p.next = m.Seq + 1
@@ -164,7 +164,7 @@ func (p *pump) advance(seq uint64) {
 	p.mu.Unlock()
 }
 
-func (p *pump) packet(m replication.QueuedMessage, pid uint16) packets.Packet {
+func (p *pump) packet(m replication.QueuedMessage, pid uint16, now int64) packets.Packet {
 	if m.Released {
 		return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: pid}
 	}
@@ -183,7 +183,10 @@ func (p *pump) packet(m replication.QueuedMessage, pid uint16) packets.Packet {
 		},
 	}
 	if m.Expires > 0 {
-		pk.Expiry = (m.Expires + 999) / 1000 // WritePacket sends the remaining interval
+		// The remaining lifetime, rounded up to whole seconds
+		// (MQTT-3.3.2-6). Not through pk.Expiry: mochi computes it from
+		// whole-second clocks and reported up to two seconds too many.
+		pk.Properties.MessageExpiryInterval = uint32(max((m.Expires-now+999)/1000, 1))
 	}
 	for _, u := range m.Properties.UserProperties {
 		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})

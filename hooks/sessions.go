@@ -77,6 +77,7 @@ type Sessions struct {
 	conns   map[*mqtt.Client]*sessConn // connections this hook tracks
 	live    map[string]*sessConn       // client id -> the live persistent connection here
 	mirrors map[string]*sessConn       // client id -> the clean session here whose will is mirrored
+	closing map[string]*sessConn       // client id -> the persistent connection here whose close is being written
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
@@ -150,6 +151,11 @@ type sessConn struct {
 	present        bool
 	opened         atomic.Uint64 // OpenedIndex of this connection's SessionOpen
 	expiry         uint32
+	will           bool // the CONNECT had a will (held by the log, not mochi)
+	// closeDone is closed once the connection's close is written to the
+	// log (or nothing is to be written): see awaitPreviousClose.
+	closeDone chan struct{}
+	closeOnce sync.Once
 
 	pump *pump
 	// unsuback: the reason codes of the UNSUBACK being sent (OnUnsubscribed
@@ -180,8 +186,8 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		idxSubs: map[string]map[string]struct{}{},
-		ops:     make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
+		closing: map[string]*sessConn{}, idxSubs: map[string]map[string]struct{}{},
+		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
 	h.base = context.Background()
@@ -267,9 +273,17 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
-	c := &sessConn{cl: cl, id: cl.ID}
+	if !pk.Connect.Clean {
+		h.awaitDisconnectInFlight(cl.ID) // session_lifecycle.go
+	}
+	c := &sessConn{cl: cl, id: cl.ID, closeDone: make(chan struct{})}
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
-	if !persistent(cl, pk) {
+	if !persistent(cl, pk) && !h.resumesWithoutExpiry(cl, pk) {
+		if pk.Connect.Clean {
+			h.discardSession(cl.ID) // session_lifecycle.go
+		} else {
+			h.awaitMochiSessionEnd(cl.ID)
+		}
 		if !hasWill {
 			h.endMirrorOf(cl.ID)
 			return
@@ -283,7 +297,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		h.mu.Lock()
 		h.mirrors[c.id] = c
 		h.mu.Unlock()
-		open := h.openCommands(cl, pk, 0)
+		open, _ := h.openCommands(cl, pk, 0)
 		h.submit(sessOp{cmd: func() replication.Command { return open },
 			done: func(r replication.Result, err error) {
 				if err == nil {
@@ -292,7 +306,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			}})
 		return
 	}
-	c.managed, c.expiry = true, h.expiryOf(cl)
+	c.managed, c.expiry, c.will = true, h.expiryOf(cl), hasWill
 	// A connection of this id still live here is being taken over by
 	// mochi (inheritClientSession): stop its pump; the new one resends
 	// what was in flight from the log.
@@ -302,9 +316,10 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if old != nil {
 		old.pump.stop()
 	}
+	h.awaitPreviousClose(cl.ID, old) // session_lifecycle.go
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
-	open := h.openCommands(cl, pk, c.expiry)
+	open, at := h.openCommands(cl, pk, c.expiry)
 	res, err := h.repl.Apply(ctx, open)
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
 		// Outcome unknown (the leader died while committing) or no
@@ -335,8 +350,8 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		h.log.Warn("session state not applied here in time; resending from an older state", "client", cl.ID, "error", err)
 	}
 	r0 := res
-	if len(res.Results) > 0 {
-		r0 = res.Results[0]
+	if at < len(res.Results) {
+		r0 = res.Results[at]
 	}
 	c.present = r0.Present
 	c.opened.Store(res.Index)
@@ -353,20 +368,39 @@ func (h *Sessions) track(c *sessConn) {
 	h.mu.Unlock()
 }
 
-// openCommands is SessionOpen, plus SetWill when the CONNECT has a will.
-func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) replication.Command {
+// openCommands is SessionOpen, plus SetWill when the CONNECT has a will,
+// preceded by the delete of an expired session it would otherwise resume;
+// at is the index of SessionOpen's result in a Batch.
+func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) (cmd replication.Command, at int) {
+	now := time.Now().UnixMilli()
 	open := &replication.SessionOpen{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
-		ExpiryInterval: expiry, Owner: h.cfg.Self, At: time.Now().UnixMilli(), CleanStart: pk.Connect.Clean}
-	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 0 {
-		return open
+		ExpiryInterval: expiry, Owner: h.cfg.Self, At: now, CleanStart: pk.Connect.Clean}
+	var cmds []replication.Command
+	if !open.CleanStart {
+		if del := h.expiredSessionDelete(cl.ID, now); del != nil {
+			cmds = append(cmds, del)
+		}
 	}
+	at = len(cmds)
+	cmds = append(cmds, open)
+	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
+		cmds = append(cmds, h.setWill(cl))
+	}
+	if len(cmds) == 1 {
+		return open, 0
+	}
+	return &replication.Batch{Commands: cmds}, at
+}
+
+// setWill is the SetWill of the CONNECT's will.
+func (h *Sessions) setWill(cl *mqtt.Client) replication.Command {
 	w := cl.Properties.Will
 	will := replication.Will{Topic: w.TopicName, Payload: w.Payload, QoS: w.Qos, Retain: w.Retain,
 		DelaySeconds: w.WillDelayInterval}
 	for _, u := range w.User {
 		will.Properties.UserProperties = append(will.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
 	}
-	return &replication.Batch{Commands: []replication.Command{open, &replication.SetWill{ClientID: cl.ID, Will: will}}}
+	return &replication.SetWill{ClientID: cl.ID, Will: will}
 }
 
 // OnPacketEncode sets CONNACK's session-present flag from the log (mochi
@@ -800,20 +834,15 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.server.Clients.Delete(c.id)
 	}
 	if handedOver {
+		h.closeWritten(c)
 		return
 	}
-	closeCmd := &replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: c.opened.Load(),
-		At: time.Now().UnixMilli()}
-	if e := cl.Properties.Props.SessionExpiryInterval; cl.Properties.ProtocolVersion == 5 &&
-		cl.Properties.Props.SessionExpiryIntervalFlag && e != c.expiry {
-		closeCmd.SetExpiry, closeCmd.ExpiryInterval = true, min(e, c.expiry)
-	}
-	var cmd replication.Command = closeCmd
-	if err == nil {
-		// DISCONNECT: the will is discarded (MQTT-3.1.2-10).
-		cmd = &replication.Batch{Commands: []replication.Command{&replication.ClearWill{ClientID: c.id}, closeCmd}}
-	}
-	h.submit(sessOp{cmd: func() replication.Command { return cmd }})
+	cmd := h.closeCommands(cl, c, err) // session_lifecycle.go
+	h.mu.Lock()
+	h.closing[c.id] = c
+	h.mu.Unlock()
+	h.submit(sessOp{cmd: func() replication.Command { return cmd },
+		done: func(replication.Result, error) { h.closeWritten(c) }})
 }
 
 // hasOtherConn reports whether another connection of c's client id is

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/mqtt-ha/broker/cluster"
-	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/testutil"
 	"github.com/mqtt-ha/broker/replication"
 )
@@ -22,9 +21,9 @@ type testCluster struct {
 	seed  string // gossip address of the first node
 	// expect is every node's --bootstrap-expect: the initial cluster size.
 	expect int
-	cfgs   map[string]Config
-	// sessionsTuning is every node's Config.SessionsTuning.
-	sessionsTuning func(*hooks.SessionsConfig) // the last configuration of each node, bound addresses filled in
+	cfgs   map[string]Config // the last configuration of each node, bound addresses filled in
+	// tune, if set, adjusts each node's configuration before it starts.
+	tune func(*Config)
 }
 
 func testLogger() *slog.Logger {
@@ -55,7 +54,13 @@ func fastRaft(c *replication.Config) {
 }
 
 func newTestCluster(t testing.TB, ids ...string) *testCluster {
-	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}}
+	return newTunedCluster(t, nil, ids...)
+}
+
+// newTunedCluster is newTestCluster with tune applied to every node's
+// configuration.
+func newTunedCluster(t testing.TB, tune func(*Config), ids ...string) *testCluster {
+	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}, tune: tune}
 	for _, id := range ids {
 		tc.start(id)
 	}
@@ -72,10 +77,13 @@ func (tc *testCluster) start(id string) *Node {
 		AllowAnonymous: true, MaxPacketSize: 4 << 20, MaxQueuedMessages: 1000, MaxKeepalive: 65535,
 		RetainAvailable: true, ConnectTimeout: 5 * time.Second, ShutdownTimeout: 5 * time.Second,
 		Logger: testLogger(), ClusterTuning: fastCluster, ReplicationTuning: fastRaft,
-		BootstrapExpect: tc.expect, SessionsTuning: tc.sessionsTuning,
+		BootstrapExpect: tc.expect,
 	}
 	if tc.seed != "" {
 		cfg.Join = []string{tc.seed}
+	}
+	if tc.tune != nil {
+		tc.tune(&cfg)
 	}
 	return tc.run(id, cfg)
 }

@@ -135,6 +135,7 @@ func New(cfg Config) (_ *Node, err error) {
 		n.auth,
 		hooks.NewMetricsHook(metrics, log.With("component", "mqtt")),
 		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, cfg.MaxPacketSize, log.With("component", "mqtt")),
+		&hooks.Acks{},
 		hooks.NewQueueOrder(n.mqtt),
 		n.retainedHook,
 		n.sessionsHook, // before the cluster hook: it may refuse filters in OnSubscribed

@@ -67,15 +67,10 @@ func TestRetainedWillOfCleanSessionReplicated(t *testing.T) {
 	tc.waitRetained(t, "avail/plug", "offline")
 }
 
-// newTunedCluster is newTestCluster with every node's session hook
+// newSessionsTunedCluster is newTestCluster with every node's session hook
 // configuration adjusted by tune.
-func newTunedCluster(t *testing.T, tune func(*hooks.SessionsConfig), ids ...string) *testCluster {
-	tc := &testCluster{t: t, nodes: map[string]*Node{}, expect: len(ids), cfgs: map[string]Config{}, sessionsTuning: tune}
-	for _, id := range ids {
-		tc.start(id)
-	}
-	tc.waitMembers(len(ids))
-	return tc
+func newSessionsTunedCluster(t *testing.T, tune func(*hooks.SessionsConfig), ids ...string) *testCluster {
+	return newTunedCluster(t, func(c *Config) { c.SessionsTuning = tune }, ids...)
 }
 
 // TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication: the
@@ -84,7 +79,7 @@ func newTunedCluster(t *testing.T, tune func(*hooks.SessionsConfig), ids ...stri
 // the commit), and still the offline persistent subscriber finds the will
 // in its queue and a new subscriber on any node reads it as retained.
 func TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication(t *testing.T) {
-	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) {
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
 		c.AfterWillClaim = func(string) bool { return false }
 	}, "n1", "n2", "n3")
 	tc.waitReady()
@@ -130,7 +125,7 @@ func TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication(t *testing.T)
 // retained value).
 func TestGracefulStopFiresNoWillOfReturningClients(t *testing.T) {
 	const grace = 8 * time.Second
-	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
 	tc.waitReady()
 	watcher := tc.client("n1", "gs-watcher")
 	watcher.Sub(t, 1, "gs/#")
@@ -193,7 +188,7 @@ func TestGracefulStopFiresNoWillOfReturningClients(t *testing.T) {
 // to any node, keeps its will unfired.
 func TestRollingRestartFiresNoWill(t *testing.T) {
 	const grace = 8 * time.Second
-	tc := newTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
 	tc.waitReady()
 	watcher := tc.client("n1", "rr-watcher")
 	watcher.Sub(t, 1, "rr/#")

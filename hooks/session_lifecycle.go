@@ -1,0 +1,242 @@
+package hooks
+
+import (
+	"context"
+	"math"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// The MQTT session lifecycle rules the Sessions hook applies to the
+// replicated sessions (DESIGN.md guarantee 8), whichever node the client
+// uses:
+//
+//   - A clean CONNECT (3.1.1 clean session 1, MQTT 5 clean start 1)
+//     discards the client's session (MQTT-3.1.2-4). With MQTT 5 session
+//     expiry > 0 the SessionOpen itself has CleanStart; otherwise the
+//     connection is served by mochi alone, and discardSession deletes the
+//     replicated one.
+//   - MQTT 5 clean start 0 with session expiry 0 resumes an existing
+//     session (session present 1, its queue delivered) and ends it with
+//     the connection (MQTT 5 3.1.2.11.2: with expiry 0 the session ends
+//     when the network connection closes).
+//   - DISCONNECT's session expiry replaces CONNECT's (MQTT 5 3.14.2.2.2);
+//     0 ends the session now. mochi refuses a non-zero one after CONNECT's
+//     0 (protocol error 0x82) before the hooks see it.
+//   - A session whose expiry has passed is not resumed even if the
+//     leader's sweep has not removed it yet: session present 0.
+
+// cleanDiscardTimeout bounds how long a clean CONNECT waits for the
+// discard of the old session before CONNACK. A clean session must be
+// served without a quorum (guarantee 5), so it never waits longer; the
+// delete is then retried in the background.
+const cleanDiscardTimeout = 2 * time.Second
+
+// resumesWithoutExpiry reports whether an MQTT 5 CONNECT with clean start 0
+// and session expiry 0 finds a session to resume in the log. Without a
+// raft leader it cannot be resumed (nor stored) and is served as a clean
+// session.
+func (h *Sessions) resumesWithoutExpiry(cl *mqtt.Client, pk packets.Packet) bool {
+	if cl.Properties.ProtocolVersion != 5 || pk.Connect.Clean || cl.Properties.Props.SessionExpiryInterval != 0 {
+		return false
+	}
+	if _, ok := h.repl.Session(cl.ID); !ok {
+		return false
+	}
+	return h.repl.HasLeader()
+}
+
+// discardSession deletes id's replicated session for a clean CONNECT that
+// keeps no session in the log. It deletes only the session this node sees
+// (IfOpened), so a session opened later, by a connection after this one,
+// is never touched. With a leader it waits (at most cleanDiscardTimeout)
+// so that CONNACK follows the discard and nothing more is queued for the
+// old session; otherwise, or on failure, the delete is retried in the
+// background: a conditional delete is safe to apply late.
+func (h *Sessions) discardSession(id string) {
+	s, ok := h.repl.Session(id)
+	if !ok {
+		return
+	}
+	del := &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
+	if h.repl.HasLeader() {
+		ctx, cancel := context.WithTimeout(h.base, cleanDiscardTimeout)
+		_, err := h.repl.Apply(ctx, del)
+		cancel()
+		if err == nil {
+			h.log.Debug("clean connect discarded the persistent session", "client", id)
+			return
+		}
+		h.log.Warn("clean connect: session discard not committed in time; retrying in the background", "client", id, "error", err)
+	}
+	h.submit(sessOp{cmd: func() replication.Command { return del }})
+}
+
+// disconnectGrace is how long a resuming CONNECT waits for a live
+// connection of the same client on this node to end by itself before
+// taking it over.
+const disconnectGrace = 100 * time.Millisecond
+
+// awaitDisconnectInFlight: a client that sends DISCONNECT and reconnects
+// at once uses two connections, read by two goroutines, so the new CONNECT
+// can be processed before the DISCONNECT. The session would then be taken
+// over as it was (resumed, where the DISCONNECT may have ended it, e.g.
+// with session expiry 0), and the DISCONNECT applied to nothing. A
+// resuming CONNECT therefore gives a live previous connection here up to
+// disconnectGrace to end; one that does not is taken over as before (a
+// half-open connection, or two instances sharing a client id).
+func (h *Sessions) awaitDisconnectInFlight(id string) {
+	old, ok := h.server.Clients.Get(id)
+	if !ok || old.Closed() || old.Net.Inline {
+		return
+	}
+	deadline := time.Now().Add(disconnectGrace)
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for !old.Closed() && time.Now().Before(deadline) {
+		select {
+		case <-t.C:
+		case <-h.base.Done():
+			return
+		}
+	}
+}
+
+// previousCloseTimeout bounds how long a CONNECT waits for the close of
+// the same client's previous connection on this node to be written.
+const previousCloseTimeout = time.Second
+
+// awaitPreviousClose waits (briefly) until the close of this client's
+// previous persistent connection on this node, if it just ended, is in
+// the log. A client that sends DISCONNECT (say with session expiry 0) and
+// reconnects at once must find the session as that DISCONNECT left it;
+// the close is written asynchronously, and without this wait the new
+// SessionOpen could overtake it: the session would be resumed, and the
+// late close then ignored as stale. old is the live connection of the id
+// here, if any; one still open is being taken over, not closed: no wait.
+//
+// Across nodes there is no such ordering: a reconnect elsewhere within
+// milliseconds of DISCONNECT may still overtake the close.
+func (h *Sessions) awaitPreviousClose(id string, old *sessConn) {
+	h.mu.Lock()
+	prev := h.closing[id]
+	h.mu.Unlock()
+	if prev == nil && old != nil && old.cl.Closed() {
+		prev = old // ended, its OnDisconnect not run yet
+	}
+	if prev == nil || prev.closeDone == nil {
+		return
+	}
+	t := time.NewTimer(previousCloseTimeout)
+	defer t.Stop()
+	select {
+	case <-prev.closeDone:
+	case <-t.C:
+		h.log.Debug("previous connection's close not written in time; opening anyway", "client", id)
+	case <-h.base.Done():
+	}
+}
+
+// awaitMochiSessionEnd waits (at most previousCloseTimeout) until mochi
+// has removed the ended session of this client's previous connection here,
+// when that session ended with its connection (MQTT 5 expiry 0, 3.1.1
+// clean session 1) but mochi's connection goroutine has not yet deleted
+// it. For a CONNECT with clean start 0 that mochi serves alone, mochi would
+// otherwise inherit that session (subscriptions and all) and answer
+// session present 1 to a client that reconnects at once.
+func (h *Sessions) awaitMochiSessionEnd(id string) {
+	old, ok := h.server.Clients.Get(id)
+	if !ok || !old.Closed() {
+		return // none, or a live connection being taken over
+	}
+	p := old.Properties
+	if !(p.ProtocolVersion == 5 && p.Props.SessionExpiryInterval == 0) && !(p.ProtocolVersion < 5 && p.Clean) {
+		return
+	}
+	deadline := time.Now().Add(previousCloseTimeout)
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for time.Now().Before(deadline) {
+		if cur, ok := h.server.Clients.Get(id); !ok || cur != old {
+			return
+		}
+		select {
+		case <-t.C:
+		case <-h.base.Done():
+			return
+		}
+	}
+	h.log.Debug("previous connection's session still in mochi; it may be inherited", "client", id)
+}
+
+// closeWritten records that c's close is in the log (or was not needed).
+func (h *Sessions) closeWritten(c *sessConn) {
+	if c.closeDone != nil {
+		c.closeOnce.Do(func() { close(c.closeDone) })
+	}
+	h.mu.Lock()
+	if h.closing[c.id] == c {
+		delete(h.closing, c.id)
+	}
+	h.mu.Unlock()
+}
+
+// capExpiry applies the server's maximum session expiry to a client's.
+func (h *Sessions) capExpiry(e uint32) uint32 {
+	e = min(e, h.server.Options.Capabilities.MaximumSessionExpiryInterval)
+	if e == math.MaxUint32 {
+		return replication.NeverExpires
+	}
+	return e
+}
+
+// expiredAt reports whether a disconnected session's expiry passed at now
+// (Unix ms). Unlike the sweep's test it ignores a will not yet published:
+// a resume must not find the session either way.
+func expiredAt(s replication.Session, now int64) bool {
+	return !s.Connected && s.DisconnectedAt > 0 && s.ExpiryInterval != replication.NeverExpires &&
+		now >= s.DisconnectedAt+int64(s.ExpiryInterval)*1000
+}
+
+// expiredSessionDelete returns the conditional delete of id's session if
+// it has expired (a resume then starts a new one), else nil.
+func (h *Sessions) expiredSessionDelete(id string, now int64) replication.Command {
+	if s, ok := h.repl.Session(id); ok && expiredAt(s, now) {
+		return &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
+	}
+	return nil
+}
+
+// closeCommands is what ends a persistent connection in the log: the close
+// with the expiry DISCONNECT set, the will cleared after a DISCONNECT
+// (MQTT-3.1.2-10), and the session deleted when its expiry is 0 and no
+// will is left to publish (with a will the leader publishes it, then the
+// sweep removes the session).
+func (h *Sessions) closeCommands(cl *mqtt.Client, c *sessConn, err error) replication.Command {
+	opened := c.opened.Load()
+	closeCmd := &replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: opened,
+		At: time.Now().UnixMilli()}
+	expiry := c.expiry
+	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
+		if e := h.capExpiry(cl.Properties.Props.SessionExpiryInterval); e != c.expiry {
+			closeCmd.SetExpiry, closeCmd.ExpiryInterval = true, e
+			expiry = e
+		}
+	}
+	var cmds []replication.Command
+	if err == nil {
+		cmds = append(cmds, &replication.ClearWill{ClientID: c.id})
+	}
+	cmds = append(cmds, closeCmd)
+	if expiry == 0 && opened != 0 && (err == nil || !c.will) {
+		cmds = append(cmds, &replication.SessionDelete{ClientID: c.id, IfOpened: opened})
+	}
+	if len(cmds) == 1 {
+		return closeCmd
+	}
+	return &replication.Batch{Commands: cmds}
+}
