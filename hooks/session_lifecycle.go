@@ -58,6 +58,14 @@ func (h *Sessions) resumesWithoutExpiry(cl *mqtt.Client, pk packets.Packet) bool
 // old session; otherwise, or on failure, the delete is retried in the
 // background: a conditional delete is safe to apply late.
 func (h *Sessions) discardSession(id string) {
+	if h.repl.HasLeader() {
+		// See every session opened before this CONNECT, on any node.
+		ctx, cancel := context.WithTimeout(h.base, cleanDiscardTimeout)
+		if err := h.repl.SessionsBarrier(ctx); err != nil {
+			h.log.Debug("clean connect: sessions view may be stale", "client", id, "error", err)
+		}
+		cancel()
+	}
 	s, ok := h.repl.Session(id)
 	if !ok {
 		return

@@ -161,6 +161,9 @@ type sessConn struct {
 	// unsuback: the reason codes of the UNSUBACK being sent (OnUnsubscribed
 	// to OnPacketEncode, on the client's goroutine).
 	unsuback []byte
+	// mirrorWill: a mirrored clean session's will, published here if the
+	// log cannot take the mirror's close (session_mirror.go).
+	mirrorWill *replication.Will
 	// suback: the SUBACK being sent (OnSubscribe to OnPacketEncode, on the
 	// client's goroutine).
 	suback *pendingSuback
@@ -279,31 +282,30 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	c := &sessConn{cl: cl, id: cl.ID, closeDone: make(chan struct{})}
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
 	if !persistent(cl, pk) && !h.resumesWithoutExpiry(cl, pk) {
-		if pk.Connect.Clean {
-			h.discardSession(cl.ID) // session_lifecycle.go
-		} else {
+		if !pk.Connect.Clean {
 			h.awaitMochiSessionEnd(cl.ID)
 		}
 		if !hasWill {
+			if pk.Connect.Clean {
+				h.discardSession(cl.ID) // session_lifecycle.go
+			}
 			h.endMirrorOf(cl.ID)
 			return
 		}
-		// A clean session's will: mochi publishes it while this node
-		// lives; the mirror lets a survivor publish it if the node dies.
-		// Best effort and asynchronous: a clean session must not wait for
-		// (or need) a quorum.
+		// A clean session's will is mirrored in the log (session_mirror.go);
+		// the mirror's SessionOpen has clean start and discards any older
+		// session too.
+		if !h.openMirror(c, cl, pk) {
+			if pk.Connect.Clean {
+				h.discardSession(cl.ID)
+			}
+			return
+		}
 		c.mirror = true
 		h.track(c)
 		h.mu.Lock()
 		h.mirrors[c.id] = c
 		h.mu.Unlock()
-		open, _ := h.openCommands(cl, pk, 0)
-		h.submit(sessOp{cmd: func() replication.Command { return open },
-			done: func(r replication.Result, err error) {
-				if err == nil {
-					c.opened.Store(r.Index)
-				}
-			}})
 		return
 	}
 	c.managed, c.expiry, c.will = true, h.expiryOf(cl), hasWill
@@ -530,7 +532,7 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		}
 		return pk, nil
 	}
-	if err := h.repl.SubscriptionsBarrier(ctx); err != nil {
+	if err := h.repl.SessionsBarrier(ctx); err != nil {
 		return pk, h.refuse(cl, pk, err)
 	}
 	cmd := h.enqueueCommand(pk, cl.ID)
@@ -803,19 +805,13 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	handedOver := errors.Is(cause, packets.ErrSessionTakenOver) || errors.Is(cause, packets.ErrServerShuttingDown) ||
 		errors.Is(cause, packets.ErrAdministrativeAction)
 	if c.mirror {
-		// mochi publishes a clean session's will itself (also when this
-		// node shuts down), so the mirror always ends with the connection;
-		// a connection taken over was replaced in the log already (the
-		// conditional delete is then a no-op).
-		if c.closedByLeader.Load() || h.keptAtStop(c) {
+		// A connection taken over was replaced in the log already; one
+		// closed by the leader on this node's behalf has its will claimed
+		// by the leader; a graceful stop leaves it for the leave grace.
+		if c.closedByLeader.Load() || h.keptAtStop(c) || errors.Is(cause, packets.ErrSessionTakenOver) {
 			return
 		}
-		h.submit(sessOp{cmd: func() replication.Command {
-			if o := c.opened.Load(); o != 0 {
-				return &replication.SessionDelete{ClientID: c.id, IfOpened: o}
-			}
-			return nil
-		}})
+		h.endMirror(c, err) // session_mirror.go
 		return
 	}
 	if c.pump != nil {

@@ -91,9 +91,10 @@ func (h *Sessions) PrepareStop() {
 		if c.opened.Load() == 0 || c.closedByLeader.Load() {
 			continue // not in the log (yet): mochi publishes it
 		}
-		if atomic.CompareAndSwapUint32(&c.cl.Properties.Will.Flag, 1, 0) {
-			h.stopping.kept[c] = true
-		}
+		// mochi's copy was cleared when the mirror was written
+		// (session_mirror.go); clearing it again costs nothing.
+		atomic.StoreUint32(&c.cl.Properties.Will.Flag, 0)
+		h.stopping.kept[c] = true
 	}
 }
 

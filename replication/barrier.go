@@ -31,15 +31,16 @@ func (n *Node) ReadBarrier(ctx context.Context) error {
 	return n.barrier(ctx, false)
 }
 
-// SubscriptionsBarrier is ReadBarrier for the persistent sessions'
-// subscriptions only: once it returns, this node's state holds every entry
-// that changed a subscription (subscribe, unsubscribe, session deleted)
-// committed before the call. It is as safe as ReadBarrier for matching a
-// publish, and cheaper: such entries are rare, so this node usually holds
-// them already and does not wait for the entries committed just before
-// (its own publisher's previous message, which a follower learns is
-// committed only with the leader's next message).
-func (n *Node) SubscriptionsBarrier(ctx context.Context) error {
+// SessionsBarrier is ReadBarrier for the persistent sessions only: once it
+// returns, this node's state holds every entry committed before the call
+// that opened or deleted a session or changed its subscriptions. It is as
+// safe as ReadBarrier for matching a publish or for finding the session a
+// clean CONNECT must discard, and cheaper: such entries are rarer than
+// others, so this node usually holds them already and does not wait for
+// the entries committed just before (its own publisher's previous message,
+// which a follower learns is committed only with the leader's next
+// message).
+func (n *Node) SessionsBarrier(ctx context.Context) error {
 	return n.barrier(ctx, true)
 }
 

@@ -90,9 +90,9 @@ func TestSnapshotCarriesSyncedIndex(t *testing.T) {
 	}
 }
 
-// TestSubscriptionsBarrierOnLaggingFollower: subscriptions committed while
-// a follower was down are in its state once SubscriptionsBarrier returns.
-func TestSubscriptionsBarrierOnLaggingFollower(t *testing.T) {
+// TestSessionsBarrierOnLaggingFollower: subscriptions committed while
+// a follower was down are in its state once SessionsBarrier returns.
+func TestSessionsBarrierOnLaggingFollower(t *testing.T) {
 	c := newTestCluster(t, 3)
 	c.startNew("n1", "n2", "n3")
 	lead := c.leader()
@@ -116,7 +116,7 @@ func TestSubscriptionsBarrierOnLaggingFollower(t *testing.T) {
 	if err := f.start(); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.node().SubscriptionsBarrier(ctx); err != nil {
+	if err := f.node().SessionsBarrier(ctx); err != nil {
 		t.Fatal(err)
 	}
 	for i := range sessions {

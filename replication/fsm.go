@@ -35,8 +35,9 @@ type FSM struct {
 	// chosen so that waiting for it terminates.
 	synced     atomic.Uint64
 	syncedTerm atomic.Uint64 // term of the entry at synced
-	// subsChanged is the index of the last applied entry that changed a
-	// persistent session's subscriptions (Node.SubscriptionsBarrier).
+	// subsChanged is the index of the last applied entry that opened or
+	// deleted a persistent session or changed its subscriptions
+	// (Node.SessionsBarrier).
 	subsChanged atomic.Uint64
 	syncedMu    sync.Mutex
 	syncedWake  chan struct{} // closed and replaced whenever synced moves
@@ -124,7 +125,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		before := len(evs)
 		res, evs = f.st.applyCommand(cmds[i], l.Index, evs)
 		out[i] = res
-		if changesSubscriptions(evs[before:]) {
+		if changesSessions(evs[before:]) {
 			f.subsChanged.Store(l.Index)
 		}
 		n += commandCount(cmds[i])
@@ -140,15 +141,16 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	return out
 }
 
-// changesSubscriptions reports whether an entry's events change which
-// persistent sessions a publish matches.
-func changesSubscriptions(evs []event) bool {
+// changesSessions reports whether an entry's events change which
+// persistent sessions exist or what they subscribe to (what a publish
+// matches, and what a clean CONNECT must discard).
+func changesSessions(evs []event) bool {
 	for _, e := range evs {
 		if e.session == nil {
 			continue
 		}
 		switch e.session.Kind {
-		case SessionSubscribed, SessionUnsubscribed, SessionDeleted:
+		case SessionSubscribed, SessionUnsubscribed, SessionDeleted, SessionOpened:
 			return true
 		}
 	}

@@ -1,0 +1,97 @@
+package hooks
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// A clean session's will is mirrored in the log (a SessionOpen with expiry
+// 0 and a SetWill), so that a survivor can publish it when this node dies.
+// One rule keeps it from being published twice: once the mirror is in the
+// log, mochi's own copy is cleared, and the will is published only through
+// a conditional claim in the log (PublishWill, which the leader makes once
+// the mirror is closed, by this node when the connection drops or on this
+// node's behalf when it is declared dead). Whoever closes the mirror
+// first, the claim happens once. Only when the log cannot be written (no
+// quorum) does this node publish the will itself, at disconnect; on a
+// minority side that can repeat a will the majority already published for
+// a node it declared dead.
+//
+// Before, mochi published the will locally and the mirror was only
+// deleted, which published it twice whenever the leader had already
+// closed the mirror and this node did not know yet: a node catching up
+// (observers run after a whole batch), one that installed a snapshot (no
+// events), one resumed after a pause, or one cut off by a partition.
+
+// mirrorOpenTimeout bounds the mirror's write before CONNACK. A clean
+// session must be served without a quorum (guarantee 5), so it never waits
+// longer; without the mirror, mochi keeps the will and publishes it.
+const mirrorOpenTimeout = 2 * time.Second
+
+// openMirror writes c's mirror (which also discards any older session of
+// the client id: the SessionOpen has clean start) before CONNACK and, once
+// it is in the log, clears mochi's copy of the will. It reports whether
+// the mirror was written; if not, the will stays mochi's.
+func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) bool {
+	if !h.repl.HasLeader() {
+		return false
+	}
+	open, _ := h.openCommands(cl, pk, 0)
+	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
+	defer cancel()
+	res, err := h.repl.Apply(ctx, open)
+	if err != nil {
+		// A late commit is harmless: the mirror then stays until the leader
+		// finds its owner gone, or the client reconnects (clean start).
+		h.log.Warn("will of a clean session not mirrored in the log; published by this node only", "client", c.id, "error", err)
+		return false
+	}
+	c.opened.Store(res.Index)
+	if sw, ok := h.setWill(cl).(*replication.SetWill); ok {
+		w := sw.Will
+		c.mirrorWill = &w
+	}
+	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+	return true
+}
+
+// endMirror ends c's mirror when its connection ends. DISCONNECT discards
+// the will (MQTT-3.1.2-10), so the mirror is deleted; any other end closes
+// it, and the leader then claims and publishes the will once
+// (publishDueWills). If the close cannot be written, this node publishes
+// the will itself.
+func (h *Sessions) endMirror(c *sessConn, err error) {
+	opened := c.opened.Load()
+	if opened == 0 {
+		return // not mirrored: mochi had the will
+	}
+	if err == nil {
+		h.submit(sessOp{cmd: func() replication.Command {
+			return &replication.SessionDelete{ClientID: c.id, IfOpened: opened}
+		}})
+		return
+	}
+	closeCmd := &replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: opened, At: time.Now().UnixMilli()}
+	go func() {
+		ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
+		defer cancel()
+		_, err := h.repl.Apply(ctx, closeCmd)
+		if err == nil {
+			h.pokeWills()
+			return
+		}
+		if errors.Is(err, replication.ErrInvalidCommand) || c.mirrorWill == nil {
+			h.log.Warn("clean session's will mirror not closed", "client", c.id, "error", err)
+			return
+		}
+		h.log.Warn("clean session's will mirror not closed in the log (no quorum?); publishing the will here", "client", c.id, "error", err)
+		h.publishWill(c.id, c.mirrorWill)
+	}()
+}
