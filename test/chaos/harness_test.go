@@ -375,11 +375,11 @@ func (n *Node) stop() error {
 	return nil
 }
 
-// restart starts a stopped node on the same ports and data directory and
+// restartThen starts a stopped node on the same ports and data directory and
 // waits for /readyz; a port of the previous run that is briefly unavailable
-// makes the process exit, and it is started again.
-// restartThen is restart calling onLaunch (when not nil) once, right
-// after the first process was started, without waiting for readiness.
+// makes the process exit, and it is started again. onLaunch (when not nil)
+// is called once, right after the first process was started, without
+// waiting for readiness.
 func (n *Node) restartThen(onLaunch func()) error {
 	return poll(readyTimeout, func() error {
 		if err := n.launch(); err != nil {
