@@ -16,7 +16,7 @@ RACE := -race -gcflags=all=-d=checkptr=0
 # Packages that must stay free of mochi and of each other (see STYLE.md).
 PURE_PKGS := ./cluster ./replication
 
-.PHONY: build run test unit e2e chaos bench lint vet fmt-check tidy-check deps-check test-deps clean
+.PHONY: build run test unit e2e chaos chaos-pinned bench lint vet fmt-check tidy-check deps-check test-deps clean
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/broker
@@ -38,7 +38,13 @@ e2e: test-deps
 ## chaos: the long fault campaign against three real nodes (make chaos CHAOS_DURATION=2m CHAOS_SEED=42).
 CHAOS_DURATION ?= 10m
 chaos:
-	CHAOS_DURATION=$(CHAOS_DURATION) CHAOS_SEED=$(CHAOS_SEED) $(GO) test -count=1 -v -timeout 0 -run TestChaos ./test/chaos/
+	CHAOS_DURATION=$(CHAOS_DURATION) CHAOS_SEED=$(CHAOS_SEED) $(GO) test -count=1 -v -timeout 0 -run 'TestChaos$$' ./test/chaos/
+	$(MAKE) chaos-pinned
+
+## chaos-pinned: every pinned seed (bugs found before) for CHAOS_PINNED_DURATION each (default 2m).
+CHAOS_PINNED_DURATION ?= 2m
+chaos-pinned:
+	CHAOS_PINNED=all CHAOS_PINNED_DURATION=$(CHAOS_PINNED_DURATION) $(GO) test -count=1 -v -timeout 0 -run TestPinnedSeeds ./test/chaos/
 
 ## bench: Go benchmarks, then the load tool against Debian's mosquitto and a three-node cluster.
 bench:

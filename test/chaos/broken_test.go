@@ -214,7 +214,7 @@ func (cp *campaign) offlineSubscriber(st *state.State) error {
 	defer c.Close()
 	cp.h.Add(Op{Kind: KindSessConnect, Client: id, Node: n.ID, Start: start, End: time.Now(), Outcome: OK,
 		CleanStart: true, Expiry: sessExpiry, SessionPresent: c.Connack.SessionPresent, SubConn: 1})
-	if !cp.subscribeSession(c, id, n, sessFilters, 1) {
+	if !cp.subscribeSession(v5Conn(c), id, n, sessFilters, 1) {
 		return fmt.Errorf("%s: subscription refused", id)
 	}
 	return nil

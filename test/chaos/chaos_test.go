@@ -64,8 +64,13 @@ type campaign struct {
 	unavailable map[string]time.Duration
 	faults      []faultEvent
 
-	connMu sync.Mutex
-	conns  map[string][]*testutil.Client // client id -> every connection it opened
+	connMu   sync.Mutex
+	conns    map[string][]*testutil.Client // client id -> every connection it opened
+	conns311 map[string][]*client311       // the same for MQTT 3.1.1 clients
+
+	bg           sync.WaitGroup // workload started by faults (fresh publishers, availability reads)
+	availReading bool           // an availability read is running
+	freshBursts  int            // fresh publishers started so far
 
 	partitionSkipped string // why there are no partitions ("": there are)
 	partitions       int    // partitions done so far
@@ -108,7 +113,39 @@ func TestChaos(t *testing.T) {
 			t.Fatalf("CHAOS_SEED=%q: %v", s, err)
 		}
 	}
-	t.Logf("chaos: seed %d (rerun with CHAOS_SEED=%d), fault phase %s", seed, seed, phase)
+	runCampaign(t, seed, phase)
+}
+
+// pinnedSeeds found bugs (see the README's Bugs found): each is replayed
+// as a regression campaign by TestPinnedSeeds.
+var pinnedSeeds = []int64{314082014, 56249839, 20261127, 288808259, 444047167}
+
+// TestPinnedSeeds replays the pinned seeds. By default (make test) it runs
+// one of them, by rotation on the day of the year, with a 10 s fault phase
+// (the first faults, one of each kind, run in full): about a minute.
+// CHAOS_PINNED=all runs every one, each for CHAOS_PINNED_DURATION (default
+// 2m): make chaos-pinned, part of make chaos.
+func TestPinnedSeeds(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a broker cluster")
+	}
+	seeds, phase := pinnedSeeds, 2*time.Minute
+	if os.Getenv("CHAOS_PINNED") != "all" {
+		seeds, phase = []int64{pinnedSeeds[time.Now().YearDay()%len(pinnedSeeds)]}, 10*time.Second
+	} else if d := os.Getenv("CHAOS_PINNED_DURATION"); d != "" {
+		var err error
+		if phase, err = time.ParseDuration(d); err != nil {
+			t.Fatalf("CHAOS_PINNED_DURATION=%q: %v", d, err)
+		}
+	}
+	for _, seed := range seeds {
+		t.Run(strconv.FormatInt(seed, 10), func(t *testing.T) { runCampaign(t, seed, phase) })
+	}
+}
+
+// runCampaign runs one campaign with seed for phase and checks it.
+func runCampaign(t *testing.T, seed int64, phase time.Duration) {
+	t.Logf("chaos: ===== seed %d ===== (rerun with CHAOS_SEED=%d), fault phase %s", seed, seed, phase)
 	began := time.Now()
 
 	cp := &campaign{t: t, seed: seed, down: map[string]bool{}, unavailable: map[string]time.Duration{}, conns: map[string][]*testutil.Client{}}
@@ -159,7 +196,7 @@ func TestChaos(t *testing.T) {
 		sessWG.Add(1)
 		go func() {
 			defer sessWG.Done()
-			cp.persistentSubscriber(sessCtx, sessionSub{id: id, filters: sessFilters, idle: sessIdle, parse: sessionReceipt},
+			cp.persistentSubscriber(sessCtx, sessionSub{id: id, filters: sessFilters, idle: sessIdle, parse: sessionReceipt, v311: id == sessSubV311},
 				rand.New(rand.NewSource(seed+200+int64(i))))
 		}()
 	}
@@ -168,7 +205,7 @@ func TestChaos(t *testing.T) {
 		defer sessWG.Done()
 		// Wills come seldom: a short keep-alive, not silence, tells the
 		// watcher its node is gone.
-		cp.persistentSubscriber(sessCtx, sessionSub{id: willWatcher, filters: []paho.SubscribeOptions{{Topic: willPrefix + "#", QoS: 2}},
+		cp.persistentSubscriber(sessCtx, sessionSub{id: willWatcher, filters: []paho.SubscribeOptions{{Topic: willPrefix + "#", QoS: 2}, {Topic: availPrefix + "#", QoS: 2}},
 			keepAlive: 2, parse: willReceipt}, rand.New(rand.NewSource(seed+210)))
 	}()
 	for i := 1; i <= sessPublishers; i++ {
@@ -178,15 +215,35 @@ func TestChaos(t *testing.T) {
 			cp.sessionPublisher(ctx, fmt.Sprintf("sess-pub%d", i), rand.New(rand.NewSource(seed+220+int64(i))))
 		}()
 	}
+	for i, id := range []string{ppubV5, ppubV311} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cp.persistentPublisher(ctx, id, id == ppubV311, rand.New(rand.NewSource(seed+240+int64(i))))
+		}()
+	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		cp.willSpawner(ctx, willCtx, &willWG, rand.New(rand.NewSource(seed+230)))
 	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		cp.availSpawner(ctx, willCtx, &willWG, rand.New(rand.NewSource(seed+250)))
+	}()
+	for i, id := range []string{switchV5, switchV311} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cp.switcher(ctx, id, id == switchV311, rand.New(rand.NewSource(seed+260+int64(i))))
+		}()
+	}
 
 	faultErr := cp.injectFaults(phase, rand.New(rand.NewSource(seed)))
 	stopWorkload()
 	wg.Wait()
+	cp.bg.Wait()
 	if faultErr != nil {
 		t.Errorf("seed %d: %v", seed, faultErr)
 	}
@@ -204,6 +261,8 @@ func TestChaos(t *testing.T) {
 		drain = fmt.Sprintf("not drained after %s: %v", drainTook.Round(time.Millisecond), drainErr)
 	}
 	t.Logf("sessions: %s", drain)
+	cp.bg.Wait()
+	cp.availRead("after the drain")
 	live := cp.checkOneConnectionPerClient()
 	counters := cp.sessionCounters()
 	stopWills() // will clients DISCONNECT: their wills are discarded
@@ -220,6 +279,7 @@ func TestChaos(t *testing.T) {
 	if readErr != nil {
 		t.Errorf("seed %d: final reads: %v", seed, readErr)
 	}
+	cp.availRead("after restart-all")
 
 	for _, note := range cp.nodeNotes() {
 		cp.h.Add(note)
@@ -250,9 +310,59 @@ func TestChaos(t *testing.T) {
 		}
 		t.Errorf("seed %d: violation %s", seed, v)
 	}
-	if res.RetainOps[OK] == 0 {
-		t.Errorf("seed %d: no retained write was acknowledged: the workload did not run", seed)
+	for _, miss := range workloadMissing(res, cp.partitionSkipped == "" || partitionsWanted()) {
+		t.Errorf("seed %d: a workload did not run: %s", seed, miss)
 	}
+	if drainErr != nil {
+		t.Errorf("seed %d: the final drain failed: %v", seed, drainErr)
+	}
+	if cp.partitionSkipped != "" && partitionsWanted() && os.Geteuid() == 0 {
+		t.Errorf("seed %d: partitions are wanted (CHAOS_NETNS is not 0) and the test runs as root, but the network lab is unavailable: %s", seed, cp.partitionSkipped)
+	}
+	t.Logf("chaos: ===== seed %d: %d failing violation(s); rerun with CHAOS_SEED=%d =====", seed, len(res.Failing()), seed)
+}
+
+// partitionsWanted: unless CHAOS_NETNS=0, a campaign wants partitions.
+func partitionsWanted() bool { return os.Getenv("CHAOS_NETNS") != "0" }
+
+// workloadMissing lists the parts of the workload that did not run (their
+// counts are zero): a campaign that exercised nothing proves nothing.
+func workloadMissing(res CheckResult, partitions bool) []string {
+	ss, wl, av, sw := res.Sessions, res.Wills, res.Avail, res.Switch
+	checks := []struct {
+		what string
+		n    int
+	}{
+		{"acknowledged retained writes", res.RetainOps[OK]},
+		{"stream messages received", res.StreamRecv},
+		{"session messages owed to persistent subscribers", ss.Expected},
+		{"session messages delivered", ss.Delivered},
+		{"persistent subscriber resumes", ss.Reconnects},
+		{"will connections armed", wl.Armed},
+		{"persistent publishers' acknowledged QoS 2 publishes", ss.PersistentQoS2[OK]},
+		{"persistent publishers' resumes", ss.PublisherResumes},
+		{"acknowledged publishes right after a restart or resume", ss.Fresh[OK]},
+		{"MQTT 3.1.1 acknowledged publishes", ss.V311Acked},
+		{"messages owed to the MQTT 3.1.1 subscriber", ss.V311Expected},
+		{"availability wills due and judged on reads", av.Judged},
+		{"switching clients' resumes after a clean session", sw.Judged},
+		{"switching clients' queued messages judged", sw.StaleJudged},
+		{"graceful stops with the client back in time", wl.GracefulJudged},
+	}
+	if partitions {
+		p := res.Partition
+		checks = append(checks, struct {
+			what string
+			n    int
+		}{"retained writes through a cut-off node", p.Minority[OK] + p.Minority[Failed] + p.Minority[Unknown]})
+	}
+	var miss []string
+	for _, c := range checks {
+		if c.n == 0 {
+			miss = append(miss, c.what+": 0")
+		}
+	}
+	return miss
 }
 
 // ---------------------------------------------------------------------------
@@ -371,6 +481,7 @@ func (cp *campaign) injectFaults(phase time.Duration, rng *rand.Rand) error {
 		if err := cp.c.waitHealthy(healTimeout); err != nil {
 			return fmt.Errorf("after fault %d (%s on %s) the cluster did not heal: %w", i+1, kind, n.ID, err)
 		}
+		cp.availReadAsync(fmt.Sprintf("after the heal of fault %d (%s of %s)", i+1, kind, n.ID))
 	}
 	return nil
 }
@@ -385,7 +496,7 @@ func (cp *campaign) killRestart(n *Node, hold time.Duration) (err error) {
 		return err
 	}
 	time.Sleep(hold) // downtime: part of the schedule
-	return n.restart()
+	return n.restartThen(func() { cp.freshPublish(n, "a restart after SIGKILL") })
 }
 
 func (cp *campaign) pauseResume(n *Node, hold time.Duration) (err error) {
@@ -401,6 +512,7 @@ func (cp *campaign) pauseResume(n *Node, hold time.Duration) (err error) {
 	if err := n.signal(syscall.SIGCONT); err != nil {
 		return err
 	}
+	cp.freshPublish(n, "SIGCONT")
 	return n.waitReady(healTimeout)
 }
 
@@ -524,7 +636,7 @@ func (cp *campaign) rolling() (err error) {
 		cp.setDown(n, true)
 		err := n.stop()
 		if err == nil {
-			err = n.restart()
+			err = n.restartThen(func() { cp.freshPublish(n, "a restart after SIGTERM (rolling)") })
 		}
 		cp.addUnavailable(n, start)
 		cp.setDown(n, false)
@@ -773,9 +885,21 @@ func (cp *campaign) checkOneConnectionPerClient() map[string]int {
 		cp.connMu.Lock()
 		defer cp.connMu.Unlock()
 		var bad []string
-		for id, cs := range cp.conns {
-			n := 0
-			for _, c := range cs {
+		for id := range cp.conns {
+			counts[id] = 0
+		}
+		for id := range cp.conns311 {
+			counts[id] = 0
+		}
+		for id, n := range counts {
+			for _, c := range cp.conns[id] {
+				select {
+				case <-c.Done():
+				default:
+					n++
+				}
+			}
+			for _, c := range cp.conns311[id] {
 				select {
 				case <-c.Done():
 				default:
@@ -805,6 +929,11 @@ func (cp *campaign) closeAll() {
 	for _, cs := range cp.conns {
 		for _, c := range cs {
 			_ = c.Conn.Close()
+		}
+	}
+	for _, cs := range cp.conns311 {
+		for _, c := range cs {
+			_ = c.conn.Close()
 		}
 	}
 }
@@ -842,35 +971,7 @@ func (cp *campaign) finalReads() ([]FinalRead, error) {
 // to the marker: the node sends a subscription's retained messages before it
 // handles the next packet, so the marker comes after every retained value.
 func readRetained(n *Node, id string) (map[string]string, error) {
-	c, err := connectNode(n, testutil.ClientOptions{ID: id, CleanStart: true})
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", n.ID, err)
-	}
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	marker := "chaos/marker/" + id
-	sub := &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "chaos/ret/#", QoS: 1}, {Topic: marker, QoS: 1}}}
-	if _, err := c.Subscribe(ctx, sub); err != nil {
-		return nil, fmt.Errorf("%s: subscribe: %w", n.ID, err)
-	}
-	if _, err := c.Publish(ctx, &paho.Publish{Topic: marker, QoS: 1, Payload: []byte("end")}); err != nil {
-		return nil, fmt.Errorf("%s: publish marker: %w", n.ID, err)
-	}
-	vals := map[string]string{}
-	for {
-		select {
-		case p := <-c.Msgs:
-			if p.Topic == marker {
-				return vals, nil
-			}
-			if p.Retain {
-				vals[p.Topic] = string(p.Payload)
-			}
-		case <-ctx.Done():
-			return nil, fmt.Errorf("%s: the end marker did not arrive", n.ID)
-		}
-	}
+	return readRetainedFilter(n, id, "chaos/ret/#")
 }
 
 // ---------------------------------------------------------------------------
@@ -910,6 +1011,17 @@ func summary(r Report) string {
 	fmt.Fprintf(w, "wills expected (kill) / may fire (pause, cut) / rolling\t%d / %d / %d\n", wl.Expected, wl.MayFire, wl.Rolling)
 	fmt.Fprintf(w, "wills received / delivered / duplicated / missing\t%d / %d / %d / %d\n", wl.Received, wl.Delivered, wl.Duplicated, wl.Missing)
 	fmt.Fprintf(w, "wills without a fault (info)\t%d\n", wl.Unexpected)
+	fmt.Fprintf(w, "graceful stops judged (client back within %s) / will published\t%d / %d\n", graceReconnect, wl.GracefulJudged, wl.OnGracefulStop)
+	fmt.Fprintf(w, "persistent publishers qos2 ok/failed/unknown\t%d/%d/%d\n", ss.PersistentQoS2[OK], ss.PersistentQoS2[Failed], ss.PersistentQoS2[Unknown])
+	fmt.Fprintf(w, "persistent publishers resumes / completed after resume\t%d / %d\n", ss.PublisherResumes, ss.CompletedAfterResume)
+	fmt.Fprintf(w, "fresh (after restart/resume) ok/failed/unknown\t%d/%d/%d\n", ss.Fresh[OK], ss.Fresh[Failed], ss.Fresh[Unknown])
+	fmt.Fprintf(w, "fresh owed / lost\t%d / %d\n", ss.FreshExpected, ss.FreshLost)
+	fmt.Fprintf(w, "mqtt 3.1.1: publishes acked / owed to 3.1.1 subscriber / delivered\t%d / %d / %d\n", ss.V311Acked, ss.V311Expected, ss.V311Delivered)
+	av, sw := r.Result.Avail, r.Result.Switch
+	fmt.Fprintf(w, "availability online ok/failed/unknown\t%d/%d/%d\n", av.Online[OK], av.Online[Failed], av.Online[Unknown])
+	fmt.Fprintf(w, "availability dropped by client / reads / judged / not served\t%d / %d / %d / %d\n", av.Dropped, av.Reads, av.Judged, av.NotServed)
+	fmt.Fprintf(w, "switch published ok/failed/unknown\t%d/%d/%d\n", sw.Published[OK], sw.Published[Failed], sw.Published[Unknown])
+	fmt.Fprintf(w, "switch clean ok / resumes judged / present / stale judged / stale received\t%d / %d / %d / %d / %d\n", sw.CleanOK, sw.Judged, sw.Present, sw.StaleJudged, sw.Stale)
 	for _, k := range sortedKeys(r.BrokerCounters) {
 		fmt.Fprintf(w, "broker %s\t%g\n", k, r.BrokerCounters[k])
 	}

@@ -375,13 +375,19 @@ func (n *Node) stop() error {
 	return nil
 }
 
-// restart starts a stopped node on the same ports and data directory and
+// restartThen starts a stopped node on the same ports and data directory and
 // waits for /readyz; a port of the previous run that is briefly unavailable
-// makes the process exit, and it is started again.
-func (n *Node) restart() error {
+// makes the process exit, and it is started again. onLaunch (when not nil)
+// is called once, right after the first process was started, without
+// waiting for readiness.
+func (n *Node) restartThen(onLaunch func()) error {
 	return poll(readyTimeout, func() error {
 		if err := n.launch(); err != nil {
 			return errStop{err}
+		}
+		if onLaunch != nil {
+			onLaunch()
+			onLaunch = nil
 		}
 		err := n.waitReady(readyTimeout)
 		if err != nil && n.exited() && strings.Contains(n.log.String(), "address already in use") {

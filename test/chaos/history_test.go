@@ -68,6 +68,12 @@ type Op struct {
 	CleanStart     bool   `json:"clean_start,omitempty"`
 	Expiry         uint32 `json:"expiry,omitempty"`
 	SessionPresent bool   `json:"session_present,omitempty"`
+	// Proto is 4 for an MQTT 3.1.1 client (0: MQTT 5); for 3.1.1,
+	// CleanStart is the clean session flag.
+	Proto byte `json:"proto,omitempty"`
+	// Values: what a fresh subscriber read as retained values on Node
+	// (KindAvailRead: topic -> payload).
+	Values map[string]string `json:"values,omitempty"`
 }
 
 func (o Op) String() string {
@@ -175,6 +181,8 @@ type CheckResult struct {
 	Partition     PartitionResult `json:"partition"`
 	Sessions      SessionResult   `json:"sessions"`
 	Wills         WillResult      `json:"wills"`
+	Avail         AvailResult     `json:"avail"`
+	Switch        SwitchResult    `json:"switch"`
 	Violations    []Violation     `json:"violations"`
 	// KnownIssues counts the violations with a known bug's signature, by
 	// bug (they are in Violations too, with Known set).
@@ -229,7 +237,10 @@ const failFastBound = 7 * time.Second
 func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
 	r := CheckResult{RetainOps: map[Outcome]int{}, StreamPubs: map[Outcome]int{},
 		Partition: PartitionResult{Minority: map[Outcome]int{}, Majority: map[Outcome]int{}},
-		Sessions:  SessionResult{PublishedQoS1: map[Outcome]int{}, PublishedQoS2: map[Outcome]int{}}}
+		Sessions: SessionResult{PublishedQoS1: map[Outcome]int{}, PublishedQoS2: map[Outcome]int{},
+			PersistentQoS2: map[Outcome]int{}, Fresh: map[Outcome]int{}},
+		Avail:  AvailResult{Online: map[Outcome]int{}},
+		Switch: SwitchResult{Published: map[Outcome]int{}}}
 	for _, o := range ops {
 		switch o.Kind {
 		case KindRetain:
@@ -245,6 +256,8 @@ func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
 	checkPartitions(ops, faults, &r)
 	checkSessions(ops, &r)
 	checkWills(ops, faults, &r)
+	checkAvail(ops, faults, &r)
+	checkSwitch(ops, &r)
 	for _, v := range r.Violations {
 		if v.Known != "" {
 			if r.KnownIssues == nil {
@@ -498,6 +511,34 @@ type SessionResult struct {
 	// session present 0 although the session could not have expired.
 	Reconnects int `json:"reconnects"`
 	NotPresent int `json:"not_present"`
+	// PublisherResumes: persistent publishers' clean-start-off CONNECTs
+	// after their first (judged like the subscribers' resumes).
+	PublisherResumes int `json:"publisher_resumes"`
+	// PersistentQoS2: QoS 2 publishes of the persistent-session publishers;
+	// CompletedAfterResume: of their publishes, those acknowledged on a
+	// later connection after the client resent them.
+	PersistentQoS2       map[Outcome]int `json:"persistent_publisher_qos2"`
+	CompletedAfterResume int             `json:"completed_after_resume"`
+	// Fresh: publishes to a node right after it restarted or resumed;
+	// FreshExpected / FreshLost: (subscriber, message) pairs owed / lost.
+	Fresh         map[Outcome]int `json:"fresh"`
+	FreshExpected int             `json:"fresh_expected"`
+	FreshLost     int             `json:"fresh_lost"`
+	// MQTT 3.1.1: acknowledged publishes of 3.1.1 publishers, and pairs
+	// owed to / delivered to 3.1.1 subscribers.
+	V311Acked     int `json:"v311_acked"`
+	V311Expected  int `json:"v311_expected"`
+	V311Delivered int `json:"v311_delivered"`
+}
+
+// persistent reports whether a session CONNECT asked for a session that
+// outlives the connection (MQTT 3.1.1 clean session 0, MQTT 5 session
+// expiry > 0).
+func persistent(o Op) bool {
+	if o.Proto == 4 {
+		return !o.CleanStart
+	}
+	return o.Expiry > 0
 }
 
 // WillResult counts the will clients' connections and the wills the
@@ -522,6 +563,11 @@ type WillResult struct {
 	// Unexpected: wills received although no fault touched the client's
 	// node while it was connected (information: see the README).
 	Unexpected int `json:"unexpected"`
+	// GracefulJudged: connections ended by a graceful stop (DISCONNECT
+	// 0x8B) whose client connected again within graceReconnect;
+	// OnGracefulStop: of those, the will was published anyway.
+	GracefulJudged int `json:"graceful_judged"`
+	OnGracefulStop int `json:"on_graceful_stop"`
 }
 
 // topicMatch reports whether an MQTT topic filter matches a topic name.
@@ -572,7 +618,12 @@ func checkSessions(ops []Op, r *CheckResult) {
 	grants := map[string][]Op{} // subscriber -> granted subscriptions
 	recvs := map[string][]Op{}  // subscriber -> receipts in arrival order
 	last := map[string]Op{}     // subscriber -> its latest op so far
+	began := map[string]Op{}    // persistent client -> the CONNACK that began its session
+	v311 := map[string]bool{}   // MQTT 3.1.1 clients
 	for _, o := range ops {
+		if o.Proto == 4 {
+			v311[o.Client] = true
+		}
 		switch o.Kind {
 		case KindSessPub:
 			if o.QoS == 2 {
@@ -582,6 +633,20 @@ func checkSessions(ops []Op, r *CheckResult) {
 			}
 			pubs[sessMsg{o.Publisher, o.Seq}] = o
 			published = append(published, o)
+			switch {
+			case isFresh(o):
+				s.Fresh[o.Outcome]++
+			case strings.HasPrefix(o.Publisher, "sess-ppub"):
+				if o.QoS == 2 {
+					s.PersistentQoS2[o.Outcome]++
+				}
+				if o.Outcome == OK && strings.HasPrefix(o.Err, "completed after resuming") {
+					s.CompletedAfterResume++
+				}
+			}
+			if o.Proto == 4 && o.Outcome == OK {
+				s.V311Acked++
+			}
 		case KindSessSub:
 			if o.Outcome == OK {
 				grants[o.Client] = append(grants[o.Client], o)
@@ -593,16 +658,25 @@ func checkSessions(ops []Op, r *CheckResult) {
 			}
 			recvs[o.Client] = append(recvs[o.Client], o)
 		case KindSessConnect:
-			if o.Outcome == OK && !o.CleanStart && len(grants[o.Client]) > 0 && grants[o.Client][0].End.Before(o.Start) {
-				s.Reconnects++
+			first, has := began[o.Client]
+			if o.Outcome == OK && !o.CleanStart && has && first.End.Before(o.Start) {
+				if len(grants[o.Client]) > 0 {
+					s.Reconnects++
+				} else {
+					s.PublisherResumes++
+				}
 				prev, seen := last[o.Client]
 				expired := seen && o.Expiry > 0 && o.Start.Sub(prev.End) > time.Duration(o.Expiry)*time.Second
 				if !o.SessionPresent && !expired {
 					s.NotPresent++
+					ex := []string{"session:    " + first.String()}
+					if g := grants[o.Client]; len(g) > 0 {
+						ex = append(ex, "subscribed: "+g[0].String())
+					}
 					v := Violation{Check: "session-not-present",
-						Detail: fmt.Sprintf("%s resumed its session (clean start off) on %s %s after it was last seen, within its session expiry of %d s, and got session present 0",
-							o.Client, o.Node, o.Start.Sub(prev.End).Round(time.Millisecond), o.Expiry),
-						Excerpt: []string{"subscribed: " + grants[o.Client][0].String(), "last seen:  " + prev.String(), "connect:    " + o.String()}}
+						Detail: fmt.Sprintf("%s resumed its session (clean start off) on %s %s after it was last seen, within its session expiry, and got session present 0",
+							o.Client, o.Node, o.Start.Sub(prev.End).Round(time.Millisecond)),
+						Excerpt: append(ex, "last seen:  "+prev.String(), "connect:    "+o.String())}
 					for _, n := range notes {
 						if n.Client == o.Client && n.Node == o.Node && n.Value == noteServedLocally &&
 							!n.Start.Before(o.Start) && !n.Start.After(o.End) {
@@ -611,6 +685,9 @@ func checkSessions(ops []Op, r *CheckResult) {
 					}
 					r.Violations = append(r.Violations, v)
 				}
+			}
+			if o.Outcome == OK && !has && persistent(o) {
+				began[o.Client] = o
 			}
 		default:
 			continue
@@ -626,8 +703,12 @@ func checkSessions(ops []Op, r *CheckResult) {
 			got[k] = append(got[k], rc)
 		}
 		s.Delivered += len(got)
+		if v311[sub] {
+			s.V311Delivered += len(got)
+		}
 		// Lost: acknowledged after SUBACK, never received.
 		var lost []Op
+		fresh := 0
 		for _, p := range published {
 			if p.Outcome != OK {
 				continue
@@ -637,14 +718,24 @@ func checkSessions(ops []Op, r *CheckResult) {
 				continue
 			}
 			s.Expected++
+			if isFresh(p) {
+				s.FreshExpected++
+			}
+			if v311[sub] {
+				s.V311Expected++
+			}
 			if len(got[sessMsg{p.Publisher, p.Seq}]) == 0 {
 				lost = append(lost, p)
+				if isFresh(p) {
+					fresh++
+					s.FreshLost++
+				}
 			}
 		}
 		if len(lost) > 0 {
 			s.Lost += len(lost)
 			v := Violation{Check: "session-acked-lost", Topic: lost[0].Topic,
-				Detail: fmt.Sprintf("%s never received %d acknowledged message(s) published after it subscribed", sub, len(lost)),
+				Detail: fmt.Sprintf("%s never received %d acknowledged message(s) published after it subscribed (%d of them published to a node right after it restarted or resumed)", sub, len(lost), fresh),
 				Excerpt: []string{"subscribed: " + grants[sub][0].String(), "first lost: " + lost[0].String(),
 					"last lost:  " + lost[len(lost)-1].String()}}
 			if rs := recvs[sub]; len(rs) > 0 {
@@ -737,10 +828,16 @@ type willConn struct {
 // 0x8B, a rolling restart, with a new will payload).
 func classifyWills(ops []Op, faults []faultEvent) map[string]*willConn {
 	conns := map[string]*willConn{}
+	reconnected := map[string]bool{} // will payload -> the client connected again
+	lastConn := map[string]string{}
 	for _, o := range ops {
 		switch o.Kind {
 		case KindWillConnect:
 			conns[o.Value] = &willConn{connect: o}
+			if p, ok := lastConn[o.Client]; ok {
+				reconnected[p] = true
+			}
+			lastConn[o.Client] = o.Value
 		case KindWillArmed:
 			if c := conns[o.Value]; c != nil {
 				c.armed = &o
@@ -781,6 +878,17 @@ func classifyWills(ops []Op, faults []faultEvent) map[string]*willConn {
 				c.fate, c.fault = fate, f
 			}
 		}
+		// An availability client killed with its node that connected
+		// again (a new will) before its old will fired: whether the old
+		// will still fires is not settled (see the README); at most once.
+		if c.fate == willExpected && strings.HasPrefix(c.connect.Topic, availPrefix) && reconnected[c.connect.Value] {
+			c.fate = willMay
+		}
+		// The client dropped its connection (no DISCONNECT), its will
+		// armed: the will is due, whatever its node went through.
+		if c.end != nil && c.end.Err == dropByClient && c.armed != nil && c.armed.End.Before(c.end.Start) {
+			c.fate, c.fault = willExpected, faultEvent{Kind: "client-drop", Node: c.connect.Node, Start: c.end.Start, End: c.end.End}
+		}
 	}
 	return conns
 }
@@ -797,10 +905,21 @@ func checkWills(ops []Op, faults []faultEvent, r *CheckResult) {
 	w := &r.Wills
 	conns := classifyWills(ops, faults)
 	got := map[string][]Op{}
+	next := map[string]Op{} // will payload -> the next CONNECT of the same client
+	lastConn := map[string]string{}
 	for _, o := range ops {
-		if o.Kind == KindWillRecv {
+		switch o.Kind {
+		case KindWillRecv:
+			if strings.HasPrefix(o.Value, availOnline+" ") {
+				continue // an availability client's retained "online", not a will
+			}
 			w.Received++
 			got[o.Value] = append(got[o.Value], o)
+		case KindWillConnect:
+			if p, ok := lastConn[o.Client]; ok {
+				next[p] = o
+			}
+			lastConn[o.Client] = o.Value
 		}
 	}
 	w.Delivered = len(got)
@@ -850,15 +969,29 @@ func checkWills(ops []Op, faults []faultEvent, r *CheckResult) {
 		case len(rs) == 0 && c.fate == willExpected:
 			w.Missing++
 			r.Violations = append(r.Violations, Violation{Check: "will-missing", Topic: c.connect.Topic,
-				Detail:  fmt.Sprintf("%s was connected to %s, its will in the log, when the node was SIGKILLed; the will %q was never delivered", c.connect.Client, c.connect.Node, payload),
+				Detail: fmt.Sprintf("%s was connected to %s, its will in the log, when %s; the will %q was never delivered", c.connect.Client, c.connect.Node,
+					map[bool]string{true: "it dropped its connection", false: "the node was SIGKILLed"}[c.fault.Kind == "client-drop"], payload),
 				Excerpt: excerpt()})
 		}
 		if len(rs) > 0 && c.fate == willNone {
 			w.Unexpected++
 		}
+		// A graceful stop (DISCONNECT 0x8B) of a client that connected
+		// again within graceReconnect: its will must not fire.
+		if n, ok := next[payload]; ok && c.end != nil && strings.Contains(c.end.Err, serverDisconnect+" 0x8b") &&
+			n.Outcome == OK && n.End.Sub(c.end.End) <= graceReconnect {
+			w.GracefulJudged++
+			if len(rs) > 0 {
+				w.OnGracefulStop++
+				r.Violations = append(r.Violations, Violation{Check: "will-on-graceful-stop", Topic: c.connect.Topic,
+					Detail: fmt.Sprintf("%s's node stopped gracefully (0x8B) and the client connected again to %s %s later; its will %q was published anyway",
+						c.connect.Client, n.Node, n.End.Sub(c.end.End).Round(time.Millisecond), payload),
+					Excerpt: append(excerpt(), "reconnect: "+n.String())})
+			}
+		}
 	}
 	for _, payload := range sortedKeys(got) {
-		if conns[payload] == nil {
+		if conns[payload] == nil && !strings.HasPrefix(payload, availOnline+" ") {
 			w.Unexpected++ // no client had this will
 		}
 	}

@@ -38,13 +38,17 @@ const (
 // publishes' QoS, into one session queue.
 var sessFilters = []paho.SubscribeOptions{{Topic: sessTopicQ1, QoS: 1}, {Topic: sessTopicQ2, QoS: 2}}
 
-// sessSubIDs are the persistent subscribers' client ids.
+// sessSubV311 is the MQTT 3.1.1 persistent subscriber (clean session 0).
+const sessSubV311 = "sess-sub3"
+
+// sessSubIDs are the persistent subscribers' client ids: sessSubs MQTT 5
+// ones and sessSubV311.
 func sessSubIDs() []string {
 	ids := make([]string, sessSubs)
 	for i := range ids {
 		ids[i] = fmt.Sprintf("sess-sub%d", i+1)
 	}
-	return ids
+	return append(ids, sessSubV311)
 }
 
 // connectWith connects with session options and remembers the connection
@@ -97,78 +101,143 @@ type sessionSub struct {
 	keepAlive uint16        // 0: 30 s
 	idle      time.Duration // moves after this long without a message; 0: only when the connection fails
 	parse     receiptFunc
+	// v311: an MQTT 3.1.1 client (clean session 0) instead of MQTT 5.
+	v311 bool
 	// st is paho's session state, kept across connections (nil: a new
-	// one); subscribed says the session already holds filters, so the
-	// first connection resumes it.
+	// one; st311 for v311); subscribed says the session already holds
+	// filters, so the first connection resumes it.
 	st         *state.State
+	st311      *session311
 	subscribed bool
 }
 
-// persistentSubscriber keeps one persistent session (MQTT 5, session expiry
-// sessExpiry) subscribed to its filters until ctx ends: the first
-// connection starts clean and subscribes; after that, whenever the
-// connection fails or hears nothing for idle, it moves to another node with
-// clean start off and the same paho session state, as a real client
-// resuming its session does. Every CONNACK and every receipt goes into the
-// history.
+// sessConn is one connection of a persistent client, MQTT 5 (paho) or
+// MQTT 3.1.1 (client311), as the session code sees it.
+type sessConn struct {
+	msgs    chan *paho.Publish
+	done    <-chan struct{}
+	present bool
+	release func() // close the socket, wait until the session state is free
+	subFn   func(filters []paho.SubscribeOptions) ([]byte, error)
+	pub5    *testutil.Client // the connection itself: one of these two
+	pub311  *client311
+}
+
+func v5Conn(c *testutil.Client) sessConn {
+	return sessConn{msgs: c.Msgs, done: c.Done(), present: c.Connack.SessionPresent, release: func() { release(c) }, pub5: c,
+		subFn: func(filters []paho.SubscribeOptions) ([]byte, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+			defer cancel()
+			sa, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: filters})
+			if err != nil {
+				return nil, err
+			}
+			return sa.Reasons, nil
+		}}
+}
+
+func v311Conn(c *client311) sessConn {
+	return sessConn{msgs: c.Msgs, done: c.Done(), present: c.SessionPresent, release: c.Drop, pub311: c,
+		subFn: func(filters []paho.SubscribeOptions) ([]byte, error) { return c.Subscribe(filters, publishTimeout) }}
+}
+
+// connect311 is connect311 remembering the connection for the
+// per-client-id checks.
+func (cp *campaign) connect311(n *Node, o opts311) (*client311, error) {
+	c, err := connect311(n, o)
+	if err != nil {
+		return nil, fmt.Errorf("%s connect (3.1.1) to %s: %w", o.ID, n.ID, err)
+	}
+	cp.connMu.Lock()
+	if cp.conns311 == nil {
+		cp.conns311 = map[string][]*client311{}
+	}
+	cp.conns311[o.ID] = append(cp.conns311[o.ID], c)
+	cp.connMu.Unlock()
+	return c, nil
+}
+
+// persistentSubscriber keeps one persistent session (MQTT 5 with session
+// expiry sessExpiry, or MQTT 3.1.1 with clean session 0) subscribed to its
+// filters until ctx ends: the first connection starts clean (MQTT 5; a
+// 3.1.1 client id is new in each campaign) and subscribes; after that,
+// whenever the connection fails or hears nothing for idle, it moves to
+// another node with clean start off and the same client-side session
+// state, as a real client resuming its session does. Every CONNACK and
+// every receipt goes into the history.
 func (cp *campaign) persistentSubscriber(ctx context.Context, s sessionSub, rng *rand.Rand) {
 	if s.st == nil {
 		s.st = state.NewInMemory()
+	}
+	if s.st311 == nil {
+		s.st311 = newSession311()
 	}
 	last := ""
 	for epoch := 0; ctx.Err() == nil; {
 		node := cp.pick(rng, last)
 		last = node.ID
-		clean := !s.subscribed
+		clean := !s.subscribed && !s.v311
 		start := time.Now()
-		c, err := cp.connectWith(node, connectOptions{KeepAlive: s.keepAlive, ClientOptions: testutil.ClientOptions{
-			ID: s.id, CleanStart: clean, SessionExpiry: sessExpiry, Session: s.st, Buffer: 100000}})
-		if err != nil {
-			if !pace(ctx, 100*time.Millisecond) {
-				return
+		var c sessConn
+		op := Op{Kind: KindSessConnect, Client: s.id, Node: node.ID, Start: start, Outcome: OK, CleanStart: clean}
+		if s.v311 {
+			c3, err := cp.connect311(node, opts311{ID: s.id, KeepAlive: s.keepAlive, Session: s.st311, Buffer: 100000})
+			if err != nil {
+				if !pace(ctx, 100*time.Millisecond) {
+					return
+				}
+				continue
 			}
-			continue
+			c, op.Proto = v311Conn(c3), 4
+		} else {
+			c5, err := cp.connectWith(node, connectOptions{KeepAlive: s.keepAlive, ClientOptions: testutil.ClientOptions{
+				ID: s.id, CleanStart: clean, SessionExpiry: sessExpiry, Session: s.st, Buffer: 100000}})
+			if err != nil {
+				if !pace(ctx, 100*time.Millisecond) {
+					return
+				}
+				continue
+			}
+			c, op.Expiry = v5Conn(c5), sessExpiry
 		}
 		epoch++
-		cp.h.Add(Op{Kind: KindSessConnect, Client: s.id, Node: node.ID, Start: start, End: time.Now(), Outcome: OK,
-			CleanStart: clean, Expiry: sessExpiry, SessionPresent: c.Connack.SessionPresent, SubConn: epoch})
-		if s.subscribed && !c.Connack.SessionPresent {
+		op.End, op.SessionPresent, op.SubConn = time.Now(), c.present, epoch
+		cp.h.Add(op)
+		if s.subscribed && !c.present {
 			// The session was not found (the checker judges it): try
 			// another node rather than subscribe again.
-			release(c)
+			c.release()
 			continue
 		}
 		if !s.subscribed {
 			if !cp.subscribeSession(c, s.id, node, s.filters, epoch) {
-				release(c)
+				c.release()
 				continue
 			}
 			s.subscribed = true
 		}
 		cp.receiveSession(ctx, c, s.id, node, epoch, s.idle, s.parse)
-		release(c)
+		c.release()
 		cp.drainReceipts(c, s.id, node, epoch, s.parse)
 	}
 }
 
 // subscribeSession subscribes to filters and records each granted one; it
 // reports whether all were granted.
-func (cp *campaign) subscribeSession(c *testutil.Client, id string, node *Node, filters []paho.SubscribeOptions, epoch int) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
-	defer cancel()
+func (cp *campaign) subscribeSession(c sessConn, id string, node *Node, filters []paho.SubscribeOptions, epoch int) bool {
 	start := time.Now()
-	sa, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: filters})
-	if err != nil || len(sa.Reasons) != len(filters) {
+	reasons, err := c.subFn(filters)
+	if err != nil || len(reasons) != len(filters) {
 		return false
 	}
-	for _, r := range sa.Reasons {
+	for _, r := range reasons {
 		if r >= 0x80 {
 			return false
 		}
 	}
 	end := time.Now()
 	for i, f := range filters {
-		cp.h.Add(Op{Kind: KindSessSub, Client: id, Node: node.ID, Topic: f.Topic, QoS: sa.Reasons[i],
+		cp.h.Add(Op{Kind: KindSessSub, Client: id, Node: node.ID, Topic: f.Topic, QoS: reasons[i],
 			Start: start, End: end, Outcome: OK, SubConn: epoch})
 	}
 	return true
@@ -176,7 +245,7 @@ func (cp *campaign) subscribeSession(c *testutil.Client, id string, node *Node, 
 
 // receiveSession records c's messages until ctx ends, the connection
 // ends, or nothing arrives for idle (when idle > 0).
-func (cp *campaign) receiveSession(ctx context.Context, c *testutil.Client, id string, node *Node, epoch int, idle time.Duration, parse receiptFunc) {
+func (cp *campaign) receiveSession(ctx context.Context, c sessConn, id string, node *Node, epoch int, idle time.Duration, parse receiptFunc) {
 	var silent <-chan time.Time
 	var timer *time.Timer
 	if idle > 0 {
@@ -188,11 +257,11 @@ func (cp *campaign) receiveSession(ctx context.Context, c *testutil.Client, id s
 		select {
 		case <-ctx.Done():
 			return
-		case <-c.Done():
+		case <-c.done:
 			return
 		case <-silent:
 			return // nothing for a while: the node is paused or cut off; move
-		case p := <-c.Msgs:
+		case p := <-c.msgs:
 			if timer != nil {
 				timer.Reset(idle)
 			}
@@ -202,11 +271,11 @@ func (cp *campaign) receiveSession(ctx context.Context, c *testutil.Client, id s
 }
 
 // drainReceipts records what a closed connection delivered and nobody read
-// yet (paho acknowledged those: the application has them).
-func (cp *campaign) drainReceipts(c *testutil.Client, id string, node *Node, epoch int, parse receiptFunc) {
+// yet (the client acknowledged those: the application has them).
+func (cp *campaign) drainReceipts(c sessConn, id string, node *Node, epoch int, parse receiptFunc) {
 	for {
 		select {
-		case p := <-c.Msgs:
+		case p := <-c.msgs:
 			cp.addReceipt(p, id, node, epoch, parse)
 		default:
 			return
@@ -294,15 +363,39 @@ func (cp *campaign) willSpawner(ctx, stay context.Context, wg *sync.WaitGroup, r
 // fault is not replaced: the client is gone with its node, and its will is
 // due. Only DISCONNECT 0x8B (a rolling restart hands the session over)
 // makes it reconnect elsewhere, with a new will payload.
+//
+// With avail, it is an availability client instead (availClient).
 func (cp *campaign) willClient(ctx, stay context.Context, id string, persistent bool, rng *rand.Rand) {
+	cp.willClientOpts(ctx, stay, id, persistent, false, rng)
+}
+
+// availClient is a clean-session client that announces itself as Home
+// Assistant devices do: a retained QoS 1 will "offline <id>:<k>" on
+// chaos/avail/<id>, and once connected a retained "online <id>:<k>" on the
+// same topic. Besides faults, it drops its own connection (no DISCONNECT)
+// after 4-10 s once the will is armed: the will is then due. After a lost
+// connection it comes back half the time (1-3 s later, a new k); after
+// DISCONNECT 0x8B (a graceful stop) it comes back at once, elsewhere.
+func (cp *campaign) availClient(ctx, stay context.Context, id string, rng *rand.Rand) {
+	cp.willClientOpts(ctx, stay, id, false, true, rng)
+}
+
+func (cp *campaign) willClientOpts(ctx, stay context.Context, id string, persistent, avail bool, rng *rand.Rand) {
 	last := ""
 	topic := willPrefix + id
+	if avail {
+		topic = availPrefix + id
+	}
 	for k := 1; ctx.Err() == nil; k++ {
 		node := cp.pick(rng, last)
 		last = node.ID
 		payload := fmt.Sprintf("%s:%d", id, k)
-		o := testutil.ClientOptions{ID: id, CleanStart: !persistent || k == 1,
-			Will: &paho.WillMessage{Topic: topic, QoS: 2, Payload: []byte(payload)}}
+		will := &paho.WillMessage{Topic: topic, QoS: 2, Payload: []byte(payload)}
+		if avail {
+			payload = fmt.Sprintf("%s %s:%d", availOffline, id, k)
+			will = &paho.WillMessage{Topic: topic, QoS: 1, Retain: true, Payload: []byte(payload)}
+		}
+		o := testutil.ClientOptions{ID: id, CleanStart: !persistent || k == 1, Will: will}
 		if persistent {
 			o.SessionExpiry = sessExpiry
 		}
@@ -321,23 +414,59 @@ func (cp *campaign) willClient(ctx, stay context.Context, id string, persistent 
 		}
 		op.Outcome = OK
 		cp.h.Add(op)
-		armed := make(chan struct{})
-		go func() {
-			defer close(armed)
-			cp.armWill(c, node, id, topic, payload)
-		}()
 		end := Op{Kind: KindWillEnd, Client: id, Node: node.ID, Topic: topic, Value: payload, Outcome: OK}
+		var dropAfter <-chan time.Time
+		if avail {
+			online := fmt.Sprintf("%s %s:%d", availOnline, id, k)
+			on := Op{Kind: KindAvailOnline, Client: id, Node: node.ID, Topic: topic, Value: online, Start: time.Now()}
+			on.Outcome, on.Err = publishQoS(c, topic, 1, true, online, publishTimeout)
+			on.End = time.Now()
+			cp.h.Add(on)
+			if on.Outcome != OK {
+				release(c)
+				end.Start, end.End, end.Err = time.Now(), time.Now(), "closed: the online message was not acknowledged"
+				cp.h.Add(end)
+				continue
+			}
+		}
+		armed := make(chan bool, 1)
+		go func() {
+			armed <- cp.armWill(c, node, id, topic, payload)
+		}()
+		wasArmed := false
+		if avail {
+			select {
+			case wasArmed = <-armed:
+			case <-stay.Done():
+			}
+			if wasArmed {
+				dropAfter = time.After(time.Duration(4000+rng.Intn(6000)) * time.Millisecond)
+			}
+		}
 		select {
 		case <-stay.Done():
 			c.Close() // DISCONNECT 0x00: the will is discarded
-			<-armed
+			if !avail {
+				<-armed
+			}
 			end.Start, end.End, end.Err = time.Now(), time.Now(), "closed by the workload (DISCONNECT 0x00)"
 			cp.h.Add(end)
 			return
+		case <-dropAfter:
+			end.Start = time.Now()
+			release(c)
+			end.End, end.Err = time.Now(), dropByClient
+			cp.h.Add(end)
+			if rng.Intn(2) == 0 || !pace(ctx, time.Duration(1000+rng.Intn(2000))*time.Millisecond) {
+				return
+			}
+			continue
 		case <-c.Done():
 		}
 		end.Start, end.End, end.Err = time.Now(), time.Now(), "connection lost"
-		<-armed
+		if !avail {
+			<-armed
+		}
 		code := byte(0)
 		select { // paho reports a server DISCONNECT just after the connection ends
 		case d := <-c.Disconnects:
@@ -346,7 +475,10 @@ func (cp *campaign) willClient(ctx, stay context.Context, id string, persistent 
 		case <-time.After(500 * time.Millisecond):
 		}
 		cp.h.Add(end)
-		if code != 0x8B {
+		if code == 0x8B {
+			continue // a graceful stop: back at once, elsewhere
+		}
+		if !avail || rng.Intn(2) == 0 || !pace(ctx, time.Duration(1000+rng.Intn(2000))*time.Millisecond) {
 			return
 		}
 	}
@@ -358,7 +490,7 @@ func (cp *campaign) willClient(ctx, stay context.Context, id string, persistent 
 // will was never seen is not expected to get its will (the broker may have
 // served it without replication, or not yet mirrored its clean session's
 // will).
-func (cp *campaign) armWill(c *testutil.Client, node *Node, id, topic, payload string) {
+func (cp *campaign) armWill(c *testutil.Client, node *Node, id, topic, payload string) bool {
 	err := poll(willArmWithin, func() error {
 		select {
 		case <-c.Done():
@@ -380,6 +512,7 @@ func (cp *campaign) armWill(c *testutil.Client, node *Node, id, topic, payload s
 		now := time.Now()
 		cp.h.Add(Op{Kind: KindWillArmed, Client: id, Node: node.ID, Topic: topic, Value: payload, Start: now, End: now, Outcome: OK})
 	}
+	return err == nil
 }
 
 // sessionInfo is the part of a /api/sessions row the campaign reads.
