@@ -1,0 +1,178 @@
+package hooks
+
+import (
+	"context"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Maintenance: every node closes its own stale sessions; the leader closes
+// the sessions of dead nodes and publishes due wills.
+
+func (h *Sessions) pokeWills() {
+	select {
+	case h.wake <- struct{}{}:
+	default:
+	}
+}
+
+// maintain runs on every node. Each node closes the sessions the log says
+// it holds but that have no connection here (left over from before a
+// restart); the leader also closes the sessions of dead nodes and
+// publishes wills that are due.
+func (h *Sessions) maintain() {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-h.stop:
+			return
+		case <-t.C:
+		case <-h.wake:
+		}
+		h.closeStale()
+		if h.repl.IsLeader() {
+			h.closeDeadOwners()
+			h.publishDueWills()
+			h.releaseDeadOwners()
+		}
+	}
+}
+
+// closeStale closes sessions owned by this node and marked connected with
+// no connection here, once seen twice (a connection being established has
+// its SessionOpen committed before it is registered).
+func (h *Sessions) closeStale() {
+	if !h.repl.HasLeader() || h.inRestartGrace() {
+		return
+	}
+	seen := map[string]uint64{}
+	for _, s := range h.repl.SessionsOwnedBy(h.cfg.Self) {
+		if !s.Connected || h.isLive(s.ClientID, s.OpenedIndex) {
+			continue
+		}
+		seen[s.ClientID] = s.OpenedIndex
+		if h.stale[s.ClientID] == s.OpenedIndex {
+			id, opened := s.ClientID, s.OpenedIndex
+			h.submit(sessOp{cmd: func() replication.Command {
+				return &replication.SessionClose{ClientID: id, Owner: h.cfg.Self, IfOpened: opened, At: time.Now().UnixMilli()}
+			}})
+			delete(seen, s.ClientID)
+		}
+	}
+	h.stale = seen
+}
+
+func (h *Sessions) isLive(id string, opened uint64) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if c := h.live[id]; c != nil && c.opened.Load() == opened {
+		return true
+	}
+	for _, c := range h.conns {
+		if c.id == id && (c.opened.Load() == opened || c.opened.Load() == 0) {
+			return true
+		}
+	}
+	return false
+}
+
+// closeDeadOwners closes, on their owner's behalf, the sessions of nodes
+// that have not been alive for DeadAfter; their wills then become due.
+func (h *Sessions) closeDeadOwners() {
+	now := time.Now()
+	var b replication.Batch
+	owners := map[string]bool{}
+	for _, s := range h.repl.Sessions() {
+		if !s.Connected || s.Owner == h.cfg.Self {
+			continue
+		}
+		dead, known := owners[s.Owner]
+		if !known {
+			dead = !h.cfg.Alive(s.Owner)
+			owners[s.Owner] = dead
+			if !dead {
+				delete(h.dead, s.Owner)
+			} else if _, ok := h.dead[s.Owner]; !ok {
+				h.dead[s.Owner] = now
+			}
+		}
+		if dead && now.Sub(h.dead[s.Owner]) >= h.goneAfter(s.Owner) {
+			b.Commands = append(b.Commands, &replication.SessionClose{ClientID: s.ClientID, Owner: s.Owner,
+				IfOpened: s.OpenedIndex, At: now.UnixMilli()})
+		}
+	}
+	if len(b.Commands) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	defer cancel()
+	if _, err := h.repl.Apply(ctx, &b); err != nil {
+		h.log.Warn("closing sessions of a dead node failed", "count", len(b.Commands), "error", err)
+		return
+	}
+	h.log.Info("closed the sessions of dead nodes", "count", len(b.Commands))
+}
+
+// publishDueWills claims and publishes every will whose delay (or session
+// expiry, if sooner) has passed since its session was closed.
+func (h *Sessions) publishDueWills() {
+	now := time.Now().UnixMilli()
+	for _, s := range h.repl.Sessions() {
+		if s.Connected || !s.HasWill {
+			continue
+		}
+		full, ok := h.repl.Session(s.ClientID)
+		if !ok || full.Will == nil {
+			continue
+		}
+		delay := int64(full.Will.DelaySeconds)
+		if full.ExpiryInterval != replication.NeverExpires {
+			delay = min(delay, int64(full.ExpiryInterval))
+		}
+		if now < full.DisconnectedAt+delay*1000 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+		res, err := h.repl.Apply(ctx, h.claimWill(s.ClientID, full.OpenedIndex))
+		cancel()
+		if err != nil {
+			h.log.Warn("will not claimed", "client", s.ClientID, "error", err)
+			continue
+		}
+		if !res.Changed {
+			continue // reconnected, or claimed by someone else meanwhile
+		}
+		if h.cfg.AfterWillClaim != nil && !h.cfg.AfterWillClaim(s.ClientID) {
+			continue
+		}
+		h.publishWill(s.ClientID, full.Will)
+	}
+}
+
+func (h *Sessions) publishWill(id string, w *replication.Will) {
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: w.QoS, Retain: w.Retain},
+		TopicName:   w.Topic,
+		Payload:     w.Payload,
+		Properties: packets.Properties{MessageExpiryInterval: w.ExpirySeconds,
+			PayloadFormat: w.Properties.PayloadFormat, PayloadFormatFlag: w.Properties.PayloadFormat != 0,
+			ContentType: w.Properties.ContentType, ResponseTopic: w.Properties.ResponseTopic,
+			CorrelationData: w.Properties.CorrelationData},
+	}
+	for _, u := range w.Properties.UserProperties {
+		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
+	}
+	if pk.FixedHeader.Qos > 0 {
+		pk.PacketID = 1
+	}
+	if err := h.server.InjectPacket(h.willCl, pk); err != nil {
+		h.log.Warn("will not published", "client", id, "topic", w.Topic, "error", err)
+		return
+	}
+	h.m.wills.Inc()
+	h.log.Info("published the will of a disconnected session", "client", id, "topic", w.Topic)
+}

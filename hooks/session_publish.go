@@ -1,0 +1,206 @@
+package hooks
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Publishing: what a QoS 1/2 PUBLISH writes to the log before it is
+// acknowledged, and the QoS 0 copies for live persistent sessions.
+
+// OnPublish enqueues a QoS 1/2 message for every matching persistent
+// session and returns once that is committed, so mochi acknowledges only
+// what the log holds.
+//
+// Matching uses this node's copy of the subscriptions, which may lag the
+// log (a node just restarted, paused, cut off, or slow to apply). So the
+// publish first waits on a read barrier: once it returns, this node holds
+// every subscription whose SUBACK was sent before the PUBLISH arrived, on
+// any node. Without a leader the barrier fails and the publish is refused
+// like a retained write without quorum (replication/DESIGN.md,
+// "Acknowledging a publish").
+func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) || isWillPublisher(cl) {
+		return pk, nil // a will's persistent copies were queued by its claim
+	}
+	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
+	defer cancel()
+	if ackBeforeCommit {
+		// The deliberately broken build: match on a possibly stale view,
+		// acknowledge before the commit.
+		if cmd := h.enqueueCommand(pk, cl.ID); cmd != nil {
+			go func() { _, _ = h.repl.Apply(context.Background(), cmd) }()
+		}
+		return pk, nil
+	}
+	if err := h.repl.SessionsBarrier(ctx); err != nil {
+		return pk, h.refuse(cl, pk, err)
+	}
+	cmd := h.enqueueCommand(pk, cl.ID)
+	// A QoS 2 PUBLISH from a persistent session is recorded with its
+	// enqueue, in one entry: the client resends it (same packet id) on
+	// another node if the PUBREC was lost, and that copy must not be
+	// delivered again; a receipt without its enqueue would drop the
+	// message for everyone.
+	if c := h.conn(cl); c != nil && c.managed && pk.FixedHeader.Qos == 2 && !cl.Net.Inline {
+		res, err := h.repl.Apply(ctx, &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: cmd})
+		if err != nil {
+			return pk, h.refuse(cl, pk, err)
+		}
+		if !res.Changed {
+			h.m.qos2Duplicates.Inc()
+			return pk, packets.CodeSuccessIgnore
+		}
+		h.enqueued(res)
+		return pk, nil
+	}
+	if cmd == nil {
+		return pk, nil
+	}
+	res, err := h.repl.Apply(ctx, cmd)
+	if err != nil {
+		return pk, h.refuse(cl, pk, err)
+	}
+	h.enqueued(res)
+	return pk, nil
+}
+
+// refuse is what the publisher gets when its message could not be stored:
+// MQTT 5 a PUBACK/PUBREC with 0x83 (or 0x97 when too large) and a reason
+// string; MQTT 3.1.1 no acknowledgement, so it resends.
+func (h *Sessions) refuse(cl *mqtt.Client, pk packets.Packet, err error) error {
+	h.m.enqueueFailed.Inc()
+	h.log.Warn("message for persistent sessions not replicated; not acknowledged", "client", cl.ID,
+		"topic", pk.TopicName, "error", err)
+	if cl.Properties.ProtocolVersion < 5 {
+		return packets.ErrRejectPacket
+	}
+	code := packets.ErrImplementationSpecificError
+	if errors.Is(err, replication.ErrTooLarge) {
+		code = packets.ErrQuotaExceeded
+	}
+	code.Reason = "message not replicated: " + err.Error()
+	return code
+}
+
+func (h *Sessions) enqueued(res replication.Result) {
+	if res.Dropped == 0 {
+		return
+	}
+	h.m.dropped.Add(float64(res.Dropped))
+	now := time.Now().UnixNano()
+	if last := h.dropLog.Load(); now-last > int64(10*time.Second) && h.dropLog.CompareAndSwap(last, now) {
+		h.log.Warn("session queue full: messages dropped (max_queued_messages)", "dropped", res.Dropped,
+			"limit", h.cfg.MaxQueued)
+	}
+}
+
+// enqueueCommand matches pk against every persistent session; nil when no
+// session gets it at QoS 1 or 2 (QoS 0 copies are delivered directly).
+func (h *Sessions) enqueueCommand(pk packets.Packet, origin string) *replication.Enqueue {
+	subs := h.idx.Load().Subscribers(pk.TopicName)
+	if len(subs.Subscriptions) == 0 {
+		return nil
+	}
+	var targets []replication.QueueTarget
+	for _, id := range slices.Sorted(maps.Keys(subs.Subscriptions)) {
+		sub := subs.Subscriptions[id]
+		qos := min(pk.FixedHeader.Qos, sub.Qos)
+		if qos == 0 || (sub.NoLocal && id == origin) {
+			continue
+		}
+		targets = append(targets, replication.QueueTarget{ClientID: id, QoS: qos,
+			Retain: pk.FixedHeader.Retain && sub.RetainAsPublished, SubscriptionIDs: subscriptionIDs(sub)})
+	}
+	if len(targets) == 0 {
+		return nil
+	}
+	now := time.Now().UnixMilli()
+	p := pk.Properties
+	cmd := &replication.Enqueue{Topic: pk.TopicName, Payload: pk.Payload, Created: now,
+		MaxQueued: uint32(h.cfg.MaxQueued), Policy: replication.DropNewest, Targets: targets,
+		Properties: replication.Properties{PayloadFormat: p.PayloadFormat, ContentType: p.ContentType,
+			ResponseTopic: p.ResponseTopic, CorrelationData: p.CorrelationData}}
+	for _, u := range p.User {
+		cmd.Properties.UserProperties = append(cmd.Properties.UserProperties, replication.UserProperty{Key: u.Key, Value: u.Val})
+	}
+	if p.MessageExpiryInterval > 0 {
+		cmd.Expires = now + int64(p.MessageExpiryInterval)*1000
+	}
+	return cmd
+}
+
+func subscriptionIDs(sub packets.Subscription) []uint32 {
+	var ids []uint32
+	if sub.Identifiers != nil {
+		for _, v := range sub.Identifiers {
+			if v > 0 {
+				ids = append(ids, uint32(v))
+			}
+		}
+	} else if sub.Identifier > 0 {
+		ids = append(ids, uint32(sub.Identifier))
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// OnPublished delivers QoS 0 copies to the live persistent sessions here
+// (their subscriptions are not in mochi's index). It runs for local
+// publishes and for messages forwarded by peers alike.
+func (h *Sessions) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	h.deliverQoS0(pk)
+}
+
+// OnWillSent handles wills mochi publishes itself (clean sessions), which
+// skip OnPublish: persistent sessions still get them queued (best effort,
+// nobody waits for an acknowledgement) and QoS 0 copies.
+func (h *Sessions) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
+	h.deliverQoS0(pk)
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	if cmd := h.enqueueCommand(pk, cl.ID); cmd != nil {
+		h.submit(sessOp{cmd: func() replication.Command { return cmd }})
+	}
+}
+
+func (h *Sessions) deliverQoS0(pk packets.Packet) {
+	subs := h.idx.Load().Subscribers(pk.TopicName)
+	if len(subs.Subscriptions) == 0 {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for id, sub := range subs.Subscriptions {
+		c := h.live[id]
+		if c == nil || min(pk.FixedHeader.Qos, sub.Qos) != 0 || (sub.NoLocal && pk.Origin == id) {
+			continue
+		}
+		out := pk.Copy(false)
+		out.FixedHeader.Qos, out.PacketID, out.FixedHeader.Dup = 0, 0, false
+		if !sub.RetainAsPublished {
+			out.FixedHeader.Retain = false
+		}
+		out.Properties.SubscriptionIdentifier = nil
+		for _, v := range subscriptionIDs(sub) {
+			out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, int(v))
+		}
+		out.Properties.TopicAlias, out.Properties.TopicAliasFlag = 0, false
+		c.pump.sendQoS0(out)
+	}
+}
+
+// isInjector reports whether cl injects messages forwarded by a peer.
+func isInjector(cl *mqtt.Client) bool {
+	return cl.Net.Inline && strings.HasPrefix(cl.ID, injectorPrefix)
+}
