@@ -25,9 +25,9 @@ build:
 run: build
 	./scripts/run-cluster.sh $(BIN)
 
-## test: everything CI runs: static checks, then unit, in-process and e2e tests with -race.
+## test: everything CI runs: static checks, then unit, in-process, e2e and short chaos tests with -race (the brokers the e2e and chaos tests start are race builds too).
 test: test-deps lint tidy-check
-	$(GO) test $(RACE) -count=1 -timeout 20m ./...
+	E2E_RACE=1 CHAOS_RACE=1 $(GO) test $(RACE) -count=1 -timeout 20m ./...
 
 unit:
 	$(GO) test $(RACE) -count=1 $$($(GO) list ./... | grep -v /test/e2e)

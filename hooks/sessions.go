@@ -530,7 +530,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		return
 	}
 	cause := cl.StopCause()
-	handedOver := errors.Is(cause, packets.ErrSessionTakenOver) || errors.Is(cause, packets.ErrServerShuttingDown) ||
+	handedOver := errors.Is(cause, packets.ErrSessionTakenOver) || h.stoppingNow(cl) ||
 		errors.Is(cause, packets.ErrAdministrativeAction)
 	if c.mirror {
 		// A connection taken over was replaced in the log already; one

@@ -71,6 +71,10 @@ type stopState struct {
 	// kept are the clean sessions whose will PrepareStop took from mochi
 	// (guarded by Sessions.mu).
 	kept map[*sessConn]bool
+	// active: PrepareStop was called; every connection that ends from then
+	// on ends because of the stop, whatever error its read loop saw (a
+	// client that closes its socket on DISCONNECT 0x8B makes it EOF).
+	active atomic.Bool
 }
 
 func (h *Sessions) initStop() {
@@ -85,6 +89,7 @@ func (h *Sessions) initStop() {
 // log keep it there (the leader publishes it if the client does not come
 // back within LeaveGrace), and mochi must not publish it now.
 func (h *Sessions) PrepareStop() {
+	h.stopping.active.Store(true)
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, c := range h.mirrors {
@@ -103,7 +108,13 @@ func (h *Sessions) PrepareStop() {
 func (h *Sessions) keptAtStop(c *sessConn) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.stopping.kept[c] && errors.Is(c.cl.StopCause(), packets.ErrServerShuttingDown)
+	return h.stopping.kept[c]
+}
+
+// stoppingNow reports whether a connection ending now ends because this
+// node stops gracefully (its session continues elsewhere).
+func (h *Sessions) stoppingNow(cl *mqtt.Client) bool {
+	return h.stopping.active.Load() || errors.Is(cl.StopCause(), packets.ErrServerShuttingDown)
 }
 
 // goneAfter is how long the sessions of owner, no longer alive, stay open

@@ -400,6 +400,15 @@ func TestCheckerFindsWillViolations(t *testing.T) {
 			willRecv(h, "w7:1", 2200)
 			willRecv(h, "w7:1", 2600)
 		}},
+		// A QoS 1 will received twice without DUP: published twice.
+		{"QoS 1 will twice without DUP", "will-duplicate", "", 1, willFaults, func(h *History) {
+			h.Add(Op{Kind: KindWillRecv, Client: willWatcher, Node: "node3", Topic: willPrefix + "w1", QoS: 1, Value: "w1:1", Start: at(4100), End: at(4100), Outcome: OK})
+		}},
+		// The same with DUP set: the watcher's resumed session got it again
+		// (at least once), which is not a second publication.
+		{"QoS 1 will redelivered with DUP", "", "", 0, willFaults, func(h *History) {
+			h.Add(Op{Kind: KindWillRecv, Client: willWatcher, Node: "node1", Topic: willPrefix + "w1", QoS: 1, Dup: true, Value: "w1:1", Start: at(4100), End: at(4100), Outcome: OK})
+		}},
 		{"will of a killed client missing", "will-missing", "", 1, willFaults, func(h *History) {
 			willConnect(h, "w7", "node1", "w7:1", 500, 600, 1020)
 		}},

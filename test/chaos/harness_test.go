@@ -47,7 +47,13 @@ func runMain(m *testing.M) int {
 		return m.Run()
 	}
 	brokerBin = filepath.Join(dir, "broker")
-	args := []string{"build", "-o", brokerBin, "github.com/mqtt-ha/broker/cmd/broker"}
+	args := []string{"build", "-o", brokerBin}
+	if os.Getenv("CHAOS_RACE") == "1" {
+		// The nodes under test run with the race detector (make test sets
+		// it); a race in a node's output fails the campaign (crashRE).
+		args = append(args, "-race", "-gcflags=all=-d=checkptr=0") // see replication/logstore.go
+	}
+	args = append(args, "github.com/mqtt-ha/broker/cmd/broker")
 	if out, err := exec.Command("go", args...).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "chaos: go %s: %v\n%s", strings.Join(args, " "), err, out)
 		return 1

@@ -559,7 +559,11 @@ type WillResult struct {
 	Received   int `json:"received"`  // will receipts, duplicates included
 	Delivered  int `json:"delivered"` // distinct wills received
 	Duplicated int `json:"duplicated"`
-	Missing    int `json:"missing"`
+	// Redelivered: QoS 1 receipts with DUP set of a will already received
+	// (the watcher's session resumed before its PUBACK reached the log:
+	// at least once, not a second publication).
+	Redelivered int `json:"redelivered"`
+	Missing     int `json:"missing"`
 	// Unexpected: wills received although no fault touched the client's
 	// node while it was connected (information: see the README).
 	Unexpected int `json:"unexpected"`
@@ -914,6 +918,10 @@ func checkWills(ops []Op, faults []faultEvent, r *CheckResult) {
 				continue // an availability client's retained "online", not a will
 			}
 			w.Received++
+			if o.QoS == 1 && o.Dup && len(got[o.Value]) > 0 {
+				w.Redelivered++
+				continue
+			}
 			got[o.Value] = append(got[o.Value], o)
 		case KindWillConnect:
 			if p, ok := lastConn[o.Client]; ok {
