@@ -65,8 +65,8 @@ func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) b
 // endMirror ends c's mirror when its connection ends. DISCONNECT discards
 // the will (MQTT-3.1.2-10), so the mirror is deleted; any other end closes
 // it, and the leader then claims and publishes the will once
-// (publishDueWills). If the close cannot be written, this node publishes
-// the will itself.
+// (publishDueWills). If the close certainly cannot be written (no leader),
+// this node publishes the will itself (closeMirror).
 func (h *Sessions) endMirror(c *sessConn, err error) {
 	opened := c.opened.Load()
 	if opened == 0 {
@@ -79,19 +79,40 @@ func (h *Sessions) endMirror(c *sessConn, err error) {
 		return
 	}
 	closeCmd := &replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: opened, At: time.Now().UnixMilli()}
-	go func() {
-		ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
-		defer cancel()
+	go h.closeMirror(c, closeCmd)
+}
+
+// closeMirror writes a dropped clean session's close until it is
+// committed. The close is conditional (IfOpened), so retrying it is safe,
+// and once it is in the log the leader claims and publishes the will
+// exactly once. This node publishes the will itself only when no attempt
+// can have been proposed (no leader at each try): an attempt whose outcome
+// is unknown may be committed, and the leader's claim would then publish
+// the will a second time, so after one the close is retried until it
+// succeeds (the will is then late rather than twice).
+func (h *Sessions) closeMirror(c *sessConn, closeCmd *replication.SessionClose) {
+	unknown := false
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
 		_, err := h.repl.Apply(ctx, closeCmd)
-		if err == nil {
+		cancel()
+		switch {
+		case err == nil:
 			h.pokeWills()
 			return
-		}
-		if errors.Is(err, replication.ErrInvalidCommand) || c.mirrorWill == nil {
+		case errors.Is(err, replication.ErrInvalidCommand), errors.Is(err, replication.ErrClosed):
 			h.log.Warn("clean session's will mirror not closed", "client", c.id, "error", err)
 			return
+		case !unknown && errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome) && c.mirrorWill != nil:
+			h.log.Warn("clean session's will mirror not closed in the log (no quorum); publishing the will here", "client", c.id, "error", err)
+			h.publishWill(c.id, c.mirrorWill)
+			return
 		}
-		h.log.Warn("clean session's will mirror not closed in the log (no quorum?); publishing the will here", "client", c.id, "error", err)
-		h.publishWill(c.id, c.mirrorWill)
-	}()
+		unknown = unknown || !errors.Is(err, replication.ErrNoLeader) || errors.Is(err, replication.ErrUnknownOutcome)
+		select {
+		case <-h.stop:
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }

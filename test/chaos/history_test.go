@@ -892,9 +892,28 @@ func classifyWills(ops []Op, faults []faultEvent) map[string]*willConn {
 		// armed: the will is due, whatever its node went through.
 		if c.end != nil && c.end.Err == dropByClient && c.armed != nil && c.armed.End.Before(c.end.Start) {
 			c.fate, c.fault = willExpected, faultEvent{Kind: "client-drop", Node: c.connect.Node, Start: c.end.Start, End: c.end.End}
+			// Unless its node was cut off or paused when it dropped and the
+			// client connected again elsewhere: the node could not close the
+			// session in the log (it publishes the will on its own side
+			// only), and the new clean connection ended the old session
+			// before the others declared the node gone. At most once.
+			if reconnected[c.connect.Value] && nodeIsolatedAt(faults, c.connect.Node, c.end.Start) {
+				c.fate = willMay
+			}
 		}
 	}
 	return conns
+}
+
+// nodeIsolatedAt reports whether node was cut off by a partition or paused
+// at t.
+func nodeIsolatedAt(faults []faultEvent, node string, t time.Time) bool {
+	for _, f := range faults {
+		if (f.Kind == FaultPartition || f.Kind == FaultPause) && f.Node == node && !t.Before(f.Start) && !t.After(f.End) {
+			return true
+		}
+	}
+	return false
 }
 
 func faultLine(f faultEvent) string {
