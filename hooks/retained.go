@@ -65,10 +65,37 @@ func (h *Retained) ID() string { return "replicated-retained" }
 // Provides implements mqtt.Hook.
 func (h *Retained) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnPublish, mqtt.OnRetainMessage, mqtt.OnWill, mqtt.OnWillSent:
+	case mqtt.OnPublish, mqtt.OnRetainMessage, mqtt.OnWill, mqtt.OnWillSent, mqtt.OnSubscribe:
 		return true
 	}
 	return false
+}
+
+// OnSubscribe waits, before the retained messages for the new
+// subscriptions are read from this node's store (mochi for clean sessions,
+// Sessions.retainedFor for persistent ones, both after this hook), until
+// this node holds every retained value acknowledged before the SUBSCRIBE
+// on any node (guarantee 2: a new subscriber on any node gets the latest
+// value). Best effort: without a leader the subscription is still served
+// from what this node holds (guarantee 5).
+func (h *Retained) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if h.repl == nil || cl.Net.Inline || !h.repl.HasLeader() {
+		return pk
+	}
+	wants := false
+	for _, f := range pk.Filters {
+		wants = wants || f.RetainHandling != 2
+	}
+	if !wants {
+		return pk
+	}
+	ctx, cancel := context.WithTimeout(h.base, h.timeout)
+	defer cancel()
+	if err := h.repl.ReadBarrier(ctx); err != nil {
+		h.log.Warn("retained messages for a new subscription read before this node caught up with the log",
+			"client", cl.ID, "error", err)
+	}
+	return pk
 }
 
 // OnPublish replicates a local retained publish before mochi acknowledges it.

@@ -1,0 +1,75 @@
+package node
+
+import (
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
+)
+
+// TestCleanWillNotPublishedTwiceWhenCloseTimesOut: guarantee 4 ("a will is
+// never published twice"). A clean session's will mirror is closed when
+// its connection drops (endMirror). If that write times out, the node
+// publishes the will itself; but a timeout does not mean the close was
+// not committed: here the close is in the log (a quorum holds it) while
+// the leader is slow to apply it. Once the leader applies it, it claims
+// and publishes the will again.
+func TestCleanWillNotPublishedTwiceWhenCloseTimesOut(t *testing.T) {
+	g := newApplyGate(t)
+	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
+	tc.waitReady()
+	var leader, follower string
+	for _, id := range []string{"n1", "n2", "n3"} {
+		if tc.nodes[id].repl.IsLeader() {
+			leader = id
+		} else if follower == "" {
+			follower = id
+		}
+	}
+	if leader == "" || follower == "" {
+		t.Fatal("no leader")
+	}
+	watcher := tc.client(follower, "rw-watch")
+	watcher.Sub(t, 1, "rw/will")
+	dev := testutil.Connect(t, tc.nodes[follower].Addr("mqtt"), testutil.ClientOptions{ID: "rw-dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "rw/will", QoS: 1, Payload: []byte("gone")}})
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if s, ok := tc.nodes[leader].repl.Session("rw-dev"); !ok || s.Will == nil {
+			return errMsg("the will mirror is not in the leader's state")
+		}
+		return nil
+	})
+	// The leader falls behind applying (its log and the quorum go on).
+	g.node.Store(&leader)
+	gp := tc.client(follower, "rw-gate")
+	_ = gp.TryPub(gateTopic, 0, true, []byte("g"))
+	select {
+	case <-g.reached:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the leader never reached the gate")
+	}
+	_ = dev.Conn.Close() // the connection drops: no DISCONNECT, the will is due
+	// The node publishes the will itself once the close times out.
+	first, err := watcher.Next(15 * time.Second)
+	if err != nil {
+		t.Fatalf("will never published: %v", err)
+	}
+	t.Logf("first will: %q", first.Payload)
+	g.open()
+	testutil.Eventually(t, 15*time.Second, func() error {
+		if s, ok := tc.nodes[leader].repl.Session("rw-dev"); ok && s.Will != nil {
+			return errMsg("the leader has not dealt with the mirror yet")
+		}
+		return nil
+	})
+	if p, err := watcher.Next(3 * time.Second); err == nil {
+		t.Fatalf("the will was published twice (second copy %q, dup %v): once by %s when its close timed out, once by the leader's claim of the committed close",
+			p.Payload, p.Duplicate(), follower)
+	}
+}
+
+type errMsg string
+
+func (e errMsg) Error() string { return string(e) }
