@@ -219,8 +219,9 @@ func (n *Node) fetchReadIndex(ctx context.Context) (readIndexes, error) {
 // itself, so that its own record of the last subscription change covers
 // it.
 func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
+	term := n.raft.CurrentTerm()
 	idx := n.raft.LastIndex()
-	if n.fsm.syncedTerm.Load() == n.raft.CurrentTerm() {
+	if n.fsm.syncedTerm.Load() == term {
 		idx = n.raft.CommitIndex()
 	}
 	f := n.raft.VerifyLeader()
@@ -233,6 +234,11 @@ func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
 		}
 	case <-ctx.Done():
 		return readIndexes{}, fmt.Errorf("%w: verifying leadership: %w", ErrTimeout, ctx.Err())
+	}
+	if n.raft.CurrentTerm() != term {
+		// Leadership was lost and won again between reading the index and
+		// confirming it: the index belongs to the old term. Ask again.
+		return readIndexes{}, fmt.Errorf("%w: term changed during the read index", ErrNotLeader)
 	}
 	ri := readIndexes{read: n.lastFSMEntry(idx)}
 	if err := n.WaitSynced(ctx, ri.read); err != nil {
