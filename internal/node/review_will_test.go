@@ -50,7 +50,7 @@ func TestCleanWillNotPublishedTwiceWhenCloseTimesOut(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the leader never reached the gate")
 	}
-	defer g.open() // never leave the leader stuck: the cleanup would hang
+	defer g.open()       // never leave the leader stuck: the cleanup would hang
 	_ = dev.Conn.Close() // the connection drops: no DISCONNECT, the will is due
 	// The follower's close reaches the log but the leader cannot apply it:
 	// the write times out with an unknown outcome. Publishing the will
