@@ -73,7 +73,7 @@ func (h *Sessions) isLive(id string, opened uint64) bool {
 		return true
 	}
 	for _, c := range h.conns {
-		if c.id == id && (c.opened.Load() == opened || c.opened.Load() == 0) {
+		if c.id == id && (c.opened.Load() == opened || (c.opened.Load() == 0 && c.unmirrored == nil)) {
 			return true
 		}
 	}

@@ -40,26 +40,33 @@ const mirrorOpenTimeout = 2 * time.Second
 // it is in the log, clears mochi's copy of the will. It reports whether
 // the mirror was written; if not, the will stays mochi's.
 func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) bool {
-	if !h.repl.HasLeader() {
-		return false
-	}
 	open, _ := h.openCommands(cl, pk, 0)
+	// Apply waits for a leader (a node just restarted learns it within an
+	// election) but fails fast on a side that has had none for a while.
 	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
 	defer cancel()
 	res, err := h.repl.Apply(ctx, open)
 	if err != nil {
 		// A late commit is harmless: the mirror then stays until the leader
 		// finds its owner gone, or the client reconnects (clean start).
+		// PrepareStop tries again before a graceful stop.
 		h.log.Warn("will of a clean session not mirrored in the log; published by this node only", "client", c.id, "error", err)
+		c.unmirrored = open
 		return false
 	}
-	c.opened.Store(res.Index)
+	h.mirrored(c, cl, res.Index)
+	return true
+}
+
+// mirrored records that c's mirror is in the log at index and takes the
+// will from mochi.
+func (h *Sessions) mirrored(c *sessConn, cl *mqtt.Client, index uint64) {
+	c.opened.Store(index)
 	if sw, ok := h.setWill(cl).(*replication.SetWill); ok {
 		w := sw.Will
 		c.mirrorWill = &w
 	}
 	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
-	return true
 }
 
 // endMirror ends c's mirror when its connection ends. DISCONNECT discards

@@ -158,6 +158,9 @@ type sessConn struct {
 	// unsuback: the reason codes of the UNSUBACK being sent (OnUnsubscribed
 	// to OnPacketEncode, on the client's goroutine).
 	unsuback []byte
+	// unmirrored: the mirror's commands, when they could not be written at
+	// CONNECT (PrepareStop writes them before a graceful stop).
+	unmirrored replication.Command
 	// mirrorWill: a mirrored clean session's will, published here if the
 	// log cannot take the mirror's close (session_mirror.go).
 	mirrorWill *replication.Will
@@ -296,6 +299,8 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			if pk.Connect.Clean {
 				h.discardSession(cl.ID)
 			}
+			// Tracked anyway: a graceful stop writes the mirror then.
+			h.track(c)
 			return
 		}
 		c.mirror = true
@@ -519,6 +524,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if c != nil && h.mirrors[c.id] == c {
 		delete(h.mirrors, c.id)
 	}
+	isMirror := c != nil && c.mirror // written under mu by PrepareStop too
 	h.mu.Unlock()
 	if c == nil {
 		return
@@ -532,7 +538,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	cause := cl.StopCause()
 	handedOver := errors.Is(cause, packets.ErrSessionTakenOver) || h.stoppingNow(cl) ||
 		errors.Is(cause, packets.ErrAdministrativeAction)
-	if c.mirror {
+	if isMirror {
 		// A connection taken over was replaced in the log already; one
 		// closed by the leader on this node's behalf has its will claimed
 		// by the leader; a graceful stop leaves it for the leave grace.
@@ -541,6 +547,9 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		}
 		h.endMirror(c, err) // session_mirror.go
 		return
+	}
+	if !c.managed {
+		return // a clean session whose will mochi keeps (not mirrored)
 	}
 	if c.pump != nil {
 		c.pump.stop()

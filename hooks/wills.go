@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"context"
 	"errors"
 	"sync/atomic"
 	"time"
@@ -90,6 +91,7 @@ func (h *Sessions) initStop() {
 // back within LeaveGrace), and mochi must not publish it now.
 func (h *Sessions) PrepareStop() {
 	h.stopping.active.Store(true)
+	h.mirrorLeftovers()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, c := range h.mirrors {
@@ -100,6 +102,39 @@ func (h *Sessions) PrepareStop() {
 		// (session_mirror.go); clearing it again costs nothing.
 		atomic.StoreUint32(&c.cl.Properties.Will.Flag, 0)
 		h.stopping.kept[c] = true
+	}
+}
+
+// mirrorLeftovers writes, before a graceful stop, the mirrors of clean
+// sessions whose will could not be written at CONNECT (no leader yet, a
+// node just restarted): otherwise mochi would publish their wills as it
+// disconnects them, although they reconnect elsewhere. Bounded; the
+// clients are still connected here, so no newer session of theirs exists.
+func (h *Sessions) mirrorLeftovers() {
+	h.mu.Lock()
+	var todo []*sessConn
+	for _, c := range h.conns {
+		if c.unmirrored != nil && !c.managed && c.opened.Load() == 0 {
+			todo = append(todo, c)
+		}
+	}
+	h.mu.Unlock()
+	if len(todo) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), mirrorOpenTimeout)
+	defer cancel()
+	for _, c := range todo {
+		res, err := h.repl.Apply(ctx, c.unmirrored)
+		if err != nil {
+			h.log.Warn("clean session's will not mirrored before the stop; mochi publishes it", "client", c.id, "error", err)
+			continue
+		}
+		h.mirrored(c, c.cl, res.Index)
+		h.mu.Lock()
+		c.mirror = true
+		h.mirrors[c.id] = c
+		h.mu.Unlock()
 	}
 }
 
