@@ -79,6 +79,10 @@ func (n *Node) WaitSynced(ctx context.Context, index uint64) error {
 	}
 }
 
+// readRoundTimeout bounds one read-index round; a caller whose round
+// failed asks again (readIndex) until its own deadline.
+const readRoundTimeout = time.Second
+
 // readRound is one read-index request shared by every caller that joined
 // it before it started.
 type readRound struct {
@@ -173,7 +177,18 @@ func (n *Node) runReadRounds() {
 			return
 		}
 		rr.mu.Unlock()
-		ctx, cancel := context.WithTimeout(n.life, n.cfg.IOTimeout)
+		// A round must not outlive its leader: callers that arrive while
+		// it runs wait for the next one, so a round stuck on a leader that
+		// was just cut off would hold every barrier up for IOTimeout.
+		changed := n.leaderChanged()
+		ctx, cancel := context.WithTimeout(n.life, min(n.cfg.IOTimeout, readRoundTimeout))
+		go func() {
+			select {
+			case <-changed:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
 		r.idx, r.err = n.fetchReadIndex(ctx)
 		cancel()
 		close(r.done)
