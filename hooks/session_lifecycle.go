@@ -58,29 +58,26 @@ func (h *Sessions) resumesWithoutExpiry(cl *mqtt.Client, pk packets.Packet) bool
 // old session; otherwise, or on failure, the delete is retried in the
 // background: a conditional delete is safe to apply late.
 func (h *Sessions) discardSession(id string) {
-	if h.repl.HasLeader() {
-		// See every session opened before this CONNECT, on any node.
-		ctx, cancel := context.WithTimeout(h.base, cleanDiscardTimeout)
-		if err := h.repl.SessionsBarrier(ctx); err != nil {
-			h.log.Debug("clean connect: sessions view may be stale", "client", id, "error", err)
-		}
-		cancel()
+	// One bound for both steps. The barrier waits for a leader (a node
+	// just restarted learns it within an election) but fails fast on a
+	// side that has had none for a while.
+	ctx, cancel := context.WithTimeout(h.base, cleanDiscardTimeout)
+	defer cancel()
+	// See every session opened before this CONNECT, on any node.
+	if err := h.repl.SessionsBarrier(ctx); err != nil {
+		h.log.Debug("clean connect: sessions view may be stale", "client", id, "error", err)
 	}
 	s, ok := h.repl.Session(id)
 	if !ok {
 		return
 	}
 	del := &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
-	if h.repl.HasLeader() {
-		ctx, cancel := context.WithTimeout(h.base, cleanDiscardTimeout)
-		_, err := h.repl.Apply(ctx, del)
-		cancel()
-		if err == nil {
-			h.log.Debug("clean connect discarded the persistent session", "client", id)
-			return
-		}
-		h.log.Warn("clean connect: session discard not committed in time; retrying in the background", "client", id, "error", err)
+	_, err := h.repl.Apply(ctx, del)
+	if err == nil {
+		h.log.Debug("clean connect discarded the persistent session", "client", id)
+		return
 	}
+	h.log.Warn("clean connect: session discard not committed in time; retrying in the background", "client", id, "error", err)
 	h.submit(sessOp{cmd: func() replication.Command { return del }})
 }
 
