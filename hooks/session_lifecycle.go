@@ -2,6 +2,7 @@ package hooks
 
 import (
 	"context"
+	"errors"
 	"math"
 	"time"
 
@@ -72,10 +73,23 @@ func (h *Sessions) discardSession(id string) {
 		return
 	}
 	del := &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
-	_, err := h.repl.Apply(ctx, del)
-	if err == nil {
-		h.log.Debug("clean connect discarded the persistent session", "client", id)
-		return
+	// The delete is conditional, so it is retried within the bound when
+	// its outcome is unknown (the leader died while committing it): a
+	// resume elsewhere right after this CONNACK must not find the session.
+	var err error
+	for {
+		if _, err = h.repl.Apply(ctx, del); err == nil {
+			h.log.Debug("clean connect discarded the persistent session", "client", id)
+			return
+		}
+		if ctx.Err() != nil || errors.Is(err, replication.ErrInvalidCommand) ||
+			(errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome)) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 	h.log.Warn("clean connect: session discard not committed in time; retrying in the background", "client", id, "error", err)
 	h.submit(sessOp{cmd: func() replication.Command { return del }})
