@@ -52,13 +52,14 @@ func (h *Sessions) resumesWithoutExpiry(cl *mqtt.Client, pk packets.Packet) bool
 }
 
 // discardSession deletes id's replicated session for a clean CONNECT that
-// keeps no session in the log. It deletes only the session this node sees
+// keeps no session in the log, and reports whether the CONNECT may be
+// served (false: refuse it, see below). It deletes only the session this node sees
 // (IfOpened), so a session opened later, by a connection after this one,
 // is never touched. With a leader it waits (at most cleanDiscardTimeout)
 // so that CONNACK follows the discard and nothing more is queued for the
 // old session; otherwise, or on failure, the delete is retried in the
 // background: a conditional delete is safe to apply late.
-func (h *Sessions) discardSession(id string) {
+func (h *Sessions) discardSession(id string) bool {
 	// One bound for both steps. The barrier waits for a leader (a node
 	// just restarted learns it within an election) but fails fast on a
 	// side that has had none for a while.
@@ -70,7 +71,7 @@ func (h *Sessions) discardSession(id string) {
 	}
 	s, ok := h.repl.Session(id)
 	if !ok {
-		return
+		return true
 	}
 	del := &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
 	// The delete is conditional, so it is retried within the bound when
@@ -80,10 +81,9 @@ func (h *Sessions) discardSession(id string) {
 	for {
 		if _, err = h.repl.Apply(ctx, del); err == nil {
 			h.log.Debug("clean connect discarded the persistent session", "client", id)
-			return
+			return true
 		}
-		if ctx.Err() != nil || errors.Is(err, replication.ErrInvalidCommand) ||
-			(errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome)) {
+		if ctx.Err() != nil || errors.Is(err, replication.ErrInvalidCommand) || noQuorum(err) {
 			break
 		}
 		select {
@@ -91,8 +91,26 @@ func (h *Sessions) discardSession(id string) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	h.log.Warn("clean connect: session discard not committed in time; retrying in the background", "client", id, "error", err)
 	h.submit(sessOp{cmd: func() replication.Command { return del }})
+	if noQuorum(err) {
+		// Guarantee 5: a clean session is served without a quorum; the
+		// discard is retried in the background.
+		h.log.Warn("clean connect without a raft quorum: session discard retried in the background", "client", id, "error", err)
+		return true
+	}
+	// The log is there but the discard did not get through in time (the
+	// leader died while committing it, or this node is stopping): refuse
+	// the CONNECT (MQTT 5 0x88, 3.1.1 server unavailable) rather than
+	// serve a clean session over a session a resume would still find.
+	h.log.Warn("clean connect: session discard not committed in time; connection refused", "client", id, "error", err)
+	return false
+}
+
+// noQuorum reports whether err says that a write was not proposed because
+// no leader is known (a side without a quorum), as opposed to a write whose
+// outcome is unknown.
+func noQuorum(err error) bool {
+	return errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome)
 }
 
 // disconnectGrace is how long a resuming CONNECT waits for a live

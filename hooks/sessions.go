@@ -286,8 +286,10 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			h.awaitMochiSessionEnd(cl.ID)
 		}
 		if !hasWill {
-			if pk.Connect.Clean {
-				h.discardSession(cl.ID) // session_lifecycle.go
+			if pk.Connect.Clean && !h.discardSession(cl.ID) { // session_lifecycle.go
+				c.refused = true
+				h.track(c)
+				return
 			}
 			h.endMirrorOf(cl.ID)
 			return
@@ -296,8 +298,10 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// the mirror's SessionOpen has clean start and discards any older
 		// session too.
 		if !h.openMirror(c, cl, pk) {
-			if pk.Connect.Clean {
-				h.discardSession(cl.ID)
+			if pk.Connect.Clean && !h.discardSession(cl.ID) {
+				c.refused = true
+				h.track(c)
+				return
 			}
 			// Tracked anyway: a graceful stop writes the mirror then.
 			h.track(c)
@@ -428,7 +432,7 @@ func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Pa
 	}
 	c := h.conn(cl)
 	switch {
-	case c == nil || !c.managed:
+	case c == nil:
 	case c.refused:
 		pk.SessionPresent = false
 		pk.ReasonCode = packets.ErrServerUnavailable.Code
@@ -436,6 +440,7 @@ func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Pa
 			pk.ReasonCode = packets.Err3ServerUnavailable.Code
 		}
 		pk.Properties.ReasonString = "session could not be stored in the cluster's log; try again"
+	case !c.managed:
 	default:
 		pk.SessionPresent = c.present
 	}
@@ -446,11 +451,16 @@ func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Pa
 // been sent) and routes its subscriptions to this node.
 func (h *Sessions) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	c := h.conn(cl)
-	if c == nil || !c.managed {
+	if c == nil {
 		return
 	}
 	if c.refused {
-		cl.Stop(packets.ErrServerUnavailable) // CONNACK said so
+		// CONNACK said so. A refused CONNECT has no session and no will.
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		cl.Stop(packets.ErrServerUnavailable)
+		return
+	}
+	if !c.managed {
 		return
 	}
 	c.pump = newPump(h, c)

@@ -1,0 +1,69 @@
+package node
+
+import (
+	"testing"
+	"time"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
+)
+
+// TestCleanConnectRefusedWhenDiscardCannotCommit: a clean CONNECT must
+// discard the client's persistent session before CONNACK. When the log is
+// there but the discard cannot get through in time (here the leader is
+// stuck applying; in the chaos campaigns, the leader died while committing
+// it, or the node was stopping), the CONNECT is refused (0x88) so the
+// client tries again, rather than served while a resume elsewhere would
+// still find the old session (chaos: clean-start-session-present).
+func TestCleanConnectRefusedWhenDiscardCannotCommit(t *testing.T) {
+	g := newApplyGate(t)
+	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
+	tc.waitReady()
+	var leader, follower string
+	for _, id := range []string{"n1", "n2", "n3"} {
+		if tc.nodes[id].repl.IsLeader() {
+			leader = id
+		} else if follower == "" {
+			follower = id
+		}
+	}
+	if leader == "" || follower == "" {
+		t.Fatal("no leader")
+	}
+	p := testutil.Connect(t, tc.nodes[follower].Addr("mqtt"), testutil.ClientOptions{ID: "cr", CleanStart: true, SessionExpiry: 600})
+	p.Sub(t, 1, "cr/x")
+	p.Close()
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes[follower].repl.Session("cr"); !ok || s.Connected {
+			return errMsg("the persistent session is not closed in the follower's state yet")
+		}
+		return nil
+	})
+	g.node.Store(&leader)
+	defer g.open()
+	_ = tc.client(follower, "cr-gate").TryPub(gateTopic, 0, true, []byte("g"))
+	select {
+	case <-g.reached:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the leader never reached the gate")
+	}
+	c, err := testutil.TryConnect(tc.nodes[follower].Addr("mqtt"), testutil.ClientOptions{ID: "cr", CleanStart: true})
+	if err == nil {
+		c.Close()
+		t.Fatal("clean CONNECT served although the old session could not be discarded")
+	}
+	t.Logf("refused: %v", err)
+	g.open()
+	// Once the log moves again, the clean CONNECT gets through and the
+	// old session is gone.
+	testutil.Eventually(t, 20*time.Second, func() error {
+		c, err := testutil.TryConnect(tc.nodes[follower].Addr("mqtt"), testutil.ClientOptions{ID: "cr", CleanStart: true})
+		if err != nil {
+			return err
+		}
+		c.Close()
+		return nil
+	})
+	if s, ok := tc.nodes[leader].repl.Session("cr"); ok && s.ExpiryInterval != 0 {
+		t.Fatalf("the persistent session survived the clean connect: %+v", s)
+	}
+}
