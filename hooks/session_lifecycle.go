@@ -115,8 +115,9 @@ func noQuorum(err error) bool {
 
 // disconnectGrace is how long a resuming CONNECT waits for a live
 // connection of the same client on this node to end by itself before
-// taking it over.
-const disconnectGrace = 100 * time.Millisecond
+// taking it over (its DISCONNECT may still be being processed: 100 ms was
+// too short on a loaded 2-core machine).
+const disconnectGrace = 500 * time.Millisecond
 
 // awaitDisconnectInFlight: a client that sends DISCONNECT and reconnects
 // at once uses two connections, read by two goroutines, so the new CONNECT
@@ -144,8 +145,10 @@ func (h *Sessions) awaitDisconnectInFlight(id string) {
 }
 
 // previousCloseTimeout bounds how long a CONNECT waits for the close of
-// the same client's previous connection on this node to be written.
-const previousCloseTimeout = time.Second
+// the same client's previous connection on this node to be written (one
+// replicated write; seconds under load, so the bound is the write timeout's
+// order, not a round trip's).
+const previousCloseTimeout = 5 * time.Second
 
 // awaitPreviousClose waits (briefly) until the close of this client's
 // previous persistent connection on this node, if it just ended, is in
