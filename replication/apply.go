@@ -409,7 +409,7 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 		}
 	}
 	wg.Add(1)
-	go wait(func() (uint64, error) { return n.raft.AppliedIndex(), nil })
+	go wait(func() (uint64, error) { return n.fsm.synced.Load(), nil })
 	for _, p := range n.peers() {
 		if p.ID == n.cfg.NodeID {
 			continue

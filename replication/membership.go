@@ -281,7 +281,9 @@ func (n *Node) fetchPeerStatus(ctx context.Context, addr string) (peerStatus, er
 
 // peerStatus is this node's answer to fetchPeerStatus.
 func (n *Node) peerStatus() peerStatus {
-	return peerStatus{LastIndex: n.raft.LastIndex(), AppliedIndex: n.raft.AppliedIndex(),
+	// AppliedIndex is what the state machine holds (FSM.synced), not raft's
+	// AppliedIndex, which moves before the FSM has applied anything.
+	return peerStatus{LastIndex: n.raft.LastIndex(), AppliedIndex: n.fsm.synced.Load(),
 		Term: n.raft.CurrentTerm(), CommitIndex: n.raft.CommitIndex()}
 }
 

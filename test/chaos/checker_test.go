@@ -681,6 +681,22 @@ func TestCheckerSwitchingClients(t *testing.T) {
 			t.Logf("reported: %s", r.Violations[0])
 		})
 	}
+	// With a fault between the clean connection and the resume, a resume
+	// reporting session present is the known retried-open issue: counted,
+	// not failing.
+	hf := switchHistory()
+	ops := hf.Ops()
+	*hf = History{}
+	for _, o := range ops {
+		if o.Kind == KindSwitchConnect && o.Start.Equal(at(300)) {
+			o.SessionPresent = true
+		}
+		hf.Add(o)
+	}
+	kill := []faultEvent{{Kind: FaultKill, Node: "node2", Start: at(250), End: at(400)}}
+	if r := Check(hf.Ops(), nil, kill); len(r.Violations) != 1 || r.Violations[0].Known != KnownRetriedOpen || len(r.Failing()) != 0 {
+		t.Errorf("session present across a fault: violations %v, failing %d", r.Violations, len(r.Failing()))
+	}
 	// The message whose outcome was unknown may be delivered.
 	h := switchHistory()
 	h.Add(Op{Kind: KindSwitchRecv, Client: switchV5, Topic: switchPrefix + switchV5, Value: switchV5 + ":3", QoS: 1, Start: at(310), End: at(310), Outcome: OK})
