@@ -18,17 +18,7 @@ func TestCleanConnectRefusedWhenDiscardCannotCommit(t *testing.T) {
 	g := newApplyGate(t)
 	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
 	tc.waitReady()
-	var leader, follower string
-	for _, id := range []string{"n1", "n2", "n3"} {
-		if tc.nodes[id].repl.IsLeader() {
-			leader = id
-		} else if follower == "" {
-			follower = id
-		}
-	}
-	if leader == "" || follower == "" {
-		t.Fatal("no leader")
-	}
+	leader, follower := tc.leaderAndFollower(t)
 	p := testutil.Connect(t, tc.nodes[follower].Addr("mqtt"), testutil.ClientOptions{ID: "cr", CleanStart: true, SessionExpiry: 600})
 	p.Sub(t, 1, "cr/x")
 	p.Close()

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -203,4 +205,20 @@ func (tc *testCluster) forwarded(id string) uint64 {
 		sum += m.Forwarded
 	}
 	return sum
+}
+
+// leaderAndFollower returns the current raft leader and one follower.
+func (tc *testCluster) leaderAndFollower(t testing.TB) (leader, follower string) {
+	t.Helper()
+	for _, id := range slices.Sorted(maps.Keys(tc.nodes)) {
+		if tc.nodes[id].repl.IsLeader() {
+			leader = id
+		} else if follower == "" {
+			follower = id
+		}
+	}
+	if leader == "" || follower == "" {
+		t.Fatal("no leader")
+	}
+	return leader, follower
 }

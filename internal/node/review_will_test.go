@@ -20,17 +20,7 @@ func TestCleanWillNotPublishedTwiceWhenCloseTimesOut(t *testing.T) {
 	g := newApplyGate(t)
 	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
 	tc.waitReady()
-	var leader, follower string
-	for _, id := range []string{"n1", "n2", "n3"} {
-		if tc.nodes[id].repl.IsLeader() {
-			leader = id
-		} else if follower == "" {
-			follower = id
-		}
-	}
-	if leader == "" || follower == "" {
-		t.Fatal("no leader")
-	}
+	leader, follower := tc.leaderAndFollower(t)
 	watcher := tc.client(follower, "rw-watch")
 	watcher.Sub(t, 1, "rw/will")
 	dev := testutil.Connect(t, tc.nodes[follower].Addr("mqtt"), testutil.ClientOptions{ID: "rw-dev", CleanStart: true,
