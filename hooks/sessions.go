@@ -94,6 +94,10 @@ type Sessions struct {
 	// still owned client ids (releaseDeadOwners).
 	ownerDead map[string]time.Time
 	dropLog   atomic.Int64 // unix ns of the last queue-drop log line
+	// lastOpenAt is the At of this node's last SessionOpen: each open gets
+	// a later one, so that the log tells a retry of the same open (equal
+	// owner and At) from a new connection.
+	lastOpenAt atomic.Int64
 
 	stopping stopState // graceful stops and restarts (wills.go)
 }
@@ -382,7 +386,7 @@ func (h *Sessions) track(c *sessConn) {
 func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) (cmd replication.Command, at int) {
 	now := time.Now().UnixMilli()
 	open := &replication.SessionOpen{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
-		ExpiryInterval: expiry, Owner: h.cfg.Self, At: now, CleanStart: pk.Connect.Clean}
+		ExpiryInterval: expiry, Owner: h.cfg.Self, At: h.nextOpenAt(now), CleanStart: pk.Connect.Clean}
 	var cmds []replication.Command
 	if !open.CleanStart {
 		if del := h.expiredSessionDelete(cl.ID, now); del != nil {
@@ -398,6 +402,19 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 		return open, 0
 	}
 	return &replication.Batch{Commands: cmds}, at
+}
+
+// nextOpenAt is now, or one past the previous open's At when the clock
+// did not move: unique per node while its clock does not step back by
+// more than the time between a restart and the first CONNECT.
+func (h *Sessions) nextOpenAt(now int64) int64 {
+	for {
+		last := h.lastOpenAt.Load()
+		at := max(now, last+1)
+		if h.lastOpenAt.CompareAndSwap(last, at) {
+			return at
+		}
+	}
 }
 
 // setWill is the SetWill of the CONNECT's will.

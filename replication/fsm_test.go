@@ -155,6 +155,7 @@ func TestFSMPanicsOnUndecodableEntry(t *testing.T) {
 func TestFSMSnapshotRoundTrip(t *testing.T) {
 	f := testFSM(observers{})
 	fill(f, 200)
+	f.Apply(entry(201, &SessionOpen{ClientID: "s0", ProtocolVersion: 5, Owner: "n1", At: 77}))
 	data := snapshotBytes(t, f)
 
 	restored := 0
@@ -168,6 +169,9 @@ func TestFSMSnapshotRoundTrip(t *testing.T) {
 	}
 	if !reflect.DeepEqual(stateOf(f), stateOf(g)) {
 		t.Fatal("restored state differs")
+	}
+	if s, ok := g.Session("s0"); !ok || s.OpenedAt == 0 || s.OpenedPresent {
+		t.Fatalf("session-opened record not restored: %+v", s)
 	}
 	// Equal states give byte-identical snapshots.
 	if !bytes.Equal(data, snapshotBytes(t, g)) {

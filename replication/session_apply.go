@@ -20,20 +20,30 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 	switch c := cmd.(type) {
 	case *SessionOpen:
 		e := s.mutableSession(c.ClientID)
-		if e != nil && c.CleanStart {
+		retry := e != nil && c.At != 0 && e.Owner == c.Owner && e.OpenedAt == c.At
+		if retry {
+			// The owner retried after an unknown outcome and the first try
+			// committed: same answer, and a clean start must not discard
+			// the session its own first try created.
+			res.Present = e.OpenedPresent
+		}
+		if e != nil && c.CleanStart && !retry {
 			// Clean start: the old session ends here, with everything it
 			// held; observers see a delete then an open.
 			delete(s.sessions, c.ClientID)
 			emit(SessionChange{Kind: SessionDeleted, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
 			e = nil
 		}
-		res.Present = e != nil
+		if !retry {
+			res.Present = e != nil
+		}
 		if e == nil {
 			e = &sessionEntry{Session: Session{ClientID: c.ClientID, NextSeq: 1, Subscriptions: map[string]Subscription{}}}
 			s.sessions[c.ClientID] = e
 		}
 		e.ProtocolVersion, e.ExpiryInterval, e.Owner = c.ProtocolVersion, c.ExpiryInterval, c.Owner
 		e.Connected, e.DisconnectedAt, e.OpenedIndex = true, 0, idx
+		e.OpenedAt, e.OpenedPresent = c.At, res.Present
 		// A will belongs to one connection; a resumed session's old (maybe
 		// delayed) will is cancelled by the reconnect (MQTT-3.1.3-9).
 		e.Will = nil

@@ -87,6 +87,12 @@ type Session struct {
 	// OpenedIndex is the log index of the SessionOpen that last connected
 	// the session: a fencing token for conditional closes and deletes.
 	OpenedIndex uint64
+	// OpenedAt is the At of that SessionOpen (unique per owner: the hooks
+	// never reuse one) and OpenedPresent what it answered: an owner that
+	// retries an open whose outcome it could not learn gets the first
+	// answer again, not "present" for the session its first try created.
+	OpenedAt      int64
+	OpenedPresent bool
 	// DisconnectedAt is when the session was closed (Unix ms, from the
 	// command), 0 while connected.
 	DisconnectedAt int64

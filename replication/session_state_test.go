@@ -43,8 +43,13 @@ func (a *sessionApplier) sess(id string) Session {
 	return e.export()
 }
 
+// openAt makes every open's At unique, as the hooks do (an equal At from
+// the same owner means a retry of the same open).
+var openAt int64 = 1000
+
 func open(id, owner string, clean bool) *SessionOpen {
-	return &SessionOpen{ClientID: id, ProtocolVersion: 5, ExpiryInterval: 60, Owner: owner, At: 1000, CleanStart: clean}
+	openAt++
+	return &SessionOpen{ClientID: id, ProtocolVersion: 5, ExpiryInterval: 60, Owner: owner, At: openAt, CleanStart: clean}
 }
 
 func enqueue(payload string, max uint32, policy DropPolicy, ids ...string) *Enqueue {
@@ -472,7 +477,9 @@ func fillSessions(f *FSM, from, to int) {
 		var c Command
 		switch i % 9 {
 		case 0:
-			c = open(id, fmt.Sprintf("n%d", i%3), i%45 == 0)
+			o := open(id, fmt.Sprintf("n%d", i%3), i%45 == 0)
+			o.At = int64(i) // replicas must apply byte-equal commands
+			c = o
 		case 1:
 			c = &Subscribe{ClientID: id, Subscriptions: []Subscription{{Filter: fmt.Sprintf("f/%d", i%4), QoS: byte(i % 3), Identifier: uint32(i)}}}
 		case 2, 3, 4:
@@ -531,5 +538,61 @@ func TestQoS2PublishIsOneStep(t *testing.T) {
 	}
 	if q := a.sess("sub").Queue; len(q) != 1 {
 		t.Fatalf("an unknown publisher's message was queued: %+v", q)
+	}
+}
+
+// TestRetriedOpenKeepsFirstAnswer: an owner that retries a SessionOpen
+// whose outcome it could not learn (the leader died after committing it)
+// gets the first try's answer. Before, the retry reported session present
+// for the session the first try had just created, and a retried clean
+// start discarded it.
+func TestRetriedOpenKeepsFirstAnswer(t *testing.T) {
+	for _, clean := range []bool{false, true} {
+		t.Run(fmt.Sprintf("clean=%v", clean), func(t *testing.T) {
+			a := newSessionApplier(t)
+			first := open("c", "A", clean)
+			if r := a.apply(first); r.Present {
+				t.Fatalf("first open: present")
+			}
+			a.apply(&SetWill{ClientID: "c", Will: Will{Topic: "w", Payload: []byte("x")}})
+			retry := *first
+			r := a.apply(&retry)
+			if r.Present {
+				t.Fatal("retried open reports session present for the session its first try created")
+			}
+			if slices.Contains(a.kinds(), SessionDeleted) {
+				t.Fatalf("retried open discarded the session: %v", a.kinds())
+			}
+			if s := a.sess("c"); s.OpenedIndex != a.idx || !s.Connected {
+				t.Fatalf("retry must fence later closes with its own index: %+v", s)
+			}
+			// Another open (a new connection: another At) resumes it.
+			if r := a.apply(open("c", "A", false)); !r.Present {
+				t.Fatal("a later open of the same owner is not a retry")
+			}
+			// The same At from another owner is not a retry either.
+			other := *first
+			other.Owner = "B"
+			other.CleanStart = false
+			if r := a.apply(&other); !r.Present {
+				t.Fatal("an open from another owner with an equal At counted as a retry")
+			}
+		})
+	}
+}
+
+// TestRetriedOpenAfterPresentSession: the first try resumed a session
+// (present); its retry answers present too, not a fresh session.
+func TestRetriedOpenAfterPresentSession(t *testing.T) {
+	a := newSessionApplier(t)
+	a.apply(open("c", "A", false))
+	a.apply(&SessionClose{ClientID: "c", Owner: "A", At: 5})
+	first := open("c", "B", false)
+	if r := a.apply(first); !r.Present {
+		t.Fatal("resume: not present")
+	}
+	retry := *first
+	if r := a.apply(&retry); !r.Present {
+		t.Fatal("retried resume lost its present answer")
 	}
 }

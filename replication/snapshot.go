@@ -22,6 +22,8 @@ import (
 //	  kind 4 queued:   str client_id | queued message, after its session, v2 only
 //	  kind 0x81 synced: uvarint index of the last entry the state holds
 //	                   (skippable; written when known)
+//	  kind 0x82 session opened: varint opened_at | bool opened_present of
+//	                   the session record before it (skippable)
 //	  kind 0 end:      uvarint epoch | uvarint n_retained | uvarint n_owners
 //	                   [v2: | uvarint n_sessions | uvarint n_queued]
 //
@@ -48,6 +50,10 @@ const (
 	recQueued   byte = 4
 	recSkip     byte = 0x80
 	recSynced   byte = 0x81
+	// recSessionOpened follows a session record: its OpenedAt and
+	// OpenedPresent (skippable: an older node only loses retried opens'
+	// answers).
+	recSessionOpened byte = 0x82
 
 	maxSnapRecord = 1 << 30
 )
@@ -122,6 +128,11 @@ func writeSnapshot(w io.Writer, st *state) (int64, error) {
 		e := st.sessions[c]
 		body = appendSessionRecord(body[:0], &e.Session)
 		record(recSession)
+		if e.OpenedAt != 0 {
+			body = appendVarint(body[:0], e.OpenedAt)
+			body = appendBool(body, e.OpenedPresent)
+			record(recSessionOpened)
+		}
 		for i := range e.Queue {
 			body = appendString(body[:0], c)
 			body = appendQueued(body, &e.Queue[i])
@@ -211,6 +222,14 @@ func readSnapshot(r io.Reader) (*state, error) {
 			}
 			st.sessions[e.ClientID] = e
 			last = e
+		case recSessionOpened:
+			if last == nil {
+				return nil, fmt.Errorf("%w: session-opened record before any session", errCorrupt)
+			}
+			last.OpenedAt, last.OpenedPresent = rd.varint(), rd.bool()
+			if err := rd.end(); err != nil {
+				return nil, fmt.Errorf("session-opened record: %w", err)
+			}
 		case recQueued:
 			if version < snapVersion {
 				return nil, fmt.Errorf("%w: queued record in a v%d snapshot", errCorrupt, version)

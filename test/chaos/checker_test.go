@@ -674,16 +674,14 @@ func TestCheckerSwitchingClients(t *testing.T) {
 			if len(r.Violations) != 1 || r.Violations[0].Check != tc.check {
 				t.Fatalf("violations %v, want one %s", r.Violations, tc.check)
 			}
-			// Known issue 10: counted, not failing, while switchKnown says so.
-			if v := r.Violations[0]; v.Known != switchKnown || (len(r.Failing()) == 0) != (switchKnown != "") {
+			if v := r.Violations[0]; v.Known != "" || len(r.Failing()) != 1 {
 				t.Errorf("known %q, failing %d", v.Known, len(r.Failing()))
 			}
 			t.Logf("reported: %s", r.Violations[0])
 		})
 	}
-	// With a fault between the clean connection and the resume, a resume
-	// reporting session present is the known retried-open issue: counted,
-	// not failing.
+	// A fault between the clean connection and the resume excuses nothing:
+	// a retried open answers what its first try answered.
 	hf := switchHistory()
 	ops := hf.Ops()
 	*hf = History{}
@@ -694,7 +692,7 @@ func TestCheckerSwitchingClients(t *testing.T) {
 		hf.Add(o)
 	}
 	kill := []faultEvent{{Kind: FaultKill, Node: "node2", Start: at(250), End: at(400)}}
-	if r := Check(hf.Ops(), nil, kill); len(r.Violations) != 1 || r.Violations[0].Known != KnownRetriedOpen || len(r.Failing()) != 0 {
+	if r := Check(hf.Ops(), nil, kill); len(r.Violations) != 1 || r.Violations[0].Check != "clean-start-session-present" || len(r.Failing()) != 1 {
 		t.Errorf("session present across a fault: violations %v, failing %d", r.Violations, len(r.Failing()))
 	}
 	// The message whose outcome was unknown may be delivered.

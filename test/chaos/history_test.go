@@ -257,7 +257,7 @@ func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
 	checkSessions(ops, &r)
 	checkWills(ops, faults, &r)
 	checkAvail(ops, faults, &r)
-	checkSwitch(ops, faults, &r)
+	checkSwitch(ops, &r)
 	for _, v := range r.Violations {
 		if v.Known != "" {
 			if r.KnownIssues == nil {

@@ -37,37 +37,6 @@ const (
 	KindSwitchRecv    = "switch-recv"    // a message a switching client received (Value: payload)
 )
 
-// KnownRetriedOpen: a resume whose SessionOpen is retried after an unknown
-// outcome (the leader died while committing it) reports session present 1
-// for the session its own first attempt created. Counted, not failing,
-// when a fault overlaps the clean connection and the resume; without a
-// fault the check fails as before.
-const KnownRetriedOpen = "issue-10 follow-up (a retried resume reports the session its first attempt created)"
-
-// faultOverlaps reports whether a kill, pause, partition, rolling restart
-// or full restart overlaps [from, to].
-func faultOverlaps(faults []faultEvent, from, to time.Time) bool {
-	for _, f := range faults {
-		end := f.End
-		if end.IsZero() {
-			end = to
-		}
-		if !f.Start.After(to) && !end.Before(from) {
-			return true
-		}
-	}
-	return false
-}
-
-// KnownIssue10: a clean start does not discard the persistent session of
-// the same client id (its queue is delivered on the next resume, or the
-// resume finds the session). Issue 10, being fixed in the broker.
-const KnownIssue10 = "issue-10 (clean start keeps the old persistent session; being fixed)"
-
-// switchKnown is the known issue the switch checks' violations carry ("":
-// they fail the run).
-var switchKnown = ""
-
 // switcher runs the cycles until ctx ends.
 func (cp *campaign) switcher(ctx context.Context, id string, v311 bool, rng *rand.Rand) {
 	topic := switchPrefix + id
@@ -220,7 +189,7 @@ type SwitchResult struct {
 //   - its next persistent CONNECT finds no session (clean-start-session-present);
 //   - no message acknowledged before the clean connection began is
 //     received after it ended (clean-start-kept-queue).
-func checkSwitch(ops []Op, faults []faultEvent, r *CheckResult) {
+func checkSwitch(ops []Op, r *CheckResult) {
 	sw := &r.Switch
 	var cleans []Op
 	prev := map[string]Op{} // client -> its previous switch-connect
@@ -237,11 +206,7 @@ func checkSwitch(ops []Op, faults []faultEvent, r *CheckResult) {
 				sw.Judged++
 				if o.SessionPresent {
 					sw.Present++
-					known := switchKnown
-					if known == "" && faultOverlaps(faults, p.Start, o.End) {
-						known = KnownRetriedOpen
-					}
-					r.Violations = append(r.Violations, Violation{Check: "clean-start-session-present", Topic: switchPrefix + o.Client, Known: known,
+					r.Violations = append(r.Violations, Violation{Check: "clean-start-session-present", Topic: switchPrefix + o.Client,
 						Detail:  fmt.Sprintf("%s connected with a clean session, then resumed (clean start off) and got session present 1", o.Client),
 						Excerpt: []string{"clean:  " + p.String(), "resume: " + o.String()}})
 				}
@@ -277,7 +242,7 @@ func checkSwitch(ops []Op, faults []faultEvent, r *CheckResult) {
 			continue
 		}
 		sw.Stale += len(stale)
-		r.Violations = append(r.Violations, Violation{Check: "clean-start-kept-queue", Topic: topic, Known: switchKnown,
+		r.Violations = append(r.Violations, Violation{Check: "clean-start-kept-queue", Topic: topic,
 			Detail: fmt.Sprintf("%s received %d message(s) queued in its persistent session before it connected with a clean session", c.Client, len(stale)),
 			Excerpt: []string{"published: " + queued[stale[0].Value].String(), "clean:     " + c.String(),
 				"received:  " + stale[0].String()}})
