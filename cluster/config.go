@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -49,6 +50,15 @@ type Config struct {
 	// (AES-256 with sha256-derived key) and cluster-port connections must
 	// pass an HMAC-SHA256 challenge/response in both directions.
 	ClusterKey []byte
+	// AcceptedKeys are further keys accepted from peers (gossip and cluster
+	// port) while keys are rotated; this node proves ClusterKey. Ignored
+	// without ClusterKey.
+	AcceptedKeys [][]byte
+	// TLSServer and TLSClient, when set, wrap every cluster-port connection
+	// in TLS before the key handshake (both or neither). TLSClient's
+	// ServerName defaults to the host of the dialled address.
+	TLSServer *tls.Config
+	TLSClient *tls.Config
 
 	// Failure detection. The defaults detect a dead node in about 4 to 5
 	// seconds on a LAN (see DESIGN.md for the arithmetic).
@@ -168,6 +178,9 @@ func (c *Config) Validate() error {
 	}
 	if c.NodeID == "" {
 		bad("node id is required")
+	}
+	if (c.TLSServer == nil) != (c.TLSClient == nil) {
+		bad("cluster TLS needs both a server and a client configuration")
 	}
 	if len(c.NodeID) > 200 {
 		bad("node id longer than 200 bytes")

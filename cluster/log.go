@@ -5,6 +5,7 @@ import (
 	"context"
 	"log"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -55,3 +56,40 @@ func (r *rateLimited) allow() bool {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// perKeyLimiter allows one event per key (a remote address) per period, so
+// a stranger hammering the cluster port costs one log line a minute while
+// a second stranger is still seen at once. At most max keys are
+// remembered; when full, entries older than the period are dropped, and if
+// none are, the event is not logged (the metric still counts it).
+type perKeyLimiter struct {
+	every time.Duration
+	max   int
+	mu    sync.Mutex
+	last  map[string]time.Time
+}
+
+func newPerKeyLimiter(every time.Duration, max int) *perKeyLimiter {
+	return &perKeyLimiter{every: every, max: max, last: make(map[string]time.Time)}
+}
+
+func (l *perKeyLimiter) allow(key string) bool {
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if t, ok := l.last[key]; ok && now.Sub(t) < l.every {
+		return false
+	}
+	if _, ok := l.last[key]; !ok && len(l.last) >= l.max {
+		for k, t := range l.last {
+			if now.Sub(t) >= l.every {
+				delete(l.last, k)
+			}
+		}
+		if len(l.last) >= l.max {
+			return false
+		}
+	}
+	l.last[key] = now
+	return true
+}

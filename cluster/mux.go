@@ -5,12 +5,14 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 )
@@ -30,6 +32,12 @@ import (
 // with k = sha256("mqtt-ha cluster-port" | ClusterKey), empty when no key is
 // configured. Fresh nonces on both sides prevent replay; each side proves the
 // key to the other, so a stranger can neither inject nor receive traffic.
+//
+// Key rotation: a node proves its primary key and accepts any of its keys.
+// The server signs macS with its primary; the client accepts it under any
+// of its keys and signs macC with the key that matched; the server checks
+// macC against all of its keys. So while every node accepts both the old
+// and the new key, primaries can be switched one node at a time.
 
 // Protocol bytes. Append-only: values are on the wire.
 const (
@@ -79,12 +87,15 @@ func (c *PeerConn) Peer() string { return c.peer }
 // per-protocol listeners.
 type Mux struct {
 	self      string
-	key       []byte // derived HMAC key, nil without ClusterKey
+	key       []byte   // derived HMAC key of the primary, nil without ClusterKey
+	keys      [][]byte // key first, then the keys still accepted (rotation)
+	tlsServer *tls.Config
+	tlsClient *tls.Config
 	log       *slog.Logger
 	m         *metrics
 	hsTimeout time.Duration
 	dialTO    time.Duration
-	warnLimit rateLimited
+	warnLimit *perKeyLimiter // one refusal line per remote address per minute
 
 	mu        sync.Mutex
 	ln        net.Listener
@@ -94,15 +105,21 @@ type Mux struct {
 	wg        sync.WaitGroup
 }
 
-func newMux(self string, clusterKey []byte, hsTimeout, dialTimeout time.Duration, log *slog.Logger, m *metrics) *Mux {
+func newMux(self string, clusterKey []byte, extraKeys [][]byte, hsTimeout, dialTimeout time.Duration, log *slog.Logger, m *metrics) *Mux {
 	x := &Mux{
 		self: self, log: log, m: m, hsTimeout: hsTimeout, dialTO: dialTimeout,
 		listeners: make(map[byte]*muxListener),
 		pending:   make(map[net.Conn]struct{}),
-		warnLimit: rateLimited{every: time.Second},
+		warnLimit: newPerKeyLimiter(time.Minute, 1024),
 	}
 	if len(clusterKey) > 0 {
 		x.key = deriveKey("mqtt-ha cluster-port", clusterKey)
+		x.keys = append(x.keys, x.key)
+		for _, k := range extraKeys {
+			if len(k) > 0 {
+				x.keys = append(x.keys, deriveKey("mqtt-ha cluster-port", k))
+			}
+		}
 	}
 	return x
 }
@@ -165,6 +182,20 @@ func (x *Mux) Dial(ctx context.Context, addr string, proto byte) (*PeerConn, err
 	_ = c.SetDeadline(deadline)
 	// Abort the handshake promptly when ctx ends.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
+	if x.tlsClient != nil {
+		cfg := x.tlsClient.Clone()
+		if cfg.ServerName == "" {
+			cfg.ServerName, _, _ = net.SplitHostPort(addr)
+		}
+		tc := tls.Client(c, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			stop()
+			_ = c.Close()
+			x.m.handshake.WithLabelValues("out", "tls").Inc()
+			return nil, fmt.Errorf("tls handshake with %s: %w: %w", addr, ErrAuth, err)
+		}
+		c = tc
+	}
 	peer, err := x.clientHandshake(c, proto)
 	stop()
 	if err != nil {
@@ -219,9 +250,21 @@ func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
 	if version != ProtocolVersion {
 		return "", fmt.Errorf("%w: ours %d, theirs %d", ErrProtocolVersion, ProtocolVersion, version)
 	}
-	var macC []byte
+	// The server proved its primary key; answer with the same key if it is
+	// one of ours, else with our primary (the server then refuses us).
+	var key, macC []byte
+	for _, k := range x.keys {
+		if hmac.Equal(macS, mac(k, 'S', proto, nonceC[:], nonceS, x.self, serverID)) {
+			key = k
+			break
+		}
+	}
 	if x.key != nil {
-		macC = x.mac('C', proto, nonceC[:], nonceS, x.self, serverID)
+		k := key
+		if k == nil {
+			k = x.key
+		}
+		macC = mac(k, 'C', proto, nonceC[:], nonceS, x.self, serverID)
 	}
 	// Answer before judging the server, so that a server with another key
 	// also sees (and counts) the failure instead of a bare EOF.
@@ -229,7 +272,7 @@ func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
 		return "", err
 	}
 	if x.key != nil {
-		if !hmac.Equal(macS, x.mac('S', proto, nonceC[:], nonceS, x.self, serverID)) {
+		if key == nil {
 			return "", fmt.Errorf("%w: server %q failed to prove the cluster key", ErrAuth, serverID)
 		}
 	} else if len(macS) != 0 {
@@ -245,8 +288,8 @@ func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
 	return serverID, nil
 }
 
-func (x *Mux) mac(role byte, proto byte, nonceC, nonceS []byte, clientID, serverID string) []byte {
-	h := hmac.New(sha256.New, x.key)
+func mac(key []byte, role byte, proto byte, nonceC, nonceS []byte, clientID, serverID string) []byte {
+	h := hmac.New(sha256.New, key)
 	b := []byte{role, proto}
 	b = append(b, nonceC...)
 	b = append(b, nonceS...)
@@ -343,18 +386,27 @@ func (x *Mux) serve(ln net.Listener) {
 // handle runs the server side of the handshake and dispatches c. Any failure
 // drops the connection, is counted, and is logged at a bounded rate: junk on
 // the port must never cost more than one goroutine for HandshakeTimeout.
-func (x *Mux) handle(c net.Conn) {
+func (x *Mux) handle(raw net.Conn) {
 	defer x.wg.Done()
 	dispatched := false
 	defer func() {
 		x.mu.Lock()
-		delete(x.pending, c)
+		delete(x.pending, raw)
 		x.mu.Unlock()
 		if !dispatched {
-			_ = c.Close()
+			_ = raw.Close()
 		}
 	}()
+	c := raw
 	_ = c.SetDeadline(time.Now().Add(x.hsTimeout))
+	if x.tlsServer != nil {
+		tc := tls.Server(raw, x.tlsServer)
+		if err := tc.Handshake(); err != nil {
+			x.reject(raw, "tls", fmt.Errorf("%w: tls: %w", ErrAuth, err))
+			return
+		}
+		c = tc
+	}
 	var pb [1]byte
 	if _, err := io.ReadFull(c, pb[:]); err != nil {
 		x.reject(c, hsReason(err), err)
@@ -391,8 +443,14 @@ func (x *Mux) handle(c net.Conn) {
 
 func (x *Mux) reject(c net.Conn, reason string, err error) {
 	x.m.handshake.WithLabelValues("in", reason).Inc()
-	if x.warnLimit.allow() {
-		x.log.Warn("cluster port connection refused", "remote", c.RemoteAddr().String(), "reason", reason, "err", err)
+	remote := c.RemoteAddr().String()
+	host, _, splitErr := net.SplitHostPort(remote)
+	if splitErr != nil {
+		host = remote
+	}
+	if x.warnLimit.allow(host) {
+		x.log.Warn("cluster port connection refused (further refusals from this address are counted, logged again after a minute)",
+			"remote", remote, "reason", reason, "err", err)
 	}
 }
 
@@ -428,7 +486,7 @@ func (x *Mux) serverHandshake(c net.Conn, proto byte) (string, error) {
 	}
 	var macS []byte
 	if x.key != nil {
-		macS = x.mac('S', proto, nonceC, nonceS[:], clientID, x.self)
+		macS = mac(x.key, 'S', proto, nonceC, nonceS[:], clientID, x.self)
 	}
 	if err := reply(hsOK, macS); err != nil {
 		return "", err
@@ -442,7 +500,9 @@ func (x *Mux) serverHandshake(c net.Conn, proto byte) (string, error) {
 	if ar.err != nil {
 		return "", fmt.Errorf("%w: malformed auth", ErrHandshake)
 	}
-	if x.key != nil && !hmac.Equal(macC, x.mac('C', proto, nonceC, nonceS[:], clientID, x.self)) {
+	if x.key != nil && !slices.ContainsFunc(x.keys, func(k []byte) bool {
+		return hmac.Equal(macC, mac(k, 'C', proto, nonceC, nonceS[:], clientID, x.self))
+	}) {
 		_ = writeHandshake(c, []byte{hsAuthFailed})
 		return "", fmt.Errorf("%w: peer %q failed to prove the cluster key", ErrAuth, clientID)
 	}

@@ -131,7 +131,8 @@ func New(cfg Config, d Deliverer) (*Node, error) {
 		NumNodes:       func() int { return max(1, int(n.numAlive.Load())) },
 		RetransmitMult: cfg.RetransmitMult,
 	}
-	n.mux = newMux(cfg.NodeID, cfg.ClusterKey, cfg.HandshakeTimeout, cfg.DialTimeout, log, m)
+	n.mux = newMux(cfg.NodeID, cfg.ClusterKey, cfg.AcceptedKeys, cfg.HandshakeTimeout, cfg.DialTimeout, log, m)
+	n.mux.tlsServer, n.mux.tlsClient = cfg.TLSServer, cfg.TLSClient
 	if n.fwdLn, err = n.mux.Listen(ProtoForward); err != nil {
 		m.unregister()
 		return nil, err
@@ -217,7 +218,17 @@ func (n *Node) start(ctx context.Context) error {
 	mc.Conflict = &delegate{n: n}
 	mc.Logger = memberlistLogger(n.log)
 	if len(n.cfg.ClusterKey) > 0 {
-		mc.SecretKey = deriveKey("mqtt-ha gossip", n.cfg.ClusterKey)
+		primary := deriveKey("mqtt-ha gossip", n.cfg.ClusterKey)
+		var accepted [][]byte
+		for _, k := range n.cfg.AcceptedKeys {
+			accepted = append(accepted, deriveKey("mqtt-ha gossip", k))
+		}
+		// Encrypts with the primary, decrypts with any (key rotation).
+		kr, err := memberlist.NewKeyring(accepted, primary)
+		if err != nil {
+			return fmt.Errorf("gossip keyring: %w", err)
+		}
+		mc.Keyring, mc.SecretKey = kr, primary
 		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	}
 	if n.wrapTransport != nil {
@@ -257,7 +268,7 @@ func (n *Node) start(ctx context.Context) error {
 	}()
 	n.log.Info("cluster node started", "gossip_addr", n.selfGossip,
 		"cluster_addr", net.JoinHostPort(n.meta.AdvertiseHost, strconv.Itoa(clusterPort)),
-		"seeds", n.cfg.Join, "encrypted", len(n.cfg.ClusterKey) > 0)
+		"seeds", n.cfg.Join, "encrypted", len(n.cfg.ClusterKey) > 0, "cluster_tls", n.cfg.TLSServer != nil)
 	return nil
 }
 

@@ -45,7 +45,7 @@ func intruder(t *testing.T, key []byte) *Mux {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return newMux("intruder", key, time.Second, time.Second, testLogger(t), m)
+	return newMux("intruder", key, nil, time.Second, time.Second, testLogger(t), m)
 }
 
 func TestJunkOnClusterPortIsDroppedAndCounted(t *testing.T) {

@@ -57,8 +57,9 @@ func (h *Sessions) resumesWithoutExpiry(cl *mqtt.Client, pk packets.Packet) bool
 // (IfOpened), so a session opened later, by a connection after this one,
 // is never touched. With a leader it waits (at most cleanDiscardTimeout)
 // so that CONNACK follows the discard and nothing more is queued for the
-// old session; otherwise, or on failure, the delete is retried in the
-// background: a conditional delete is safe to apply late.
+// old session. Without a quorum, or when the delete's outcome stays
+// unknown, the CONNECT is refused; an unknown delete is finished in the
+// background (a conditional delete is safe to apply late).
 func (h *Sessions) discardSession(id string) bool {
 	// One bound for both steps. The barrier waits for a leader (a node
 	// just restarted learns it within an election) but fails fast on a
@@ -91,17 +92,22 @@ func (h *Sessions) discardSession(id string) bool {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	h.submit(sessOp{cmd: func() replication.Command { return del }})
 	if noQuorum(err) {
-		// Guarantee 5: a clean session is served without a quorum; the
-		// discard is retried in the background.
-		h.log.Warn("clean connect without a raft quorum: session discard retried in the background", "client", id, "error", err)
-		return true
+		// Nothing was proposed. Serving the clean session would leave the
+		// persistent one for the next resume to find (MQTT-3.1.2-4), so
+		// this client id waits for a quorum; ids without a persistent
+		// session are served without one (guarantee 5, the early return
+		// above).
+		h.log.Warn("clean connect without a raft quorum cannot discard the persistent session; connection refused", "client", id, "error", err)
+		return false
 	}
 	// The log is there but the discard did not get through in time (the
 	// leader died while committing it, or this node is stopping): refuse
 	// the CONNECT (MQTT 5 0x88, 3.1.1 server unavailable) rather than
-	// serve a clean session over a session a resume would still find.
+	// serve a clean session over a session a resume would still find. The
+	// delete may have committed; finishing it in the background makes the
+	// outcome definite.
+	h.submit(sessOp{cmd: func() replication.Command { return del }})
 	h.log.Warn("clean connect: session discard not committed in time; connection refused", "client", id, "error", err)
 	return false
 }

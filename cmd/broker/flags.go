@@ -35,6 +35,10 @@ type serveOptions struct {
 	// fromFile records flags filled from --config, as "file:line".
 	fromFile map[string]string
 	warnings []configWarning
+
+	clusterKeyFile  string
+	adminTokenFile  string
+	insecureCluster bool
 }
 
 // newServeFlags declares every flag of `broker serve`. Each flag also reads
@@ -64,7 +68,14 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 		return nil
 	})
 	fs.IntVar(&c.BootstrapExpect, "bootstrap-expect", 1, "voters to wait for before the first raft election")
-	fs.StringVar(&c.ClusterKey, "cluster-key", "", "shared cluster secret (gossip encryption, authenticated cluster port)")
+	fs.StringVar(&c.ClusterKey, "cluster-key", "", "shared cluster secret (gossip encryption, authenticated cluster port); prefer --cluster-key-file")
+	fs.StringVar(&o.clusterKeyFile, "cluster-key-file", "", "file holding the cluster key (a mounted Secret); more lines: keys also accepted during a rotation")
+	fs.BoolVar(&o.insecureCluster, "insecure-cluster", false, "allow a cluster port and gossip on a non-loopback address without a cluster key (anyone who can reach them controls the cluster)")
+	fs.StringVar(&c.ClusterTLSCert, "cluster-tls-cert", "", "PEM certificate for mutual TLS on the cluster port (with --cluster-tls-key and --cluster-tls-ca)")
+	fs.StringVar(&c.ClusterTLSKey, "cluster-tls-key", "", "PEM private key for the cluster port's TLS")
+	fs.StringVar(&c.ClusterTLSCA, "cluster-tls-ca", "", "PEM CA bundle that signed every node's cluster certificate")
+	fs.StringVar(&c.AdminToken, "admin-token", "", "bearer token required by admin writes on --http-addr (default: writes from loopback only); prefer --admin-token-file")
+	fs.StringVar(&o.adminTokenFile, "admin-token-file", "", "file holding the admin token (a mounted Secret)")
 	fs.StringVar(&o.configFile, "config", "", "mosquitto.conf-style config file (see README)")
 
 	fs.BoolVar(&c.AllowAnonymous, "allow-anonymous", true, "accept clients without a username (mosquitto: allow_anonymous)")
@@ -229,7 +240,101 @@ func (o *serveOptions) validate() error {
 	if c.AdvertiseHost == "" {
 		c.AdvertiseHost = c.NodeID
 	}
+	return o.validateSecurity()
+}
+
+// validateSecurity reads the key and token files and refuses a cluster
+// that anyone on the network could join.
+func (o *serveOptions) validateSecurity() error {
+	c := &o.cfg
+	bad := func(flagName, format string, args ...any) error {
+		return &usageError{source: o.source(flagName), msg: fmt.Sprintf(format, args...)}
+	}
+	if o.clusterKeyFile != "" {
+		if c.ClusterKey != "" {
+			return bad("cluster-key-file", "both --cluster-key and --cluster-key-file are set; keep one (the file is safer: it stays out of ps and the environment)")
+		}
+		keys, err := readSecretLines(o.clusterKeyFile)
+		if err != nil {
+			return bad("cluster-key-file", "%v", err)
+		}
+		c.ClusterKey, c.ClusterAcceptedKeys = keys[0], keys[1:]
+	}
+	if o.adminTokenFile != "" {
+		if c.AdminToken != "" {
+			return bad("admin-token-file", "both --admin-token and --admin-token-file are set; keep one")
+		}
+		tokens, err := readSecretLines(o.adminTokenFile)
+		if err != nil {
+			return bad("admin-token-file", "%v", err)
+		}
+		if len(tokens) > 1 {
+			return bad("admin-token-file", "%s holds %d tokens; put exactly one on its first line", o.adminTokenFile, len(tokens))
+		}
+		c.AdminToken = tokens[0]
+	}
+	if c.ClusterKey != "" && len(c.ClusterKey) < 16 {
+		return bad("cluster-key", "the cluster key is %d characters; use at least 16 random ones, e.g. openssl rand -hex 32", len(c.ClusterKey))
+	}
+	tlsSet := 0
+	for _, f := range []struct{ flag, path string }{
+		{"cluster-tls-cert", c.ClusterTLSCert}, {"cluster-tls-key", c.ClusterTLSKey}, {"cluster-tls-ca", c.ClusterTLSCA},
+	} {
+		if f.path == "" {
+			continue
+		}
+		tlsSet++
+		if _, err := os.Stat(f.path); err != nil {
+			return bad(f.flag, "cannot read %s: %v; check the path and that the broker's user may read it", f.path, err)
+		}
+	}
+	if tlsSet != 0 && tlsSet != 3 {
+		return bad("cluster-tls-cert", "cluster TLS needs all of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca")
+	}
+	if c.ClusterKey == "" && !o.insecureCluster {
+		for _, a := range []struct{ flag, val string }{{"gossip-addr", c.GossipAddr}, {"cluster-addr", c.ClusterAddr}} {
+			if !isLoopback(a.val) {
+				return bad(a.flag, "%q is reachable from the network but no cluster key is set: anyone who reaches it could join the cluster, "+
+					"rewrite its state or inject messages. Set --cluster-key-file (or --cluster-key) to a shared secret, e.g. "+
+					"openssl rand -hex 32 > cluster.key, bind to 127.0.0.1, or accept the risk with --insecure-cluster", a.val)
+			}
+		}
+	}
 	return nil
+}
+
+// isLoopback reports whether a listen address binds only the loopback
+// interface (an empty host or 0.0.0.0 binds every interface).
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// readSecretLines reads a key or token file: one secret per line, blank
+// lines and lines starting with # ignored, surrounding space trimmed (a
+// Secret created with echo has a trailing newline).
+func readSecretLines(path string) ([]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read %s: %v; check the path and that the broker's user may read it", path, err)
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+			out = append(out, line)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s holds no secret (empty, or only comments); write the secret on its first line", path)
+	}
+	return out, nil
 }
 
 func checkAddr(addr string) error {

@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,7 +16,8 @@ func env(m map[string]string) func(string) string {
 
 func TestParseServePrecedenceAndDefaults(t *testing.T) {
 	o, err := parseServe([]string{"--mqtt-addr", "127.0.0.1:1999", "--node-id", "n1"},
-		env(map[string]string{"BROKER_MQTT_ADDR": ":2000", "BROKER_HTTP_ADDR": "127.0.0.1:9000", "BROKER_JOIN": "a:1, b:2"}), io.Discard)
+		env(map[string]string{"BROKER_MQTT_ADDR": ":2000", "BROKER_HTTP_ADDR": "127.0.0.1:9000", "BROKER_JOIN": "a:1, b:2",
+			"BROKER_CLUSTER_KEY": "0123456789abcdef0123"}), io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,5 +111,88 @@ func TestRunExitCodes(t *testing.T) {
 	}
 	if code := run([]string{"version"}, env(nil), io.Discard, io.Discard); code != 0 {
 		t.Errorf("version exit = %d", code)
+	}
+}
+
+// TestClusterSecurityFlags: a node reachable from the network needs a
+// cluster key (or an explicit --insecure-cluster); key and token files are
+// read like mounted Secrets, several keys meaning a rotation.
+func TestClusterSecurityFlags(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	keys := write("keys", "# rotation in progress\nnew-key-0123456789abcdef\n\nold-key-0123456789abcdef\n")
+	token := write("token", "s3cret-token\n")
+	empty := write("empty", "# nothing\n\n")
+	parse := func(args ...string) (*serveOptions, error) {
+		o, err := parseServe(append([]string{"--node-id", "n1"}, args...), env(nil), io.Discard)
+		if err != nil {
+			return nil, err
+		}
+		return o, o.validate()
+	}
+	loop := []string{"--gossip-addr", "127.0.0.1:7946", "--cluster-addr", "127.0.0.1:7947"}
+
+	for _, tc := range []struct {
+		name string
+		args []string
+		want []string // substrings of the error; nil: accepted
+	}{
+		{"defaults bind every interface", nil, []string{"--gossip-addr", "--cluster-key-file", "--cluster-key", "--insecure-cluster"}},
+		{"cluster port on a routable address", []string{"--gossip-addr", "127.0.0.1:7946", "--cluster-addr", "10.0.0.5:7947"}, []string{"--cluster-addr", "--cluster-key-file"}},
+		{"loopback only", loop, nil},
+		{"localhost", []string{"--gossip-addr", "localhost:7946", "--cluster-addr", "[::1]:7947"}, nil},
+		{"insecure on purpose", []string{"--insecure-cluster"}, nil},
+		{"key file", []string{"--cluster-key-file", keys}, nil},
+		{"key and key file", []string{"--cluster-key-file", keys, "--cluster-key", "0123456789abcdef0"}, []string{"--cluster-key-file", "both"}},
+		{"empty key file", []string{"--cluster-key-file", empty}, []string{empty, "no secret"}},
+		{"missing key file", []string{"--cluster-key-file", filepath.Join(dir, "nope")}, []string{"--cluster-key-file", "cannot read"}},
+		{"short key", []string{"--cluster-key", "short"}, []string{"--cluster-key", "at least 16"}},
+		{"partial cluster tls", append([]string{"--cluster-tls-cert", keys}, loop...), []string{"--cluster-tls-ca"}},
+		{"token file", append([]string{"--admin-token-file", token}, loop...), nil},
+		{"two tokens", append([]string{"--admin-token-file", keys}, loop...), []string{"--admin-token-file", "exactly one"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o, err := parse(tc.args...)
+			if tc.want == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			var ue *usageError
+			if !errors.As(err, &ue) {
+				t.Fatalf("err = %v, want a usage error (exit 2)", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+			_ = o
+		})
+	}
+	o, err := parse("--cluster-key-file", keys, "--admin-token-file", token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.cfg.ClusterKey != "new-key-0123456789abcdef" || len(o.cfg.ClusterAcceptedKeys) != 1 || o.cfg.ClusterAcceptedKeys[0] != "old-key-0123456789abcdef" {
+		t.Errorf("keys: primary %q, accepted %q", o.cfg.ClusterKey, o.cfg.ClusterAcceptedKeys)
+	}
+	if o.cfg.AdminToken != "s3cret-token" {
+		t.Errorf("token %q", o.cfg.AdminToken)
+	}
+	// BROKER_CLUSTER_KEY_FILE works like the flag.
+	o, err = parseServe([]string{"--node-id", "n1"}, env(map[string]string{"BROKER_CLUSTER_KEY_FILE": keys}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := o.validate(); err != nil || o.cfg.ClusterKey != "new-key-0123456789abcdef" {
+		t.Fatalf("BROKER_CLUSTER_KEY_FILE: %v, key %q", err, o.cfg.ClusterKey)
 	}
 }

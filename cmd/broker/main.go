@@ -84,6 +84,10 @@ func serve(args []string, getenv func(string) string, stderr io.Writer) int {
 	for _, w := range o.warnings {
 		log.Warn("config directive ignored", "where", w.where, "reason", w.msg)
 	}
+	if o.insecureCluster && o.cfg.ClusterKey == "" {
+		log.Warn("cluster port and gossip are unauthenticated (--insecure-cluster): anyone who can reach them can join the cluster, rewrite its state and inject messages; set --cluster-key-file",
+			"gossip_addr", o.cfg.GossipAddr, "cluster_addr", o.cfg.ClusterAddr)
+	}
 	o.cfg.Logger = log
 	n, err := node.New(o.cfg)
 	if err != nil {

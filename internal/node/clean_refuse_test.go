@@ -57,3 +57,59 @@ func TestCleanConnectRefusedWhenDiscardCannotCommit(t *testing.T) {
 		t.Fatalf("the persistent session survived the clean connect: %+v", s)
 	}
 }
+
+// TestCleanConnectWithoutQuorumKeepsSession: without a quorum a clean
+// CONNECT cannot discard the client's persistent session. Serving it anyway
+// (as before) let the next persistent CONNECT, once the cluster healed,
+// resume the old session with session present 1 (chaos seed 20261206,
+// clean-start-session-present). So a clean CONNECT for a client id that
+// has a persistent session is refused (0x88) while the log is unreachable,
+// and served once it is back; a client id without one is served
+// throughout (guarantee 5).
+func TestCleanConnectWithoutQuorumKeepsSession(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	p := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "nq", CleanStart: true, SessionExpiry: 600})
+	p.Sub(t, 1, "nq/x")
+	p.Close()
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("nq"); !ok || s.Connected {
+			return errMsg("the persistent session is not closed in n1's state yet")
+		}
+		return nil
+	})
+	tc.stop("n2")
+	tc.stop("n3")
+	testutil.Eventually(t, wait, func() error {
+		if tc.nodes["n1"].repl.HasLeader() {
+			return errMsg("n1 still sees a leader")
+		}
+		return nil
+	})
+	// A client id without a persistent session is served.
+	tc.client("n1", "plain-clean").Close()
+	if c, err := testutil.TryConnect(tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "nq", CleanStart: true}); err == nil {
+		c.Close()
+		t.Fatal("clean CONNECT served without a quorum although it could not discard the persistent session")
+	}
+	if _, ok := tc.nodes["n1"].repl.Session("nq"); !ok {
+		t.Fatal("the refused CONNECT changed the session")
+	}
+	tc.restart("n2")
+	testutil.Eventually(t, 20*time.Second, func() error {
+		c, err := testutil.TryConnect(tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "nq", CleanStart: true})
+		if err != nil {
+			return err
+		}
+		c.Close()
+		return nil
+	})
+	r, err := testutil.TryConnect(tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "nq", SessionExpiry: 600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if r.Connack.SessionPresent {
+		t.Fatal("resume after the clean CONNECT found the old session")
+	}
+}

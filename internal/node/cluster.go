@@ -28,6 +28,18 @@ func (n *Node) newCluster() error {
 	cfg.AppMeta = encodeAppMeta(n.cfg.BootstrapExpect, n.initialHasState)
 	if n.cfg.ClusterKey != "" {
 		cfg.ClusterKey = []byte(n.cfg.ClusterKey)
+		for _, k := range n.cfg.ClusterAcceptedKeys {
+			cfg.AcceptedKeys = append(cfg.AcceptedKeys, []byte(k))
+		}
+	}
+	if n.cfg.ClusterTLSCert != "" {
+		r, err := newCertReloader(n.cfg.ClusterTLSCert, n.cfg.ClusterTLSKey, n.cfg.ClusterTLSCA,
+			"--cluster-tls-cert", "--cluster-tls-key", "--cluster-tls-ca")
+		if err != nil {
+			return fmt.Errorf("cluster: %w", err)
+		}
+		n.clusterTLS = r
+		cfg.TLSServer, cfg.TLSClient = r.config(), r.clientConfig()
 	}
 	if n.cfg.ClusterTuning != nil {
 		n.cfg.ClusterTuning(&cfg)

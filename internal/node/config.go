@@ -24,7 +24,17 @@ type Config struct {
 	AdvertiseHost              string
 	Join                       []string
 	BootstrapExpect            int
-	ClusterKey                 string
+	// ClusterKey authenticates the cluster port and encrypts gossip;
+	// ClusterAcceptedKeys are also accepted from peers while keys rotate.
+	ClusterKey          string
+	ClusterAcceptedKeys []string
+	// ClusterTLSCert, ClusterTLSKey and ClusterTLSCA (all or none) run the
+	// cluster port under mutual TLS.
+	ClusterTLSCert, ClusterTLSKey, ClusterTLSCA string
+	// AdminToken, when set, is required (Authorization: Bearer) by every
+	// admin write on the HTTP port; without it writes are accepted from
+	// loopback only.
+	AdminToken string
 
 	AllowAnonymous bool
 	PasswordFile   string

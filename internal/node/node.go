@@ -51,6 +51,7 @@ type Node struct {
 	stopped         chan struct{}      // closed when the node stops; ends background loops
 	drain           context.CancelFunc // ends the replicated writes clients wait for (shutdown)
 	tls             *certReloader
+	clusterTLS      *certReloader // nil: the cluster port is plain TCP
 
 	listeners []*hooks.Listener
 	httpLn    net.Listener
@@ -203,7 +204,7 @@ func (n *Node) bindListeners(metrics *hooks.Metrics) error {
 	}
 	if n.cfg.TLSAddr != "" {
 		var err error
-		n.tls, err = newCertReloader(n.cfg.TLSCert, n.cfg.TLSKey, n.cfg.TLSClientCA)
+		n.tls, err = newCertReloader(n.cfg.TLSCert, n.cfg.TLSKey, n.cfg.TLSClientCA, "--tls-cert", "--tls-key", "--tls-client-ca")
 		if err != nil {
 			return err
 		}
@@ -261,6 +262,11 @@ func (n *Node) Reload() error {
 	if n.tls != nil {
 		if err := n.tls.reload(); err != nil {
 			errs = append(errs, fmt.Errorf("tls: %w", err))
+		}
+	}
+	if n.clusterTLS != nil {
+		if err := n.clusterTLS.reload(); err != nil {
+			errs = append(errs, fmt.Errorf("cluster tls: %w", err))
 		}
 	}
 	return errors.Join(errs...)

@@ -321,8 +321,9 @@ func TestReconnectExpiryAndExpiredSession(t *testing.T) {
 }
 
 // TestCleanConnectWithoutQuorum: on a node cut off from the raft quorum a
-// clean session is still served (guarantee 5), promptly: the discard of
-// the old persistent session is bounded and left to the background.
+// clean session is still served (guarantee 5), promptly; a clean CONNECT
+// for a client id whose persistent session it cannot discard is refused,
+// promptly too (TestCleanConnectWithoutQuorumKeepsSession has why).
 func TestCleanConnectWithoutQuorum(t *testing.T) {
 	tc := newTestCluster(t, "n1", "n2", "n3")
 	tc.waitReady()
@@ -332,7 +333,15 @@ func TestCleanConnectWithoutQuorum(t *testing.T) {
 		delete(tc.nodes, id)
 	}
 	start := time.Now()
-	c := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "noquorum", CleanStart: true})
+	_, err := testutil.TryConnect(tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "noquorum", CleanStart: true})
+	if err == nil {
+		t.Fatal("clean CONNECT served over a persistent session it could not discard")
+	}
+	if took := time.Since(start); took > 4*time.Second {
+		t.Fatalf("refusal took %s without a quorum", took)
+	}
+	start = time.Now()
+	c := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "noquorum-fresh", CleanStart: true})
 	if took := time.Since(start); took > 4*time.Second {
 		t.Fatalf("clean CONNACK took %s without a quorum", took)
 	}

@@ -184,6 +184,9 @@ func (n *Node) args() []string {
 		"--advertise-host", n.Advertise,
 		"--bootstrap-expect", "3",
 		"--join", strings.Join(n.Join, ","),
+		// In a network lab gossip and cluster ports are on routable lab
+		// addresses, where a node refuses to start without a key.
+		"--cluster-key", "chaos-campaign-cluster-key",
 		"--log-format", "json",
 		"--log-level", level,
 	}
@@ -480,7 +483,11 @@ func tryStartCluster(t *testing.T, bin string, n int, lab *netLab) (*cluster, er
 			if dir := os.Getenv("CHAOS_NODE_LOG_DIR"); dir != "" {
 				// The whole output (a hung node's goroutine dump is long).
 				path := filepath.Join(dir, node.ID+".log")
-				if err := os.WriteFile(path, []byte(node.log.String()), 0o644); err != nil {
+				err := os.MkdirAll(dir, 0o755)
+				if err == nil {
+					err = os.WriteFile(path, []byte(node.log.String()), 0o644)
+				}
+				if err != nil {
 					t.Errorf("node log: %v", err)
 				} else {
 					t.Logf("node %s output: %s", node.ID, path)

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
 // TestTLS: the --tls-addr listener with a certificate from a CA the test
@@ -18,7 +19,7 @@ import (
 // refused.
 func TestTLS(t *testing.T) {
 	t.Parallel()
-	pki := newPKI(t)
+	pki := testutil.NewPKI(t)
 
 	t.Run("server_auth", func(t *testing.T) {
 		t.Parallel()

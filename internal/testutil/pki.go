@@ -1,4 +1,4 @@
-package e2e
+package testutil
 
 import (
 	"crypto/ecdsa"
@@ -15,21 +15,26 @@ import (
 	"time"
 )
 
-// testPKI is TLS material generated for one test: a CA with a server
-// certificate for 127.0.0.1/localhost and a client certificate, and an
-// unrelated CA with its own client certificate (which no node trusts).
-type testPKI struct {
+// PKI is TLS material generated for one test: a CA with a server
+// certificate for 127.0.0.1/localhost, a client certificate and a peer
+// certificate (server and client use, for cluster-port mutual TLS), and an
+// unrelated CA with its own client and peer certificates (which no node
+// trusts).
+type PKI struct {
 	CAFile                          string
 	ServerCert, ServerKey           string
 	ClientCert, ClientKey           string
+	PeerCert, PeerKey               string
 	OtherCAFile                     string
 	OtherClientCert, OtherClientKey string
+	OtherPeerCert, OtherPeerKey     string
 }
 
-func newPKI(t testing.TB) *testPKI {
+// NewPKI writes a fresh PKI into a temporary directory of t.
+func NewPKI(t testing.TB) *PKI {
 	t.Helper()
 	dir := t.TempDir()
-	p := &testPKI{}
+	p := &PKI{}
 	ca, caKey := newCA(t, "e2e test CA")
 	p.CAFile = writePEM(t, dir, "ca.pem", "CERTIFICATE", ca.Raw)
 	p.ServerCert, p.ServerKey = issue(t, dir, "server", ca, caKey, &x509.Certificate{
@@ -42,7 +47,17 @@ func newPKI(t testing.TB) *testPKI {
 		Subject:     pkix.Name{CommonName: "e2e-client"},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	})
+	peer := func() *x509.Certificate {
+		return &x509.Certificate{
+			Subject:     pkix.Name{CommonName: "peer"},
+			DNSNames:    []string{"localhost"},
+			IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		}
+	}
+	p.PeerCert, p.PeerKey = issue(t, dir, "peer", ca, caKey, peer())
 	other, otherKey := newCA(t, "e2e untrusted CA")
+	p.OtherPeerCert, p.OtherPeerKey = issue(t, dir, "other-peer", other, otherKey, peer())
 	p.OtherCAFile = writePEM(t, dir, "other-ca.pem", "CERTIFICATE", other.Raw)
 	p.OtherClientCert, p.OtherClientKey = issue(t, dir, "other-client", other, otherKey, &x509.Certificate{
 		Subject:     pkix.Name{CommonName: "e2e-intruder"},
