@@ -19,7 +19,7 @@ import (
 // endpoint (/api/cluster) and prints the members as a table.
 func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	if len(args) == 0 || (args[0] != "status" && args[0] != "remove-node") {
-		fmt.Fprintln(stderr, "usage: broker cluster status [--http-addr host:port] [--json]\n       broker cluster remove-node [--http-addr host:port] NODE-ID")
+		fmt.Fprintln(stderr, "usage: broker cluster status [--http-addr host:port] [--json]\n       broker cluster remove-node [--http-addr host:port] [--admin-token-file FILE] NODE-ID")
 		return 2
 	}
 	fs := flag.NewFlagSet("broker cluster "+args[0], flag.ContinueOnError)
@@ -30,6 +30,7 @@ func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 	}
 	addr := fs.String("http-addr", def, "HTTP address of the node to ask")
 	asJSON := fs.Bool("json", false, "print the raw JSON")
+	tok := adminTokenFlags(fs, getenv)
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
@@ -39,10 +40,15 @@ func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 	}
 	if args[0] == "remove-node" {
 		if fs.NArg() != 1 {
-			fmt.Fprintln(stderr, "usage: broker cluster remove-node [--http-addr host:port] NODE-ID")
+			fmt.Fprintln(stderr, "usage: broker cluster remove-node [--http-addr host:port] [--admin-token-file FILE] NODE-ID")
 			return 2
 		}
-		return removeNode(host, fs.Arg(0), stdout, stderr)
+		token, err := tok()
+		if err != nil {
+			fmt.Fprintf(stderr, "broker: %v\n", err)
+			return 2
+		}
+		return removeNode(host, fs.Arg(0), token, stdout, stderr)
 	}
 	body, err := apiGet(host, "/api/cluster")
 	if err != nil {
@@ -93,11 +99,14 @@ func printStatus(w io.Writer, st node.ClusterInfo) {
 }
 
 // removeNode asks a running node to remove id from the raft configuration.
-func removeNode(host, id string, stdout, stderr io.Writer) int {
+func removeNode(host, id, token string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost,
 		"http://"+host+"/api/cluster/remove-node?id="+url.QueryEscape(id), nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		fmt.Fprintf(stderr, "broker: cannot reach the node at %s: %v (is it running? pass --http-addr)\n", host, err)
@@ -168,4 +177,25 @@ func sessionsCmd(args []string, getenv func(string) string, stdout, stderr io.Wr
 	}
 	_ = tw.Flush()
 	return 0
+}
+
+// adminTokenFlags declares --admin-token and --admin-token-file (defaults
+// from BROKER_ADMIN_TOKEN and BROKER_ADMIN_TOKEN_FILE, as `broker serve`
+// reads them) and returns a function that yields the token after Parse.
+func adminTokenFlags(fs *flag.FlagSet, getenv func(string) string) func() (string, error) {
+	tok := fs.String("admin-token", getenv("BROKER_ADMIN_TOKEN"), "bearer token for admin writes (the node's --admin-token)")
+	file := fs.String("admin-token-file", getenv("BROKER_ADMIN_TOKEN_FILE"), "file holding the admin token")
+	return func() (string, error) {
+		if *file == "" {
+			return *tok, nil
+		}
+		if *tok != "" {
+			return "", fmt.Errorf("both --admin-token and --admin-token-file are set; keep one")
+		}
+		lines, err := readSecretLines(*file)
+		if err != nil {
+			return "", fmt.Errorf("--admin-token-file: %w", err)
+		}
+		return lines[0], nil
+	}
 }

@@ -57,6 +57,7 @@ const usage = `Usage:
   broker cluster status    show the cluster as a running node sees it (--http-addr)
   broker cluster remove-node ID
                            remove a dead node from the raft configuration
+                           (--admin-token-file when the node has a token)
   broker sessions          list the sessions a running node holds (--http-addr)
   broker version           print the version
 `

@@ -2,8 +2,10 @@ package node
 
 import (
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/pprof"
 	"strings"
@@ -29,7 +31,7 @@ func (n *Node) routes() http.Handler {
 	// Admin: remove a dead node from the raft configuration for good (the
 	// only way a member is removed besides a graceful leave). POST only, so
 	// a stray GET from a browser or a probe cannot do it.
-	mux.HandleFunc("POST /api/cluster/remove-node", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /api/cluster/remove-node", n.adminOnly(func(w http.ResponseWriter, r *http.Request) {
 		id := r.URL.Query().Get("id")
 		if id == "" {
 			http.Error(w, "missing ?id=<node id>", http.StatusBadRequest)
@@ -45,9 +47,9 @@ func (n *Node) routes() http.Handler {
 			http.Error(w, fmt.Sprintf("remove %s: %v", id, err), http.StatusConflict)
 			return
 		}
-		n.log.Warn("node removed from the raft configuration by an operator", "removed", id)
+		n.log.Warn("node removed from the raft configuration by an operator", "removed", id, "remote", r.RemoteAddr)
 		fmt.Fprintf(w, "removed %s\n", id)
-	})
+	}))
 	mux.HandleFunc("GET /api/sessions", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
@@ -88,4 +90,38 @@ func (n *Node) serveReady(w http.ResponseWriter, _ *http.Request) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}
 	_, _ = w.Write([]byte(b.String()))
+}
+
+// adminOnly guards an admin write. With --admin-token the request must
+// carry "Authorization: Bearer <token>" (401 otherwise); without one, only
+// requests from loopback are served (403 otherwise), so `kubectl exec ...
+// broker cluster remove-node` inside the pod works and the network cannot.
+func (n *Node) adminOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if tok := n.cfg.AdminToken; tok != "" {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(tok)) != 1 {
+				n.adminDenied.WithLabelValues("token").Inc()
+				n.log.Warn("admin request refused: missing or wrong bearer token", "remote", r.RemoteAddr, "path", r.URL.Path)
+				w.Header().Set("WWW-Authenticate", `Bearer realm="broker admin"`)
+				http.Error(w, "admin writes need Authorization: Bearer <token> (the node's --admin-token)", http.StatusUnauthorized)
+				return
+			}
+		} else if !fromLoopback(r) {
+			n.adminDenied.WithLabelValues("not_loopback").Inc()
+			n.log.Warn("admin request refused: no --admin-token configured and the request is not from loopback", "remote", r.RemoteAddr, "path", r.URL.Path)
+			http.Error(w, "admin writes without a configured --admin-token are accepted from loopback only", http.StatusForbidden)
+			return
+		}
+		h(w, r)
+	}
+}
+
+func fromLoopback(r *http.Request) bool {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

@@ -39,6 +39,8 @@ type Node struct {
 	mqtt *mqtt.Server
 	auth *hooks.Auth
 	reg  *prometheus.Registry
+	// adminDenied counts refused admin writes (http.go).
+	adminDenied *prometheus.CounterVec
 
 	cluster         *cluster.Node
 	clusterHook     *hooks.Cluster
@@ -90,6 +92,9 @@ func New(cfg Config) (_ *Node, err error) {
 	}()
 
 	n.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	n.adminDenied = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "broker_admin_denied_total",
+		Help: "Admin writes on the HTTP port refused (reason: token, not_loopback)."}, []string{"reason"})
+	n.reg.MustRegister(n.adminDenied)
 
 	mochiLog := slog.New(logx.RateLimit(log.Handler(), 10*time.Second)).With("component", "mqtt")
 	n.mqtt = mqtt.New(&mqtt.Options{

@@ -33,6 +33,12 @@ func (b *Broker) clusterView() (clusterView, error) {
 // startCluster starts n real broker processes joined through the first.
 func startCluster(t *testing.T, n int) []*Broker {
 	t.Helper()
+	return startClusterArgs(t, n)
+}
+
+// startClusterArgs is startCluster with extra flags for every node.
+func startClusterArgs(t *testing.T, n int, extra ...string) []*Broker {
+	t.Helper()
 	var nodes []*Broker
 	for i := 1; i <= n; i++ {
 		// The first node bootstraps raft alone; the others join it and are
@@ -43,6 +49,7 @@ func startCluster(t *testing.T, n int) []*Broker {
 		if i > 1 {
 			spec.Args = []string{"--join", nodes[0].GossipAddr, "--bootstrap-expect", fmt.Sprint(n)}
 		}
+		spec.Args = append(spec.Args, extra...)
 		nodes = append(nodes, startBrokerSpec(t, spec))
 	}
 	waitAlive(t, nodes, n)

@@ -162,6 +162,9 @@ type brokerSpec struct {
 	// MQTTAddr, when set, is an MQTT listener the test configured itself
 	// (for example in a --config file): the harness passes no --mqtt-addr.
 	MQTTAddr string
+	// LiveOnly: start waits for /healthz, not /readyz (a node that is
+	// expected never to become ready, such as one that cannot join).
+	LiveOnly bool
 }
 
 // Broker is one broker node running as a child process.
@@ -325,12 +328,16 @@ func (b *Broker) waitReady() error {
 		if b.exited() {
 			return stopPolling(fmt.Errorf("process exited with code %d before /readyz answered 200", b.ExitCode()))
 		}
-		code, body, err := b.HTTPGet("/readyz")
+		path := "/readyz"
+		if b.spec.LiveOnly {
+			path = "/healthz"
+		}
+		code, body, err := b.HTTPGet(path)
 		if err != nil {
 			return err
 		}
 		if code != http.StatusOK {
-			return fmt.Errorf("/readyz: %d %q", code, body)
+			return fmt.Errorf("%s: %d %q", path, code, body)
 		}
 		return nil
 	})
