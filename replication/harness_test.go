@@ -89,6 +89,8 @@ type testCluster struct {
 	log    *slog.Logger
 	// mutate adjusts every node's config.
 	mutate func(*Config)
+	// claims, if set, rewrites what membership shows (an impostor).
+	claims func([]Peer) []Peer
 
 	mu    sync.Mutex
 	nodes map[string]*testNode
@@ -177,6 +179,12 @@ func (c *testCluster) peers() []Peer {
 	for _, tn := range c.up() {
 		n := tn.node()
 		out = append(out, Peer{ID: tn.id, Addr: tn.advert, BootstrapExpect: tn.expect, HasState: n.HasState()})
+	}
+	c.mu.Lock()
+	claims := c.claims
+	c.mu.Unlock()
+	if claims != nil {
+		out = claims(out)
 	}
 	return out
 }

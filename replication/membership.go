@@ -206,6 +206,17 @@ func (n *Node) reconcile() {
 			n.m.membership.WithLabelValues("add_nonvoter").Inc()
 			n.log.Info("added server as non-voter", "server", p.ID, "addr", p.Addr)
 		case string(s.Address) != p.Addr:
+			if n.stillAnswers(ctx, p.ID, string(s.Address)) {
+				// Two members claim one id: never silently replace a
+				// server that is alive where the configuration says.
+				n.m.membership.WithLabelValues("address_conflict").Inc()
+				if n.conflictLog.allow() {
+					n.log.Error("a member claims the node id of a server that still answers at its configured address; not replacing it "+
+						"(if this is a replacement, stop the old one or remove it with broker cluster remove-node)",
+						"server", p.ID, "configured_addr", string(s.Address), "claimed_addr", p.Addr)
+				}
+				continue
+			}
 			// AddNonvoter keeps a voter a voter and only updates the address.
 			if err := waitFuture(ctx, n.raft.AddNonvoter(s.ID, raft.ServerAddress(p.Addr), 0, timeout)); err != nil {
 				n.log.Warn("updating server address failed", "server", p.ID, "err", err)
@@ -330,4 +341,23 @@ func (n *Node) sweepExpired() {
 		return
 	}
 	n.log.Debug("cleared expired retained messages", "count", len(exp))
+}
+
+// stillAnswers reports whether the node at addr says it is id: then a
+// member claiming id from another address is not its replacement. An
+// unreachable address, another node there (a reused pod IP), or a node
+// too old to say, all allow the address update.
+func (n *Node) stillAnswers(ctx context.Context, id, addr string) bool {
+	ctx, cancel := context.WithTimeout(ctx, max(n.cfg.HeartbeatTimeout, 200*time.Millisecond))
+	defer cancel()
+	resp, err := n.rpcc.call(ctx, addr, rpcWhoAmI, nil)
+	if err != nil {
+		return false
+	}
+	r := reader{b: resp}
+	if r.error() != nil {
+		return false
+	}
+	got := r.str()
+	return r.end() == nil && got == id
 }

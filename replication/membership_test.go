@@ -140,3 +140,47 @@ func TestGracefulCloseTransfersLeadership(t *testing.T) {
 	// The stopped node stays in the configuration (Close is not Leave).
 	waitConfig(t, newLead, []string{"n1", "n2", "n3"}, nil)
 }
+
+// TestVoterNotReplacedWhileItAnswers: a member that claims the id of a
+// voter from another address does not take its place while the voter
+// still answers at its configured address (before, the leader moved the
+// voter to the claimed address at once); once the voter is gone from
+// there (a rescheduled node), the address is updated.
+func TestVoterNotReplacedWhileItAnswers(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	var victim *testNode
+	for _, tn := range c.up() {
+		if tn != lead {
+			victim = tn
+			break
+		}
+	}
+	const claimed = "impostor.raft.test:7947"
+	c.mu.Lock()
+	c.claims = func(ps []Peer) []Peer {
+		ps = slices.DeleteFunc(ps, func(p Peer) bool { return p.ID == victim.id })
+		return append(ps, Peer{ID: victim.id, Addr: claimed, BootstrapExpect: 3, HasState: true})
+	}
+	c.mu.Unlock()
+	addrOf := func() string {
+		for _, s := range lead.node().Status().Voters {
+			if s.ID == victim.id {
+				return s.Address
+			}
+		}
+		return ""
+	}
+	waitTicks(t, lead, 20)
+	if got := addrOf(); got != victim.advert {
+		t.Fatalf("voter %s moved to %q while it still answers at %s", victim.id, got, victim.advert)
+	}
+	victim.stop(true)
+	eventually(t, waitFor, func() error {
+		if got := addrOf(); got != claimed {
+			return fmt.Errorf("voter %s at %q, want the claimed %s once the old address is dead", victim.id, got, claimed)
+		}
+		return nil
+	})
+}

@@ -77,6 +77,8 @@ type Node struct {
 
 	notMember rateLimit // "has state but not in the configuration" log
 	planLog   rateLimit
+	// conflictLog: "a member claims the id of a live server" (membership.go).
+	conflictLog rateLimit
 }
 
 // New validates cfg and returns a Node that is not started. It does no I/O.
@@ -91,12 +93,13 @@ func New(cfg Config) (*Node, error) {
 	n := &Node{
 		life: life, lifeStop: lifeStop,
 		cfg: cfg, log: log, m: m,
-		stop:       make(chan struct{}),
-		leaderCh:   make(chan struct{}),
-		tombstones: make(map[string]struct{}),
-		caughtUp:   make(map[string]time.Time),
-		notMember:  rateLimit{every: time.Minute},
-		planLog:    rateLimit{every: 10 * time.Second},
+		stop:        make(chan struct{}),
+		leaderCh:    make(chan struct{}),
+		tombstones:  make(map[string]struct{}),
+		caughtUp:    make(map[string]time.Time),
+		notMember:   rateLimit{every: time.Minute},
+		planLog:     rateLimit{every: 10 * time.Second},
+		conflictLog: rateLimit{every: time.Minute},
 	}
 	n.fsm = newFSM(observers{onRetained: cfg.OnRetained, onOwner: cfg.OnOwner,
 		onSession: cfg.OnSession, onRestore: cfg.OnRestore}, m, log)

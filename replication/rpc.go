@@ -33,6 +33,7 @@ const (
 	rpcRemove    byte = 2
 	rpcStatus    byte = 3
 	rpcReadIndex byte = 4
+	rpcWhoAmI    byte = 5 // the answering node's id (an older node: unknown kind)
 	rpcReply     byte = 0x80
 
 	maxRPCFrameSlack = 64 << 10
@@ -435,6 +436,8 @@ func (s *rpcServer) handle(kind byte, body []byte) []byte {
 			return appendError(nil, err)
 		}
 		return appendUvarint(appendUvarint(appendError(nil, nil), ri.read), ri.subs)
+	case rpcWhoAmI:
+		return appendString(appendError(nil, nil), s.n.cfg.NodeID)
 	case rpcStatus:
 		st := s.n.peerStatus()
 		b := appendError(nil, nil)
