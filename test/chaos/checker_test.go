@@ -695,6 +695,20 @@ func TestCheckerSwitchingClients(t *testing.T) {
 	if r := Check(hf.Ops(), nil, kill); len(r.Violations) != 1 || r.Violations[0].Check != "clean-start-session-present" || len(r.Failing()) != 1 {
 		t.Errorf("session present across a fault: violations %v, failing %d", r.Violations, len(r.Failing()))
 	}
+	// A failed persistent attempt between the clean connection and the
+	// resume may have opened the session (refused after an unknown write,
+	// CONNACK lost): the resume is not judged.
+	hu := &History{}
+	for _, o := range switchHistory().Ops() {
+		if o.Kind == KindSwitchConnect && o.Start.Equal(at(300)) {
+			hu.Add(Op{Kind: KindSwitchConnect, Client: switchV5, Node: "node1", Start: at(250), End: at(260), Outcome: Unknown, Expiry: sessExpiry})
+			o.SessionPresent = true
+		}
+		hu.Add(o)
+	}
+	if r := Check(hu.Ops(), nil, nil); len(r.Violations) != 0 || r.Switch.Judged != 0 {
+		t.Errorf("resume after an unknown attempt: violations %v, judged %d", r.Violations, r.Switch.Judged)
+	}
 	// The message whose outcome was unknown may be delivered.
 	h := switchHistory()
 	h.Add(Op{Kind: KindSwitchRecv, Client: switchV5, Topic: switchPrefix + switchV5, Value: switchV5 + ":3", QoS: 1, Start: at(310), End: at(310), Outcome: OK})

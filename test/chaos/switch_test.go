@@ -116,20 +116,30 @@ func (cp *campaign) switcher(ctx context.Context, id string, v311 bool, rng *ran
 // session has none.
 func (cp *campaign) switchConnect(id string, v311, setup bool, node *Node) (sessConn, bool) {
 	op := Op{Kind: KindSwitchConnect, Client: id, Node: node.ID, Start: time.Now(), Outcome: OK}
+	// A failed attempt is recorded as unknown: the node may have opened
+	// the session before the client saw the failure (a refusal after an
+	// unknown write, a lost CONNACK), so the next resume may find it.
+	failed := func(err error) (sessConn, bool) {
+		op.End, op.Outcome, op.Err = time.Now(), Unknown, err.Error()
+		cp.h.Add(op)
+		return sessConn{}, false
+	}
 	var c sessConn
 	if v311 {
 		c3, err := cp.connect311(node, opts311{ID: id, Session: newSession311()})
 		if err != nil {
-			return c, false
+			op.Proto = 4
+			return failed(err)
 		}
 		c, op.Proto = v311Conn(c3), 4
 	} else {
+		op.Expiry, op.CleanStart = sessExpiry, setup
 		c5, err := cp.connectWith(node, connectOptions{ClientOptions: testutil.ClientOptions{ID: id, CleanStart: setup,
 			SessionExpiry: sessExpiry, Session: state.NewInMemory()}})
 		if err != nil {
-			return c, false
+			return failed(err)
 		}
-		c, op.Expiry, op.CleanStart = v5Conn(c5), sessExpiry, setup
+		c = v5Conn(c5)
 	}
 	op.End, op.SessionPresent = time.Now(), c.present
 	cp.h.Add(op)
