@@ -19,7 +19,7 @@ import (
 // when the net.Listener is a tls listener) or WebSocket. mochi's own listeners
 // bind inside Serve, so a caller cannot learn the port of ":0" and cannot
 // guard the pre-CONNECT phase; this one wraps every connection in a
-// guardedConn that does both jobs described on that type.
+// guardedConn that does the jobs described on that type.
 type Listener struct {
 	id        string
 	ln        net.Listener
