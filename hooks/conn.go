@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -11,9 +12,15 @@ import (
 // guardedConn is the net.Conn mochi sees for every client. It adds what
 // mochi lacks at the socket level:
 //
-//   - a deadline for the first CONNECT: mochi sets no read deadline until
-//     CONNECT has been read, so a socket that never speaks would be held
-//     forever (and a flood of them would exhaust the node);
+//   - a deadline for the whole first packet: mochi sets no read deadline
+//     until CONNECT has been read, so a socket that never speaks, or
+//     trickles its CONNECT a byte at a time, would be held forever (and a
+//     flood of them would exhaust the node). The deadline is fixed at
+//     accept; bytes arriving do not extend it;
+//   - a bound on memory before CONNECT (firstPacket): the first packet is
+//     held back until complete, and refused from its fixed header when it
+//     is not a CONNECT or is larger than MaxConnectSize, without reading
+//     its body. After it the guard steps aside (c.first is nil);
 //   - the MQTT 5 DISCONNECT with reason 0x95 (Packet too large): mochi
 //     rejects an over-size packet from its fixed header, before allocating
 //     it, but only closes the socket. The guard follows the inbound byte
@@ -23,21 +30,25 @@ type guardedConn struct {
 	net.Conn
 	guard ConnGuard
 
-	scan packetScanner // touched only by Read, which mochi calls from one goroutine
+	// Touched only by Read, which mochi calls from one goroutine.
+	first *firstPacket // nil once the first packet has been handed over
+	scan  packetScanner
 
 	writeMu   sync.Mutex // serialises our DISCONNECT with mochi's whole-packet writes
 	version   atomic.Uint32
 	oversize  atomic.Bool
-	malformed atomic.Bool
 	firstDone atomic.Bool
+	refused   atomic.Pointer[string] // why the first packet was refused
 	closeOnce sync.Once
 }
 
-func newGuardedConn(c net.Conn, g ConnGuard) *guardedConn {
-	gc := &guardedConn{Conn: c, guard: g}
+// newGuardedConn wraps c, accepted at the given time: the first packet must
+// be complete within ConnectTimeout of it.
+func newGuardedConn(c net.Conn, g ConnGuard, accepted time.Time) *guardedConn {
+	gc := &guardedConn{Conn: c, guard: g, first: &firstPacket{}}
 	if g.ConnectTimeout > 0 {
 		// mochi replaces this with the keepalive deadline once CONNECT is in.
-		_ = c.SetDeadline(time.Now().Add(g.ConnectTimeout))
+		_ = c.SetDeadline(accepted.Add(g.ConnectTimeout))
 	}
 	return gc
 }
@@ -47,20 +58,61 @@ func newGuardedConn(c net.Conn, g ConnGuard) *guardedConn {
 func (c *guardedConn) SetProtocolVersion(v byte) { c.version.Store(uint32(v)) }
 
 func (c *guardedConn) Read(p []byte) (int, error) {
+	if c.first != nil {
+		return c.readFirst(p)
+	}
 	n, err := c.Conn.Read(p)
 	if n > 0 && !c.scan.stopped {
-		c.scan.feed(p[:n], c.guard.MaxPacketSize)
-		if c.scan.packets > 0 {
-			c.firstDone.Store(true)
-		}
-		if c.scan.oversize {
-			c.oversize.Store(true)
-		}
-		if c.scan.malformed {
-			c.malformed.Store(true)
-		}
+		c.scanned(p[:n])
 	}
 	return n, err
+}
+
+// readFirst reads until the first packet is complete (or refused), then
+// hands it over; once all of it has been, the guard steps aside.
+func (c *guardedConn) readFirst(p []byte) (int, error) {
+	f := c.first
+	if f.fail != nil {
+		return 0, f.fail
+	}
+	for !f.complete() {
+		if f.err != nil {
+			return 0, f.err
+		}
+		f.err = f.fill(c.Conn)
+		if reason, declared := f.check(c.guard.MaxPacketSize); reason != "" {
+			c.refuse(reason, declared, f.buf[0])
+			f.fail = fmt.Errorf("%w: %s", ErrRefusedBeforeConnect, reason)
+			f.buf = nil
+			return 0, f.fail
+		}
+	}
+	n := copy(p, f.buf[f.off:])
+	f.off += n
+	c.scanned(p[:n])
+	if f.off < len(f.buf) {
+		return n, nil
+	}
+	c.first = nil
+	c.firstDone.Store(true)
+	return n, f.err
+}
+
+func (c *guardedConn) scanned(p []byte) {
+	c.scan.feed(p, c.guard.MaxPacketSize)
+	if c.scan.oversize {
+		c.oversize.Store(true)
+	}
+}
+
+// refuse records why the first packet was refused, for Close to count,
+// and logs it (the guard's logger is rate-limited).
+func (c *guardedConn) refuse(reason string, declared int, first byte) {
+	c.refused.Store(&reason)
+	if log := c.guard.Log; log != nil {
+		log.Warn("connection refused before CONNECT", "reason", reason, "remote", c.RemoteAddr().String(),
+			"packet_type", first>>4, "remaining_length", declared, "max_connect_size", MaxConnectSize)
+	}
 }
 
 func (c *guardedConn) Write(p []byte) (int, error) {
@@ -84,11 +136,10 @@ func (c *guardedConn) Close() error {
 				c.writeMu.Unlock()
 			}
 			c.lingerClose()
-		case c.malformed.Load() && !c.firstDone.Load():
-			// Later malformed packets are counted by the metrics hook
-			// from mochi's error; before CONNECT there is no session.
-			m.packetError("malformed")
+		case c.refused.Load() != nil:
+			m.packetError(*c.refused.Load())
 		case !c.firstDone.Load():
+			// Timed out, or closed, before a first packet was complete.
 			m.packetError("no_connect")
 		}
 		err = c.Conn.Close()

@@ -19,7 +19,7 @@ import (
 // when the net.Listener is a tls listener) or WebSocket. mochi's own listeners
 // bind inside Serve, so a caller cannot learn the port of ":0" and cannot
 // guard the pre-CONNECT phase; this one wraps every connection in a
-// guardedConn that does both jobs described on that type.
+// guardedConn that does the jobs described on that type.
 type Listener struct {
 	id        string
 	ln        net.Listener
@@ -46,10 +46,16 @@ type ConnGuard struct {
 	MaxPacketSize uint32
 	// Metrics, if set, counts connections that fail before a session exists.
 	Metrics *Metrics
+	// Log, if set, gets one line per connection refused before CONNECT
+	// (MaxConnectSize, not a CONNECT): give it a rate-limited handler.
+	Log *slog.Logger
 }
 
 // NewListener wraps ln. id names the listener in logs and metrics.
 func NewListener(id string, ln net.Listener, ws bool, guard ConnGuard) *Listener {
+	if guard.Log != nil {
+		guard.Log = guard.Log.With("listener", id)
+	}
 	return &Listener{id: id, ln: ln, websocket: ws, guard: guard}
 }
 
@@ -92,7 +98,7 @@ func (l *Listener) Serve(establish listeners.EstablishFn) {
 }
 
 func (l *Listener) handle(conn net.Conn, establish listeners.EstablishFn) {
-	gc := newGuardedConn(conn, l.guard)
+	gc := newGuardedConn(conn, l.guard, time.Now())
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
@@ -118,11 +124,29 @@ func (l *Listener) serveWebsocket(establish listeners.EstablishFn) {
 			return // the upgrader already answered with an HTTP error
 		}
 		conn := &wsConn{Conn: c.UnderlyingConn(), c: c}
-		gc := newGuardedConn(conn, l.guard)
+		accepted, ok := r.Context().Value(acceptedKey{}).(time.Time)
+		if !ok {
+			accepted = time.Now()
+		}
+		gc := newGuardedConn(conn, l.guard, accepted)
 		_ = establish(l.id, gc)
 		_ = gc.Close()
 	})
-	l.httpSv = &http.Server{Handler: mux, ReadHeaderTimeout: l.guard.ConnectTimeout}
+	l.httpSv = &http.Server{
+		Handler: mux,
+		// The upgrade request and the CONNECT after it share one connect
+		// timeout, counted from accept.
+		ReadHeaderTimeout: l.guard.ConnectTimeout,
+		// Without it a connection kept alive after a refused upgrade
+		// (a plain HTTP request) would wait for the next one forever.
+		IdleTimeout: l.guard.ConnectTimeout,
+		ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
+			return context.WithValue(ctx, acceptedKey{}, time.Now())
+		},
+		// An upgrade request is a few hundred bytes; net/http's default
+		// allows 1 MB of headers per connection before CONNECT.
+		MaxHeaderBytes: maxUpgradeHeaderBytes,
+	}
 	err := l.httpSv.Serve(l.ln)
 	if err != nil && !errors.Is(err, http.ErrServerClosed) && !l.closed.Load() {
 		l.log.Error("websocket listener stopped", "listener", l.id, "error", err)
@@ -149,6 +173,14 @@ func (l *Listener) StopAccepting() {
 		_ = l.ln.Close()
 	}
 }
+
+// acceptedKey keys the time a WebSocket connection was accepted in its
+// requests' context.
+type acceptedKey struct{}
+
+// maxUpgradeHeaderBytes bounds the HTTP headers of a WebSocket upgrade
+// request (cookies included), like a reverse proxy's default.
+const maxUpgradeHeaderBytes = 64 << 10
 
 // wsConn carries the MQTT byte stream in binary WebSocket messages, as
 // MQTT-over-WebSocket clients expect (one MQTT packet may span messages).

@@ -106,7 +106,8 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		m.msgsIn.WithLabelValues(q)
 		m.msgsOut.WithLabelValues(q)
 	}
-	for _, r := range []string{"too_large", "malformed", "protocol_error", "no_connect", "keepalive_timeout"} {
+	for _, r := range []string{"too_large", "malformed", "protocol_error", "no_connect", "keepalive_timeout",
+		reasonNotConnect, reasonConnectTooLarge} {
 		m.packetErrors.WithLabelValues(r)
 	}
 	return m

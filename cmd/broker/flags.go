@@ -113,7 +113,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 		return err
 	})
 	fs.BoolVar(&c.Persistence, "persistence", true, "keep sessions and retained messages on disk under --data-dir")
-	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 10*time.Second, "time a new connection has to send CONNECT")
+	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 10*time.Second, "time a new connection has, from accept, to send its whole CONNECT")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "time allowed for a graceful stop")
 	fs.BoolVar(&c.Pprof, "pprof", false, "serve /debug/pprof on --http-addr")
 	fs.StringVar(&o.logFormat, "log-format", "", "text or json (default: text on a terminal, json otherwise)")

@@ -184,6 +184,7 @@ func (n *Node) bindListeners(metrics *hooks.Metrics) error {
 		ConnectTimeout: n.cfg.ConnectTimeout,
 		MaxPacketSize:  n.cfg.MaxPacketSize,
 		Metrics:        metrics,
+		Log:            slog.New(logx.RateLimit(n.log.Handler(), 10*time.Second)).With("component", "listener"),
 	}
 	add := func(id, addr string, ws bool, tcfg *tls.Config) error {
 		ln, err := net.Listen("tcp", addr)

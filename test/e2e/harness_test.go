@@ -463,6 +463,28 @@ var crashRE = regexp.MustCompile(`(?m)^(panic: |fatal error: |WARNING: DATA RACE
 // Output is everything the node has written to stdout and stderr so far.
 func (b *Broker) Output() string { return b.log.String() }
 
+// RSS is the running process's resident set size (VmRSS in
+// /proc/PID/status), in bytes.
+func (b *Broker) RSS() (int64, error) {
+	b.mu.Lock()
+	cmd := b.cmd
+	b.mu.Unlock()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("VmRSS line %q: %w", line, err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", cmd.Process.Pid)
+}
+
 // ---------------------------------------------------------------------------
 // HTTP and metrics
 
