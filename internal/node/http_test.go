@@ -5,9 +5,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
-
-	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 )
 
 // TestAdminWritesNeedTokenOrLoopback: remove-node (every admin write) needs
@@ -32,7 +29,7 @@ func TestAdminWritesNeedTokenOrLoopback(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := nodes[tc.token]
-			before := counterValue(t, n.adminDenied.WithLabelValues("token")) + counterValue(t, n.adminDenied.WithLabelValues("not_loopback"))
+			before := counterValue(t, n.reg, "broker_admin_denied_total", "reason", "token") + counterValue(t, n.reg, "broker_admin_denied_total", "reason", "not_loopback")
 			h := n.routes()
 			req := httptest.NewRequest(http.MethodPost, "/api/cluster/remove-node", nil)
 			req.RemoteAddr = tc.remote
@@ -47,7 +44,7 @@ func TestAdminWritesNeedTokenOrLoopback(t *testing.T) {
 			if tc.want == http.StatusUnauthorized && !strings.Contains(rec.Header().Get("WWW-Authenticate"), "Bearer") {
 				t.Error("401 without WWW-Authenticate: Bearer")
 			}
-			denied := counterValue(t, n.adminDenied.WithLabelValues("token")) + counterValue(t, n.adminDenied.WithLabelValues("not_loopback"))
+			denied := counterValue(t, n.reg, "broker_admin_denied_total", "reason", "token") + counterValue(t, n.reg, "broker_admin_denied_total", "reason", "not_loopback")
 			if (denied-before == 1) != (tc.want == http.StatusUnauthorized || tc.want == http.StatusForbidden) {
 				t.Errorf("denied counter %v", denied)
 			}
@@ -80,13 +77,4 @@ func TestAdminWritesNeedTokenOrLoopback(t *testing.T) {
 	if code := post("Bearer s3cret"); code == http.StatusUnauthorized || code == http.StatusForbidden {
 		t.Fatalf("right token refused: %d", code)
 	}
-}
-
-func counterValue(t *testing.T, c prometheus.Metric) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
 }
