@@ -75,12 +75,16 @@ func (h *Sessions) discardSession(id string) bool {
 		return true
 	}
 	del := &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
+	tw := h.takeoverWill(id, true, time.Now().UnixMilli())
+	cmd := tw.withTakeover(del)
 	// The delete is conditional, so it is retried within the bound when
 	// its outcome is unknown (the leader died while committing it): a
 	// resume elsewhere right after this CONNACK must not find the session.
 	var err error
 	for {
-		if _, err = h.repl.Apply(ctx, del); err == nil {
+		var res replication.Result
+		if res, err = h.repl.Apply(ctx, cmd); err == nil {
+			tw.published(h, res)
 			h.log.Debug("clean connect discarded the persistent session", "client", id)
 			return true
 		}

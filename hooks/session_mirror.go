@@ -40,12 +40,13 @@ const mirrorOpenTimeout = 2 * time.Second
 // it is in the log, clears mochi's copy of the will. It reports whether
 // the mirror was written; if not, the will stays mochi's.
 func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) bool {
-	open, _ := h.openCommands(cl, pk, 0)
+	open, _, tw := h.openCommands(cl, pk, 0)
 	// Apply waits for a leader (a node just restarted learns it within an
 	// election) but fails fast on a side that has had none for a while.
 	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
 	defer cancel()
 	res, err := h.repl.Apply(ctx, open)
+	tw.published(h, res)
 	if err != nil {
 		// A late commit is harmless: the mirror then stays until the leader
 		// finds its owner gone, or the client reconnects (clean start).
@@ -110,7 +111,7 @@ func (h *Sessions) closeMirror(c *sessConn, closeCmd *replication.SessionClose) 
 		case errors.Is(err, replication.ErrInvalidCommand), errors.Is(err, replication.ErrClosed):
 			h.log.Warn("clean session's will mirror not closed", "client", c.id, "error", err)
 			return
-		case !unknown && errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome) && c.mirrorWill != nil:
+		case !unknown && errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome) && c.mirrorWill != nil && !c.willTaken.Load():
 			h.log.Warn("clean session's will mirror not closed in the log (no quorum); publishing the will here", "client", c.id, "error", err)
 			h.publishWill(c.id, c.mirrorWill)
 			return

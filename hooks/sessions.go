@@ -149,6 +149,10 @@ type sessConn struct {
 	// closedByLeader: the leader closed this mirror on the node's behalf
 	// and owns its will now; the connection must not delete it.
 	closedByLeader atomic.Bool
+	// willTaken: a new connection of this id took this one over and
+	// published its will in the log (TakeoverWill); it must not be
+	// published here again.
+	willTaken atomic.Bool
 	present        bool
 	opened         atomic.Uint64 // OpenedIndex of this connection's SessionOpen
 	expiry         uint32
@@ -331,7 +335,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	h.awaitPreviousClose(cl.ID, old) // session_lifecycle.go
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
-	open, at := h.openCommands(cl, pk, c.expiry)
+	open, at, tw := h.openCommands(cl, pk, c.expiry)
 	res, err := h.repl.Apply(ctx, open)
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
 		// Outcome unknown (the leader died while committing) or no
@@ -365,6 +369,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if at < len(res.Results) {
 		r0 = res.Results[at]
 	}
+	tw.published(h, res)
 	c.present = r0.Present
 	c.opened.Store(res.Index)
 	if hasWill {
@@ -383,11 +388,14 @@ func (h *Sessions) track(c *sessConn) {
 // openCommands is SessionOpen, plus SetWill when the CONNECT has a will,
 // preceded by the delete of an expired session it would otherwise resume;
 // at is the index of SessionOpen's result in a Batch.
-func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) (cmd replication.Command, at int) {
+func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) (cmd replication.Command, at int, tw *takenOver) {
 	now := time.Now().UnixMilli()
 	open := &replication.SessionOpen{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
 		ExpiryInterval: expiry, Owner: h.cfg.Self, At: h.nextOpenAt(now), CleanStart: pk.Connect.Clean}
 	var cmds []replication.Command
+	if tw = h.takeoverWill(cl.ID, pk.Connect.Clean, now); tw != nil {
+		cmds = append(cmds, tw.cmd)
+	}
 	if !open.CleanStart {
 		if del := h.expiredSessionDelete(cl.ID, now); del != nil {
 			cmds = append(cmds, del)
@@ -399,9 +407,9 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 		cmds = append(cmds, h.setWill(cl))
 	}
 	if len(cmds) == 1 {
-		return open, 0
+		return open, 0, tw
 	}
-	return &replication.Batch{Commands: cmds}, at
+	return &replication.Batch{Commands: cmds}, at, tw
 }
 
 // nextOpenAt is now, or one past the previous open's At when the clock

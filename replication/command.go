@@ -41,7 +41,8 @@ const (
 	CmdReclaimOwner  CommandType = 19
 	CmdQoS2Publish   CommandType = 20
 	CmdPublishWill   CommandType = 21 // will_publish.go
-	// Next: 22 (or 0x96 for a command old nodes may skip).
+	CmdTakeoverWill  CommandType = 22 // will_publish.go
+	// Next: 23 (or 0x97 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -90,6 +91,8 @@ func (t CommandType) String() string {
 		return "qos2_publish"
 	case CmdPublishWill:
 		return "publish_will"
+	case CmdTakeoverWill:
+		return "takeover_will"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

@@ -58,6 +58,11 @@ var goldenCommands = []struct {
 		hex:  "15" + "026331" + "ac02" + "0a" + "e807",
 	},
 	{
+		name: "takeover_will",
+		cmd:  &TakeoverWill{ClientID: "c1", IfOpened: 300, At: 5, MaxQueued: 1000, EndsSession: true},
+		hex:  "16" + "026331" + "ac02" + "0a" + "e807" + "01",
+	},
+	{
 		name: "batch",
 		cmd:  &Batch{Commands: []Command{&RetainClear{Topic: "a"}, &ReleaseOwner{ClientID: "c", Node: "n", Epoch: 1}}},
 		hex:  "05" + "02" + "04" + "02016100" + "06" + "040163016e01",

@@ -17,9 +17,7 @@ func TestAddNodeNonvoterThenVoter(t *testing.T) {
 	lead := c.leader()
 	ctx := ctxT(t, waitFor)
 	for i := range 50 {
-		if _, err := lead.node().Apply(ctx, setRetained(fmt.Sprintf("pre/%d", i), "x")); err != nil {
-			t.Fatal(err)
-		}
+		applyRetry(t, ctx, lead.node(), setRetained(fmt.Sprintf("pre/%d", i), "x"))
 	}
 	n4 := c.startNew("n4")[0]
 	// First a non-voter...
@@ -32,9 +30,7 @@ func TestAddNodeNonvoterThenVoter(t *testing.T) {
 		t.Fatalf("n4 has %d retained, want 50", got)
 	}
 	// It serves forwarded writes like any member.
-	if _, err := n4.node().Apply(ctx, setRetained("from/n4", "y")); err != nil {
-		t.Fatal(err)
-	}
+	applyRetry(t, ctx, n4.node(), setRetained("from/n4", "y"))
 }
 
 // TestRemoveServerAndRejoin: a server removed by RemoveServer (issued on a
@@ -78,9 +74,7 @@ func TestRemoveServerAndRejoin(t *testing.T) {
 		return nil
 	})
 	// Writes go on with two voters.
-	if _, err := asker.node().Apply(ctx, setRetained("after/remove", "x")); err != nil {
-		t.Fatal(err)
-	}
+	applyRetry(t, ctx, asker.node(), setRetained("after/remove", "x"))
 	// It leaves membership (stops), then comes back with its data dir.
 	victim.stop(false)
 	waitTicks(t, lead, 3)

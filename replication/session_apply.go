@@ -198,6 +198,8 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		emit(SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: e.Owner})
 	case *PublishWill:
 		evs = s.applyPublishWill(c, res, evs)
+	case *TakeoverWill:
+		evs = s.applyTakeoverWill(c, res, evs)
 	default:
 		return evs, false
 	}

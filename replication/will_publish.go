@@ -50,13 +50,53 @@ func (c *PublishWill) validate() error {
 	return nil
 }
 
+// TakeoverWill publishes, like PublishWill, the will of ClientID's
+// connection that a new CONNECT takes over: only if the session is still
+// the one opened at IfOpened and still connected (its connection is the
+// one being taken over), holds a will, and the will is due now: its delay
+// is 0, or EndsSession (the new CONNECT has clean start, so the old
+// session ends and its will is published whatever its delay,
+// MQTT-3.1.2-8 / 3.1.3-9). The hooks put it in the same entry as the new
+// connection's SessionOpen or SessionDelete, before it. A connection taken
+// over ends without DISCONNECT, so its will fires (MQTT-3.1.4-3 and
+// 3.1.2.5; Mosquitto does the same).
+//
+//	str client_id | uvarint if_opened | varint at | uvarint max_queued | bool ends_session
+type TakeoverWill struct {
+	ClientID    string
+	IfOpened    uint64
+	At          int64
+	MaxQueued   uint32
+	EndsSession bool
+}
+
+var _ Command = (*TakeoverWill)(nil)
+
+// Type implements Command.
+func (*TakeoverWill) Type() CommandType { return CmdTakeoverWill }
+
+func (c *TakeoverWill) appendPayload(b []byte) []byte {
+	b = (&PublishWill{ClientID: c.ClientID, IfOpened: c.IfOpened, At: c.At, MaxQueued: c.MaxQueued}).appendPayload(b)
+	return appendBool(b, c.EndsSession)
+}
+
+func (c *TakeoverWill) validate() error {
+	if c.ClientID == "" || c.IfOpened == 0 {
+		return invalid(c.Type(), "empty client id or if_opened")
+	}
+	return nil
+}
+
 // decodeWillCommand decodes the will commands added after the session
 // commands; ok is false for another type.
 func decodeWillCommand(t CommandType, r *reader) (Command, bool) {
-	if t != CmdPublishWill {
-		return nil, false
+	switch t {
+	case CmdPublishWill:
+		return &PublishWill{ClientID: r.str(), IfOpened: r.uvarint(), At: r.varint(), MaxQueued: r.u32()}, true
+	case CmdTakeoverWill:
+		return &TakeoverWill{ClientID: r.str(), IfOpened: r.uvarint(), At: r.varint(), MaxQueued: r.u32(), EndsSession: r.bool()}, true
 	}
-	return &PublishWill{ClientID: r.str(), IfOpened: r.uvarint(), At: r.varint(), MaxQueued: r.u32()}, true
+	return nil, false
 }
 
 func (s *state) applyPublishWill(c *PublishWill, res *Result, evs []event) []event {
@@ -64,25 +104,39 @@ func (s *state) applyPublishWill(c *PublishWill, res *Result, evs []event) []eve
 	if e == nil || e.Will == nil || e.Connected || e.OpenedIndex != c.IfOpened {
 		return evs
 	}
+	return s.publishWillOf(c.ClientID, c.At, c.MaxQueued, res, evs)
+}
+
+func (s *state) applyTakeoverWill(c *TakeoverWill, res *Result, evs []event) []event {
+	e := s.sessions[c.ClientID]
+	if e == nil || e.Will == nil || !e.Connected || e.OpenedIndex != c.IfOpened || (e.Will.DelaySeconds > 0 && !c.EndsSession) {
+		return evs
+	}
+	return s.publishWillOf(c.ClientID, c.At, c.MaxQueued, res, evs)
+}
+
+// publishWillOf clears the will of session id and publishes it to the
+// replicated state (queued copies, retained value); res.Changed says so.
+func (s *state) publishWillOf(id string, at int64, maxQueued uint32, res *Result, evs []event) []event {
+	e := s.mutableSession(id)
 	w := *e.Will
-	e = s.mutableSession(c.ClientID)
 	e.Will = nil
 	res.Changed = true
-	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: e.Owner, Index: res.Index}})
+	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: id, Owner: e.Owner, Index: res.Index}})
 	var expires int64
 	if w.ExpirySeconds > 0 {
-		expires = c.At + int64(w.ExpirySeconds)*1000
+		expires = at + int64(w.ExpirySeconds)*1000
 	}
 	if w.Retain {
-		evs = s.retainWill(&w, c.At, expires, res.Index, evs)
+		evs = s.retainWill(&w, at, expires, res.Index, evs)
 	}
 	if w.QoS == 0 {
 		return evs // QoS 0 copies are live deliveries only
 	}
-	enq := &Enqueue{Topic: w.Topic, Payload: w.Payload, Properties: w.Properties, Expires: expires, Created: c.At,
-		MaxQueued: c.MaxQueued, Policy: DropNewest}
-	for _, id := range s.sortedSessions() {
-		if t, ok := willTarget(s.sessions[id], &w, c.ClientID); ok {
+	enq := &Enqueue{Topic: w.Topic, Payload: w.Payload, Properties: w.Properties, Expires: expires, Created: at,
+		MaxQueued: maxQueued, Policy: DropNewest}
+	for _, sid := range s.sortedSessions() {
+		if t, ok := willTarget(s.sessions[sid], &w, id); ok {
 			enq.Targets = append(enq.Targets, t)
 		}
 	}
