@@ -13,6 +13,9 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # arithmetic that checkptr (enabled by -race) rejects although it is not a
 # race; see replication/logstore.go.
 RACE := -race -gcflags=all=-d=checkptr=0
+# Every chaos campaign of make test appends its seed here (go test hides
+# a passing test's log).
+CHAOS_SEED_LOG := $(CURDIR)/bin/chaos-seeds.txt
 # Packages that must stay free of mochi and of each other (see STYLE.md).
 PURE_PKGS := ./cluster ./replication
 
@@ -27,7 +30,9 @@ run: build
 
 ## test: everything CI runs: static checks, then unit, in-process, e2e and short chaos tests with -race (the brokers the e2e tests start are race builds too; chaos nodes are not: mochi v2.7.9 races in its own retained index, see test/chaos/README.md).
 test: test-deps lint tidy-check
-	E2E_RACE=1 $(GO) test $(RACE) -count=1 -timeout 20m ./...
+	@mkdir -p $(dir $(CHAOS_SEED_LOG)) && rm -f $(CHAOS_SEED_LOG)
+	CHAOS_SEED_LOG=$(CHAOS_SEED_LOG) E2E_RACE=1 $(GO) test $(RACE) -count=1 -timeout 20m ./... || { cat $(CHAOS_SEED_LOG) 2>/dev/null; exit 1; }
+	@cat $(CHAOS_SEED_LOG) 2>/dev/null || echo "no chaos campaign ran (see test/chaos/README.md)"
 
 unit:
 	$(GO) test $(RACE) -count=1 $$($(GO) list ./... | grep -v /test/e2e)

@@ -3,6 +3,7 @@ package chaos
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand"
 	"os"
@@ -319,7 +320,19 @@ func runCampaign(t *testing.T, seed int64, phase time.Duration) {
 	if cp.partitionSkipped != "" && partitionsWanted() && os.Geteuid() == 0 {
 		t.Errorf("seed %d: partitions are wanted (CHAOS_NETNS is not 0) and the test runs as root, but the network lab is unavailable: %s", seed, cp.partitionSkipped)
 	}
-	t.Logf("chaos: ===== seed %d: %d failing violation(s); rerun with CHAOS_SEED=%d =====", seed, len(res.Failing()), seed)
+	line := fmt.Sprintf("chaos: ===== seed %d: %d failing violation(s); rerun with CHAOS_SEED=%d =====", seed, len(res.Failing()), seed)
+	t.Log(line)
+	// go test hides a passing test's log: make test prints this file.
+	if p := os.Getenv("CHAOS_SEED_LOG"); p != "" {
+		f, err := os.OpenFile(p, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+		if err == nil {
+			_, err = fmt.Fprintf(f, "%s (%s, %d operations)\n", line, t.Name(), len(ops))
+			err = errors.Join(err, f.Close())
+		}
+		if err != nil {
+			t.Errorf("CHAOS_SEED_LOG: %v", err)
+		}
+	}
 }
 
 // partitionsWanted: unless CHAOS_NETNS=0, a campaign wants partitions.
