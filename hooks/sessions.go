@@ -153,10 +153,10 @@ type sessConn struct {
 	// published its will in the log (TakeoverWill); it must not be
 	// published here again.
 	willTaken atomic.Bool
-	present        bool
-	opened         atomic.Uint64 // OpenedIndex of this connection's SessionOpen
-	expiry         uint32
-	will           bool // the CONNECT had a will (held by the log, not mochi)
+	present   bool
+	opened    atomic.Uint64 // OpenedIndex of this connection's SessionOpen
+	expiry    uint32
+	will      bool // the CONNECT had a will (held by the log, not mochi)
 	// closeDone is closed once the connection's close is written to the
 	// log (or nothing is to be written): see awaitPreviousClose.
 	closeDone chan struct{}
