@@ -16,7 +16,7 @@ RACE := -race -gcflags=all=-d=checkptr=0
 # Packages that must stay free of mochi and of each other (see STYLE.md).
 PURE_PKGS := ./cluster ./replication
 
-.PHONY: build run test unit e2e chaos chaos-pinned bench lint vet fmt-check tidy-check deps-check test-deps clean
+.PHONY: build run test unit e2e chaos chaos-pinned bench fuzz fuzz-short lint vet fmt-check tidy-check deps-check test-deps clean
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/broker
@@ -25,9 +25,10 @@ build:
 run: build
 	./scripts/run-cluster.sh $(BIN)
 
-## test: everything CI runs: static checks, then unit, in-process, e2e and short chaos tests with -race (the brokers the e2e tests start are race builds too; chaos nodes are not: mochi v2.7.9 races in its own retained index, see test/chaos/README.md).
+## test: everything CI runs: static checks, then unit, in-process, e2e and short chaos tests with -race (the brokers the e2e tests start are race builds too; chaos nodes are not: mochi v2.7.9 races in its own retained index, see test/chaos/README.md), then every fuzz target for 3 s (their seeds already ran with the tests).
 test: test-deps lint tidy-check
 	E2E_RACE=1 $(GO) test $(RACE) -count=1 -timeout 20m ./...
+	$(MAKE) fuzz-short
 
 unit:
 	$(GO) test $(RACE) -count=1 $$($(GO) list ./... | grep -v /test/e2e)
@@ -51,6 +52,20 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./cluster ./replication ./internal/node
 	./scripts/bench-delivery.sh $(BENCH_DURATION)
 	./scripts/bench-sessions.sh $(BENCH_DURATION)
+
+## fuzz: every native fuzz target (func FuzzXxx in a _test.go file) for FUZZTIME each, one after another (go fuzzes one target per invocation); a failing input is written to the package's testdata/fuzz/FuzzXxx, where go test then runs it as a seed.
+FUZZTIME ?= 30s
+FUZZPARALLEL ?= 2
+FUZZ_TARGETS = $(shell grep -rHo --include='*_test.go' '^func Fuzz[A-Za-z0-9_]*' . | sed -E 's|^(.*)/[^/]*:func (.*)$$|\1:\2|' | sort -u)
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $${t%%:*} $${t##*:} for $(FUZZTIME)"; \
+	  $(GO) test -run '^$$' -fuzz "^$${t##*:}\$$" -fuzztime $(FUZZTIME) -parallel $(FUZZPARALLEL) $${t%%:*}; \
+	done
+
+## fuzz-short: every fuzz target for 3 s (CI, in make test).
+fuzz-short:
+	$(MAKE) fuzz FUZZTIME=3s
 
 lint: fmt-check vet deps-check
 	$(GO) run $(STATICCHECK) ./...
