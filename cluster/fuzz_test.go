@@ -111,6 +111,24 @@ func handshakeMessages(t *testing.T, b []byte) [][]byte {
 	return out
 }
 
+// firstMessages returns the bodies of the first n handshake messages of
+// in, or false if in does not start with n well-formed ones.
+func firstMessages(in []byte, n int) ([][]byte, bool) {
+	var out [][]byte
+	for range n {
+		if len(in) < 2 {
+			return nil, false
+		}
+		k := int(binary.BigEndian.Uint16(in))
+		if k == 0 || k > maxHandshakeLen || 2+k > len(in) {
+			return nil, false
+		}
+		out = append(out, in[2:2+k])
+		in = in[2+k:]
+	}
+	return out, true
+}
+
 type challenge struct {
 	version, status byte
 	mac             []byte
@@ -143,8 +161,8 @@ func checkHandshakeErr(t *testing.T, peer string, err error) {
 // FuzzServerHandshake feeds arbitrary bytes after the protocol byte to the
 // server side. A keyed server never accepts (the input cannot know the
 // server's fresh nonce, so it cannot prove the key); an unkeyed one
-// accepts exactly a well-formed hello and auth, naming the hello's node
-// id; everything it writes is well-formed; failures wrap a sentinel.
+// accepts exactly a well-formed hello and auth, and returns the hello's
+// node id; everything it writes is well-formed; failures wrap a sentinel.
 func FuzzServerHandshake(f *testing.F) {
 	other := []byte("another key")
 	for _, k := range [][2][]byte{{nil, nil}, {fuzzKey, fuzzKey}, {fuzzKey, nil}, {nil, fuzzKey}, {other, fuzzKey}} {
@@ -177,21 +195,35 @@ func FuzzServerHandshake(f *testing.F) {
 		if len(msgs) == 2 && (len(msgs[1]) != 1 || msgs[1][0] != hsOK && msgs[1][0] != hsAuthFailed) {
 			t.Fatalf("bad result message %x", msgs[1])
 		}
+		// A well-formed unkeyed exchange: a hello of our version naming a
+		// node, then an auth (an unkeyed server ignores its MAC, as it
+		// ignores trailing bytes in both).
+		wellFormed, id := false, ""
+		if m, ok := firstMessages(in, 2); ok {
+			hr := reader{b: m[0]}
+			magic, version, flags := hr.raw(len(handshakeMagic)), hr.u8(), hr.u8()
+			hr.raw(nonceLen)
+			id = hr.str()
+			ar := reader{b: m[1]}
+			ar.bytes()
+			wellFormed = hr.err == nil && ar.err == nil && string(magic) == handshakeMagic && version == ProtocolVersion &&
+				flags&1 == 0 && id != ""
+		}
 		if err != nil {
 			checkHandshakeErr(t, peer, err)
 			if len(msgs) == 2 && msgs[1][0] == hsOK {
 				t.Fatalf("server answered OK, then failed: %v", err)
+			}
+			if !keyed && wellFormed {
+				t.Fatalf("unkeyed server refused a well-formed exchange from %q: %v", id, err)
 			}
 			return
 		}
 		if keyed {
 			t.Fatalf("keyed server accepted %q without proof of the key", peer)
 		}
-		// The hello named peer.
-		r := reader{b: in[2:]}
-		r.raw(len(handshakeMagic) + 2 + nonceLen)
-		if id := r.str(); r.err != nil || id != peer || peer == "" {
-			t.Fatalf("accepted peer %q, hello names %q (%v)", peer, id, r.err)
+		if !wellFormed || id != peer {
+			t.Fatalf("accepted peer %q from %x", peer, in)
 		}
 		if len(msgs) != 2 || parseChallenge(t, msgs[0]).status != hsOK || msgs[1][0] != hsOK {
 			t.Fatalf("accepted without a full OK exchange: %x", c.out.Bytes())
@@ -201,7 +233,7 @@ func FuzzServerHandshake(f *testing.F) {
 
 // FuzzClientHandshake feeds an arbitrary challenge and result to the
 // client side. A keyed client never accepts (the input cannot know the
-// client's nonce); an unkeyed one accepts only an OK challenge of our
+// client's nonce); an unkeyed one accepts exactly an OK challenge of our
 // version without a MAC followed by an OK result, and returns the
 // challenge's server id; its hello and auth are well-formed.
 func FuzzClientHandshake(f *testing.F) {
@@ -237,8 +269,25 @@ func FuzzClientHandshake(f *testing.F) {
 				t.Fatalf("bad auth %x", msgs[1])
 			}
 		}
+		// A well-formed unkeyed exchange: an OK challenge of our version
+		// without a MAC (the client ignores trailing bytes), then an OK
+		// result.
+		wellFormed, id := false, ""
+		if m, ok := firstMessages(in, 2); ok {
+			cr := reader{b: m[0]}
+			magic := cr.raw(len(handshakeMagic))
+			version, status := cr.u8(), cr.u8()
+			cr.raw(nonceLen)
+			mac := cr.bytes()
+			id = cr.str()
+			wellFormed = cr.err == nil && string(magic) == handshakeMagic && version == ProtocolVersion &&
+				status == hsOK && len(mac) == 0 && bytes.Equal(m[1], []byte{hsOK})
+		}
 		if err != nil {
 			checkHandshakeErr(t, peer, err)
+			if !keyed && wellFormed {
+				t.Fatalf("unkeyed client refused a well-formed exchange from %q: %v", id, err)
+			}
 			return
 		}
 		if keyed {
@@ -247,19 +296,8 @@ func FuzzClientHandshake(f *testing.F) {
 		if len(msgs) != 2 {
 			t.Fatal("accepted without sending auth")
 		}
-		// The input was an OK challenge without a MAC naming peer (the
-		// client tolerates trailing bytes), then an OK result.
-		r := reader{b: in}
-		chLen := int(binary.BigEndian.Uint16(r.raw(2)))
-		cr := reader{b: r.raw(chLen)}
-		cr.raw(len(handshakeMagic))
-		version, status := cr.u8(), cr.u8()
-		cr.raw(nonceLen)
-		if mac, id := cr.bytes(), cr.str(); cr.err != nil || version != ProtocolVersion || status != hsOK || len(mac) != 0 || id != peer {
-			t.Fatalf("accepted server %q from challenge %x", peer, in[:2+chLen])
-		}
-		if res := r.raw(3); !bytes.Equal(res, []byte{0, 1, hsOK}) {
-			t.Fatalf("accepted result %x", res)
+		if !wellFormed || id != peer {
+			t.Fatalf("accepted server %q from %x", peer, in)
 		}
 	})
 }
