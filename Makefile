@@ -53,14 +53,23 @@ bench:
 	./scripts/bench-delivery.sh $(BENCH_DURATION)
 	./scripts/bench-sessions.sh $(BENCH_DURATION)
 
-## fuzz: every native fuzz target (func FuzzXxx in a _test.go file) for FUZZTIME each, one after another (go fuzzes one target per invocation); a failing input is written to the package's testdata/fuzz/FuzzXxx, where go test then runs it as a seed.
+## fuzz: every native fuzz target (func FuzzXxx in a _test.go file) for FUZZTIME each, one after another (go fuzzes one target per invocation); a failing input is written to the package's testdata/fuzz/FuzzXxx, where go test then runs it as a seed. Go before 1.27 may report the end of -fuzztime itself as a failure, a bare "context deadline exceeded" with no input written (go.dev/issue/75804, a race in its coordinator under CPU contention): that one is reported and tolerated, anything else fails.
 FUZZTIME ?= 30s
 FUZZPARALLEL ?= 2
 FUZZ_TARGETS = $(shell grep -rHo --include='*_test.go' '^func Fuzz[A-Za-z0-9_]*' . | sed -E 's|^(.*)/[^/]*:func (.*)$$|\1:\2|' | sort -u)
 fuzz:
-	@for t in $(FUZZ_TARGETS); do \
-	  echo "fuzz $${t%%:*} $${t##*:} for $(FUZZTIME)"; \
-	  $(GO) test -run '^$$' -fuzz "^$${t##*:}\$$" -fuzztime $(FUZZTIME) -parallel $(FUZZPARALLEL) $${t%%:*}; \
+	@log=$$(mktemp); trap 'rm -f $$log' EXIT; \
+	for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; name=$${t##*:}; \
+	  echo "fuzz $$pkg $$name for $(FUZZTIME)"; \
+	  if $(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) -parallel $(FUZZPARALLEL) $$pkg >$$log 2>&1; then \
+	    grep -E '^fuzz: elapsed' $$log | tail -n 1; \
+	  elif ! grep -q 'Failing input written' $$log && \
+	       grep -A1 -- "^--- FAIL: $$name " $$log | tail -n 1 | grep -qx '    context deadline exceeded'; then \
+	    echo "  tolerated: the -fuzztime deadline reported as a failure, no input found (go.dev/issue/75804)"; \
+	  else \
+	    cat $$log; exit 1; \
+	  fi; \
 	done
 
 ## fuzz-short: every fuzz target for 3 s (CI, in make test).
