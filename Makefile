@@ -63,7 +63,7 @@ fuzz:
 	  pkg=$${t%%:*}; name=$${t##*:}; \
 	  echo "fuzz $$pkg $$name for $(FUZZTIME)"; \
 	  if $(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) -parallel $(FUZZPARALLEL) $$pkg >$$log 2>&1; then \
-	    grep -E '^fuzz: elapsed' $$log | tail -n 1; \
+	    grep -E '^fuzz: elapsed' $$log | tail -n 2 | head -n 1; \
 	  elif ! grep -q 'Failing input written' $$log && \
 	       grep -A1 -- "^--- FAIL: $$name " $$log | tail -n 1 | grep -qx '    context deadline exceeded'; then \
 	    echo "  tolerated: the -fuzztime deadline reported as a failure, no input found (go.dev/issue/75804)"; \
