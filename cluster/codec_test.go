@@ -2,11 +2,14 @@ package cluster
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"math/rand/v2"
 	"reflect"
 	"testing"
+
+	"github.com/mqtt-ha/broker/internal/fuzzutil"
 )
 
 func goldenMessage() (*Message, []string) {
@@ -208,37 +211,96 @@ func TestDecodersSurviveJunk(t *testing.T) {
 	}
 }
 
+// checkReencoding checks a decoder against its encoder: decoding the
+// re-encoding gives the same value, and the re-encoding is the input
+// itself unless the input padded a varint (the only non-canonical form the
+// decoders accept), which can only make it longer.
+func checkReencoding(t *testing.T, what string, in, enc []byte, v any, redecode func([]byte) (any, error)) {
+	t.Helper()
+	if len(enc) > len(in) || len(enc) == len(in) && !bytes.Equal(enc, in) {
+		t.Fatalf("%s: %x re-encodes as %x", what, in, enc)
+	}
+	again, err := redecode(enc)
+	if err != nil || !reflect.DeepEqual(again, v) {
+		t.Fatalf("%s: round trip changed %+v into %+v (%v)", what, v, again, err)
+	}
+}
+
+// FuzzDecodeFrame: a forwarding frame body decodes to a message that
+// re-encodes canonically, and decoding allocates at most a constant
+// factor of the body (Payload and CorrelationData alias it).
 func FuzzDecodeFrame(f *testing.F) {
 	m, shared := goldenMessage()
 	f.Add(appendPublishFrame(nil, m, shared)[frameLenSize:])
 	f.Add([]byte{1, 0, 1, 't', 0, 0, 0, 0, 0, 0, 0})
+	f.Add(appendPublishFrame(nil, &Message{Topic: "$SYS/x", QoS: 2, Payload: []byte{0}, UserProperties: []UserProperty{{}, {"k", ""}}}, []string{"$share/a/#", "$share/b/+"})[frameLenSize:])
 	f.Fuzz(func(t *testing.T, b []byte) {
-		dec, err := decodeFrame(b)
+		var dec *Message
+		var err error
+		fuzzutil.AllocBound(t, fuzzutil.Limit(len(b), 32), func() { dec, err = decodeFrame(b) })
 		if err != nil {
+			if dec != nil || !errors.Is(err, ErrBadFrame) {
+				t.Fatalf("decodeFrame = %+v, %v", dec, err)
+			}
 			return
 		}
-		// Whatever decodes must survive a re-encode/decode unchanged (the
-		// bytes may differ: padded varints are accepted on input).
-		again, err := decodeFrame(appendPublishFrame(nil, dec, dec.Shared)[frameLenSize:])
-		if err != nil || !reflect.DeepEqual(dec, again) {
-			t.Fatalf("round trip changed the message: %+v -> %+v (%v)", dec, again, err)
+		enc := appendPublishFrame(nil, dec, dec.Shared)
+		if n := binary.BigEndian.Uint32(enc); int(n) != len(enc)-frameLenSize {
+			t.Fatalf("frame length %d, body %d bytes", n, len(enc)-frameLenSize)
 		}
+		checkReencoding(t, "frame", b, enc[frameLenSize:], dec, func(e []byte) (any, error) { return decodeFrame(e) })
 	})
 }
 
+// FuzzDecodeGossip runs every gossip decoder (memberlist user messages,
+// push/pull state, node metadata) on the input: whatever decodes
+// re-encodes canonically, and no decoder allocates more than a constant
+// factor of its input. (FuzzRouteGossip feeds decoded messages to a route
+// table.)
 func FuzzDecodeGossip(f *testing.F) {
 	f.Add(appendDelta(nil, routeDelta{Node: "n1", Incarnation: 5, Version: 2, Op: opAdd, Filter: "a/#"}))
-	f.Add(appendState(nil, []nodeRoutes{{Node: "n1", Incarnation: 5, Version: 2, Filters: []string{"a"}}}))
+	f.Add(appendState(nil, []nodeRoutes{{Node: "n1", Incarnation: 5, Version: 2, Filters: []string{"a"}}, {Node: "n2"}}))
+	f.Add(appendMeta(nil, nodeMeta{Proto: 1, NodeID: "n1", AdvertiseHost: "h", ClusterPort: 7947, MQTTPort: 1883, App: []byte{1, 3, 0}}))
+	f.Add(appendLeave(nil, "n1"))
+	f.Add(appendHead(nil, "n1", 1<<62, 300))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		rt := newRouteTable("self", 1)
-		rt.setMember("n1", true)
-		if d, err := decodeDelta(b); err == nil {
-			rt.applyDelta(d)
+		var (
+			delta            routeDelta
+			state            []nodeRoutes
+			meta             nodeMeta
+			leave, head      string
+			inc, ver         uint64
+			errD, errS, errM error
+			errL, errH       error
+		)
+		fuzzutil.AllocBound(t, fuzzutil.Limit(len(b), 64), func() {
+			delta, errD = decodeDelta(b)
+			state, errS = decodeState(b)
+			meta, errM = decodeMeta(b)
+			leave, errL = decodeLeave(b)
+			head, inc, ver, errH = decodeHead(b)
+		})
+		if errD == nil {
+			checkReencoding(t, "delta", b, appendDelta(nil, delta), delta, func(e []byte) (any, error) { return decodeDelta(e) })
 		}
-		if s, err := decodeState(b); err == nil {
-			rt.merge(s)
+		if errS == nil {
+			checkReencoding(t, "state", b, appendState(nil, state), state, func(e []byte) (any, error) { return decodeState(e) })
 		}
-		var res matchResult
-		rt.match("a/b", &res)
+		if errM == nil {
+			checkReencoding(t, "meta", b, appendMeta(nil, meta), meta, func(e []byte) (any, error) { return decodeMeta(e) })
+		}
+		if errL == nil {
+			checkReencoding(t, "leave", b, appendLeave(nil, leave), leave, func(e []byte) (any, error) { return decodeLeave(e) })
+		}
+		if errH == nil {
+			type h struct {
+				node     string
+				inc, ver uint64
+			}
+			checkReencoding(t, "head", b, appendHead(nil, head, inc, ver), h{head, inc, ver}, func(e []byte) (any, error) {
+				n, i, v, err := decodeHead(e)
+				return h{n, i, v}, err
+			})
+		}
 	})
 }

@@ -3,6 +3,7 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 )
@@ -378,6 +379,12 @@ func (rt *routeTable) merge(entries []nodeRoutes) mergeResult {
 			// nanosecond). Jump past it so our entry wins again. The version
 			// is kept: it is non-zero whenever the filter set is non-empty, so
 			// "version 1 of an incarnation applies to the empty set" holds.
+			// A claim at the largest incarnation cannot be outranked: +1
+			// would wrap to 0 and every peer would then drop our deltas
+			// as stale. Only a corrupt peer can send one; keep ours.
+			if nr.Incarnation == math.MaxUint64 {
+				continue
+			}
 			if nr.Incarnation > rt.incarnation || nr.Incarnation == rt.incarnation && nr.Version > rt.version {
 				rt.incarnation = nr.Incarnation + 1
 				res.Bumped = true

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"math"
 	"slices"
 	"testing"
 )
@@ -229,6 +230,15 @@ func TestMergeBumpsOwnIncarnationWhenPeerKnowsNewer(t *testing.T) {
 	peer.merge([]nodeRoutes{own})
 	if got := peer.remoteFilters("n1"); !slices.Equal(got, []string{"a"}) {
 		t.Fatalf("peer still holds the ghost: %v", got)
+	}
+	// A claim at the largest incarnation cannot be outranked; ours must not
+	// wrap to 0 trying (found by FuzzRouteGossip).
+	inc, _ := rt.head()
+	if res := rt.merge([]nodeRoutes{{Node: "n1", Incarnation: math.MaxUint64, Version: 1}}); res.Bumped {
+		t.Fatal("bumped past the largest incarnation")
+	}
+	if got, _ := rt.head(); got != inc {
+		t.Fatalf("incarnation %d after a MaxUint64 claim, want %d", got, inc)
 	}
 }
 

@@ -31,6 +31,9 @@ func ParseShared(filter string) (group, inner string, ok bool) {
 // filter (shared filters are checked on their inner filter): '#' only as the
 // whole last level, '+' only as a whole level, no NUL, not empty.
 func ValidFilter(filter string) bool {
+	if strings.IndexByte(filter, 0) >= 0 {
+		return false // anywhere, the share group included
+	}
 	if first, _, _ := cut(filter); strings.EqualFold(first, sharePrefix[:len(sharePrefix)-1]) {
 		_, inner, ok := ParseShared(filter)
 		if !ok {
@@ -38,7 +41,7 @@ func ValidFilter(filter string) bool {
 		}
 		filter = inner
 	}
-	if filter == "" || strings.IndexByte(filter, 0) >= 0 {
+	if filter == "" {
 		return false
 	}
 	levels := strings.Split(filter, "/")

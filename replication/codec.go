@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
+	"slices"
 )
 
 // The wire primitives shared by commands, snapshots and the forwarding RPC.
@@ -155,4 +157,29 @@ func (r *reader) end() error {
 		r.fail("%d trailing bytes", len(r.b))
 	}
 	return r.err
+}
+
+// readChunk is what readN allocates ahead of the bytes that arrived.
+const readChunk = 64 << 10
+
+// readN reads exactly n bytes from r into buf (reused when large enough)
+// and returns them. A length read from a snapshot or a peer is not trusted
+// with an allocation: beyond readChunk the buffer grows only as bytes
+// arrive, at most doubling, so a corrupt or hostile length costs memory
+// only when the bytes are really there.
+func readN(r io.Reader, buf []byte, n int) ([]byte, error) {
+	buf = buf[:0]
+	for len(buf) < n {
+		want := min(n-len(buf), max(readChunk, len(buf)))
+		buf = slices.Grow(buf, want)
+		k, err := io.ReadFull(r, buf[len(buf):len(buf)+want])
+		buf = buf[:len(buf)+k]
+		if err != nil {
+			if err == io.EOF && len(buf) > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			return buf, err
+		}
+	}
+	return buf, nil
 }

@@ -197,4 +197,18 @@ func TestRPCResultAndErrorCodec(t *testing.T) {
 	if !errors.Is(err, ErrTimeout) || !errors.Is(err, ErrUnknownOutcome) || errors.Is(err, ErrNoLeader) {
 		t.Fatalf("sentinels lost: %v", err)
 	}
+	// An error without a message and without a known sentinel is still an
+	// error, both ways (found by FuzzRPCFrame).
+	e = reader{b: appendError(nil, errors.New(""))}
+	if err := e.error(); err == nil || err.Error() != errNoMessage {
+		t.Fatalf("message-less error encoded as %v", err)
+	}
+	e = reader{b: appendError(nil, &remoteError{msg: "", sentinels: nil})}
+	if err := e.error(); err == nil {
+		t.Fatal("message-less remote error re-encoded as success")
+	}
+	e = reader{b: []byte{0x80, 0x30, 0}} // unknown sentinel bits 11 and 12, no message
+	if err := e.error(); err == nil || err.Error() != errNoMessage {
+		t.Fatalf("unknown sentinel bits decoded as %v", err)
+	}
 }

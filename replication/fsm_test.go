@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/hex"
 	"errors"
@@ -13,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/mqtt-ha/broker/internal/fuzzutil"
 )
 
 // memSink is a raft.SnapshotSink in memory; failAfter > 0 makes writes fail
@@ -72,7 +75,7 @@ func fill(f *FSM, n int) {
 	}
 }
 
-func snapshotBytes(t *testing.T, f *FSM) []byte {
+func snapshotBytes(t testing.TB, f *FSM) []byte {
 	t.Helper()
 	snap, err := f.Snapshot()
 	if err != nil {
@@ -278,6 +281,31 @@ func TestRestoreCorruptKeepsState(t *testing.T) {
 		if !reflect.DeepEqual(before, stateOf(g)) {
 			t.Fatalf("%s: failed restore changed the state", name)
 		}
+	}
+}
+
+// TestLengthsAreNotTrusted: a snapshot record or an RPC frame declaring a
+// huge length costs memory only for the bytes that really arrive (both
+// allocated the declared length up front; found by FuzzRestore and
+// FuzzRPCFrame), and long bodies are still read exactly.
+func TestLengthsAreNotTrusted(t *testing.T) {
+	fuzzutil.AllocBound(t, fuzzutil.Slack, func() {
+		if _, err := readSnapshot(strings.NewReader("MQRS\x02\x03\xff\xff\xff\xff\x03")); !errors.Is(err, errCorrupt) {
+			t.Errorf("1 GiB record in 11 bytes: %v", err)
+		}
+		if _, _, _, err := readFrame(bufio.NewReader(strings.NewReader("\x00\x80\x00\x00\x01")), 16<<20); err == nil {
+			t.Error("8 MiB frame in 5 bytes read")
+		}
+	})
+	long := bytes.Repeat([]byte("0123456789abcdef"), 3*readChunk/16+1)
+	if got, err := readN(bytes.NewReader(long), make([]byte, 10), len(long)); err != nil || !bytes.Equal(got, long) {
+		t.Fatalf("readN of %d bytes: %d bytes, %v", len(long), len(got), err)
+	}
+	if _, err := readN(bytes.NewReader(long[:readChunk+1]), nil, len(long)); err != io.ErrUnexpectedEOF {
+		t.Fatalf("short body: %v", err)
+	}
+	if _, err := readN(bytes.NewReader(nil), nil, 1); err != io.EOF {
+		t.Fatalf("no body: %v", err)
 	}
 }
 

@@ -57,6 +57,11 @@ type remoteError struct {
 func (e *remoteError) Error() string   { return e.msg }
 func (e *remoteError) Unwrap() []error { return e.sentinels }
 
+// errNoMessage stands in for the message of an error that has none: mask 0
+// with an empty message is the success encoding, which an error must never
+// be encoded as, nor decode back into.
+const errNoMessage = "error without a message"
+
 func appendError(b []byte, err error) []byte {
 	if err == nil {
 		return append(appendUvarint(b, 0), 0)
@@ -68,13 +73,20 @@ func appendError(b []byte, err error) []byte {
 		}
 	}
 	b = appendUvarint(b, mask)
-	return appendString(b, err.Error())
+	msg := err.Error()
+	if msg == "" {
+		msg = errNoMessage
+	}
+	return appendString(b, msg)
 }
 
 func (r *reader) error() error {
 	mask, msg := r.uvarint(), r.str()
 	if mask == 0 && msg == "" {
 		return nil
+	}
+	if msg == "" {
+		msg = errNoMessage // only sentinel bits this version does not know
 	}
 	e := &remoteError{msg: msg}
 	for i, s := range errSentinels {
@@ -171,8 +183,8 @@ func readFrame(r *bufio.Reader, maxLen int) (kind byte, id uint64, body []byte, 
 	if n < 2 || n > maxLen {
 		return 0, 0, nil, fmt.Errorf("%w: rpc frame length %d", errCorrupt, n)
 	}
-	buf := make([]byte, n)
-	if _, err = io.ReadFull(r, buf); err != nil {
+	buf, err := readN(r, nil, n)
+	if err != nil {
 		return 0, 0, nil, err
 	}
 	rd := reader{b: buf[1:]}

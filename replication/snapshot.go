@@ -184,11 +184,7 @@ func readSnapshot(r io.Reader) (*state, error) {
 		if err != nil || n > maxSnapRecord {
 			return nil, fmt.Errorf("%w: record length: %v", errCorrupt, err)
 		}
-		if uint64(cap(body)) < n {
-			body = make([]byte, n)
-		}
-		body = body[:n]
-		if _, err := io.ReadFull(br, body); err != nil {
+		if body, err = readN(br, body, int(n)); err != nil {
 			return nil, fmt.Errorf("%w: record body: %w", errCorrupt, err)
 		}
 		rd := reader{b: body}

@@ -1,14 +1,19 @@
 package mosquitto
 
 import (
+	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path"
+	"reflect"
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/mqtt-ha/broker/internal/fuzzutil"
 )
 
 // fuzzFS is an in-memory include_dir source, so the config fuzzer never reads
@@ -66,7 +71,12 @@ func FuzzParseConfig(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, data string) {
-		cfg, warns, err := parseConfig("fuzz.conf", strings.NewReader(data), fuzzIncludes)
+		var cfg *Config
+		var warns []Warning
+		var err error
+		fuzzutil.AllocBound(t, fuzzutil.Limit(len(data), 64), func() {
+			cfg, warns, err = parseConfig("fuzz.conf", strings.NewReader(data), fuzzIncludes)
+		})
 		if err != nil {
 			if cfg != nil {
 				t.Fatal("config returned with an error")
@@ -115,7 +125,9 @@ func FuzzParsePasswordFile(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, data string) {
-		pf, err := ParsePasswordFile("fuzz", strings.NewReader(data))
+		var pf *PasswordFile
+		var err error
+		fuzzutil.AllocBound(t, fuzzutil.Limit(len(data), 64), func() { pf, err = ParsePasswordFile("fuzz", strings.NewReader(data)) })
 		if err != nil {
 			if pf != nil {
 				t.Fatal("file returned with an error")
@@ -134,6 +146,64 @@ func FuzzParsePasswordFile(f *testing.F) {
 			if e.iterations <= 1000 && pf.Verify(user, "not the password") {
 				t.Fatalf("%q accepted a made-up password", user)
 			}
+		}
+	})
+}
+
+// formatHash writes e the way mosquitto_passwd does (padded base64).
+func formatHash(e *pwEntry) string {
+	b64 := base64.StdEncoding.EncodeToString
+	if e.kind == pwPBKDF2 {
+		return fmt.Sprintf("$7$%d$%s$%s", e.iterations, b64(e.salt), b64(e.hash))
+	}
+	return fmt.Sprintf("$6$%s$%s", b64(e.salt), b64(e.hash))
+}
+
+// FuzzPasswordHash parses one hash field (what follows "user:"). A field
+// that parses re-formats the way mosquitto_passwd writes it into a field
+// that parses to the same entry; a password hashed with the entry's salt
+// and iterations verifies against it and a different password does not;
+// a refusal is a message that does not quote the field.
+func FuzzPasswordHash(f *testing.F) {
+	for _, p := range []string{"testdata/passwd.pbkdf2", "testdata/passwd.sha512", "testdata/passwd.mixed"} {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if _, field, ok := strings.Cut(line, ":"); ok && !strings.HasPrefix(line, "#") {
+				f.Add(field, "password")
+			}
+		}
+	}
+	f.Add("$7$0101$MDEyMzQ1Njc4OWFi$"+strings.Repeat("A", 86), "") // unpadded, leading zero
+	f.Add("$7$+5$MDEyMzQ1Njc4OWFi$"+strings.Repeat("A", 86)+"==", "p")
+	f.Add("$6$MDEyMzQ1Njc4OWFi$"+strings.Repeat("A", 85)+"\r==", "p")
+	f.Fuzz(func(t *testing.T, field, password string) {
+		e, msg := parsePasswordHash(field)
+		if (e == nil) == (msg == "") {
+			t.Fatalf("parsePasswordHash = %v, %q", e, msg)
+		}
+		if e == nil {
+			if len(field) >= 24 && strings.Contains(msg, field) {
+				t.Fatalf("refusal quotes the field: %s", msg)
+			}
+			return
+		}
+		canon := formatHash(e)
+		if e2, msg := parsePasswordHash(canon); msg != "" || !reflect.DeepEqual(e, e2) {
+			t.Fatalf("%q re-formatted as %q parses to %+v (%s)", field, canon, e2, msg)
+		}
+		if e.iterations > 1000 {
+			return // slow; FuzzParsePasswordFile has the same limit
+		}
+		sum, err := e.digest(password)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pf := &PasswordFile{users: map[string]*pwEntry{"u": {kind: e.kind, iterations: e.iterations, salt: e.salt, hash: sum}}}
+		if !pf.Verify("u", password) || pf.Verify("u", password+"x") || pf.Verify("v", password) {
+			t.Fatalf("verification of a hash made with %q's parameters is wrong", canon)
 		}
 	})
 }
@@ -175,7 +245,9 @@ func FuzzParseACL(f *testing.F) {
 	f.Add("user u\ntopic read +/b\ntopic deny a/#\n", "c", "u", "a/b")
 	f.Add("pattern readwrite x%cy/%u\n", "$", "u", "x$y/u")
 	f.Fuzz(func(t *testing.T, data, clientID, username, topic string) {
-		a, err := ParseACL("fuzz", strings.NewReader(data))
+		var a *ACL
+		var err error
+		fuzzutil.AllocBound(t, fuzzutil.Limit(len(data), 64), func() { a, err = ParseACL("fuzz", strings.NewReader(data)) })
 		if err != nil {
 			var ce *ConfigError
 			if a != nil || !errors.As(err, &ce) || ce.Line < 1 {

@@ -30,7 +30,9 @@ func decodeAppMeta(b []byte) (expect int, hasState, ok bool) {
 		return 0, false, false
 	}
 	v, n := binary.Uvarint(b[1:])
-	if n <= 0 || len(b) != 1+n+1 || v > 1<<16 {
+	// A has-state byte other than 0 or 1 is refused, not read as "no
+	// state": that guess could let a bootstrap ignore existing state.
+	if n <= 0 || len(b) != 1+n+1 || v > 1<<16 || b[1+n] > 1 {
 		return 0, false, false
 	}
 	return int(v), b[1+n] == 1, true
