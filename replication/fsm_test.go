@@ -392,3 +392,21 @@ func TestFSMReadsAreCopies(t *testing.T) {
 		t.Fatal("Owners() handed out the live map")
 	}
 }
+
+// TestOpenedPresentWithoutAtSurvivesSnapshot: an open without an At (valid,
+// never sent by the hooks) records no retry answer, so a replica restored
+// from a snapshot holds the same session as one that applied the log.
+func TestOpenedPresentWithoutAtSurvivesSnapshot(t *testing.T) {
+	f := testFSM(observers{})
+	f.Apply(entry(1, &SessionOpen{ClientID: "s", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "n1"}))
+	f.Apply(entry(2, &SessionOpen{ClientID: "s", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "n2"}))
+	g := testFSM(observers{})
+	if err := g.Restore(io.NopCloser(bytes.NewReader(snapshotBytes(t, f)))); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := f.Session("s")
+	b, _ := g.Session("s")
+	if !reflect.DeepEqual(a, b) {
+		t.Fatalf("replicas differ after a restore: applied %+v, restored %+v", a, b)
+	}
+}

@@ -43,7 +43,9 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		}
 		e.ProtocolVersion, e.ExpiryInterval, e.Owner = c.ProtocolVersion, c.ExpiryInterval, c.Owner
 		e.Connected, e.DisconnectedAt, e.OpenedIndex = true, 0, idx
-		e.OpenedAt, e.OpenedPresent = c.At, res.Present
+		// Without an At there is no retry to answer (and no snapshot
+		// record for it: replicas must agree).
+		e.OpenedAt, e.OpenedPresent = c.At, res.Present && c.At != 0
 		// A will belongs to one connection; a resumed session's old (maybe
 		// delayed) will is cancelled by the reconnect (MQTT-3.1.3-9).
 		e.Will = nil

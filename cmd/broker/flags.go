@@ -273,8 +273,14 @@ func (o *serveOptions) validateSecurity() error {
 		}
 		c.AdminToken = tokens[0]
 	}
-	if c.ClusterKey != "" && len(c.ClusterKey) < 16 {
-		return bad("cluster-key", "the cluster key is %d characters; use at least 16 random ones, e.g. openssl rand -hex 32", len(c.ClusterKey))
+	for i, k := range append([]string{c.ClusterKey}, c.ClusterAcceptedKeys...) {
+		if (k != "" || i > 0) && len(k) < 16 {
+			what := "the cluster key"
+			if i > 0 {
+				what = fmt.Sprintf("key %d of %s (accepted during a rotation)", i+1, o.clusterKeyFile)
+			}
+			return bad("cluster-key", "%s is %d characters; use at least 16 random ones, e.g. openssl rand -hex 32", what, len(k))
+		}
 	}
 	tlsSet := 0
 	for _, f := range []struct{ flag, path string }{

@@ -129,6 +129,7 @@ func TestClusterSecurityFlags(t *testing.T) {
 	keys := write("keys", "# rotation in progress\nnew-key-0123456789abcdef\n\nold-key-0123456789abcdef\n")
 	token := write("token", "s3cret-token\n")
 	empty := write("empty", "# nothing\n\n")
+	shortOld := write("short-old", "new-key-0123456789abcdef\nold\n")
 	parse := func(args ...string) (*serveOptions, error) {
 		o, err := parseServe(append([]string{"--node-id", "n1"}, args...), env(nil), io.Discard)
 		if err != nil {
@@ -153,6 +154,7 @@ func TestClusterSecurityFlags(t *testing.T) {
 		{"empty key file", []string{"--cluster-key-file", empty}, []string{empty, "no secret"}},
 		{"missing key file", []string{"--cluster-key-file", filepath.Join(dir, "nope")}, []string{"--cluster-key-file", "cannot read"}},
 		{"short key", []string{"--cluster-key", "short"}, []string{"--cluster-key", "at least 16"}},
+		{"short accepted key", []string{"--cluster-key-file", shortOld}, []string{"key 2 of " + shortOld, "at least 16"}},
 		{"partial cluster tls", append([]string{"--cluster-tls-cert", keys}, loop...), []string{"--cluster-tls-ca"}},
 		{"token file", append([]string{"--admin-token-file", token}, loop...), nil},
 		{"two tokens", append([]string{"--admin-token-file", keys}, loop...), []string{"--admin-token-file", "exactly one"}},

@@ -58,11 +58,13 @@ func (n *Node) routes() http.Handler {
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{Registry: n.reg}))
 	if n.cfg.Pprof {
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		// Behind the admin check: /cmdline shows the flags (secrets
+		// included), and profiles cost CPU.
+		mux.HandleFunc("/debug/pprof/", n.adminOnly(pprof.Index))
+		mux.HandleFunc("/debug/pprof/cmdline", n.adminOnly(pprof.Cmdline))
+		mux.HandleFunc("/debug/pprof/profile", n.adminOnly(pprof.Profile))
+		mux.HandleFunc("/debug/pprof/symbol", n.adminOnly(pprof.Symbol))
+		mux.HandleFunc("/debug/pprof/trace", n.adminOnly(pprof.Trace))
 	}
 	return mux
 }

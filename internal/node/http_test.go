@@ -78,3 +78,25 @@ func TestAdminWritesNeedTokenOrLoopback(t *testing.T) {
 		t.Fatalf("right token refused: %d", code)
 	}
 }
+
+// TestPprofIsAdminOnly: /debug/pprof/cmdline shows the command line, the
+// cluster key and admin token included; with --pprof it is an admin
+// endpoint, not open to the network.
+func TestPprofIsAdminOnly(t *testing.T) {
+	n := newTunedCluster(t, func(c *Config) { c.Pprof, c.AdminToken = true, "s3cret" }, "pp").nodes["pp"]
+	for _, tc := range []struct {
+		auth string
+		want int
+	}{{"", http.StatusUnauthorized}, {"Bearer s3cret", http.StatusOK}} {
+		req := httptest.NewRequest(http.MethodGet, "/debug/pprof/cmdline", nil)
+		req.RemoteAddr = "10.1.2.3:5000"
+		if tc.auth != "" {
+			req.Header.Set("Authorization", tc.auth)
+		}
+		rec := httptest.NewRecorder()
+		n.routes().ServeHTTP(rec, req)
+		if rec.Code != tc.want {
+			t.Fatalf("auth %q: status %d, want %d", tc.auth, rec.Code, tc.want)
+		}
+	}
+}
