@@ -40,7 +40,17 @@ type guardedConn struct {
 	firstDone atomic.Bool
 	refused   atomic.Pointer[string] // why the first packet was refused
 	closeOnce sync.Once
+	// inRead: mochi's reader is blocked in Read. mochi reads through a
+	// bufio.Reader and handles one packet at a time, so then every byte
+	// the client sent before has been read and handled (WaitingForInput).
+	inRead atomic.Bool
 }
+
+// WaitingForInput reports whether the connection's reader waits for the
+// client: no packet it received is still being handled (or buffered).
+// A takeover uses it to tell a live connection from one whose DISCONNECT
+// is queued behind a slow packet (session_takeover.go).
+func (c *guardedConn) WaitingForInput() bool { return c.inRead.Load() }
 
 // newGuardedConn wraps c, accepted at the given time: the first packet must
 // be complete within ConnectTimeout of it.
@@ -58,6 +68,8 @@ func newGuardedConn(c net.Conn, g ConnGuard, accepted time.Time) *guardedConn {
 func (c *guardedConn) SetProtocolVersion(v byte) { c.version.Store(uint32(v)) }
 
 func (c *guardedConn) Read(p []byte) (int, error) {
+	c.inRead.Store(true)
+	defer c.inRead.Store(false)
 	if c.first != nil {
 		return c.readFirst(p)
 	}

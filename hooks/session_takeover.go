@@ -1,13 +1,18 @@
 package hooks
 
 import (
+	"time"
+
 	"github.com/mqtt-ha/broker/replication"
 )
 
 // Wills of connections taken over (MQTT-3.1.4-3 with 3.1.2.5: a
-// connection closed by a takeover ended without DISCONNECT, so its will is
-// published, at once when its delay is 0 or the new CONNECT ends the
-// session; Mosquitto does the same).
+// connection closed by a takeover ended without DISCONNECT). As Mosquitto
+// 2.0: the will is published when the takeover ends the old session (the
+// new CONNECT has clean start, or the old session had expiry 0) and the
+// will has no delay; a session that continues on the new connection keeps
+// its will unpublished, and a delayed will is cancelled by the new
+// connection (MQTT-3.1.3-9).
 //
 // The will is in the log (a persistent session's SetWill, a clean
 // session's mirror), and the new connection's SessionOpen clears it. So
@@ -32,7 +37,7 @@ type takenOver struct {
 
 // takeoverWill returns the TakeoverWill for id's live connection on this
 // node, if it holds a will in the log that a new CONNECT (clean: with
-// clean start) would make due now; nil otherwise.
+// clean start) makes due now; nil otherwise.
 func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 	if h.stopping.active.Load() {
 		return nil
@@ -48,19 +53,37 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 		return nil
 	}
 	s, ok := h.repl.Session(id)
+	ends := clean || s.ExpiryInterval == 0
 	if !ok || !s.Connected || s.Owner != h.cfg.Self || s.OpenedIndex != oc.opened.Load() || s.Will == nil ||
-		(s.Will.DelaySeconds > 0 && !clean) {
+		s.Will.DelaySeconds > 0 || !ends {
 		return nil
 	}
 	// A DISCONNECT in flight on the old connection deletes its will
-	// (MQTT-3.1.2-10): give it the same grace a resume gives.
+	// (MQTT-3.1.2-10): give it the same grace a resume gives, and when its
+	// reader is still busy with earlier packets (a publish waiting for
+	// the log), wait until it has handled everything the client sent
+	// (bounded by the write timeout); if it has not by then, publish
+	// nothing: a will is better lost than published after a DISCONNECT.
 	h.awaitDisconnectInFlight(id)
+	if w, ok := old.Net.Conn.(interface{ WaitingForInput() bool }); ok {
+		deadline := time.Now().Add(h.cfg.Timeout)
+		for !old.Closed() && !w.WaitingForInput() && time.Now().Before(deadline) {
+			select {
+			case <-time.After(2 * time.Millisecond):
+			case <-h.base.Done():
+				return nil
+			}
+		}
+		if !w.WaitingForInput() {
+			return nil
+		}
+	}
 	if old.Closed() {
 		return nil
 	}
 	return &takenOver{
 		cmd: &replication.TakeoverWill{ClientID: id, IfOpened: s.OpenedIndex, At: now,
-			MaxQueued: uint32(max(h.cfg.MaxQueued, 0)), EndsSession: clean},
+			MaxQueued: uint32(max(h.cfg.MaxQueued, 0)), EndsSession: ends},
 		will: s.Will,
 		old:  oc,
 	}

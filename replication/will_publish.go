@@ -53,13 +53,13 @@ func (c *PublishWill) validate() error {
 // TakeoverWill publishes, like PublishWill, the will of ClientID's
 // connection that a new CONNECT takes over: only if the session is still
 // the one opened at IfOpened and still connected (its connection is the
-// one being taken over), holds a will, and the will is due now: its delay
-// is 0, or EndsSession (the new CONNECT has clean start, so the old
-// session ends and its will is published whatever its delay,
-// MQTT-3.1.2-8 / 3.1.3-9). The hooks put it in the same entry as the new
-// connection's SessionOpen or SessionDelete, before it. A connection taken
-// over ends without DISCONNECT, so its will fires (MQTT-3.1.4-3 and
-// 3.1.2.5; Mosquitto does the same).
+// one being taken over), holds a will with delay 0, and EndsSession: the
+// takeover ends the old session (the new CONNECT has clean start, or the
+// old session had expiry 0). That is what Mosquitto 2.0 does: a taken-over
+// connection's will is published when its session ends with it, not when
+// the session continues on the new connection, and not before a will
+// delay. The hooks put it in the same entry as the new connection's
+// SessionOpen or SessionDelete, before it.
 //
 //	str client_id | uvarint if_opened | varint at | uvarint max_queued | bool ends_session
 type TakeoverWill struct {
@@ -109,7 +109,7 @@ func (s *state) applyPublishWill(c *PublishWill, res *Result, evs []event) []eve
 
 func (s *state) applyTakeoverWill(c *TakeoverWill, res *Result, evs []event) []event {
 	e := s.sessions[c.ClientID]
-	if e == nil || e.Will == nil || !e.Connected || e.OpenedIndex != c.IfOpened || (e.Will.DelaySeconds > 0 && !c.EndsSession) {
+	if e == nil || e.Will == nil || !e.Connected || e.OpenedIndex != c.IfOpened || e.Will.DelaySeconds > 0 || !c.EndsSession {
 		return evs
 	}
 	return s.publishWillOf(c.ClientID, c.At, c.MaxQueued, res, evs)

@@ -58,6 +58,8 @@ type ClientOptions struct {
 	Session *state.State
 	// ReceiveMaximum, if set, is sent in CONNECT.
 	ReceiveMaximum uint16
+	// WillDelay, if set, is the will's Will Delay Interval (seconds).
+	WillDelay uint32
 }
 
 // Connect dials addr and completes an MQTT 5 CONNECT, failing the test on
@@ -113,6 +115,10 @@ func TryConnect(addr string, o ClientOptions) (*Client, error) {
 	}
 	if o.Will != nil {
 		cp.WillMessage, cp.WillProperties = o.Will, &paho.WillProperties{}
+		if o.WillDelay > 0 {
+			d := o.WillDelay
+			cp.WillProperties.WillDelayInterval = &d
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
