@@ -135,8 +135,13 @@ func (h *Ownership) recentTakeoversLocked(id string, now time.Time) int {
 	return len(ts)
 }
 
-// OnSessionEstablished queues the claim for the new connection.
+// OnSessionEstablished queues the claim for the new connection, unless
+// an earlier hook refused it (Sessions stops a connection whose CONNACK it
+// refused): a refused CONNECT owns nothing.
 func (h *Ownership) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Closed() {
+		return
+	}
 	h.enqueue(claim{cl: cl, at: time.Now().UnixMilli()})
 }
 

@@ -66,9 +66,14 @@ func (h *Sessions) discardSession(id string) bool {
 	// side that has had none for a while.
 	ctx, cancel := context.WithTimeout(h.base, cleanDiscardTimeout)
 	defer cancel()
-	// See every session opened before this CONNECT, on any node.
-	if err := h.repl.SessionsBarrier(ctx); err != nil {
-		h.log.Debug("clean connect: sessions view may be stale", "client", id, "error", err)
+	// See every session opened before this CONNECT, on any node. A node
+	// behind the log might not know the session yet: unless there is no
+	// quorum at all (then ids unknown here are served, guarantee 5), a
+	// failed barrier refuses the CONNECT rather than serve it over a
+	// session a resume elsewhere would still find.
+	if err := h.repl.SessionsBarrier(ctx); err != nil && !noQuorum(err) {
+		h.log.Warn("clean connect: this node could not catch up with the log in time; connection refused", "client", id, "error", err)
+		return false
 	}
 	s, ok := h.repl.Session(id)
 	if !ok {

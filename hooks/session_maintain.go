@@ -68,12 +68,28 @@ func (h *Sessions) closeStale() {
 
 func (h *Sessions) isLive(id string, opened uint64) bool {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if c := h.live[id]; c != nil && c.opened.Load() == opened {
+		h.mu.Unlock()
 		return true
 	}
+	var late []*sessConn
 	for _, c := range h.conns {
-		if c.id == id && (c.opened.Load() == opened || (c.opened.Load() == 0 && c.unmirrored == nil)) {
+		if c.id != id {
+			continue
+		}
+		if c.opened.Load() == opened || (c.opened.Load() == 0 && c.unmirrored == nil) {
+			h.mu.Unlock()
+			return true
+		}
+		if c.opened.Load() == 0 && c.unmirrored != nil {
+			late = append(late, c)
+		}
+	}
+	h.mu.Unlock()
+	// A clean session's mirror that committed after its write timed out
+	// belongs to a connection that is still here.
+	for _, c := range late {
+		if s, ok := h.lateMirror(c); ok && s.OpenedIndex == opened {
 			return true
 		}
 	}

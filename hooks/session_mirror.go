@@ -59,6 +59,27 @@ func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) b
 	return true
 }
 
+// lateMirror finds, for a connection whose mirror write failed with an
+// unknown outcome (c.unmirrored), that mirror in the log if it committed
+// after all: the session this node opened with the same At.
+func (h *Sessions) lateMirror(c *sessConn) (replication.Session, bool) {
+	var at int64
+	cmds := []replication.Command{c.unmirrored}
+	if b, ok := c.unmirrored.(*replication.Batch); ok {
+		cmds = b.Commands
+	}
+	for _, cmd := range cmds {
+		if o, ok := cmd.(*replication.SessionOpen); ok {
+			at = o.At
+		}
+	}
+	s, ok := h.repl.Session(c.id)
+	if at == 0 || !ok || s.Owner != h.cfg.Self || s.OpenedAt != at {
+		return replication.Session{}, false
+	}
+	return s, true
+}
+
 // mirrored records that c's mirror is in the log at index and takes the
 // will from mochi.
 func (h *Sessions) mirrored(c *sessConn, cl *mqtt.Client, index uint64) {
@@ -78,7 +99,16 @@ func (h *Sessions) mirrored(c *sessConn, cl *mqtt.Client, index uint64) {
 func (h *Sessions) endMirror(c *sessConn, err error) {
 	opened := c.opened.Load()
 	if opened == 0 {
-		return // not mirrored: mochi had the will
+		// Not mirrored: mochi had the will. A mirror that committed
+		// late must not have the leader publish it a second time.
+		if c.unmirrored != nil {
+			if s, ok := h.lateMirror(c); ok {
+				h.submit(sessOp{cmd: func() replication.Command {
+					return &replication.SessionDelete{ClientID: c.id, IfOpened: s.OpenedIndex}
+				}})
+			}
+		}
+		return
 	}
 	if err == nil {
 		h.submit(sessOp{cmd: func() replication.Command {

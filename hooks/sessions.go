@@ -3,6 +3,7 @@ package hooks
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math"
 	"sync"
@@ -295,8 +296,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		}
 		if !hasWill {
 			if pk.Connect.Clean && !h.discardSession(cl.ID) { // session_lifecycle.go
-				c.refused = true
-				h.track(c)
+				h.refuseAside(c)
 				return
 			}
 			h.endMirrorOf(cl.ID)
@@ -307,8 +307,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// session too.
 		if !h.openMirror(c, cl, pk) {
 			if pk.Connect.Clean && !h.discardSession(cl.ID) {
-				c.refused = true
-				h.track(c)
+				h.refuseAside(c)
 				return
 			}
 			// Tracked anyway: a graceful stop writes the mirror then.
@@ -376,6 +375,21 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// The log holds the will now; mochi must not publish it too.
 		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
 	}
+	h.track(c)
+}
+
+// refusedSeq makes the ids refuseAside gives unique.
+var refusedSeq atomic.Uint64
+
+// refuseAside refuses a clean CONNECT (CONNACK 0x88 / 3.1.1 server
+// unavailable, OnPacketEncode) without touching the client's live
+// connection: mochi takes over whatever connection of cl.ID it holds right
+// after this hook, whatever the CONNACK will say, so the refused client
+// gets a private id first. Only the clean paths use it: a persistent
+// CONNECT has already stopped the old connection's delivery by then.
+func (h *Sessions) refuseAside(c *sessConn) {
+	c.refused = true
+	c.cl.ID = fmt.Sprintf("%s\x00refused-%d", c.id, refusedSeq.Add(1))
 	h.track(c)
 }
 
@@ -565,8 +579,8 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		return
 	}
 	if c.refused {
-		if cur, ok := h.server.Clients.Get(c.id); ok && cur == cl {
-			h.server.Clients.Delete(c.id)
+		if cur, ok := h.server.Clients.Get(cl.ID); ok && cur == cl {
+			h.server.Clients.Delete(cl.ID) // cl.ID: see refuseAside
 		}
 		return
 	}

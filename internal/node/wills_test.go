@@ -111,7 +111,12 @@ func TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication(t *testing.T)
 	if !again.Connack.SessionPresent {
 		t.Fatal("session of ha not present")
 	}
+	// The retained copy ha got at SUBSCRIBE may come again first (QoS 1:
+	// its PUBACK may not have been written before ha went offline).
 	p := again.MustNext(t, wait)
+	if string(p.Payload) == "online" && p.Topic == "st/dev" {
+		p = again.MustNext(t, wait)
+	}
 	if p.Topic != "st/dev" || string(p.Payload) != "offline" {
 		t.Fatalf("queued for ha: %s %q, want the will", p.Topic, p.Payload)
 	}
