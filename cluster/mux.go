@@ -51,6 +51,9 @@ const (
 	handshakeMagic  = "MQHA"
 	maxHandshakeLen = 1024
 	nonceLen        = 16
+	// maxPendingHandshakes bounds the connections in the handshake at once
+	// (a cluster has a few peers, each dialing a few connections).
+	maxPendingHandshakes = 256
 
 	hsOK           byte = 0
 	hsVersion      byte = 1 // protocol version mismatch
@@ -375,6 +378,15 @@ func (x *Mux) serve(ln net.Listener) {
 			x.mu.Unlock()
 			_ = c.Close()
 			return
+		}
+		if len(x.pending) >= maxPendingHandshakes {
+			// A flood of connections that never finish the handshake must
+			// not cost a goroutine (and a TLS handshake) each for
+			// HandshakeTimeout: beyond the bound they are dropped at once.
+			x.mu.Unlock()
+			x.reject(c, "too_many_pending", fmt.Errorf("%d handshakes in progress", maxPendingHandshakes))
+			_ = c.Close()
+			continue
 		}
 		x.pending[c] = struct{}{}
 		x.wg.Add(1)

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"net"
 	"os"
 	"testing"
 	"time"
@@ -137,4 +138,38 @@ func TestPerKeyLimiter(t *testing.T) {
 	if !l.allow("c") || len(l.last) != 2 {
 		t.Fatalf("expired entries must make room: %v", l.last)
 	}
+}
+
+// TestPendingHandshakesBounded: connections that never finish the
+// handshake hold at most maxPendingHandshakes slots; the rest are dropped
+// at once and counted, and the port serves peers again once they are gone.
+func TestPendingHandshakesBounded(t *testing.T) {
+	n1 := startNode(t, "n1", nil, withConfig(func(c *Config) { c.HandshakeTimeout = 3 * time.Second }))
+	var conns []net.Conn
+	for range maxPendingHandshakes + 50 {
+		c, err := net.DialTimeout("tcp", n1.clusterAddr(), time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	eventually(t, 5*time.Second, func() bool {
+		return n1.counter(n1.metrics.handshake.WithLabelValues("in", "too_many_pending")) >= 50
+	}, "excess handshakes not dropped: %v", handshakeCounts(n1))
+	n1.mux.mu.Lock()
+	pending := len(n1.mux.pending)
+	n1.mux.mu.Unlock()
+	if pending > maxPendingHandshakes {
+		t.Fatalf("%d handshakes pending, bound %d", pending, maxPendingHandshakes)
+	}
+	for _, c := range conns {
+		_ = c.Close()
+	}
+	eventually(t, 10*time.Second, func() bool {
+		pc, err := intruder(t, nil).Dial(t.Context(), n1.clusterAddr(), ProtoForward)
+		if err == nil {
+			_ = pc.Close()
+		}
+		return err == nil
+	}, "the port does not serve peers after the flood")
 }

@@ -101,8 +101,10 @@ func (n *Node) serveReady(w http.ResponseWriter, _ *http.Request) {
 func (n *Node) adminOnly(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if tok := n.cfg.AdminToken; tok != "" {
-			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if !ok || subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(tok)) != 1 {
+			// The scheme is case-insensitive (RFC 7235); the token is not.
+			auth := r.Header.Get("Authorization")
+			ok := len(auth) > len("Bearer ") && strings.EqualFold(auth[:len("Bearer ")], "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(strings.TrimSpace(auth[len("Bearer "):])), []byte(tok)) != 1 {
 				n.adminDenied.WithLabelValues("token").Inc()
 				n.log.Warn("admin request refused: missing or wrong bearer token", "remote", r.RemoteAddr, "path", r.URL.Path)
 				w.Header().Set("WWW-Authenticate", `Bearer realm="broker admin"`)

@@ -26,6 +26,8 @@ func TestAdminWritesNeedTokenOrLoopback(t *testing.T) {
 		{"token, wrong", "s3cret", "127.0.0.1:5000", "Bearer nope", http.StatusUnauthorized},
 		{"token, other scheme", "s3cret", "127.0.0.1:5000", "Basic s3cret", http.StatusUnauthorized},
 		{"token, right, from the network", "s3cret", "10.1.2.3:5000", "Bearer s3cret", http.StatusBadRequest},
+		{"token, scheme in lower case", "s3cret", "10.1.2.3:5000", "bearer s3cret", http.StatusBadRequest},
+		{"token, empty", "s3cret", "127.0.0.1:5000", "Bearer ", http.StatusUnauthorized},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := nodes[tc.token]
