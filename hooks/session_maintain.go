@@ -85,7 +85,15 @@ func (h *Sessions) isLive(id string, opened uint64) bool {
 			late = append(late, c)
 		}
 	}
+	openingAt := h.opening[id]
 	h.mu.Unlock()
+	// A CONNECT still writing its open (retrying after an unknown
+	// outcome) may have opened this session already.
+	if openingAt != 0 {
+		if s, ok := h.repl.Session(id); ok && s.Owner == h.cfg.Self && s.OpenedAt == openingAt && s.OpenedIndex == opened {
+			return true
+		}
+	}
 	// A clean session's mirror that committed after its write timed out
 	// belongs to a connection that is still here.
 	for _, c := range late {

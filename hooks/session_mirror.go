@@ -41,6 +41,7 @@ const mirrorOpenTimeout = 2 * time.Second
 // the mirror was written; if not, the will stays mochi's.
 func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) bool {
 	open, _, tw := h.openCommands(cl, pk, 0)
+	defer h.markOpening(cl.ID, openAtOf(open))()
 	// Apply waits for a leader (a node just restarted learns it within an
 	// election) but fails fast on a side that has had none for a while.
 	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
@@ -63,16 +64,7 @@ func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) b
 // unknown outcome (c.unmirrored), that mirror in the log if it committed
 // after all: the session this node opened with the same At.
 func (h *Sessions) lateMirror(c *sessConn) (replication.Session, bool) {
-	var at int64
-	cmds := []replication.Command{c.unmirrored}
-	if b, ok := c.unmirrored.(*replication.Batch); ok {
-		cmds = b.Commands
-	}
-	for _, cmd := range cmds {
-		if o, ok := cmd.(*replication.SessionOpen); ok {
-			at = o.At
-		}
-	}
+	at := openAtOf(c.unmirrored)
 	s, ok := h.repl.Session(c.id)
 	if at == 0 || !ok || s.Owner != h.cfg.Self || s.OpenedAt != at {
 		return replication.Session{}, false

@@ -76,6 +76,9 @@ type Sessions struct {
 	live    map[string]*sessConn       // client id -> the live persistent connection here
 	mirrors map[string]*sessConn       // client id -> the clean session here whose will is mirrored
 	closing map[string]*sessConn       // client id -> the persistent connection here whose close is being written
+	// opening: client id -> At of the SessionOpen a CONNECT here is still
+	// writing (retries included): a session it opened already is live.
+	opening map[string]int64
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
@@ -198,7 +201,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		closing: map[string]*sessConn{}, idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, opening: map[string]int64{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
@@ -335,6 +338,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	open, at, tw := h.openCommands(cl, pk, c.expiry)
+	defer h.markOpening(cl.ID, openAtOf(open))()
 	res, err := h.repl.Apply(ctx, open)
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
 		// Outcome unknown (the leader died while committing) or no
@@ -376,6 +380,37 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
 	}
 	h.track(c)
+}
+
+// markOpening records that a CONNECT here is writing the SessionOpen with
+// At at: until it is done (the returned func), the session it may already
+// have opened (a try whose outcome was unknown) is live, not stale.
+func (h *Sessions) markOpening(id string, at int64) func() {
+	h.mu.Lock()
+	h.opening[id] = at
+	h.mu.Unlock()
+	return func() {
+		h.mu.Lock()
+		if h.opening[id] == at {
+			delete(h.opening, id)
+		}
+		h.mu.Unlock()
+	}
+}
+
+// openAtOf is the At of the SessionOpen in cmd (a command or a batch), 0
+// if it holds none.
+func openAtOf(cmd replication.Command) int64 {
+	cmds := []replication.Command{cmd}
+	if b, ok := cmd.(*replication.Batch); ok {
+		cmds = b.Commands
+	}
+	for _, c := range cmds {
+		if o, ok := c.(*replication.SessionOpen); ok {
+			return o.At
+		}
+	}
+	return 0
 }
 
 // refusedSeq makes the ids refuseAside gives unique.
