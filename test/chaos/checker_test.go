@@ -627,6 +627,19 @@ func TestCheckerAvailability(t *testing.T) {
 		t.Fatalf("violations %v, want one will-on-graceful-stop", r.Violations)
 	}
 	t.Logf("reported: %s", r.Violations[0])
+	// Delivered while the connection was still up (its node was cut off
+	// before, seed 56249839): not the stop's doing, not judged here.
+	h = validWillHistory()
+	willRecv(h, "w6:1", 3600)
+	h.Add(Op{Kind: KindWillEnd, Client: "w6", Node: "node3", Topic: willPrefix + "w6", Value: "w6:1", Start: at(3700), End: at(3700), Outcome: OK,
+		Err: serverDisconnect + " 0x8b"})
+	willConnect(h, "w6", "node1", "w6:2", 3900, 3950, -1)
+	r = Check(h.Ops(), nil, willFaults)
+	for _, v := range r.Violations {
+		if v.Check == "will-on-graceful-stop" {
+			t.Fatalf("a will delivered before the stop counted as fired by it: %v", v)
+		}
+	}
 }
 
 // switchHistory: switch5 subscribes (persistent), goes offline, gets m1

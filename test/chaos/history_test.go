@@ -1008,7 +1008,16 @@ func checkWills(ops []Op, faults []faultEvent, r *CheckResult) {
 		if n, ok := next[payload]; ok && c.end != nil && strings.Contains(c.end.Err, serverDisconnect+" 0x8b") &&
 			n.Outcome == OK && n.End.Sub(c.end.End) <= graceReconnect {
 			w.GracefulJudged++
-			if len(rs) > 0 {
+			// A will delivered while the connection was still up was not
+			// fired by the stop: a cut or pause of its node before it (may
+			// fire, judged above) published it.
+			afterStop := 0
+			for _, rc := range rs {
+				if !rc.End.Before(c.end.Start) {
+					afterStop++
+				}
+			}
+			if afterStop > 0 {
 				w.OnGracefulStop++
 				r.Violations = append(r.Violations, Violation{Check: "will-on-graceful-stop", Topic: c.connect.Topic,
 					Detail: fmt.Sprintf("%s's node stopped gracefully (0x8B) and the client connected again to %s %s later; its will %q was published anyway",
