@@ -98,6 +98,9 @@ func (h *Sessions) isLive(id string, opened uint64) bool {
 	// belongs to a connection that is still here.
 	for _, c := range late {
 		if s, ok := h.lateMirror(c); ok && s.OpenedIndex == opened {
+			if !c.cl.Closed() {
+				h.adoptLateMirror(c, s)
+			}
 			return true
 		}
 	}

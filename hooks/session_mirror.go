@@ -72,13 +72,31 @@ func (h *Sessions) lateMirror(c *sessConn) (replication.Session, bool) {
 	return s, true
 }
 
+// adoptLateMirror makes c, whose mirror write timed out but committed
+// after all (s), a mirrored connection: mochi's copy of the will is
+// cleared first, then the mirror recorded, so that when the connection
+// ends the will goes through the log (the leader's claim queues it for
+// persistent sessions too, which mochi's own publication would miss) and
+// once.
+func (h *Sessions) adoptLateMirror(c *sessConn, s replication.Session) {
+	atomic.StoreUint32(&c.cl.Properties.Will.Flag, 0)
+	h.mirrored(c, c.cl, s.OpenedIndex)
+	h.mu.Lock()
+	c.mirror = true
+	if h.conns[c.cl] == c && h.mirrors[c.id] == nil {
+		h.mirrors[c.id] = c
+	}
+	h.mu.Unlock()
+	h.log.Info("clean session's will mirror committed late; adopted", "client", c.id)
+}
+
 // mirrored records that c's mirror is in the log at index and takes the
 // will from mochi.
 func (h *Sessions) mirrored(c *sessConn, cl *mqtt.Client, index uint64) {
 	c.opened.Store(index)
 	if sw, ok := h.setWill(cl).(*replication.SetWill); ok {
 		w := sw.Will
-		c.mirrorWill = &w
+		c.mirrorWill.Store(&w)
 	}
 	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
 }
@@ -90,17 +108,15 @@ func (h *Sessions) mirrored(c *sessConn, cl *mqtt.Client, index uint64) {
 // this node publishes the will itself (closeMirror).
 func (h *Sessions) endMirror(c *sessConn, err error) {
 	opened := c.opened.Load()
-	if opened == 0 {
-		// Not mirrored: mochi had the will. A mirror that committed
-		// late must not have the leader publish it a second time.
-		if c.unmirrored != nil {
-			if s, ok := h.lateMirror(c); ok {
-				h.submit(sessOp{cmd: func() replication.Command {
-					return &replication.SessionDelete{ClientID: c.id, IfOpened: s.OpenedIndex}
-				}})
-			}
+	if opened == 0 && c.unmirrored != nil {
+		// A mirror that committed late and was not adopted yet (see
+		// adoptLateMirror): end it like an adopted one.
+		if s, ok := h.lateMirror(c); ok {
+			opened = s.OpenedIndex
 		}
-		return
+	}
+	if opened == 0 {
+		return // not mirrored: mochi had the will
 	}
 	if err == nil {
 		h.submit(sessOp{cmd: func() replication.Command {
@@ -133,9 +149,9 @@ func (h *Sessions) closeMirror(c *sessConn, closeCmd *replication.SessionClose) 
 		case errors.Is(err, replication.ErrInvalidCommand), errors.Is(err, replication.ErrClosed):
 			h.log.Warn("clean session's will mirror not closed", "client", c.id, "error", err)
 			return
-		case !unknown && errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome) && c.mirrorWill != nil && !c.willTaken.Load():
+		case !unknown && errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome) && c.mirrorWill.Load() != nil && !c.willTaken.Load():
 			h.log.Warn("clean session's will mirror not closed in the log (no quorum); publishing the will here", "client", c.id, "error", err)
-			h.publishWill(c.id, c.mirrorWill)
+			h.publishWill(c.id, c.mirrorWill.Load())
 			return
 		}
 		unknown = unknown || !errors.Is(err, replication.ErrNoLeader) || errors.Is(err, replication.ErrUnknownOutcome)

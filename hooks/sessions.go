@@ -175,7 +175,7 @@ type sessConn struct {
 	unmirrored replication.Command
 	// mirrorWill: a mirrored clean session's will, published here if the
 	// log cannot take the mirror's close (session_mirror.go).
-	mirrorWill *replication.Will
+	mirrorWill atomic.Pointer[replication.Will]
 	// suback: the SUBACK being sent (OnSubscribe to OnPacketEncode, on the
 	// client's goroutine).
 	suback *pendingSuback
