@@ -250,23 +250,29 @@ func (o *serveOptions) validateSecurity() error {
 	bad := func(flagName, format string, args ...any) error {
 		return &usageError{source: o.source(flagName), msg: fmt.Sprintf(format, args...)}
 	}
-	if o.clusterKeyFile != "" {
-		if c.ClusterKey != "" {
-			return bad("cluster-key-file", "both --cluster-key and --cluster-key-file are set; keep one (the file is safer: it stays out of ps and the environment)")
+	// fromFile reads a secret file given with fileFlag, refusing it beside
+	// the flag that takes the secret itself.
+	fromFile := func(fileFlag, path, plainFlag, plain string) ([]string, error) {
+		if plain != "" {
+			return nil, bad(fileFlag, "both --%s and --%s are set; keep one (the file is safer: it stays out of ps and the environment)", plainFlag, fileFlag)
 		}
-		keys, err := readSecretLines(o.clusterKeyFile)
+		lines, err := readSecretLines(path)
 		if err != nil {
-			return bad("cluster-key-file", "%v", err)
+			return nil, bad(fileFlag, "%v", err)
+		}
+		return lines, nil
+	}
+	if o.clusterKeyFile != "" {
+		keys, err := fromFile("cluster-key-file", o.clusterKeyFile, "cluster-key", c.ClusterKey)
+		if err != nil {
+			return err
 		}
 		c.ClusterKey, c.ClusterAcceptedKeys = keys[0], keys[1:]
 	}
 	if o.adminTokenFile != "" {
-		if c.AdminToken != "" {
-			return bad("admin-token-file", "both --admin-token and --admin-token-file are set; keep one")
-		}
-		tokens, err := readSecretLines(o.adminTokenFile)
+		tokens, err := fromFile("admin-token-file", o.adminTokenFile, "admin-token", c.AdminToken)
 		if err != nil {
-			return bad("admin-token-file", "%v", err)
+			return err
 		}
 		if len(tokens) > 1 {
 			return bad("admin-token-file", "%s holds %d tokens; put exactly one on its first line", o.adminTokenFile, len(tokens))

@@ -78,14 +78,7 @@ func TestCleanConnectWithoutQuorumKeepsSession(t *testing.T) {
 		}
 		return nil
 	})
-	tc.stop("n2")
-	tc.stop("n3")
-	testutil.Eventually(t, wait, func() error {
-		if tc.nodes["n1"].repl.HasLeader() {
-			return errMsg("n1 still sees a leader")
-		}
-		return nil
-	})
+	tc.leaveAlone("n1", "n2", "n3")
 	// A client id without a persistent session is served.
 	tc.client("n1", "plain-clean").Close()
 	if c, err := testutil.TryConnect(tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "nq", CleanStart: true}); err == nil {
@@ -112,4 +105,19 @@ func TestCleanConnectWithoutQuorumKeepsSession(t *testing.T) {
 	if r.Connack.SessionPresent {
 		t.Fatal("resume after the clean CONNECT found the old session")
 	}
+}
+
+// leaveAlone stops the other nodes gracefully and waits until survivor
+// sees no leader (it has no quorum left).
+func (tc *testCluster) leaveAlone(survivor string, others ...string) {
+	tc.t.Helper()
+	for _, id := range others {
+		tc.stop(id)
+	}
+	testutil.Eventually(tc.t, wait, func() error {
+		if tc.nodes[survivor].repl.HasLeader() {
+			return errMsg(survivor + " still sees a leader")
+		}
+		return nil
+	})
 }
