@@ -136,23 +136,38 @@ func (h *Sessions) endMirror(c *sessConn, err error) {
 // is unknown may be committed, and the leader's claim would then publish
 // the will a second time, so after one the close is retried until it
 // succeeds (the will is then late rather than twice).
+//
+// A will published here without a quorum reaches this side's clean
+// subscribers only: persistent sessions and the retained store need the
+// log. So the close is still retried, now with this node's own claim in
+// the same entry (PublishWill: queued for persistent sessions, retained
+// where asked, no second live copy) once the quorum is back. Before, the
+// stale-session sweep closed the mirror then and the leader's claim sent
+// the live copies a second time. (If the client opens a new session
+// elsewhere first, the old will is lost: README "Known gaps".)
 func (h *Sessions) closeMirror(c *sessConn, closeCmd *replication.SessionClose) {
 	unknown := false
+	var cmd replication.Command = closeCmd
+	published := false
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
-		_, err := h.repl.Apply(ctx, closeCmd)
+		_, err := h.repl.Apply(ctx, cmd)
 		cancel()
 		switch {
 		case err == nil:
-			h.pokeWills()
+			if !published {
+				h.pokeWills()
+			}
 			return
 		case errors.Is(err, replication.ErrInvalidCommand), errors.Is(err, replication.ErrClosed):
 			h.log.Warn("clean session's will mirror not closed", "client", c.id, "error", err)
 			return
-		case !unknown && errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome) && c.mirrorWill.Load() != nil && !c.willTaken.Load():
-			h.log.Warn("clean session's will mirror not closed in the log (no quorum); publishing the will here", "client", c.id, "error", err)
+		case !published && !unknown && errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome) &&
+			c.mirrorWill.Load() != nil && !c.willTaken.Load():
+			h.log.Warn("clean session's will mirror not closed in the log (no quorum); publishing the will here, and in the log once it is back", "client", c.id, "error", err)
 			h.publishWill(c.id, c.mirrorWill.Load())
-			return
+			published = true
+			cmd = &replication.Batch{Commands: []replication.Command{closeCmd, h.claimWill(c.id, closeCmd.IfOpened)}}
 		}
 		unknown = unknown || !errors.Is(err, replication.ErrNoLeader) || errors.Is(err, replication.ErrUnknownOutcome)
 		select {

@@ -230,3 +230,48 @@ func TestRollingRestartFiresNoWill(t *testing.T) {
 		t.Fatalf("got %s %q, want only the marker", p.Topic, p.Payload)
 	}
 }
+
+// TestWillPublishedWithoutQuorumReachesTheLogLater: a clean session's
+// client drops on a node without a quorum. The node publishes the will to
+// its own side at once; once the quorum is back the will also reaches the
+// log, once: queued for persistent subscribers and retained, and not sent
+// live a second time. Before, the node's sweep closed the mirror after the
+// quorum came back and the leader's claim sent a second live copy to the
+// clean subscribers that had the first.
+func TestWillPublishedWithoutQuorumReachesTheLogLater(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	w := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "lw-watch", CleanStart: true, SessionExpiry: 600})
+	w.Sub(t, 1, "lw/#")
+	w.Close()
+	dev := testutil.Connect(t, tc.nodes["n3"].Addr("mqtt"), testutil.ClientOptions{ID: "lw-dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "lw/dev", QoS: 1, Retain: true, Payload: []byte("offline")}})
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n3"].repl.Session("lw-dev"); !ok || s.Will == nil {
+			return errMsg("will mirror not in n3's state yet")
+		}
+		return nil
+	})
+	clean := tc.client("n3", "lw-clean")
+	clean.Sub(t, 1, "lw/#")
+	tc.leaveAlone("n3", "n1", "n2")
+	_ = dev.Conn.Close() // no DISCONNECT: the will is due
+	if p := clean.MustNext(t, wait); string(p.Payload) != "offline" {
+		t.Fatalf("this side's clean subscriber got %q, want the will at once", p.Payload)
+	}
+	tc.restart("n1")
+	tc.restart("n2")
+	tc.waitRetained(t, "lw/dev", "offline")
+	again := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "lw-watch", SessionExpiry: 600})
+	defer again.Close()
+	p := again.MustNext(t, 20*time.Second)
+	if p.Topic != "lw/dev" || string(p.Payload) != "offline" {
+		t.Fatalf("queued for the watcher: %s %q, want the will", p.Topic, p.Payload)
+	}
+	if p, err := again.Next(2 * time.Second); err == nil {
+		t.Fatalf("the will reached the watcher twice (second: %s %q)", p.Topic, p.Payload)
+	}
+	if p, err := clean.Next(3 * time.Second); err == nil {
+		t.Fatalf("this side's clean subscriber got the will a second time (%s %q)", p.Topic, p.Payload)
+	}
+}

@@ -2,6 +2,7 @@ package chaos
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -727,5 +728,38 @@ func TestCheckerSwitchingClients(t *testing.T) {
 	h.Add(Op{Kind: KindSwitchRecv, Client: switchV5, Topic: switchPrefix + switchV5, Value: switchV5 + ":3", QoS: 1, Start: at(310), End: at(310), Outcome: OK})
 	if r := Check(h.Ops(), nil, nil); len(r.Violations) != 0 {
 		t.Errorf("violations for an unknown message: %v", r.Violations)
+	}
+}
+
+// TestCheckerDropRightAfterCut: a client that drops its connection just
+// after its node's cut healed (the node has no raft leader yet) and
+// connects again elsewhere: its old will is not judged as due (seeds
+// 20261127, 20261209); without the cut it is.
+func TestCheckerDropRightAfterCut(t *testing.T) {
+	hist := func() *History {
+		h := &History{}
+		for _, o := range availHistory("offline avail1:1", "offline avail2:1").Ops() {
+			if o.Kind != KindWillRecv || o.Value != "offline avail2:1" {
+				h.Add(o)
+			}
+		}
+		h.Add(Op{Kind: KindWillConnect, Client: "avail2", Node: "node1", Topic: availPrefix + "avail2", Value: "offline avail2:2",
+			Start: at(1400), End: at(1450), Outcome: OK})
+		return h
+	}
+	cut := append(slices.Clone(willFaults), faultEvent{Kind: FaultPartition, Node: "node3", Start: at(-3000), End: at(800)})
+	for _, v := range Check(hist().Ops(), nil, cut).Violations {
+		if v.Check == "will-missing" {
+			t.Fatalf("will judged as due although the node was just back from a cut: %v", v)
+		}
+	}
+	missing := 0
+	for _, v := range Check(hist().Ops(), nil, willFaults).Violations {
+		if v.Check == "will-missing" {
+			missing++
+		}
+	}
+	if missing != 1 {
+		t.Fatalf("without the cut the dropped client's will is due: %d will-missing", missing)
 	}
 }

@@ -905,11 +905,16 @@ func classifyWills(ops []Op, faults []faultEvent) map[string]*willConn {
 	return conns
 }
 
+// rejoinGrace is how long after a cut or a pause ends a node may still be
+// without a raft leader (seeds 20261127 and 20261209: a client dropped 0.4 s
+// after its node's cut healed, and the node had no leader for 2.8 s more).
+const rejoinGrace = 5 * time.Second
+
 // nodeIsolatedAt reports whether node was cut off by a partition or paused
-// at t.
+// at t, or had been until less than rejoinGrace before.
 func nodeIsolatedAt(faults []faultEvent, node string, t time.Time) bool {
 	for _, f := range faults {
-		if (f.Kind == FaultPartition || f.Kind == FaultPause) && f.Node == node && !t.Before(f.Start) && !t.After(f.End) {
+		if (f.Kind == FaultPartition || f.Kind == FaultPause) && f.Node == node && !t.Before(f.Start) && !t.After(f.End.Add(rejoinGrace)) {
 			return true
 		}
 	}
