@@ -47,6 +47,9 @@ func (n *Node) SessionsBarrier(ctx context.Context) error {
 func (n *Node) barrier(ctx context.Context, subsOnly bool) error {
 	start := time.Now()
 	ri, err := n.readIndex(ctx)
+	if err != nil && !errors.Is(err, ErrClosed) {
+		err = fmt.Errorf("%w: %w", ErrNoReadIndex, err)
+	}
 	if err == nil {
 		idx := ri.read
 		if subsOnly {

@@ -35,6 +35,11 @@ var (
 	// ErrNoSession: a session command named a client id without a
 	// persistent session (a domain error, always with ErrInvalidCommand).
 	ErrNoSession = errors.New("replication: no such session")
+	// ErrNoReadIndex: a barrier got no read index from a leader in time
+	// (none known, or the one known did not answer: this node is probably
+	// cut off from the majority). Nothing was read; always with another
+	// sentinel saying why (ErrTimeout, ErrNoLeader, ...).
+	ErrNoReadIndex = errors.New("replication: no read index from a leader")
 	// ErrLastVoter: Leave refused to remove the only voter.
 	ErrLastVoter = errors.New("replication: last voter")
 )

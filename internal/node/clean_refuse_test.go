@@ -1,10 +1,14 @@
 package node
 
 import (
+	"context"
+	"net"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/mqtt-ha/broker/internal/testutil"
+	"github.com/mqtt-ha/broker/replication"
 )
 
 // TestCleanConnectRefusedWhenDiscardCannotCommit: a clean CONNECT must
@@ -120,4 +124,76 @@ func (tc *testCluster) leaveAlone(survivor string, others ...string) {
 		}
 		return nil
 	})
+}
+
+// TestCleanConnectServedWhenLeaderUnreachable: in the first seconds of a
+// partition the cut-off node still knows a leader but cannot reach it. A
+// clean CONNECT for a client id without a session there must be served,
+// as it is once the node sees no leader at all (guarantee 5); before, the
+// failed read index refused it with 0x88 for as long as the old leader
+// was still believed in (CI: chaos minority probe refused on node3).
+func TestCleanConnectServedWhenLeaderUnreachable(t *testing.T) {
+	var cut cutDialer
+	tc := newTunedCluster(t, func(c *Config) {
+		if c.NodeID != "n3" {
+			return
+		}
+		prev := c.ReplicationTuning
+		c.ReplicationTuning = func(r *replication.Config) {
+			prev(r)
+			r.Dial = cut.wrap(r.Dial)
+			// n3 must follow: its slow timeouts let n1 or n2 win.
+			r.HeartbeatTimeout, r.ElectionTimeout = 5*time.Second, 5*time.Second
+		}
+	}, "n1", "n2", "n3")
+	tc.waitReady()
+	if tc.nodes["n3"].repl.IsLeader() {
+		t.Fatal("n3 leads; want it a follower")
+	}
+	cut.set(true)
+	if !tc.nodes["n3"].repl.HasLeader() {
+		t.Fatal("n3 should still know its leader: it only cannot dial it")
+	}
+	c, err := testutil.TryConnect(tc.nodes["n3"].Addr("mqtt"), testutil.ClientOptions{ID: "unreach-clean", CleanStart: true})
+	if err != nil {
+		t.Fatalf("clean CONNECT of an id without a session refused while the leader is unreachable: %v", err)
+	}
+	c.Close()
+}
+
+// cutDialer fails every dial, and every connection it made, while set.
+type cutDialer struct {
+	mu    sync.Mutex
+	on    bool
+	conns []net.Conn
+}
+
+func (d *cutDialer) wrap(dial func(ctx context.Context, addr string) (net.Conn, error)) func(ctx context.Context, addr string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
+		d.mu.Lock()
+		on := d.on
+		d.mu.Unlock()
+		if on {
+			return nil, errMsg("cut: dial " + addr)
+		}
+		conn, err := dial(ctx, addr)
+		if err == nil {
+			d.mu.Lock()
+			d.conns = append(d.conns, conn)
+			d.mu.Unlock()
+		}
+		return conn, err
+	}
+}
+
+func (d *cutDialer) set(on bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.on = on
+	if on {
+		for _, c := range d.conns {
+			_ = c.Close()
+		}
+		d.conns = nil
+	}
 }
