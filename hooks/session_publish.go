@@ -52,7 +52,11 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	// delivered again; a receipt without its enqueue would drop the
 	// message for everyone.
 	if c := h.conn(cl); c != nil && c.managed && pk.FixedHeader.Qos == 2 && !cl.Net.Inline {
-		res, err := h.repl.Apply(ctx, &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: cmd})
+		// Fenced to this connection's open: a forward that arrives late,
+		// after the client resumed elsewhere and completed the flow
+		// there, must not queue the message again.
+		res, err := h.repl.Apply(ctx, &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: cmd,
+			IfOpened: c.opened.Load()})
 		if err != nil {
 			return pk, h.refuse(cl, pk, err)
 		}

@@ -365,8 +365,13 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	// everything committed before this connection (acks and QoS 2 steps
 	// recorded by the session's previous node), or it would resend what
 	// the client already completed.
+	opened := res.Index
 	if err := h.repl.WaitAppliedLocal(ctx, res.Index); err != nil {
 		h.log.Warn("session state not applied here in time; resending from an older state", "client", cl.ID, "error", err)
+	} else if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == openAtOf(open) {
+		// When a retried open committed twice, the session keeps the
+		// index of whichever try committed first: that is the fence.
+		opened = s.OpenedIndex
 	}
 	r0 := res
 	if at < len(res.Results) {
@@ -374,7 +379,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	}
 	tw.published(h, res)
 	c.present = r0.Present
-	c.opened.Store(res.Index)
+	c.opened.Store(opened)
 	if hasWill {
 		// The log holds the will now; mochi must not publish it too.
 		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)

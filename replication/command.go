@@ -42,7 +42,9 @@ const (
 	CmdQoS2Publish   CommandType = 20
 	CmdPublishWill   CommandType = 21 // will_publish.go
 	CmdTakeoverWill  CommandType = 22 // will_publish.go
-	// Next: 23 (or 0x97 for a command old nodes may skip).
+	// CmdQoS2PublishIf is QoS2Publish with IfOpened (session_qos2.go).
+	CmdQoS2PublishIf CommandType = 23
+	// Next: 24 (or 0x98 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -93,6 +95,8 @@ func (t CommandType) String() string {
 		return "publish_will"
 	case CmdTakeoverWill:
 		return "takeover_will"
+	case CmdQoS2PublishIf:
+		return "qos2_publish_if"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

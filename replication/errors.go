@@ -40,6 +40,11 @@ var (
 	// cut off from the majority). Nothing was read; always with another
 	// sentinel saying why (ErrTimeout, ErrNoLeader, ...).
 	ErrNoReadIndex = errors.New("replication: no read index from a leader")
+	// ErrReopened: a command fenced with IfOpened came from a connection
+	// that no longer owns the session (it was opened again since, by a
+	// newer connection); nothing was changed. Always with
+	// ErrInvalidCommand.
+	ErrReopened = errors.New("replication: session reopened by a newer connection")
 	// ErrLastVoter: Leave refused to remove the only voter.
 	ErrLastVoter = errors.New("replication: last voter")
 )

@@ -45,6 +45,7 @@ const (
 var errSentinels = []error{
 	ErrNotLeader, ErrNoLeader, ErrTimeout, ErrUnknownOutcome, ErrClosed,
 	ErrTooLarge, ErrInvalidCommand, ErrNotMember, ErrLastVoter, ErrNoSession,
+	ErrReopened,
 }
 
 // remoteError is an error decoded from the wire: its message is the

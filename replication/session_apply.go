@@ -42,7 +42,13 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 			s.sessions[c.ClientID] = e
 		}
 		e.ProtocolVersion, e.ExpiryInterval, e.Owner = c.ProtocolVersion, c.ExpiryInterval, c.Owner
-		e.Connected, e.DisconnectedAt, e.OpenedIndex = true, 0, idx
+		e.Connected, e.DisconnectedAt = true, 0
+		if !retry {
+			// A retry keeps the first try's index: the owner may have
+			// learnt either, and fences (IfOpened) must not break when a
+			// late first try commits after the retry.
+			e.OpenedIndex = idx
+		}
 		// Without an At there is no retry to answer (and no snapshot
 		// record for it: replicas must agree).
 		e.OpenedAt, e.OpenedPresent = c.At, res.Present && c.At != 0

@@ -456,7 +456,9 @@ func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
 	case CmdClaimWill:
 		return &ClaimWill{ClientID: r.str(), IfOpened: r.uvarint()}, true
 	case CmdQoS2Publish:
-		return decodeQoS2Publish(r), true
+		return decodeQoS2Publish(r, false), true
+	case CmdQoS2PublishIf:
+		return decodeQoS2Publish(r, true), true
 	}
 	return nil, false
 }

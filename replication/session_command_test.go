@@ -97,6 +97,25 @@ func TestSessionCommandGoldenBytes(t *testing.T) {
 	}
 }
 
+// TestQoS2PublishIfGolden pins type 23, QoS2Publish with IfOpened (type
+// 20 without it stays as it was, in goldenSession).
+func TestQoS2PublishIfGolden(t *testing.T) {
+	c := &QoS2Publish{ClientID: "c", PacketID: 7, IfOpened: 300}
+	const want = "17" + "0163" + "07" + "00" + "ac02"
+	if got := hex.EncodeToString(EncodeCommand(c)); got != want {
+		t.Fatalf("encoding changed (wire and disk format break!)\n got %s\nwant %s", got, want)
+	}
+	raw, _ := hex.DecodeString(want)
+	dec, err := DecodeCommand(raw)
+	if err != nil || !reflect.DeepEqual(dec, c) {
+		t.Fatalf("round trip: %#v, %v", dec, err)
+	}
+	zero, _ := hex.DecodeString("17" + "0163" + "07" + "00" + "00")
+	if _, err := DecodeCommand(zero); !errors.Is(err, errCorrupt) {
+		t.Fatalf("type 23 with IfOpened 0 decoded: %v", err)
+	}
+}
+
 func TestSessionCommandsInBatch(t *testing.T) {
 	b := &Batch{Commands: sessionGoldenCmds()}
 	dec, err := DecodeCommand(EncodeCommand(b))

@@ -541,6 +541,35 @@ func TestQoS2PublishIsOneStep(t *testing.T) {
 	}
 }
 
+// TestQoS2PublishFencedToItsConnection: a QoS 2 PUBLISH forwarded by the
+// connection that opened the session at index i (IfOpened) and applied
+// after the client resumed elsewhere, resent it and completed the flow,
+// must not queue the message again (chaos seed 772869237: a forward that
+// timed out during a partition reached the leader 9 s later).
+func TestQoS2PublishFencedToItsConnection(t *testing.T) {
+	a := newSessionApplier(t)
+	first := a.apply(open("pub", "A", false)).Index
+	a.apply(open("sub", "A", false))
+	enq := &Enqueue{Topic: "t", Payload: []byte("m"), Targets: []QueueTarget{{ClientID: "sub", QoS: 2}}}
+	late := &QoS2Publish{ClientID: "pub", PacketID: 5, Enqueue: enq, IfOpened: first}
+	// The client resumes on B, resends the PUBLISH, and completes it.
+	second := a.apply(open("pub", "B", false)).Index
+	if r := a.apply(&QoS2Publish{ClientID: "pub", PacketID: 5, Enqueue: enq, IfOpened: second}); !r.Changed || r.Err != nil {
+		t.Fatalf("resent publish: %+v", r)
+	}
+	a.apply(&QoS2Released{ClientID: "pub", PacketID: 5})
+	// The old connection's forward arrives now.
+	if r := a.apply(late); !errors.Is(r.Err, ErrReopened) || !errors.Is(r.Err, ErrInvalidCommand) || r.Changed {
+		t.Fatalf("late publish of the old connection: %+v", r)
+	}
+	if q := a.sess("sub").Queue; len(q) != 1 {
+		t.Fatalf("queued %d times, want once", len(q))
+	}
+	if got := a.sess("pub").AwaitingRelease; len(got) != 0 {
+		t.Fatalf("the late publish recorded a receipt: %v", got)
+	}
+}
+
 // TestRetriedOpenKeepsFirstAnswer: an owner that retries a SessionOpen
 // whose outcome it could not learn (the leader died after committing it)
 // gets the first try's answer. Before, the retry reported session present
@@ -551,7 +580,8 @@ func TestRetriedOpenKeepsFirstAnswer(t *testing.T) {
 		t.Run(fmt.Sprintf("clean=%v", clean), func(t *testing.T) {
 			a := newSessionApplier(t)
 			first := open("c", "A", clean)
-			if r := a.apply(first); r.Present {
+			r1 := a.apply(first)
+			if r1.Present {
 				t.Fatalf("first open: present")
 			}
 			a.apply(&SetWill{ClientID: "c", Will: Will{Topic: "w", Payload: []byte("x")}})
@@ -563,8 +593,12 @@ func TestRetriedOpenKeepsFirstAnswer(t *testing.T) {
 			if slices.Contains(a.kinds(), SessionDeleted) {
 				t.Fatalf("retried open discarded the session: %v", a.kinds())
 			}
-			if s := a.sess("c"); s.OpenedIndex != a.idx || !s.Connected {
-				t.Fatalf("retry must fence later closes with its own index: %+v", s)
+			// The owner may have learnt either try's index; it reads the
+			// fence from the state, which keeps the first try's (a retry
+			// that moved it broke the fence when the first try was the
+			// one that committed late).
+			if s := a.sess("c"); s.OpenedIndex != r1.Index || !s.Connected {
+				t.Fatalf("retry must keep the first try's index as the fence: %+v (first at %d)", s, r1.Index)
 			}
 			// Another open (a new connection: another At) resumes it.
 			if r := a.apply(open("c", "A", false)); !r.Present {
