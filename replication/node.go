@@ -40,22 +40,24 @@ type Node struct {
 
 	// mu serialises Start and Close. Lock order: mu, then FSM.mu,
 	// readyMu, batcher/rpc/demux internals, memberMu, leaderMu.
-	mu       sync.Mutex
-	state    atomic.Int32
-	raft     *raft.Raft
-	trans    *raft.NetworkTransport
-	store    *boltStore
-	logs     raft.LogStore // the cached log store raft uses
-	reads    readRounds    // coalesced ReadBarrier rounds
-	demux    *demux
-	rpcc     *rpcClient
-	batch    *batcher
-	gauges   []prometheus.Collector
-	observer *raft.Observer
-	stop     chan struct{}
-	life     context.Context // cancelled at shutdown
-	lifeStop context.CancelFunc
-	wg       sync.WaitGroup
+	mu    sync.Mutex
+	state atomic.Int32
+	raft  *raft.Raft
+	trans *raft.NetworkTransport
+	// heartbeats guards raft's heartbeat handler (see heartbeatGuard).
+	heartbeats *heartbeatGuard
+	store      *boltStore
+	logs       raft.LogStore // the cached log store raft uses
+	reads      readRounds    // coalesced ReadBarrier rounds
+	demux      *demux
+	rpcc       *rpcClient
+	batch      *batcher
+	gauges     []prometheus.Collector
+	observer   *raft.Observer
+	stop       chan struct{}
+	life       context.Context // cancelled at shutdown
+	lifeStop   context.CancelFunc
+	wg         sync.WaitGroup
 
 	hadState atomic.Bool   // raft state existed at Start, or was created since
 	bootDone atomic.Bool   // bootstrap is no longer a question for this node
@@ -213,12 +215,13 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("%w: raft: %w", ErrInvalidConfig, err)
 	}
 	// NewRaft restores the latest snapshot into the FSM (OnRestore fires).
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans})
+	n.heartbeats = &heartbeatGuard{}
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}
 	n.raft, n.trans, n.store, n.logs = r, trans, store, logs
-	cleanup = append(cleanup, func() { _ = r.Shutdown().Error() })
+	cleanup = append(cleanup, func() { _ = r.Shutdown().Error(); n.heartbeats.close() })
 
 	n.gauges = n.newGauges()
 	if err := n.m.register(cfg.Registerer, n.gauges...); err != nil {
@@ -275,6 +278,7 @@ func (n *Node) shutdown(graceful bool) error {
 	if err := n.raft.Shutdown().Error(); err != nil {
 		errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
 	}
+	n.heartbeats.close() // before the store closes
 	n.batch.close()
 	n.rpcc.close()
 	n.trans.CloseStreams()

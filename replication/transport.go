@@ -278,8 +278,54 @@ func (r *rateLimit) allow() bool {
 // a pipeline raft sends one AppendEntries at a time per follower, each
 // carrying up to MaxAppendEntries entries; group commit keeps entries
 // large, so the cost is small next to the follower's fsync.
-type noPipeline struct{ *raft.NetworkTransport }
+//
+// It also guards raft's heartbeat handler (heartbeatGuard).
+type noPipeline struct {
+	*raft.NetworkTransport
+	hb *heartbeatGuard
+}
 
 func (noPipeline) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
 	return nil, raft.ErrPipelineReplicationNotSupported
+}
+
+// SetHeartbeatHandler installs raft's handler behind the guard.
+func (t noPipeline) SetHeartbeatHandler(fn func(raft.RPC)) {
+	t.NetworkTransport.SetHeartbeatHandler(t.hb.wrap(fn))
+}
+
+// heartbeatGuard lets shutdown wait for raft's heartbeat handler. The
+// transport runs it on its connection goroutines, which raft's Shutdown
+// does not wait for: a heartbeat past the handler's shutdown check that
+// advanced the commit index read the log after the store was closed, and
+// raft panics when it cannot read a committed entry ("failed to get log"),
+// which killed the process (CI, internal/node tests). After close the
+// handler answers every heartbeat with an error, and close returns only
+// once no handler runs.
+type heartbeatGuard struct {
+	mu     sync.RWMutex
+	closed bool
+}
+
+func (g *heartbeatGuard) wrap(fn func(raft.RPC)) func(raft.RPC) {
+	if fn == nil {
+		return nil
+	}
+	return func(rpc raft.RPC) {
+		g.mu.RLock()
+		defer g.mu.RUnlock()
+		if g.closed {
+			rpc.Respond(nil, raft.ErrTransportShutdown)
+			return
+		}
+		fn(rpc)
+	}
+}
+
+// close waits for the handlers running and turns later ones away. Call it
+// after raft's Shutdown (which unblocks a handler waiting on raft).
+func (g *heartbeatGuard) close() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
 }
