@@ -80,11 +80,16 @@ var (
 // node id it proved (with a cluster key) or claimed (without one).
 type PeerConn struct {
 	net.Conn
-	peer string
+	peer    string
+	version uint8 // the protocol version both sides agreed on in the handshake
 }
 
 // Peer returns the remote node id.
 func (c *PeerConn) Peer() string { return c.peer }
+
+// Version returns the protocol version agreed in the handshake (the lower
+// of the two sides' during a rolling upgrade).
+func (c *PeerConn) Version() uint8 { return c.version }
 
 // Mux owns the cluster-port listener and hands authenticated connections to
 // per-protocol listeners.
@@ -207,7 +212,7 @@ func (x *Mux) Dial(ctx context.Context, addr string, proto byte) (*PeerConn, err
 		return nil, fmt.Errorf("handshake with %s: %w", addr, err)
 	}
 	_ = c.SetDeadline(time.Time{})
-	return &PeerConn{Conn: c, peer: peer}, nil
+	return &PeerConn{Conn: c, peer: peer, version: ProtocolVersion}, nil
 }
 
 func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
@@ -445,7 +450,7 @@ func (x *Mux) handle(raw net.Conn) {
 	t := time.NewTimer(x.hsTimeout)
 	defer t.Stop()
 	select {
-	case l.ch <- &PeerConn{Conn: c, peer: peer}:
+	case l.ch <- &PeerConn{Conn: c, peer: peer, version: ProtocolVersion}:
 		dispatched = true
 	case <-l.done:
 	case <-t.C:
