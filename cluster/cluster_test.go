@@ -454,11 +454,13 @@ func TestStatusIsJSON(t *testing.T) {
 	}
 	m2 := back.Members[1]
 	if m2.ID != "n2" || m2.State != "alive" || m2.Routes != 2 || m2.ClusterAddr != n2.clusterAddr() ||
-		m2.MQTTPort != 1883 || m2.ProtocolVersion != int(ProtocolVersion) || !m2.Connected || m2.GossipAddr != n2.selfGossip {
+		m2.MQTTPort != 1883 || m2.ProtocolVersion != int(MinProtocolVersion) || !m2.Connected || m2.GossipAddr != n2.selfGossip {
 		t.Fatalf("member n2 = %+v", m2)
 	}
-	if !back.Members[0].Self || back.Members[0].Routes != 0 {
-		t.Fatalf("self = %+v", back.Members[0])
+	// Members show the oldest version they announce, this node its newest.
+	if !back.Members[0].Self || back.Members[0].Routes != 0 ||
+		back.Members[0].ProtocolVersion != int(ProtocolVersion) || back.ProtocolVersion != int(ProtocolVersion) {
+		t.Fatalf("self = %+v (status protocol version %d)", back.Members[0], back.ProtocolVersion)
 	}
 	for _, key := range []string{`"queue_depth"`, `"cluster_addr"`, `"routes"`, `"state"`} {
 		if !strings.Contains(string(b), key) {

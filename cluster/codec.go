@@ -10,7 +10,8 @@ import (
 // see mux.go). Every frame is
 //
 //	u32 big-endian N   length of what follows, 1 <= N <= MaxFrameSize
-//	u8  type           framePublish (the only type of protocol version 1)
+//	u8  type           framePublish (the only type of protocol version 1);
+//	                   frameRoute and frameRouteAck since 2 (routeack.go)
 //	... body
 //
 // and a publish body is
@@ -32,7 +33,9 @@ import (
 
 // Frame types. Append-only: values are on the wire.
 const (
-	framePublish byte = 1
+	framePublish  byte = 1
+	frameRoute    byte = 2 // protocol 2: the sender's route delta (routeack.go)
+	frameRouteAck byte = 3 // protocol 2: receiver to sender, how far it holds the sender's routes
 )
 
 const (
@@ -339,6 +342,10 @@ const metaFormat byte = 1
 
 // nodeMeta is what every node announces about itself in memberlist.
 type nodeMeta struct {
+	// Proto is the oldest protocol version the node speaks
+	// (MinProtocolVersion), not its newest: a version-1 node compares it
+	// for equality with 1 and does not forward to a member announcing
+	// anything else (a version-1 node's only version is both).
 	Proto         uint8
 	NodeID        string
 	AdvertiseHost string

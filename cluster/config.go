@@ -13,10 +13,26 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// ProtocolVersion is the version of the cluster-port protocols (handshake and
-// forwarding frames) and is announced in node metadata. A peer with another
-// version is refused at the handshake.
-const ProtocolVersion uint8 = 1
+// Versions of the cluster-port protocols (handshake, forwarding frames, and
+// whatever else runs over the mux, such as raft). Two nodes talk at the
+// lower of their newest versions if the other still speaks it; the
+// handshake agrees on it (mux.go) and every PeerConn carries it, so a
+// sender uses nothing newer than PeerConn.Version. History, append-only:
+//
+//	1  publish frames; the handshake required equal versions
+//	2  the handshake negotiates; route and route-ack frames (routeack.go)
+const (
+	// ProtocolVersion is the newest version this node speaks: what it
+	// offers in a handshake and what Status reports as its own.
+	ProtocolVersion uint8 = 2
+	// MinProtocolVersion is the oldest version this node still speaks. A
+	// peer speaking only older ones is refused at the handshake. It is what
+	// the node announces in its metadata (nodeMeta.Proto), because a
+	// version-1 node refuses to forward to a member announcing anything but
+	// 1. Raise it only once no node of an older version can remain in a
+	// cluster (DESIGN.md, "Rolling upgrades").
+	MinProtocolVersion uint8 = 1
+)
 
 // Default addresses (the command-line contract's defaults).
 const (

@@ -57,9 +57,10 @@ func (c tapConn) Write(p []byte) (int, error) {
 }
 
 // recordHandshake runs a real handshake over net.Pipe between a client and
-// a server with the given keys and returns the bytes each side sent (the
+// a server with the given keys, the client speaking only clientVersion and
+// the server every version, and returns the bytes each side sent (the
 // client's start with the protocol byte).
-func recordHandshake(tb testing.TB, clientKey, serverKey []byte, proto byte) (c2s, s2c []byte) {
+func recordHandshake(tb testing.TB, clientKey, serverKey []byte, proto, clientVersion byte) (c2s, s2c []byte) {
 	tb.Helper()
 	cc, sc := net.Pipe()
 	var cw, sw bytes.Buffer
@@ -71,9 +72,11 @@ func recordHandshake(tb testing.TB, clientKey, serverKey []byte, proto byte) (c2
 		if _, err := io.ReadFull(sc, pb[:]); err != nil {
 			return
 		}
-		_, _ = fuzzMux("server", serverKey).serverHandshake(tapConn{sc, &sw}, pb[0])
+		_, _, _ = fuzzMux("server", serverKey).serverHandshake(tapConn{sc, &sw}, pb[0])
 	}()
-	_, _ = fuzzMux("client", clientKey).clientHandshake(tapConn{cc, &cw}, proto)
+	cx := fuzzMux("client", clientKey)
+	cx.minVersion, cx.maxVersion = clientVersion, clientVersion
+	_, _, _ = cx.clientHandshake(tapConn{cc, &cw}, proto, clientVersion)
 	_ = cc.Close()
 	<-done
 	return cw.Bytes(), sw.Bytes()
@@ -131,16 +134,19 @@ func firstMessages(in []byte, n int) ([][]byte, bool) {
 
 type challenge struct {
 	version, status byte
-	mac             []byte
+	nonce, mac      []byte
 	serverID        string
 }
+
+// marked reports whether the challenge's nonce ends with downgradeMark.
+func (c challenge) marked() bool { return bytes.HasSuffix(c.nonce, []byte(downgradeMark)) }
 
 func parseChallenge(t *testing.T, b []byte) challenge {
 	t.Helper()
 	r := reader{b: b}
 	magic := r.raw(len(handshakeMagic))
 	c := challenge{version: r.u8(), status: r.u8()}
-	r.raw(nonceLen)
+	c.nonce = r.raw(nonceLen)
 	c.mac, c.serverID = r.bytes(), r.str()
 	if r.err != nil || string(magic) != handshakeMagic || len(r.b) != 0 {
 		t.Fatalf("malformed challenge %x (%v)", b, r.err)
@@ -161,31 +167,41 @@ func checkHandshakeErr(t *testing.T, peer string, err error) {
 // FuzzServerHandshake feeds arbitrary bytes after the protocol byte to the
 // server side. A keyed server never accepts (the input cannot know the
 // server's fresh nonce, so it cannot prove the key); an unkeyed one
-// accepts exactly a well-formed hello and auth, and returns the hello's
-// node id; everything it writes is well-formed; failures wrap a sentinel.
+// accepts exactly a well-formed hello of a version it speaks and an auth,
+// and returns the hello's node id and version; everything it writes is
+// well-formed: a refusal names its newest version, any other challenge the
+// hello's, with downgradeMark when that is older; failures wrap a sentinel.
 func FuzzServerHandshake(f *testing.F) {
 	other := []byte("another key")
 	for _, k := range [][2][]byte{{nil, nil}, {fuzzKey, fuzzKey}, {fuzzKey, nil}, {nil, fuzzKey}, {other, fuzzKey}} {
-		c2s, _ := recordHandshake(f, k[0], k[1], ProtoForward)
+		c2s, _ := recordHandshake(f, k[0], k[1], ProtoForward, ProtocolVersion)
 		f.Add(ProtoForward, k[1] != nil, c2s[1:])
 	}
-	c2s, _ := recordHandshake(f, nil, nil, ProtoRaft)
+	c2s, _ := recordHandshake(f, nil, nil, ProtoRaft, ProtocolVersion)
 	f.Add(ProtoRaft, false, c2s[1:])
+	for _, k := range [][]byte{nil, fuzzKey} { // a version-1 client
+		c2s, _ := recordHandshake(f, k, k, ProtoForward, 1)
+		f.Add(ProtoForward, k != nil, c2s[1:])
+	}
 	f.Add(ProtoForward, false, []byte{0x04, 0x00})
 	f.Add(ProtoForward, false, []byte{0x00, 0x19, 'M', 'Q', 'H', 'A', 9, 0})
 	f.Fuzz(func(t *testing.T, proto byte, keyed bool, in []byte) {
 		x := fuzzMux("server", fuzzKeyIf(keyed))
 		c := &memConn{r: bytes.NewReader(in)}
 		var peer string
+		var agreed uint8
 		var err error
-		fuzzutil.AllocBound(t, fuzzutil.Limit(len(in), 8), func() { peer, err = x.serverHandshake(c, proto) })
+		fuzzutil.AllocBound(t, fuzzutil.Limit(len(in), 8), func() { peer, agreed, err = x.serverHandshake(c, proto) })
 		msgs := handshakeMessages(t, c.out.Bytes())
 		if len(msgs) > 2 {
 			t.Fatalf("server wrote %d messages", len(msgs))
 		}
 		if len(msgs) > 0 {
 			ch := parseChallenge(t, msgs[0])
-			if ch.version != ProtocolVersion || ch.status > hsBadHandshake || ch.serverID != "server" {
+			if ch.status > hsBadHandshake || ch.serverID != "server" ||
+				ch.status == hsVersion && ch.version != ProtocolVersion ||
+				ch.status != hsVersion && (ch.version < MinProtocolVersion || ch.version > ProtocolVersion) ||
+				ch.status != hsVersion && ch.marked() != (ch.version < ProtocolVersion) {
 				t.Fatalf("bad challenge %+v", ch)
 			}
 			if len(ch.mac) != macLen(keyed && ch.status == hsOK) {
@@ -195,19 +211,21 @@ func FuzzServerHandshake(f *testing.F) {
 		if len(msgs) == 2 && (len(msgs[1]) != 1 || msgs[1][0] != hsOK && msgs[1][0] != hsAuthFailed) {
 			t.Fatalf("bad result message %x", msgs[1])
 		}
-		// A well-formed unkeyed exchange: a hello of our version naming a
-		// node, then an auth (an unkeyed server ignores its MAC, as it
-		// ignores trailing bytes in both).
-		wellFormed, id := false, ""
+		// A well-formed unkeyed exchange: a hello of a version we speak
+		// naming a node, then an auth (an unkeyed server ignores its MAC,
+		// as it ignores trailing bytes in both).
+		wellFormed, id, offered := false, "", byte(0)
 		if m, ok := firstMessages(in, 2); ok {
 			hr := reader{b: m[0]}
-			magic, version, flags := hr.raw(len(handshakeMagic)), hr.u8(), hr.u8()
+			var magic []byte
+			var flags byte
+			magic, offered, flags = hr.raw(len(handshakeMagic)), hr.u8(), hr.u8()
 			hr.raw(nonceLen)
 			id = hr.str()
 			ar := reader{b: m[1]}
 			ar.bytes()
-			wellFormed = hr.err == nil && ar.err == nil && string(magic) == handshakeMagic && version == ProtocolVersion &&
-				flags&1 == 0 && id != ""
+			wellFormed = hr.err == nil && ar.err == nil && string(magic) == handshakeMagic &&
+				offered >= MinProtocolVersion && offered <= ProtocolVersion && flags&1 == 0 && id != ""
 		}
 		if err != nil {
 			checkHandshakeErr(t, peer, err)
@@ -222,8 +240,8 @@ func FuzzServerHandshake(f *testing.F) {
 		if keyed {
 			t.Fatalf("keyed server accepted %q without proof of the key", peer)
 		}
-		if !wellFormed || id != peer {
-			t.Fatalf("accepted peer %q from %x", peer, in)
+		if !wellFormed || id != peer || agreed != offered {
+			t.Fatalf("accepted peer %q at version %d from %x", peer, agreed, in)
 		}
 		if len(msgs) != 2 || parseChallenge(t, msgs[0]).status != hsOK || msgs[1][0] != hsOK {
 			t.Fatalf("accepted without a full OK exchange: %x", c.out.Bytes())
@@ -232,22 +250,29 @@ func FuzzServerHandshake(f *testing.F) {
 }
 
 // FuzzClientHandshake feeds an arbitrary challenge and result to the
-// client side. A keyed client never accepts (the input cannot know the
-// client's nonce); an unkeyed one accepts exactly an OK challenge of our
-// version without a MAC followed by an OK result, and returns the
-// challenge's server id; its hello and auth are well-formed.
+// client side, which offers ProtocolVersion. A keyed client never accepts
+// (the input cannot know the client's nonce); an unkeyed one accepts
+// exactly an OK challenge of a version it speaks, no newer than its offer
+// and without downgradeMark if older, without a MAC, followed by an OK
+// result, and returns the challenge's server id and version; its hello and
+// auth are well-formed.
 func FuzzClientHandshake(f *testing.F) {
 	for _, k := range [][2][]byte{{nil, nil}, {fuzzKey, fuzzKey}, {fuzzKey, nil}, {nil, fuzzKey}} {
-		_, s2c := recordHandshake(f, k[0], k[1], ProtoForward)
+		_, s2c := recordHandshake(f, k[0], k[1], ProtoForward, ProtocolVersion)
 		f.Add(ProtoForward, k[0] != nil, s2c)
+	}
+	for _, k := range [][]byte{nil, fuzzKey} { // a challenge at version 1, with downgradeMark
+		_, s2c := recordHandshake(f, k, k, ProtoForward, 1)
+		f.Add(ProtoForward, k != nil, s2c)
 	}
 	f.Add(ProtoForward, false, []byte{0x00, 0x01, 0x00})
 	f.Fuzz(func(t *testing.T, proto byte, keyed bool, in []byte) {
 		x := fuzzMux("client", fuzzKeyIf(keyed))
 		c := &memConn{r: bytes.NewReader(in)}
 		var peer string
+		var agreed uint8
 		var err error
-		fuzzutil.AllocBound(t, fuzzutil.Limit(len(in), 8), func() { peer, err = x.clientHandshake(c, proto) })
+		fuzzutil.AllocBound(t, fuzzutil.Limit(len(in), 8), func() { peer, agreed, err = x.clientHandshake(c, proto, ProtocolVersion) })
 		out := c.out.Bytes()
 		if len(out) == 0 || out[0] != proto {
 			t.Fatalf("client did not start with the protocol byte: %x", out)
@@ -269,18 +294,21 @@ func FuzzClientHandshake(f *testing.F) {
 				t.Fatalf("bad auth %x", msgs[1])
 			}
 		}
-		// A well-formed unkeyed exchange: an OK challenge of our version
-		// without a MAC (the client ignores trailing bytes), then an OK
-		// result.
-		wellFormed, id := false, ""
+		// A well-formed unkeyed exchange: an OK challenge of a version we
+		// speak, not above our offer, unmarked if older, without a MAC
+		// (the client ignores trailing bytes), then an OK result.
+		wellFormed, id, version := false, "", byte(0)
 		if m, ok := firstMessages(in, 2); ok {
 			cr := reader{b: m[0]}
 			magic := cr.raw(len(handshakeMagic))
-			version, status := cr.u8(), cr.u8()
-			cr.raw(nonceLen)
+			var status byte
+			version, status = cr.u8(), cr.u8()
+			nonce := cr.raw(nonceLen)
 			mac := cr.bytes()
 			id = cr.str()
-			wellFormed = cr.err == nil && string(magic) == handshakeMagic && version == ProtocolVersion &&
+			downgraded := version < ProtocolVersion && bytes.HasSuffix(nonce, []byte(downgradeMark))
+			wellFormed = cr.err == nil && string(magic) == handshakeMagic &&
+				version >= MinProtocolVersion && version <= ProtocolVersion && !downgraded &&
 				status == hsOK && len(mac) == 0 && bytes.Equal(m[1], []byte{hsOK})
 		}
 		if err != nil {
@@ -296,8 +324,8 @@ func FuzzClientHandshake(f *testing.F) {
 		if len(msgs) != 2 {
 			t.Fatal("accepted without sending auth")
 		}
-		if !wellFormed || id != peer {
-			t.Fatalf("accepted server %q from %x", peer, in)
+		if !wellFormed || id != peer || agreed != version {
+			t.Fatalf("accepted server %q at version %d from %x", peer, agreed, in)
 		}
 	})
 }

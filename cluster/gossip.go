@@ -191,9 +191,16 @@ func (n *Node) onJoin(node *memberlist.Node) {
 	switch {
 	case metaErr != nil:
 		n.log.Warn("member has unreadable metadata; not forwarding to it", "peer", node.Name, "err", metaErr)
-	case meta.Proto != ProtocolVersion:
+	case meta.Proto < n.mux.minVersion || meta.Proto > n.mux.maxVersion:
+		// meta.Proto is the oldest version the member speaks (a version-1
+		// node refuses to forward to a member announcing anything but 1, so
+		// that is what we announce). One we speak too means a handshake
+		// will agree on a version; one above our newest means it dropped
+		// all of ours. One below our oldest says nothing about its newest:
+		// see "Rolling upgrades" in DESIGN.md before raising
+		// MinProtocolVersion.
 		n.log.Warn("member speaks another cluster protocol version; not forwarding to it",
-			"peer", node.Name, "theirs", meta.Proto, "ours", ProtocolVersion)
+			"peer", node.Name, "theirs_oldest", meta.Proto, "ours_oldest", n.mux.minVersion, "ours_newest", n.mux.maxVersion)
 	default:
 		if p := n.peers[node.Name]; p != nil {
 			p.setAddr(caddr)

@@ -25,23 +25,25 @@ type metrics struct {
 	reg        prometheus.Registerer
 	collectors []prometheus.Collector
 
-	forwarded      prometheus.Counter
-	forwardedBytes prometheus.Counter
-	received       prometheus.Counter
-	receivedBytes  prometheus.Counter
-	dropped        *prometheus.CounterVec
-	queueDepth     *prometheus.GaugeVec
-	queueBytes     *prometheus.GaugeVec
-	reconnects     prometheus.Counter
-	dialErrors     prometheus.Counter
-	badFrames      prometheus.Counter
-	handshake      *prometheus.CounterVec
-	members        prometheus.Gauge
-	deltas         *prometheus.CounterVec
-	merges         prometheus.Counter
-	repairs        prometheus.Counter
-	badGossip      prometheus.Counter
-	memberEvents   *prometheus.CounterVec
+	forwarded        prometheus.Counter
+	forwardedBytes   prometheus.Counter
+	received         prometheus.Counter
+	receivedBytes    prometheus.Counter
+	dropped          *prometheus.CounterVec
+	queueDepth       *prometheus.GaugeVec
+	queueBytes       *prometheus.GaugeVec
+	reconnects       prometheus.Counter
+	dialErrors       prometheus.Counter
+	badFrames        prometheus.Counter
+	handshake        *prometheus.CounterVec
+	members          prometheus.Gauge
+	deltas           *prometheus.CounterVec
+	merges           prometheus.Counter
+	repairs          prometheus.Counter
+	badGossip        prometheus.Counter
+	memberEvents     *prometheus.CounterVec
+	routeAckWait     prometheus.Histogram
+	routeAckTimeouts prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, rt *routeTable) (*metrics, error) {
@@ -76,6 +78,11 @@ func newMetrics(reg prometheus.Registerer, rt *routeTable) (*metrics, error) {
 	m.dialErrors = counter("peer_dial_errors_total", "Failed forwarding dials (including refused handshakes).")
 	m.badFrames = counter("bad_frames_total", "Inbound frames that were oversize, truncated or undecodable (the connection is dropped).")
 	m.handshake = counterVec("handshake_failures_total", "Cluster-port connections refused during the handshake.", "direction", "reason")
+	m.routeAckTimeouts = counter("route_ack_timeouts_total", "Waits for peers to acknowledge a new route (before SUBACK) that ran out of time.")
+	m.routeAckWait = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "route_ack_wait_seconds",
+		Help:    "Time until every connected peer acknowledged a new route (before SUBACK).",
+		Buckets: []float64{.0001, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5}})
+	m.collectors = append(m.collectors, m.routeAckWait)
 	m.members = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "members", Help: "Live members including this node."})
 	m.collectors = append(m.collectors, m.members)
 	m.deltas = counterVec("route_deltas_total", "Gossiped route deltas received, by outcome.", "result")

@@ -27,11 +27,25 @@ import (
 //	client -> server  auth       u16 len | bytes macC
 //	server -> client  result     u16 len | u8 status
 //
-// macS = HMAC(k, "S" | proto | nonceC | nonceS | str clientID | str serverID)
-// macC = HMAC(k, "C" | proto | nonceC | nonceS | str clientID | str serverID)
+// macS = HMAC(k, "S" | proto | nonceC | nonceS | str clientID | str serverID [| u8 version])
+// macC = HMAC(k, "C" | proto | nonceC | nonceS | str clientID | str serverID [| u8 version])
 // with k = sha256("mqtt-ha cluster-port" | ClusterKey), empty when no key is
 // configured. Fresh nonces on both sides prevent replay; each side proves the
 // key to the other, so a stranger can neither inject nor receive traffic.
+//
+// Versions: the hello offers the client's newest version. A server that
+// speaks it answers OK with the agreed version (the offer: the lower of the
+// two newest versions, as it refuses offers above its own); otherwise it
+// refuses with hsVersion and names its newest version, and a client that
+// still speaks that one dials again at it, once. A version-1 node (the code
+// before negotiation) required equal versions on both sides and named 1 in
+// its refusal, so a version-2 client reaches it by the retry and a version-1
+// client reaches a version-2 server directly. The MACs cover the agreed
+// version from version 2 on (bracketed above; version 1 keeps the formula
+// version-1 nodes compute). A server that agreed below its newest version
+// ends nonceS with downgradeMark, so that a keyed client that also speaks
+// something newer detects a man in the middle who forged a refusal or
+// rewrote the hello to downgrade it.
 //
 // Key rotation: a node proves its primary key and accepts any of its keys.
 // The server signs macS with its primary; the client accepts it under any
@@ -56,10 +70,19 @@ const (
 	maxPendingHandshakes = 256
 
 	hsOK           byte = 0
-	hsVersion      byte = 1 // protocol version mismatch
+	hsVersion      byte = 1 // protocol version mismatch; the challenge names the server's newest
 	hsKeyMismatch  byte = 2 // one side has a cluster key, the other not
 	hsAuthFailed   byte = 3 // wrong MAC
 	hsBadHandshake byte = 4
+
+	// downgradeMark ends nonceS when the server agreed on a version below
+	// its newest (TLS 1.3's downgrade sentinel). A version-1 client never
+	// looks at it; a client that agreed below its own newest version refuses
+	// it, since then both sides speak a newer version than the agreed one
+	// and only an attacker (or a peer restarting between our two dials)
+	// brings that about. nonceS is under the MACs, so with a cluster key the
+	// mark cannot be stripped; the other 8 bytes and nonceC stay random.
+	downgradeMark = "MQHAdown"
 )
 
 var (
@@ -104,6 +127,13 @@ type Mux struct {
 	hsTimeout time.Duration
 	dialTO    time.Duration
 	warnLimit *perKeyLimiter // one refusal line per remote address per minute
+	// minVersion and maxVersion are the protocol versions this Mux speaks:
+	// MinProtocolVersion and ProtocolVersion. Only tests change them (both
+	// to 1, through withProtocolVersion, before Start) to run a version-1
+	// node: with a single version these rules are exactly the old code's
+	// (offer 1, accept only 1 back, refuse any other offer naming 1, no
+	// retry, no downgradeMark). onJoin and Status read them too.
+	minVersion, maxVersion uint8
 
 	mu        sync.Mutex
 	ln        net.Listener
@@ -116,9 +146,10 @@ type Mux struct {
 func newMux(self string, clusterKey []byte, extraKeys [][]byte, hsTimeout, dialTimeout time.Duration, log *slog.Logger, m *metrics) *Mux {
 	x := &Mux{
 		self: self, log: log, m: m, hsTimeout: hsTimeout, dialTO: dialTimeout,
-		listeners: make(map[byte]*muxListener),
-		pending:   make(map[net.Conn]struct{}),
-		warnLimit: newPerKeyLimiter(time.Minute, 1024),
+		listeners:  make(map[byte]*muxListener),
+		pending:    make(map[net.Conn]struct{}),
+		warnLimit:  newPerKeyLimiter(time.Minute, 1024),
+		minVersion: MinProtocolVersion, maxVersion: ProtocolVersion,
 	}
 	if len(clusterKey) > 0 {
 		x.key = deriveKey("mqtt-ha cluster-port", clusterKey)
@@ -168,17 +199,49 @@ func (x *Mux) Addr() net.Addr {
 }
 
 // Dial connects to addr's cluster port for proto and runs the client side of
-// the handshake. The returned *PeerConn names the server's node id.
+// the handshake. The returned *PeerConn names the server's node id and the
+// agreed protocol version. A server that refuses our newest version but
+// names an older one we speak (a version-1 node during a rolling upgrade)
+// is dialled again at that version, within the same ctx.
 func (x *Mux) Dial(ctx context.Context, addr string, proto byte) (*PeerConn, error) {
 	if x.dialTO > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, x.dialTO)
 		defer cancel()
 	}
+	pc, reason, err := x.dialAt(ctx, addr, proto, x.maxVersion)
+	if v, ok := x.retryVersion(err); ok {
+		// Expected for every connection to an older node until the upgrade
+		// completes (that node counts and logs the refusal on its side).
+		x.log.Debug("cluster peer speaks an older protocol version; dialling again at it",
+			"addr", addr, "version", v)
+		pc, reason, err = x.dialAt(ctx, addr, proto, v)
+	}
+	if reason != "" {
+		x.m.handshake.WithLabelValues("out", reason).Inc()
+	}
+	return pc, err
+}
+
+// retryVersion reports the version to dial again at after err: the one a
+// server named when it refused our offer, if we speak it and it is older
+// than what we offered (so there is at most one retry).
+func (x *Mux) retryVersion(err error) (uint8, bool) {
+	var vr *versionRefusal
+	if !errors.As(err, &vr) || vr.theirs < x.minVersion || vr.theirs >= vr.offered {
+		return 0, false
+	}
+	return vr.theirs, true
+}
+
+// dialAt makes one connection and handshake offering version. reason is
+// the handshake_failures_total label of a failed handshake ("" when there
+// is nothing to count: success, or the TCP dial failed).
+func (x *Mux) dialAt(ctx context.Context, addr string, proto, version byte) (pc *PeerConn, reason string, err error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
+		return nil, "", fmt.Errorf("dial %s: %w", addr, err)
 	}
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true) // we batch ourselves
@@ -199,23 +262,33 @@ func (x *Mux) Dial(ctx context.Context, addr string, proto byte) (*PeerConn, err
 		if err := tc.HandshakeContext(ctx); err != nil {
 			stop()
 			_ = c.Close()
-			x.m.handshake.WithLabelValues("out", "tls").Inc()
-			return nil, fmt.Errorf("tls handshake with %s: %w: %w", addr, ErrAuth, err)
+			return nil, "tls", fmt.Errorf("tls handshake with %s: %w: %w", addr, ErrAuth, err)
 		}
 		c = tc
 	}
-	peer, err := x.clientHandshake(c, proto)
+	peer, agreed, err := x.clientHandshake(c, proto, version)
 	stop()
 	if err != nil {
 		_ = c.Close()
-		x.m.handshake.WithLabelValues("out", hsReason(err)).Inc()
-		return nil, fmt.Errorf("handshake with %s: %w", addr, err)
+		return nil, hsReason(err), fmt.Errorf("handshake with %s: %w", addr, err)
 	}
 	_ = c.SetDeadline(time.Time{})
-	return &PeerConn{Conn: c, peer: peer, version: ProtocolVersion}, nil
+	return &PeerConn{Conn: c, peer: peer, version: agreed}, "", nil
 }
 
-func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
+// versionRefusal is a server's hsVersion answer to our offer. theirs is the
+// version it named: its newest, the only one of a version-1 server.
+type versionRefusal struct{ offered, theirs uint8 }
+
+func (e *versionRefusal) Error() string {
+	return fmt.Sprintf("%v: we offered %d, the server speaks up to %d", ErrProtocolVersion, e.offered, e.theirs)
+}
+
+func (e *versionRefusal) Unwrap() error { return ErrProtocolVersion }
+
+// clientHandshake offers version and returns the server's node id and the
+// version it agreed to.
+func (x *Mux) clientHandshake(c net.Conn, proto, version byte) (string, uint8, error) {
 	var nonceC [nonceLen]byte
 	_, _ = rand.Read(nonceC[:])
 	b := make([]byte, 0, 64)
@@ -226,43 +299,52 @@ func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
 	if x.key != nil {
 		flags = 1
 	}
-	b = append(b, ProtocolVersion, flags)
+	b = append(b, version, flags)
 	b = append(b, nonceC[:]...)
 	b = appendString(b, x.self)
 	binary.BigEndian.PutUint16(b[1:3], uint16(len(b)-3))
 	if _, err := c.Write(b); err != nil {
-		return "", fmt.Errorf("%w: write hello: %w", ErrHandshake, err)
+		return "", 0, fmt.Errorf("%w: write hello: %w", ErrHandshake, err)
 	}
 	body, err := readHandshake(c)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	r := reader{b: body}
 	magic := r.raw(len(handshakeMagic))
-	version, status := r.u8(), r.u8()
+	agreed, status := r.u8(), r.u8()
 	nonceS := r.raw(nonceLen)
 	macS := r.bytes()
 	serverID := r.str()
 	if r.err != nil || string(magic) != handshakeMagic {
-		return "", fmt.Errorf("%w: malformed challenge", ErrHandshake)
+		return "", 0, fmt.Errorf("%w: malformed challenge", ErrHandshake)
 	}
 	switch status {
 	case hsOK:
 	case hsVersion:
-		return "", fmt.Errorf("%w: ours %d, theirs %d", ErrProtocolVersion, ProtocolVersion, version)
+		return "", 0, &versionRefusal{offered: version, theirs: agreed}
 	case hsKeyMismatch, hsAuthFailed:
-		return "", fmt.Errorf("%w: server %q refused (status %d)", ErrAuth, serverID, status)
+		return "", 0, fmt.Errorf("%w: server %q refused (status %d)", ErrAuth, serverID, status)
 	default:
-		return "", fmt.Errorf("%w: server status %d", ErrHandshake, status)
+		return "", 0, fmt.Errorf("%w: server status %d", ErrHandshake, status)
 	}
-	if version != ProtocolVersion {
-		return "", fmt.Errorf("%w: ours %d, theirs %d", ErrProtocolVersion, ProtocolVersion, version)
+	// A server agrees on the lower of its newest version and our offer, so
+	// never on more than we offered.
+	if agreed < x.minVersion || agreed > version {
+		return "", 0, fmt.Errorf("%w: we offered %d, server %q agreed to %d", ErrProtocolVersion, version, serverID, agreed)
+	}
+	// We speak a newer version and so does the server (see downgradeMark):
+	// checked before the MAC, as a forged mark only costs what dropping
+	// the connection would.
+	if agreed < x.maxVersion && string(nonceS[nonceLen-len(downgradeMark):]) == downgradeMark {
+		return "", 0, fmt.Errorf("%w: server %q speaks a newer version than the agreed %d (downgraded on the way?)",
+			ErrProtocolVersion, serverID, agreed)
 	}
 	// The server proved its primary key; answer with the same key if it is
 	// one of ours, else with our primary (the server then refuses us).
 	var key, macC []byte
 	for _, k := range x.keys {
-		if hmac.Equal(macS, mac(k, 'S', proto, nonceC[:], nonceS, x.self, serverID)) {
+		if hmac.Equal(macS, mac(k, 'S', proto, agreed, nonceC[:], nonceS, x.self, serverID)) {
 			key = k
 			break
 		}
@@ -272,37 +354,46 @@ func (x *Mux) clientHandshake(c net.Conn, proto byte) (string, error) {
 		if k == nil {
 			k = x.key
 		}
-		macC = mac(k, 'C', proto, nonceC[:], nonceS, x.self, serverID)
+		macC = mac(k, 'C', proto, agreed, nonceC[:], nonceS, x.self, serverID)
 	}
 	// Answer before judging the server, so that a server with another key
 	// also sees (and counts) the failure instead of a bare EOF.
 	if err := writeHandshake(c, appendBytes(nil, macC)); err != nil {
-		return "", err
+		return "", 0, err
 	}
 	if x.key != nil {
 		if key == nil {
-			return "", fmt.Errorf("%w: server %q failed to prove the cluster key", ErrAuth, serverID)
+			return "", 0, fmt.Errorf("%w: server %q failed to prove the cluster key", ErrAuth, serverID)
 		}
 	} else if len(macS) != 0 {
-		return "", fmt.Errorf("%w: server %q expects a cluster key", ErrAuth, serverID)
+		return "", 0, fmt.Errorf("%w: server %q expects a cluster key", ErrAuth, serverID)
 	}
 	res, err := readHandshake(c)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	if len(res) != 1 || res[0] != hsOK {
-		return "", fmt.Errorf("%w: server %q rejected our key", ErrAuth, serverID)
+		return "", 0, fmt.Errorf("%w: server %q rejected our key", ErrAuth, serverID)
 	}
-	return serverID, nil
+	return serverID, agreed, nil
 }
 
-func mac(key []byte, role byte, proto byte, nonceC, nonceS []byte, clientID, serverID string) []byte {
+// mac computes macS (role 'S') or macC (role 'C') for a handshake that
+// agreed on version. From version 2 on the MACs cover the version, so that
+// nobody in the middle can make the two sides settle on different ones;
+// version 1 keeps the formula version-1 nodes compute. The version goes
+// last: the fields before it are self-delimiting, so no version-1 input
+// equals a version-2 one.
+func mac(key []byte, role, proto, version byte, nonceC, nonceS []byte, clientID, serverID string) []byte {
 	h := hmac.New(sha256.New, key)
 	b := []byte{role, proto}
 	b = append(b, nonceC...)
 	b = append(b, nonceS...)
 	b = appendString(b, clientID)
 	b = appendString(b, serverID)
+	if version >= 2 {
+		b = append(b, version)
+	}
 	h.Write(b)
 	return h.Sum(nil)
 }
@@ -436,10 +527,14 @@ func (x *Mux) handle(raw net.Conn) {
 		x.reject(c, "unknown_protocol", fmt.Errorf("first byte %#02x", pb[0]))
 		return
 	}
-	peer, err := x.serverHandshake(c, pb[0])
+	peer, version, err := x.serverHandshake(c, pb[0])
 	if err != nil {
 		x.reject(c, hsReason(err), err)
 		return
+	}
+	if version < x.maxVersion {
+		// Expected during a rolling upgrade; per connection, so Debug.
+		x.log.Debug("cluster peer speaks an older protocol version", "peer", peer, "remote", c.RemoteAddr().String(), "version", version)
 	}
 	_ = c.SetDeadline(time.Time{})
 	if tc, ok := c.(*net.TCPConn); ok {
@@ -450,7 +545,7 @@ func (x *Mux) handle(raw net.Conn) {
 	t := time.NewTimer(x.hsTimeout)
 	defer t.Stop()
 	select {
-	case l.ch <- &PeerConn{Conn: c, peer: peer, version: ProtocolVersion}:
+	case l.ch <- &PeerConn{Conn: c, peer: peer, version: version}:
 		dispatched = true
 	case <-l.done:
 	case <-t.C:
@@ -471,62 +566,75 @@ func (x *Mux) reject(c net.Conn, reason string, err error) {
 	}
 }
 
-func (x *Mux) serverHandshake(c net.Conn, proto byte) (string, error) {
+// serverHandshake returns the client's node id and the agreed version.
+func (x *Mux) serverHandshake(c net.Conn, proto byte) (string, uint8, error) {
 	body, err := readHandshake(c)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	r := reader{b: body}
 	magic := r.raw(len(handshakeMagic))
-	version, flags := r.u8(), r.u8()
+	offered, flags := r.u8(), r.u8()
 	nonceC := r.raw(nonceLen)
 	clientID := r.str()
 	if r.err != nil || string(magic) != handshakeMagic || clientID == "" {
-		return "", fmt.Errorf("%w: malformed hello", ErrHandshake)
+		return "", 0, fmt.Errorf("%w: malformed hello", ErrHandshake)
 	}
 	var nonceS [nonceLen]byte
 	_, _ = rand.Read(nonceS[:])
-	reply := func(status byte, mac []byte) error {
-		b := append([]byte(handshakeMagic), ProtocolVersion, status)
+	reply := func(version, status byte, mac []byte) error {
+		b := append([]byte(handshakeMagic), version, status)
 		b = append(b, nonceS[:]...)
 		b = appendBytes(b, mac)
 		b = appendString(b, x.self)
 		return writeHandshake(c, b)
 	}
-	if version != ProtocolVersion {
-		_ = reply(hsVersion, nil)
-		return "", fmt.Errorf("%w: peer %q speaks %d, we speak %d", ErrProtocolVersion, clientID, version, ProtocolVersion)
+	if offered < x.minVersion || offered > x.maxVersion {
+		// Name our newest version: a newer client that still speaks it
+		// dials again at it (as a version-2 client does with the 1 a
+		// version-1 server names).
+		_ = reply(x.maxVersion, hsVersion, nil)
+		return "", 0, fmt.Errorf("%w: peer %q offered %d, we speak %d to %d",
+			ErrProtocolVersion, clientID, offered, x.minVersion, x.maxVersion)
+	}
+	// The lower of the two newest versions is the offer, as we refused
+	// offers above ours. A version-1 client requires exactly 1 back.
+	agreed := offered
+	if agreed < x.maxVersion {
+		// Tell a client that speaks a newer version too that it was
+		// downgraded on the way (see downgradeMark).
+		copy(nonceS[nonceLen-len(downgradeMark):], downgradeMark)
 	}
 	if keyed := flags&1 != 0; keyed != (x.key != nil) {
-		_ = reply(hsKeyMismatch, nil)
-		return "", fmt.Errorf("%w: peer %q keyed=%v, we keyed=%v", ErrAuth, clientID, keyed, x.key != nil)
+		_ = reply(agreed, hsKeyMismatch, nil)
+		return "", 0, fmt.Errorf("%w: peer %q keyed=%v, we keyed=%v", ErrAuth, clientID, keyed, x.key != nil)
 	}
 	var macS []byte
 	if x.key != nil {
-		macS = mac(x.key, 'S', proto, nonceC, nonceS[:], clientID, x.self)
+		macS = mac(x.key, 'S', proto, agreed, nonceC, nonceS[:], clientID, x.self)
 	}
-	if err := reply(hsOK, macS); err != nil {
-		return "", err
+	if err := reply(agreed, hsOK, macS); err != nil {
+		return "", 0, err
 	}
 	ab, err := readHandshake(c)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	ar := reader{b: ab}
 	macC := ar.bytes()
 	if ar.err != nil {
-		return "", fmt.Errorf("%w: malformed auth", ErrHandshake)
+		return "", 0, fmt.Errorf("%w: malformed auth", ErrHandshake)
 	}
 	if x.key != nil && !slices.ContainsFunc(x.keys, func(k []byte) bool {
-		return hmac.Equal(macC, mac(k, 'C', proto, nonceC, nonceS[:], clientID, x.self))
+		return hmac.Equal(macC, mac(k, 'C', proto, agreed, nonceC, nonceS[:], clientID, x.self))
 	}) {
 		_ = writeHandshake(c, []byte{hsAuthFailed})
-		return "", fmt.Errorf("%w: peer %q failed to prove the cluster key", ErrAuth, clientID)
+		return "", 0, fmt.Errorf("%w: peer %q failed to prove the cluster key", ErrAuth, clientID)
 	}
 	if err := writeHandshake(c, []byte{hsOK}); err != nil {
-		return "", err
+		return "", 0, err
 	}
-	return clientID, nil
+	return clientID, agreed, nil
 }
 
 // close stops accepting, closes every protocol listener and every connection

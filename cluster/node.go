@@ -87,6 +87,11 @@ type Node struct {
 	members   map[string]*member
 	leaving   map[string]time.Time // leave intents received, by node id
 	repairing map[string]bool      // nodes with a scheduled route repair
+
+	// Route acknowledgements (routeack.go). ackMu is a leaf.
+	ackMu     sync.Mutex
+	ackers    map[string]*acker // by peer id, one per protocol-2 inbound connection
+	routeAcks ackWaiters
 	started   time.Time
 	closeErr  error
 	closed    chan struct{}
@@ -122,11 +127,13 @@ func New(cfg Config, d Deliverer) (*Node, error) {
 		members:      make(map[string]*member),
 		leaving:      make(map[string]time.Time),
 		repairing:    make(map[string]bool),
+		ackers:       make(map[string]*acker),
 		events:       newEventQueue(cfg.OnMemberEvent),
 		badFrameLog:  rateLimited{every: time.Second},
 		badGossipLog: rateLimited{every: time.Second},
 	}
 	n.matchPool.New = func() any { return new(matchResult) }
+	rt.onRemote = n.routesMoved
 	n.bcast = &memberlist.TransmitLimitedQueue{
 		NumNodes:       func() int { return max(1, int(n.numAlive.Load())) },
 		RetransmitMult: cfg.RetransmitMult,
@@ -184,7 +191,8 @@ func (n *Node) start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	n.meta = nodeMeta{Proto: ProtocolVersion, NodeID: n.cfg.NodeID, AdvertiseHost: n.cfg.AdvertiseHost,
+	// Proto is the oldest version we speak: see nodeMeta.
+	n.meta = nodeMeta{Proto: n.mux.minVersion, NodeID: n.cfg.NodeID, AdvertiseHost: n.cfg.AdvertiseHost,
 		ClusterPort: uint16(clusterPort), MQTTPort: uint16(n.cfg.MQTTPort), App: n.cfg.AppMeta}
 	if n.meta.AdvertiseHost == "" && advertiseIP != "" {
 		n.meta.AdvertiseHost = advertiseIP
@@ -404,6 +412,7 @@ func (n *Node) AddRoute(filter string) error {
 	}
 	if changed {
 		n.queueDelta(d)
+		n.sendRoute(d)
 	}
 	return nil
 }
@@ -413,6 +422,7 @@ func (n *Node) AddRoute(filter string) error {
 func (n *Node) RemoveRoute(filter string) {
 	if d, changed := n.routes.removeLocal(filter); changed {
 		n.queueDelta(d)
+		n.sendRoute(d)
 	}
 }
 

@@ -100,6 +100,11 @@ type routeTable struct {
 	members     map[string]bool
 	remote      map[string]*remoteEntry
 	index       routeIndex
+
+	// onRemote, if set (before use), is called without the lock after a
+	// remote node's entry moved forward: route acknowledgements
+	// (routeack.go) tell that node how far we are.
+	onRemote func(node string)
 }
 
 func newRouteTable(self string, incarnation uint64) *routeTable {
@@ -185,6 +190,14 @@ func (rt *routeTable) setMember(node string, alive bool) {
 // applyDelta applies a gossiped delta if it is the next version of the
 // node's entry, buffers it if it is ahead, and drops it if it is old.
 func (rt *routeTable) applyDelta(d routeDelta) applyResult {
+	res := rt.applyDeltaQuiet(d)
+	if res == deltaApplied && rt.onRemote != nil {
+		rt.onRemote(d.Node)
+	}
+	return res
+}
+
+func (rt *routeTable) applyDeltaQuiet(d routeDelta) applyResult {
 	if d.Op != opAdd && d.Op != opRemove || !ValidFilter(d.Filter) || d.Version == 0 {
 		return deltaInvalid
 	}
@@ -326,6 +339,16 @@ func (e *remoteEntry) behindLocked() bool {
 	return e.headInc > e.incarnation || e.headInc == e.incarnation && e.headVer > e.version
 }
 
+// remoteHead returns how far we hold node's entry.
+func (rt *routeTable) remoteHead(node string) (inc, ver uint64) {
+	rt.mu.RLock()
+	defer rt.mu.RUnlock()
+	if e := rt.remote[node]; e != nil {
+		return e.incarnation, e.version
+	}
+	return 0, 0
+}
+
 // head returns our own (incarnation, version).
 func (rt *routeTable) head() (uint64, uint64) {
 	rt.mu.RLock()
@@ -363,12 +386,23 @@ func (rt *routeTable) snapshot() []nodeRoutes {
 type mergeResult struct {
 	Replaced int  // entries that were newer than ours
 	Bumped   bool // a peer held a newer entry for us: our incarnation was raised
+	nodes    []string
 }
 
 // merge applies full entries received in push/pull: for each live member, the
 // entry with the greater (incarnation, version) wins. Entries for nodes that
 // are not live members are ignored (see setMember).
 func (rt *routeTable) merge(entries []nodeRoutes) mergeResult {
+	res := rt.mergeQuiet(entries)
+	if rt.onRemote != nil {
+		for _, node := range res.nodes {
+			rt.onRemote(node)
+		}
+	}
+	return res
+}
+
+func (rt *routeTable) mergeQuiet(entries []nodeRoutes) mergeResult {
 	var res mergeResult
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
@@ -405,6 +439,7 @@ func (rt *routeTable) merge(entries []nodeRoutes) mergeResult {
 		rt.replaceLocked(nr.Node, e, nr.Incarnation, nr.Version, nr.Filters)
 		rt.drainLocked(nr.Node, e)
 		res.Replaced++
+		res.nodes = append(res.nodes, nr.Node)
 	}
 	return res
 }

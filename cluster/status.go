@@ -13,7 +13,7 @@ import (
 type Status struct {
 	NodeID          string         `json:"node_id"`
 	State           string         `json:"state"`
-	ProtocolVersion int            `json:"protocol_version"`
+	ProtocolVersion int            `json:"protocol_version"` // the newest version this node speaks
 	GossipAddr      string         `json:"gossip_addr"`
 	ClusterAddr     string         `json:"cluster_addr"`
 	Encrypted       bool           `json:"encrypted"`
@@ -26,6 +26,10 @@ type Status struct {
 
 // MemberStatus describes one member as this node sees it. Queue and
 // connection fields are about this node's outgoing forwarding to it.
+// ProtocolVersion is what the member announces in its metadata: the oldest
+// version it speaks (a version-1 node's only one); the version two nodes
+// talk at is agreed per connection and is not shown. For this node itself
+// it is its newest version, as in Status.
 type MemberStatus struct {
 	ID              string    `json:"id"`
 	Self            bool      `json:"self"`
@@ -56,7 +60,7 @@ func (n *Node) Status() Status {
 		state = "closing"
 	}
 	st := Status{
-		NodeID: n.cfg.NodeID, State: state, ProtocolVersion: int(ProtocolVersion),
+		NodeID: n.cfg.NodeID, State: state, ProtocolVersion: int(n.mux.maxVersion),
 		GossipAddr: n.selfGossip, Encrypted: len(n.cfg.ClusterKey) > 0,
 		Incarnation: self.Incarnation, RouteVersion: self.Version, LocalRoutes: self.Routes,
 		AliveMembers: int(n.numAlive.Load()),
@@ -77,6 +81,7 @@ func (n *Node) Status() Status {
 		}
 		if ms.Self {
 			ms.Routes, ms.RouteVersion = self.Routes, self.Version
+			ms.ProtocolVersion = st.ProtocolVersion
 		} else if ri, ok := remote[id]; ok {
 			ms.Routes, ms.RouteVersion = ri.Routes, ri.Version
 		}

@@ -29,6 +29,9 @@ type outMsg struct {
 	m      *Message
 	shared []string
 	size   int // frame bytes including the length prefix
+	// route, when set, makes this a route frame (routeack.go), not a
+	// message: written only on a protocol-2 connection.
+	route *routeDelta
 }
 
 // peer is the sending side towards one remote node.
@@ -44,11 +47,13 @@ type peer struct {
 	qbytes    int
 	closed    bool
 	connected bool
-	conn      net.Conn
+	conn      *PeerConn
 	everUp    bool
 	forwarded uint64
 	dropped   uint64
 	lastErr   string
+	// How far the peer holds our routes, from its acks (routeack.go).
+	ackInc, ackVer uint64
 
 	wake   chan struct{} // cap 1: "the queue is not empty" or "state changed"
 	ctx    context.Context
@@ -224,6 +229,7 @@ func (p *peer) run() {
 		}
 		p.everUp, p.connected, p.conn, p.lastErr = true, true, conn, ""
 		p.mu.Unlock()
+		p.n.routeAcks.changed()
 		log.Debug("connected to peer", "addr", addr)
 
 		buf, err = p.writeLoop(conn, buf)
@@ -235,6 +241,7 @@ func (p *peer) run() {
 			p.lastErr = err.Error()
 		}
 		p.mu.Unlock()
+		p.n.routeAcks.changed()
 		if p.ctx.Err() == nil {
 			log.Info("forwarding connection lost", "addr", addr, "err", err)
 		}
@@ -257,11 +264,11 @@ func jitter(d time.Duration) time.Duration {
 func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 	cfg := &p.n.cfg
 	m := p.n.metrics
-	// A reader that only waits for the peer to close (the receiver never
-	// writes) tells us about a dead connection before we lose a batch on it.
+	// The reader (acks on protocol 2, nothing on 1) also tells us about a
+	// dead connection before we lose a batch on it.
 	closed := make(chan struct{})
 	go func() {
-		_, _ = io.Copy(io.Discard, conn)
+		p.readAcks(conn)
 		close(closed)
 	}()
 	bw := bufio.NewWriterSize(conn, cfg.FlushBytes)
@@ -269,6 +276,7 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 	var (
 		unflushed      int // messages written into bw since the last flush
 		unflushedBytes int
+		dirty          bool // frames (messages or routes) written since the last flush
 		oldest         time.Time
 		timer          *time.Timer
 		timerC         <-chan time.Time
@@ -283,6 +291,7 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 		if err := bw.Flush(); err != nil {
 			return err
 		}
+		dirty = false
 		m.forwarded.Add(float64(unflushed))
 		m.forwardedBytes.Add(float64(unflushedBytes))
 		p.mu.Lock()
@@ -292,7 +301,13 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 		return nil
 	}
 	lose := func(batch []outMsg, err error) ([]outMsg, error) {
-		if n := unflushed + len(batch); n > 0 {
+		n := unflushed
+		for _, om := range batch {
+			if om.route == nil {
+				n++
+			}
+		}
+		if n > 0 {
 			m.dropped.WithLabelValues(dropConnLost).Add(float64(n))
 			p.mu.Lock()
 			p.dropped += uint64(n)
@@ -303,34 +318,44 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 	for {
 		batch := p.take(buf)
 		if len(batch) > 0 {
-			if unflushed == 0 {
+			if !dirty {
 				oldest = time.Now()
 			}
 			for i := range batch {
 				om := &batch[i]
-				hdr = appendPublishHeader(hdr[:0], om.m, om.shared)
+				if om.route != nil {
+					if conn.Version() < protoRouteAcks {
+						continue // a protocol-1 peer learns routes by gossip
+					}
+					hdr = appendRouteFrame(hdr[:0], *om.route)
+				} else {
+					hdr = appendPublishHeader(hdr[:0], om.m, om.shared)
+				}
 				_ = conn.SetWriteDeadline(time.Now().Add(cfg.WriteTimeout))
 				_, err := bw.Write(hdr)
-				if err == nil && len(om.m.Payload) > 0 {
+				if err == nil && om.m != nil && len(om.m.Payload) > 0 {
 					_, err = bw.Write(om.m.Payload)
 				}
 				if err != nil {
 					return lose(batch[i:], fmt.Errorf("write to %s: %w", p.id, err))
 				}
-				unflushed++
-				unflushedBytes += om.size
+				dirty = true
+				if om.route == nil {
+					unflushed++
+					unflushedBytes += om.size
+				}
 			}
 			buf = clearBatch(batch)
 			continue // drain everything that queued meanwhile before deciding to flush
 		}
 		buf = batch
-		if unflushed > 0 && (cfg.FlushInterval <= 0 || time.Since(oldest) >= cfg.FlushInterval) {
+		if dirty && (cfg.FlushInterval <= 0 || time.Since(oldest) >= cfg.FlushInterval) {
 			if err := flush(); err != nil {
 				return lose(nil, fmt.Errorf("flush to %s: %w", p.id, err))
 			}
 		}
 		timerC = nil
-		if unflushed > 0 {
+		if dirty {
 			wait := cfg.FlushInterval - time.Since(oldest)
 			if timer == nil {
 				timer = time.NewTimer(wait)
@@ -408,6 +433,7 @@ func (n *Node) serveInbound(in *inbound, prev *inbound) {
 		<-prev.done
 	}
 	from := in.conn.Peer()
+	n.startAcker(in)
 	br := bufio.NewReaderSize(in.conn, 64<<10)
 	var lenBuf [frameLenSize]byte
 	for {
@@ -428,6 +454,13 @@ func (n *Node) serveInbound(in *inbound, prev *inbound) {
 				n.badFrame(from, "truncated frame", err)
 			}
 			return
+		}
+		if body[0] == frameRoute && in.conn.Version() >= protoRouteAcks {
+			if err := n.applyRouteFrame(from, body); err != nil {
+				n.badFrame(from, "decode", err)
+				return
+			}
+			continue
 		}
 		m, err := decodeFrame(body)
 		if err != nil {

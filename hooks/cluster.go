@@ -1,9 +1,11 @@
 package hooks
 
 import (
+	"context"
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -39,6 +41,8 @@ type Cluster struct {
 
 	mu     sync.Mutex
 	routes map[string]map[string]struct{} // client id -> filters holding a route reference
+
+	ackLog atomic.Int64 // last "route not acknowledged" log, unix ns
 
 	injMu     sync.RWMutex
 	injectors map[string]*injector // by inline client id
@@ -92,16 +96,42 @@ func (h *Cluster) OnStarted() {
 }
 
 // OnSubscribed implements mqtt.Hook: only granted filters are routed.
+//
+// mochi calls it before it writes SUBACK, so it waits (at most
+// routeAckTimeout) until every connected peer has acknowledged the routes:
+// a message published on any node after SUBACK then matches the
+// subscription, as on one broker (cluster/routeack.go). A peer that does
+// not answer in time delays SUBACK by the bound and learns the route by
+// gossip (broker_cluster_route_ack_timeouts_total).
 func (h *Cluster) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
 	if cl.Net.Inline {
 		return
 	}
+	added := false
 	for i, sub := range pk.Filters {
 		if i < len(reasonCodes) && reasonCodes[i] < 0x80 {
-			h.addRoute(cl.ID, sub.Filter)
+			added = h.addRoute(cl.ID, sub.Filter) || added
+		}
+	}
+	if !added || h.node == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), routeAckTimeout)
+	defer cancel()
+	if err := h.node.AwaitRoutes(ctx); err != nil {
+		now := time.Now().UnixNano()
+		if last := h.ackLog.Load(); now-last > int64(10*time.Second) && h.ackLog.CompareAndSwap(last, now) {
+			h.log.Warn("SUBACK sent before every peer acknowledged the route; a message published on that peer right after may miss it",
+				"client", cl.ID, "error", err)
 		}
 	}
 }
+
+// routeAckTimeout bounds how long SUBACK waits for peers to acknowledge a
+// new route (OnSubscribed). A round trip on a LAN takes well under a
+// millisecond; the bound only matters when a peer is cut off but its
+// connection has not failed yet.
+const routeAckTimeout = time.Second
 
 // OnUnsubscribed implements mqtt.Hook. mochi also calls it with every filter
 // when a session ends or expires, which withdraws that session's routes.
@@ -114,7 +144,9 @@ func (h *Cluster) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	}
 }
 
-func (h *Cluster) addRoute(clientID, filter string) {
+// addRoute takes the client's reference on filter's route; it reports
+// whether the client did not hold one yet.
+func (h *Cluster) addRoute(clientID, filter string) bool {
 	h.mu.Lock()
 	fs := h.routes[clientID]
 	if fs == nil {
@@ -124,11 +156,14 @@ func (h *Cluster) addRoute(clientID, filter string) {
 	_, had := fs[filter]
 	fs[filter] = struct{}{}
 	h.mu.Unlock()
-	if !had {
-		if err := h.node.AddRoute(filter); err != nil {
-			h.log.Warn("subscription not routed", "client", clientID, "error", err)
-		}
+	if had {
+		return false
 	}
+	if err := h.node.AddRoute(filter); err != nil {
+		h.log.Warn("subscription not routed", "client", clientID, "error", err)
+		return false
+	}
+	return true
 }
 
 func (h *Cluster) removeRoute(clientID, filter string) {

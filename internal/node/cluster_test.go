@@ -327,3 +327,37 @@ func TestRetainedReachesEveryNode(t *testing.T) {
 		})
 	}
 }
+
+// TestRequestResponseAcrossNodes: a client on n2 subscribes to a reply
+// topic and, as soon as SUBACK arrives, a client on n1 publishes the reply
+// (request/response across nodes). On one broker the reply always
+// matches; here it did only after the route had gossiped (3-200 ms), so
+// most replies were lost. SUBACK now waits until every peer acknowledged
+// the route.
+func TestRequestResponseAcrossNodes(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	requester := tc.client("n2", "requester")
+	responders := []*testutil.Client{tc.client("n1", "responder1"), tc.client("n3", "responder3")}
+	// Every forwarding connection up first: a peer without one is not
+	// waited for (it learns the route by gossip).
+	requester.Sub(t, 0, "warm/#")
+	tc.waitRoutes(t, "n1", "n2", 1)
+	tc.waitRoutes(t, "n3", "n2", 1)
+	for _, r := range responders {
+		r.Pub(t, "warm/up", 0, false, []byte("w"))
+		requester.MustNext(t, wait)
+	}
+	const rounds = 200
+	for i := range rounds {
+		topic := fmt.Sprintf("reply/%d", i)
+		requester.Sub(t, 0, topic)
+		responders[i%2].Pub(t, topic, 0, false, []byte("r"))
+		if p, err := requester.Next(2 * time.Second); err != nil || p.Topic != topic {
+			t.Fatalf("round %d of %d: the reply published right after SUBACK on another node was lost (%v)", i, rounds, err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		_, _ = requester.Unsubscribe(ctx, &paho.Unsubscribe{Topics: []string{topic}})
+		cancel()
+	}
+}

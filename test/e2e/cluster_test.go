@@ -340,3 +340,29 @@ func waitVoters(t *testing.T, nodes []*Broker, n int) {
 		return nil
 	})
 }
+
+// TestClusterPublishRightAfterSubackElsewhere: request/response across
+// nodes with the Debian clients. mosquitto_sub on node2 subscribes (the
+// harness returns on its SUBACK) and mosquitto_pub on node1 publishes at
+// once; every message must arrive, as on one broker. Before SUBACK waited
+// for the peers to acknowledge the route, the publish usually beat the
+// route's gossip and the message was lost.
+func TestClusterPublishRightAfterSubackElsewhere(t *testing.T) {
+	t.Parallel()
+	nodes := startCluster(t, 3)
+	n1, n2 := nodes[0], nodes[1]
+	// The forwarding connections are up once a route has crossed and a
+	// message has been forwarded both ways.
+	warm := n2.sub(t, "-t", "warm/x", "-C", "1")
+	waitRoutesOf(t, n1, n2.ID, 1)
+	n1.mustPub(t, "-t", "warm/x", "-m", "w")
+	warm.wait(t)
+	for i := range 30 {
+		topic := fmt.Sprintf("reply/%d", i)
+		s := n2.sub(t, "-t", topic, "-C", "1", "-W", "10")
+		n1.mustPub(t, "-t", topic, "-m", "r")
+		if got := s.wait(t); len(got) != 1 {
+			t.Fatalf("round %d: published on %s right after %s's SUBACK: got %v, want the reply", i, n1.ID, n2.ID, got)
+		}
+	}
+}
