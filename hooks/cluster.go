@@ -79,7 +79,7 @@ func (h *Cluster) ID() string { return "cluster" }
 func (h *Cluster) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnStarted, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublished,
-		mqtt.OnWillSent, mqtt.OnSelectSubscribers:
+		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect:
 		return true
 	}
 	return false
@@ -205,6 +205,7 @@ func (h *Cluster) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 // of each. For a local message all local groups stay (the origin node
 // serves a group whenever it has a member).
 func (h *Cluster) OnSelectSubscribers(subs *mqtt.Subscribers, pk packets.Packet) *mqtt.Subscribers {
+	h.dropAbsentMembers(subs)
 	if !strings.HasPrefix(pk.Origin, injectorPrefix) {
 		return subs
 	}
@@ -220,6 +221,50 @@ func (h *Cluster) OnSelectSubscribers(subs *mqtt.Subscribers, pk packets.Packet)
 		}
 	}
 	return subs
+}
+
+// dropAbsentMembers removes from the shared groups the members whose
+// client is not connected: a persistent session keeps its shared
+// subscriptions in mochi while the client is away, and mochi would choose
+// such a member and drop the message for the whole group. A group left
+// without a member here is removed (its route was withdrawn at the
+// disconnect, so other nodes no longer send it here and this node's
+// Forward chooses a node with a live member).
+func (h *Cluster) dropAbsentMembers(subs *mqtt.Subscribers) {
+	for group, members := range subs.Shared {
+		for id := range members {
+			if cl, ok := h.server.Clients.Get(id); !ok || cl.Closed() {
+				delete(members, id)
+			}
+		}
+		if len(members) == 0 {
+			delete(subs.Shared, group)
+		}
+	}
+}
+
+// OnDisconnect ends the shared subscriptions of a client whose session
+// outlives the connection. They are not part of the replicated session
+// (hooks/session_subscribe.go): left in mochi, the absent member was
+// chosen for its group and the message dropped, and the group's route
+// made other nodes send it here to be dropped too. So they end with the
+// connection, like a clean session's (documented; the client subscribes
+// again when it reconnects). Its plain subscriptions stay routed: their
+// messages are queued for it.
+func (h *Cluster) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
+	if cl.Net.Inline || expire {
+		return // an ending session's filters are all withdrawn by OnUnsubscribed
+	}
+	if cur, ok := h.server.Clients.Get(cl.ID); ok && cur != cl {
+		return // taken over: the new connection inherited them, with their routes
+	}
+	for filter := range cl.State.Subscriptions.GetAll() {
+		if mqtt.IsSharedFilter(filter) {
+			h.server.Topics.Unsubscribe(filter, cl.ID)
+			cl.State.Subscriptions.Delete(filter)
+			h.removeRoute(cl.ID, filter)
+		}
+	}
 }
 
 // Deliver implements cluster.Deliverer: inject a peer's message into mochi.
