@@ -16,6 +16,7 @@ const (
 	dropNoPeer    = "no_peer"    // a route points at a node we have no address for
 	dropConnLost  = "conn_lost"  // written to a connection that then failed
 	dropShutdown  = "shutdown"   // queued when this node closed
+	dropExpired   = "expired"    // its message expiry ran out while it waited in the queue
 )
 
 // metrics are the broker_cluster_* collectors of one Node. Each Node registers
@@ -69,7 +70,7 @@ func newMetrics(reg prometheus.Registerer, rt *routeTable) (*metrics, error) {
 	m.received = counter("received_messages_total", "Messages received from peers and handed to the deliverer.")
 	m.receivedBytes = counter("received_bytes_total", "Frame bytes received from peers.")
 	m.dropped = counterVec("dropped_messages_total", "Messages not forwarded, by reason.", "reason")
-	for _, r := range []string{dropQueueFull, dropOversize, dropPeerGone, dropNoPeer, dropConnLost, dropShutdown} {
+	for _, r := range []string{dropQueueFull, dropOversize, dropPeerGone, dropNoPeer, dropConnLost, dropShutdown, dropExpired} {
 		m.dropped.WithLabelValues(r) // export zeros so rate() works from the start
 	}
 	m.queueDepth = gaugeVec("forward_queue_depth", "Messages queued for a peer.", "peer")

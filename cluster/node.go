@@ -502,7 +502,11 @@ func (n *Node) Forward(m *Message) int {
 			n.metrics.dropped.WithLabelValues(dropNoPeer).Inc()
 			continue
 		}
-		if ok, reason := p.enqueue(outMsg{m: m, shared: t.shared, size: size}); !ok {
+		om := outMsg{m: m, shared: t.shared, size: size}
+		if m.MessageExpiry > 0 {
+			om.queued = time.Now()
+		}
+		if ok, reason := p.enqueue(om); !ok {
 			n.metrics.dropped.WithLabelValues(reason).Inc()
 			continue
 		}

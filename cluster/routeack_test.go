@@ -145,3 +145,28 @@ func (r *recorder) countPrefix(prefix string) int {
 	}
 	return n
 }
+
+// TestExpiryCountsTimeQueued: a message that waited in a peer's queue is
+// forwarded with the time it waited taken off its expiry, and one whose
+// expiry ran out there is dropped (MQTT-3.3.2-5, -6); before, it left with
+// the expiry it had when it was published.
+func TestExpiryCountsTimeQueued(t *testing.T) {
+	m := &Message{Topic: "t", MessageExpiry: 10}
+	now := time.Now()
+	om := outMsg{m: m, queued: now.Add(-3500 * time.Millisecond)}
+	got := om.expiring(now)
+	if got == nil || got.MessageExpiry != 7 || got == m || m.MessageExpiry != 10 {
+		t.Fatalf("after 3.5 s queued: %+v (the queued message itself must not change)", got)
+	}
+	om.queued = now.Add(-10 * time.Second)
+	if got := om.expiring(now); got != nil {
+		t.Fatalf("expired in the queue but forwarded with %d s", got.MessageExpiry)
+	}
+	om.queued = now.Add(-500 * time.Millisecond)
+	if got := om.expiring(now); got != m {
+		t.Fatal("less than a second queued: the message itself is sent")
+	}
+	if got := (&outMsg{m: &Message{Topic: "t"}}).expiring(now); got == nil || got.MessageExpiry != 0 {
+		t.Fatal("a message without expiry must be sent as is")
+	}
+}

@@ -32,6 +32,29 @@ type outMsg struct {
 	// route, when set, makes this a route frame (routeack.go), not a
 	// message: written only on a protocol-2 connection.
 	route *routeDelta
+	// queued is when a message with an expiry was queued: the time it
+	// waits here (a slow peer, a reconnect) counts against its expiry
+	// (MQTT-3.3.2-6).
+	queued time.Time
+}
+
+// expiring returns the message to write for om: m itself, or a copy whose
+// expiry has the time om spent queued taken off; nil when that is all of
+// it (the message expired in the queue).
+func (om *outMsg) expiring(now time.Time) *Message {
+	if om.queued.IsZero() {
+		return om.m
+	}
+	waited := uint32(min(now.Sub(om.queued)/time.Second, 1<<32-1))
+	if waited == 0 {
+		return om.m
+	}
+	if waited >= om.m.MessageExpiry {
+		return nil
+	}
+	m := *om.m
+	m.MessageExpiry -= waited
+	return &m
 }
 
 // peer is the sending side towards one remote node.
@@ -329,7 +352,15 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 					}
 					hdr = appendRouteFrame(hdr[:0], *om.route)
 				} else {
-					hdr = appendPublishHeader(hdr[:0], om.m, om.shared)
+					msg := om.expiring(time.Now())
+					if msg == nil {
+						m.dropped.WithLabelValues(dropExpired).Inc()
+						p.mu.Lock()
+						p.dropped++
+						p.mu.Unlock()
+						continue
+					}
+					hdr = appendPublishHeader(hdr[:0], msg, om.shared)
 				}
 				_ = conn.SetWriteDeadline(time.Now().Add(cfg.WriteTimeout))
 				_, err := bw.Write(hdr)

@@ -188,7 +188,11 @@ func (h *Cluster) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	m := toClusterMessage(cl, pk)
 	if pk.Expiry > 0 {
-		m.MessageExpiry = uint32(max(pk.Expiry-time.Now().Unix(), 1))
+		left := pk.Expiry - time.Now().Unix()
+		if left < 0 {
+			return // expired already (mochi's rule): nobody may receive it (MQTT-3.3.2-5)
+		}
+		m.MessageExpiry = uint32(max(left, 1))
 	}
 	h.node.Forward(m)
 }
