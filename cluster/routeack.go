@@ -129,7 +129,9 @@ func (n *Node) runAcker(a *acker, peer string) {
 			buf = appendAckFrame(buf[:0], inc, ver)
 			_ = a.in.conn.SetWriteDeadline(time.Now().Add(n.cfg.WriteTimeout))
 			if _, err := a.in.conn.Write(buf); err != nil {
-				// The connection is going; serveInbound sees it too.
+				// A connection we cannot ack on is no use to the sender
+				// (every wait would time out): end it, it reconnects.
+				_ = a.in.conn.Close()
 				return
 			}
 		}
@@ -298,9 +300,11 @@ func (n *Node) sendRoute(d routeDelta) {
 }
 
 // enqueueRoute appends a route frame. Unlike messages it is not subject to
-// the queue's limits (a route change is rare and small, and dropping it
-// would only make AwaitRoutes wait for gossip), but it is queued only
-// while connected: a reconnecting peer catches up by gossip.
+// the queue's limits, nor counted in them (a route change is rare and
+// small, and dropping it would only make AwaitRoutes wait for gossip), but
+// it is queued only while connected: a reconnecting peer catches up by
+// gossip. A stalled connection is given up after WriteTimeout, and the
+// frames with it.
 func (p *peer) enqueueRoute(om outMsg) {
 	p.mu.Lock()
 	if p.closed || !p.connected {
@@ -308,7 +312,7 @@ func (p *peer) enqueueRoute(om outMsg) {
 		return
 	}
 	p.queue = append(p.queue, om)
-	p.qbytes += om.size
+	p.routeFrames++
 	p.mu.Unlock()
 	p.signal()
 }

@@ -5,7 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -76,19 +79,41 @@ func TestAwaitRoutesSkipsUnconnectedPeers(t *testing.T) {
 	}, "AwaitRoutes kept waiting for a dead peer")
 }
 
-// TestAwaitRoutesTimesOut: a connected peer that never acknowledges makes
-// AwaitRoutes fail with ErrRoutesNotAcknowledged when its context ends.
+// TestAwaitRoutesTimesOut: a connected protocol-2 peer that never
+// acknowledges makes AwaitRoutes fail with ErrRoutesNotAcknowledged when
+// its context ends. The peer is a stand-in with a connection that nobody
+// reads (a real peer learns our version by push/pull too, and acks it).
 func TestAwaitRoutesTimesOut(t *testing.T) {
-	nodes := startCluster(t, 2)
-	waitConnected(t, nodes[0], nodes[1].ID())
-	// Pretend the peer's acks say it lags: a route version far ahead.
-	nodes[0].routes.mu.Lock()
-	nodes[0].routes.version += 1000
-	nodes[0].routes.mu.Unlock()
+	n := startNode(t, "n1", nil)
+	mute := newPeer(n.Node, "mute", "127.0.0.1:1")
+	mute.connected, mute.conn = true, &PeerConn{peer: "mute", version: protoRouteAcks}
+	n.mu.Lock()
+	n.peers["mute"] = mute
+	n.mu.Unlock()
+	defer func() {
+		n.mu.Lock()
+		delete(n.peers, "mute")
+		n.mu.Unlock()
+	}()
+	if err := n.AddRoute("mute/#"); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if err := nodes[0].AwaitRoutes(ctx); !errors.Is(err, ErrRoutesNotAcknowledged) {
+	if err := n.AwaitRoutes(ctx); !errors.Is(err, ErrRoutesNotAcknowledged) {
 		t.Fatalf("AwaitRoutes = %v, want ErrRoutesNotAcknowledged", err)
+	}
+	if got := n.counter(n.metrics.routeAckTimeouts); got != 1 {
+		t.Fatalf("route_ack_timeouts_total = %v, want 1", got)
+	}
+	// The stand-in acks: the wait ends.
+	inc, ver := n.routes.head()
+	mute.mu.Lock()
+	mute.ackInc, mute.ackVer = inc, ver
+	mute.mu.Unlock()
+	n.routeAcks.changed()
+	if err := n.AwaitRoutes(context.Background()); err != nil {
+		t.Fatalf("after the ack: %v", err)
 	}
 }
 
@@ -168,5 +193,72 @@ func TestExpiryCountsTimeQueued(t *testing.T) {
 	}
 	if got := (&outMsg{m: &Message{Topic: "t"}}).expiring(now); got == nil || got.MessageExpiry != 0 {
 		t.Fatal("a message without expiry must be sent as is")
+	}
+}
+
+// TestReplacedInboundConnectionIsDrained: when a peer replaces its
+// forwarding connection, what it had already written on the old one is
+// still delivered, before anything from the new one. Before, the new
+// connection closed the old one at once and the frames left unread in its
+// socket were lost, uncounted.
+func TestReplacedInboundConnectionIsDrained(t *testing.T) {
+	recv := startNode(t, "recv", nil)
+	send := startNode(t, "send", nil) // not a member of recv's cluster: we drive its connections by hand
+	block := make(chan struct{})
+	var once sync.Once
+	entered := make(chan struct{})
+	recv.rec.mu.Lock()
+	recv.rec.onDeliver = func(string, *Message) {
+		once.Do(func() {
+			close(entered)
+			<-block
+		})
+	}
+	recv.rec.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	old, err := send.mux.Dial(ctx, recv.clusterAddr(), ProtoForward)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// More than the receiver's 64 KiB read buffer, so most of it is still
+	// in the socket when the new connection arrives.
+	const n = 500
+	pad := strings.Repeat("x", 1024)
+	var b []byte
+	for i := range n {
+		b = appendPublishFrame(b, msg("drain/old", strconv.Itoa(i)+pad), nil)
+	}
+	if _, err := old.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	<-entered // the receiver holds the first message; the rest wait in the socket
+	repl, err := send.mux.Dial(ctx, recv.clusterAddr(), ProtoForward)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repl.Close()
+	// The sender gives up on the old connection, as after a write error,
+	// the way the production sender does (it reads the acks meanwhile).
+	oldRead := make(chan struct{})
+	go func() {
+		_, _ = io.Copy(io.Discard, old)
+		close(oldRead)
+	}()
+	go old.retire(oldRead, 5*time.Second)
+	if _, err := repl.Write(appendPublishFrame(nil, msg("drain/new", "last"), nil)); err != nil {
+		t.Fatal(err)
+	}
+	close(block)
+	eventually(t, 10*time.Second, func() bool { return recv.rec.count() == n+1 },
+		"delivered %d of %d messages", recv.rec.count(), n+1)
+	got := recv.rec.all()
+	for i := range n {
+		if got[i].m.Topic != "drain/old" || string(got[i].m.Payload) != strconv.Itoa(i)+pad {
+			t.Fatalf("message %d: %s %q, want drain/old %d in order", i, got[i].m.Topic, got[i].m.Payload, i)
+		}
+	}
+	if got[n].m.Topic != "drain/new" {
+		t.Fatalf("last message: %s, want the new connection's", got[n].m.Topic)
 	}
 }

@@ -75,8 +75,12 @@ type peer struct {
 	forwarded uint64
 	dropped   uint64
 	lastErr   string
-	// How far the peer holds our routes, from its acks (routeack.go).
+	// How far the peer holds our routes, from the acks on the current
+	// connection (routeack.go); reset on every new connection.
 	ackInc, ackVer uint64
+	// routeFrames counts the route frames in queue: they are not messages
+	// and do not count against the queue's limits or as drops.
+	routeFrames int
 
 	wake   chan struct{} // cap 1: "the queue is not empty" or "state changed"
 	ctx    context.Context
@@ -114,7 +118,7 @@ func (p *peer) enqueue(om outMsg) (bool, string) {
 		return false, dropPeerGone
 	}
 	cfg := &p.n.cfg
-	if len(p.queue) >= cfg.QueueSize || (len(p.queue) > 0 && p.qbytes+om.size > cfg.QueueBytes) {
+	if msgs := len(p.queue) - p.routeFrames; msgs >= cfg.QueueSize || (msgs > 0 && p.qbytes+om.size > cfg.QueueBytes) {
 		p.dropped++
 		p.mu.Unlock()
 		return false, dropQueueFull
@@ -135,7 +139,7 @@ func (p *peer) take(buf []outMsg) []outMsg {
 	p.mu.Lock()
 	q := p.queue
 	p.queue = buf[:0]
-	p.qbytes = 0
+	p.qbytes, p.routeFrames = 0, 0
 	p.mu.Unlock()
 	p.depth.Set(0)
 	p.bytes.Set(0)
@@ -165,14 +169,14 @@ func (p *peer) stop(reason string) {
 		return
 	}
 	p.closed = true
-	q := p.queue
+	lost := len(p.queue) - p.routeFrames
 	p.queue = nil
-	p.qbytes = 0
-	p.dropped += uint64(len(q))
+	p.qbytes, p.routeFrames = 0, 0
+	p.dropped += uint64(lost)
 	c := p.conn
 	p.mu.Unlock()
-	if len(q) > 0 {
-		p.n.metrics.dropped.WithLabelValues(reason).Add(float64(len(q)))
+	if lost > 0 {
+		p.n.metrics.dropped.WithLabelValues(reason).Add(float64(lost))
 	}
 	p.cancel()
 	if c != nil {
@@ -251,6 +255,10 @@ func (p *peer) run() {
 			p.n.metrics.reconnects.Inc()
 		}
 		p.everUp, p.connected, p.conn, p.lastErr = true, true, conn, ""
+		// Acks describe what the peer held on the old connection; the peer
+		// may have restarted since (and hold none of our routes). Its acker
+		// answers on the new connection at once.
+		p.ackInc, p.ackVer = 0, 0
 		p.mu.Unlock()
 		p.n.routeAcks.changed()
 		log.Debug("connected to peer", "addr", addr)
@@ -269,6 +277,24 @@ func (p *peer) run() {
 			log.Info("forwarding connection lost", "addr", addr, "err", err)
 		}
 	}
+}
+
+// retire closes a connection we are done writing to without losing what we
+// wrote: a plain Close with acks still unread makes the kernel reset the
+// connection, and a reset discards what the peer had not read yet. So it
+// shuts our side down (the peer reads everything, then EOF, and closes),
+// waits up to timeout for readerDone (our reader saw the peer's close),
+// then closes.
+func (c *PeerConn) retire(readerDone <-chan struct{}, timeout time.Duration) {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		t := time.NewTimer(timeout)
+		select {
+		case <-readerDone:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	_ = c.Close()
 }
 
 // jitter spreads reconnects of many nodes over [d/2, d).
@@ -294,6 +320,7 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 		p.readAcks(conn)
 		close(closed)
 	}()
+	defer conn.retire(closed, inboundDrainTimeout)
 	bw := bufio.NewWriterSize(conn, cfg.FlushBytes)
 	hdr := make([]byte, 0, 256)
 	var (
@@ -445,6 +472,10 @@ func (n *Node) acceptForward(ln net.Listener) {
 	}
 }
 
+// inboundDrainTimeout bounds how long a peer's new connection waits for its
+// old one to deliver what is left on it.
+const inboundDrainTimeout = 2 * time.Second
+
 // serveInbound reads frames and hands them to the Deliverer in order. A newer
 // connection from the same peer replaces the older one only after the older
 // one's last Deliver returned, so Deliver never runs twice at once for a peer.
@@ -460,6 +491,17 @@ func (n *Node) serveInbound(in *inbound, prev *inbound) {
 		n.mu.Unlock()
 	}()
 	if prev != nil {
+		// The peer replaced its connection: what it flushed on the old one
+		// before giving up on it is still in our socket buffer, and comes
+		// first. Let the old one read up to the peer's close; close it only
+		// if that does not come (a half-dead connection).
+		t := time.NewTimer(inboundDrainTimeout)
+		select {
+		case <-prev.done:
+		case <-t.C:
+		case <-n.stop:
+		}
+		t.Stop()
 		_ = prev.conn.Close()
 		<-prev.done
 	}

@@ -113,7 +113,16 @@ func (h *Cluster) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes [
 			added = h.addRoute(cl.ID, sub.Filter) || added
 		}
 	}
-	if !added || h.node == nil {
+	if added {
+		h.awaitRoutes(cl.ID)
+	}
+}
+
+// awaitRoutes waits (at most routeAckTimeout) until every connected peer
+// holds this node's routes as they are now; callers are about to send
+// SUBACK for a route they just took.
+func (h *Cluster) awaitRoutes(clientID string) {
+	if h.node == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), routeAckTimeout)
@@ -122,7 +131,7 @@ func (h *Cluster) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes [
 		now := time.Now().UnixNano()
 		if last := h.ackLog.Load(); now-last > int64(10*time.Second) && h.ackLog.CompareAndSwap(last, now) {
 			h.log.Warn("SUBACK sent before every peer acknowledged the route; a message published on that peer right after may miss it",
-				"client", cl.ID, "error", err)
+				"client", clientID, "error", err)
 		}
 	}
 }

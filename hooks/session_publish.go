@@ -55,8 +55,11 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		// Fenced to this connection's open: a forward that arrives late,
 		// after the client resumed elsewhere and completed the flow
 		// there, must not queue the message again.
-		res, err := h.repl.Apply(ctx, &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: cmd,
-			IfOpened: c.opened.Load()})
+		q2 := &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: cmd}
+		if h.repl.QoS2Fence() { // every server applies type 23 (a rolling upgrade may not be done)
+			q2.IfOpened = c.opened.Load()
+		}
+		res, err := h.repl.Apply(ctx, q2)
 		if err != nil {
 			return pk, h.refuse(cl, pk, err)
 		}

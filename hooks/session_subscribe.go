@@ -137,8 +137,12 @@ func (h *Sessions) subscribe(c *sessConn, subs []replication.Subscription, exist
 	if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 		h.log.Debug("subscription not yet applied here", "client", c.id, "error", werr)
 	}
+	added := false
 	for _, s := range subs {
-		h.cluster.addRoute(c.id, s.Filter)
+		added = h.cluster.addRoute(c.id, s.Filter) || added
+	}
+	if added {
+		h.cluster.awaitRoutes(c.id) // QoS 0 copies published elsewhere after SUBACK travel by route
 	}
 	for _, p := range qos0 {
 		c.pump.sendQoS0(p)

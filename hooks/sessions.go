@@ -340,7 +340,9 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	open, at, tw := h.openCommands(cl, pk, c.expiry)
 	defer h.markOpening(cl.ID, openAtOf(open))()
 	res, err := h.repl.Apply(ctx, open)
+	retried := false
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
+		retried = true
 		// Outcome unknown (the leader died while committing) or no
 		// leader yet: opening again is safe (the same session resumes,
 		// or the same clean start happens again).
@@ -367,6 +369,18 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	// the client already completed.
 	opened := res.Index
 	if err := h.repl.WaitAppliedLocal(ctx, res.Index); err != nil {
+		if retried {
+			// An earlier try may have committed first and be the session's
+			// open (its index, not res.Index, fences this connection's
+			// commands), and the state that would tell is not here yet:
+			// refuse rather than run with a fence that may be wrong (its
+			// closes and QoS 2 publishes would be ignored as stale).
+			h.log.Warn("retried session open not applied here in time; connection refused", "client", cl.ID, "error", err)
+			h.m.openFailed.Inc()
+			c.refused = true
+			h.track(c)
+			return
+		}
 		h.log.Warn("session state not applied here in time; resending from an older state", "client", cl.ID, "error", err)
 	} else if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == openAtOf(open) {
 		// When a retried open committed twice, the session keeps the

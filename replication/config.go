@@ -138,6 +138,10 @@ type Config struct {
 	// Registerer receives the broker_replication_* metrics; nil keeps them
 	// private.
 	Registerer prometheus.Registerer
+
+	// asOldLogFormat makes the node answer rpcLogVersion as a node of log
+	// format 1 does (tests of features.go only).
+	asOldLogFormat bool
 }
 
 // Sanitize fills zero fields with defaults.

@@ -46,18 +46,20 @@ type Node struct {
 	trans *raft.NetworkTransport
 	// heartbeats guards raft's heartbeat handler (see heartbeatGuard).
 	heartbeats *heartbeatGuard
-	store      *boltStore
-	logs       raft.LogStore // the cached log store raft uses
-	reads      readRounds    // coalesced ReadBarrier rounds
-	demux      *demux
-	rpcc       *rpcClient
-	batch      *batcher
-	gauges     []prometheus.Collector
-	observer   *raft.Observer
-	stop       chan struct{}
-	life       context.Context // cancelled at shutdown
-	lifeStop   context.CancelFunc
-	wg         sync.WaitGroup
+	// logVers: the newest log format every server applies (features.go).
+	logVers  logVersions
+	store    *boltStore
+	logs     raft.LogStore // the cached log store raft uses
+	reads    readRounds    // coalesced ReadBarrier rounds
+	demux    *demux
+	rpcc     *rpcClient
+	batch    *batcher
+	gauges   []prometheus.Collector
+	observer *raft.Observer
+	stop     chan struct{}
+	life     context.Context // cancelled at shutdown
+	lifeStop context.CancelFunc
+	wg       sync.WaitGroup
 
 	hadState atomic.Bool   // raft state existed at Start, or was created since
 	bootDone atomic.Bool   // bootstrap is no longer a question for this node
@@ -238,9 +240,12 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.batch = newBatcher(r, cfg, n.m)
 	n.batch.start()
 	n.demux.start()
-	n.wg.Add(2)
+	n.logVers.known = map[raft.ServerID]uint32{}
+	n.logVers.min.Store(1)
+	n.wg.Add(3)
 	go n.observeLoop(obsCh)
 	go n.manageLoop()
+	go n.logVersionLoop()
 	n.state.Store(stateRunning)
 	n.log.Info("replication started", "advertise", cfg.Advertise, "data_dir", cfg.DataDir,
 		"has_state", had, "bootstrap_expect", cfg.BootstrapExpect)

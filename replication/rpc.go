@@ -34,7 +34,8 @@ const (
 	rpcStatus    byte = 3
 	rpcReadIndex byte = 4
 	rpcWhoAmI    byte = 5 // the answering node's id (an older node: unknown kind)
-	rpcReply     byte = 0x80
+	// rpcLogVersion (6, features.go): the newest log format the node applies.
+	rpcReply byte = 0x80
 
 	maxRPCFrameSlack = 64 << 10
 	maxRPCInFlight   = 4096
@@ -451,6 +452,11 @@ func (s *rpcServer) handle(kind byte, body []byte) []byte {
 		return appendUvarint(appendUvarint(appendError(nil, nil), ri.read), ri.subs)
 	case rpcWhoAmI:
 		return appendString(appendError(nil, nil), s.n.cfg.NodeID)
+	case rpcLogVersion:
+		if s.n.cfg.asOldLogFormat {
+			break // answers as a node that predates the question
+		}
+		return appendUvarint(appendError(nil, nil), logVersion)
 	case rpcStatus:
 		st := s.n.peerStatus()
 		b := appendError(nil, nil)

@@ -297,11 +297,13 @@ func (t noPipeline) SetHeartbeatHandler(fn func(raft.RPC)) {
 // heartbeatGuard lets shutdown wait for raft's heartbeat handler. The
 // transport runs it on its connection goroutines, which raft's Shutdown
 // does not wait for: a heartbeat past the handler's shutdown check that
-// advanced the commit index read the log after the store was closed, and
-// raft panics when it cannot read a committed entry ("failed to get log"),
-// which killed the process (CI, internal/node tests). After close the
-// handler answers every heartbeat with an error, and close returns only
-// once no handler runs.
+// carries a newer term writes it to the stable store, and raft panics when
+// that write fails ("failed to save current term"), as it does once the
+// store is closed; the CI run whose internal/node tests crashed with a
+// goroutine dump ending in processHeartbeat fits this (the dump's head was
+// cut off, so it is the likeliest cause, not a proven one). After close
+// the handler answers every heartbeat with an error, and close returns
+// only once no handler runs.
 type heartbeatGuard struct {
 	mu     sync.RWMutex
 	closed bool
