@@ -3,6 +3,7 @@ package hooks
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -39,8 +40,9 @@ type Cluster struct {
 	node   *cluster.Node
 	log    *slog.Logger
 
-	mu     sync.Mutex
-	routes map[string]map[string]struct{} // client id -> filters holding a route reference
+	mu      sync.Mutex
+	routes  map[string]map[string]struct{} // client id -> filters holding a route reference
+	pending map[*mqtt.Client][]string      // filters OnSubscribe routed, until OnSubscribed
 
 	ackLog atomic.Int64 // last "route not acknowledged" log, unix ns
 
@@ -63,6 +65,7 @@ func NewCluster(s *mqtt.Server, log *slog.Logger) *Cluster {
 		server:    s,
 		log:       log.With("component", "cluster"),
 		routes:    map[string]map[string]struct{}{},
+		pending:   map[*mqtt.Client][]string{},
 		injectors: map[string]*injector{},
 	}
 }
@@ -78,7 +81,7 @@ func (h *Cluster) ID() string { return "cluster" }
 // Provides implements mqtt.Hook.
 func (h *Cluster) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnStarted, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublished,
+	case mqtt.OnStarted, mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublished,
 		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect:
 		return true
 	}
@@ -95,26 +98,55 @@ func (h *Cluster) OnStarted() {
 	}
 }
 
-// OnSubscribed implements mqtt.Hook: only granted filters are routed.
-//
-// mochi calls it before it writes SUBACK, so it waits (at most
-// routeAckTimeout) until every connected peer has acknowledged the routes:
-// a message published on any node after SUBACK then matches the
-// subscription, as on one broker (cluster/routeack.go). A peer that does
-// not answer in time delays SUBACK by the bound and learns the route by
-// gossip (broker_cluster_route_ack_timeouts_total).
+// OnSubscribe routes the SUBSCRIBE's filters and waits (at most
+// routeAckTimeout) until every connected peer has acknowledged them, so
+// that a message published on any node after SUBACK matches the
+// subscription, as on one broker (cluster/routeack.go). It waits here,
+// before mochi puts the subscription in its index, not in OnSubscribed:
+// from the index on, live messages reach the client, and mochi sends the
+// retained ones only after SUBACK, so waiting there would let live
+// messages overtake retained ones (retained-then-live, guarantee 8) for a
+// round trip, or the whole bound. A peer that does not answer in time
+// delays SUBACK by the bound and learns the route by gossip
+// (broker_cluster_route_ack_timeouts_total). Filters mochi then refuses
+// (ACL, invalid) lose the route again in OnSubscribed.
+func (h *Cluster) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if cl.Net.Inline {
+		return pk
+	}
+	var added []string
+	for _, sub := range pk.Filters {
+		if mqtt.IsValidFilter(sub.Filter, false) && h.addRoute(cl.ID, sub.Filter) {
+			added = append(added, sub.Filter)
+		}
+	}
+	if len(added) == 0 {
+		return pk
+	}
+	h.mu.Lock()
+	h.pending[cl] = added
+	h.mu.Unlock()
+	h.awaitRoutes(cl.ID)
+	return pk
+}
+
+// OnSubscribed implements mqtt.Hook: only granted filters keep their
+// route (OnSubscribe took it for every valid one).
 func (h *Cluster) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
 	if cl.Net.Inline {
 		return
 	}
-	added := false
+	h.mu.Lock()
+	added := h.pending[cl]
+	delete(h.pending, cl)
+	h.mu.Unlock()
 	for i, sub := range pk.Filters {
-		if i < len(reasonCodes) && reasonCodes[i] < 0x80 {
-			added = h.addRoute(cl.ID, sub.Filter) || added
+		switch {
+		case i < len(reasonCodes) && reasonCodes[i] < 0x80:
+			h.addRoute(cl.ID, sub.Filter) // a no-op unless OnSubscribe did not see it
+		case slices.Contains(added, sub.Filter):
+			h.removeRoute(cl.ID, sub.Filter)
 		}
-	}
-	if added {
-		h.awaitRoutes(cl.ID)
 	}
 }
 

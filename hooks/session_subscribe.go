@@ -116,6 +116,20 @@ func (h *Sessions) subscribe(c *sessConn, subs []replication.Subscription, exist
 		cmd = &replication.Batch{Commands: append([]replication.Command{cmd}, chunks[0]...)}
 		chunks = chunks[1:]
 	}
+	// Routed first, and acknowledged by every connected peer, so that a
+	// QoS 0 copy published on any node after SUBACK reaches this node; and
+	// before the commit, since from the commit on live QoS 0 copies are
+	// delivered (deliverQoS0) and must not overtake the retained ones sent
+	// below (retained-then-live).
+	var added []string
+	for _, s := range subs {
+		if h.cluster.addRoute(c.id, s.Filter) {
+			added = append(added, s.Filter)
+		}
+	}
+	if len(added) > 0 {
+		h.cluster.awaitRoutes(c.id)
+	}
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	res, err := h.repl.Apply(ctx, cmd)
@@ -123,6 +137,9 @@ func (h *Sessions) subscribe(c *sessConn, subs []replication.Subscription, exist
 		err = res.Results[0].Err
 	}
 	if err != nil {
+		for _, f := range added {
+			h.cluster.removeRoute(c.id, f)
+		}
 		return err
 	}
 	for _, ch := range chunks {
@@ -136,13 +153,6 @@ func (h *Sessions) subscribe(c *sessConn, subs []replication.Subscription, exist
 	// passes a read barrier first (OnPublish).
 	if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 		h.log.Debug("subscription not yet applied here", "client", c.id, "error", werr)
-	}
-	added := false
-	for _, s := range subs {
-		added = h.cluster.addRoute(c.id, s.Filter) || added
-	}
-	if added {
-		h.cluster.awaitRoutes(c.id) // QoS 0 copies published elsewhere after SUBACK travel by route
 	}
 	for _, p := range qos0 {
 		c.pump.sendQoS0(p)
