@@ -208,6 +208,7 @@ func (p *peer) readAcks(conn *PeerConn) {
 		if inc > p.ackInc || inc == p.ackInc && ver > p.ackVer {
 			p.ackInc, p.ackVer = inc, ver
 		}
+		p.ackLate = false
 		p.mu.Unlock()
 		p.n.routeAcks.changed()
 	}
@@ -261,6 +262,7 @@ func (n *Node) AwaitRoutes(ctx context.Context) error {
 		case <-ch:
 		case <-ctx.Done():
 			n.metrics.routeAckTimeouts.Inc()
+			n.markLate(missing)
 			return fmt.Errorf("%w: %v at version %d: %w", ErrRoutesNotAcknowledged, missing, ver, ctx.Err())
 		case <-n.stop:
 			return ErrClosed
@@ -268,15 +270,31 @@ func (n *Node) AwaitRoutes(ctx context.Context) error {
 	}
 }
 
+// markLate stops waiting for peers that let a wait time out, until they
+// ack again: a peer whose connection still looks up while it is cut off
+// (its cluster port black-holed, a partition not yet detected) would
+// otherwise delay every SUBACK by the whole bound.
+func (n *Node) markLate(ids []string) {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	for _, id := range ids {
+		if p := n.peers[id]; p != nil {
+			p.mu.Lock()
+			p.ackLate = true
+			p.mu.Unlock()
+		}
+	}
+}
+
 // unacked lists the connected protocol-2 peers that have not acknowledged
-// our routes at (inc, ver).
+// our routes at (inc, ver), but for those marked late.
 func (n *Node) unacked(inc, ver uint64) []string {
 	n.mu.RLock()
 	defer n.mu.RUnlock()
 	var out []string
 	for id, p := range n.peers {
 		p.mu.Lock()
-		waiting := !p.closed && p.connected && p.conn != nil && p.conn.Version() >= protoRouteAcks &&
+		waiting := !p.closed && p.connected && !p.ackLate && p.conn != nil && p.conn.Version() >= protoRouteAcks &&
 			(p.ackInc < inc || p.ackInc == inc && p.ackVer < ver)
 		p.mu.Unlock()
 		if waiting {

@@ -106,6 +106,14 @@ func TestAwaitRoutesTimesOut(t *testing.T) {
 	if got := n.counter(n.metrics.routeAckTimeouts); got != 1 {
 		t.Fatalf("route_ack_timeouts_total = %v, want 1", got)
 	}
+	// Late now: the next wait does not wait for it (a cut-off peer costs
+	// one bound, not one per subscription).
+	if err := n.AddRoute("mute2/#"); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.AwaitRoutes(context.Background()); err != nil {
+		t.Fatalf("waited again for a peer that let a wait time out: %v", err)
+	}
 	// The stand-in acks: the wait ends.
 	inc, ver := n.routes.head()
 	mute.mu.Lock()

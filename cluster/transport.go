@@ -78,6 +78,9 @@ type peer struct {
 	// How far the peer holds our routes, from the acks on the current
 	// connection (routeack.go); reset on every new connection.
 	ackInc, ackVer uint64
+	// ackLate: a wait for this peer's ack timed out, and no ack came
+	// since; AwaitRoutes does not wait for it meanwhile (routeack.go).
+	ackLate bool
 	// routeFrames counts the route frames in queue: they are not messages
 	// and do not count against the queue's limits or as drops.
 	routeFrames int
@@ -258,7 +261,7 @@ func (p *peer) run() {
 		// Acks describe what the peer held on the old connection; the peer
 		// may have restarted since (and hold none of our routes). Its acker
 		// answers on the new connection at once.
-		p.ackInc, p.ackVer = 0, 0
+		p.ackInc, p.ackVer, p.ackLate = 0, 0, false
 		p.mu.Unlock()
 		p.n.routeAcks.changed()
 		log.Debug("connected to peer", "addr", addr)
