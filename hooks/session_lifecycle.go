@@ -76,7 +76,7 @@ func (h *Sessions) discardSession(id string) bool {
 	// no quorum and ids unknown here are served (guarantee 5); a session
 	// opened elsewhere in the last moments before the cut may then
 	// survive the clean start (documented in the README's known gaps).
-	if err := h.repl.SessionsBarrier(ctx); err != nil && !noQuorum(err) && !errors.Is(err, replication.ErrNoReadIndex) {
+	if err := h.repl.SessionsBarrier(ctx); err != nil && !noQuorum(err) && !noReadIndexInTime(err) {
 		h.log.Warn("clean connect: this node could not catch up with the log in time; connection refused", "client", id, "error", err)
 		return false
 	}
@@ -129,6 +129,13 @@ func (h *Sessions) discardSession(id string) bool {
 // noQuorum reports whether err says that a write was not proposed because
 // no leader is known (a side without a quorum), as opposed to a write whose
 // outcome is unknown.
+// noReadIndexInTime: no leader gave a read index during the whole bound
+// (asked again and again: an error that passes, like a leader stopping in
+// a rolling restart, does not count).
+func noReadIndexInTime(err error) bool {
+	return errors.Is(err, replication.ErrNoReadIndex) && errors.Is(err, replication.ErrTimeout)
+}
+
 func noQuorum(err error) bool {
 	return errors.Is(err, replication.ErrNoLeader) && !errors.Is(err, replication.ErrUnknownOutcome)
 }

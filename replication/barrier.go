@@ -136,8 +136,10 @@ func (n *Node) readIndex(ctx context.Context) (readIndexes, error) {
 			return idx, nil
 		}
 		lastErr = err
-		if !errors.Is(err, ErrNoLeader) && !errors.Is(err, ErrNotLeader) && !errors.Is(err, errNotSent) &&
-			!errors.Is(err, ErrTimeout) {
+		// Anything but a closed node or a malformed exchange may pass
+		// with the next leader or connection (a leader stopping in a
+		// rolling restart answers with a reset): ask again until ctx ends.
+		if errors.Is(err, ErrClosed) || errors.Is(err, ErrInvalidCommand) || errors.Is(err, errCorrupt) {
 			return readIndexes{}, err
 		}
 		if errors.Is(err, ErrNoLeader) {
