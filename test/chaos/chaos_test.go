@@ -241,6 +241,14 @@ func runCampaign(t *testing.T, seed int64, phase time.Duration) {
 		}()
 	}
 
+	for i, id := range []string{rrClean, rrPersistent} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cp.rrRequester(ctx, id, id == rrPersistent, rand.New(rand.NewSource(seed+270+int64(i))))
+		}()
+	}
+
 	faultErr := cp.injectFaults(phase, rand.New(rand.NewSource(seed)))
 	stopWorkload()
 	wg.Wait()
@@ -341,7 +349,7 @@ func partitionsWanted() bool { return os.Getenv("CHAOS_NETNS") != "0" }
 // workloadMissing lists the parts of the workload that did not run (their
 // counts are zero): a campaign that exercised nothing proves nothing.
 func workloadMissing(res CheckResult, partitions bool) []string {
-	ss, wl, av, sw := res.Sessions, res.Wills, res.Avail, res.Switch
+	ss, wl, av, sw, rr := res.Sessions, res.Wills, res.Avail, res.Switch, res.RR
 	checks := []struct {
 		what string
 		n    int
@@ -361,6 +369,8 @@ func workloadMissing(res CheckResult, partitions bool) []string {
 		{"switching clients' resumes after a clean session", sw.Judged},
 		{"switching clients' queued messages judged", sw.StaleJudged},
 		{"graceful stops with the client back in time", wl.GracefulJudged},
+		{"request/response rounds judged (clean requester)", rr.Judged - rr.JudgedPersistent},
+		{"request/response rounds judged (persistent requester)", rr.JudgedPersistent},
 	}
 	if partitions {
 		p := res.Partition
@@ -1035,6 +1045,10 @@ func summary(r Report) string {
 	fmt.Fprintf(w, "availability dropped by client / reads / judged / not served\t%d / %d / %d / %d\n", av.Dropped, av.Reads, av.Judged, av.NotServed)
 	fmt.Fprintf(w, "switch published ok/failed/unknown\t%d/%d/%d\n", sw.Published[OK], sw.Published[Failed], sw.Published[Unknown])
 	fmt.Fprintf(w, "switch clean ok / resumes judged / present / stale judged / stale received\t%d / %d / %d / %d / %d\n", sw.CleanOK, sw.Judged, sw.Present, sw.StaleJudged, sw.Stale)
+	rr := r.Result.RR
+	fmt.Fprintf(w, "request/response rounds / judged (persistent, qos0) / received / lost\t%d / %d (%d, %d) / %d / %d\n", rr.Rounds, rr.Judged, rr.JudgedPersistent, rr.JudgedQoS0, rr.Received, rr.Lost)
+	fmt.Fprintf(w, "request/response not judged: suback / publish / fault / connection (reply received anyway)\t%d / %d / %d / %d (%d)\n",
+		rr.NotJudged["suback"], rr.NotJudged["publish"], rr.NotJudged["fault"], rr.NotJudged["connection"], rr.NotJudgedReceived)
 	for _, k := range sortedKeys(r.BrokerCounters) {
 		fmt.Fprintf(w, "broker %s\t%g\n", k, r.BrokerCounters[k])
 	}

@@ -763,3 +763,122 @@ func TestCheckerDropRightAfterCut(t *testing.T) {
 		t.Fatalf("without the cut the dropped client's will is due: %d will-missing", missing)
 	}
 }
+
+// rrRoundAt adds one request/response round to h: the requester on x
+// subscribes at start ms, the responder on y publishes at QoS 1 right
+// after SUBACK, and the reply arrives (received) or the wait ends at
+// start+4100 ms without it.
+func rrRoundAt(h *History, round, start int, x, y string, received bool) {
+	topic := fmt.Sprintf("%s%s/%d", rrPrefix, rrClean, round)
+	h.Add(Op{Kind: KindRRSub, Client: rrClean, Node: x, Topic: topic, Seq: round, QoS: 1, CleanStart: true,
+		Start: at(start), End: at(start + 20), Outcome: OK})
+	h.Add(Op{Kind: KindRRPub, Client: rrClean + rrResponder, Node: y, Topic: topic, Seq: round, QoS: 1, Publisher: rrClean,
+		Value: fmt.Sprintf("reply %s:%d", rrClean, round), Start: at(start + 21), End: at(start + 30), Outcome: OK})
+	recv := Op{Kind: KindRRRecv, Client: rrClean, Node: x, Topic: topic, Seq: round, QoS: 1, Start: at(start + 30), End: at(start + 4030),
+		Outcome: Unknown, Err: rrNoReply}
+	if received {
+		recv.End, recv.Outcome, recv.Err = at(start+32), OK, ""
+	}
+	h.Add(recv)
+}
+
+// TestCheckerRequestResponse: a reply published on another node right
+// after SUBACK that never arrives is rr-lost; the same round is not judged
+// when a fault on either node overlaps it (or ended less than rejoinGrace
+// before it), nor when SUBACK or the publish failed or the requester lost
+// its connection; a received round is fine.
+func TestCheckerRequestResponse(t *testing.T) {
+	var ok History
+	rrRoundAt(&ok, 1, 0, "node1", "node2", true)
+	if r := Check(ok.Ops(), nil, nil); len(r.Violations) != 0 || r.RR.Judged != 1 || r.RR.Received != 1 || r.RR.Rounds != 1 {
+		t.Fatalf("received round: violations %v, counts %+v", r.Violations, r.RR)
+	}
+
+	var lost History
+	rrRoundAt(&lost, 1, 0, "node1", "node2", true)
+	rrRoundAt(&lost, 2, 100, "node1", "node3", false)
+	// A fault on the third node does not excuse the round.
+	node2 := []faultEvent{{Kind: FaultKill, Node: "node2", Start: at(200), End: at(900)}}
+	r := Check(lost.Ops(), nil, node2)
+	if len(r.Violations) != 1 || r.Violations[0].Check != "rr-lost" || len(r.Failing()) != 1 {
+		t.Fatalf("lost reply: violations %v, want one rr-lost", r.Violations)
+	}
+	if v := r.Violations[0]; !strings.Contains(v.Detail, "round 2 of rr-clean") || !strings.Contains(v.Detail, "node1") ||
+		!strings.Contains(v.Detail, "node3") || len(v.Excerpt) != 3 {
+		t.Errorf("violation does not name the round and nodes: %s", v)
+	}
+	if r.RR.Judged != 2 || r.RR.Received != 1 || r.RR.Lost != 1 {
+		t.Errorf("counts %+v, want 2 judged, 1 received, 1 lost", r.RR)
+	}
+	t.Logf("reported: %s", r.Violations[0])
+	// The requester's node logged that SUBACK went out without every
+	// peer's ack: the excerpt shows it.
+	noted := History{}
+	for _, o := range lost.Ops() {
+		noted.Add(o)
+	}
+	noted.Add(Op{Kind: KindNodeNote, Client: rrClean, Node: "node1", Value: noteRouteAckTimeout, Start: at(119), End: at(119), Outcome: OK,
+		Err: "routes not acknowledged by every peer: [node3] at version 7: context deadline exceeded"})
+	if r := Check(noted.Ops(), nil, nil); len(r.Violations) != 1 || len(r.Violations[0].Excerpt) != 4 ||
+		!strings.Contains(r.Violations[0].Excerpt[3], "node log") {
+		t.Errorf("lost reply with a node note: violations %v, want the note in the excerpt", r.Violations)
+	}
+
+	for _, tc := range []struct {
+		name string
+		f    faultEvent
+	}{
+		{"pause of the requester's node during the wait", faultEvent{Kind: FaultPause, Node: "node1", Start: at(2000), End: at(3000)}},
+		{"cut of the responder's node before the SUBSCRIBE, within rejoinGrace", faultEvent{Kind: FaultPartition, Node: "node3", Start: at(-6000), End: at(-1000)}},
+		{"rolling restart", faultEvent{Kind: FaultRolling, Node: "all", Start: at(4000), End: at(20000)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := Check(lost.Ops(), nil, []faultEvent{tc.f})
+			if len(r.Violations) != 0 || r.RR.Judged != 1 || r.RR.NotJudged["fault"] != 1 {
+				t.Fatalf("violations %v, counts %+v; want the lost round not judged", r.Violations, r.RR)
+			}
+		})
+	}
+	// A fault that ended more than rejoinGrace before the round excuses
+	// nothing.
+	old := []faultEvent{{Kind: FaultKill, Node: "node3", Start: at(-9000), End: at(-100 - int(rejoinGrace/time.Millisecond))}}
+	if r := Check(lost.Ops(), nil, old); len(r.Violations) != 1 {
+		t.Errorf("a fault long before the round: violations %v, want rr-lost", r.Violations)
+	}
+
+	// Rounds that are not clean are counted, not judged.
+	for _, tc := range []struct {
+		name, why string
+		edit      func(o *Op)
+	}{
+		{"SUBACK refused", "suback", func(o *Op) {
+			if o.Kind == KindRRSub {
+				o.Outcome, o.Err = Failed, "reason code 0x87"
+			}
+		}},
+		{"QoS 1 reply not acknowledged", "publish", func(o *Op) {
+			if o.Kind == KindRRPub {
+				o.Outcome, o.Err = Unknown, "context deadline exceeded"
+			}
+		}},
+		{"requester's connection lost", "connection", func(o *Op) {
+			if o.Kind == KindRRRecv {
+				o.Err = rrConnLost
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h History
+			for _, o := range lost.Ops() {
+				if o.Seq == 2 {
+					tc.edit(&o)
+				}
+				h.Add(o)
+			}
+			r := Check(h.Ops(), nil, nil)
+			if len(r.Violations) != 0 || r.RR.Judged != 1 || r.RR.NotJudged[tc.why] != 1 {
+				t.Fatalf("violations %v, counts %+v; want round 2 not judged (%s)", r.Violations, r.RR, tc.why)
+			}
+		})
+	}
+}

@@ -94,6 +94,10 @@ func (o Op) String() string {
 		fmt.Fprintf(&b, " publisher=%s seq=%d qos=%d dup=%t sub_conn=%d", o.Publisher, o.Seq, o.QoS, o.Dup, o.SubConn)
 	case KindWillRecv:
 		fmt.Fprintf(&b, " qos=%d dup=%t sub_conn=%d", o.QoS, o.Dup, o.SubConn)
+	case KindRRSub:
+		fmt.Fprintf(&b, " round=%d qos=%d expiry=%d", o.Seq, o.QoS, o.Expiry)
+	case KindRRPub, KindRRRecv:
+		fmt.Fprintf(&b, " round=%d qos=%d", o.Seq, o.QoS)
 	default:
 		fmt.Fprintf(&b, " publisher=%s seq=%d pub_conn=%d sub_conn=%d", o.Publisher, o.Seq, o.PubConn, o.SubConn)
 	}
@@ -183,6 +187,7 @@ type CheckResult struct {
 	Wills         WillResult      `json:"wills"`
 	Avail         AvailResult     `json:"avail"`
 	Switch        SwitchResult    `json:"switch"`
+	RR            RRResult        `json:"request_response"`
 	Violations    []Violation     `json:"violations"`
 	// KnownIssues counts the violations with a known bug's signature, by
 	// bug (they are in Violations too, with Known set).
@@ -240,7 +245,8 @@ func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
 		Sessions: SessionResult{PublishedQoS1: map[Outcome]int{}, PublishedQoS2: map[Outcome]int{},
 			PersistentQoS2: map[Outcome]int{}, Fresh: map[Outcome]int{}},
 		Avail:  AvailResult{Online: map[Outcome]int{}},
-		Switch: SwitchResult{Published: map[Outcome]int{}}}
+		Switch: SwitchResult{Published: map[Outcome]int{}},
+		RR:     RRResult{NotJudged: map[string]int{}}}
 	for _, o := range ops {
 		switch o.Kind {
 		case KindRetain:
@@ -258,6 +264,7 @@ func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
 	checkWills(ops, faults, &r)
 	checkAvail(ops, faults, &r)
 	checkSwitch(ops, &r)
+	checkRR(ops, faults, &r)
 	for _, v := range r.Violations {
 		if v.Known != "" {
 			if r.KnownIssues == nil {

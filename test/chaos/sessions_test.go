@@ -665,13 +665,15 @@ func (cp *campaign) sessionCounters() map[string]float64 {
 }
 
 // nodeNotes are the lines of the nodes' logs (every start) that explain a
-// finding, as history ops: for now, each persistent session a node served
-// without replication (KnownSessionServedLocally).
+// finding, as history ops: each persistent session a node could not open
+// in the log (noteServedLocally), and each SUBACK sent before every peer
+// acknowledged the route (noteRouteAckTimeout, logged at most once per 10 s
+// per node).
 func (cp *campaign) nodeNotes() []Op {
 	var notes []Op
 	for _, n := range cp.c.nodes {
 		for _, line := range strings.Split(n.log.String(), "\n") {
-			if !strings.Contains(line, noteServedLocally) {
+			if !strings.Contains(line, noteServedLocally) && !strings.Contains(line, noteRouteAckTimeout) {
 				continue
 			}
 			var l struct {
@@ -680,7 +682,7 @@ func (cp *campaign) nodeNotes() []Op {
 				Client string    `json:"client"`
 				Error  string    `json:"error"`
 			}
-			if json.Unmarshal([]byte(line), &l) != nil || l.Msg != noteServedLocally {
+			if json.Unmarshal([]byte(line), &l) != nil || (l.Msg != noteServedLocally && l.Msg != noteRouteAckTimeout) {
 				continue
 			}
 			notes = append(notes, Op{Kind: KindNodeNote, Client: l.Client, Node: n.ID, Value: l.Msg, Err: l.Error,
