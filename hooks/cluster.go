@@ -2,6 +2,7 @@ package hooks
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"slices"
 	"strings"
@@ -82,7 +83,7 @@ func (h *Cluster) ID() string { return "cluster" }
 func (h *Cluster) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnStarted, mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublished,
-		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect:
+		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect, mqtt.OnSessionEstablished:
 		return true
 	}
 	return false
@@ -300,14 +301,39 @@ func (h *Cluster) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	if cl.Net.Inline || expire {
 		return // an ending session's filters are all withdrawn by OnUnsubscribed
 	}
+	// Taken over on this node: the new connection inherits them (the
+	// same client id in mochi's index, the same route references) and
+	// may not be in Clients yet (CI: the takeover lost its route). mochi
+	// marks the old client taken over before it copies the subscriptions,
+	// and OnSessionEstablished puts back whatever a racing teardown still
+	// removed.
+	if cl.IsTakenOver() || errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+		return
+	}
 	if cur, ok := h.server.Clients.Get(cl.ID); ok && cur != cl {
-		return // taken over: the new connection inherited them, with their routes
+		return
 	}
 	for filter := range cl.State.Subscriptions.GetAll() {
 		if mqtt.IsSharedFilter(filter) {
 			h.server.Topics.Unsubscribe(filter, cl.ID)
 			cl.State.Subscriptions.Delete(filter)
 			h.removeRoute(cl.ID, filter)
+		}
+	}
+}
+
+// OnSessionEstablished makes sure the shared subscriptions a connection
+// inherited from the one it took over on this node are in mochi's index
+// and routed: the old connection's teardown may have raced the handover
+// (see OnDisconnect). Both calls are no-ops when nothing was lost.
+func (h *Cluster) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	for filter, sub := range cl.State.Subscriptions.GetAll() {
+		if mqtt.IsSharedFilter(filter) {
+			h.server.Topics.Subscribe(cl.ID, sub)
+			h.addRoute(cl.ID, filter)
 		}
 	}
 }

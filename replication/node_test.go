@@ -124,6 +124,10 @@ func TestApplyWithoutQuorum(t *testing.T) {
 	c.startNew("n1", "n2", "n3")
 	lead := c.leader()
 	survivor := c.follower(lead)
+	// The survivor must hold the configuration first (a follower picked
+	// right after the election may not have it yet, and without it Ready
+	// says "not a member" rather than "no leader": CI flake).
+	eventually(t, waitFor, func() error { return survivor.node().Ready() })
 	for _, tn := range c.up() {
 		if tn != survivor {
 			tn.stop(true)
