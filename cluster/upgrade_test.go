@@ -142,6 +142,24 @@ func serveAs(t *testing.T, k peerKind, key []byte) *testServer {
 		defer mu.Unlock()
 		return float64(refused)
 	}
+	serveRaw(t, ln, func(c net.Conn, proto byte) {
+		peer, err := v1ServerHandshake(x, c, proto)
+		switch {
+		case err == nil:
+			s.accepted <- accepted{peer, v1Version}
+		case errors.Is(err, ErrProtocolVersion):
+			mu.Lock()
+			refused++
+			mu.Unlock()
+		}
+	})
+	return s
+}
+
+// serveRaw accepts connections on ln until the test ends and, one at a
+// time, reads each one's protocol byte and hands the connection to serve,
+// then closes it.
+func serveRaw(t *testing.T, ln net.Listener, serve func(c net.Conn, proto byte)) {
 	var wg sync.WaitGroup
 	t.Cleanup(func() {
 		_ = ln.Close()
@@ -158,20 +176,11 @@ func serveAs(t *testing.T, k peerKind, key []byte) *testServer {
 			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 			var pb [1]byte
 			if _, err := io.ReadFull(c, pb[:]); err == nil {
-				peer, err := v1ServerHandshake(x, c, pb[0])
-				switch {
-				case err == nil:
-					s.accepted <- accepted{peer, v1Version}
-				case errors.Is(err, ErrProtocolVersion):
-					mu.Lock()
-					refused++
-					mu.Unlock()
-				}
+				serve(c, pb[0])
 			}
 			_ = c.Close()
 		}
 	}()
-	return s
 }
 
 // dialAs connects to addr for ProtoRaft as kind k and returns the server's
@@ -289,38 +298,23 @@ func scriptedServer(t *testing.T, answer func(offered byte) []byte) (addr string
 	}
 	var mu sync.Mutex
 	var got []byte
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		_ = ln.Close()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			s, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_ = s.SetDeadline(time.Now().Add(5 * time.Second))
-			var pb [1]byte
-			_, _ = io.ReadFull(s, pb[:])
-			if hello, err := readHandshake(s); err == nil && len(hello) > len(handshakeMagic) {
-				offered := hello[len(handshakeMagic)]
-				mu.Lock()
-				got = append(got, offered)
-				mu.Unlock()
-				ch := answer(offered)
-				_ = writeHandshake(s, ch)
-				if ch[len(handshakeMagic)+1] == hsOK {
-					if _, err := readHandshake(s); err == nil {
-						_ = writeHandshake(s, []byte{hsOK})
-					}
-				}
-			}
-			_ = s.Close()
+	serveRaw(t, ln, func(s net.Conn, _ byte) {
+		hello, err := readHandshake(s)
+		if err != nil || len(hello) <= len(handshakeMagic) {
+			return
 		}
-	}()
+		offered := hello[len(handshakeMagic)]
+		mu.Lock()
+		got = append(got, offered)
+		mu.Unlock()
+		ch := answer(offered)
+		_ = writeHandshake(s, ch)
+		if ch[len(handshakeMagic)+1] == hsOK {
+			if _, err := readHandshake(s); err == nil {
+				_ = writeHandshake(s, []byte{hsOK})
+			}
+		}
+	})
 	return ln.Addr().String(), func() []byte {
 		mu.Lock()
 		defer mu.Unlock()

@@ -338,16 +338,7 @@ func TestRequestResponseAcrossNodes(t *testing.T) {
 	tc := newTestCluster(t, "n1", "n2", "n3")
 	tc.waitReady()
 	requester := tc.client("n2", "requester")
-	responders := []*testutil.Client{tc.client("n1", "responder1"), tc.client("n3", "responder3")}
-	// Every forwarding connection up first: a peer without one is not
-	// waited for (it learns the route by gossip).
-	requester.Sub(t, 0, "warm/#")
-	tc.waitRoutes(t, "n1", "n2", 1)
-	tc.waitRoutes(t, "n3", "n2", 1)
-	for _, r := range responders {
-		r.Pub(t, "warm/up", 0, false, []byte("w"))
-		requester.MustNext(t, wait)
-	}
+	responders := tc.warmResponders(t, requester)
 	const rounds = 200
 	for i := range rounds {
 		topic := fmt.Sprintf("reply/%d", i)
@@ -360,4 +351,20 @@ func TestRequestResponseAcrossNodes(t *testing.T) {
 		_, _ = requester.Unsubscribe(ctx, &paho.Unsubscribe{Topics: []string{topic}})
 		cancel()
 	}
+}
+
+// warmResponders connects a responder on n1 and on n3 for a requester on
+// n2 and brings every forwarding connection up first (a peer without one
+// is not waited for before SUBACK: it learns the route by gossip).
+func (tc *testCluster) warmResponders(t *testing.T, requester *testutil.Client) []*testutil.Client {
+	t.Helper()
+	responders := []*testutil.Client{tc.client("n1", "responder1"), tc.client("n3", "responder3")}
+	requester.Sub(t, 0, "warm/#")
+	tc.waitRoutes(t, "n1", "n2", 1)
+	tc.waitRoutes(t, "n3", "n2", 1)
+	for _, r := range responders {
+		r.Pub(t, "warm/up", 0, false, []byte("w"))
+		requester.MustNext(t, wait)
+	}
+	return responders
 }

@@ -26,14 +26,7 @@ func TestReviewRequestResponsePersistentRequester(t *testing.T) {
 	tc.waitReady()
 	requester := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"),
 		testutil.ClientOptions{ID: "requester", CleanStart: false, SessionExpiry: 3600, Buffer: 50000})
-	responders := []*testutil.Client{tc.client("n1", "responder1"), tc.client("n3", "responder3")}
-	requester.Sub(t, 0, "warm/#")
-	tc.waitRoutes(t, "n1", "n2", 1)
-	tc.waitRoutes(t, "n3", "n2", 1)
-	for _, r := range responders {
-		r.Pub(t, "warm/up", 0, false, []byte("w"))
-		requester.MustNext(t, wait)
-	}
+	responders := tc.warmResponders(t, requester)
 	const rounds = 100
 	lost := 0
 	for i := range rounds {
