@@ -220,8 +220,10 @@ func (h *Sessions) awaitMochiSessionEnd(id string) {
 	if !ok || !old.Closed() {
 		return // none, or a live connection being taken over
 	}
-	p := old.Properties
-	if !(p.ProtocolVersion == 5 && p.Props.SessionExpiryInterval == 0) && !(p.ProtocolVersion < 5 && p.Clean) {
+	// Only the fields set at CONNECT: copying all of Properties would read
+	// the Will that mochi clears as the old connection ends (CI: a race).
+	v, expiry, clean := old.Properties.ProtocolVersion, old.Properties.Props.SessionExpiryInterval, old.Properties.Clean
+	if !(v == 5 && expiry == 0) && !(v < 5 && clean) {
 		return
 	}
 	deadline := time.Now().Add(previousCloseTimeout)
