@@ -60,8 +60,14 @@ type applyReply struct {
 // the new leader.
 var errRetry = errors.New("not proposed")
 
+// proposer is the part of *raft.Raft the batcher uses (a fake in tests).
+type proposer interface {
+	State() raft.RaftState
+	Apply(cmd []byte, timeout time.Duration) raft.ApplyFuture
+}
+
 type batcher struct {
-	r        *raft.Raft
+	r        proposer
 	m        *metrics
 	maxCmds  int
 	maxBytes int
@@ -73,7 +79,7 @@ type batcher struct {
 	wg       sync.WaitGroup
 }
 
-func newBatcher(r *raft.Raft, cfg *Config, m *metrics) *batcher {
+func newBatcher(r proposer, cfg *Config, m *metrics) *batcher {
 	return &batcher{
 		r: r, m: m, maxCmds: cfg.MaxBatchCommands, maxBytes: cfg.MaxBatchBytes, linger: cfg.BatchLinger,
 		reqs: make(chan *applyReq, cfg.MaxBatchCommands), stop: make(chan struct{}),
@@ -190,6 +196,32 @@ func (b *batcher) loop() {
 	}
 }
 
+// wait returns f's error, or ErrClosed with an unknown outcome once the
+// batcher stops and f has no answer. raft v1.8 never answers a future
+// whose commit it handed to its FSM goroutine just before Shutdown
+// (hashicorp/raft#498: runFSM returns without draining its queue), and
+// close waits for this goroutine: waiting on f.Error() alone hung a
+// leader's shutdown under load (CI, TestApplyAcrossLeaderCrash). The
+// goroutine left blocked on such a future is the price; it holds one
+// future until the process exits.
+func (b *batcher) wait(f raft.Future) error {
+	errc := make(chan error, 1)
+	go func() { errc <- f.Error() }()
+	select {
+	case err := <-errc:
+		return err
+	case <-b.stop:
+	}
+	// close runs after raft's Shutdown returned: every answer raft will
+	// give has been given, but the goroutine above may not have run yet.
+	select {
+	case err := <-errc:
+		return err
+	case <-time.After(100 * time.Millisecond):
+		return fmt.Errorf("%w: %w", ErrClosed, ErrUnknownOutcome)
+	}
+}
+
 // propose encodes the batch as one entry and hands it to raft; a goroutine
 // per entry waits for the commit and completes every caller with its own
 // slice of the results.
@@ -233,7 +265,7 @@ func (b *batcher) propose(batch []*applyReq, n int) {
 	go func() {
 		defer b.wg.Done()
 		defer b.inflight.Add(-1)
-		err := f.Error()
+		err := b.wait(f)
 		if err != nil {
 			fail(batch, mapRaftError(err))
 			return

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
 // testConfig holds every tightened timing of the in-process tests in one
@@ -258,16 +260,28 @@ func (tn *testNode) stop(kill bool) {
 	if n == nil {
 		return
 	}
-	var err error
-	if kill {
-		err = n.kill()
-	} else {
-		err = n.Close()
-	}
-	if err != nil {
-		tn.c.t.Errorf("close %s: %v", tn.id, err)
+	errc := make(chan error, 1)
+	go func() {
+		if kill {
+			errc <- n.kill()
+		} else {
+			errc <- n.Close()
+		}
+	}()
+	select {
+	case err := <-errc:
+		if err != nil {
+			tn.c.t.Errorf("close %s: %v", tn.id, err)
+		}
+	case <-time.After(stopTimeout):
+		// Fail with what is stuck rather than hang until go test's
+		// timeout, whose dump CI cuts off.
+		tn.c.t.Errorf("close %s hung for %v; goroutines:\n%s", tn.id, stopTimeout, testutil.Goroutines())
 	}
 }
+
+// stopTimeout bounds one node's Close in the tests.
+const stopTimeout = 20 * time.Second
 
 func (tn *testNode) restart(t testing.TB) {
 	t.Helper()
@@ -290,7 +304,7 @@ func (c *testCluster) closeAll() {
 	}()
 	select {
 	case <-done:
-	case <-time.After(15 * time.Second):
+	case <-time.After(stopTimeout + 5*time.Second):
 		c.t.Errorf("cluster teardown hung")
 	}
 }

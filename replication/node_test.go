@@ -378,7 +378,12 @@ func TestApplyAcrossLeaderCrash(t *testing.T) {
 	var mu sync.Mutex
 	acked := map[string]string{}
 	stop := make(chan struct{})
+	var stopOnce sync.Once
+	halt := func() { stopOnce.Do(func() { close(stop) }) }
 	var wg sync.WaitGroup
+	// On a failure, stop the writers before the cluster closes (cleanups
+	// run last-registered first).
+	t.Cleanup(func() { halt(); wg.Wait() })
 	var seq, fails int
 	for w := range 8 {
 		n := targets[w%2].node()
@@ -425,7 +430,7 @@ func TestApplyAcrossLeaderCrash(t *testing.T) {
 		}
 		return nil
 	})
-	close(stop)
+	halt()
 	wg.Wait()
 	t.Logf("%d acked, %d failed around the crash; new leader %s", len(acked), fails, newLead.id)
 	// Unacknowledged writes may have committed too: check containment.
