@@ -94,7 +94,7 @@ func (h *Sessions) discardSession(id string) bool {
 	for {
 		var res replication.Result
 		if res, err = h.repl.Apply(ctx, cmd); err == nil {
-			tw.published(h, res)
+			tw.published(h, res, nil)
 			h.log.Debug("clean connect discarded the persistent session", "client", id)
 			return true
 		}

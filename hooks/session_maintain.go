@@ -34,6 +34,7 @@ func (h *Sessions) maintain() {
 		case <-h.wake:
 		}
 		h.closeStale()
+		h.expireClaims()
 		if h.repl.IsLeader() {
 			h.closeDeadOwners()
 			h.publishDueWills()
@@ -163,20 +164,19 @@ func (h *Sessions) publishDueWills() {
 		if now < full.DisconnectedAt+delay*1000 {
 			continue
 		}
+		id, will := s.ClientID, full.Will
+		claim := h.claimWill(id, full.OpenedIndex)
+		h.expectClaim(id, claim.At, func() {
+			if h.cfg.AfterWillClaim != nil && !h.cfg.AfterWillClaim(id) {
+				return
+			}
+			h.publishWill(id, will)
+		})
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
-		res, err := h.repl.Apply(ctx, h.claimWill(s.ClientID, full.OpenedIndex))
+		res, err := h.repl.Apply(ctx, claim)
 		cancel()
-		if err != nil {
-			h.log.Warn("will not claimed", "client", s.ClientID, "error", err)
-			continue
-		}
-		if !res.Changed {
-			continue // reconnected, or claimed by someone else meanwhile
-		}
-		if h.cfg.AfterWillClaim != nil && !h.cfg.AfterWillClaim(s.ClientID) {
-			continue
-		}
-		h.publishWill(s.ClientID, full.Will)
+		// Unchanged: reconnected, or claimed by someone else meanwhile.
+		h.settleClaim(id, claim.At, res.Changed, err)
 	}
 }
 

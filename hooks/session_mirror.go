@@ -47,7 +47,7 @@ func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) b
 	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
 	defer cancel()
 	res, err := h.repl.Apply(ctx, open)
-	tw.published(h, res)
+	tw.published(h, res, err)
 	if err != nil {
 		// A late commit is harmless: the mirror then stays until the leader
 		// finds its owner gone, or the client reconnects (clean start).

@@ -30,6 +30,14 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 		}
 	case replication.SessionDeleted:
 		h.unindexAll(ch.ClientID)
+	case replication.WillCleared:
+		// A claim of this node whose write's reply did not say so
+		// (wills.go): its live copies are owed now.
+		if ch.At != 0 {
+			if c, ok := h.takeClaim(ch.ClientID, ch.At); ok {
+				go c.publish()
+			}
+		}
 	case replication.QueueAppended:
 		h.mu.Lock()
 		c := h.live[ch.ClientID]

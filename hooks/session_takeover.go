@@ -1,6 +1,8 @@
 package hooks
 
 import (
+	"cmp"
+	"errors"
 	"time"
 
 	"github.com/mqtt-ha/broker/replication"
@@ -81,23 +83,33 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 	if old.Closed() {
 		return nil
 	}
-	return &takenOver{
+	t := &takenOver{
 		cmd: &replication.TakeoverWill{ClientID: id, IfOpened: s.OpenedIndex, At: now,
 			MaxQueued: uint32(max(h.cfg.MaxQueued, 0)), EndsSession: ends},
 		will: s.Will,
 		old:  oc,
 	}
+	h.expectClaim(id, now, func() {
+		t.old.willTaken.Store(true)
+		h.publishWill(id, t.will)
+	})
+	return t
 }
 
-// published publishes the live copies of t's will when res (of the entry
-// that holds t's command first) says the log published it.
-func (t *takenOver) published(h *Sessions, res replication.Result) {
-	if t == nil || len(res.Results) == 0 || !res.Results[0].Changed {
+// published settles t's claim (wills.go) with the result of the entry
+// that holds t's command first: the live copies go out once it committed.
+func (t *takenOver) published(h *Sessions, res replication.Result, err error) {
+	if t == nil {
 		return
 	}
-	t.old.willTaken.Store(true)
-	h.publishWill(t.cmd.ClientID, t.will)
+	if err != nil || len(res.Results) == 0 {
+		h.settleClaim(t.cmd.ClientID, t.cmd.At, false, cmp.Or(err, errNoResult))
+		return
+	}
+	h.settleClaim(t.cmd.ClientID, t.cmd.At, res.Results[0].Changed, nil)
 }
+
+var errNoResult = errors.New("no result for the takeover will")
 
 // withTakeover prepends t's command to cmd.
 func (t *takenOver) withTakeover(cmd replication.Command) replication.Command {

@@ -79,6 +79,9 @@ type Sessions struct {
 	// opening: client id -> At of the SessionOpen a CONNECT here is still
 	// writing (retries included): a session it opened already is live.
 	opening map[string]int64
+	// claims: the will claims this node wrote whose live copies it still
+	// owes (wills.go, expectClaim).
+	claims map[string]map[int64]pendingClaim
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
@@ -201,7 +204,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		closing: map[string]*sessConn{}, opening: map[string]int64{}, idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, opening: map[string]int64{}, claims: map[string]map[int64]pendingClaim{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
@@ -391,7 +394,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if at < len(res.Results) {
 		r0 = res.Results[at]
 	}
-	tw.published(h, res)
+	tw.published(h, res, err)
 	c.present = r0.Present
 	c.opened.Store(opened)
 	if hasWill {

@@ -185,7 +185,10 @@ type SessionChange struct {
 	Filters []string
 	// Will (SessionDeleted, SessionClosed): the will the session still
 	// held, for a node that must publish it.
-	Will  *Will
+	Will *Will
+	// At (WillCleared by a will's publication: PublishWill, TakeoverWill):
+	// the claim's At, by which the node that wrote it knows its own.
+	At    int64
 	Index uint64
 }
 

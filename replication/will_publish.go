@@ -122,7 +122,7 @@ func (s *state) publishWillOf(id string, at int64, maxQueued uint32, res *Result
 	w := *e.Will
 	e.Will = nil
 	res.Changed = true
-	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: id, Owner: e.Owner, Index: res.Index}})
+	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: id, Owner: e.Owner, At: at, Index: res.Index}})
 	var expires int64
 	if w.ExpirySeconds > 0 {
 		expires = at + int64(w.ExpirySeconds)*1000

@@ -19,6 +19,7 @@ type applyGate struct {
 	once    sync.Once
 	reached chan struct{}
 	rOnce   sync.Once
+	topic   string // the retained topic that shuts it; gateTopic if empty
 }
 
 const gateTopic = "review/gate"
@@ -29,6 +30,13 @@ func newApplyGate(t testing.TB) *applyGate {
 	return g
 }
 
+func (g *applyGate) gated() string {
+	if g.topic != "" {
+		return g.topic
+	}
+	return gateTopic
+}
+
 func (g *applyGate) open() { g.once.Do(func() { close(g.release) }) }
 
 func (g *applyGate) tune(cfg *Config) {
@@ -37,7 +45,7 @@ func (g *applyGate) tune(cfg *Config) {
 		fastRaft(rc)
 		orig := rc.OnRetained
 		rc.OnRetained = func(ch replication.RetainedChange) {
-			if p := g.node.Load(); p != nil && *p == id && ch.Topic == gateTopic {
+			if p := g.node.Load(); p != nil && *p == id && ch.Topic == g.gated() {
 				g.rOnce.Do(func() { close(g.reached) })
 				<-g.release
 			}

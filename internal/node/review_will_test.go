@@ -75,3 +75,52 @@ func TestCleanWillNotPublishedTwiceWhenCloseTimesOut(t *testing.T) {
 type errMsg string
 
 func (e errMsg) Error() string { return string(e) }
+
+// TestWillClaimPublishedLiveWhenItsWriteTimesOut: guarantee 4 ("wills
+// fire ... published once"). The leader claims a dropped client's will in
+// the log, then publishes the live copies (clean subscribers) when the
+// claim's write returns. When that write times out with an unknown outcome
+// but commits after all, nobody published the live copies: the retries
+// find the will gone, and a clean subscriber never got it. Here the
+// leader's state machine is slow to apply the claim (it is held on the
+// retained will's change), so the claim's write times out.
+func TestWillClaimPublishedLiveWhenItsWriteTimesOut(t *testing.T) {
+	g := newApplyGate(t)
+	g.topic = "wc/will"
+	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
+	tc.waitReady()
+	leader, follower := tc.leaderAndFollower(t)
+	watcher := tc.client(follower, "wc-watch")
+	watcher.Sub(t, 1, "wc/will")
+	dev := testutil.Connect(t, tc.nodes[follower].Addr("mqtt"), testutil.ClientOptions{ID: "wc-dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "wc/will", QoS: 1, Retain: true, Payload: []byte("gone")}})
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if s, ok := tc.nodes[leader].repl.Session("wc-dev"); !ok || s.Will == nil {
+			return errMsg("the will mirror is not in the leader's state")
+		}
+		return nil
+	})
+	g.node.Store(&leader)
+	defer g.open()
+	_ = dev.Conn.Close() // no DISCONNECT: the will is due
+	select {
+	case <-g.reached: // the leader is applying its claim (the retained will)
+	case <-time.After(15 * time.Second):
+		t.Fatal("the leader never applied a claim of the will")
+	}
+	// The claim is committed (the leader is applying it); its write
+	// returns only once the entry is applied, so it times out (5 s) with
+	// an unknown outcome. The live copy is due all the same, from the
+	// commit.
+	first, err := watcher.Next(7 * time.Second)
+	g.open()
+	if err != nil {
+		if first, err = watcher.Next(15 * time.Second); err != nil {
+			t.Fatalf("the committed claim's will never reached the clean subscriber: %v", err)
+		}
+	}
+	t.Logf("will: %q", first.Payload)
+	if p, err := watcher.Next(3 * time.Second); err == nil {
+		t.Fatalf("the will was published twice (second copy %q)", p.Payload)
+	}
+}
