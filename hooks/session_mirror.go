@@ -40,13 +40,13 @@ const mirrorOpenTimeout = 2 * time.Second
 // it is in the log, clears mochi's copy of the will. It reports whether
 // the mirror was written; if not, the will stays mochi's.
 func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) bool {
-	open, _, tw := h.openCommands(cl, pk, 0)
-	defer h.markOpening(cl.ID, openAtOf(open))()
+	openAt := h.nextOpenAt(time.Now().UnixMilli())
+	defer h.markOpening(cl.ID, openAt)()
 	// Apply waits for a leader (a node just restarted learns it within an
 	// election) but fails fast on a side that has had none for a while.
 	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
 	defer cancel()
-	res, err := h.repl.Apply(ctx, open)
+	open, _, tw, res, err := h.applyOpen(ctx, cl, pk, 0, openAt)
 	tw.published(h, res, err)
 	if err != nil {
 		// A late commit is harmless: the mirror then stays until the leader

@@ -340,20 +340,20 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	h.awaitPreviousClose(cl.ID, old) // session_lifecycle.go
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
-	open, at, tw := h.openCommands(cl, pk, c.expiry)
-	defer h.markOpening(cl.ID, openAtOf(open))()
-	res, err := h.repl.Apply(ctx, open)
+	openAt := h.nextOpenAt(time.Now().UnixMilli())
+	defer h.markOpening(cl.ID, openAt)()
+	open, at, tw, res, err := h.applyOpen(ctx, cl, pk, c.expiry, openAt)
 	retried := false
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
 		retried = true
 		// Outcome unknown (the leader died while committing) or no
 		// leader yet: opening again is safe (the same session resumes,
-		// or the same clean start happens again).
+		// or the same clean start happens again: same At).
 		select {
 		case <-ctx.Done():
 		case <-time.After(100 * time.Millisecond):
 		}
-		res, err = h.repl.Apply(ctx, open)
+		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt)
 	}
 	if err != nil {
 		// mochi cannot refuse the CONNECT from here: OnPacketEncode turns
@@ -420,6 +420,22 @@ func (h *Sessions) markOpening(id string, at int64) func() {
 	}
 }
 
+// openErr is err, or the error of the SessionOpen's own result when cmd
+// is a Batch (a Batch applies each command on its own: a fenced open can
+// fail in an entry that succeeds).
+func openErr(cmd replication.Command, res replication.Result, err error) error {
+	b, ok := cmd.(*replication.Batch)
+	if err != nil || !ok {
+		return err
+	}
+	for i, c := range b.Commands {
+		if _, ok := c.(*replication.SessionOpen); ok && i < len(res.Results) {
+			return res.Results[i].Err
+		}
+	}
+	return nil
+}
+
 // openAtOf is the At of the SessionOpen in cmd (a command or a batch), 0
 // if it holds none.
 func openAtOf(cmd replication.Command) int64 {
@@ -456,13 +472,18 @@ func (h *Sessions) track(c *sessConn) {
 	h.mu.Unlock()
 }
 
-// openCommands is SessionOpen, plus SetWill when the CONNECT has a will,
-// preceded by the delete of an expired session it would otherwise resume;
-// at is the index of SessionOpen's result in a Batch.
-func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32) (cmd replication.Command, at int, tw *takenOver) {
+// openCommands is SessionOpen (with At at), plus SetWill when the CONNECT
+// has a will, preceded by the delete of an expired session it would
+// otherwise resume; pos is the index of SessionOpen's result in a Batch.
+// Once every server applies it, the open is fenced to the session state
+// read here (replication.SessionOpen.Fenced) and carries the will itself.
+func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64) (cmd replication.Command, pos int, tw *takenOver) {
 	now := time.Now().UnixMilli()
 	open := &replication.SessionOpen{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
-		ExpiryInterval: expiry, Owner: h.cfg.Self, At: h.nextOpenAt(now), CleanStart: pk.Connect.Clean}
+		ExpiryInterval: expiry, Owner: h.cfg.Self, At: at, CleanStart: pk.Connect.Clean, Fenced: h.repl.OpenFence()}
+	if s, ok := h.repl.Session(cl.ID); ok {
+		open.IfOpened = s.OpenedIndex
+	}
 	var cmds []replication.Command
 	if tw = h.takeoverWill(cl.ID, pk.Connect.Clean, now); tw != nil {
 		cmds = append(cmds, tw.cmd)
@@ -470,17 +491,42 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 	if !open.CleanStart {
 		if del := h.expiredSessionDelete(cl.ID, now); del != nil {
 			cmds = append(cmds, del)
+			open.IfOpened = 0 // the delete comes first in the same entry
 		}
 	}
-	at = len(cmds)
+	pos = len(cmds)
 	cmds = append(cmds, open)
 	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
-		cmds = append(cmds, h.setWill(cl))
+		sw := h.setWill(cl).(*replication.SetWill)
+		if open.Fenced {
+			open.Will = &sw.Will
+		} else {
+			cmds = append(cmds, sw)
+		}
 	}
 	if len(cmds) == 1 {
 		return open, 0, tw
 	}
-	return &replication.Batch{Commands: cmds}, at, tw
+	return &replication.Batch{Commands: cmds}, pos, tw
+}
+
+// applyOpen writes a CONNECT's open (openCommands) once. When the fence
+// refuses it (this node was behind the log, or a CONNECT elsewhere opened
+// the session meanwhile), it catches up to the refusing entry and writes
+// the open again on what it now reads, within ctx: the CONNECT in
+// progress takes over, as the newest CONNECT does on one broker. Only an
+// open whose CONNECT has given up stays refused.
+func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
+	for {
+		cmd, pos, tw = h.openCommands(cl, pk, expiry, at)
+		res, err = h.repl.Apply(ctx, cmd)
+		if err = openErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) {
+			return cmd, pos, tw, res, err
+		}
+		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
+			return cmd, pos, tw, res, fmt.Errorf("%w (catching up: %w)", err, werr)
+		}
+	}
 }
 
 // nextOpenAt is now, or one past the previous open's At when the clock

@@ -206,7 +206,7 @@ func (h *Sessions) mirrorLeftovers() {
 	defer cancel()
 	for _, c := range todo {
 		res, err := h.repl.Apply(ctx, c.unmirrored)
-		if err != nil {
+		if err = openErr(c.unmirrored, res, err); err != nil {
 			h.log.Warn("clean session's will not mirrored before the stop; mochi publishes it", "client", c.id, "error", err)
 			continue
 		}

@@ -44,6 +44,9 @@ const (
 	CmdTakeoverWill  CommandType = 22 // will_publish.go
 	// CmdQoS2PublishIf is QoS2Publish with IfOpened (session_qos2.go).
 	CmdQoS2PublishIf CommandType = 23
+	// CmdSessionOpenIf is SessionOpen fenced to the state the CONNECT
+	// read, with the will (session_command.go).
+	CmdSessionOpenIf CommandType = 24
 	// Next: 24 (or 0x98 for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
@@ -97,6 +100,8 @@ func (t CommandType) String() string {
 		return "takeover_will"
 	case CmdQoS2PublishIf:
 		return "qos2_publish_if"
+	case CmdSessionOpenIf:
+		return "session_open_if"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

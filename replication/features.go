@@ -20,7 +20,8 @@ import (
 //
 //	1  everything up to type 22
 //	2  CmdQoS2PublishIf (23): QoS2Publish fenced to its connection
-const logVersion = 2
+//	3  CmdSessionOpenIf (24): SessionOpen fenced to the state its CONNECT read
+const logVersion = 3
 
 // rpcLogVersion asks a node for the newest log format it applies; a node
 // that predates the question answers "unknown rpc kind": version 1.
@@ -41,6 +42,10 @@ type logVersions struct {
 // QoS2Fence reports whether every server applies QoS2Publish.IfOpened
 // (type 23); until then the hooks propose QoS2Publish without it.
 func (n *Node) QoS2Fence() bool { return n.logVers.min.Load() >= 2 }
+
+// OpenFence reports whether every server applies SessionOpen.Fenced
+// (type 24); until then the hooks propose SessionOpen without it.
+func (n *Node) OpenFence() bool { return n.logVers.min.Load() >= 3 }
 
 // logVersionLoop keeps logVers.min current.
 func (n *Node) logVersionLoop() {

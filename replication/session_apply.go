@@ -19,8 +19,19 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 	}
 	switch c := cmd.(type) {
 	case *SessionOpen:
-		e := s.mutableSession(c.ClientID)
+		e := s.sessions[c.ClientID]
 		retry := e != nil && c.At != 0 && e.Owner == c.Owner && e.OpenedAt == c.At
+		if c.Fenced && !retry {
+			var cur uint64
+			if e != nil {
+				cur = e.OpenedIndex
+			}
+			if cur != c.IfOpened {
+				res.Err = fmt.Errorf("%w: %v %q opened at %d, not %d", ErrReopened, c.Type(), c.ClientID, cur, c.IfOpened)
+				return evs, true
+			}
+		}
+		e = s.mutableSession(c.ClientID)
 		if retry {
 			// The owner retried after an unknown outcome and the first try
 			// committed: same answer, and a clean start must not discard
@@ -57,6 +68,11 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		e.Will = nil
 		res.Changed = true
 		emit(SessionChange{Kind: SessionOpened, ClientID: c.ClientID, Owner: c.Owner, Present: res.Present})
+		if c.Will != nil {
+			w := *c.Will
+			e.Will = &w
+			emit(SessionChange{Kind: WillSet, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(&w)})
+		}
 	case *SessionClose:
 		e := s.sessions[c.ClientID]
 		if e == nil || e.Owner != c.Owner || !e.Connected || (c.IfOpened != 0 && e.OpenedIndex != c.IfOpened) {

@@ -19,7 +19,17 @@ import (
 // connection: the hooks send SetWill in the same Batch when the CONNECT
 // carries one).
 //
+// Fenced (type 24, SessionOpenIf; log version 3): the open applies only
+// if the session's OpenedIndex is still IfOpened (0: no session), the
+// state the CONNECT read, or if it is a retry of this same open (Owner
+// and At); otherwise it fails with ErrReopened and changes nothing. An
+// open that commits late, after its CONNECT gave up, must not take the
+// session back from the connection the client has moved to, nor (clean
+// start) delete it. Will, only when Fenced, is set in the same step: a
+// SetWill beside a refused open would land on the newer session.
+//
 //	str client_id | u8 version | uvarint expiry | str owner | varint at | bool clean_start
+//	[Fenced: uvarint if_opened | bool has_will | will (as SetWill's)]
 type SessionOpen struct {
 	ClientID        string
 	ProtocolVersion byte
@@ -27,6 +37,9 @@ type SessionOpen struct {
 	Owner           string
 	At              int64 // Unix ms, the owner's clock
 	CleanStart      bool
+	Fenced          bool
+	IfOpened        uint64
+	Will            *Will
 }
 
 // SessionClose marks ClientID disconnected at At, if Owner still owns it
@@ -204,7 +217,12 @@ var (
 	_ Command = (*ClearWill)(nil)
 )
 
-func (*SessionOpen) Type() CommandType   { return CmdSessionOpen }
+func (c *SessionOpen) Type() CommandType {
+	if c.Fenced {
+		return CmdSessionOpenIf
+	}
+	return CmdSessionOpen
+}
 func (*SessionClose) Type() CommandType  { return CmdSessionClose }
 func (*SessionDelete) Type() CommandType { return CmdSessionDelete }
 func (*Subscribe) Type() CommandType     { return CmdSubscribe }
@@ -284,7 +302,16 @@ func (c *SessionOpen) appendPayload(b []byte) []byte {
 	b = appendUvarint(b, uint64(c.ExpiryInterval))
 	b = appendString(b, c.Owner)
 	b = appendVarint(b, c.At)
-	return appendBool(b, c.CleanStart)
+	b = appendBool(b, c.CleanStart)
+	if !c.Fenced {
+		return b
+	}
+	b = appendUvarint(b, c.IfOpened)
+	b = appendBool(b, c.Will != nil)
+	if c.Will != nil {
+		b = appendWill(b, c.Will)
+	}
+	return b
 }
 
 func (c *SessionClose) appendPayload(b []byte) []byte {
@@ -397,9 +424,17 @@ func (c *ClaimWill) appendPayload(b []byte) []byte {
 // is false for a type that is not one.
 func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
 	switch t {
-	case CmdSessionOpen:
-		return &SessionOpen{ClientID: r.str(), ProtocolVersion: r.u8(), ExpiryInterval: r.u32(), Owner: r.str(),
-			At: r.varint(), CleanStart: r.bool()}, true
+	case CmdSessionOpen, CmdSessionOpenIf:
+		c := &SessionOpen{ClientID: r.str(), ProtocolVersion: r.u8(), ExpiryInterval: r.u32(), Owner: r.str(),
+			At: r.varint(), CleanStart: r.bool()}
+		if t == CmdSessionOpenIf {
+			c.Fenced, c.IfOpened = true, r.uvarint()
+			if r.bool() {
+				w := r.will()
+				c.Will = &w
+			}
+		}
+		return c, true
 	case CmdSessionClose:
 		return &SessionClose{ClientID: r.str(), Owner: r.str(), IfOpened: r.uvarint(), At: r.varint(),
 			WillPublished: r.bool(), SetExpiry: r.bool(), ExpiryInterval: r.u32()}, true
@@ -480,6 +515,10 @@ func (c *SessionOpen) validate() error {
 		return invalid(c.Type(), "empty client id or owner")
 	case c.ProtocolVersion < 3 || c.ProtocolVersion > 5:
 		return invalid(c.Type(), "protocol version %d", c.ProtocolVersion)
+	case c.Will != nil && !c.Fenced:
+		return invalid(c.Type(), "a will in an open that is not fenced")
+	case c.Will != nil:
+		return (&SetWill{ClientID: c.ClientID, Will: *c.Will}).validate()
 	}
 	return nil
 }

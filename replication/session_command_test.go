@@ -196,3 +196,24 @@ func TestRPCResultCarriesSessionFields(t *testing.T) {
 		t.Fatalf("ErrNoSession lost on the wire: %v", err)
 	}
 }
+
+func TestSessionOpenIfGolden(t *testing.T) {
+	c := &SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "n1", At: 2, CleanStart: true,
+		Fenced: true, IfOpened: 300}
+	const want = "18" + "0163" + "05" + "3c" + "026e31" + "04" + "01" + "ac02" + "00"
+	if got := hex.EncodeToString(EncodeCommand(c)); got != want {
+		t.Fatalf("encoding changed (wire and disk format break!)\n got %s\nwant %s", got, want)
+	}
+	raw, _ := hex.DecodeString(want)
+	if dec, err := DecodeCommand(raw); err != nil || !reflect.DeepEqual(dec, c) {
+		t.Fatalf("round trip: %#v, %v", dec, err)
+	}
+	c.Will = &Will{Topic: "w", Payload: []byte("x"), QoS: 1}
+	if dec, err := DecodeCommand(EncodeCommand(c)); err != nil || !reflect.DeepEqual(dec, c) {
+		t.Fatalf("round trip with a will: %#v, %v", dec, err)
+	}
+	unfenced := &SessionOpen{ClientID: "c", ProtocolVersion: 5, Owner: "n1", Will: c.Will}
+	if err := unfenced.validate(); !errors.Is(err, ErrInvalidCommand) {
+		t.Fatalf("a will in an unfenced open: %v", err)
+	}
+}

@@ -630,3 +630,49 @@ func TestRetriedOpenAfterPresentSession(t *testing.T) {
 		t.Fatal("retried resume lost its present answer")
 	}
 }
+
+// TestSessionOpenFencedToTheStateItRead: a CONNECT's open that commits
+// late, after the client moved on (resumed elsewhere, or connected with a
+// clean session that deleted the session), must change nothing: unfenced,
+// it took the session back from the new connection or recreated a
+// deleted one (chaos: clean-start-session-present). A retry of the same
+// open is still answered as the first try.
+func TestSessionOpenFencedToTheStateItRead(t *testing.T) {
+	a := newSessionApplier(t)
+	first := a.apply(open("c", "A", false)).Index
+	will := &Will{Topic: "w", Payload: []byte("gone"), QoS: 1}
+	// Node A reads OpenedIndex first and writes an open that is slow.
+	late := &SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "A", At: 5000,
+		Fenced: true, IfOpened: first, Will: will}
+	// Meanwhile the client resumes on B.
+	second := a.apply(&SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "B", At: 5001,
+		Fenced: true, IfOpened: first}).Index
+	if r := a.apply(late); !errors.Is(r.Err, ErrReopened) || r.Changed {
+		t.Fatalf("late open of the old connection: %+v", r)
+	}
+	if s := a.sess("c"); s.Owner != "B" || s.OpenedIndex != second || s.Will != nil {
+		t.Fatalf("the late open changed the session: owner %s, opened %d (want %d), will %v", s.Owner, s.OpenedIndex, second, s.Will)
+	}
+	// A clean CONNECT deletes it; a late persistent open must not bring it back.
+	a.apply(&SessionDelete{ClientID: "c"})
+	if r := a.apply(&SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "B", At: 5002,
+		Fenced: true, IfOpened: second}); !errors.Is(r.Err, ErrReopened) {
+		t.Fatalf("late open after the delete: %+v", r)
+	}
+	if _, ok := a.s.sessions["c"]; ok {
+		t.Fatal("a late open recreated a deleted session")
+	}
+	// The fence holds with no session: IfOpened 0 opens, and its retry
+	// (same owner and At) is answered again, with the will.
+	o := &SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "A", At: 6000, Fenced: true, Will: will}
+	r1 := a.apply(o)
+	if r1.Err != nil || !r1.Changed || r1.Present {
+		t.Fatalf("open of a new session: %+v", r1)
+	}
+	if r2 := a.apply(o); r2.Err != nil || a.sess("c").OpenedIndex != r1.Index {
+		t.Fatalf("retry of the same open: %+v, opened %d, want %d", r2, a.sess("c").OpenedIndex, r1.Index)
+	}
+	if s := a.sess("c"); s.Will == nil || string(s.Will.Payload) != "gone" {
+		t.Fatalf("the open's will: %+v", s.Will)
+	}
+}
