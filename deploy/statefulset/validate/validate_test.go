@@ -162,6 +162,8 @@ func TestCheckCatchesBrokenInvariants(t *testing.T) {
 		{"grace period", sts("- op: replace\n  path: /spec/template/spec/terminationGracePeriodSeconds\n  value: 30"), "terminationGracePeriodSeconds must cover"},
 		{"node id", addArg("--node-id=broker"), "the node id \"broker\""},
 		{"bootstrap", addArg("--bootstrap-expect=1"), "--bootstrap-expect \"1\""},
+		{"advertised IP", addArg("--advertise-host=$(POD_IP)"), "want its stable DNS name"},
+		{"join elsewhere", addArg("--join=mosquitto"), "is not the headless Service"},
 		{"plain key", addArg("--cluster-key=0123456789abcdef0123"), "holds a secret in the manifest"},
 		{"seed limit", conf("max_queued_messages 1000", "max_queued_messages 100"), "max_queued_messages \"100\""},
 		{"memory", sts("- op: replace\n  path: /spec/template/spec/containers/0/resources/limits/memory\n  value: 512Mi"), "memory limit 512Mi"},
