@@ -520,8 +520,8 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 	for {
 		cmd, pos, tw = h.openCommands(cl, pk, expiry, at)
 		res, err = h.repl.Apply(ctx, cmd)
-		if err = openErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) {
-			return cmd, pos, tw, res, err
+		if err = openErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) || res.Index == 0 {
+			return cmd, pos, tw, res, err // (no index to catch up to: never spin)
 		}
 		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 			return cmd, pos, tw, res, fmt.Errorf("%w (catching up: %w)", err, werr)

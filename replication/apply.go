@@ -101,8 +101,8 @@ func (n *Node) apply(ctx context.Context, cmd Command) (Result, string, error) {
 			continue
 		case ctx.Err() != nil:
 			return Result{}, path, fmt.Errorf("%w: %w: forwarded to %s: %w", ErrTimeout, ErrUnknownOutcome, addr, err)
-		case errors.Is(err, ErrInvalidCommand), errors.Is(err, ErrTooLarge):
-			return res, path, err // committed with a domain error, or refused before proposing
+		case errors.Is(err, ErrInvalidCommand), errors.Is(err, ErrTooLarge), errors.Is(err, ErrReopened):
+			return res, path, err // committed with a domain error (a fence), or refused before proposing
 		case errors.Is(err, ErrTimeout), errors.Is(err, ErrUnknownOutcome):
 			return Result{}, path, fmt.Errorf("forwarded to %s: %w", addr, err)
 		default:

@@ -422,9 +422,13 @@ func (s *rpcServer) handle(kind byte, body []byte) []byte {
 			return appendError(nil, err)
 		}
 		res, err := s.n.applyOnLeader(ctx, cmds, batch)
-		if err != nil {
+		if err != nil && (res.Err == nil || err != res.Err) {
 			return appendError(nil, err)
 		}
+		// Committed, even when the command itself failed (res.Err: a
+		// fence refused it): the result carries its index, which the
+		// caller may wait for (hooks: a refused SessionOpenIf catches up
+		// to it), and the error, which forwardApply returns.
 		return appendResult(appendError(nil, nil), &res)
 	case rpcRemove:
 		ms := r.uvarint()
