@@ -114,6 +114,14 @@ type Config struct {
 	ReconcileInterval time.Duration
 	StabilizationTime time.Duration
 	CatchUpThreshold  uint64
+	// Departed returns the nodes membership saw leave gracefully, with
+	// when (nil: none). The leader removes a server that left and has not
+	// come back for RemoveLeftAfter (a scale-down), one per round, never
+	// taking the voters below MinVoters; a rolling restart comes back
+	// sooner. Negative RemoveLeftAfter disables it.
+	Departed        func() map[string]time.Time
+	RemoveLeftAfter time.Duration
+	MinVoters       int
 	// ExpirySweepInterval: how often the leader clears expired retained
 	// messages (conditional clears) and deletes persistent sessions
 	// disconnected for longer than their expiry interval (conditional
@@ -181,6 +189,8 @@ func (c *Config) Sanitize() {
 	def(&c.ReconcileInterval, time.Second)
 	def(&c.StabilizationTime, 5*time.Second)
 	defU64(&c.CatchUpThreshold, 256)
+	def(&c.RemoveLeftAfter, 2*time.Minute)
+	defInt(&c.MinVoters, 3)
 	def(&c.ExpirySweepInterval, 30*time.Second)
 	def(&c.DialTimeout, 5*time.Second)
 	def(&c.IOTimeout, 10*time.Second)

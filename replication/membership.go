@@ -163,8 +163,9 @@ func (n *Node) maybeBootstrap() {
 
 // reconcile runs on the leader: add visible peers that are not in the
 // configuration as non-voters, fix changed addresses, promote caught-up
-// non-voters. It never removes anyone: a peer that vanished from
-// membership may just be restarting or briefly unreachable.
+// non-voters, and remove servers that left gracefully and stayed away
+// (removeDeparted). A peer that merely vanished (failed, cut off) is never
+// removed: it may be restarting or briefly unreachable.
 func (n *Node) reconcile() {
 	ctx, cancel := context.WithTimeout(n.life, max(n.cfg.ReconcileInterval, 500*time.Millisecond))
 	defer cancel()
@@ -226,17 +227,71 @@ func (n *Node) reconcile() {
 			n.log.Warn("server address changed", "server", p.ID, "old", string(s.Address), "new", p.Addr)
 		}
 	}
-	n.promote(ctx, cfg)
+	var left map[string]time.Time
+	if n.cfg.Departed != nil {
+		left = n.cfg.Departed()
+	}
+	departed := func(id string) bool { _, ok := left[id]; return ok && !visible[id] }
+	n.promote(ctx, cfg, departed)
+	n.removeDeparted(ctx, cfg, departed, left)
+}
+
+// removeDeparted removes one server that membership saw leave gracefully
+// at least RemoveLeftAfter ago and that is not visible again: a StatefulSet
+// scaled down (Consul autopilot's dead-server clean-up, for left servers
+// only). A rolling restart leaves too, but comes back within the bound and
+// stays a voter. A voter goes only while MinVoters remain: below that, the
+// quorum of what is left would be too small to lose another node. One per
+// round, so the configuration changes one server at a time. A removed
+// server that comes back is added again as a non-voter, as a new one.
+func (n *Node) removeDeparted(ctx context.Context, cfg raft.Configuration, departed func(string) bool, left map[string]time.Time) {
+	if n.cfg.RemoveLeftAfter < 0 {
+		return
+	}
+	voters := 0
+	for _, s := range cfg.Servers {
+		if s.Suffrage == raft.Voter {
+			voters++
+		}
+	}
+	for _, s := range cfg.Servers {
+		id := string(s.ID)
+		since := left[id]
+		if !departed(id) || id == n.cfg.NodeID || time.Since(since) < n.cfg.RemoveLeftAfter {
+			continue
+		}
+		if s.Suffrage == raft.Voter && voters-1 < n.cfg.MinVoters {
+			if n.keepLog.allow() {
+				n.log.Warn("a voter left and did not come back, but removing it would leave fewer voters than the minimum; "+
+					"keeping it (remove it with broker cluster remove-node if it is gone for good)",
+					"server", id, "voters", voters, "min_voters", n.cfg.MinVoters)
+			}
+			continue
+		}
+		if err := waitFuture(ctx, n.raft.RemoveServer(s.ID, 0, n.cfg.IOTimeout)); err != nil {
+			n.log.Warn("removing a departed server failed", "server", id, "err", err)
+			return
+		}
+		n.m.membership.WithLabelValues("remove_departed").Inc()
+		n.log.Info("removed a server that left and did not come back", "server", id, "left_ago", time.Since(since).Round(time.Second),
+			"voter", s.Suffrage == raft.Voter)
+		return
+	}
 }
 
 // promote makes non-voters voters once their log has stayed within
 // CatchUpThreshold entries of the leader's for StabilizationTime (what
 // autopilot calls server stabilization), so an empty new node never counts
 // toward the quorum while it is still catching up.
-func (n *Node) promote(ctx context.Context, cfg raft.Configuration) {
+func (n *Node) promote(ctx context.Context, cfg raft.Configuration, departed func(string) bool) {
 	now := time.Now()
 	nonvoters := map[string]bool{}
+	voters := 0 // present ones: a voter that left counts as gone
+	var ready []raft.Server
 	for _, s := range cfg.Servers {
+		if s.Suffrage == raft.Voter && !departed(string(s.ID)) {
+			voters++
+		}
 		if s.Suffrage != raft.Nonvoter {
 			continue
 		}
@@ -257,6 +312,20 @@ func (n *Node) promote(ctx context.Context, cfg raft.Configuration) {
 		if !seen || now.Sub(since) < n.cfg.StabilizationTime {
 			continue
 		}
+		ready = append(ready, s)
+	}
+	// Keep the voters odd from three on: a fourth voter raises the quorum
+	// to three without tolerating a second failure, so it waits as a
+	// non-voter (replicating, not voting) until a fifth is ready too.
+	if voters >= 3 && len(ready) > 0 && (voters+len(ready))%2 == 0 {
+		if len(ready) == 1 && n.oddLog.allow() {
+			n.log.Info("caught-up non-voter stays a non-voter until another is ready: an even number of voters tolerates no more failures than one fewer",
+				"server", string(ready[0].ID), "voters", voters)
+		}
+		ready = ready[:len(ready)-1]
+	}
+	for _, s := range ready {
+		id := string(s.ID)
 		if err := waitFuture(ctx, n.raft.AddVoter(s.ID, s.Address, 0, n.cfg.IOTimeout)); err != nil {
 			n.log.Warn("promoting non-voter failed", "server", id, "err", err)
 			return
@@ -265,7 +334,7 @@ func (n *Node) promote(ctx context.Context, cfg raft.Configuration) {
 		delete(n.caughtUp, id)
 		n.memberMu.Unlock()
 		n.m.membership.WithLabelValues("promote").Inc()
-		n.log.Info("promoted server to voter", "server", id, "its_last_index", st.LastIndex, "leader_last_index", last)
+		n.log.Info("promoted server to voter", "server", id, "leader_last_index", n.raft.LastIndex())
 	}
 	n.memberMu.Lock()
 	for id := range n.caughtUp {

@@ -3,13 +3,17 @@ package replication
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 )
 
-// TestAddNodeNonvoterThenVoter: a fourth node joining an existing cluster
-// is added by the leader as a non-voter and promoted once caught up.
+// TestAddNodeNonvoterThenVoter: nodes joining an existing cluster are
+// added by the leader as non-voters and promoted once caught up, keeping
+// the voters odd: a fourth stays a non-voter (four voters tolerate one
+// failure, like three, with a larger quorum) until a fifth is ready.
 func TestAddNodeNonvoterThenVoter(t *testing.T) {
 	c := newTestCluster(t, 3)
 	c.mutate = func(cfg *Config) { cfg.StabilizationTime = 400 * time.Millisecond }
@@ -20,17 +24,83 @@ func TestAddNodeNonvoterThenVoter(t *testing.T) {
 		applyRetry(t, ctx, lead.node(), setRetained(fmt.Sprintf("pre/%d", i), "x"))
 	}
 	n4 := c.startNew("n4")[0]
-	// First a non-voter...
 	waitConfig(t, lead, []string{"n1", "n2", "n3"}, []string{"n4"})
-	// ...then, caught up and stable, a voter.
-	waitConfig(t, lead, []string{"n1", "n2", "n3", "n4"}, nil)
-	waitConfig(t, n4, []string{"n1", "n2", "n3", "n4"}, nil)
-	eventually(t, waitFor, n4.node().Ready)
+	eventually(t, waitFor, n4.node().Ready) // caught up...
+	// ...and still a non-voter, well past StabilizationTime.
+	time.Sleep(4 * 400 * time.Millisecond)
+	waitConfig(t, lead, []string{"n1", "n2", "n3"}, []string{"n4"})
 	if got := len(n4.node().Retained()); got != 50 {
 		t.Fatalf("n4 has %d retained, want 50", got)
 	}
-	// It serves forwarded writes like any member.
+	// A non-voter serves forwarded writes like any member.
 	applyRetry(t, ctx, n4.node(), setRetained("from/n4", "y"))
+	// A fifth: both become voters.
+	n5 := c.startNew("n5")[0]
+	waitConfig(t, lead, []string{"n1", "n2", "n3", "n4", "n5"}, nil)
+	waitConfig(t, n5, []string{"n1", "n2", "n3", "n4", "n5"}, nil)
+}
+
+// TestDepartedServersRemovedDownToMinVoters: a scale-down from 5 to 3
+// (nodes that leave gracefully and do not come back) needs no operator:
+// the leader removes each departed server after RemoveLeftAfter, one at a
+// time, never below MinVoters; a node that left and comes back in time
+// (a rolling restart) stays a voter.
+func TestDepartedServersRemovedDownToMinVoters(t *testing.T) {
+	c := newTestCluster(t, 5)
+	var mu sync.Mutex
+	departed := map[string]time.Time{}
+	c.mutate = func(cfg *Config) {
+		cfg.StabilizationTime = 200 * time.Millisecond
+		cfg.RemoveLeftAfter = 1500 * time.Millisecond
+		cfg.Departed = func() map[string]time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			return maps.Clone(departed)
+		}
+	}
+	c.startNew("n1", "n2", "n3", "n4", "n5")
+	lead := c.leader()
+	all := []string{"n1", "n2", "n3", "n4", "n5"}
+	waitConfig(t, lead, all, nil)
+	leave := func(id string) {
+		c.nodes[id].stop(false)
+		mu.Lock()
+		departed[id] = time.Now()
+		mu.Unlock()
+	}
+	var others []string // not the leader, in order
+	for _, id := range all {
+		if id != lead.id {
+			others = append(others, id)
+		}
+	}
+	// A rolling restart: back within the bound, still a voter.
+	leave(others[0])
+	if err := c.nodes[others[0]].start(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	delete(departed, others[0]) // membership sees it alive again
+	mu.Unlock()
+	time.Sleep(2 * 1500 * time.Millisecond)
+	waitConfig(t, c.leader(), all, nil)
+	// Scale down: the two highest leave for good.
+	gone := others[2:]
+	for _, id := range gone {
+		leave(id)
+	}
+	lead = c.leader()
+	var rest []string
+	for _, id := range all {
+		if !slices.Contains(gone, id) {
+			rest = append(rest, id)
+		}
+	}
+	waitConfig(t, lead, rest, nil)
+	// One more leaves: three voters is the minimum, it stays.
+	leave(others[1])
+	time.Sleep(2 * 1500 * time.Millisecond)
+	waitConfig(t, c.leader(), rest, nil)
 }
 
 // TestRemoveServerAndRejoin: a server removed by RemoveServer (issued on a
@@ -177,4 +247,45 @@ func TestVoterNotReplacedWhileItAnswers(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestDepartedVoterReplacedByWaitingNonvoter: three voters and a fourth
+// node held back as a non-voter (odd voters). When a voter leaves for
+// good, the non-voter is promoted (a departed voter does not count) and
+// the departed one removed: three voters again, all present.
+func TestDepartedVoterReplacedByWaitingNonvoter(t *testing.T) {
+	c := newTestCluster(t, 3)
+	var mu sync.Mutex
+	departed := map[string]time.Time{}
+	c.mutate = func(cfg *Config) {
+		cfg.StabilizationTime = 200 * time.Millisecond
+		cfg.RemoveLeftAfter = time.Second
+		cfg.Departed = func() map[string]time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			return maps.Clone(departed)
+		}
+	}
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	c.startNew("n4")
+	waitConfig(t, lead, []string{"n1", "n2", "n3"}, []string{"n4"})
+	var gone string
+	for _, id := range []string{"n1", "n2", "n3"} {
+		if id != lead.id {
+			gone = id
+			break
+		}
+	}
+	c.nodes[gone].stop(false)
+	mu.Lock()
+	departed[gone] = time.Now()
+	mu.Unlock()
+	var want []string
+	for _, id := range []string{"n1", "n2", "n3", "n4"} {
+		if id != gone {
+			want = append(want, id)
+		}
+	}
+	waitConfig(t, c.leader(), want, nil)
 }

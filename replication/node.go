@@ -83,6 +83,10 @@ type Node struct {
 	planLog   rateLimit
 	// conflictLog: "a member claims the id of a live server" (membership.go).
 	conflictLog rateLimit
+	// keepLog, oddLog: a departed voter kept for MinVoters, a caught-up
+	// non-voter kept for an odd voter count (membership.go).
+	keepLog rateLimit
+	oddLog  rateLimit
 }
 
 // New validates cfg and returns a Node that is not started. It does no I/O.
@@ -104,6 +108,8 @@ func New(cfg Config) (*Node, error) {
 		notMember:   rateLimit{every: time.Minute},
 		planLog:     rateLimit{every: 10 * time.Second},
 		conflictLog: rateLimit{every: time.Minute},
+		keepLog:     rateLimit{every: time.Minute},
+		oddLog:      rateLimit{every: time.Minute},
 	}
 	n.fsm = newFSM(observers{onRetained: cfg.OnRetained, onOwner: cfg.OnOwner,
 		onSession: cfg.OnSession, onRestore: cfg.OnRestore}, m, log)

@@ -68,6 +68,8 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 		return nil
 	})
 	fs.IntVar(&c.BootstrapExpect, "bootstrap-expect", 1, "voters to wait for before the first raft election")
+	fs.DurationVar(&c.RemoveLeftAfter, "remove-left-after", 2*time.Minute, "remove from raft a node that left gracefully and has not come back for this long (a scale-down); 0: never")
+	fs.IntVar(&c.MinVoters, "min-voters", 3, "never remove departed voters below this many")
 	fs.StringVar(&c.ClusterKey, "cluster-key", "", "shared cluster secret (gossip encryption, authenticated cluster port); prefer --cluster-key-file")
 	fs.StringVar(&o.clusterKeyFile, "cluster-key-file", "", "file holding the cluster key (a mounted Secret); more lines: keys also accepted during a rotation")
 	fs.BoolVar(&o.insecureCluster, "insecure-cluster", false, "allow a cluster port and gossip on a non-loopback address without a cluster key (anyone who can reach them controls the cluster)")
@@ -215,6 +217,15 @@ func (o *serveOptions) validate() error {
 	}
 	if (c.TLSCert != "" || c.TLSClientCA != "") && c.TLSAddr == "" {
 		return bad("tls-cert", "TLS files given but no TLS listener; add --tls-addr, e.g. --tls-addr :8883")
+	}
+	if c.RemoveLeftAfter == 0 {
+		c.RemoveLeftAfter = -1 // the flag's 0 is "never"; the node's 0 is its default
+	}
+	if c.RemoveLeftAfter < 0 && c.RemoveLeftAfter != -1 {
+		return bad("remove-left-after", "%v: must be 0 (never) or a positive duration", c.RemoveLeftAfter)
+	}
+	if c.MinVoters < 1 {
+		return bad("min-voters", "%d: must be at least 1", c.MinVoters)
 	}
 	if c.BootstrapExpect < 1 {
 		return bad("bootstrap-expect", "%d: must be at least 1 (1 runs a single-node cluster)", c.BootstrapExpect)

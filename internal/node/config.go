@@ -24,6 +24,12 @@ type Config struct {
 	AdvertiseHost              string
 	Join                       []string
 	BootstrapExpect            int
+	// RemoveLeftAfter: the leader removes a raft server that left the
+	// cluster gracefully and has not come back for this long (a
+	// scale-down), never going below MinVoters voters. 0: the default
+	// (2 minutes); negative: never.
+	RemoveLeftAfter time.Duration
+	MinVoters       int
 	// ClusterKey authenticates the cluster port and encrypts gossip;
 	// ClusterAcceptedKeys are also accepted from peers while keys rotate.
 	ClusterKey          string

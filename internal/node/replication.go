@@ -57,6 +57,9 @@ func (n *Node) startReplication(ctx context.Context) error {
 		DataDir:         n.raftDir(),
 		BootstrapExpect: n.cfg.BootstrapExpect,
 		Peers:           n.raftPeers,
+		Departed:        n.departedPeers,
+		RemoveLeftAfter: n.cfg.RemoveLeftAfter,
+		MinVoters:       n.cfg.MinVoters,
 		Listener:        ln,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			c, err := mux.Dial(ctx, addr, cluster.ProtoRaft)
@@ -95,6 +98,18 @@ func (n *Node) startReplication(ctx context.Context) error {
 	n.addReadiness("replication", n.repl.Ready)
 	go n.announceRaftState()
 	return nil
+}
+
+// departedPeers lists the members that left gracefully (not failed), with
+// when: the leader removes them from raft once they stay away (scale-down).
+func (n *Node) departedPeers() map[string]time.Time {
+	out := map[string]time.Time{}
+	for _, m := range n.cluster.Status().Members {
+		if m.State == "left" {
+			out[m.ID] = m.Since
+		}
+	}
+	return out
 }
 
 // raftPeers lists what membership sees, for bootstrap and for the leader's
