@@ -127,8 +127,11 @@ type Config struct {
 	// not block for long). hooks/replication use it, e.g. to fire the wills
 	// of a failed node's clients.
 	OnMemberEvent func(MemberEvent)
-	// LookupHost resolves seed names; nil uses net.DefaultResolver.
+	// LookupHost resolves seed names; nil uses Resolver.
 	LookupHost func(ctx context.Context, host string) ([]string, error)
+	// Resolver resolves every name the node looks up or dials (seeds, the
+	// advertise host, peers' cluster addresses); nil: net.DefaultResolver.
+	Resolver *net.Resolver
 	// AppMeta is opaque metadata gossiped with this node (at most 64
 	// bytes), read by peers from MemberStatus.AppMeta; SetAppMeta changes it.
 	AppMeta []byte
@@ -180,8 +183,11 @@ func (c *Config) Sanitize() {
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()
 	}
+	if c.Resolver == nil {
+		c.Resolver = net.DefaultResolver
+	}
 	if c.LookupHost == nil {
-		c.LookupHost = net.DefaultResolver.LookupHost
+		c.LookupHost = c.Resolver.LookupHost
 	}
 }
 

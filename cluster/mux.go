@@ -126,6 +126,7 @@ type Mux struct {
 	m         *metrics
 	hsTimeout time.Duration
 	dialTO    time.Duration
+	resolver  *net.Resolver // names in dialled addresses (raft's are DNS names)
 	warnLimit *perKeyLimiter // one refusal line per remote address per minute
 	// minVersion and maxVersion are the protocol versions this Mux speaks:
 	// MinProtocolVersion and ProtocolVersion. Only tests change them (both
@@ -238,7 +239,7 @@ func (x *Mux) retryVersion(err error) (uint8, bool) {
 // the handshake_failures_total label of a failed handshake ("" when there
 // is nothing to count: success, or the TCP dial failed).
 func (x *Mux) dialAt(ctx context.Context, addr string, proto, version byte) (pc *PeerConn, reason string, err error) {
-	var d net.Dialer
+	d := net.Dialer{Resolver: x.resolver}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, "", fmt.Errorf("dial %s: %w", addr, err)

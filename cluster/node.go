@@ -139,6 +139,7 @@ func New(cfg Config, d Deliverer) (*Node, error) {
 		RetransmitMult: cfg.RetransmitMult,
 	}
 	n.mux = newMux(cfg.NodeID, cfg.ClusterKey, cfg.AcceptedKeys, cfg.HandshakeTimeout, cfg.DialTimeout, log, m)
+	n.mux.resolver = cfg.Resolver
 	n.mux.tlsServer, n.mux.tlsClient = cfg.TLSServer, cfg.TLSClient
 	if n.fwdLn, err = n.mux.Listen(ProtoForward); err != nil {
 		m.unregister()

@@ -67,6 +67,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 		}
 		return nil
 	})
+	fs.StringVar(&c.DNSServer, "dns-server", "", "resolve peer names (--join, --advertise-host, raft addresses) with this DNS server (host:port) instead of the system resolver")
 	fs.IntVar(&c.BootstrapExpect, "bootstrap-expect", 1, "voters to wait for before the first raft election")
 	fs.DurationVar(&c.RemoveLeftAfter, "remove-left-after", 2*time.Minute, "remove from raft a node that left gracefully and has not come back for this long (a scale-down); 0: never")
 	fs.IntVar(&c.MinVoters, "min-voters", 3, "never remove departed voters below this many")
@@ -223,6 +224,11 @@ func (o *serveOptions) validate() error {
 	}
 	if c.RemoveLeftAfter < 0 && c.RemoveLeftAfter != -1 {
 		return bad("remove-left-after", "%v: must be 0 (never) or a positive duration", c.RemoveLeftAfter)
+	}
+	if c.DNSServer != "" {
+		if _, _, err := net.SplitHostPort(c.DNSServer); err != nil {
+			return bad("dns-server", "%q: want host:port, for example 10.96.0.10:53", c.DNSServer)
+		}
 	}
 	if c.MinVoters < 1 {
 		return bad("min-voters", "%d: must be at least 1", c.MinVoters)

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"strconv"
@@ -26,6 +27,12 @@ func (n *Node) newCluster() error {
 		Registerer:    n.reg,
 	}
 	cfg.AppMeta = encodeAppMeta(n.cfg.BootstrapExpect, n.initialHasState)
+	if srv := n.cfg.DNSServer; srv != "" {
+		cfg.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, srv)
+		}}
+	}
 	if n.cfg.ClusterKey != "" {
 		cfg.ClusterKey = []byte(n.cfg.ClusterKey)
 		for _, k := range n.cfg.ClusterAcceptedKeys {

@@ -23,6 +23,9 @@ type Config struct {
 	GossipAddr, ClusterAddr    string
 	AdvertiseHost              string
 	Join                       []string
+	// DNSServer (host:port), when set, resolves every peer name (--join,
+	// --advertise-host, raft addresses) instead of the system resolver.
+	DNSServer string
 	BootstrapExpect            int
 	// RemoveLeftAfter: the leader removes a raft server that left the
 	// cluster gracefully and has not come back for this long (a

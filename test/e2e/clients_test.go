@@ -78,7 +78,11 @@ func lookPath(t testing.TB, name string) string {
 // hostArgs are mosquitto_pub/mosquitto_sub flags that reach the node's
 // plain MQTT listener.
 func (b *Broker) hostArgs() []string {
-	return []string{"-h", "127.0.0.1", "-p", portOf(b.MQTTAddr)}
+	host := "127.0.0.1"
+	if h, _, err := net.SplitHostPort(b.MQTTAddr); err == nil && net.ParseIP(h) != nil && !net.ParseIP(h).IsUnspecified() {
+		host = h // a node on its own loopback address (statefulset_test.go)
+	}
+	return []string{"-h", host, "-p", portOf(b.MQTTAddr)}
 }
 
 // pub runs mosquitto_pub against the node; the caller checks the result.

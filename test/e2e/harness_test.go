@@ -165,6 +165,16 @@ type brokerSpec struct {
 	// LiveOnly: start waits for /healthz, not /readyz (a node that is
 	// expected never to become ready, such as one that cannot join).
 	LiveOnly bool
+	// Pod, when set, places the node like a StatefulSet pod: on its own
+	// loopback address, with the same ports as every other pod
+	// (statefulset_test.go). The advertise host comes from Args.
+	Pod *podAddrs
+}
+
+// podAddrs is a pod's IP and the ports every pod of the set listens on.
+type podAddrs struct {
+	IP                                 string
+	MQTTPort, HTTPPort, Gossip, Cluster string
 }
 
 // Broker is one broker node running as a child process.
@@ -228,6 +238,11 @@ func startBrokerSpec(t testing.TB, spec brokerSpec) *Broker {
 }
 
 func (b *Broker) pickPorts() {
+	if p := b.spec.Pod; p != nil {
+		b.MQTTAddr, b.HTTPAddr = net.JoinHostPort(p.IP, p.MQTTPort), net.JoinHostPort(p.IP, p.HTTPPort)
+		b.GossipAddr, b.ClusterAddr = net.JoinHostPort(p.IP, p.Gossip), net.JoinHostPort(p.IP, p.Cluster)
+		return
+	}
 	b.MQTTAddr = b.spec.MQTTAddr
 	if b.MQTTAddr == "" {
 		b.MQTTAddr = freeAddr(b.t)
