@@ -126,7 +126,7 @@ type Mux struct {
 	m         *metrics
 	hsTimeout time.Duration
 	dialTO    time.Duration
-	resolver  *net.Resolver // names in dialled addresses (raft's are DNS names)
+	resolver  *net.Resolver  // names in dialled addresses (raft's are DNS names)
 	warnLimit *perKeyLimiter // one refusal line per remote address per minute
 	// minVersion and maxVersion are the protocol versions this Mux speaks:
 	// MinProtocolVersion and ProtocolVersion. Only tests change them (both

@@ -25,8 +25,8 @@ type Config struct {
 	Join                       []string
 	// DNSServer (host:port), when set, resolves every peer name (--join,
 	// --advertise-host, raft addresses) instead of the system resolver.
-	DNSServer string
-	BootstrapExpect            int
+	DNSServer       string
+	BootstrapExpect int
 	// RemoveLeftAfter: the leader removes a raft server that left the
 	// cluster gracefully and has not come back for this long (a
 	// scale-down), never going below MinVoters voters. 0: the default

@@ -173,7 +173,7 @@ type brokerSpec struct {
 
 // podAddrs is a pod's IP and the ports every pod of the set listens on.
 type podAddrs struct {
-	IP                                 string
+	IP                                  string
 	MQTTPort, HTTPPort, Gossip, Cluster string
 }
 
