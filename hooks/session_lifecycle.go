@@ -85,13 +85,16 @@ func (h *Sessions) discardSession(id string) bool {
 		return true
 	}
 	del := &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
-	tw := h.takeoverWill(id, true, time.Now().UnixMilli())
-	cmd := tw.withTakeover(del)
 	// The delete is conditional, so it is retried within the bound when
 	// its outcome is unknown (the leader died while committing it): a
 	// resume elsewhere right after this CONNACK must not find the session.
+	// The takeover will is built again for each try (a new At): a retry
+	// answering "unchanged" then says nothing about an earlier try, whose
+	// live copies stay owed until its commit shows up (wills.go).
 	var err error
 	for {
+		tw := h.takeoverWill(id, true, time.Now().UnixMilli())
+		cmd := tw.withTakeover(del)
 		var res replication.Result
 		if res, err = h.repl.Apply(ctx, cmd); err == nil {
 			tw.published(h, res, nil)

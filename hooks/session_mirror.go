@@ -39,14 +39,14 @@ const mirrorOpenTimeout = 2 * time.Second
 // the client id: the SessionOpen has clean start) before CONNACK and, once
 // it is in the log, clears mochi's copy of the will. It reports whether
 // the mirror was written; if not, the will stays mochi's.
-func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet) bool {
+func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet, arrival uint64) bool {
 	openAt := h.nextOpenAt(time.Now().UnixMilli())
 	defer h.markOpening(cl.ID, openAt)()
 	// Apply waits for a leader (a node just restarted learns it within an
 	// election) but fails fast on a side that has had none for a while.
 	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
 	defer cancel()
-	open, _, tw, res, err := h.applyOpen(ctx, cl, pk, 0, openAt)
+	open, _, tw, res, err := h.applyOpen(ctx, cl, pk, 0, openAt, arrival)
 	tw.published(h, res, err)
 	if err != nil {
 		// A late commit is harmless: the mirror then stays until the leader

@@ -294,6 +294,9 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if !pk.Connect.Clean {
 		h.awaitDisconnectInFlight(cl.ID) // session_lifecycle.go
 	}
+	// What was committed before this CONNECT arrived: its open is fenced
+	// to that state at most (applyOpen).
+	arrival := h.repl.CommitIndex()
 	c := &sessConn{cl: cl, id: cl.ID, closeDone: make(chan struct{})}
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
 	if !persistent(cl, pk) && !h.resumesWithoutExpiry(cl, pk) {
@@ -311,7 +314,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// A clean session's will is mirrored in the log (session_mirror.go);
 		// the mirror's SessionOpen has clean start and discards any older
 		// session too.
-		if !h.openMirror(c, cl, pk) {
+		if !h.openMirror(c, cl, pk, arrival) {
 			if pk.Connect.Clean && !h.discardSession(cl.ID) {
 				h.refuseAside(c)
 				return
@@ -342,9 +345,10 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	defer cancel()
 	openAt := h.nextOpenAt(time.Now().UnixMilli())
 	defer h.markOpening(cl.ID, openAt)()
-	open, at, tw, res, err := h.applyOpen(ctx, cl, pk, c.expiry, openAt)
+	open, at, tw, res, err := h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival)
 	retried := false
-	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) {
+	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) &&
+		!errors.Is(err, replication.ErrReopened) {
 		retried = true
 		// Outcome unknown (the leader died while committing) or no
 		// leader yet: opening again is safe (the same session resumes,
@@ -353,7 +357,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		case <-ctx.Done():
 		case <-time.After(100 * time.Millisecond):
 		}
-		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt)
+		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival)
 	}
 	if err != nil {
 		// mochi cannot refuse the CONNECT from here: OnPacketEncode turns
@@ -510,13 +514,20 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 	return &replication.Batch{Commands: cmds}, pos, tw
 }
 
-// applyOpen writes a CONNECT's open (openCommands) once. When the fence
-// refuses it (this node was behind the log, or a CONNECT elsewhere opened
-// the session meanwhile), it catches up to the refusing entry and writes
-// the open again on what it now reads, within ctx: the CONNECT in
-// progress takes over, as the newest CONNECT does on one broker. Only an
-// open whose CONNECT has given up stays refused.
-func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
+// applyOpen writes a CONNECT's open (openCommands). When the fence
+// refuses it, what changed the session since this node read it decides:
+//   - a change committed before the CONNECT arrived (arrival: the commit
+//     index then) is one this node had not applied yet: it catches up to
+//     the refusing entry and opens again on what it now reads;
+//   - a change committed later (a resume elsewhere, a clean CONNECT that
+//     deleted the session) came from a newer connection of the client,
+//     which wins as it would on one broker: the CONNECT is refused
+//     (ErrReopened), and the client, if it still waits, connects again.
+//     Opening again then would undo the newer connection's work for a
+//     CONNECT the client may have given up on.
+//
+// A deleted session carries no index, so a delete counts as later.
+func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64, arrival uint64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
 	for {
 		cmd, pos, tw = h.openCommands(cl, pk, expiry, at)
 		res, err = h.repl.Apply(ctx, cmd)
@@ -525,6 +536,9 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 		}
 		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 			return cmd, pos, tw, res, fmt.Errorf("%w (catching up: %w)", err, werr)
+		}
+		if s, ok := h.repl.Session(cl.ID); !ok || s.OpenedIndex > arrival {
+			return cmd, pos, tw, res, fmt.Errorf("%w: changed after this CONNECT arrived (a newer connection)", err)
 		}
 	}
 }

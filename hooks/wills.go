@@ -80,16 +80,21 @@ func (h *Sessions) takeClaim(id string, at int64) (pendingClaim, bool) {
 }
 
 // settleClaim pays id's claim at at when its write's result says it
-// changed the state. Otherwise it stays owed until its commit shows up
-// (Apply: a retry answers "unchanged" when an earlier try committed, and
-// this node may not have applied that try yet) or claimDebtTTL passes; a
-// claim that changed nothing never shows up.
+// changed the state, and forgets it when the result says it changed
+// nothing (a definite answer: each attempt has its own At). After an error
+// it stays owed until its commit shows up (Apply) or claimDebtTTL passes.
 func (h *Sessions) settleClaim(id string, at int64, changed bool, err error) {
 	if err != nil {
 		h.log.Info("will claim's outcome unknown; its live copies go out if it commits", "client", id, "error", err)
 		return
 	}
 	if !changed {
+		h.mu.Lock()
+		delete(h.claims[id], at)
+		if len(h.claims[id]) == 0 {
+			delete(h.claims, id)
+		}
+		h.mu.Unlock()
 		return
 	}
 	if c, ok := h.takeClaim(id, at); ok {
@@ -206,7 +211,17 @@ func (h *Sessions) mirrorLeftovers() {
 	defer cancel()
 	for _, c := range todo {
 		res, err := h.repl.Apply(ctx, c.unmirrored)
-		if err = openErr(c.unmirrored, res, err); err != nil {
+		err = openErr(c.unmirrored, res, err)
+		if errors.Is(err, replication.ErrReopened) && res.Index != 0 {
+			// The open was fenced to the state of its CONNECT, and the
+			// session changed since (a clean CONNECT's discard after the
+			// mirror failed). The client is still connected here, so no
+			// newer connection of it exists: open on today's state.
+			if open := h.refenced(ctx, c.unmirrored, c.id, res.Index); open != nil {
+				res, err = h.repl.Apply(ctx, open)
+			}
+		}
+		if err != nil {
 			h.log.Warn("clean session's will not mirrored before the stop; mochi publishes it", "client", c.id, "error", err)
 			continue
 		}
@@ -216,6 +231,32 @@ func (h *Sessions) mirrorLeftovers() {
 		h.mirrors[c.id] = c
 		h.mu.Unlock()
 	}
+}
+
+// refenced is cmd's fenced SessionOpen alone (its will inside), fenced
+// again to the session state this node reads once it has applied index;
+// nil if cmd holds none or the node cannot catch up.
+func (h *Sessions) refenced(ctx context.Context, cmd replication.Command, id string, index uint64) replication.Command {
+	cmds := []replication.Command{cmd}
+	if b, ok := cmd.(*replication.Batch); ok {
+		cmds = b.Commands
+	}
+	for _, c := range cmds {
+		o, ok := c.(*replication.SessionOpen)
+		if !ok || !o.Fenced {
+			continue
+		}
+		if h.repl.WaitAppliedLocal(ctx, index) != nil {
+			return nil
+		}
+		cp := *o
+		cp.IfOpened = 0
+		if s, ok := h.repl.Session(id); ok {
+			cp.IfOpened = s.OpenedIndex
+		}
+		return &cp
+	}
+	return nil
 }
 
 // keptAtStop reports whether c's will mirror stays in the log for the
