@@ -60,6 +60,10 @@ type Config struct {
 
 	ConnectTimeout  time.Duration
 	ShutdownTimeout time.Duration
+	// LameDuck spreads a graceful stop's client disconnects over up to
+	// this long (lameDuckStep per client), so that the clients of a node
+	// do not all reconnect to the others in one burst. 0: all at once.
+	LameDuck time.Duration
 	Pprof           bool
 
 	Logger *slog.Logger

@@ -292,7 +292,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		n.sessionsHook.PrepareStop()
 		done := make(chan struct{})
 		go func() {
-			n.disconnectClients()
+			n.disconnectClients(ctx)
 			_ = n.mqtt.Close()
 			n.mqtt.Listeners.ClientsWg.Wait()
 			close(done)
@@ -329,16 +329,39 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	return n.closeErr
 }
 
+// lameDuckStep is the gap between two disconnects of a graceful stop.
+const lameDuckStep = 10 * time.Millisecond
+
 // disconnectClients stops accepting, then ends every connection: MQTT 5
 // clients get DISCONNECT 0x8B (server shutting down); MQTT 3.1.1 has no
 // server DISCONNECT, so those connections are just closed (mochi would
 // send one regardless of the version).
-func (n *Node) disconnectClients() {
+func (n *Node) disconnectClients(ctx context.Context) {
 	for _, l := range n.listeners {
 		l.StopAccepting()
 	}
+	var clients []*mqtt.Client
 	for _, cl := range n.mqtt.Clients.GetAll() {
-		if cl.Net.Conn == nil || cl.Closed() {
+		if cl.Net.Conn != nil && !cl.Closed() {
+			clients = append(clients, cl)
+		}
+	}
+	// Lame duck (NATS's name): spread the disconnects, lameDuckStep
+	// apart, over at most LameDuck, so that a thousand devices reconnect
+	// to the other nodes over seconds, not in one burst. Readiness is
+	// already off: the Service sends no new clients here meanwhile.
+	var step time.Duration
+	if len(clients) > 1 && n.cfg.LameDuck > 0 {
+		step = min(lameDuckStep, n.cfg.LameDuck/time.Duration(len(clients)))
+	}
+	for i, cl := range clients {
+		if step > 0 && i > 0 && ctx.Err() == nil {
+			select {
+			case <-time.After(step):
+			case <-ctx.Done(): // out of time: the rest at once
+			}
+		}
+		if cl.Closed() {
 			continue
 		}
 		if cl.Properties.ProtocolVersion == 5 {

@@ -1,0 +1,48 @@
+package node
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/packets"
+)
+
+// TestGracefulStopSpreadsDisconnects: a node that stops gracefully ends
+// its clients' connections lameDuckStep apart (bounded by LameDuck), not
+// all at once, so that they reconnect to the other nodes over time; each
+// still gets DISCONNECT 0x8B (MQTT 5).
+func TestGracefulStopSpreadsDisconnects(t *testing.T) {
+	tc := newTunedCluster(t, func(cfg *Config) { cfg.LameDuck = 5 * time.Second }, "n1")
+	tc.waitReady()
+	const clients = 20
+	var mu sync.Mutex
+	var at []time.Time
+	var wg sync.WaitGroup
+	for i := range clients {
+		c, _ := rawConnect(t, tc.nodes["n1"].Addr("mqtt"), fmt.Sprintf("ld-%d", i), true, 0)
+		wg.Go(func() {
+			_ = c.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+			cp, err := packets.ReadPacket(c.conn)
+			mu.Lock()
+			defer mu.Unlock()
+			at = append(at, time.Now())
+			if err != nil {
+				t.Errorf("read: %v (want DISCONNECT)", err)
+				return
+			}
+			if d, ok := cp.Content.(*packets.Disconnect); !ok || d.ReasonCode != 0x8B {
+				t.Errorf("got %s, want DISCONNECT 0x8B", cp)
+			}
+		})
+	}
+	tc.stop("n1")
+	wg.Wait()
+	slices.SortFunc(at, func(a, b time.Time) int { return a.Compare(b) })
+	// 19 gaps of lameDuckStep at least (sleeps only make it longer).
+	if span := at[len(at)-1].Sub(at[0]); span < (clients-1)*lameDuckStep {
+		t.Fatalf("disconnects spread over %v, want at least %v", span, (clients-1)*lameDuckStep)
+	}
+}
