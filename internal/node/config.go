@@ -64,7 +64,7 @@ type Config struct {
 	// this long (lameDuckStep per client), so that the clients of a node
 	// do not all reconnect to the others in one burst. 0: all at once.
 	LameDuck time.Duration
-	Pprof           bool
+	Pprof    bool
 
 	Logger *slog.Logger
 	// ClusterTuning, if set, adjusts the cluster configuration before the
