@@ -33,6 +33,7 @@ func (n *Node) manageLoop() {
 			}
 		}
 		n.checkMember()
+		n.releaseVotes()
 		n.ticks.Add(1)
 		select {
 		case <-t.C:
@@ -153,6 +154,7 @@ func (n *Node) maybeBootstrap() {
 	case err == nil:
 		n.bootDone.Store(true)
 		n.hadState.Store(true)
+		n.votesHeld.Store(false) // every voter of a new cluster starts empty
 		n.log.Info("bootstrapped the cluster", "voters", key)
 	case errors.Is(err, raft.ErrCantBootstrap):
 		n.bootDone.Store(true)
@@ -365,6 +367,60 @@ func (n *Node) peerStatus() peerStatus {
 	// AppliedIndex, which moves before the FSM has applied anything.
 	return peerStatus{LastIndex: n.raft.LastIndex(), AppliedIndex: n.fsm.synced.Load(),
 		Term: n.raft.CurrentTerm(), CommitIndex: n.raft.CommitIndex()}
+}
+
+// releaseVotes lets a node that started without raft state vote once it
+// is clear that it forgot nothing. Such a node is one of three things:
+//   - a member of a new cluster: when it first sees its peers, none has
+//     raft state either (they bootstrap together): it votes at once;
+//   - a new member of an existing cluster (a scale-up): a non-voter,
+//     never asked for a vote;
+//   - a voter that lost its volume (a pod rescheduled with an empty disk
+//     keeps its id and address, so the configuration still lists it).
+//     Raft assumes a voter never forgets what it acknowledged: granting
+//     its vote now could elect a candidate that lacks entries committed
+//     with the help of its lost copy. It votes once its log reaches the
+//     leader's commit index, which covers everything it ever acknowledged.
+//
+// Until it has seen a peer it stays held (it cannot tell yet).
+func (n *Node) releaseVotes() {
+	if !n.votesHeld.Load() {
+		return
+	}
+	if !n.votesDecided {
+		others, withState := 0, 0
+		for _, p := range n.peers() {
+			if p.ID == n.cfg.NodeID {
+				continue
+			}
+			others++
+			if p.HasState {
+				withState++
+			}
+		}
+		if others == 0 {
+			return
+		}
+		n.votesDecided = true
+		if withState == 0 {
+			n.votesHeld.Store(false)
+			return
+		}
+		n.log.Info("started without raft state while the cluster has some: granting no votes until caught up with the leader "+
+			"(this may be a voter that lost its data)", "peers_with_state", withState)
+	}
+	if n.raft.State() == raft.Leader {
+		n.votesHeld.Store(false) // elected: its log is the reference now
+		return
+	}
+	ctx, cancel := context.WithTimeout(n.life, time.Second)
+	defer cancel()
+	lc, err := n.leaderCommit(ctx)
+	if err != nil || lc == 0 || n.raft.LastIndex() < lc {
+		return
+	}
+	n.votesHeld.Store(false)
+	n.log.Info("caught up with the leader; granting votes from now on", "leader_commit", lc)
 }
 
 // checkMember logs loudly (once a minute) when this node has raft state but

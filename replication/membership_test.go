@@ -4,10 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"os"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/raft"
 )
 
 // TestAddNodeNonvoterThenVoter: nodes joining an existing cluster are
@@ -288,4 +291,80 @@ func TestDepartedVoterReplacedByWaitingNonvoter(t *testing.T) {
 		}
 	}
 	waitConfig(t, c.leader(), want, nil)
+}
+
+// TestVoterWithLostVolumeDoesNotElectAStaleLeader: a voter whose data dir
+// is wiped (a pod rescheduled with an empty volume) comes back with the
+// same id and address, so the configuration still counts it. It must not
+// vote before it has caught up: here n2 missed writes (down), n1 (leader)
+// and n3 committed them, n3 lost its volume, and n1 is down. If empty n3
+// voted, stale n2 would win an election and the committed writes would be
+// lost when n1 returns. Instead no leader is elected until n1 is back, and
+// every acknowledged write survives.
+func TestVoterWithLostVolumeDoesNotElectAStaleLeader(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	// Name the roles: the leader keeps the data, one follower goes stale,
+	// the other loses its volume.
+	var stale, wiped *testNode
+	for _, tn := range c.up() {
+		if tn == lead {
+			continue
+		}
+		if stale == nil {
+			stale = tn
+		} else {
+			wiped = tn
+		}
+	}
+	ctx := ctxT(t, waitFor)
+	applyRetry(t, ctx, lead.node(), setRetained("lv/before", "x"))
+	eventually(t, waitFor, func() error {
+		if _, ok := stale.node().RetainedMessage("lv/before"); !ok {
+			return errors.New("the stale node has not applied the first write")
+		}
+		return nil
+	})
+	stale.stop(true)
+	for i := range 20 {
+		applyRetry(t, ctx, lead.node(), setRetained(fmt.Sprintf("lv/%d", i), "acked"))
+	}
+	eventually(t, waitFor, func() error {
+		if _, ok := wiped.node().RetainedMessage("lv/19"); !ok {
+			return errors.New("the follower has not applied the writes")
+		}
+		return nil
+	})
+	// The follower loses its volume and comes back empty; the leader dies.
+	wiped.stop(true)
+	if err := os.RemoveAll(wiped.dir); err != nil {
+		t.Fatal(err)
+	}
+	lead.stop(true)
+	if err := wiped.start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := stale.start(); err != nil {
+		t.Fatal(err)
+	}
+	// Stale n2 may ask for votes as long as it likes: no leader.
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, tn := range []*testNode{stale, wiped} {
+			if tn.node().raft.State() == raft.Leader {
+				t.Fatalf("%s became leader with the leader of the committed writes down and %s empty", tn.id, wiped.id)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := lead.start(); err != nil {
+		t.Fatal(err)
+	}
+	c.leader()
+	want := map[string]string{"lv/before": "x"}
+	for i := range 20 {
+		want[fmt.Sprintf("lv/%d", i)] = "acked"
+	}
+	c.waitRetained(want)
 }

@@ -61,10 +61,16 @@ type Node struct {
 	lifeStop context.CancelFunc
 	wg       sync.WaitGroup
 
-	hadState atomic.Bool   // raft state existed at Start, or was created since
-	bootDone atomic.Bool   // bootstrap is no longer a question for this node
-	left     atomic.Bool   // Leave removed this node
-	ticks    atomic.Uint64 // manage loop iterations (tests wait on it)
+	hadState atomic.Bool // raft state existed at Start, or was created since
+	// votesHeld: this node started without raft state and has neither
+	// bootstrapped nor caught up with a leader yet: it grants no votes
+	// (transport.go, voteGate).
+	votesHeld atomic.Bool
+	// votesDecided: releaseVotes has seen peers (manage loop only).
+	votesDecided bool
+	bootDone     atomic.Bool   // bootstrap is no longer a question for this node
+	left         atomic.Bool   // Leave removed this node
+	ticks        atomic.Uint64 // manage loop iterations (tests wait on it)
 
 	leaderMu      sync.Mutex
 	leaderCh      chan struct{} // closed and replaced on every leader change
@@ -191,6 +197,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	n.hadState.Store(had)
 	n.bootDone.Store(had)
+	n.votesHeld.Store(!had)
 
 	maxFrame := cfg.MaxBatchBytes + maxRPCFrameSlack
 	n.demux = newDemux(cfg, n.log, func(c net.Conn) { (&rpcServer{n: n, maxFrame: maxFrame}).serveConn(c) })
@@ -224,7 +231,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	// NewRaft restores the latest snapshot into the FSM (OnRestore fires).
 	n.heartbeats = &heartbeatGuard{}
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats})
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, newVoteGate(&n.votesHeld, n.stop)})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}

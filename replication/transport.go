@@ -282,7 +282,66 @@ func (r *rateLimit) allow() bool {
 // It also guards raft's heartbeat handler (heartbeatGuard).
 type noPipeline struct {
 	*raft.NetworkTransport
-	hb *heartbeatGuard
+	hb    *heartbeatGuard
+	votes *voteGate
+}
+
+// Consumer is raft's inbound RPCs with vote requests refused while the
+// node holds its votes (voteGate).
+func (t noPipeline) Consumer() <-chan raft.RPC {
+	return t.votes.filter(t.NetworkTransport.Consumer())
+}
+
+// voteGate refuses vote requests (pre-votes too) while held is set: a
+// node that started without raft state must not vote before it has caught
+// up (Node.releaseVotes), except for the first leader of a new cluster.
+// Every other RPC passes, in order.
+type voteGate struct {
+	held *atomic.Bool
+	stop <-chan struct{}
+	once sync.Once
+	out  chan raft.RPC
+}
+
+func newVoteGate(held *atomic.Bool, stop <-chan struct{}) *voteGate {
+	return &voteGate{held: held, stop: stop, out: make(chan raft.RPC)}
+}
+
+var errVotesHeld = errors.New("replication: started without raft state and not caught up yet: no vote")
+
+func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
+	g.once.Do(func() {
+		go func() {
+			for {
+				var rpc raft.RPC
+				select {
+				case rpc = <-in:
+				case <-g.stop:
+					return
+				}
+				var last uint64
+				switch req := rpc.Command.(type) {
+				case *raft.RequestVoteRequest:
+					last = req.LastLogIndex
+				case *raft.RequestPreVoteRequest:
+					last = req.LastLogIndex
+				}
+				// A candidate whose log holds at most the bootstrap
+				// configuration (index 1) belongs to a cluster that has
+				// committed nothing: no write can be lost.
+				if last > 1 && g.held.Load() {
+					rpc.Respond(nil, errVotesHeld)
+					continue
+				}
+				select {
+				case g.out <- rpc:
+				case <-g.stop:
+					return
+				}
+			}
+		}()
+	})
+	return g.out
 }
 
 func (noPipeline) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
