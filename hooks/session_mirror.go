@@ -39,7 +39,7 @@ const mirrorOpenTimeout = 2 * time.Second
 // the client id: the SessionOpen has clean start) before CONNACK and, once
 // it is in the log, clears mochi's copy of the will. It reports whether
 // the mirror was written; if not, the will stays mochi's.
-func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet, arrival uint64) bool {
+func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet, arrival int64) bool {
 	openAt := h.nextOpenAt(time.Now().UnixMilli())
 	defer h.markOpening(cl.ID, openAt)()
 	// Apply waits for a leader (a node just restarted learns it within an

@@ -294,9 +294,9 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if !pk.Connect.Clean {
 		h.awaitDisconnectInFlight(cl.ID) // session_lifecycle.go
 	}
-	// What was committed before this CONNECT arrived: its open is fenced
-	// to that state at most (applyOpen).
-	arrival := h.repl.CommitIndex()
+	// When this CONNECT arrived: a connection elsewhere that claimed the
+	// client id since is newer (applyOpen).
+	arrival := time.Now().UnixMilli()
 	c := &sessConn{cl: cl, id: cl.ID, closeDone: make(chan struct{})}
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
 	if !persistent(cl, pk) && !h.resumesWithoutExpiry(cl, pk) {
@@ -515,19 +515,18 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 }
 
 // applyOpen writes a CONNECT's open (openCommands). When the fence
-// refuses it, what changed the session since this node read it decides:
-//   - a change committed before the CONNECT arrived (arrival: the commit
-//     index then) is one this node had not applied yet: it catches up to
-//     the refusing entry and opens again on what it now reads;
-//   - a change committed later (a resume elsewhere, a clean CONNECT that
-//     deleted the session) came from a newer connection of the client,
-//     which wins as it would on one broker: the CONNECT is refused
-//     (ErrReopened), and the client, if it still waits, connects again.
-//     Opening again then would undo the newer connection's work for a
-//     CONNECT the client may have given up on.
-//
-// A deleted session carries no index, so a delete counts as later.
-func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64, arrival uint64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
+// refuses it (the session was opened or deleted since this node read it),
+// it catches up to the refusing entry and decides:
+//   - a connection on another node that claimed the client id after this
+//     CONNECT arrived (arrival, Unix ms; the owner's Since) is newer: it
+//     wins, as the later CONNECT does on one broker, and this CONNECT is
+//     refused (ErrReopened). Opening again would undo the newer
+//     connection's work (a clean start's delete) for a CONNECT the client
+//     may have given up on (found by review);
+//   - otherwise the change is older than this CONNECT (this node had not
+//     applied it yet: a DISCONNECT's delete, a resume that ended): it
+//     opens again on what it now reads.
+func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at, arrival int64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
 	for {
 		cmd, pos, tw = h.openCommands(cl, pk, expiry, at)
 		res, err = h.repl.Apply(ctx, cmd)
@@ -537,8 +536,8 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 			return cmd, pos, tw, res, fmt.Errorf("%w (catching up: %w)", err, werr)
 		}
-		if s, ok := h.repl.Session(cl.ID); !ok || s.OpenedIndex > arrival {
-			return cmd, pos, tw, res, fmt.Errorf("%w: changed after this CONNECT arrived (a newer connection)", err)
+		if o, ok := h.repl.Owner(cl.ID); ok && o.Node != h.cfg.Self && o.Since >= arrival {
+			return cmd, pos, tw, res, fmt.Errorf("%w: a newer connection on %s holds the client id", err, o.Node)
 		}
 	}
 }

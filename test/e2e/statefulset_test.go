@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -373,4 +374,49 @@ func TestStatefulSetRollingRestart(t *testing.T) {
 	}
 	sub.current().Close()
 	<-subDone
+}
+
+// TestStatefulSetPodWithEmptyVolume: a pod rescheduled with an empty
+// volume comes back under its old name and address: it stays the same
+// voter (not a second one), grants no votes until it has caught up with
+// the leader, then serves everything and counts for the quorum again.
+func TestStatefulSetPodWithEmptyVolume(t *testing.T) {
+	t.Parallel()
+	ss := newStatefulSet(t)
+	ss.create(0, 1, 2)
+	waitVoters(t, ss.running(), 3)
+	const n = 20
+	for i := range n {
+		ss.pods[0].mustPub(t, "-V", "mqttv5", "-q", "1", "-r", "-t", fmt.Sprintf("ev/%d", i), "-m", "v")
+	}
+	b := ss.pods[1]
+	b.Kill()
+	if err := os.RemoveAll(b.DataDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(b.DataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	b.Restart()
+	waitVoters(t, ss.running(), 3)
+	eventually(t, 30*time.Second, func() error {
+		if !strings.Contains(b.Output(), "granting votes from now on") {
+			return fmt.Errorf("%s has not said it caught up and votes again", b.ID)
+		}
+		return nil
+	})
+	_, got := b.sub(t, "-t", "ev/#", "-C", strconv.Itoa(n), "-W", "5").result(t)
+	if len(got) != n {
+		t.Fatalf("%s serves %d retained values after catching up, want %d", b.ID, len(got), n)
+	}
+	// Its vote counts again: without broker-0, it and broker-2 elect a
+	// leader and take writes.
+	ss.pods[0].Kill()
+	eventually(t, 30*time.Second, func() error {
+		r := b.pub(t, "-V", "mqttv5", "-q", "1", "-r", "-t", "ev/after", "-m", "two")
+		if r.ExitCode != 0 || strings.Contains(r.Stderr, "failed") {
+			return fmt.Errorf("retained QoS 1 write on the two survivors: %s", r)
+		}
+		return nil
+	})
 }
