@@ -233,7 +233,13 @@ func (n *Node) reconcile() {
 	if n.cfg.Departed != nil {
 		left = n.cfg.Departed()
 	}
-	departed := func(id string) bool { _, ok := left[id]; return ok && !visible[id] }
+	// Departed: left gracefully and away for RemoveLeftAfter, not just
+	// restarting (a voter restarting still counts, or a rolling restart
+	// would promote a waiting non-voter and leave the voters even).
+	departed := func(id string) bool {
+		since, ok := left[id]
+		return ok && !visible[id] && n.cfg.RemoveLeftAfter >= 0 && time.Since(since) >= n.cfg.RemoveLeftAfter
+	}
 	n.promote(ctx, cfg, departed)
 	n.removeDeparted(ctx, cfg, departed, left)
 }
@@ -259,7 +265,7 @@ func (n *Node) removeDeparted(ctx context.Context, cfg raft.Configuration, depar
 	for _, s := range cfg.Servers {
 		id := string(s.ID)
 		since := left[id]
-		if !departed(id) || id == n.cfg.NodeID || time.Since(since) < n.cfg.RemoveLeftAfter {
+		if !departed(id) || id == n.cfg.NodeID {
 			continue
 		}
 		if s.Suffrage == raft.Voter && voters-1 < n.cfg.MinVoters {
@@ -326,6 +332,10 @@ func (n *Node) promote(ctx context.Context, cfg raft.Configuration, departed fun
 		}
 		ready = ready[:len(ready)-1]
 	}
+	if voters >= 4 && voters%2 == 0 && len(ready) == 0 && voters-1 >= n.cfg.MinVoters {
+		n.demoteOne(ctx, cfg, departed)
+		return
+	}
 	for _, s := range ready {
 		id := string(s.ID)
 		if err := waitFuture(ctx, n.raft.AddVoter(s.ID, s.Address, 0, n.cfg.IOTimeout)); err != nil {
@@ -345,6 +355,29 @@ func (n *Node) promote(ctx context.Context, cfg raft.Configuration, departed fun
 		}
 	}
 	n.memberMu.Unlock()
+}
+
+// demoteOne makes one present voter a non-voter when the voters are even
+// (a scale-down from 5 to 4): four voters need three for a quorum and
+// survive one failure, like three. The last voter by id that is not this
+// leader goes; it keeps replicating and is promoted again with the next
+// node that is ready.
+func (n *Node) demoteOne(ctx context.Context, cfg raft.Configuration, departed func(string) bool) {
+	var victim raft.ServerID
+	for _, s := range cfg.Servers {
+		if s.Suffrage == raft.Voter && string(s.ID) != n.cfg.NodeID && !departed(string(s.ID)) && s.ID > victim {
+			victim = s.ID
+		}
+	}
+	if victim == "" {
+		return
+	}
+	if err := waitFuture(ctx, n.raft.DemoteVoter(victim, 0, n.cfg.IOTimeout)); err != nil {
+		n.log.Warn("demoting a voter to keep the voters odd failed", "server", string(victim), "err", err)
+		return
+	}
+	n.m.membership.WithLabelValues("demote").Inc()
+	n.log.Info("demoted a voter to a non-voter: an even number of voters tolerates no more failures than one fewer", "server", string(victim))
 }
 
 // fetchPeerStatus asks a node for its log position.

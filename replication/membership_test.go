@@ -368,3 +368,87 @@ func TestVoterWithLostVolumeDoesNotElectAStaleLeader(t *testing.T) {
 	}
 	c.waitRetained(want)
 }
+
+// TestRollingRestartKeepsVotersOdd: a voter restarting (it left, and comes
+// back well within RemoveLeftAfter) does not count as gone: the non-voter
+// waiting for an odd count stays a non-voter. Counting it gone at once
+// promoted the waiting node, and four voters remained after the restart
+// (found by review).
+func TestRollingRestartKeepsVotersOdd(t *testing.T) {
+	c := newTestCluster(t, 3)
+	var mu sync.Mutex
+	departed := map[string]time.Time{}
+	c.mutate = func(cfg *Config) {
+		cfg.StabilizationTime = 200 * time.Millisecond
+		cfg.RemoveLeftAfter = time.Minute
+		cfg.Departed = func() map[string]time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			return maps.Clone(departed)
+		}
+	}
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	c.startNew("n4")
+	waitConfig(t, lead, []string{"n1", "n2", "n3"}, []string{"n4"})
+	var gone *testNode
+	for _, id := range []string{"n1", "n2", "n3"} {
+		if id != lead.id {
+			gone = c.node(id)
+			break
+		}
+	}
+	gone.stop(false)
+	mu.Lock()
+	departed[gone.id] = time.Now()
+	mu.Unlock()
+	time.Sleep(time.Second) // the pod restarts
+	waitConfig(t, lead, []string{"n1", "n2", "n3"}, []string{"n4"})
+	if err := gone.start(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	delete(departed, gone.id)
+	mu.Unlock()
+	time.Sleep(time.Second)
+	waitConfig(t, c.leader(), []string{"n1", "n2", "n3"}, []string{"n4"})
+}
+
+// TestScaleDownToFourDemotesOne: five voters, one leaves for good: after
+// its removal four voters would remain, so one is demoted to a non-voter
+// (three voters survive one failure like four, with a smaller quorum).
+func TestScaleDownToFourDemotesOne(t *testing.T) {
+	c := newTestCluster(t, 5)
+	var mu sync.Mutex
+	departed := map[string]time.Time{}
+	c.mutate = func(cfg *Config) {
+		cfg.StabilizationTime = 200 * time.Millisecond
+		cfg.RemoveLeftAfter = 500 * time.Millisecond
+		cfg.Departed = func() map[string]time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			return maps.Clone(departed)
+		}
+	}
+	all := []string{"n1", "n2", "n3", "n4", "n5"}
+	c.startNew(all...)
+	lead := c.leader()
+	waitConfig(t, lead, all, nil)
+	var gone string
+	for _, id := range all {
+		if id != lead.id {
+			gone = id
+		}
+	}
+	c.node(gone).stop(false)
+	mu.Lock()
+	departed[gone] = time.Now()
+	mu.Unlock()
+	eventually(t, waitFor, func() error {
+		st := c.leader().node().Status()
+		if len(st.Voters) != 3 || len(st.NonVoters) != 1 {
+			return fmt.Errorf("voters %d, non-voters %d; want 3 and 1", len(st.Voters), len(st.NonVoters))
+		}
+		return nil
+	})
+}

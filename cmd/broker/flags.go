@@ -118,7 +118,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 	fs.BoolVar(&c.Persistence, "persistence", true, "keep sessions and retained messages on disk under --data-dir")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 10*time.Second, "time a new connection has, from accept, to send its whole CONNECT")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "time allowed for a graceful stop")
-	fs.DurationVar(&c.LameDuck, "lame-duck", 5*time.Second, "on a graceful stop, spread client disconnects over up to this long (10 ms apart), so that clients do not all reconnect to the other nodes at once; 0: all at once")
+	fs.DurationVar(&c.LameDuck, "lame-duck", 5*time.Second, "on a graceful stop, spread client disconnects over up to this long (10 ms apart, at most half of --shutdown-timeout), so that clients do not all reconnect to the other nodes at once; 0: all at once")
 	fs.BoolVar(&c.Pprof, "pprof", false, "serve /debug/pprof on --http-addr")
 	fs.StringVar(&o.logFormat, "log-format", "", "text or json (default: text on a terminal, json otherwise)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")

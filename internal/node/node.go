@@ -285,14 +285,16 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	n.closeOnce.Do(func() {
 		n.ready.Store(false)
 		n.log.Info("shutting down")
-		// A client blocked in a replicated write (no quorum right now)
-		// gets its failure at once instead of holding the drain up.
-		n.drain()
 		// Clean sessions' wills stay in the log for the leave grace.
 		n.sessionsHook.PrepareStop()
 		done := make(chan struct{})
 		go func() {
 			n.disconnectClients(ctx)
+			// After the lame duck (clients still connected meanwhile
+			// publish as usual): a client blocked in a replicated write
+			// (no quorum right now) gets its failure at once instead of
+			// holding the drain up.
+			n.drain()
 			_ = n.mqtt.Close()
 			n.mqtt.Listeners.ClientsWg.Wait()
 			close(done)
@@ -350,9 +352,15 @@ func (n *Node) disconnectClients(ctx context.Context) {
 	// apart, over at most LameDuck, so that a thousand devices reconnect
 	// to the other nodes over seconds, not in one burst. Readiness is
 	// already off: the Service sends no new clients here meanwhile.
+	// At most half the stop's time: the rest is for the drain, the
+	// acknowledgements' flush, the leadership transfer and the leave.
+	spread := n.cfg.LameDuck
+	if n.cfg.ShutdownTimeout > 0 {
+		spread = min(spread, n.cfg.ShutdownTimeout/2)
+	}
 	var step time.Duration
-	if len(clients) > 1 && n.cfg.LameDuck > 0 {
-		step = min(lameDuckStep, n.cfg.LameDuck/time.Duration(len(clients)))
+	if len(clients) > 1 && spread > 0 {
+		step = min(lameDuckStep, spread/time.Duration(len(clients)))
 	}
 	for i, cl := range clients {
 		if step > 0 && i > 0 && ctx.Err() == nil {
