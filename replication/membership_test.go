@@ -50,26 +50,14 @@ func TestAddNodeNonvoterThenVoter(t *testing.T) {
 // (a rolling restart) stays a voter.
 func TestDepartedServersRemovedDownToMinVoters(t *testing.T) {
 	c := newTestCluster(t, 5)
-	var mu sync.Mutex
-	departed := map[string]time.Time{}
-	c.mutate = func(cfg *Config) {
-		cfg.StabilizationTime = 200 * time.Millisecond
-		cfg.RemoveLeftAfter = 1500 * time.Millisecond
-		cfg.Departed = func() map[string]time.Time {
-			mu.Lock()
-			defer mu.Unlock()
-			return maps.Clone(departed)
-		}
-	}
+	departed := newDepartures(c, 1500*time.Millisecond)
 	c.startNew("n1", "n2", "n3", "n4", "n5")
 	lead := c.leader()
 	all := []string{"n1", "n2", "n3", "n4", "n5"}
 	waitConfig(t, lead, all, nil)
 	leave := func(id string) {
 		c.nodes[id].stop(false)
-		mu.Lock()
-		departed[id] = time.Now()
-		mu.Unlock()
+		departed.leave(id)
 	}
 	var others []string // not the leader, in order
 	for _, id := range all {
@@ -82,9 +70,7 @@ func TestDepartedServersRemovedDownToMinVoters(t *testing.T) {
 	if err := c.nodes[others[0]].start(); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	delete(departed, others[0]) // membership sees it alive again
-	mu.Unlock()
+	departed.back(others[0]) // membership sees it alive again
 	time.Sleep(2 * 1500 * time.Millisecond)
 	waitConfig(t, c.leader(), all, nil)
 	// Scale down: the two highest leave for good.
@@ -258,17 +244,7 @@ func TestVoterNotReplacedWhileItAnswers(t *testing.T) {
 // the departed one removed: three voters again, all present.
 func TestDepartedVoterReplacedByWaitingNonvoter(t *testing.T) {
 	c := newTestCluster(t, 3)
-	var mu sync.Mutex
-	departed := map[string]time.Time{}
-	c.mutate = func(cfg *Config) {
-		cfg.StabilizationTime = 200 * time.Millisecond
-		cfg.RemoveLeftAfter = time.Second
-		cfg.Departed = func() map[string]time.Time {
-			mu.Lock()
-			defer mu.Unlock()
-			return maps.Clone(departed)
-		}
-	}
+	departed := newDepartures(c, time.Second)
 	c.startNew("n1", "n2", "n3")
 	lead := c.leader()
 	c.startNew("n4")
@@ -281,9 +257,7 @@ func TestDepartedVoterReplacedByWaitingNonvoter(t *testing.T) {
 		}
 	}
 	c.nodes[gone].stop(false)
-	mu.Lock()
-	departed[gone] = time.Now()
-	mu.Unlock()
+	departed.leave(gone)
 	var want []string
 	for _, id := range []string{"n1", "n2", "n3", "n4"} {
 		if id != gone {
@@ -376,17 +350,7 @@ func TestVoterWithLostVolumeDoesNotElectAStaleLeader(t *testing.T) {
 // (found by review).
 func TestRollingRestartKeepsVotersOdd(t *testing.T) {
 	c := newTestCluster(t, 3)
-	var mu sync.Mutex
-	departed := map[string]time.Time{}
-	c.mutate = func(cfg *Config) {
-		cfg.StabilizationTime = 200 * time.Millisecond
-		cfg.RemoveLeftAfter = time.Minute
-		cfg.Departed = func() map[string]time.Time {
-			mu.Lock()
-			defer mu.Unlock()
-			return maps.Clone(departed)
-		}
-	}
+	departed := newDepartures(c, time.Minute)
 	c.startNew("n1", "n2", "n3")
 	lead := c.leader()
 	c.startNew("n4")
@@ -399,17 +363,13 @@ func TestRollingRestartKeepsVotersOdd(t *testing.T) {
 		}
 	}
 	gone.stop(false)
-	mu.Lock()
-	departed[gone.id] = time.Now()
-	mu.Unlock()
+	departed.leave(gone.id)
 	time.Sleep(time.Second) // the pod restarts
 	waitConfig(t, lead, []string{"n1", "n2", "n3"}, []string{"n4"})
 	if err := gone.start(); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	delete(departed, gone.id)
-	mu.Unlock()
+	departed.back(gone.id)
 	time.Sleep(time.Second)
 	waitConfig(t, c.leader(), []string{"n1", "n2", "n3"}, []string{"n4"})
 }
@@ -419,17 +379,7 @@ func TestRollingRestartKeepsVotersOdd(t *testing.T) {
 // (three voters survive one failure like four, with a smaller quorum).
 func TestScaleDownToFourDemotesOne(t *testing.T) {
 	c := newTestCluster(t, 5)
-	var mu sync.Mutex
-	departed := map[string]time.Time{}
-	c.mutate = func(cfg *Config) {
-		cfg.StabilizationTime = 200 * time.Millisecond
-		cfg.RemoveLeftAfter = 500 * time.Millisecond
-		cfg.Departed = func() map[string]time.Time {
-			mu.Lock()
-			defer mu.Unlock()
-			return maps.Clone(departed)
-		}
-	}
+	departed := newDepartures(c, 500*time.Millisecond)
 	all := []string{"n1", "n2", "n3", "n4", "n5"}
 	c.startNew(all...)
 	lead := c.leader()
@@ -441,9 +391,7 @@ func TestScaleDownToFourDemotesOne(t *testing.T) {
 		}
 	}
 	c.node(gone).stop(false)
-	mu.Lock()
-	departed[gone] = time.Now()
-	mu.Unlock()
+	departed.leave(gone)
 	eventually(t, waitFor, func() error {
 		st := c.leader().node().Status()
 		if len(st.Voters) != 3 || len(st.NonVoters) != 1 {
@@ -451,4 +399,42 @@ func TestScaleDownToFourDemotesOne(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// departures is a fake membership's list of nodes that left gracefully
+// (Config.Departed), for the scale-down tests.
+type departures struct {
+	mu sync.Mutex
+	m  map[string]time.Time
+}
+
+// newDepartures makes c's nodes read d, with removeAfter as their
+// RemoveLeftAfter and a short StabilizationTime.
+func newDepartures(c *testCluster, removeAfter time.Duration) *departures {
+	d := &departures{m: map[string]time.Time{}}
+	c.mutate = func(cfg *Config) {
+		cfg.StabilizationTime = 200 * time.Millisecond
+		cfg.RemoveLeftAfter = removeAfter
+		cfg.Departed = d.snapshot
+	}
+	return d
+}
+
+func (d *departures) snapshot() map[string]time.Time {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return maps.Clone(d.m)
+}
+
+// leave records id as gone gracefully now; back, as alive again.
+func (d *departures) leave(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.m[id] = time.Now()
+}
+
+func (d *departures) back(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.m, id)
 }

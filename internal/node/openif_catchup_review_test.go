@@ -23,14 +23,7 @@ func TestAbandonedConnectDoesNotReopenAfterCleanStart(t *testing.T) {
 	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
 	tc.waitReady()
 	leader, lag := tc.leaderAndFollower(t)
-	testutil.Eventually(t, 15*time.Second, func() error {
-		for _, n := range tc.nodes {
-			if !n.repl.OpenFence() {
-				return errMsg("log format 3 not agreed yet")
-			}
-		}
-		return nil
-	})
+	waitOpenFence(t, tc)
 	laddr := tc.nodes[leader].Addr("mqtt")
 	// A persistent session, known to every node.
 	c0, _ := rawConnect(t, laddr, "ac-dev", false, 300)
@@ -42,14 +35,7 @@ func TestAbandonedConnectDoesNotReopenAfterCleanStart(t *testing.T) {
 		return nil
 	})
 	// The node falls behind applying.
-	g.node.Store(&lag)
-	gp := tc.client(leader, "ac-gate")
-	_ = gp.TryPub(gateTopic, 0, true, []byte("g"))
-	select {
-	case <-g.reached:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the node never reached the gate")
-	}
+	holdBehind(t, tc, g, lag, leader, "ac-gate")
 	defer g.open()
 	// The session moves on (resumed on the leader, then closed): the
 	// lagging node's copy is stale.

@@ -19,23 +19,9 @@ func TestReopenedConnectOnLaggingFollowerDoesNotFloodTheLog(t *testing.T) {
 	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
 	tc.waitReady()
 	leader, follower := tc.leaderAndFollower(t)
-	testutil.Eventually(t, 15*time.Second, func() error {
-		for _, n := range tc.nodes {
-			if !n.repl.OpenFence() {
-				return errMsg("log format 3 not agreed yet")
-			}
-		}
-		return nil
-	})
+	waitOpenFence(t, tc)
 	// The follower falls behind applying.
-	g.node.Store(&follower)
-	gp := tc.client(leader, "ro-gate")
-	_ = gp.TryPub(gateTopic, 0, true, []byte("g"))
-	select {
-	case <-g.reached:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the follower never reached the gate")
-	}
+	holdBehind(t, tc, g, follower, leader, "ro-gate")
 	defer g.open()
 	// The client's session is opened on the leader; the follower cannot see it.
 	first := testutil.Connect(t, tc.nodes[leader].Addr("mqtt"), testutil.ClientOptions{ID: "ro-dev", SessionExpiry: 60})

@@ -18,14 +18,7 @@ func TestConnectOnLaggingNodeCatchesUpAndResumes(t *testing.T) {
 	tc := newTunedCluster(t, g.tune, "n1", "n2", "n3")
 	tc.waitReady()
 	leader, lag := tc.leaderAndFollower(t)
-	testutil.Eventually(t, 15*time.Second, func() error {
-		for _, n := range tc.nodes {
-			if !n.repl.OpenFence() {
-				return errMsg("log format 3 not agreed yet")
-			}
-		}
-		return nil
-	})
+	waitOpenFence(t, tc)
 	laddr := tc.nodes[leader].Addr("mqtt")
 	c0, _ := rawConnect(t, laddr, "cu-dev", false, 300)
 	_ = c0.conn.Close()
@@ -35,14 +28,7 @@ func TestConnectOnLaggingNodeCatchesUpAndResumes(t *testing.T) {
 		}
 		return nil
 	})
-	g.node.Store(&lag)
-	gp := tc.client(leader, "cu-gate")
-	_ = gp.TryPub(gateTopic, 0, true, []byte("g"))
-	select {
-	case <-g.reached:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the node never reached the gate")
-	}
+	holdBehind(t, tc, g, lag, leader, "cu-gate")
 	defer g.open()
 	// The session moves on where the lagging node cannot see it yet.
 	c1, _ := rawConnect(t, laddr, "cu-dev", false, 300)
@@ -65,5 +51,34 @@ func TestConnectOnLaggingNodeCatchesUpAndResumes(t *testing.T) {
 	}
 	if s, ok := tc.nodes[leader].repl.Session("cu-dev"); !ok || s.Owner != lag || !s.Connected {
 		t.Fatalf("session after the resume: %+v (present %v), want connected on %s", s, ok, lag)
+	}
+}
+
+// waitOpenFence waits until every node proposes fenced opens (every
+// server applies log format 3).
+func waitOpenFence(t *testing.T, tc *testCluster) {
+	t.Helper()
+	testutil.Eventually(t, 15*time.Second, func() error {
+		for _, n := range tc.nodes {
+			if !n.repl.OpenFence() {
+				return errMsg("log format 3 not agreed yet")
+			}
+		}
+		return nil
+	})
+}
+
+// holdBehind shuts g on node lag: it stops applying the log (raft goes
+// on) once it reaches a retained write that a client (id) of node via
+// publishes.
+func holdBehind(t *testing.T, tc *testCluster, g *applyGate, lag, via, id string) {
+	t.Helper()
+	g.node.Store(&lag)
+	gp := tc.client(via, id)
+	_ = gp.TryPub(gateTopic, 0, true, []byte("g"))
+	select {
+	case <-g.reached:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s never reached the gate", lag)
 	}
 }
