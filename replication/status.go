@@ -49,10 +49,6 @@ type Status struct {
 }
 
 // Status returns the node's raft state.
-// CommitIndex is the highest log index this node knows to be committed
-// (a follower learns it from the leader, a heartbeat late at most).
-func (n *Node) CommitIndex() uint64 { return n.raft.CommitIndex() }
-
 func (n *Node) Status() Status {
 	st := Status{NodeID: n.cfg.NodeID, Address: n.cfg.Advertise, Restores: n.fsm.Restores()}
 	st.Retained, st.Owners = n.fsm.counts()

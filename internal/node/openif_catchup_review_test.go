@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
-
-	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
 // TestAbandonedConnectDoesNotReopenAfterCleanStart: guarantee 8 (clean
@@ -26,14 +24,7 @@ func TestAbandonedConnectDoesNotReopenAfterCleanStart(t *testing.T) {
 	waitOpenFence(t, tc)
 	laddr := tc.nodes[leader].Addr("mqtt")
 	// A persistent session, known to every node.
-	c0, _ := rawConnect(t, laddr, "ac-dev", false, 300)
-	_ = c0.conn.Close()
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if s, ok := tc.nodes[lag].repl.Session("ac-dev"); !ok || s.Connected {
-			return errMsg("the lagging node has not seen the closed session")
-		}
-		return nil
-	})
+	closedSessionOn(t, tc, laddr, lag, "ac-dev")
 	// The node falls behind applying.
 	holdBehind(t, tc, g, lag, leader, "ac-gate")
 	defer g.open()

@@ -20,14 +20,7 @@ func TestConnectOnLaggingNodeCatchesUpAndResumes(t *testing.T) {
 	leader, lag := tc.leaderAndFollower(t)
 	waitOpenFence(t, tc)
 	laddr := tc.nodes[leader].Addr("mqtt")
-	c0, _ := rawConnect(t, laddr, "cu-dev", false, 300)
-	_ = c0.conn.Close()
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if s, ok := tc.nodes[lag].repl.Session("cu-dev"); !ok || s.Connected {
-			return errMsg("the lagging node has not seen the closed session")
-		}
-		return nil
-	})
+	closedSessionOn(t, tc, laddr, lag, "cu-dev")
 	holdBehind(t, tc, g, lag, leader, "cu-gate")
 	defer g.open()
 	// The session moves on where the lagging node cannot see it yet.
@@ -81,4 +74,18 @@ func holdBehind(t *testing.T, tc *testCluster, g *applyGate, lag, via, id string
 	case <-time.After(10 * time.Second):
 		t.Fatalf("%s never reached the gate", lag)
 	}
+}
+
+// closedSessionOn opens and closes a persistent session of id at addr and
+// waits until node lag has applied it (closed).
+func closedSessionOn(t *testing.T, tc *testCluster, addr, lag, id string) {
+	t.Helper()
+	c, _ := rawConnect(t, addr, id, false, 300)
+	_ = c.conn.Close()
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if s, ok := tc.nodes[lag].repl.Session(id); !ok || s.Connected {
+			return errMsg("the lagging node has not seen the closed session")
+		}
+		return nil
+	})
 }
