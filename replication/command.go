@@ -47,7 +47,8 @@ const (
 	// CmdSessionOpenIf is SessionOpen fenced to the state the CONNECT
 	// read, with the will (session_command.go).
 	CmdSessionOpenIf CommandType = 24
-	// Next: 24 (or 0x98 for a command old nodes may skip).
+	// CmdDeparture (0x99, skippable) is in departure.go.
+	// Next: 25 (or 0x9a for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -102,6 +103,8 @@ func (t CommandType) String() string {
 		return "qos2_publish_if"
 	case CmdSessionOpenIf:
 		return "session_open_if"
+	case CmdDeparture:
+		return "departure"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -343,6 +346,8 @@ func DecodeCommand(b []byte) (Command, error) {
 		c = &ReclaimOwner{ClientID: r.str(), Node: r.str(), At: r.varint()}
 	case CmdReleaseOwner:
 		c = &ReleaseOwner{ClientID: r.str(), Node: r.str(), Epoch: r.uvarint()}
+	case CmdDeparture:
+		c = decodeDeparture(&r)
 	case CmdBatch:
 		n := r.count(2)
 		bc := &Batch{Commands: make([]Command, 0, n)}

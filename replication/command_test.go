@@ -63,6 +63,11 @@ var goldenCommands = []struct {
 		hex:  "16" + "026331" + "ac02" + "0a" + "e807" + "01",
 	},
 	{
+		name: "departure",
+		cmd:  &Departure{Server: "n1", At: 5},
+		hex:  "99" + "026e31" + "0a", // skippable type 25
+	},
+	{
 		name: "batch",
 		cmd:  &Batch{Commands: []Command{&RetainClear{Topic: "a"}, &ReleaseOwner{ClientID: "c", Node: "n", Epoch: 1}}},
 		hex:  "05" + "02" + "04" + "02016100" + "06" + "040163016e01",

@@ -229,10 +229,9 @@ func (n *Node) reconcile() {
 			n.log.Warn("server address changed", "server", p.ID, "old", string(s.Address), "new", p.Addr)
 		}
 	}
-	var left map[string]time.Time
-	if n.cfg.Departed != nil {
-		left = n.cfg.Departed()
-	}
+	// What the log recorded (any leader's or the leaving node's own
+	// knowledge) and what membership showed this leader.
+	left := n.departures()
 	// Departed: left gracefully and away for RemoveLeftAfter, not just
 	// restarting (a voter restarting still counts, or a rolling restart
 	// would promote a waiting non-voter and leave the voters even).
@@ -242,6 +241,11 @@ func (n *Node) reconcile() {
 	}
 	n.promote(ctx, cfg, departed)
 	n.removeDeparted(ctx, cfg, departed, left)
+	inConfig := make(map[string]bool, len(cfg.Servers))
+	for _, s := range cfg.Servers {
+		inConfig[string(s.ID)] = true
+	}
+	n.syncDepartures(ctx, inConfig, visible)
 }
 
 // removeDeparted removes one server that membership saw leave gracefully

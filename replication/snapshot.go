@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -24,6 +26,7 @@ import (
 //	                   (skippable; written when known)
 //	  kind 0x82 session opened: varint opened_at | bool opened_present of
 //	                   the session record before it (skippable)
+//	  kind 0x83 departure: str server | varint at (skippable)
 //	  kind 0 end:      uvarint epoch | uvarint n_retained | uvarint n_owners
 //	                   [v2: | uvarint n_sessions | uvarint n_queued]
 //
@@ -140,6 +143,11 @@ func writeSnapshot(w io.Writer, st *state) (int64, error) {
 		}
 		nQueued += uint64(len(e.Queue))
 	}
+	for _, id := range slices.Sorted(maps.Keys(st.departed)) {
+		body = appendString(body[:0], id)
+		body = appendVarint(body, st.departed[id])
+		record(recDeparture)
+	}
 	if st.synced != 0 {
 		body = appendUvarint(body[:0], st.synced)
 		record(recSynced)
@@ -253,6 +261,12 @@ func readSnapshot(r io.Reader) (*state, error) {
 				return nil, fmt.Errorf("%w: data after end record", errCorrupt)
 			}
 			return st, nil
+		case recDeparture:
+			id, at := rd.str(), rd.varint()
+			if err := rd.end(); err != nil || id == "" {
+				return nil, fmt.Errorf("departure record: %w", errors.Join(err, errCorrupt))
+			}
+			st.departed[id] = at
 		case recSynced:
 			st.synced = rd.uvarint()
 			if err := rd.end(); err != nil {

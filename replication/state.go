@@ -97,6 +97,9 @@ type state struct {
 	sessions map[string]*sessionEntry
 	// epoch is the last ownership epoch issued.
 	epoch uint64
+	// departed are the servers recorded as gone on purpose (Departure),
+	// with the Unix ms of their leave.
+	departed map[string]int64
 	// synced is the last log entry a snapshot of this state holds (set by
 	// FSM.Snapshot; not part of the replicated state itself).
 	synced uint64
@@ -104,7 +107,7 @@ type state struct {
 
 func newState() *state {
 	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
-		sessions: make(map[string]*sessionEntry)}
+		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
@@ -114,7 +117,7 @@ func newState() *state {
 // snapshot costs O(sessions), not O(queued messages).
 func (s *state) clone() *state {
 	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
-		sessions: s.freezeSessions(), epoch: s.epoch}
+		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed)}
 }
 
 // event is an observer notification produced by applyCommand and delivered
@@ -177,6 +180,8 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		delete(s.owners, c.ClientID)
 		res.Changed, res.Epoch = true, cur.Epoch
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Prev: cur, Index: idx}})
+	case *Departure:
+		s.applyDeparture(c, &res)
 	case *Batch:
 		res.Results = make([]Result, len(c.Commands))
 		for i, sub := range c.Commands {

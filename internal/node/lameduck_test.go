@@ -43,9 +43,11 @@ func TestGracefulStopSpreadsDisconnects(t *testing.T) {
 	// machine drains (CI once took over the harness's 5 s here).
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	start := time.Now()
 	if err := tc.nodes["n1"].Shutdown(ctx); err != nil {
 		t.Fatalf("shutdown: %v", err)
 	}
+	t.Logf("shutdown took %v", time.Since(start))
 	wg.Wait()
 	slices.SortFunc(at, func(a, b time.Time) int { return a.Compare(b) })
 	// 19 gaps of lameDuckStep at least (sleeps only make it longer).

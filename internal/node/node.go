@@ -310,6 +310,16 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		fctx, fcancel := context.WithTimeout(ctx, 2*time.Second)
 		n.sessionsHook.Flush(fctx)
 		fcancel()
+		if n.repl != nil && n.repl.HasState() {
+			// Whichever node leads later learns from the log that this
+			// one left on purpose (a scale-down removes it if it stays
+			// away; a restart clears the record).
+			dctx, dcancel := context.WithTimeout(ctx, time.Second)
+			if err := n.repl.RecordDeparture(dctx); err != nil {
+				n.log.Warn("leave not recorded in the log; only members that saw it know", "error", err)
+			}
+			dcancel()
+		}
 		close(n.stopped)
 		if n.repl != nil {
 			if err := n.repl.Close(); err != nil {
