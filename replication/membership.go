@@ -452,12 +452,39 @@ func (n *Node) releaseVotes() {
 	}
 	ctx, cancel := context.WithTimeout(n.life, time.Second)
 	defer cancel()
+	n.checkVotesStrict(ctx)
 	lc, err := n.leaderCommit(ctx)
 	if err != nil || lc == 0 || n.raft.LastIndex() < lc {
 		return
 	}
 	n.votesHeld.Store(false)
 	n.log.Info("caught up with the leader; granting votes from now on", "leader_commit", lc)
+}
+
+// checkVotesStrict asks the peers with raft state for their log position
+// while votes are held: once one shows a log past the bootstrap
+// configuration, this cluster has committed writes, and a candidate with
+// nothing but the bootstrap configuration (a node that bootstrapped and was
+// down ever since) must not get this node's vote either: with it, that
+// candidate could win and overwrite writes this node's lost copy helped
+// commit.
+func (n *Node) checkVotesStrict(ctx context.Context) {
+	if n.votesStrict.Load() {
+		return
+	}
+	for _, p := range n.peers() {
+		if p.ID == n.cfg.NodeID || !p.HasState || p.Addr == "" {
+			continue
+		}
+		st, err := n.fetchPeerStatus(ctx, p.Addr)
+		if err != nil || st.LastIndex <= 1 {
+			continue
+		}
+		n.votesStrict.Store(true)
+		n.log.Info("a peer's log is past the bootstrap configuration: no votes for candidates holding only that either, until caught up",
+			"peer", p.ID, "peer_last_index", st.LastIndex)
+		return
+	}
 }
 
 // checkMember logs loudly (once a minute) when this node has raft state but

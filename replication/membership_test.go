@@ -3,10 +3,13 @@ package replication
 import (
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -437,4 +440,101 @@ func (d *departures) back(id string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	delete(d.m, id)
+}
+
+// TestBootstrapOnlyCandidateGetsNoVoteFromAnEmptyVoter: n1 bootstrapped
+// the cluster and was down for its whole life since (its log holds the
+// bootstrap configuration only), n3 lost its volume after helping commit
+// writes, and n2 holds them. An empty voter lets bootstrap-only candidates
+// through so that a new cluster can elect its first leader; here n2's log
+// shows the cluster is past that, so n3 must refuse n1 too: n1 and n3
+// would otherwise elect n1 and n2's committed writes would be overwritten.
+// n2 is started unable to campaign (an hour's election timeout), so that
+// only n1 asks; then restarted normally, it is elected and nothing is lost.
+func TestBootstrapOnlyCandidateGetsNoVoteFromAnEmptyVoter(t *testing.T) {
+	c := newTestCluster(t, 3)
+	var passive atomic.Bool
+	c.mutate = func(cfg *Config) {
+		if cfg.NodeID == "n2" && passive.Load() {
+			cfg.HeartbeatTimeout, cfg.ElectionTimeout = time.Hour, time.Hour
+		}
+	}
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	ctx := ctxT(t, waitFor)
+	want := map[string]string{}
+	for i := range 20 {
+		applyRetry(t, ctx, lead.node(), setRetained(fmt.Sprintf("bo/%d", i), "acked"))
+		want[fmt.Sprintf("bo/%d", i)] = "acked"
+	}
+	c.waitRetained(want)
+	var servers []raft.Server
+	for _, s := range lead.node().Status().Voters {
+		servers = append(servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(s.ID), Address: raft.ServerAddress(s.Address)})
+	}
+	for _, tn := range c.up() {
+		tn.stop(true)
+	}
+	n1, n2, n3 := c.node("n1"), c.node("n2"), c.node("n3")
+	for _, dir := range []string{n1.dir, n3.dir} {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bootstrapOnly(t, n1.dir, servers)
+	passive.Store(true)
+	for _, tn := range []*testNode{n2, n3} {
+		if err := tn.start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, waitFor, func() error {
+		if !n3.node().votesStrict.Load() {
+			return errors.New("n3 has not seen that n2's log is past the bootstrap")
+		}
+		return nil
+	})
+	if err := n1.start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		if n1.node().raft.State() == raft.Leader {
+			t.Fatal("n1, holding only the bootstrap configuration, was elected with the empty n3's vote")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	n2.stop(false)
+	passive.Store(false)
+	if err := n2.start(); err != nil {
+		t.Fatal(err)
+	}
+	c.leader()
+	c.waitRetained(want)
+}
+
+// bootstrapOnly writes a data dir whose log holds nothing but the
+// bootstrap configuration, as a node leaves it that bootstrapped and
+// stopped before it received anything.
+func bootstrapOnly(t *testing.T, dir string, servers []raft.Server) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	store, err := openBoltStore(filepath.Join(dir, raftDBFile), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	snaps, err := raft.NewFileSnapshotStore(dir, 1, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, trans := raft.NewInmemTransport("")
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(filepath.Base(dir))
+	if err := raft.BootstrapCluster(rc, store, store, snaps, trans,
+		raft.Configuration{Servers: servers}); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -66,6 +66,11 @@ type Node struct {
 	// bootstrapped nor caught up with a leader yet: it grants no votes
 	// (transport.go, voteGate).
 	votesHeld atomic.Bool
+	// votesStrict: while votes are held, also refuse candidates whose log
+	// holds only the bootstrap configuration, because a peer showed a log
+	// past it (the cluster has committed writes this node may have helped
+	// commit before it lost its data).
+	votesStrict atomic.Bool
 	// votesDecided: releaseVotes has seen peers (manage loop only).
 	votesDecided bool
 	bootDone     atomic.Bool   // bootstrap is no longer a question for this node
@@ -231,7 +236,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	// NewRaft restores the latest snapshot into the FSM (OnRestore fires).
 	n.heartbeats = &heartbeatGuard{}
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, newVoteGate(&n.votesHeld, n.stop)})
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, newVoteGate(&n.votesHeld, &n.votesStrict, n.stop)})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}

@@ -294,17 +294,19 @@ func (t noPipeline) Consumer() <-chan raft.RPC {
 
 // voteGate refuses vote requests (pre-votes too) while held is set: a
 // node that started without raft state must not vote before it has caught
-// up (Node.releaseVotes), except for the first leader of a new cluster.
-// Every other RPC passes, in order.
+// up (Node.releaseVotes), except for the first leader of a new cluster
+// (a candidate whose log holds only the bootstrap configuration) as long
+// as strict is not set. Every other RPC passes, in order.
 type voteGate struct {
-	held *atomic.Bool
-	stop <-chan struct{}
-	once sync.Once
-	out  chan raft.RPC
+	held   *atomic.Bool
+	strict *atomic.Bool
+	stop   <-chan struct{}
+	once   sync.Once
+	out    chan raft.RPC
 }
 
-func newVoteGate(held *atomic.Bool, stop <-chan struct{}) *voteGate {
-	return &voteGate{held: held, stop: stop, out: make(chan raft.RPC)}
+func newVoteGate(held, strict *atomic.Bool, stop <-chan struct{}) *voteGate {
+	return &voteGate{held: held, strict: strict, stop: stop, out: make(chan raft.RPC)}
 }
 
 var errVotesHeld = errors.New("replication: started without raft state and not caught up yet: no vote")
@@ -320,16 +322,19 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 					return
 				}
 				var last uint64
+				vote := false
 				switch req := rpc.Command.(type) {
 				case *raft.RequestVoteRequest:
-					last = req.LastLogIndex
+					last, vote = req.LastLogIndex, true
 				case *raft.RequestPreVoteRequest:
-					last = req.LastLogIndex
+					last, vote = req.LastLogIndex, true
 				}
 				// A candidate whose log holds at most the bootstrap
 				// configuration (index 1) belongs to a cluster that has
-				// committed nothing: no write can be lost.
-				if last > 1 && g.held.Load() {
+				// committed nothing, unless a peer showed a longer log
+				// (strict): one that bootstrapped and was then down
+				// for the cluster's whole life.
+				if vote && g.held.Load() && (last > 1 || g.strict.Load()) {
 					rpc.Respond(nil, errVotesHeld)
 					continue
 				}
