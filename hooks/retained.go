@@ -2,7 +2,6 @@ package hooks
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -27,9 +26,9 @@ import (
 //     committed value (OnRetainMessage), so a stale forward can never
 //     replace a newer committed value.
 //
-// Without a quorum a retained QoS 1/2 write fails fast: an MQTT 5 client
-// gets PUBACK 0x83 (implementation specific error) with a reason string;
-// an MQTT 3.1.1 client gets no PUBACK and resends. QoS 0 retained writes
+// Without a quorum a retained QoS 1/2 write fails fast (refusePublish):
+// an MQTT 5 client gets PUBACK 0x83 with a reason string, an MQTT 3.1.1
+// client's connection is closed so that it resends. QoS 0 retained writes
 // are proposed in the background, best effort.
 type Retained struct {
 	mqtt.HookBase
@@ -126,15 +125,7 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if _, err := h.repl.Apply(ctx, cmd); err != nil {
 		h.metrics.retainedFailed(err)
 		h.log.Warn("retained message not replicated; not acknowledged", "client", cl.ID, "topic", pk.TopicName, "error", err)
-		if cl.Properties.ProtocolVersion < 5 {
-			return pk, packets.ErrRejectPacket // no PUBACK: the client resends
-		}
-		code := packets.ErrImplementationSpecificError
-		if errors.Is(err, replication.ErrTooLarge) {
-			code = packets.ErrQuotaExceeded
-		}
-		code.Reason = "retained message not replicated: " + err.Error()
-		return pk, code
+		return pk, refusePublish(cl, pk, "retained message", err)
 	}
 	return pk, nil
 }

@@ -2,7 +2,6 @@ package hooks
 
 import (
 	"context"
-	"errors"
 	"maps"
 	"slices"
 	"strings"
@@ -81,22 +80,13 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	return pk, nil
 }
 
-// refuse is what the publisher gets when its message could not be stored:
-// MQTT 5 a PUBACK/PUBREC with 0x83 (or 0x97 when too large) and a reason
-// string; MQTT 3.1.1 no acknowledgement, so it resends.
+// refuse is what the publisher gets when its message could not be stored
+// (refusePublish).
 func (h *Sessions) refuse(cl *mqtt.Client, pk packets.Packet, err error) error {
 	h.m.enqueueFailed.Inc()
 	h.log.Warn("message for persistent sessions not replicated; not acknowledged", "client", cl.ID,
 		"topic", pk.TopicName, "error", err)
-	if cl.Properties.ProtocolVersion < 5 {
-		return packets.ErrRejectPacket
-	}
-	code := packets.ErrImplementationSpecificError
-	if errors.Is(err, replication.ErrTooLarge) {
-		code = packets.ErrQuotaExceeded
-	}
-	code.Reason = "message not replicated: " + err.Error()
-	return code
+	return refusePublish(cl, pk, "message", err)
 }
 
 func (h *Sessions) enqueued(res replication.Result) {

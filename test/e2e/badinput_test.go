@@ -261,3 +261,33 @@ func TestBadConnections(t *testing.T) {
 	b.assertServing(t)
 	b.eventuallyMetric(t, 0, "broker_mqtt_connections")
 }
+
+// TestDurablePublishOverReplicatedCap: a QoS 1 message larger than
+// --replicated-size-limit (1 MB by default) for a persistent subscriber,
+// or retained, cannot be stored durably yet (issue 15). The publisher must
+// not be left waiting: mosquitto_pub with MQTT 3.1.1 sees its connection
+// closed and exits (it used to wait for a PUBACK until killed), with
+// MQTT 5 it gets "Quota exceeded" (0x97).
+func TestDurablePublishOverReplicatedCap(t *testing.T) {
+	t.Parallel()
+	b := startBroker(t)
+	sess := b.sub(t, "-i", "e2e-cap-sub", "-c", "-q", "1", "-t", "e2e/cap/p", "-E")
+	sess.wait(t)
+	file := t.TempDir() + "/3mb"
+	writeFile(t, file, strings.Repeat("b", 3<<20))
+	for _, args := range [][]string{
+		{"-t", "e2e/cap/p"},       // for the persistent session
+		{"-t", "e2e/cap/r", "-r"}, // retained
+	} {
+		args = append([]string{"-q", "1", "-f", file}, args...)
+		r := b.pub(t, args...)
+		if r.TimedOut || r.ExitCode == 0 {
+			t.Fatalf("MQTT 3.1.1 publisher not told (closed connection, non-zero exit):\n%s", r)
+		}
+		r = b.pub(t, append([]string{"-V", "mqttv5"}, args...)...)
+		if r.TimedOut || !strings.Contains(r.Stderr, "Quota exceeded") {
+			t.Fatalf("MQTT 5 publisher not told 0x97:\n%s", r)
+		}
+	}
+	b.assertServing(t)
+}
