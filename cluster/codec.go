@@ -11,7 +11,8 @@ import (
 //
 //	u32 big-endian N   length of what follows, 1 <= N <= MaxFrameSize
 //	u8  type           framePublish (the only type of protocol version 1);
-//	                   frameRoute and frameRouteAck since 2 (routeack.go)
+//	                   frameRoute and frameRouteAck since 2 (routeack.go),
+//	                   frameRouteSnap since 3 (routesync.go)
 //	... body
 //
 // and a publish body is
@@ -36,6 +37,7 @@ const (
 	framePublish  byte = 1
 	frameRoute    byte = 2 // protocol 2: the sender's route delta (routeack.go)
 	frameRouteAck byte = 3 // protocol 2: receiver to sender, how far it holds the sender's routes
+	frameRouteSnap byte = 4 // protocol 3: part of the sender's full route entry (routesync.go)
 )
 
 const (

@@ -21,10 +21,11 @@ import (
 //
 //	1  publish frames; the handshake required equal versions
 //	2  the handshake negotiates; route and route-ack frames (routeack.go)
+//	3  route snapshot frames (routesync.go)
 const (
 	// ProtocolVersion is the newest version this node speaks: what it
 	// offers in a handshake and what Status reports as its own.
-	ProtocolVersion uint8 = 2
+	ProtocolVersion uint8 = 3
 	// MinProtocolVersion is the oldest version this node still speaks. A
 	// peer speaking only older ones is refused at the handshake. It is what
 	// the node announces in its metadata (nodeMeta.Proto), because a
@@ -85,6 +86,11 @@ type Config struct {
 	GossipInterval          time.Duration
 	// PushPullInterval is the anti-entropy period (full route state).
 	PushPullInterval time.Duration
+	// RouteStateBudget caps the route entries in one push/pull state
+	// (memberlist refuses states over 20 MiB): this node's own entry
+	// first, then others while they fit. Peers of protocol 3 get entries
+	// that do not fit as route snapshots (routesync.go). Default 8 MiB.
+	RouteStateBudget int
 	// TCPTimeout bounds memberlist's TCP exchanges (join, push/pull).
 	TCPTimeout     time.Duration
 	RetransmitMult int
@@ -161,6 +167,7 @@ func (c *Config) Sanitize() {
 	defInt(&c.SuspicionMaxTimeoutMult, 2)
 	def(&c.GossipInterval, 200*time.Millisecond)
 	def(&c.PushPullInterval, 15*time.Second)
+	defInt(&c.RouteStateBudget, 8<<20)
 	def(&c.TCPTimeout, 5*time.Second)
 	defInt(&c.RetransmitMult, 4)
 	def(&c.RejoinInterval, 10*time.Second)

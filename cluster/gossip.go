@@ -113,7 +113,7 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 }
 
 func (d *delegate) LocalState(join bool) []byte {
-	return appendState(nil, d.n.routes.snapshot())
+	return appendState(nil, d.n.routes.snapshot(d.n.cfg.RouteStateBudget))
 }
 
 func (d *delegate) MergeRemoteState(buf []byte, join bool) {

@@ -41,6 +41,7 @@ type metrics struct {
 	deltas           *prometheus.CounterVec
 	merges           prometheus.Counter
 	repairs          prometheus.Counter
+	routeSnapshots   *prometheus.CounterVec
 	badGossip        prometheus.Counter
 	memberEvents     *prometheus.CounterVec
 	routeAckWait     prometheus.Histogram
@@ -89,6 +90,7 @@ func newMetrics(reg prometheus.Registerer, rt *routeTable) (*metrics, error) {
 	m.deltas = counterVec("route_deltas_total", "Gossiped route deltas received, by outcome.", "result")
 	m.merges = counter("route_merges_total", "Route entries replaced by anti-entropy (push/pull).")
 	m.repairs = counter("route_repairs_total", "Push/pulls triggered to close a gap in a node's delta chain.")
+	m.routeSnapshots = counterVec("route_snapshots_total", "Own route entries sent to peers that were behind, and peers' entries received (protocol 3).", "direction")
 	m.badGossip = counter("bad_gossip_total", "Undecodable gossip messages or states.")
 	m.memberEvents = counterVec("member_events_total", "Membership events.", "event")
 	m.collectors = append(m.collectors,

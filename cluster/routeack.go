@@ -210,6 +210,7 @@ func (p *peer) readAcks(conn *PeerConn) {
 		}
 		p.ackLate = false
 		p.mu.Unlock()
+		p.wantSnapshotAfterAck(conn, inc, ver)
 		p.n.routeAcks.changed()
 	}
 }

@@ -86,6 +86,9 @@ type remoteEntry struct {
 	pending     map[uint64]routeDelta // by version, deltas of pendingInc only
 	headInc     uint64                // latest head the node announced
 	headVer     uint64
+	// syncing: a large snapshot is being applied in batches
+	// (mergeSnapshot); deltas wait in pending, push/pull leaves it alone.
+	syncing bool
 }
 
 // routeTable is safe for concurrent use. Lock order: routeTable.mu is a leaf;
@@ -212,6 +215,8 @@ func (rt *routeTable) applyDeltaQuiet(d routeDelta) applyResult {
 		rt.remote[d.Node] = e
 	}
 	switch {
+	case e.syncing:
+		return e.bufferLocked(d)
 	case d.Incarnation < e.incarnation, d.Incarnation == e.incarnation && d.Version <= e.version:
 		return deltaStale
 	case d.Incarnation == e.incarnation && d.Version == e.version+1,
@@ -224,19 +229,24 @@ func (rt *routeTable) applyDeltaQuiet(d routeDelta) applyResult {
 		rt.drainLocked(d.Node, e)
 		return deltaApplied
 	default:
-		if d.Incarnation != e.pendingInc || e.pending == nil {
-			if d.Incarnation < e.pendingInc {
-				return deltaStale
-			}
-			e.pendingInc = d.Incarnation
-			e.pending = make(map[uint64]routeDelta)
-		}
-		if len(e.pending) >= maxPendingDeltas {
-			return deltaStale // anti-entropy will bring the full entry
-		}
-		e.pending[d.Version] = d
-		return deltaBuffered
+		return e.bufferLocked(d)
 	}
+}
+
+// bufferLocked holds a delta that does not apply yet.
+func (e *remoteEntry) bufferLocked(d routeDelta) applyResult {
+	if d.Incarnation != e.pendingInc || e.pending == nil {
+		if d.Incarnation < e.pendingInc {
+			return deltaStale
+		}
+		e.pendingInc = d.Incarnation
+		e.pending = make(map[uint64]routeDelta)
+	}
+	if len(e.pending) >= maxPendingDeltas {
+		return deltaStale // anti-entropy will bring the full entry
+	}
+	e.pending[d.Version] = d
+	return deltaBuffered
 }
 
 func (rt *routeTable) applyLocked(node string, e *remoteEntry, d routeDelta) {
@@ -356,30 +366,69 @@ func (rt *routeTable) head() (uint64, uint64) {
 	return rt.incarnation, rt.version
 }
 
-// snapshot returns the full table (our own entry first) for push/pull. The
-// slices are copies: the caller encodes them without holding the lock.
-func (rt *routeTable) snapshot() []nodeRoutes {
+// snapshot returns the table (our own entry first) for push/pull, leaving
+// out entries past budget filter bytes (0: no limit), even our own when it
+// alone is larger: memberlist refuses a whole push/pull over 20 MiB, its
+// membership state included. Entries left out reach peers of protocol 3 as
+// route snapshots from their own node (routesync.go). The
+// slices are copies, sorted after the lock is released (sorting a large
+// entry under it stalled publishes).
+func (rt *routeTable) snapshot(budget int) []nodeRoutes {
+	out := rt.copyEntries(budget)
+	for _, e := range out {
+		slices.Sort(e.Filters)
+	}
+	return out
+}
+
+func (rt *routeTable) copyEntries(budget int) []nodeRoutes {
 	rt.mu.RLock()
 	defer rt.mu.RUnlock()
 	out := make([]nodeRoutes, 0, 1+len(rt.remote))
-	own := nodeRoutes{Node: rt.self, Incarnation: rt.incarnation, Version: rt.version, Filters: make([]string, 0, len(rt.local))}
+	used := 0
 	for f := range rt.local {
-		own.Filters = append(own.Filters, f)
+		used += sizeString(len(f))
 	}
-	slices.Sort(own.Filters)
-	out = append(out, own)
+	if budget > 0 && used > budget {
+		used = 0
+	} else {
+		own := nodeRoutes{Node: rt.self, Incarnation: rt.incarnation, Version: rt.version, Filters: make([]string, 0, len(rt.local))}
+		for f := range rt.local {
+			own.Filters = append(own.Filters, f)
+		}
+		out = append(out, own)
+	}
 	for node, e := range rt.remote {
 		if e.version == 0 && len(e.filters) == 0 {
 			continue
 		}
+		size := 0
+		for f := range e.filters {
+			size += sizeString(len(f))
+		}
+		if budget > 0 && used+size > budget {
+			continue // left to its own node's snapshot (routesync.go)
+		}
+		used += size
 		nr := nodeRoutes{Node: node, Incarnation: e.incarnation, Version: e.version, Filters: make([]string, 0, len(e.filters))}
 		for f := range e.filters {
 			nr.Filters = append(nr.Filters, f)
 		}
-		slices.Sort(nr.Filters)
 		out = append(out, nr)
 	}
 	return out
+}
+
+// ownEntry returns our own entry: its head and an unsorted copy of its
+// filters, taken in one step under the lock.
+func (rt *routeTable) ownEntry() (inc, ver uint64, filters []string) {
+	rt.mu.RLock()
+	defer rt.mu.RUnlock()
+	filters = make([]string, 0, len(rt.local))
+	for f := range rt.local {
+		filters = append(filters, f)
+	}
+	return rt.incarnation, rt.version, filters
 }
 
 // mergeResult summarises one anti-entropy merge.
@@ -433,7 +482,7 @@ func (rt *routeTable) mergeQuiet(entries []nodeRoutes) mergeResult {
 			e = &remoteEntry{filters: make(map[string]struct{})}
 			rt.remote[nr.Node] = e
 		}
-		if nr.Incarnation < e.incarnation || nr.Incarnation == e.incarnation && nr.Version <= e.version {
+		if e.syncing || nr.Incarnation < e.incarnation || nr.Incarnation == e.incarnation && nr.Version <= e.version {
 			continue
 		}
 		rt.replaceLocked(nr.Node, e, nr.Incarnation, nr.Version, nr.Filters)
@@ -442,6 +491,98 @@ func (rt *routeTable) mergeQuiet(entries []nodeRoutes) mergeResult {
 		res.nodes = append(res.nodes, nr.Node)
 	}
 	return res
+}
+
+// mergeBatch is how many routes mergeSnapshot changes per hold of the
+// lock: a million-filter entry applied in one step held it for seconds,
+// and every publish's lookup waited.
+const mergeBatch = 4096
+
+// mergeSnapshot applies a node's full entry like merge, in batches of
+// mergeBatch changes with the lock released in between, so that lookups
+// go on meanwhile (they may see part of the new entry: never a route the
+// node did not have at one of the two versions). Deltas that arrive
+// meanwhile are buffered and applied at the end; push/pull leaves the
+// entry alone. It reports whether the entry was newer than ours.
+func (rt *routeTable) mergeSnapshot(nr nodeRoutes) bool {
+	if len(nr.Filters) <= mergeBatch {
+		return rt.merge([]nodeRoutes{nr}).Replaced > 0
+	}
+	next := make(map[string]struct{}, len(nr.Filters))
+	for _, f := range nr.Filters {
+		if ValidFilter(f) {
+			next[f] = struct{}{}
+		}
+	}
+	rt.mu.Lock()
+	e := rt.remote[nr.Node]
+	if nr.Node == rt.self || !rt.members[nr.Node] || e != nil && (e.syncing ||
+		nr.Incarnation < e.incarnation || nr.Incarnation == e.incarnation && nr.Version <= e.version) {
+		rt.mu.Unlock()
+		return false
+	}
+	if e == nil {
+		e = &remoteEntry{filters: make(map[string]struct{})}
+		rt.remote[nr.Node] = e
+	}
+	e.syncing = true
+	var gone []string
+	for f := range e.filters {
+		if _, ok := next[f]; !ok {
+			gone = append(gone, f)
+		}
+	}
+	rt.mu.Unlock()
+	// current reports, under the lock, whether e is still the node's
+	// entry: a node declared dead meanwhile had it removed (setMember),
+	// index included, and the rest is dropped.
+	current := func() bool { return rt.remote[nr.Node] == e }
+	batch := func(fs []string, add bool) bool {
+		rt.mu.Lock()
+		defer rt.mu.Unlock()
+		if !current() {
+			return false
+		}
+		for _, f := range fs {
+			_, have := e.filters[f]
+			switch {
+			case add && !have:
+				e.filters[f] = struct{}{}
+				rt.index.add(f, nr.Node)
+			case !add && have:
+				delete(e.filters, f)
+				rt.index.remove(f, nr.Node)
+			}
+		}
+		return true
+	}
+	adds := make([]string, 0, len(next))
+	for f := range next {
+		adds = append(adds, f)
+	}
+	for _, list := range []struct {
+		fs  []string
+		add bool
+	}{{adds, true}, {gone, false}} {
+		for i := 0; i < len(list.fs); i += mergeBatch {
+			if !batch(list.fs[i:min(i+mergeBatch, len(list.fs))], list.add) {
+				return false
+			}
+		}
+	}
+	rt.mu.Lock()
+	if !current() {
+		rt.mu.Unlock()
+		return false
+	}
+	e.syncing = false
+	e.incarnation, e.version = nr.Incarnation, nr.Version
+	rt.drainLocked(nr.Node, e)
+	rt.mu.Unlock()
+	if rt.onRemote != nil {
+		rt.onRemote(nr.Node)
+	}
+	return true
 }
 
 // match fills res with the remote nodes whose routes match topic.

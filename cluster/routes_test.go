@@ -159,9 +159,9 @@ func TestSnapshotMergeRoundTrip(t *testing.T) {
 	}
 	c.addLocal("only-c")
 	// a and c exchange with b only; b's state relays a's entry to c (transitive).
-	b.merge(mustDecodeState(t, appendState(nil, a.snapshot())))
-	b.merge(mustDecodeState(t, appendState(nil, c.snapshot())))
-	c.merge(mustDecodeState(t, appendState(nil, b.snapshot())))
+	b.merge(mustDecodeState(t, appendState(nil, a.snapshot(0))))
+	b.merge(mustDecodeState(t, appendState(nil, c.snapshot(0))))
+	c.merge(mustDecodeState(t, appendState(nil, b.snapshot(0))))
 	if got := c.remoteFilters("a"); !slices.Equal(got, []string{"$share/g/y/+", "x/#", "z"}) {
 		t.Fatalf("c's view of a = %v", got)
 	}
@@ -219,7 +219,7 @@ func TestMergeBumpsOwnIncarnationWhenPeerKnowsNewer(t *testing.T) {
 	if !res.Bumped {
 		t.Fatal("a newer entry about us did not bump the incarnation")
 	}
-	own := rt.snapshot()[0]
+	own := rt.snapshot(0)[0]
 	if own.Incarnation <= 500 || !slices.Equal(own.Filters, []string{"a"}) {
 		t.Fatalf("own entry after bump = %+v", own)
 	}

@@ -84,6 +84,13 @@ type peer struct {
 	// routeFrames counts the route frames in queue: they are not messages
 	// and do not count against the queue's limits or as drops.
 	routeFrames int
+	// Route snapshots (routesync.go): snapAcked once the connection's
+	// first ack arrived; snapDue asks the writer for one; snapAt is when
+	// the last one was written and snapGap the wait before the next.
+	snapAcked bool
+	snapDue   bool
+	snapAt    time.Time
+	snapGap   time.Duration
 
 	wake   chan struct{} // cap 1: "the queue is not empty" or "state changed"
 	ctx    context.Context
@@ -262,6 +269,7 @@ func (p *peer) run() {
 		// may have restarted since (and hold none of our routes). Its acker
 		// answers on the new connection at once.
 		p.ackInc, p.ackVer, p.ackLate = 0, 0, false
+		p.snapAcked, p.snapDue, p.snapGap = false, false, 0
 		p.mu.Unlock()
 		p.n.routeAcks.changed()
 		log.Debug("connected to peer", "addr", addr)
@@ -339,6 +347,9 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 			timer.Stop()
 		}
 	}()
+	snapTick := time.NewTicker(snapCheckInterval)
+	defer snapTick.Stop()
+	prevInc, prevVer := p.n.routes.head()
 	flush := func() error {
 		_ = conn.SetWriteDeadline(time.Now().Add(cfg.WriteTimeout))
 		if err := bw.Flush(); err != nil {
@@ -369,6 +380,15 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 		return clearBatch(batch), err
 	}
 	for {
+		if p.takeSnapshotDue() {
+			if err := p.writeSnapshot(bw, conn); err != nil {
+				return lose(nil, fmt.Errorf("route snapshot to %s: %w", p.id, err))
+			}
+			if !dirty {
+				oldest = time.Now()
+			}
+			dirty = true
+		}
 		batch := p.take(buf)
 		if len(batch) > 0 {
 			if !dirty {
@@ -428,6 +448,9 @@ func (p *peer) writeLoop(conn *PeerConn, buf []outMsg) ([]outMsg, error) {
 		select {
 		case <-p.wake:
 		case <-timerC:
+		case <-snapTick.C:
+			p.checkSnapshot(conn, prevInc, prevVer)
+			prevInc, prevVer = p.n.routes.head()
 		case <-closed:
 			return lose(nil, fmt.Errorf("peer %s closed the connection", p.id))
 		case <-p.ctx.Done():
@@ -510,6 +533,7 @@ func (n *Node) serveInbound(in *inbound, prev *inbound) {
 	}
 	from := in.conn.Peer()
 	n.startAcker(in)
+	var snap snapAssembler
 	br := bufio.NewReaderSize(in.conn, 64<<10)
 	var lenBuf [frameLenSize]byte
 	for {
@@ -533,6 +557,13 @@ func (n *Node) serveInbound(in *inbound, prev *inbound) {
 		}
 		if body[0] == frameRoute && in.conn.Version() >= protoRouteAcks {
 			if err := n.applyRouteFrame(from, body); err != nil {
+				n.badFrame(from, "decode", err)
+				return
+			}
+			continue
+		}
+		if body[0] == frameRouteSnap && in.conn.Version() >= protoRouteSnapshots {
+			if err := n.applySnapFrame(from, &snap, body); err != nil {
 				n.badFrame(from, "decode", err)
 				return
 			}

@@ -219,7 +219,7 @@ func TestProtocolVersionMismatchIsRefused(t *testing.T) {
 		var b [1]byte
 		_, _ = io.ReadFull(s, b[:])
 		_, _ = readHandshake(s)
-		ch := append([]byte(handshakeMagic), 2, hsVersion)
+		ch := append([]byte(handshakeMagic), ProtocolVersion+1, hsVersion)
 		ch = append(ch, make([]byte, nonceLen)...)
 		ch = appendBytes(ch, nil)
 		ch = appendString(ch, "future")

@@ -347,27 +347,27 @@ func TestClientVersionNegotiation(t *testing.T) {
 		counted float64
 	}{
 		{"server agrees on our offer", func(o byte) []byte { return scriptedChallenge(o, hsOK, false) },
-			[]byte{2}, 2, 0},
+			[]byte{ProtocolVersion}, ProtocolVersion, 0},
 		{"version-1 server: retry at 1", func(o byte) []byte {
 			if o != 1 {
 				return scriptedChallenge(1, hsVersion, false)
 			}
 			return scriptedChallenge(1, hsOK, false)
-		}, []byte{2, 1}, 1, 0},
+		}, []byte{ProtocolVersion, 1}, 1, 0},
 		{"server agrees on an older version we speak", func(byte) []byte { return scriptedChallenge(1, hsOK, false) },
-			[]byte{2}, 1, 0},
+			[]byte{ProtocolVersion}, 1, 0},
 		{"refusal naming a newer version: no retry", func(byte) []byte { return scriptedChallenge(ProtocolVersion+1, hsVersion, false) },
-			[]byte{2}, 0, 1},
+			[]byte{ProtocolVersion}, 0, 1},
 		{"refusal naming a version we dropped: no retry", func(byte) []byte { return scriptedChallenge(MinProtocolVersion-1, hsVersion, false) },
-			[]byte{2}, 0, 1},
+			[]byte{ProtocolVersion}, 0, 1},
 		{"refusal naming our own version: no retry", func(byte) []byte { return scriptedChallenge(ProtocolVersion, hsVersion, false) },
-			[]byte{2}, 0, 1},
+			[]byte{ProtocolVersion}, 0, 1},
 		{"refused again at the retry: one retry only", func(byte) []byte { return scriptedChallenge(1, hsVersion, false) },
-			[]byte{2, 1}, 0, 1},
+			[]byte{ProtocolVersion, 1}, 0, 1},
 		{"agreed above our offer", func(byte) []byte { return scriptedChallenge(ProtocolVersion+1, hsOK, false) },
-			[]byte{2}, 0, 1},
+			[]byte{ProtocolVersion}, 0, 1},
 		{"agreed below what the server speaks (downgradeMark)", func(byte) []byte { return scriptedChallenge(1, hsOK, true) },
-			[]byte{2}, 0, 1},
+			[]byte{ProtocolVersion}, 0, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			addr, offers := scriptedServer(t, tc.answer)
