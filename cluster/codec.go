@@ -34,9 +34,9 @@ import (
 
 // Frame types. Append-only: values are on the wire.
 const (
-	framePublish  byte = 1
-	frameRoute    byte = 2 // protocol 2: the sender's route delta (routeack.go)
-	frameRouteAck byte = 3 // protocol 2: receiver to sender, how far it holds the sender's routes
+	framePublish   byte = 1
+	frameRoute     byte = 2 // protocol 2: the sender's route delta (routeack.go)
+	frameRouteAck  byte = 3 // protocol 2: receiver to sender, how far it holds the sender's routes
 	frameRouteSnap byte = 4 // protocol 3: part of the sender's full route entry (routesync.go)
 )
 
