@@ -13,10 +13,15 @@ const CmdDeparture CommandType = cmdSkippable | 25
 
 // Departure is the replicated record of a graceful leave, so that any
 // leader, also one elected or restarted after the leave, knows which
-// servers left on purpose and since when (removeDeparted). The leaving
-// node writes it before it stops; a leader that sees a member leave writes
-// it too (in case the leaving node could not); the leader clears it when
-// the server is visible again or no longer in the configuration.
+// servers left on purpose (removeDeparted). The leaving node writes it
+// before it stops; a leader that sees a member leave writes it too (in
+// case the leaving node could not). The server clears its own record once
+// it runs again (not the leader on seeing it: the leaving node is still
+// visible while it writes its record); the leader clears records of
+// servers no longer in the configuration. At is informational: how long a
+// server has been away is measured by each leader on its own clock, from
+// when it first saw the server missing (a record may be old, or written
+// with a skewed clock).
 //
 //	str server | varint at
 type Departure struct {
@@ -58,8 +63,8 @@ func (s *state) applyDeparture(c *Departure, res *Result) {
 // an older node falls back to its local view of who left).
 const recDeparture byte = 0x83
 
-// Departures returns the servers recorded as departed and since when, as
-// of this node's applied state.
+// Departures returns the servers recorded as departed and the writer's
+// time of the leave, as of this node's applied state.
 func (n *Node) Departures() map[string]time.Time {
 	n.fsm.mu.RLock()
 	defer n.fsm.mu.RUnlock()
@@ -77,33 +82,68 @@ func (n *Node) Departures() map[string]time.Time {
 // ctx: without a quorum it cannot be written, and leaders fall back to
 // what membership showed them.
 func (n *Node) RecordDeparture(ctx context.Context) error {
+	n.leaving.Store(true) // not to be cleared by clearOwnDeparture
 	if _, err := n.Apply(ctx, &Departure{Server: n.cfg.NodeID, At: time.Now().UnixMilli()}); err != nil {
 		return fmt.Errorf("record departure: %w", err)
 	}
 	return nil
 }
 
-// departures merges the replicated records with what membership showed
-// this node (Config.Departed): the earlier leave wins, because both
-// describe the same absence.
-func (n *Node) departures() map[string]time.Time {
-	left := n.Departures()
-	if n.cfg.Departed == nil {
-		return left
+// absentFor tracks, on this leader's clock and for its current term only,
+// since when each server of cfg has been missing from membership, and
+// returns the servers that left on purpose (a replicated record, or this
+// node's membership saw the leave) with the time to count their absence
+// from: when this leader first missed them, or the leave its own
+// membership saw, whichever is earlier.
+func (n *Node) absentFor(servers []string, visible map[string]bool) map[string]time.Time {
+	now, term := time.Now(), n.raft.CurrentTerm()
+	recorded := n.Departures()
+	var local map[string]time.Time
+	if n.cfg.Departed != nil {
+		local = n.cfg.Departed()
 	}
-	for id, since := range n.cfg.Departed() {
-		if at, ok := left[id]; !ok || since.Before(at) {
-			left[id] = since
+	n.memberMu.Lock()
+	defer n.memberMu.Unlock()
+	if n.absentTerm != term {
+		clear(n.absent)
+		n.absentTerm = term
+	}
+	in := make(map[string]bool, len(servers))
+	out := make(map[string]time.Time)
+	for _, id := range servers {
+		in[id] = true
+		if visible[id] {
+			delete(n.absent, id)
+			continue
+		}
+		since, ok := n.absent[id]
+		if !ok {
+			since = now
+			n.absent[id] = now
+		}
+		_, rec := recorded[id]
+		left, saw := local[id]
+		switch {
+		case saw && left.Before(since):
+			out[id] = left
+		case saw:
+			out[id] = since
+		case rec:
+			out[id] = since
 		}
 	}
-	return left
+	for id := range n.absent {
+		if !in[id] {
+			delete(n.absent, id)
+		}
+	}
+	return out
 }
 
 // syncDepartures runs on the leader after membership changes were made:
 // it records leaves that membership showed it but the log lacks, and
-// clears records of servers that are visible again (a restart, not a
-// scale-down) or no longer in the configuration (removed). One write per
-// round at most, like the configuration changes.
+// clears records of servers no longer in the configuration (removed). One
+// write per round at most, like the configuration changes.
 func (n *Node) syncDepartures(ctx context.Context, inConfig, visible map[string]bool) {
 	recorded := n.Departures()
 	var local map[string]time.Time
@@ -112,7 +152,7 @@ func (n *Node) syncDepartures(ctx context.Context, inConfig, visible map[string]
 	}
 	var cmds []Command
 	for id := range recorded {
-		if visible[id] || !inConfig[id] {
+		if !inConfig[id] {
 			cmds = append(cmds, &Departure{Server: id})
 		}
 	}
@@ -131,4 +171,25 @@ func (n *Node) syncDepartures(ctx context.Context, inConfig, visible map[string]
 	if _, err := n.Apply(ctx, c); err != nil {
 		n.log.Warn("recording departures failed", "changes", len(cmds), "err", err)
 	}
+}
+
+// clearOwnDeparture removes this node's leave record once it runs again as
+// a member (a restart, not a scale-down), unless it is leaving now.
+func (n *Node) clearOwnDeparture() {
+	if n.leaving.Load() || !n.HasState() {
+		return
+	}
+	if _, ok := n.Departures()[n.cfg.NodeID]; !ok {
+		return
+	}
+	if addr, _ := n.raft.LeaderWithID(); addr == "" {
+		return // no leader known yet: next round
+	}
+	ctx, cancel := context.WithTimeout(n.life, n.cfg.IOTimeout)
+	defer cancel()
+	if _, err := n.Apply(ctx, &Departure{Server: n.cfg.NodeID}); err != nil {
+		n.log.Debug("clearing this node's leave record failed; next round", "err", err)
+		return
+	}
+	n.log.Info("back after a graceful leave: cleared its record")
 }

@@ -33,6 +33,7 @@ func (n *Node) manageLoop() {
 			}
 		}
 		n.checkMember()
+		n.clearOwnDeparture()
 		n.releaseVotes()
 		n.ticks.Add(1)
 		select {
@@ -229,9 +230,13 @@ func (n *Node) reconcile() {
 			n.log.Warn("server address changed", "server", p.ID, "old", string(s.Address), "new", p.Addr)
 		}
 	}
-	// What the log recorded (any leader's or the leaving node's own
-	// knowledge) and what membership showed this leader.
-	left := n.departures()
+	servers := make([]string, len(cfg.Servers))
+	for i, s := range cfg.Servers {
+		servers[i] = string(s.ID)
+	}
+	// Left on purpose (the log's record, or this leader's membership) and
+	// missing since, on this leader's clock.
+	left := n.absentFor(servers, visible)
 	// Departed: left gracefully and away for RemoveLeftAfter, not just
 	// restarting (a voter restarting still counts, or a rolling restart
 	// would promote a waiting non-voter and leave the voters even).
@@ -441,6 +446,7 @@ func (n *Node) releaseVotes() {
 		n.votesDecided = true
 		if withState == 0 {
 			n.votesHeld.Store(false)
+			n.votesStrict.Store(false)
 			return
 		}
 		n.log.Info("started without raft state while the cluster has some: granting no votes until caught up with the leader "+
@@ -450,9 +456,9 @@ func (n *Node) releaseVotes() {
 		n.votesHeld.Store(false) // elected: its log is the reference now
 		return
 	}
+	n.checkVotesStrict()
 	ctx, cancel := context.WithTimeout(n.life, time.Second)
 	defer cancel()
-	n.checkVotesStrict(ctx)
 	lc, err := n.leaderCommit(ctx)
 	if err != nil || lc == 0 || n.raft.LastIndex() < lc {
 		return
@@ -461,29 +467,59 @@ func (n *Node) releaseVotes() {
 	n.log.Info("caught up with the leader; granting votes from now on", "leader_commit", lc)
 }
 
-// checkVotesStrict asks the peers with raft state for their log position
-// while votes are held: once one shows a log past the bootstrap
-// configuration, this cluster has committed writes, and a candidate with
-// nothing but the bootstrap configuration (a node that bootstrapped and was
-// down ever since) must not get this node's vote either: with it, that
-// candidate could win and overwrite writes this node's lost copy helped
-// commit.
-func (n *Node) checkVotesStrict(ctx context.Context) {
-	if n.votesStrict.Load() {
+// checkVotesStrict decides, while votes are held, whether candidates
+// holding only the bootstrap configuration may still get this node's vote.
+// It asks every peer with raft state for its log position (in parallel,
+// each bounded, so that a peer that does not answer cannot starve the
+// catch-up check that follows). Once one shows a log past the bootstrap
+// configuration, the cluster has committed writes, and such a candidate (a
+// node that bootstrapped and was down ever since) must not get the vote:
+// it could win and overwrite writes this node's lost copy helped commit.
+// Only while every peer with state answers with nothing past it (a new
+// cluster electing its first leader, one node having bootstrapped first)
+// are they allowed. A node starts strict: until it knows, it refuses.
+func (n *Node) checkVotesStrict() {
+	if n.votesPast.Load() {
 		return
 	}
+	var peers []Peer
 	for _, p := range n.peers() {
-		if p.ID == n.cfg.NodeID || !p.HasState || p.Addr == "" {
-			continue
+		if p.ID != n.cfg.NodeID && p.HasState && p.Addr != "" {
+			peers = append(peers, p)
 		}
-		st, err := n.fetchPeerStatus(ctx, p.Addr)
-		if err != nil || st.LastIndex <= 1 {
-			continue
-		}
-		n.votesStrict.Store(true)
-		n.log.Info("a peer's log is past the bootstrap configuration: no votes for candidates holding only that either, until caught up",
-			"peer", p.ID, "peer_last_index", st.LastIndex)
+	}
+	if len(peers) == 0 {
 		return
+	}
+	type answer struct {
+		id   string
+		last uint64
+		err  error
+	}
+	answers := make(chan answer, len(peers))
+	for _, p := range peers {
+		go func() {
+			ctx, cancel := context.WithTimeout(n.life, 300*time.Millisecond)
+			defer cancel()
+			st, err := n.fetchPeerStatus(ctx, p.Addr)
+			answers <- answer{p.ID, st.LastIndex, err}
+		}()
+	}
+	all := true
+	for range peers {
+		a := <-answers
+		switch {
+		case a.err != nil:
+			all = false
+		case a.last > 1:
+			n.votesPast.Store(true)
+			n.votesStrict.Store(true)
+			n.log.Info("a peer's log is past the bootstrap configuration: no votes for candidates holding only that either, until caught up",
+				"peer", a.id, "peer_last_index", a.last)
+		}
+	}
+	if all && !n.votesPast.Load() {
+		n.votesStrict.Store(false) // a new cluster: its first leader needs these votes
 	}
 }
 

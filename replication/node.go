@@ -67,14 +67,19 @@ type Node struct {
 	// (transport.go, voteGate).
 	votesHeld atomic.Bool
 	// votesStrict: while votes are held, also refuse candidates whose log
-	// holds only the bootstrap configuration, because a peer showed a log
-	// past it (the cluster has committed writes this node may have helped
-	// commit before it lost its data).
+	// holds only the bootstrap configuration. Set at start; cleared only
+	// while every peer with state shows no log past the bootstrap (a new
+	// cluster electing its first leader), and for good once one does (the
+	// cluster has committed writes this node may have helped commit
+	// before it lost its data).
 	votesStrict atomic.Bool
+	// votesPast: a peer showed a log past the bootstrap configuration.
+	votesPast atomic.Bool
 	// votesDecided: releaseVotes has seen peers (manage loop only).
 	votesDecided bool
 	bootDone     atomic.Bool   // bootstrap is no longer a question for this node
 	left         atomic.Bool   // Leave removed this node
+	leaving      atomic.Bool   // RecordDeparture: stopping for good or for a restart
 	ticks        atomic.Uint64 // manage loop iterations (tests wait on it)
 
 	leaderMu      sync.Mutex
@@ -84,6 +89,11 @@ type Node struct {
 	memberMu   sync.Mutex
 	tombstones map[string]struct{}  // removed ids not to re-add while visible
 	caughtUp   map[string]time.Time // non-voter id -> caught up since
+	// absent: servers of the configuration this leader has not seen in
+	// membership since then (its own clock), for absentTerm only: a new
+	// term starts counting afresh (removeDeparted).
+	absent     map[string]time.Time
+	absentTerm uint64
 	lastPlan   string               // previous tick's bootstrap plan (settling)
 
 	readyMu     sync.Mutex // guards the leader commit index cached by Ready
@@ -115,6 +125,7 @@ func New(cfg Config) (*Node, error) {
 		stop:        make(chan struct{}),
 		leaderCh:    make(chan struct{}),
 		tombstones:  make(map[string]struct{}),
+		absent:      make(map[string]time.Time),
 		caughtUp:    make(map[string]time.Time),
 		notMember:   rateLimit{every: time.Minute},
 		planLog:     rateLimit{every: 10 * time.Second},
@@ -203,6 +214,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.hadState.Store(had)
 	n.bootDone.Store(had)
 	n.votesHeld.Store(!had)
+	n.votesStrict.Store(!had) // relaxed only once peers show a new cluster
 
 	maxFrame := cfg.MaxBatchBytes + maxRPCFrameSlack
 	n.demux = newDemux(cfg, n.log, func(c net.Conn) { (&rpcServer{n: n, maxFrame: maxFrame}).serveConn(c) })
