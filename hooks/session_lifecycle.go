@@ -93,7 +93,7 @@ func (h *Sessions) discardSession(id string) bool {
 	// live copies stay owed until its commit shows up (wills.go).
 	var err error
 	for {
-		tw := h.takeoverWill(id, true, time.Now().UnixMilli())
+		tw := h.endingWill(id, true, time.Now().UnixMilli())
 		cmd := tw.withTakeover(del)
 		var res replication.Result
 		if res, err = h.repl.Apply(ctx, cmd); err == nil {

@@ -161,7 +161,7 @@ func (h *Sessions) publishDueWills() {
 		if full.ExpiryInterval != replication.NeverExpires {
 			delay = min(delay, int64(full.ExpiryInterval))
 		}
-		if now < full.DisconnectedAt+delay*1000 {
+		if now < full.DisconnectedAt+delay*1000 || h.cfg.HoldWillClaims != nil && h.cfg.HoldWillClaims(s.ClientID) {
 			continue
 		}
 		id, will := s.ClientID, full.Will

@@ -29,12 +29,40 @@ import (
 // connection from one whose DISCONNECT is still being written there, so
 // such a will is not published (known gap, README "Persistent sessions").
 
-// takenOver is the takeover will a CONNECT writes, and the will to
-// publish live once it committed.
+// takenOver is the will a CONNECT publishes in its own entry (a
+// TakeoverWill, or a PublishWill for a session that ended, see
+// endingWill), and the will to publish live once it committed.
 type takenOver struct {
-	cmd  *replication.TakeoverWill
+	cmd  replication.Command
+	id   string
+	at   int64
 	will *replication.Will
-	old  *sessConn
+	old  *sessConn // the connection taken over; nil for a PublishWill
+}
+
+// endingWill is the will a CONNECT that ends id's session (clean: clean
+// start) publishes in its own entry: the takeover will of a live
+// connection on this node (takeoverWill), or else, for any session with a
+// will without a delay, a PublishWill fenced to the session the CONNECT
+// read. The log applies the latter only if that session is disconnected
+// by then, its will not yet claimed: a single broker had published it at
+// the disconnect already, and a clean start ends the session. Without it the open discarded that will
+// whenever it committed between the old connection's close and the
+// leader's claim (a client that drops and reconnects at once elsewhere;
+// found by the chaos suite, seed 576349558). A session still connected
+// at apply time (its close, or a DISCONNECT, not written yet) is left to
+// the open as before.
+func (h *Sessions) endingWill(id string, clean bool, now int64) *takenOver {
+	if t := h.takeoverWill(id, clean, now); t != nil || !clean {
+		return t
+	}
+	s, ok := h.repl.Session(id)
+	if !ok || s.Will == nil || s.Will.DelaySeconds > 0 {
+		return nil // a new connection cancels a delayed will (Mosquitto; MQTT-3.1.3-9)
+	}
+	t := &takenOver{cmd: h.claimWillAt(id, s.OpenedIndex, now), id: id, at: now, will: s.Will}
+	h.expectClaim(id, now, func() { h.publishWill(id, t.will) })
+	return t
 }
 
 // takeoverWill returns the TakeoverWill for id's live connection on this
@@ -86,6 +114,7 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 	t := &takenOver{
 		cmd: &replication.TakeoverWill{ClientID: id, IfOpened: s.OpenedIndex, At: now,
 			MaxQueued: uint32(max(h.cfg.MaxQueued, 0)), EndsSession: ends},
+		id: id, at: now,
 		will: s.Will,
 		old:  oc,
 	}
@@ -103,10 +132,10 @@ func (t *takenOver) published(h *Sessions, res replication.Result, err error) {
 		return
 	}
 	if err != nil || len(res.Results) == 0 {
-		h.settleClaim(t.cmd.ClientID, t.cmd.At, false, cmp.Or(err, errNoResult))
+		h.settleClaim(t.id, t.at, false, cmp.Or(err, errNoResult))
 		return
 	}
-	h.settleClaim(t.cmd.ClientID, t.cmd.At, res.Results[0].Changed, nil)
+	h.settleClaim(t.id, t.at, res.Results[0].Changed, nil)
 }
 
 var errNoResult = errors.New("no result for the takeover will")

@@ -137,6 +137,9 @@ type SessionsConfig struct {
 	// it live; false skips the live publication (tests stand in for a
 	// leader that dies right after the claim with it).
 	AfterWillClaim func(clientID string) bool
+	// HoldWillClaims, if set and true for a client id, keeps the leader
+	// from claiming its due will (tests stand in for a slow leader).
+	HoldWillClaims func(clientID string) bool
 	// ACL is the read check mochi applies to a SUBSCRIBE's filters
 	// (hooks.Auth.OnACLCheck); nil allows every filter. A persistent
 	// session's filters never reach mochi (session_subscribe.go), so the
@@ -489,7 +492,7 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 		open.IfOpened = s.OpenedIndex
 	}
 	var cmds []replication.Command
-	if tw = h.takeoverWill(cl.ID, pk.Connect.Clean, now); tw != nil {
+	if tw = h.endingWill(cl.ID, pk.Connect.Clean, now); tw != nil {
 		cmds = append(cmds, tw.cmd)
 	}
 	if !open.CleanStart {

@@ -29,8 +29,11 @@ import (
 // claimWill is the command that claims (and publishes in the log) the will
 // of the session opened at index opened.
 func (h *Sessions) claimWill(id string, opened uint64) *replication.PublishWill {
-	return &replication.PublishWill{ClientID: id, IfOpened: opened, At: time.Now().UnixMilli(),
-		MaxQueued: uint32(max(h.cfg.MaxQueued, 0))}
+	return h.claimWillAt(id, opened, time.Now().UnixMilli())
+}
+
+func (h *Sessions) claimWillAt(id string, opened uint64, at int64) *replication.PublishWill {
+	return &replication.PublishWill{ClientID: id, IfOpened: opened, At: at, MaxQueued: uint32(max(h.cfg.MaxQueued, 0))}
 }
 
 // Live copies follow the commit, not the write's reply. A claim whose
