@@ -94,7 +94,7 @@ type Node struct {
 	// term starts counting afresh (removeDeparted).
 	absent     map[string]time.Time
 	absentTerm uint64
-	lastPlan   string               // previous tick's bootstrap plan (settling)
+	lastPlan   string // previous tick's bootstrap plan (settling)
 
 	readyMu     sync.Mutex // guards the leader commit index cached by Ready
 	readyCommit uint64
