@@ -496,7 +496,7 @@ func (rt *routeTable) mergeQuiet(entries []nodeRoutes) mergeResult {
 // mergeBatch is how many routes mergeSnapshot changes per hold of the
 // lock: a million-filter entry applied in one step held it for seconds,
 // and every publish's lookup waited.
-const mergeBatch = 4096
+const mergeBatch = 512
 
 // mergeSnapshot applies a node's full entry like merge, in batches of
 // mergeBatch changes with the lock released in between, so that lookups
