@@ -1,11 +1,14 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/eclipse/paho.golang/paho"
 )
 
 // clusterView is the part of /api/cluster the tests read.
@@ -364,5 +367,47 @@ func TestClusterPublishRightAfterSubackElsewhere(t *testing.T) {
 		if got := s.wait(t); len(got) != 1 {
 			t.Fatalf("round %d: published on %s right after %s's SUBACK: got %v, want the reply", i, n1.ID, n2.ID, got)
 		}
+	}
+}
+
+// TestClusterRequestResponseThousandRounds: 1,000 request/response rounds
+// across real broker processes with the paho client: a requester on node2
+// subscribes to a fresh reply topic and, on its SUBACK, responders on
+// node1 and node3 (in turn) publish the reply at once. Every reply must
+// arrive, as on one broker (issue 16: before SUBACK waited for the peers'
+// route acks, most were lost).
+func TestClusterRequestResponseThousandRounds(t *testing.T) {
+	t.Parallel()
+	nodes := startCluster(t, 3)
+	req := connectV5(t, nodes[1].MQTTAddr, v5Options{ClientID: "e2e-rr-requester"})
+	resp := []*v5Client{
+		connectV5(t, nodes[0].MQTTAddr, v5Options{ClientID: "e2e-rr-responder1"}),
+		connectV5(t, nodes[2].MQTTAddr, v5Options{ClientID: "e2e-rr-responder3"}),
+	}
+	// Bring every forwarding connection up first (a peer without one is
+	// not waited for before SUBACK: it learns the route by gossip).
+	req.subscribe(t, paho.SubscribeOptions{Topic: "warm/#"})
+	waitRoutesOf(t, nodes[0], nodes[1].ID, 1)
+	waitRoutesOf(t, nodes[2], nodes[1].ID, 1)
+	for _, r := range resp {
+		r.publish(t, "warm/up", 0, false, []byte("w"))
+		req.next(t)
+	}
+	const rounds = 1000
+	for i := range rounds {
+		topic := fmt.Sprintf("rr/%d", i)
+		req.subscribe(t, paho.SubscribeOptions{Topic: topic})
+		resp[i%2].publish(t, topic, 0, false, []byte("r"))
+		select {
+		case p := <-req.Msgs:
+			if p.Topic != topic {
+				t.Fatalf("round %d: got %s, want the reply on %s", i, p.Topic, topic)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("round %d of %d: the reply published right after SUBACK on another node was lost", i, rounds)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), msgTimeout)
+		_, _ = req.Unsubscribe(ctx, &paho.Unsubscribe{Topics: []string{topic}})
+		cancel()
 	}
 }
