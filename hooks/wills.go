@@ -9,6 +9,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -211,7 +212,7 @@ func (h *Sessions) mirrorLeftovers() {
 	defer cancel()
 	for _, c := range todo {
 		res, err := h.repl.Apply(ctx, c.unmirrored)
-		err = openErr(c.unmirrored, res, err)
+		err = session.OpenErr(c.unmirrored, res, err)
 		if errors.Is(err, replication.ErrReopened) && res.Index != 0 {
 			// The open was fenced to the state of its CONNECT, and the
 			// session changed since (a clean CONNECT's discard after the
