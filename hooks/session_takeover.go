@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -55,9 +56,12 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 		return nil
 	}
 	s, ok := h.repl.Session(id)
-	ends := clean || s.ExpiryInterval == 0
-	if !ok || !s.Connected || s.Owner != h.cfg.Self || s.OpenedIndex != oc.opened.Load() || s.Will == nil ||
-		s.Will.DelaySeconds > 0 || !ends {
+	if !ok {
+		return nil
+	}
+	cmd := session.TakeoverWill(session.Takeover{ClientID: id, Session: s, Self: h.cfg.Self, Opened: oc.opened.Load(),
+		CleanStart: clean, At: now, MaxQueued: h.cfg.MaxQueued})
+	if cmd == nil {
 		return nil
 	}
 	// A DISCONNECT in flight on the old connection deletes its will
@@ -83,12 +87,7 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 	if old.Closed() {
 		return nil
 	}
-	t := &takenOver{
-		cmd: &replication.TakeoverWill{ClientID: id, IfOpened: s.OpenedIndex, At: now,
-			MaxQueued: uint32(max(h.cfg.MaxQueued, 0)), EndsSession: ends},
-		will: s.Will,
-		old:  oc,
-	}
+	t := &takenOver{cmd: cmd, will: s.Will, old: oc}
 	h.expectClaim(id, now, func() {
 		t.old.willTaken.Store(true)
 		h.publishWill(id, t.will)

@@ -81,7 +81,7 @@ type Sessions struct {
 	opening map[string]int64
 	// claims: the will claims this node wrote whose live copies it still
 	// owes (wills.go, expectClaim).
-	claims map[string]map[int64]pendingClaim
+	claims session.Claims
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
@@ -204,7 +204,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		closing: map[string]*sessConn{}, opening: map[string]int64{}, claims: map[string]map[int64]pendingClaim{}, idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, opening: map[string]int64{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
