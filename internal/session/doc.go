@@ -12,6 +12,7 @@
 // in one place and the glue stays thin.
 //
 // So far: the commands a connection's end and a CONNECT write (close.go,
-// open.go), the will claims a node owes live copies for (claims.go), and
-// the takeover and due-will decisions (wills.go).
+// open.go), the will claims a node owes live copies for (claims.go), the
+// takeover and due-will decisions (wills.go), and the delivery window's
+// packet-id bookkeeping (window.go).
 package session
