@@ -181,7 +181,7 @@ type sessConn struct {
 	mirrorWill atomic.Pointer[replication.Will]
 	// suback: the SUBACK being sent (OnSubscribe to OnPacketEncode, on the
 	// client's goroutine).
-	suback *pendingSuback
+	suback *session.Suback
 }
 
 // sessOp is an asynchronous write; cmd is evaluated when the writer builds
@@ -509,7 +509,7 @@ func (h *Sessions) setWill(cl *mqtt.Client) replication.Command {
 func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	if pk.FixedHeader.Type == packets.Suback {
 		if c := h.conn(cl); c != nil && c.managed && c.suback != nil {
-			pk.ReasonCodes, c.suback = c.suback.merge(pk.ReasonCodes), nil
+			pk.ReasonCodes, c.suback = c.suback.Merge(pk.ReasonCodes), nil
 		}
 		return pk
 	}

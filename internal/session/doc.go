@@ -13,6 +13,7 @@
 //
 // So far: the commands a connection's end and a CONNECT write (close.go,
 // open.go), the will claims a node owes live copies for (claims.go), the
-// takeover and due-will decisions (wills.go), and the delivery window's
-// packet-id bookkeeping (window.go).
+// delivery window's packet-id bookkeeping (window.go), the SUBACK merge
+// and the chunking of retained messages (subscribe.go), and the takeover
+// and due-will decisions (wills.go).
 package session
