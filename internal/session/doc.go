@@ -13,7 +13,13 @@
 //
 // So far: the commands a connection's end and a CONNECT write (close.go,
 // open.go), the will claims a node owes live copies for (claims.go), the
-// delivery window's packet-id bookkeeping (window.go), the SUBACK merge
-// and the chunking of retained messages (subscribe.go), and the takeover
-// and due-will decisions (wills.go).
+// delivery window's packet-id bookkeeping (window.go), a SUBSCRIBE's
+// reason codes, the SUBACK merge and the chunking of retained messages
+// (subscribe.go), and the takeover and due-will decisions (wills.go).
+// Still in hooks: the sequencing around them (retries of an open whose
+// outcome is unknown, the waits for a DISCONNECT in flight or a previous
+// close, catch-up with WaitAppliedLocal), which reads and waits on both
+// mochi and the raft node.
+//
+// make deps-check fails if this package imports mochi, hooks or cluster.
 package session
