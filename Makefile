@@ -22,6 +22,9 @@ CHAOS_SEED_LOG := $(CURDIR)/bin/chaos-seeds.txt
 TEST_CHAOS_SEED ?= 621146620
 # Packages that must stay free of mochi and of each other (see STYLE.md).
 PURE_PKGS := ./cluster ./replication
+# The session engine's decisions (internal/session): replication's types,
+# never mochi, hooks or cluster.
+ENGINE_PKGS := ./internal/session
 # The Kubernetes manifests' offline checks: a Go module of their own, so the
 # broker's go.mod does not carry kustomize and k8s.io/api.
 K8S_VALIDATE := deploy/statefulset/validate
@@ -125,11 +128,16 @@ tidy-check:
 	    echo "$$d: go.mod/go.sum are not tidy: run 'go mod tidy' there and commit"; exit 1; fi; \
 	done
 
-# cluster and replication must not import mochi, hooks, or each other.
+# cluster and replication must not import mochi, hooks, or each other;
+# internal/session not mochi, hooks or cluster.
 deps-check:
 	@fail=0; \
 	for p in $(PURE_PKGS); do \
 	  bad=$$($(GO) list -deps $$p | grep -E 'mochi-mqtt|/broker/hooks$$|/broker/(cluster|replication)$$' | grep -v "^github.com/mqtt-ha/broker/$${p#./}$$" || true); \
+	  if [ -n "$$bad" ]; then echo "$$p must not import: $$bad"; fail=1; fi; \
+	done; \
+	for p in $(ENGINE_PKGS); do \
+	  bad=$$($(GO) list -deps $$p | grep -E 'mochi-mqtt|/broker/(hooks|cluster)$$' || true); \
 	  if [ -n "$$bad" ]; then echo "$$p must not import: $$bad"; fail=1; fi; \
 	done; exit $$fail
 

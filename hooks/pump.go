@@ -9,6 +9,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -23,10 +24,11 @@ import (
 // use the same id. The acknowledgements of the pump's deliveries are
 // consumed in Sessions.OnPacketRead and never reach mochi.
 type pump struct {
-	h      *Sessions
-	c      *sessConn
-	cl     *mqtt.Client
-	window int
+	h  *Sessions
+	c  *sessConn
+	cl *mqtt.Client
+	// w: the deliveries in flight, by packet id (session.Window).
+	w *session.Window
 	// resumeUpTo is the last Seq queued when the connection resumed its
 	// session: those messages may have been sent before (DUP).
 	resumeUpTo uint64
@@ -35,26 +37,12 @@ type pump struct {
 	qos0     chan packets.Packet
 	done     chan struct{}
 	stopOnce sync.Once
-
-	mu       sync.Mutex
-	inflight map[uint16]uint64 // packet id -> Seq, sent and not acknowledged
-	next     uint64            // lowest Seq not sent on this connection
 }
 
-// defaultWindow applies when neither max_inflight_messages nor the client
-// limits in-flight messages.
-const defaultWindow = 100
-
 func newPump(h *Sessions, c *sessConn) *pump {
-	window := h.cfg.MaxInflight
-	if rm := int(c.cl.Properties.Props.ReceiveMaximum); rm > 0 && (window == 0 || rm < window) {
-		window = rm
-	}
-	if window <= 0 {
-		window = defaultWindow
-	}
-	p := &pump{h: h, c: c, cl: c.cl, window: window, wakeCh: make(chan struct{}, 1),
-		qos0: make(chan packets.Packet, 1024), done: make(chan struct{}), inflight: map[uint16]uint64{}}
+	window := session.WindowSize(h.cfg.MaxInflight, c.cl.Properties.Props.ReceiveMaximum)
+	p := &pump{h: h, c: c, cl: c.cl, w: session.NewWindow(window), wakeCh: make(chan struct{}, 1),
+		qos0: make(chan packets.Packet, 1024), done: make(chan struct{})}
 	if c.present {
 		if q := h.repl.Queue(c.id, 0, 0); len(q) > 0 {
 			p.resumeUpTo = q[len(q)-1].Seq
@@ -62,12 +50,6 @@ func newPump(h *Sessions, c *sessConn) *pump {
 	}
 	return p
 }
-
-// pidFor maps a Seq to its packet id. The same message gets the same id on
-// every node, so a QoS 2 receiver that already has it (PUBREC sent) sees a
-// duplicate, not a new message, when another node resends it. At most
-// window (< 65535) consecutive Seqs are in flight, so ids never collide.
-func pidFor(seq uint64) uint16 { return uint16((seq-1)%65535) + 1 }
 
 func (p *pump) run() {
 	t := time.NewTicker(time.Second) // safety net: expired messages, ids freed by mochi
@@ -99,9 +81,7 @@ func (p *pump) stopped() bool {
 // fill sends queued messages until the window is full or the queue ends.
 func (p *pump) fill() {
 	for !p.stopped() {
-		p.mu.Lock()
-		room, from := p.window-len(p.inflight), p.next
-		p.mu.Unlock()
+		room, from := p.w.Room()
 		if room <= 0 {
 			return
 		}
@@ -116,32 +96,23 @@ func (p *pump) fill() {
 			}
 			// A released message (PUBREC received) is past expiry's reach:
 			// the client holds its packet id until PUBREL.
-			if m.Expires > 0 && m.Expires <= now && !m.Released {
-				p.advance(m.Seq)
+			if session.ExpiredInQueue(m, now) {
+				p.w.Skip(m.Seq)
 				p.h.ack(p.c.id, m.Seq) // expired while queued: never delivered (MQTT-3.3.2-5)
 				continue
 			}
-			pid := pidFor(m.Seq)
-			if m.Released {
-				pid = m.PacketID
-			}
+			pid := session.PacketID(m)
 			if _, busy := p.cl.State.Inflight.Get(pid); busy {
 				return // mochi holds this id (an inbound QoS 2, a shared subscription's message): wait
 			}
-			p.mu.Lock()
-			_, busy := p.inflight[pid]
-			p.mu.Unlock()
-			if busy {
+			if p.w.Busy(pid) {
 				// The id wrapped (65,535 later messages went by while one
 				// stayed unacknowledged): wait for it rather than lose
 				// track of the older message.
 				return
 			}
 			pk := p.packet(m, pid, now)
-			p.mu.Lock()
-			p.inflight[pid] = m.Seq
-			p.next = m.Seq + 1
-			p.mu.Unlock()
+			p.w.Sent(pid, m.Seq)
 			if m.Seq <= p.resumeUpTo {
 				p.h.m.redelivered.Inc()
 			}
@@ -156,12 +127,6 @@ func (p *pump) fill() {
 			}
 		}
 	}
-}
-
-func (p *pump) advance(seq uint64) {
-	p.mu.Lock()
-	p.next = max(p.next, seq+1)
-	p.mu.Unlock()
 }
 
 func (p *pump) packet(m replication.QueuedMessage, pid uint16, now int64) packets.Packet {
@@ -186,7 +151,7 @@ func (p *pump) packet(m replication.QueuedMessage, pid uint16, now int64) packet
 		// The remaining lifetime, rounded up to whole seconds
 		// (MQTT-3.3.2-6). Not through pk.Expiry: mochi computes it from
 		// whole-second clocks and reported up to two seconds too many.
-		pk.Properties.MessageExpiryInterval = uint32(max((m.Expires-now+999)/1000, 1))
+		pk.Properties.MessageExpiryInterval = session.RemainingExpiry(m.Expires, now)
 	}
 	for _, u := range m.Properties.UserProperties {
 		pk.Properties.User = append(pk.Properties.User, packets.UserProperty{Key: u.Key, Val: u.Value})
@@ -200,10 +165,7 @@ func (p *pump) packet(m replication.QueuedMessage, pid uint16, now int64) packet
 // acked: PUBACK, PUBCOMP, or a refusing PUBREC for packet id pid. It
 // reports whether pid was a delivery of the pump.
 func (p *pump) acked(pid uint16) bool {
-	p.mu.Lock()
-	seq, ok := p.inflight[pid]
-	delete(p.inflight, pid)
-	p.mu.Unlock()
+	seq, ok := p.w.Acked(pid)
 	if ok {
 		p.h.ack(p.c.id, seq)
 		p.poke()
@@ -212,12 +174,7 @@ func (p *pump) acked(pid uint16) bool {
 }
 
 // seqOf returns the Seq of a message in flight under packet id pid.
-func (p *pump) seqOf(pid uint16) (uint64, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	seq, ok := p.inflight[pid]
-	return seq, ok
-}
+func (p *pump) seqOf(pid uint16) (uint64, bool) { return p.w.SeqOf(pid) }
 
 func (p *pump) sendQoS0(pk packets.Packet) {
 	select {

@@ -3,12 +3,12 @@ package hooks
 import (
 	"context"
 	"errors"
-	"math"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -42,7 +42,7 @@ const cleanDiscardTimeout = 2 * time.Second
 // raft leader it cannot be resumed (nor stored) and is served as a clean
 // session.
 func (h *Sessions) resumesWithoutExpiry(cl *mqtt.Client, pk packets.Packet) bool {
-	if cl.Properties.ProtocolVersion != 5 || pk.Connect.Clean || cl.Properties.Props.SessionExpiryInterval != 0 {
+	if !session.MayResumeWithoutExpiry(cl.Properties.ProtocolVersion, pk.Connect.Clean, cl.Properties.Props.SessionExpiryInterval) {
 		return false
 	}
 	if _, ok := h.repl.Session(cl.ID); !ok {
@@ -226,7 +226,7 @@ func (h *Sessions) awaitMochiSessionEnd(id string) {
 	// Only the fields set at CONNECT: copying all of Properties would read
 	// the Will that mochi clears as the old connection ends (CI: a race).
 	v, expiry, clean := old.Properties.ProtocolVersion, old.Properties.Props.SessionExpiryInterval, old.Properties.Clean
-	if !(v == 5 && expiry == 0) && !(v < 5 && clean) {
+	if !session.EndsWithConnection(v, expiry, clean) {
 		return
 	}
 	deadline := time.Now().Add(previousCloseTimeout)
@@ -257,58 +257,20 @@ func (h *Sessions) closeWritten(c *sessConn) {
 	h.mu.Unlock()
 }
 
-// capExpiry applies the server's maximum session expiry to a client's.
-func (h *Sessions) capExpiry(e uint32) uint32 {
-	e = min(e, h.server.Options.Capabilities.MaximumSessionExpiryInterval)
-	if e == math.MaxUint32 {
-		return replication.NeverExpires
-	}
-	return e
-}
-
-// expiredAt reports whether a disconnected session's expiry passed at now
-// (Unix ms). Unlike the sweep's test it ignores a will not yet published:
-// a resume must not find the session either way.
-func expiredAt(s replication.Session, now int64) bool {
-	return !s.Connected && s.DisconnectedAt > 0 && s.ExpiryInterval != replication.NeverExpires &&
-		now >= s.DisconnectedAt+int64(s.ExpiryInterval)*1000
-}
-
 // expiredSessionDelete returns the conditional delete of id's session if
 // it has expired (a resume then starts a new one), else nil.
 func (h *Sessions) expiredSessionDelete(id string, now int64) replication.Command {
-	if s, ok := h.repl.Session(id); ok && expiredAt(s, now) {
-		return &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
+	if s, ok := h.repl.Session(id); ok {
+		return session.ExpiredDelete(id, s, now)
 	}
 	return nil
 }
 
-// closeCommands is what ends a persistent connection in the log: the close
-// with the expiry DISCONNECT set, the will cleared after a DISCONNECT
-// (MQTT-3.1.2-10), and the session deleted when its expiry is 0 and no
-// will is left to publish (with a will the leader publishes it, then the
-// sweep removes the session).
+// closeCommands is what ends a persistent connection in the log
+// (session.CloseCommands).
 func (h *Sessions) closeCommands(cl *mqtt.Client, c *sessConn, err error) replication.Command {
-	opened := c.opened.Load()
-	closeCmd := &replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: opened,
-		At: time.Now().UnixMilli()}
-	expiry := c.expiry
-	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
-		if e := h.capExpiry(cl.Properties.Props.SessionExpiryInterval); e != c.expiry {
-			closeCmd.SetExpiry, closeCmd.ExpiryInterval = true, e
-			expiry = e
-		}
-	}
-	var cmds []replication.Command
-	if err == nil {
-		cmds = append(cmds, &replication.ClearWill{ClientID: c.id})
-	}
-	cmds = append(cmds, closeCmd)
-	if expiry == 0 && opened != 0 && (err == nil || !c.will) {
-		cmds = append(cmds, &replication.SessionDelete{ClientID: c.id, IfOpened: opened})
-	}
-	if len(cmds) == 1 {
-		return closeCmd
-	}
-	return &replication.Batch{Commands: cmds}
+	return session.CloseCommands(session.Close{ClientID: c.id, Owner: h.cfg.Self, Opened: c.opened.Load(),
+		At: time.Now().UnixMilli(), Expiry: c.expiry, ProtocolVersion: cl.Properties.ProtocolVersion,
+		ExpirySet: cl.Properties.Props.SessionExpiryIntervalFlag, ExpiryProp: cl.Properties.Props.SessionExpiryInterval,
+		MaxExpiry: h.server.Options.Capabilities.MaximumSessionExpiryInterval, Disconnect: err == nil, Will: c.will})
 }

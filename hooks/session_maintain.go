@@ -6,6 +6,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -154,14 +155,7 @@ func (h *Sessions) publishDueWills() {
 			continue
 		}
 		full, ok := h.repl.Session(s.ClientID)
-		if !ok || full.Will == nil {
-			continue
-		}
-		delay := int64(full.Will.DelaySeconds)
-		if full.ExpiryInterval != replication.NeverExpires {
-			delay = min(delay, int64(full.ExpiryInterval))
-		}
-		if now < full.DisconnectedAt+delay*1000 || h.cfg.HoldWillClaims != nil && h.cfg.HoldWillClaims(s.ClientID) {
+		if !ok || !session.WillDue(full, now) || h.cfg.HoldWillClaims != nil && h.cfg.HoldWillClaims(s.ClientID) {
 			continue
 		}
 		id, will := s.ClientID, full.Will

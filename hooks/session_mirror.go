@@ -9,6 +9,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -64,7 +65,7 @@ func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet, a
 // unknown outcome (c.unmirrored), that mirror in the log if it committed
 // after all: the session this node opened with the same At.
 func (h *Sessions) lateMirror(c *sessConn) (replication.Session, bool) {
-	at := openAtOf(c.unmirrored)
+	at := session.OpenAtOf(c.unmirrored)
 	s, ok := h.repl.Session(c.id)
 	if at == 0 || !ok || s.Owner != h.cfg.Self || s.OpenedAt != at {
 		return replication.Session{}, false

@@ -34,8 +34,8 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 		// A claim of this node whose write's reply did not say so
 		// (wills.go): its live copies are owed now.
 		if ch.At != 0 {
-			if c, ok := h.takeClaim(ch.ClientID, ch.At); ok {
-				go c.publish()
+			if c, ok := h.claims.Take(ch.ClientID, ch.At); ok {
+				go c.Publish()
 			}
 		}
 	case replication.QueueAppended:

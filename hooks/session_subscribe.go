@@ -7,6 +7,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -22,24 +23,6 @@ import (
 // SUBACK. Shared subscriptions ($share/...) are left to mochi (they are
 // not durable yet).
 
-// pendingSuback is a SUBACK being built: codes for every filter of the
-// SUBSCRIBE, and the positions of the filters left to mochi, whose codes
-// come from mochi's own SUBACK.
-type pendingSuback struct {
-	codes []byte
-	mochi []int
-}
-
-func (p *pendingSuback) merge(fromMochi []byte) []byte {
-	out := p.codes
-	for j, pos := range p.mochi {
-		if j < len(fromMochi) {
-			out[pos] = fromMochi[j]
-		}
-	}
-	return out
-}
-
 // OnSubscribe commits a persistent session's new subscriptions (and the
 // retained messages they get) before SUBACK; see above.
 func (h *Sessions) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
@@ -51,7 +34,7 @@ func (h *Sessions) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packe
 	if _, inUse := cl.State.Inflight.Get(pk.PacketID); inUse {
 		return pk // mochi refuses every filter (0x91) and indexes nothing
 	}
-	p := &pendingSuback{codes: make([]byte, len(pk.Filters))}
+	p := &session.Suback{Codes: make([]byte, len(pk.Filters))}
 	var keep []packets.Subscription
 	var subs []replication.Subscription
 	var pos []int
@@ -62,28 +45,21 @@ func (h *Sessions) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packe
 	for i, f := range pk.Filters {
 		if isSharedFilter(f.Filter) {
 			keep = append(keep, f)
-			p.mochi = append(p.mochi, i)
+			p.Mochi = append(p.Mochi, i)
 			continue
 		}
-		switch {
-		case !mqtt.IsValidFilter(f.Filter, false):
-			p.codes[i] = packets.ErrTopicFilterInvalid.Code
-		case h.cfg.ACL != nil && !h.cfg.ACL(cl, f.Filter, false):
-			p.codes[i] = packets.ErrNotAuthorized.Code
-			if h.server.Options.Capabilities.Compatibilities.ObscureNotAuthorized {
-				p.codes[i] = packets.ErrUnspecifiedError.Code
-			}
-		default:
-			q := min(f.Qos, maxQoS)
-			p.codes[i] = q
+		// The ACL is asked about valid filters only.
+		valid := mqtt.IsValidFilter(f.Filter, false)
+		allowed := valid && (h.cfg.ACL == nil || h.cfg.ACL(cl, f.Filter, false))
+		code, q, granted := session.SubscribeCode(valid, allowed, h.server.Options.Capabilities.Compatibilities.ObscureNotAuthorized,
+			f.Qos, maxQoS, cl.Properties.ProtocolVersion)
+		p.Codes[i] = code
+		if granted {
 			subs = append(subs, replication.Subscription{Filter: f.Filter, QoS: q, NoLocal: f.NoLocal,
 				RetainAsPublished: f.RetainAsPublished, RetainHandling: f.RetainHandling, Identifier: uint32(f.Identifier)})
 			pos = append(pos, i)
 			_, had := known[f.Filter]
 			existed = append(existed, had)
-		}
-		if p.codes[i] > packets.CodeGrantedQos2.Code && cl.Properties.ProtocolVersion < 5 {
-			p.codes[i] = packets.ErrUnspecifiedError.Code
 		}
 	}
 	h.idxMu.Unlock()
@@ -95,7 +71,7 @@ func (h *Sessions) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packe
 	if err := h.subscribe(c, subs, existed); err != nil {
 		h.log.Warn("subscription not replicated; refused", "client", c.id, "error", err)
 		for _, i := range pos {
-			p.codes[i] = packets.ErrUnspecifiedError.Code
+			p.Codes[i] = packets.ErrUnspecifiedError.Code
 		}
 	}
 	return pk
@@ -110,7 +86,7 @@ func (h *Sessions) subscribe(c *sessConn, subs []replication.Subscription, exist
 	// never arrives after a newer live one. A very large retained set is
 	// split over further entries (chunks bounded by retainedChunkBytes).
 	retained, qos0 := h.retainedFor(c, subs, existed)
-	chunks := chunkCommands(retained, retainedChunkBytes)
+	chunks := session.ChunkCommands(retained, retainedChunkBytes)
 	var cmd replication.Command = &replication.Subscribe{ClientID: c.id, Subscriptions: subs}
 	if len(chunks) > 0 {
 		cmd = &replication.Batch{Commands: append([]replication.Command{cmd}, chunks[0]...)}
@@ -167,30 +143,6 @@ func isSharedFilter(filter string) bool { return mqtt.IsSharedFilter(filter) }
 // retainedChunkBytes bounds the retained payload queued in one entry for a
 // new subscription (half the default raft batch size).
 const retainedChunkBytes = 4 << 20
-
-// chunkCommands splits enqueues into groups of at most budget payload
-// bytes (at least one command per group).
-func chunkCommands(cmds []replication.Command, budget int) [][]replication.Command {
-	var out [][]replication.Command
-	var cur []replication.Command
-	size := 0
-	for _, c := range cmds {
-		n := 256
-		if e, ok := c.(*replication.Enqueue); ok {
-			n += len(e.Payload) + len(e.Topic)
-		}
-		if len(cur) > 0 && size+n > budget {
-			out = append(out, cur)
-			cur, size = nil, 0
-		}
-		cur = append(cur, c)
-		size += n
-	}
-	if len(cur) > 0 {
-		out = append(out, cur)
-	}
-	return out
-}
 
 // retainedFor returns the retained messages matching new subscriptions
 // (MQTT-3.3.1-9, with retain handling 1 and 2): enqueues for the QoS 1/2

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -42,25 +43,18 @@ type takenOver struct {
 
 // endingWill is the will a CONNECT that ends id's session (clean: clean
 // start) publishes in its own entry: the takeover will of a live
-// connection on this node (takeoverWill), or else, for any session with a
-// will without a delay, a PublishWill fenced to the session the CONNECT
-// read. The log applies the latter only if that session is disconnected
-// by then, its will not yet claimed: a single broker had published it at
-// the disconnect already, and a clean start ends the session. Without it the open discarded that will
-// whenever it committed between the old connection's close and the
-// leader's claim (a client that drops and reconnects at once elsewhere;
-// found by the chaos suite, seed 576349558). A session still connected
-// at apply time (its close, or a DISCONNECT, not written yet) is left to
-// the open as before.
+// connection on this node (takeoverWill), or else the PublishWill of
+// session.EndingWill, whose live copies this node then owes.
 func (h *Sessions) endingWill(id string, clean bool, now int64) *takenOver {
-	if t := h.takeoverWill(id, clean, now); t != nil || !clean {
+	if t := h.takeoverWill(id, clean, now); t != nil {
 		return t
 	}
 	s, ok := h.repl.Session(id)
-	if !ok || s.Will == nil || s.Will.DelaySeconds > 0 {
-		return nil // a new connection cancels a delayed will (Mosquitto; MQTT-3.1.3-9)
+	cmd := session.EndingWill(s, ok, clean, now, h.cfg.MaxQueued)
+	if cmd == nil {
+		return nil
 	}
-	t := &takenOver{cmd: h.claimWillAt(id, s.OpenedIndex, now), id: id, at: now, will: s.Will}
+	t := &takenOver{cmd: cmd, id: id, at: now, will: s.Will}
 	h.expectClaim(id, now, func() { h.publishWill(id, t.will) })
 	return t
 }
@@ -83,9 +77,12 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 		return nil
 	}
 	s, ok := h.repl.Session(id)
-	ends := clean || s.ExpiryInterval == 0
-	if !ok || !s.Connected || s.Owner != h.cfg.Self || s.OpenedIndex != oc.opened.Load() || s.Will == nil ||
-		s.Will.DelaySeconds > 0 || !ends {
+	if !ok {
+		return nil
+	}
+	cmd := session.TakeoverWill(session.Takeover{ClientID: id, Session: s, Self: h.cfg.Self, Opened: oc.opened.Load(),
+		CleanStart: clean, At: now, MaxQueued: h.cfg.MaxQueued})
+	if cmd == nil {
 		return nil
 	}
 	// A DISCONNECT in flight on the old connection deletes its will
@@ -111,13 +108,7 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 	if old.Closed() {
 		return nil
 	}
-	t := &takenOver{
-		cmd: &replication.TakeoverWill{ClientID: id, IfOpened: s.OpenedIndex, At: now,
-			MaxQueued: uint32(max(h.cfg.MaxQueued, 0)), EndsSession: ends},
-		id: id, at: now,
-		will: s.Will,
-		old:  oc,
-	}
+	t := &takenOver{cmd: cmd, id: id, at: now, will: s.Will, old: oc}
 	h.expectClaim(id, now, func() {
 		t.old.willTaken.Store(true)
 		h.publishWill(id, t.will)

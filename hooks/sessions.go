@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,6 +12,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -81,7 +81,7 @@ type Sessions struct {
 	opening map[string]int64
 	// claims: the will claims this node wrote whose live copies it still
 	// owes (wills.go, expectClaim).
-	claims map[string]map[int64]pendingClaim
+	claims session.Claims
 
 	// idx mirrors the subscriptions of every persistent session in the log
 	// (by client id), for matching publishes. Written only by the raft
@@ -101,10 +101,10 @@ type Sessions struct {
 	// still owned client ids (releaseDeadOwners).
 	ownerDead map[string]time.Time
 	dropLog   atomic.Int64 // unix ns of the last queue-drop log line
-	// lastOpenAt is the At of this node's last SessionOpen: each open gets
-	// a later one, so that the log tells a retry of the same open (equal
-	// owner and At) from a new connection.
-	lastOpenAt atomic.Int64
+	// openClock gives each SessionOpen of this node a later At, so that
+	// the log tells a retry of the same open (equal owner and At) from a
+	// new connection.
+	openClock session.OpenClock
 
 	stopping stopState // graceful stops and restarts (wills.go)
 }
@@ -184,7 +184,7 @@ type sessConn struct {
 	mirrorWill atomic.Pointer[replication.Will]
 	// suback: the SUBACK being sent (OnSubscribe to OnPacketEncode, on the
 	// client's goroutine).
-	suback *pendingSuback
+	suback *session.Suback
 }
 
 // sessOp is an asynchronous write; cmd is evaluated when the writer builds
@@ -207,7 +207,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m:     sm,
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		closing: map[string]*sessConn{}, opening: map[string]int64{}, claims: map[string]map[int64]pendingClaim{}, idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, opening: map[string]int64{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
@@ -250,24 +250,14 @@ func (h *Sessions) Provides(b byte) bool {
 // persistent reports whether a CONNECT asks for a session that outlives
 // the connection.
 func persistent(cl *mqtt.Client, pk packets.Packet) bool {
-	if cl.Properties.ProtocolVersion == 5 {
-		return cl.Properties.Props.SessionExpiryInterval > 0
-	}
-	return !pk.Connect.Clean
+	return session.Persistent(cl.Properties.ProtocolVersion, cl.Properties.Props.SessionExpiryInterval, pk.Connect.Clean)
 }
 
 // expiryOf is the session expiry to store: the client's (MQTT 5) or the
 // server's maximum (3.1.1), capped by the server's maximum.
 func (h *Sessions) expiryOf(cl *mqtt.Client) uint32 {
-	limit := h.server.Options.Capabilities.MaximumSessionExpiryInterval
-	e := limit
-	if cl.Properties.ProtocolVersion == 5 {
-		e = min(cl.Properties.Props.SessionExpiryInterval, limit)
-	}
-	if e == math.MaxUint32 {
-		return replication.NeverExpires
-	}
-	return e
+	return session.ExpiryOf(cl.Properties.ProtocolVersion, cl.Properties.Props.SessionExpiryInterval,
+		h.server.Options.Capabilities.MaximumSessionExpiryInterval)
 }
 
 func (h *Sessions) conn(cl *mqtt.Client) *sessConn {
@@ -392,7 +382,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			return
 		}
 		h.log.Warn("session state not applied here in time; resending from an older state", "client", cl.ID, "error", err)
-	} else if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == openAtOf(open) {
+	} else if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == session.OpenAtOf(open) {
 		// When a retried open committed twice, the session keeps the
 		// index of whichever try committed first: that is the fence.
 		opened = s.OpenedIndex
@@ -427,37 +417,6 @@ func (h *Sessions) markOpening(id string, at int64) func() {
 	}
 }
 
-// openErr is err, or the error of the SessionOpen's own result when cmd
-// is a Batch (a Batch applies each command on its own: a fenced open can
-// fail in an entry that succeeds).
-func openErr(cmd replication.Command, res replication.Result, err error) error {
-	b, ok := cmd.(*replication.Batch)
-	if err != nil || !ok {
-		return err
-	}
-	for i, c := range b.Commands {
-		if _, ok := c.(*replication.SessionOpen); ok && i < len(res.Results) {
-			return res.Results[i].Err
-		}
-	}
-	return nil
-}
-
-// openAtOf is the At of the SessionOpen in cmd (a command or a batch), 0
-// if it holds none.
-func openAtOf(cmd replication.Command) int64 {
-	cmds := []replication.Command{cmd}
-	if b, ok := cmd.(*replication.Batch); ok {
-		cmds = b.Commands
-	}
-	for _, c := range cmds {
-		if o, ok := c.(*replication.SessionOpen); ok {
-			return o.At
-		}
-	}
-	return 0
-}
-
 // refusedSeq makes the ids refuseAside gives unique.
 var refusedSeq atomic.Uint64
 
@@ -481,40 +440,28 @@ func (h *Sessions) track(c *sessConn) {
 
 // openCommands is SessionOpen (with At at), plus SetWill when the CONNECT
 // has a will, preceded by the delete of an expired session it would
-// otherwise resume; pos is the index of SessionOpen's result in a Batch.
-// Once every server applies it, the open is fenced to the session state
-// read here (replication.SessionOpen.Fenced) and carries the will itself.
+// otherwise resume; pos is the index of SessionOpen's result in a Batch
+// (session.OpenCommands). Once every server applies it, the open is fenced
+// to the session state read here (replication.SessionOpen.Fenced) and
+// carries the will itself.
 func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64) (cmd replication.Command, pos int, tw *takenOver) {
 	now := time.Now().UnixMilli()
-	open := &replication.SessionOpen{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
-		ExpiryInterval: expiry, Owner: h.cfg.Self, At: at, CleanStart: pk.Connect.Clean, Fenced: h.repl.OpenFence()}
+	o := session.Open{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
+		Expiry: expiry, Owner: h.cfg.Self, At: at, CleanStart: pk.Connect.Clean, Fenced: h.repl.OpenFence()}
 	if s, ok := h.repl.Session(cl.ID); ok {
-		open.IfOpened = s.OpenedIndex
+		o.IfOpened = s.OpenedIndex
 	}
-	var cmds []replication.Command
 	if tw = h.endingWill(cl.ID, pk.Connect.Clean, now); tw != nil {
-		cmds = append(cmds, tw.cmd)
+		o.Takeover = tw.cmd
 	}
-	if !open.CleanStart {
-		if del := h.expiredSessionDelete(cl.ID, now); del != nil {
-			cmds = append(cmds, del)
-			open.IfOpened = 0 // the delete comes first in the same entry
-		}
+	if !o.CleanStart {
+		o.Expired = h.expiredSessionDelete(cl.ID, now)
 	}
-	pos = len(cmds)
-	cmds = append(cmds, open)
 	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
-		sw := h.setWill(cl).(*replication.SetWill)
-		if open.Fenced {
-			open.Will = &sw.Will
-		} else {
-			cmds = append(cmds, sw)
-		}
+		o.Will = h.setWill(cl).(*replication.SetWill)
 	}
-	if len(cmds) == 1 {
-		return open, 0, tw
-	}
-	return &replication.Batch{Commands: cmds}, pos, tw
+	cmd, pos = session.OpenCommands(o)
+	return cmd, pos, tw
 }
 
 // applyOpen writes a CONNECT's open (openCommands). When the fence
@@ -533,7 +480,7 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 	for {
 		cmd, pos, tw = h.openCommands(cl, pk, expiry, at)
 		res, err = h.repl.Apply(ctx, cmd)
-		if err = openErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) || res.Index == 0 {
+		if err = session.OpenErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) || res.Index == 0 {
 			return cmd, pos, tw, res, err // (no index to catch up to: never spin)
 		}
 		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
@@ -545,18 +492,8 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 	}
 }
 
-// nextOpenAt is now, or one past the previous open's At when the clock
-// did not move: unique per node while its clock does not step back by
-// more than the time between a restart and the first CONNECT.
-func (h *Sessions) nextOpenAt(now int64) int64 {
-	for {
-		last := h.lastOpenAt.Load()
-		at := max(now, last+1)
-		if h.lastOpenAt.CompareAndSwap(last, at) {
-			return at
-		}
-	}
-}
+// nextOpenAt is the At of a new SessionOpen (session.OpenClock).
+func (h *Sessions) nextOpenAt(now int64) int64 { return h.openClock.Next(now) }
 
 // setWill is the SetWill of the CONNECT's will.
 func (h *Sessions) setWill(cl *mqtt.Client) replication.Command {
@@ -575,7 +512,7 @@ func (h *Sessions) setWill(cl *mqtt.Client) replication.Command {
 func (h *Sessions) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	if pk.FixedHeader.Type == packets.Suback {
 		if c := h.conn(cl); c != nil && c.managed && c.suback != nil {
-			pk.ReasonCodes, c.suback = c.suback.merge(pk.ReasonCodes), nil
+			pk.ReasonCodes, c.suback = c.suback.Merge(pk.ReasonCodes), nil
 		}
 		return pk
 	}

@@ -9,6 +9,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
 
@@ -29,97 +30,38 @@ import (
 // claimWill is the command that claims (and publishes in the log) the will
 // of the session opened at index opened.
 func (h *Sessions) claimWill(id string, opened uint64) *replication.PublishWill {
-	return h.claimWillAt(id, opened, time.Now().UnixMilli())
+	return session.ClaimWill(id, opened, time.Now().UnixMilli(), h.cfg.MaxQueued)
 }
 
-func (h *Sessions) claimWillAt(id string, opened uint64, at int64) *replication.PublishWill {
-	return &replication.PublishWill{ClientID: id, IfOpened: opened, At: at, MaxQueued: uint32(max(h.cfg.MaxQueued, 0))}
-}
-
-// Live copies follow the commit, not the write's reply. A claim whose
-// write fails with an unknown outcome (a timeout, a leader lost) may
-// commit after all: its retries then find the will gone, and the clean
-// subscribers would never get it. So the node that writes a claim
-// (PublishWill, TakeoverWill) records what it owes first, and pays once,
-// on whichever comes first: the reply saying the claim changed the state,
-// or the commit seen in the log (the WillCleared change carries the
-// claim's At).
+// The live copies of a claimed will follow the claim's commit, not its
+// write's reply: h.claims (session.Claims) records what this node owes.
 //
 // At is a millisecond clock: two nodes claiming the same will in the same
 // millisecond with the same At would both publish. Only the leader claims
 // the will of a disconnected session and only the owner that of a
 // connected one (takeover), so that takes two leaders at once.
 
-// pendingClaim is a claim's live publication, not paid yet.
-type pendingClaim struct {
-	publish func()
-	since   time.Time
-}
-
-// claimDebtTTL bounds how long a claim with an unknown outcome waits for
-// its commit (a write is retried for at most a few seconds).
-const claimDebtTTL = time.Minute
-
 // expectClaim records that this node writes the claim of id's will at At
 // at, and what to publish once it is committed.
 func (h *Sessions) expectClaim(id string, at int64, publish func()) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.claims[id] == nil {
-		h.claims[id] = map[int64]pendingClaim{}
-	}
-	h.claims[id][at] = pendingClaim{publish: publish, since: time.Now()}
-}
-
-// takeClaim removes and returns id's claim at at, if it is still owed.
-func (h *Sessions) takeClaim(id string, at int64) (pendingClaim, bool) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	c, ok := h.claims[id][at]
-	if ok {
-		delete(h.claims, id) // one will per session: older claims are moot
-	}
-	return c, ok
+	h.claims.Expect(id, at, time.Now(), publish)
 }
 
 // settleClaim pays id's claim at at when its write's result says it
 // changed the state, and forgets it when the result says it changed
-// nothing (a definite answer: each attempt has its own At). After an error
-// it stays owed until its commit shows up (Apply) or claimDebtTTL passes.
+// nothing. After an error it stays owed until its commit shows up (Apply)
+// or session.ClaimDebtTTL passes.
 func (h *Sessions) settleClaim(id string, at int64, changed bool, err error) {
 	if err != nil {
 		h.log.Info("will claim's outcome unknown; its live copies go out if it commits", "client", id, "error", err)
-		return
 	}
-	if !changed {
-		h.mu.Lock()
-		delete(h.claims[id], at)
-		if len(h.claims[id]) == 0 {
-			delete(h.claims, id)
-		}
-		h.mu.Unlock()
-		return
-	}
-	if c, ok := h.takeClaim(id, at); ok {
-		c.publish()
+	if c, ok := h.claims.Settle(id, at, changed, err); ok {
+		c.Publish()
 	}
 }
 
 // expireClaims drops claims that never committed.
-func (h *Sessions) expireClaims() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for id, cs := range h.claims {
-		for at, c := range cs {
-			if time.Since(c.since) > claimDebtTTL {
-				delete(cs, at)
-			}
-		}
-		if len(cs) == 0 {
-			delete(h.claims, id)
-		}
-	}
-}
+func (h *Sessions) expireClaims() { h.claims.Expire(time.Now(), session.ClaimDebtTTL) }
 
 // isWillPublisher reports whether cl is the inline client that publishes
 // the wills claimed in the log.
@@ -214,7 +156,7 @@ func (h *Sessions) mirrorLeftovers() {
 	defer cancel()
 	for _, c := range todo {
 		res, err := h.repl.Apply(ctx, c.unmirrored)
-		err = openErr(c.unmirrored, res, err)
+		err = session.OpenErr(c.unmirrored, res, err)
 		if errors.Is(err, replication.ErrReopened) && res.Index != 0 {
 			// The open was fenced to the state of its CONNECT, and the
 			// session changed since (a clean CONNECT's discard after the

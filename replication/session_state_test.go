@@ -676,3 +676,46 @@ func TestSessionOpenFencedToTheStateItRead(t *testing.T) {
 		t.Fatalf("the open's will: %+v", s.Will)
 	}
 }
+
+// TestDisconnectAfterReopenKeepsTheNewWill: the entry a DISCONNECT writes
+// (internal/session.CloseCommands: the close, then a ClaimWill fenced to
+// that connection's open) clears the will of that connection only. When
+// the client connected again elsewhere first (its open, with a new will,
+// committed before the old node's DISCONNECT), the new connection keeps
+// its will: the unfenced ClearWill used before cleared it, and it never
+// fired. And when the leader had closed the session on the old node's
+// behalf (a node thought dead), the DISCONNECT still clears the will: no
+// will after a DISCONNECT.
+func TestDisconnectAfterReopenKeepsTheNewWill(t *testing.T) {
+	a := newSessionApplier(t)
+	oldWill := &Will{Topic: "w", Payload: []byte("old")}
+	first := a.apply(&SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "A", At: 7000, Fenced: true, Will: oldWill}).Index
+	newWill := &Will{Topic: "w", Payload: []byte("new")}
+	a.apply(&SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "B", At: 7001, Fenced: true, IfOpened: first, Will: newWill})
+	disconnectOf := func(owner string, opened uint64) Command {
+		return &Batch{Commands: []Command{
+			&SessionClose{ClientID: "c", Owner: owner, IfOpened: opened, At: 7002},
+			&ClaimWill{ClientID: "c", IfOpened: opened},
+		}}
+	}
+	a.apply(disconnectOf("A", first))
+	if s := a.sess("c"); s.Will == nil || string(s.Will.Payload) != "new" || !s.Connected {
+		t.Fatalf("the old connection's DISCONNECT changed the new one: connected %v, will %+v", s.Connected, s.Will)
+	}
+	// The leader closes B's connection on its behalf, then B's DISCONNECT
+	// arrives: the will must not be left to fire.
+	cur := a.sess("c")
+	a.apply(&SessionClose{ClientID: "c", Owner: "B", IfOpened: cur.OpenedIndex, At: 7003})
+	a.apply(disconnectOf("B", cur.OpenedIndex))
+	if s := a.sess("c"); s.Will != nil {
+		t.Fatalf("will left after a DISCONNECT: %+v", s.Will)
+	}
+	// The unfenced ClearWill is what cleared the new will before.
+	b := newSessionApplier(t)
+	first = b.apply(&SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "A", At: 7000, Fenced: true, Will: oldWill}).Index
+	b.apply(&SessionOpen{ClientID: "c", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "B", At: 7001, Fenced: true, IfOpened: first, Will: newWill})
+	b.apply(&Batch{Commands: []Command{&ClearWill{ClientID: "c"}, &SessionClose{ClientID: "c", Owner: "A", IfOpened: first, At: 7002}}})
+	if s := b.sess("c"); s.Will != nil {
+		t.Fatal("ClearWill no longer clears unconditionally: update this test's account of the old bug")
+	}
+}

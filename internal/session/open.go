@@ -1,0 +1,118 @@
+package session
+
+import (
+	"sync/atomic"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Open describes a CONNECT that opens a session in the log (a persistent
+// session, or a clean session's will mirror), with what the hooks read
+// for it, in the order they read it.
+type Open struct {
+	ClientID        string
+	ProtocolVersion byte
+	Expiry          uint32 // ExpiryOf; 0 for a mirror
+	Owner           string // this node
+	At              int64  // OpenClock.Next: unique per node
+	CleanStart      bool
+	// Fenced: every server applies fenced opens (replication's
+	// OpenFence): the open is fenced to IfOpened and carries the will.
+	Fenced bool
+	// IfOpened is the OpenedIndex of the client's session as read now, 0
+	// if there is none.
+	IfOpened uint64
+	// Takeover is the will this CONNECT publishes in its own entry, nil
+	// if none: the will of the client's live connection here that it
+	// makes due (TakeoverWill), or that of the session it ends (a
+	// PublishWill, EndingWill).
+	Takeover replication.Command
+	// Expired is the delete of the expired session the CONNECT would
+	// otherwise resume (ExpiredDelete), nil if none; a clean start
+	// ignores it.
+	Expired replication.Command
+	// Will is the CONNECT's will, nil if it has none.
+	Will *replication.SetWill
+}
+
+// OpenCommands is SessionOpen, plus SetWill when the CONNECT has a will,
+// preceded by the takeover will and the delete of an expired session it
+// would otherwise resume; pos is the index of SessionOpen's result in a
+// Batch. When fenced, the open carries the will itself.
+func OpenCommands(o Open) (cmd replication.Command, pos int) {
+	open := &replication.SessionOpen{ClientID: o.ClientID, ProtocolVersion: o.ProtocolVersion,
+		ExpiryInterval: o.Expiry, Owner: o.Owner, At: o.At, CleanStart: o.CleanStart, Fenced: o.Fenced,
+		IfOpened: o.IfOpened}
+	var cmds []replication.Command
+	if o.Takeover != nil {
+		cmds = append(cmds, o.Takeover)
+	}
+	if !open.CleanStart && o.Expired != nil {
+		cmds = append(cmds, o.Expired)
+		open.IfOpened = 0 // the delete comes first in the same entry
+	}
+	pos = len(cmds)
+	cmds = append(cmds, open)
+	if o.Will != nil {
+		if open.Fenced {
+			open.Will = &o.Will.Will
+		} else {
+			cmds = append(cmds, o.Will)
+		}
+	}
+	if len(cmds) == 1 {
+		return open, 0
+	}
+	return &replication.Batch{Commands: cmds}, pos
+}
+
+// OpenErr is err, or the error of the SessionOpen's own result when cmd
+// is a Batch (a Batch applies each command on its own: a fenced open can
+// fail in an entry that succeeds).
+func OpenErr(cmd replication.Command, res replication.Result, err error) error {
+	b, ok := cmd.(*replication.Batch)
+	if err != nil || !ok {
+		return err
+	}
+	for i, c := range b.Commands {
+		if _, ok := c.(*replication.SessionOpen); ok && i < len(res.Results) {
+			return res.Results[i].Err
+		}
+	}
+	return nil
+}
+
+// OpenAtOf is the At of the SessionOpen in cmd (a command or a batch), 0
+// if it holds none.
+func OpenAtOf(cmd replication.Command) int64 {
+	cmds := []replication.Command{cmd}
+	if b, ok := cmd.(*replication.Batch); ok {
+		cmds = b.Commands
+	}
+	for _, c := range cmds {
+		if o, ok := c.(*replication.SessionOpen); ok {
+			return o.At
+		}
+	}
+	return 0
+}
+
+// OpenClock gives each SessionOpen of a node its At, so that the log
+// tells a retry of the same open (equal owner and At) from a new
+// connection. The zero value is ready to use.
+type OpenClock struct {
+	last atomic.Int64 // the At of the node's last SessionOpen
+}
+
+// Next is now, or one past the previous open's At when the clock did not
+// move: unique per node while its clock does not step back by more than
+// the time between a restart and the first CONNECT.
+func (c *OpenClock) Next(now int64) int64 {
+	for {
+		last := c.last.Load()
+		at := max(now, last+1)
+		if c.last.CompareAndSwap(last, at) {
+			return at
+		}
+	}
+}
