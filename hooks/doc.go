@@ -1,7 +1,8 @@
 // Package hooks is the glue between mochi-mqtt and the rest of the broker:
-// authentication and ACLs, metrics, and (later) cluster forwarding and
-// replication. It is the only package that imports mochi together with
-// cluster and replication.
+// authentication and ACLs, limits, metrics, cluster forwarding, and the
+// replicated retained messages, ownership and persistent sessions. It is
+// the only package that imports mochi together with cluster and
+// replication.
 //
 // The persistent-session engine's decisions live in internal/session,
 // which knows neither mochi nor the clock: which commands a CONNECT or a

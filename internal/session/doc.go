@@ -15,7 +15,8 @@
 // open.go), the will claims a node owes live copies for (claims.go), the
 // delivery window's packet-id bookkeeping (window.go), a SUBSCRIBE's
 // reason codes, the SUBACK merge and the chunking of retained messages
-// (subscribe.go), and the takeover and due-will decisions (wills.go).
+// (subscribe.go), and the takeover, ending and due-will decisions
+// (wills.go).
 // Still in hooks: the sequencing around them (retries of an open whose
 // outcome is unknown, the waits for a DISCONNECT in flight or a previous
 // close, catch-up with WaitAppliedLocal), which reads and waits on both
