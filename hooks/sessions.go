@@ -486,8 +486,14 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 			return cmd, pos, tw, res, fmt.Errorf("%w (catching up: %w)", err, werr)
 		}
-		if o, ok := h.repl.Owner(cl.ID); ok && o.Node != h.cfg.Self && o.Since >= arrival {
-			return cmd, pos, tw, res, fmt.Errorf("%w: a newer connection on %s holds the client id", err, o.Node)
+		r := session.Refused{CleanStart: pk.Connect.Clean, Self: h.cfg.Self, Arrival: arrival}
+		if o := session.OpenOf(cmd); o != nil {
+			r.Read = o.IfOpened
+		}
+		_, r.SessionNow = h.repl.Session(cl.ID)
+		r.Owner, r.OwnerFound = h.repl.Owner(cl.ID)
+		if again, why := session.Reopen(r); !again {
+			return cmd, pos, tw, res, fmt.Errorf("%w: %s", err, why)
 		}
 	}
 }

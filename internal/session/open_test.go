@@ -143,3 +143,30 @@ func TestOpenClock(t *testing.T) {
 		t.Errorf("%d distinct At, want 800", len(seen))
 	}
 }
+
+func TestReopen(t *testing.T) {
+	base := Refused{Read: 7, SessionNow: true, Self: "n1", Arrival: 1000}
+	with := func(f func(*Refused)) Refused { r := base; f(&r); return r }
+	for _, c := range []struct {
+		name string
+		in   Refused
+		want bool
+	}{
+		{"older change: open again", base, true},
+		{"newer connection elsewhere holds the id", with(func(r *Refused) {
+			r.Owner, r.OwnerFound = replication.Owner{Node: "n2", Since: 1000}, true
+		}), false},
+		{"older connection elsewhere", with(func(r *Refused) {
+			r.Owner, r.OwnerFound = replication.Owner{Node: "n2", Since: 999}, true
+		}), true},
+		{"owned here", with(func(r *Refused) { r.Owner, r.OwnerFound = replication.Owner{Node: "n1", Since: 5000}, true }), true},
+		{"resume whose session was deleted since", with(func(r *Refused) { r.SessionNow = false }), false},
+		{"clean start whose session was deleted since", with(func(r *Refused) { r.SessionNow, r.CleanStart = false, true }), true},
+		{"read no session, one exists now", with(func(r *Refused) { r.Read = 0 }), true},
+		{"read no session, none now", with(func(r *Refused) { r.Read, r.SessionNow = 0, false }), true},
+	} {
+		if got, why := Reopen(c.in); got != c.want {
+			t.Errorf("%s: Reopen = %v (%s), want %v", c.name, got, why, c.want)
+		}
+	}
+}
