@@ -459,29 +459,7 @@ func TestBootstrapOnlyCandidateGetsNoVoteFromAnEmptyVoter(t *testing.T) {
 			cfg.HeartbeatTimeout, cfg.ElectionTimeout = time.Hour, time.Hour
 		}
 	}
-	c.startNew("n1", "n2", "n3")
-	lead := c.leader()
-	ctx := ctxT(t, waitFor)
-	want := map[string]string{}
-	for i := range 20 {
-		applyRetry(t, ctx, lead.node(), setRetained(fmt.Sprintf("bo/%d", i), "acked"))
-		want[fmt.Sprintf("bo/%d", i)] = "acked"
-	}
-	c.waitRetained(want)
-	var servers []raft.Server
-	for _, s := range lead.node().Status().Voters {
-		servers = append(servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(s.ID), Address: raft.ServerAddress(s.Address)})
-	}
-	for _, tn := range c.up() {
-		tn.stop(true)
-	}
-	n1, n2, n3 := c.node("n1"), c.node("n2"), c.node("n3")
-	for _, dir := range []string{n1.dir, n3.dir} {
-		if err := os.RemoveAll(dir); err != nil {
-			t.Fatal(err)
-		}
-	}
-	bootstrapOnly(t, n1.dir, servers)
+	n1, n2, n3, want := staleAndWiped(t, c)
 	passive.Store(true)
 	for _, tn := range []*testNode{n2, n3} {
 		if err := tn.start(); err != nil {
@@ -511,6 +489,38 @@ func TestBootstrapOnlyCandidateGetsNoVoteFromAnEmptyVoter(t *testing.T) {
 	}
 	c.leader()
 	c.waitRetained(want)
+}
+
+// staleAndWiped runs n1, n2, n3 until 20 retained writes are committed
+// everywhere, stops all three (SIGKILL), then gives n3 an empty data dir
+// and n1 one whose log holds only the bootstrap configuration; n2 keeps
+// the writes. It returns the nodes, stopped, and the writes.
+func staleAndWiped(t *testing.T, c *testCluster) (n1, n2, n3 *testNode, want map[string]string) {
+	t.Helper()
+	c.startNew("n1", "n2", "n3")
+	lead := c.leader()
+	ctx := ctxT(t, waitFor)
+	want = map[string]string{}
+	for i := range 20 {
+		applyRetry(t, ctx, lead.node(), setRetained(fmt.Sprintf("bo/%d", i), "acked"))
+		want[fmt.Sprintf("bo/%d", i)] = "acked"
+	}
+	c.waitRetained(want)
+	var servers []raft.Server
+	for _, s := range lead.node().Status().Voters {
+		servers = append(servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(s.ID), Address: raft.ServerAddress(s.Address)})
+	}
+	for _, tn := range c.up() {
+		tn.stop(true)
+	}
+	n1, n2, n3 = c.node("n1"), c.node("n2"), c.node("n3")
+	for _, dir := range []string{n1.dir, n3.dir} {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bootstrapOnly(t, n1.dir, servers)
+	return n1, n2, n3, want
 }
 
 // bootstrapOnly writes a data dir whose log holds nothing but the

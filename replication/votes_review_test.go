@@ -2,7 +2,6 @@ package replication
 
 import (
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"sync/atomic"
@@ -96,29 +95,7 @@ func TestBootstrapOnlyCandidateBeforeStrictIsKnownReview(t *testing.T) {
 			}
 		}
 	}
-	c.startNew("n1", "n2", "n3")
-	lead := c.leader()
-	ctx := ctxT(t, waitFor)
-	want := map[string]string{}
-	for i := range 20 {
-		applyRetry(t, ctx, lead.node(), setRetained(fmt.Sprintf("bo/%d", i), "acked"))
-		want[fmt.Sprintf("bo/%d", i)] = "acked"
-	}
-	c.waitRetained(want)
-	var servers []raft.Server
-	for _, s := range lead.node().Status().Voters {
-		servers = append(servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(s.ID), Address: raft.ServerAddress(s.Address)})
-	}
-	for _, tn := range c.up() {
-		tn.stop(true)
-	}
-	n1, n2, n3 := c.node("n1"), c.node("n2"), c.node("n3")
-	for _, dir := range []string{n1.dir, n3.dir} {
-		if err := os.RemoveAll(dir); err != nil {
-			t.Fatal(err)
-		}
-	}
-	bootstrapOnly(t, n1.dir, servers)
+	n1, n2, n3, want := staleAndWiped(t, c)
 	passive.Store(true)
 	for _, tn := range []*testNode{n2, n1} {
 		if err := tn.start(); err != nil {
