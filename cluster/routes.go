@@ -508,6 +508,17 @@ func (rt *routeTable) mergeSnapshot(nr nodeRoutes) bool {
 	if len(nr.Filters) <= mergeBatch {
 		return rt.merge([]nodeRoutes{nr}).Replaced > 0
 	}
+	job := rt.startSnapshot(nr)
+	return job != nil && job()
+}
+
+// startSnapshot does the first step of mergeSnapshot for a large entry:
+// it marks the entry as syncing (from now on its deltas are buffered) and
+// returns the rest, which applies the batches and reports whether the
+// entry was newer; nil if it is not newer (or the node not a member, or a
+// snapshot of it already being applied). The caller may run the rest on
+// another goroutine: the deltas that follow the snapshot wait for it.
+func (rt *routeTable) startSnapshot(nr nodeRoutes) func() bool {
 	next := make(map[string]struct{}, len(nr.Filters))
 	for _, f := range nr.Filters {
 		if ValidFilter(f) {
@@ -519,7 +530,7 @@ func (rt *routeTable) mergeSnapshot(nr nodeRoutes) bool {
 	if nr.Node == rt.self || !rt.members[nr.Node] || e != nil && (e.syncing ||
 		nr.Incarnation < e.incarnation || nr.Incarnation == e.incarnation && nr.Version <= e.version) {
 		rt.mu.Unlock()
-		return false
+		return nil
 	}
 	if e == nil {
 		e = &remoteEntry{filters: make(map[string]struct{})}
@@ -533,6 +544,10 @@ func (rt *routeTable) mergeSnapshot(nr nodeRoutes) bool {
 		}
 	}
 	rt.mu.Unlock()
+	return func() bool { return rt.finishSnapshot(nr, e, next, gone) }
+}
+
+func (rt *routeTable) finishSnapshot(nr nodeRoutes, e *remoteEntry, next map[string]struct{}, gone []string) bool {
 	// current reports, under the lock, whether e is still the node's
 	// entry: a node declared dead meanwhile had it removed (setMember),
 	// index included, and the rest is dropped.
@@ -577,6 +592,11 @@ func (rt *routeTable) mergeSnapshot(nr nodeRoutes) bool {
 	}
 	e.syncing = false
 	e.incarnation, e.version = nr.Incarnation, nr.Version
+	if _, ok := e.pending[1]; ok && e.pendingInc > e.incarnation {
+		// The node restarted meanwhile: its new life starts empty, and
+		// the buffered deltas apply to that (found by review).
+		rt.replaceLocked(nr.Node, e, e.pendingInc, 0, nil)
+	}
 	rt.drainLocked(nr.Node, e)
 	rt.mu.Unlock()
 	if rt.onRemote != nil {

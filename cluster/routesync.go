@@ -16,7 +16,9 @@ import (
 // Now each node sends its OWN entry to each peer over the forwarding
 // connection, when the peer's route acks (routeack.go) show that it is
 // behind: at once when a connection's first ack is behind, later when an
-// ack stays behind the head of one check interval ago. The snapshot is
+// ack stays behind the head of one check interval ago (at most every 30 s,
+// doubling to a minute: a receiver applying a large one acks only once
+// done). The snapshot is
 // chunked (no frame near MaxFrameSize, however many filters), and it is
 // ordered with the route frames on the same connection, so the deltas
 // that follow it apply on top. Push/pull carries full entries only up to
@@ -51,7 +53,7 @@ const (
 	snapCheckInterval = time.Second
 	// snapMinGap and snapMaxGap bound how often snapshots are repeated to
 	// a peer that stays behind (doubling in between).
-	snapMinGap = 5 * time.Second
+	snapMinGap = 30 * time.Second
 	snapMaxGap = time.Minute
 )
 
@@ -227,10 +229,23 @@ func (n *Node) applySnapFrame(node string, s *snapAssembler, body []byte) error 
 		if len(r.b) > 0 {
 			break // trailing bytes: reported below
 		}
-		newer := n.routes.mergeSnapshot(nodeRoutes{Node: node, Incarnation: s.inc, Version: s.ver, Filters: s.filters})
 		n.metrics.routeSnapshots.WithLabelValues("received").Inc()
-		n.log.Debug("applied route snapshot", "peer", node, "routes", s.count, "version", s.ver,
-			"newer", newer, "took", time.Since(s.start).Round(time.Millisecond))
+		nr := nodeRoutes{Node: node, Incarnation: s.inc, Version: s.ver, Filters: s.filters}
+		if len(nr.Filters) <= mergeBatch {
+			n.routes.merge([]nodeRoutes{nr})
+		} else if job := n.routes.startSnapshot(nr); job != nil {
+			// Seconds for a million filters: not on this connection's
+			// reader, which goes on delivering messages (the node's
+			// deltas wait for the snapshot, see startSnapshot).
+			start, count, ver := s.start, s.count, s.ver
+			n.wg.Add(1)
+			go func() {
+				defer n.wg.Done()
+				newer := job()
+				n.log.Debug("applied route snapshot", "peer", node, "routes", count, "version", ver,
+					"newer", newer, "took", time.Since(start).Round(time.Millisecond))
+			}()
+		}
 		*s = snapAssembler{}
 	default:
 		r.fail(fmt.Errorf("unknown snapshot part %d", body[1]))

@@ -452,7 +452,7 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 		o.IfOpened = s.OpenedIndex
 	}
 	if tw = h.endingWill(cl.ID, pk.Connect.Clean, now); tw != nil {
-		o.Takeover = tw.cmd
+		o.Takeover = tw.cmds
 	}
 	if !o.CleanStart {
 		o.Expired = h.expiredSessionDelete(cl.ID, now)

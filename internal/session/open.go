@@ -22,11 +22,12 @@ type Open struct {
 	// IfOpened is the OpenedIndex of the client's session as read now, 0
 	// if there is none.
 	IfOpened uint64
-	// Takeover is the will this CONNECT publishes in its own entry, nil
-	// if none: the will of the client's live connection here that it
-	// makes due (TakeoverWill), or that of the session it ends (a
-	// PublishWill, EndingWill).
-	Takeover replication.Command
+	// Takeover is what publishes, in this CONNECT's own entry, the will
+	// of the session it ends, none if empty: the TakeoverWill of the
+	// client's live connection here, and the PublishWill of EndingWill
+	// in case that connection's close commits first (the log applies at
+	// most one of them: each clears the will it publishes).
+	Takeover []replication.Command
 	// Expired is the delete of the expired session the CONNECT would
 	// otherwise resume (ExpiredDelete), nil if none; a clean start
 	// ignores it.
@@ -44,9 +45,7 @@ func OpenCommands(o Open) (cmd replication.Command, pos int) {
 		ExpiryInterval: o.Expiry, Owner: o.Owner, At: o.At, CleanStart: o.CleanStart, Fenced: o.Fenced,
 		IfOpened: o.IfOpened}
 	var cmds []replication.Command
-	if o.Takeover != nil {
-		cmds = append(cmds, o.Takeover)
-	}
+	cmds = append(cmds, o.Takeover...)
 	if !open.CleanStart && o.Expired != nil {
 		cmds = append(cmds, o.Expired)
 		open.IfOpened = 0 // the delete comes first in the same entry

@@ -43,10 +43,10 @@ func TestOpenCommands(t *testing.T) {
 			with(func(o *Open) { o.Fenced, o.Will = true, sw }),
 			open(func(o *replication.SessionOpen) { o.Fenced, o.Will = true, &sw.Will }), 0},
 		{"takeover will first",
-			with(func(o *Open) { o.Takeover = tw }),
+			with(func(o *Open) { o.Takeover = []replication.Command{tw} }),
 			batch(tw, open(nil)), 1},
 		{"takeover, expired session, will",
-			with(func(o *Open) { o.Takeover, o.Expired, o.Will = tw, del, sw }),
+			with(func(o *Open) { o.Takeover, o.Expired, o.Will = []replication.Command{tw}, del, sw }),
 			batch(tw, del, open(func(o *replication.SessionOpen) { o.IfOpened = 0 }), sw), 2},
 	} {
 		got, pos := OpenCommands(c.in)

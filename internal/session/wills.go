@@ -33,11 +33,17 @@ func WillDue(s replication.Session, now int64) bool {
 // that drops and reconnects at once elsewhere; the chaos suite, seeds
 // 576349558 and 652052877). A session still connected when it applies
 // (its close, or a DISCONNECT, not written yet) is left to the open as
-// before; a delayed will is cancelled by the new connection, as Mosquitto
-// does (MQTT-3.1.3-9). Nil when none applies.
+// before. A delayed will that is not due yet is cancelled by the new
+// connection, as Mosquitto does (MQTT-3.1.3-9); one already due (its delay,
+// or its session's expiry if sooner, has passed since the close) is
+// published like one without delay (found by review). Nil when none
+// applies.
 func EndingWill(s replication.Session, found, cleanStart bool, at int64, maxQueued int) *replication.PublishWill {
-	if !found || !cleanStart || s.Will == nil || s.Will.DelaySeconds > 0 {
+	if !found || !cleanStart || s.Will == nil {
 		return nil
+	}
+	if s.Will.DelaySeconds > 0 && (s.Connected || !WillDue(s, at)) {
+		return nil // the FSM's PublishWill does not look at the delay
 	}
 	return ClaimWill(s.ClientID, s.OpenedIndex, at, maxQueued)
 }

@@ -89,8 +89,11 @@ func TestEndingWill(t *testing.T) {
 	will := &replication.Will{Topic: "w"}
 	delayed := &replication.Will{Topic: "w", DelaySeconds: 5}
 	s := func(w *replication.Will, connected bool) replication.Session {
-		return replication.Session{ClientID: "c", OpenedIndex: 9, Connected: connected, Will: w}
+		// Closed at 0 (connected: not yet), expiry a minute: a 5 s delay
+		// is due from 5,000 on.
+		return replication.Session{ClientID: "c", OpenedIndex: 9, Connected: connected, Will: w, ExpiryInterval: 60}
 	}
+	at := func(ms int64, ss replication.Session) replication.Session { ss.DisconnectedAt = ms; return ss }
 	want := &replication.PublishWill{ClientID: "c", IfOpened: 9, At: 100, MaxQueued: 10}
 	for _, c := range []struct {
 		name          string
@@ -103,7 +106,14 @@ func TestEndingWill(t *testing.T) {
 		{"a resume keeps the session: its will is cancelled by the open", s(will, false), true, false, false},
 		{"no session", replication.Session{}, false, true, false},
 		{"no will", s(nil, false), true, true, false},
-		{"a delayed will is cancelled by the new connection", s(delayed, false), true, true, false},
+		{"a delayed will not due yet is cancelled by the new connection", at(-4000, s(delayed, false)), true, true, false},
+		{"a delayed will already due is published", at(-5000, s(delayed, false)), true, true, true},
+		{"a delayed will of a session that ended with its connection is due", func() replication.Session {
+			ss := at(0, s(delayed, false))
+			ss.ExpiryInterval = 0
+			return ss
+		}(), true, true, true},
+		{"a delayed will of a connected session: the log cannot tell", at(-9000, s(delayed, true)), true, true, false},
 	} {
 		got := EndingWill(c.s, c.found, c.clean, 100, 10)
 		if (got != nil) != c.wantPublished || got != nil && !reflect.DeepEqual(got, want) {
