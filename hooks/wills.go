@@ -37,9 +37,13 @@ func (h *Sessions) claimWill(id string, opened uint64) *replication.PublishWill 
 // write's reply: h.claims (session.Claims) records what this node owes.
 //
 // At is a millisecond clock: two nodes claiming the same will in the same
-// millisecond with the same At would both publish. Only the leader claims
-// the will of a disconnected session and only the owner that of a
-// connected one (takeover), so that takes two leaders at once.
+// millisecond with the same At would both publish the live copies (the
+// queued and retained ones are in the log once). The leader claims the
+// will of a disconnected session, the owner that of a connected one
+// (takeover), and a clean CONNECT anywhere that of the session it ends
+// (endingWill): the leader and such a CONNECT claiming in the same
+// millisecond is the known way to get a will's live copies twice (found by
+// review, not fixed: the claim would need the claimer's id).
 
 // expectClaim records that this node writes the claim of id's will at At
 // at, and what to publish once it is committed.
