@@ -652,8 +652,12 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	if isMirror {
 		// A connection taken over was replaced in the log already; one
 		// closed by the leader on this node's behalf has its will claimed
-		// by the leader; a graceful stop leaves it for the leave grace.
-		if c.closedByLeader.Load() || h.keptAtStop(c) || errors.Is(cause, packets.ErrSessionTakenOver) {
+		// by the leader; a graceful stop leaves it for the leave grace,
+		// also a mirror opened after PrepareStop listed them (its close,
+		// written here, let the leader, or since endingWill a clean
+		// CONNECT elsewhere, publish the will of a client that came back
+		// within the grace: chaos seed 20261208, will-on-graceful-stop).
+		if c.closedByLeader.Load() || h.keptAtStop(c) || h.stoppingNow(cl) || errors.Is(cause, packets.ErrSessionTakenOver) {
 			return
 		}
 		h.endMirror(c, err) // session_mirror.go
