@@ -25,22 +25,8 @@ func TestCleanConnectPublishesTheDueDelayedWillItEnds(t *testing.T) {
 	watcher := tc.client("n3", "dw-watcher")
 	watcher.Sub(t, 1, "dw/#")
 	id := "dw-persistent"
-	dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true,
-		SessionExpiry: 600, WillDelay: 1,
+	dropWithWillPending(t, tc, testutil.ClientOptions{ID: id, CleanStart: true, SessionExpiry: 600, WillDelay: 1,
 		Will: &paho.WillMessage{Topic: "dw/" + id, QoS: 1, Retain: true, Payload: []byte("offline")}})
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n2"].repl.Session(id); !ok || s.Will == nil || !s.Connected {
-			return fmt.Errorf("connection with its will not in the log yet")
-		}
-		return nil
-	})
-	_ = dev.Conn.Close() // dropped: the will is due after 1 s
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n2"].repl.Session(id); !ok || s.Connected || s.Will == nil {
-			return fmt.Errorf("close with the will pending not in the log yet (%+v %v)", s, ok)
-		}
-		return nil
-	})
 	time.Sleep(1500 * time.Millisecond) // the will delay passed: the will is due
 	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true})
 	p := watcher.MustNext(t, wait)
@@ -62,21 +48,8 @@ func TestCleanConnectPublishesTheDelayedWillOfAnEndedSession(t *testing.T) {
 	watcher := tc.client("n3", "dz-watcher")
 	watcher.Sub(t, 1, "dz/#")
 	id := "dz-clean"
-	dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true,
+	dropWithWillPending(t, tc, testutil.ClientOptions{ID: id, CleanStart: true,
 		WillDelay: 30, Will: &paho.WillMessage{Topic: "dz/" + id, QoS: 1, Payload: []byte("offline")}})
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n2"].repl.Session(id); !ok || s.Will == nil || !s.Connected {
-			return fmt.Errorf("mirror with its will not in the log yet")
-		}
-		return nil
-	})
-	_ = dev.Conn.Close()
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n2"].repl.Session(id); !ok || s.Connected || s.Will == nil {
-			return fmt.Errorf("close with the will pending not in the log yet (%+v %v)", s, ok)
-		}
-		return nil
-	})
 	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true})
 	p := watcher.MustNext(t, wait)
 	if p.Topic != "dz/"+id || string(p.Payload) != "offline" {

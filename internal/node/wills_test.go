@@ -296,21 +296,8 @@ func TestCleanConnectPublishesTheWillItEnds(t *testing.T) {
 		expiry uint32
 	}{{"ew-clean", 0}, {"ew-persistent", 600}} {
 		t.Run(tt.id, func(t *testing.T) {
-			dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: tt.id, CleanStart: true,
-				SessionExpiry: tt.expiry, Will: &paho.WillMessage{Topic: "ew/" + tt.id, QoS: 1, Retain: true, Payload: []byte("offline")}})
-			testutil.Eventually(t, wait, func() error {
-				if s, ok := tc.nodes["n2"].repl.Session(tt.id); !ok || s.Will == nil || !s.Connected {
-					return fmt.Errorf("connection with its will not in the log yet")
-				}
-				return nil
-			})
-			_ = dev.Conn.Close() // dropped: the will is due
-			testutil.Eventually(t, wait, func() error {
-				if s, ok := tc.nodes["n2"].repl.Session(tt.id); !ok || s.Connected || s.Will == nil {
-					return fmt.Errorf("close with the will pending not in the log yet (%+v %v)", s, ok)
-				}
-				return nil
-			})
+			dropWithWillPending(t, tc, testutil.ClientOptions{ID: tt.id, CleanStart: true, SessionExpiry: tt.expiry,
+				Will: &paho.WillMessage{Topic: "ew/" + tt.id, QoS: 1, Retain: true, Payload: []byte("offline")}})
 			testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: tt.id, CleanStart: true})
 			p := watcher.MustNext(t, wait)
 			if p.Topic != "ew/"+tt.id || string(p.Payload) != "offline" {
@@ -319,4 +306,25 @@ func TestCleanConnectPublishesTheWillItEnds(t *testing.T) {
 			tc.waitRetained(t, "ew/"+tt.id, "offline")
 		})
 	}
+}
+
+// dropWithWillPending connects o (with a will) on n1, drops it (no
+// DISCONNECT) once the log holds the connection and its will, and returns
+// once n2 holds the close with the will still pending (not claimed).
+func dropWithWillPending(t *testing.T, tc *testCluster, o testutil.ClientOptions) {
+	t.Helper()
+	dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), o)
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n2"].repl.Session(o.ID); !ok || s.Will == nil || !s.Connected {
+			return fmt.Errorf("connection with its will not in the log yet")
+		}
+		return nil
+	})
+	_ = dev.Conn.Close()
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n2"].repl.Session(o.ID); !ok || s.Connected || s.Will == nil {
+			return fmt.Errorf("close with the will pending not in the log yet (%+v %v)", s, ok)
+		}
+		return nil
+	})
 }
