@@ -111,6 +111,15 @@ func (p *pump) fill() {
 				// track of the older message.
 				return
 			}
+			if m.Blob != nil && !m.Released {
+				payload, err := p.h.repl.ReadBlob(*m.Blob)
+				if err != nil {
+					p.h.log.Error("queued message's payload unreadable; retried at the next wake-up", "client", p.c.id,
+						"seq", m.Seq, "error", err)
+					return
+				}
+				m.Payload = payload
+			}
 			pk := p.packet(m, pid, now)
 			p.w.Sent(pid, m.Seq)
 			if m.Seq <= p.resumeUpTo {

@@ -41,6 +41,8 @@ type Retained struct {
 
 	willMu sync.Mutex
 	wills  map[*mqtt.Client]string // retained wills mochi is publishing (retained_wills.go)
+
+	durableLimit int // SetDurableLimit
 }
 
 // NewRetained returns the hook; timeout bounds each replicated write.
@@ -109,25 +111,55 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		return pk, nil // the deliberately broken build: see brokenbuild_on.go
 	}
 	cmd := retainCommand(pk, time.Now())
+	timeout := durableTimeout(h.timeout, len(pk.Payload))
 	if pk.FixedHeader.Qos == 0 {
 		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
 			defer cancel()
-			if _, err := h.repl.Apply(ctx, cmd); err != nil {
+			if _, err := h.write(ctx, cmd, pk.Payload); err != nil {
 				h.metrics.retainedFailed(err)
 				h.log.Warn("QoS 0 retained message not replicated", "topic", pk.TopicName, "error", err)
 			}
 		}()
 		return pk, nil
 	}
-	ctx, cancel := context.WithTimeout(h.base, h.timeout)
+	ctx, cancel := context.WithTimeout(h.base, timeout)
 	defer cancel()
-	if _, err := h.repl.Apply(ctx, cmd); err != nil {
+	if _, err := h.write(ctx, cmd, pk.Payload); err != nil {
 		h.metrics.retainedFailed(err)
 		h.log.Warn("retained message not replicated; not acknowledged", "client", cl.ID, "topic", pk.TopicName, "error", err)
 		return pk, refusePublish(cl, pk, "retained message", err)
 	}
 	return pk, nil
+}
+
+// write applies a retained write; a large payload goes as a blob.
+func (h *Retained) write(ctx context.Context, cmd replication.Command, payload []byte) (replication.Result, error) {
+	if rs, ok := cmd.(*replication.RetainSet); ok {
+		var err error
+		if cmd, err = withBlob(ctx, h.repl, durableLimitOf(h.durableLimit), payload, rs, func() { rs.Msg.Payload = nil }); err != nil {
+			return replication.Result{}, err
+		}
+	}
+	return applyDurable(ctx, h.repl, cmd, payload)
+}
+
+// SetDurableLimit sets the largest retained payload (--replicated-size-limit,
+// 0: any MQTT payload); call it before the server serves.
+func (h *Retained) SetDurableLimit(n int) { h.durableLimit = n }
+
+// packet is the mochi packet of a committed retained value; a blob's
+// payload is read from this node's blob files (false: unreadable, logged).
+func (h *Retained) packet(m replication.RetainedMessage) (packets.Packet, bool) {
+	if m.Blob != nil {
+		payload, err := h.repl.ReadBlob(*m.Blob)
+		if err != nil {
+			h.log.Error("retained message's payload unreadable", "topic", m.Topic, "error", err)
+			return packets.Packet{}, false
+		}
+		m.Payload = payload
+	}
+	return retainedPacket(m), true
 }
 
 // OnRetainMessage re-asserts the committed value after mochi stored a copy
@@ -145,7 +177,9 @@ func (h *Retained) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) 
 
 func (h *Retained) assert(topic string) {
 	if m, ok := h.repl.RetainedMessage(topic); ok && !m.Expired(time.Now()) {
-		h.server.Topics.RetainMessage(retainedPacket(m))
+		if pk, ok := h.packet(m); ok {
+			h.server.Topics.RetainMessage(pk)
+		}
 	} else {
 		h.server.Topics.RetainMessage(clearPacket(topic))
 	}
@@ -156,8 +190,10 @@ func (h *Retained) assert(topic string) {
 func (h *Retained) Apply(ch replication.RetainedChange) {
 	if ch.Cleared {
 		h.server.Topics.RetainMessage(clearPacket(ch.Topic))
+	} else if pk, ok := h.packet(ch.Msg); ok {
+		h.server.Topics.RetainMessage(pk)
 	} else {
-		h.server.Topics.RetainMessage(retainedPacket(ch.Msg))
+		h.server.Topics.RetainMessage(clearPacket(ch.Topic)) // not the old value
 	}
 	atomic.StoreInt64(&h.server.Info.Retained, int64(h.server.Topics.Retained.Len()))
 }
@@ -171,8 +207,10 @@ func (h *Retained) Resync() {
 		if m.Expired(now) {
 			continue
 		}
-		want[m.Topic] = true
-		h.server.Topics.RetainMessage(retainedPacket(m))
+		if pk, ok := h.packet(m); ok {
+			want[m.Topic] = true
+			h.server.Topics.RetainMessage(pk)
+		}
 	}
 	for _, pk := range h.server.Topics.Retained.GetAll() {
 		if !want[pk.TopicName] {

@@ -31,7 +31,7 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) || isWillPublisher(cl) {
 		return pk, nil // a will's persistent copies were queued by its claim
 	}
-	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(h.base, durableTimeout(h.cfg.Timeout, len(pk.Payload)))
 	defer cancel()
 	if ackBeforeCommit {
 		// The deliberately broken build: match on a possibly stale view,
@@ -58,7 +58,14 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		if h.repl.QoS2Fence() { // every server applies type 23 (a rolling upgrade may not be done)
 			q2.IfOpened = c.opened.Load()
 		}
-		res, err := h.repl.Apply(ctx, q2)
+		var wcmd replication.Command = q2
+		if cmd != nil {
+			var err error
+			if wcmd, err = withBlob(ctx, h.repl, h.durableLimit(), pk.Payload, q2, func() { cmd.Payload = nil }); err != nil {
+				return pk, h.refuse(cl, pk, err)
+			}
+		}
+		res, err := applyDurable(ctx, h.repl, wcmd, pk.Payload)
 		if err != nil {
 			return pk, h.refuse(cl, pk, err)
 		}
@@ -72,7 +79,11 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if cmd == nil {
 		return pk, nil
 	}
-	res, err := h.repl.Apply(ctx, cmd)
+	wcmd, err := withBlob(ctx, h.repl, h.durableLimit(), pk.Payload, cmd, func() { cmd.Payload = nil })
+	if err != nil {
+		return pk, h.refuse(cl, pk, err)
+	}
+	res, err := applyDurable(ctx, h.repl, wcmd, pk.Payload)
 	if err != nil {
 		return pk, h.refuse(cl, pk, err)
 	}

@@ -185,6 +185,20 @@ func (h *Sessions) retainedFor(c *sessConn, subs []replication.Subscription, exi
 			if r.Expiry > 0 {
 				e.Expires = r.Expiry * 1000
 			}
+			if len(r.Payload) > replication.BlobThreshold {
+				// The retained value's blob: PutBlob finds it and
+				// writes nothing (or writes it, if the value changed).
+				ctx, cancel := context.WithTimeout(h.base, durableTimeout(h.cfg.Timeout, len(r.Payload)))
+				wb, err := withBlob(ctx, h.repl, replication.MaxBlobSize, r.Payload, e, func() { e.Payload = nil })
+				cancel()
+				if err != nil {
+					h.log.Warn("large retained message for a new subscription not queued", "client", c.id,
+						"topic", r.TopicName, "error", err)
+					continue
+				}
+				cmds = append(cmds, wb)
+				continue
+			}
 			cmds = append(cmds, e)
 		}
 	}

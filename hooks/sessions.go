@@ -118,8 +118,13 @@ type SessionsConfig struct {
 	// MaxInflight caps the messages sent to one client and not yet
 	// acknowledged (max_inflight_messages); 0: the client's Receive Maximum.
 	MaxInflight int
-	// Timeout bounds a write the client waits for (CONNACK, PUBACK).
+	// Timeout bounds a write the client waits for (CONNACK, PUBACK);
+	// large payloads get more (durableTimeout).
 	Timeout time.Duration
+	// DurableLimit is the largest payload queued for persistent sessions
+	// (--replicated-size-limit; 0: any MQTT payload). Payloads over
+	// replication.BlobThreshold are written as blobs (blobs.go).
+	DurableLimit int
 	// Alive reports whether a node is a live cluster member. A session
 	// whose owner has not been alive for DeadAfter is closed on its behalf
 	// (LeaveGrace if Left reports the owner left gracefully).

@@ -158,6 +158,9 @@ func (n *Node) newReq(cmd Command) (*applyReq, error) {
 			return nil, fmt.Errorf("%w: %v of %d bytes, limit %d", ErrTooLarge, c.Type(), len(req.enc[i]), n.cfg.MaxCommandBytes)
 		}
 		req.size += len(req.enc[i])
+		if _, ok := c.(*BlobChunk); ok {
+			req.chunks++
+		}
 	}
 	if req.size > n.cfg.MaxBatchBytes {
 		return nil, fmt.Errorf("%w: batch of %d bytes, limit %d", ErrTooLarge, req.size, n.cfg.MaxBatchBytes)

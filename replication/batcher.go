@@ -27,6 +27,10 @@ type applyReq struct {
 	enc   [][]byte // EncodeCommand of each command
 	size  int      // encoded bytes
 	batch bool     // the caller sent a Batch: reply with Results
+	// chunks counts blob chunks: an entry carries at most one, so that
+	// no entry is much larger than a chunk (raft sends up to
+	// MaxAppendEntries entries per message and caches recent ones).
+	chunks int
 	done  chan applyReply
 }
 
@@ -147,15 +151,15 @@ func (b *batcher) loop() {
 			}
 		}
 		batch := []*applyReq{first}
-		cmds, size := len(first.cmds), first.size
+		cmds, size, chunks := len(first.cmds), first.size, first.chunks
 		// fits adds r to the batch if it fits, else keeps it for the next.
 		fits := func(r *applyReq) bool {
-			if cmds+len(r.cmds) > b.maxCmds || size+r.size > b.maxBytes {
+			if cmds+len(r.cmds) > b.maxCmds || size+r.size > b.maxBytes || chunks+r.chunks > 1 {
 				carry = r
 				return false
 			}
 			batch = append(batch, r)
-			cmds, size = cmds+len(r.cmds), size+r.size
+			cmds, size, chunks = cmds+len(r.cmds), size+r.size, chunks+r.chunks
 			return true
 		}
 		var timer *time.Timer

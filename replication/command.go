@@ -48,7 +48,8 @@ const (
 	// read, with the will (session_command.go).
 	CmdSessionOpenIf CommandType = 24
 	// CmdDeparture (0x99, skippable) is in departure.go.
-	// Next: 25 (or 0x9a for a command old nodes may skip).
+	// CmdBlobChunk (25), CmdWithBlob (26), CmdBlobDrop (27) are in blob.go.
+	// Next: 28 (or 0x9a for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -105,6 +106,12 @@ func (t CommandType) String() string {
 		return "session_open_if"
 	case CmdDeparture:
 		return "departure"
+	case CmdBlobChunk:
+		return "blob_chunk"
+	case CmdWithBlob:
+		return "with_blob"
+	case CmdBlobDrop:
+		return "blob_drop"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -375,6 +382,10 @@ func DecodeCommand(b []byte) (Command, error) {
 		}
 		if wc, ok := decodeWillCommand(t, &r); ok {
 			c = wc
+			break
+		}
+		if bc, ok := decodeBlobCommand(t, &r); ok {
+			c = bc
 			break
 		}
 		if t&cmdSkippable != 0 {

@@ -127,6 +127,11 @@ type Config struct {
 	// disconnected for longer than their expiry interval (conditional
 	// deletes). Negative disables.
 	ExpirySweepInterval time.Duration
+	// BlobGrace: the leader drops a blob nothing refers to once it has
+	// seen it so, and not growing, for this long (an upload whose
+	// publisher gave up; a message every session acknowledged). Checked
+	// with the expiry sweep. It must outlast a publisher's write timeout.
+	BlobGrace time.Duration
 
 	// Transport.
 	DialTimeout time.Duration
@@ -192,6 +197,7 @@ func (c *Config) Sanitize() {
 	def(&c.RemoveLeftAfter, 2*time.Minute)
 	defInt(&c.MinVoters, 3)
 	def(&c.ExpirySweepInterval, 30*time.Second)
+	def(&c.BlobGrace, time.Minute)
 	def(&c.DialTimeout, 5*time.Second)
 	def(&c.IOTimeout, 10*time.Second)
 	def(&c.HandshakeTimeout, 5*time.Second)

@@ -21,7 +21,9 @@ import (
 //	1  everything up to type 22
 //	2  CmdQoS2PublishIf (23): QoS2Publish fenced to its connection
 //	3  CmdSessionOpenIf (24): SessionOpen fenced to the state its CONNECT read
-const logVersion = 3
+//	4  CmdBlobChunk, CmdWithBlob, CmdBlobDrop (25-27): large messages as
+//	   blobs, and snapshot version 3 (blob records) once a blob exists
+const logVersion = 4
 
 // rpcLogVersion asks a node for the newest log format it applies; a node
 // that predates the question answers "unknown rpc kind": version 1.

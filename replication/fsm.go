@@ -182,6 +182,9 @@ func (f *FSM) notify(evs []event) {
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	st := f.st.clone()
+	if st.store != nil {
+		st.store.pin() // Release unpins
+	}
 	f.mu.RUnlock()
 	// Snapshot runs on the FSM goroutine: synced is the last entry this
 	// snapshot holds that the FSM saw (the snapshot's own index may be a
@@ -197,13 +200,20 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	start := time.Now()
-	st, err := readSnapshot(rc)
+	f.mu.RLock()
+	store := f.st.store
+	f.mu.RUnlock()
+	st, err := readSnapshotInto(rc, store)
 	if err != nil {
 		return fmt.Errorf("replication: restore snapshot: %w", err)
 	}
 	f.mu.Lock()
+	old := f.st
 	f.st = st
 	f.mu.Unlock()
+	if old.dir != nil {
+		old.store.removeLater(old.dir.path)
+	}
 	f.restores.Add(1)
 	f.log.Info("restored state from snapshot", "retained", len(st.retained), "owners", len(st.owners),
 		"sessions", len(st.sessions), "duration", time.Since(start))

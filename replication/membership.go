@@ -29,6 +29,7 @@ func (n *Node) manageLoop() {
 			if n.cfg.ExpirySweepInterval > 0 && time.Now().After(nextSweep) {
 				n.sweepExpired()
 				n.sweepSessions()
+				n.sweepBlobs(time.Now())
 				nextSweep = time.Now().Add(n.cfg.ExpirySweepInterval)
 			}
 		}

@@ -22,6 +22,7 @@ type metrics struct {
 	membership       *prometheus.CounterVec
 	barrierLatency   prometheus.Histogram
 	barrierErrors    *prometheus.CounterVec
+	blobBytes        prometheus.Counter
 	collectors       []prometheus.Collector
 }
 
@@ -81,11 +82,15 @@ func newMetrics() *metrics {
 			Namespace: ns, Subsystem: sub, Name: "read_barrier_errors_total",
 			Help: "Node.ReadBarrier failures by reason.",
 		}, []string{"reason"}),
+		blobBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "blob_written_bytes_total",
+			Help: "Bytes of large payloads this node wrote to the log as blobs (PutBlob).",
+		}),
 	}
 	m.collectors = []prometheus.Collector{
 		m.commitLatency, m.applyLatency, m.batchSize, m.appliedEntries, m.appliedCommands,
 		m.applyErrors, m.snapshotBytes, m.snapshotDuration, m.leaderChanges, m.membership,
-		m.barrierLatency, m.barrierErrors,
+		m.barrierLatency, m.barrierErrors, m.blobBytes,
 	}
 	return m
 }

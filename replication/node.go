@@ -17,9 +17,10 @@ import (
 )
 
 const (
-	raftDBFile = "raft.db"
-	snapDir    = "snapshots" // created by raft's FileSnapshotStore under DataDir
-	boltOpenTO = 2 * time.Second
+	raftDBFile  = "raft.db"
+	snapDir     = "snapshots" // created by raft's FileSnapshotStore under DataDir
+	blobDirName = "blobs"     // blob files (blob.go), rebuilt at every start
+	boltOpenTO  = 2 * time.Second
 )
 
 // Lifecycle states.
@@ -47,19 +48,21 @@ type Node struct {
 	// heartbeats guards raft's heartbeat handler (see heartbeatGuard).
 	heartbeats *heartbeatGuard
 	// logVers: the newest log format every server applies (features.go).
-	logVers  logVersions
-	store    *boltStore
-	logs     raft.LogStore // the cached log store raft uses
-	reads    readRounds    // coalesced ReadBarrier rounds
-	demux    *demux
-	rpcc     *rpcClient
-	batch    *batcher
-	gauges   []prometheus.Collector
-	observer *raft.Observer
-	stop     chan struct{}
-	life     context.Context // cancelled at shutdown
-	lifeStop context.CancelFunc
-	wg       sync.WaitGroup
+	logVers logVersions
+
+	blobSweep blobSweep // manageLoop only
+	store     *boltStore
+	logs      raft.LogStore // the cached log store raft uses
+	reads     readRounds    // coalesced ReadBarrier rounds
+	demux     *demux
+	rpcc      *rpcClient
+	batch     *batcher
+	gauges    []prometheus.Collector
+	observer  *raft.Observer
+	stop      chan struct{}
+	life      context.Context // cancelled at shutdown
+	lifeStop  context.CancelFunc
+	wg        sync.WaitGroup
 
 	hadState atomic.Bool // raft state existed at Start, or was created since
 	// votesHeld: this node started without raft state and has neither
@@ -135,6 +138,7 @@ func New(cfg Config) (*Node, error) {
 	}
 	n.fsm = newFSM(observers{onRetained: cfg.OnRetained, onOwner: cfg.OnOwner,
 		onSession: cfg.OnSession, onRestore: cfg.OnRestore}, m, log)
+	n.fsm.st.store = newBlobStore(filepath.Join(cfg.DataDir, blobDirName))
 	return n, nil
 }
 
@@ -193,12 +197,16 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("replication: data dir: %w", err)
 	}
+	// Blob files are rebuilt from the snapshot and the log raft restores.
+	if err := n.fsm.st.store.reset(); err != nil {
+		return err
+	}
 	store, err := openBoltStore(filepath.Join(cfg.DataDir, raftDBFile), false)
 	if err != nil {
 		return fmt.Errorf("replication: open log store: %w", err)
 	}
 	cleanup = append(cleanup, func() { _ = store.Close() })
-	logs, err := raft.NewLogCache(cfg.LogCacheSize, store)
+	logs, err := newLogCache(cfg.LogCacheSize, store)
 	if err != nil {
 		return fmt.Errorf("replication: log cache: %w", err)
 	}

@@ -46,7 +46,7 @@ const (
 var errSentinels = []error{
 	ErrNotLeader, ErrNoLeader, ErrTimeout, ErrUnknownOutcome, ErrClosed,
 	ErrTooLarge, ErrInvalidCommand, ErrNotMember, ErrLastVoter, ErrNoSession,
-	ErrReopened,
+	ErrReopened, ErrBlobMissing,
 }
 
 // remoteError is an error decoded from the wire: its message is the

@@ -279,7 +279,7 @@ func (s *state) applyEnqueue(c *Enqueue, res *Result, evs []event) []event {
 		seq := e.NextSeq
 		e.NextSeq++
 		e.Queue = append(e.Queue, QueuedMessage{
-			Seq: seq, Topic: c.Topic, Payload: c.Payload, QoS: t.QoS, Retain: t.Retain,
+			Seq: seq, Topic: c.Topic, Payload: c.Payload, Blob: s.blob, QoS: t.QoS, Retain: t.Retain,
 			SubscriptionIDs: t.SubscriptionIDs, Properties: c.Properties, Expires: c.Expires, Created: c.Created,
 		})
 		res.Seqs[i] = seq

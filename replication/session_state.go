@@ -56,6 +56,9 @@ type QueuedMessage struct {
 	Seq     uint64
 	Topic   string
 	Payload []byte
+	// Blob, when set, is the payload (Payload is then empty): a large
+	// message stored as a blob (blob.go).
+	Blob *BlobRef
 	// QoS is the delivery QoS for this session (min of publish and
 	// subscription QoS); Retain the retain flag as delivered.
 	QoS    byte

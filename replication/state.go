@@ -31,6 +31,9 @@ type RetainedMessage struct {
 	Expires int64
 	// Created is when the publishing node received the message (Unix ms).
 	Created int64
+	// Blob, when set, is the payload (Payload is then empty): a large
+	// message stored as a blob (blob.go).
+	Blob *BlobRef
 	// Index is the raft log index that stored this value. The state machine
 	// sets it (it is not part of RetainSet's encoding); it orders versions
 	// of a topic and makes conditional clears (RetainClear.IfIndex) possible.
@@ -100,14 +103,22 @@ type state struct {
 	// departed are the servers recorded as gone on purpose (Departure),
 	// with the Unix ms of their leave.
 	departed map[string]int64
+	// blobs are the large payloads (blob.go); their data is in files.
+	blobs map[BlobID]*blobEntry
 	// synced is the last log entry a snapshot of this state holds (set by
 	// FSM.Snapshot; not part of the replicated state itself).
 	synced uint64
+
+	// store and dir hold the blob files (nil until needed: tests); blob is
+	// the reference WithBlob applies its command with.
+	store *blobStore
+	dir   *blobDir
+	blob  *BlobRef
 }
 
 func newState() *state {
 	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
-		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64)}
+		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64), blobs: make(map[BlobID]*blobEntry)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
@@ -116,8 +127,13 @@ func newState() *state {
 // frozen: the applier copies one before mutating it (copy-on-write), so a
 // snapshot costs O(sessions), not O(queued messages).
 func (s *state) clone() *state {
+	blobs := make(map[BlobID]*blobEntry, len(s.blobs))
+	for id, b := range s.blobs {
+		blobs[id] = b.clone()
+	}
 	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
-		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed)}
+		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed),
+		blobs: blobs, store: s.store, dir: s.dir}
 }
 
 // event is an observer notification produced by applyCommand and delivered
@@ -140,11 +156,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 	}
 	switch c := cmd.(type) {
 	case *RetainSet:
-		m := c.Msg
-		m.Index = idx
-		s.retained[m.Topic] = m
-		res.Changed = true
-		evs = append(evs, event{retained: &RetainedChange{Topic: m.Topic, Msg: m, Index: idx}})
+		evs = s.applyRetainSet(c.Msg, idx, &res, evs)
 	case *RetainClear:
 		cur, ok := s.retained[c.Topic]
 		if !ok || (c.IfIndex != 0 && cur.Index != c.IfIndex) {
@@ -182,6 +194,12 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Prev: cur, Index: idx}})
 	case *Departure:
 		s.applyDeparture(c, &res)
+	case *BlobChunk:
+		s.applyBlobChunk(c, idx, &res)
+	case *WithBlob:
+		evs = s.applyWithBlob(c, idx, &res, evs)
+	case *BlobDrop:
+		s.applyBlobDrop(c, &res)
 	case *Batch:
 		res.Results = make([]Result, len(c.Commands))
 		for i, sub := range c.Commands {
@@ -196,6 +214,13 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		}
 	}
 	return res, evs
+}
+
+func (s *state) applyRetainSet(m RetainedMessage, idx uint64, res *Result, evs []event) []event {
+	m.Index, m.Blob = idx, s.blob
+	s.retained[m.Topic] = m
+	res.Changed = true
+	return append(evs, event{retained: &RetainedChange{Topic: m.Topic, Msg: m, Index: idx}})
 }
 
 // sortedTopics returns the retained topics in order (deterministic

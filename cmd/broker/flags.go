@@ -90,8 +90,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 		c.MaxPacketSize = n
 		return err
 	})
-	c.ReplicatedSizeLimit = 1 << 20
-	fs.Func("replicated-size-limit", "largest retained message, which is written to the raft log (default 1MB)", func(s string) error {
+	fs.Func("replicated-size-limit", "largest message stored durably (retained, or queued for a persistent session); larger ones are refused (default: --message-size-limit)", func(s string) error {
 		n, err := parseBytes(s)
 		c.ReplicatedSizeLimit = int(n)
 		return err
@@ -246,8 +245,11 @@ func (o *serveOptions) validate() error {
 	if c.MaxPacketSize != 0 && c.MaxPacketSize < 64 {
 		return bad("message-size-limit", "%d bytes is too small for any MQTT client; use at least 1KB, or 0 for the protocol maximum", c.MaxPacketSize)
 	}
-	if c.ReplicatedSizeLimit < 1024 || c.ReplicatedSizeLimit > 8<<20 {
-		return bad("replicated-size-limit", "%d bytes: must be between 1KB and 8MB (a raft entry must stay small enough to replicate quickly)", c.ReplicatedSizeLimit)
+	if c.ReplicatedSizeLimit != 0 && (c.ReplicatedSizeLimit < 1024 || c.ReplicatedSizeLimit > 256<<20) {
+		return bad("replicated-size-limit", "%d bytes: must be between 1KB and 256MB", c.ReplicatedSizeLimit)
+	}
+	if c.ReplicatedSizeLimit == 0 {
+		c.ReplicatedSizeLimit = int(c.MaxPacketSize) // 0 stays: any MQTT payload
 	}
 	if c.ConnectTimeout <= 0 {
 		return bad("connect-timeout", "%s: must be positive, e.g. 10s", c.ConnectTimeout)

@@ -75,8 +75,10 @@ type Config struct {
 	// SessionsTuning, likewise, adjusts the persistent-session hook's
 	// configuration (tests shorten the leave grace with it).
 	SessionsTuning func(*hooks.SessionsConfig)
-	// ReplicatedSizeLimit caps a message written to the raft log (a
-	// retained message); larger ones are refused. 0: the replication default.
+	// ReplicatedSizeLimit is the largest payload stored durably (retained,
+	// or queued for a persistent session); larger ones are refused. 0:
+	// any MQTT payload. Payloads over replication.BlobThreshold are
+	// written as blobs (replication/blob.go).
 	ReplicatedSizeLimit int
 }
 

@@ -122,10 +122,11 @@ func New(cfg Config) (_ *Node, err error) {
 	drainCtx, drain := context.WithCancel(context.Background())
 	n.drain = drain
 	n.retainedHook.SetBase(drainCtx)
+	n.retainedHook.SetDurableLimit(cfg.ReplicatedSizeLimit)
 	scfg := hooks.SessionsConfig{
 		Self: cfg.NodeID, MaxQueued: cfg.MaxQueuedMessages, MaxInflight: cfg.MaxInflightMessages,
 		Timeout: replicatedWriteTimeout, Alive: n.memberAlive, Left: n.memberLeft, Log: log, Metrics: metrics,
-		ACL: n.auth.OnACLCheck,
+		ACL: n.auth.OnACLCheck, DurableLimit: cfg.ReplicatedSizeLimit,
 	}
 	if scfg.RestartedAfterStop, err = takeStoppedMarker(cfg.DataDir); err != nil {
 		return nil, err

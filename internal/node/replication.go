@@ -77,7 +77,6 @@ func (n *Node) startReplication(ctx context.Context) error {
 		OnSession: n.sessionsHook.Apply,
 		// Expired sessions (and retained messages) go within 2 s.
 		ExpirySweepInterval: 2 * time.Second,
-		MaxCommandBytes:     n.cfg.ReplicatedSizeLimit,
 		Logger:              n.cfg.Logger,
 		Registerer:          n.reg,
 	}

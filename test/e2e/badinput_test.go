@@ -263,14 +263,13 @@ func TestBadConnections(t *testing.T) {
 }
 
 // TestDurablePublishOverReplicatedCap: a QoS 1 message larger than
-// --replicated-size-limit (1 MB by default) for a persistent subscriber,
-// or retained, cannot be stored durably yet (issue 15). The publisher must
-// not be left waiting: mosquitto_pub with MQTT 3.1.1 sees its connection
-// closed and exits (it used to wait for a PUBACK until killed), with
-// MQTT 5 it gets "Quota exceeded" (0x97).
+// --replicated-size-limit for a persistent subscriber, or retained, is
+// refused. The publisher must not be left waiting: mosquitto_pub with
+// MQTT 3.1.1 sees its connection closed and exits (it used to wait for a
+// PUBACK until killed), with MQTT 5 it gets "Quota exceeded" (0x97).
 func TestDurablePublishOverReplicatedCap(t *testing.T) {
 	t.Parallel()
-	b := startBroker(t)
+	b := startBroker(t, "--replicated-size-limit", "1MB")
 	sess := b.sub(t, "-i", "e2e-cap-sub", "-c", "-q", "1", "-t", "e2e/cap/p", "-E")
 	sess.wait(t)
 	file := t.TempDir() + "/3mb"

@@ -1,0 +1,77 @@
+package hooks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Large durable messages: a payload over replication.BlobThreshold that
+// must be queued for persistent sessions or retained is first written as
+// a blob (its chunks committed by a majority), then the entry that queues
+// or retains it refers to the blob (replication/blob.go). Up to
+// durableLimit bytes (--replicated-size-limit); larger ones are refused
+// like any write that cannot be stored (refusePublish).
+
+// blobRate is the slowest upload a durable write's deadline allows for:
+// a 256 MB message gets 32 s on top of the write timeout.
+const blobRate = 8 << 20 // bytes per second
+
+// durableTimeout is the deadline of a durable write of size bytes.
+func durableTimeout(base time.Duration, size int) time.Duration {
+	if size <= replication.BlobThreshold {
+		return base
+	}
+	return base + time.Duration(size)*time.Second/blobRate
+}
+
+// withBlob returns cmd ready to apply: unchanged for a small payload; for
+// a large one, the payload is written as a blob and cmd, with its payload
+// removed by strip, is wrapped in a WithBlob. The payload must be the one
+// cmd carries.
+func withBlob(ctx context.Context, repl *replication.Node, limit int, payload []byte,
+	cmd replication.Command, strip func()) (replication.Command, error) {
+	if len(payload) <= replication.BlobThreshold {
+		return cmd, nil
+	}
+	if len(payload) > limit {
+		return nil, fmt.Errorf("%w: payload of %d bytes over --replicated-size-limit %d", replication.ErrTooLarge, len(payload), limit)
+	}
+	if !repl.BlobsAvailable() {
+		return nil, fmt.Errorf("%w: payload of %d bytes: a server of the cluster does not store large messages yet (rolling upgrade)",
+			replication.ErrTooLarge, len(payload))
+	}
+	ref, err := repl.PutBlob(ctx, payload)
+	if err != nil {
+		return nil, err
+	}
+	strip()
+	return &replication.WithBlob{Ref: ref, Cmd: cmd}, nil
+}
+
+// applyDurable applies cmd (from withBlob); a blob swept between its
+// upload and the entry that refers to it (a stall longer than the blob
+// grace) is written once more.
+func applyDurable(ctx context.Context, repl *replication.Node, cmd replication.Command, payload []byte) (replication.Result, error) {
+	res, err := repl.Apply(ctx, cmd)
+	if wb, ok := cmd.(*replication.WithBlob); ok && errors.Is(err, replication.ErrBlobMissing) {
+		if _, err := repl.PutBlob(ctx, payload); err != nil {
+			return res, err
+		}
+		return repl.Apply(ctx, wb)
+	}
+	return res, err
+}
+
+// durableLimitOf is the limit for a configured value (0: any MQTT payload).
+func durableLimitOf(n int) int {
+	if n <= 0 || n > replication.MaxBlobSize {
+		return replication.MaxBlobSize
+	}
+	return n
+}
+
+func (h *Sessions) durableLimit() int { return durableLimitOf(h.cfg.DurableLimit) }
