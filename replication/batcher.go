@@ -31,7 +31,7 @@ type applyReq struct {
 	// no entry is much larger than a chunk (raft sends up to
 	// MaxAppendEntries entries per message and caches recent ones).
 	chunks int
-	done  chan applyReply
+	done   chan applyReply
 }
 
 // entry is the request's own log-entry encoding (for forwarding): the lone
