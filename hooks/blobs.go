@@ -40,7 +40,7 @@ func withBlob(ctx context.Context, repl *replication.Node, limit int, payload []
 	if len(payload) > limit {
 		return nil, fmt.Errorf("%w: payload of %d bytes over --replicated-size-limit %d", replication.ErrTooLarge, len(payload), limit)
 	}
-	if !repl.BlobsAvailable() {
+	if !repl.BlobsAvailable(ctx) {
 		return nil, fmt.Errorf("%w: payload of %d bytes: a server of the cluster does not store large messages yet (rolling upgrade)",
 			replication.ErrTooLarge, len(payload))
 	}

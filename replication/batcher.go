@@ -29,7 +29,7 @@ type applyReq struct {
 	batch bool     // the caller sent a Batch: reply with Results
 	// chunks counts blob chunks: an entry carries at most one, so that
 	// no entry is much larger than a chunk (raft sends up to
-	// MaxAppendEntries entries per message and caches recent ones).
+	// MaxAppendEntries entries per message).
 	chunks int
 	done   chan applyReply
 }

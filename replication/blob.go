@@ -30,7 +30,12 @@ import (
 const (
 	// BlobChunkSize is the size of every chunk of a blob but the last. It
 	// is part of the log format: a chunk's offset is a multiple of it.
-	BlobChunkSize = 512 << 10
+	// Raft sends up to MaxAppendEntries (32) entries in one message, so a
+	// follower catching up over chunks gets at most 8 MiB at a time: with
+	// 512 KiB chunks and 64 entries, 32 MiB messages to a slow follower
+	// timed out again and again and nothing committed (e2e, leader killed
+	// during a 50 MB upload).
+	BlobChunkSize = 256 << 10
 	// BlobThreshold: the hooks write payloads larger than this as blobs.
 	BlobThreshold = 256 << 10
 	// MaxBlobSize is the largest blob: the largest MQTT payload.
@@ -512,8 +517,9 @@ func (f *FSM) blobChunks(id BlobID, size int64) *blobEntry {
 }
 
 // BlobsAvailable reports whether every server applies log format 4
-// (blobs); until then a payload over BlobThreshold cannot be stored.
-func (n *Node) BlobsAvailable() bool { return n.logVers.min.Load() >= 4 }
+// (blobs); until then a payload over BlobThreshold cannot be stored. It
+// waits (bounded) while that is not known yet.
+func (n *Node) BlobsAvailable(ctx context.Context) bool { return n.awaitLogVersion(ctx, 4) }
 
 // PutBlob writes payload as a blob, each chunk committed by a majority,
 // and returns its reference for a WithBlob. Chunks this node already

@@ -178,7 +178,7 @@ func (c *Config) Sanitize() {
 	def(&c.ElectionTimeout, time.Second)
 	def(&c.LeaderLeaseTimeout, 500*time.Millisecond)
 	def(&c.CommitTimeout, 5*time.Millisecond)
-	defInt(&c.MaxAppendEntries, 64)
+	defInt(&c.MaxAppendEntries, 32) // x a 256 KiB blob chunk: 8 MiB per message at most
 	def(&c.SnapshotInterval, 2*time.Minute)
 	defU64(&c.SnapshotThreshold, 8192)
 	defU64(&c.TrailingLogs, 10240)

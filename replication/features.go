@@ -39,6 +39,7 @@ type logVersions struct {
 	min   atomic.Uint32 // over the configuration, this node included; 1 until known
 	mu    sync.Mutex
 	known map[raft.ServerID]uint32 // last answer of each server
+	wake  chan struct{}            // asks logVersionLoop for a round now
 }
 
 // QoS2Fence reports whether every server applies QoS2Publish.IfOpened
@@ -60,10 +61,32 @@ func (n *Node) logVersionLoop() {
 		cancel()
 		select {
 		case <-t.C:
+		case <-n.logVers.wake:
 		case <-n.stop:
 			return
 		}
 	}
+}
+
+// awaitLogVersion reports whether every server applies log format v,
+// asking them again now (rather than at the next round) while it is not
+// known, until ctx ends or about two rounds passed: a cluster that just
+// started has not asked yet.
+func (n *Node) awaitLogVersion(ctx context.Context, v uint32) bool {
+	ctx, cancel := context.WithTimeout(ctx, 2*logVersionInterval)
+	defer cancel()
+	for n.logVers.min.Load() < v {
+		select {
+		case n.logVers.wake <- struct{}{}:
+		default:
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return true
 }
 
 // refreshLogVersions asks every other server of the configuration. A

@@ -35,8 +35,8 @@ func openBoltStore(path string, readOnly bool) (*boltStore, error) {
 
 // logCache keeps recent log entries in memory like raft.LogCache (the
 // leader reads them back to replicate), but not entries larger than
-// maxCachedEntry: with blob chunks (512 KiB each) a cache of 512 entries
-// would hold up to 256 MiB of payload on every node.
+// maxCachedEntry: with blob chunks (256 KiB each) a cache of 512 entries
+// would hold up to 128 MiB of payload on every node.
 type logCache struct {
 	raft.LogStore
 	mu    sync.RWMutex

@@ -279,6 +279,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.batch.start()
 	n.demux.start()
 	n.logVers.known = map[raft.ServerID]uint32{}
+	n.logVers.wake = make(chan struct{}, 1)
 	n.logVers.min.Store(1)
 	n.wg.Add(3)
 	go n.observeLoop(obsCh)

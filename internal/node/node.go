@@ -96,7 +96,7 @@ func New(cfg Config) (_ *Node, err error) {
 		Help: "Admin writes on the HTTP port refused (reason: token, not_loopback)."}, []string{"reason"})
 	n.reg.MustRegister(n.adminDenied)
 
-	mochiLog := slog.New(logx.RateLimit(log.Handler(), 10*time.Second)).With("component", "mqtt")
+	mochiLog := slog.New(logx.RateLimit(logx.Rewrite(log.Handler(), packetSummary), 10*time.Second)).With("component", "mqtt")
 	n.mqtt = mqtt.New(&mqtt.Options{
 		Capabilities: cfg.capabilities(),
 		Logger:       mochiLog,
@@ -185,7 +185,7 @@ func (n *Node) bindListeners(metrics *hooks.Metrics) error {
 		ConnectTimeout: n.cfg.ConnectTimeout,
 		MaxPacketSize:  n.cfg.MaxPacketSize,
 		Metrics:        metrics,
-		Log:            slog.New(logx.RateLimit(n.log.Handler(), 10*time.Second)).With("component", "listener"),
+		Log:            slog.New(logx.RateLimit(logx.Rewrite(n.log.Handler(), packetSummary), 10*time.Second)).With("component", "listener"),
 	}
 	add := func(id, addr string, ws bool, tcfg *tls.Config) error {
 		ln, err := net.Listen("tcp", addr)

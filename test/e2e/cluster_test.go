@@ -235,11 +235,14 @@ func TestClusterBootstrapsWhenStartedTogether(t *testing.T) {
 
 // launchTogether starts n nodes at the same moment, each joining all, with
 // --bootstrap-expect n, and waits until all are ready.
-func launchTogether(t *testing.T, n int) ([]*Broker, error) {
+func launchTogether(t *testing.T, n int) ([]*Broker, error) { return launchTogetherBin(t, n, "") }
+
+// launchTogetherBin is launchTogether with another broker binary.
+func launchTogetherBin(t *testing.T, n int, bin string) ([]*Broker, error) {
 	var nodes []*Broker
 	var gossip []string
 	for i := 1; i <= n; i++ {
-		b := &Broker{t: t, ID: fmt.Sprintf("node%d", i), DataDir: t.TempDir(), log: &lockedBuffer{}}
+		b := &Broker{t: t, ID: fmt.Sprintf("node%d", i), DataDir: t.TempDir(), log: &lockedBuffer{}, spec: brokerSpec{Bin: bin}}
 		t.Cleanup(b.cleanup)
 		b.pickPorts()
 		nodes = append(nodes, b)

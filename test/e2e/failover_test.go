@@ -20,10 +20,13 @@ import (
 // startVoters starts n nodes together (--bootstrap-expect n), so all n
 // are voters from the start and any one may be killed without losing the
 // quorum. A port taken between picking and binding restarts the attempt.
-func startVoters(t *testing.T, n int) []*Broker {
+func startVoters(t *testing.T, n int) []*Broker { return startVotersBin(t, n, "") }
+
+// startVotersBin is startVoters with another broker binary.
+func startVotersBin(t *testing.T, n int, bin string) []*Broker {
 	t.Helper()
 	for attempt := 1; ; attempt++ {
-		nodes, err := launchTogether(t, n)
+		nodes, err := launchTogetherBin(t, n, bin)
 		if err == nil {
 			waitVoters(t, nodes, n)
 			return nodes
