@@ -33,7 +33,7 @@ K8S_VALIDATE := deploy/statefulset/validate
 IMAGE ?= mqtt-ha/broker:$(VERSION)
 CONTAINER_ENGINE ?= docker
 
-.PHONY: build run test unit e2e chaos chaos-pinned bench fuzz fuzz-short lint vet fmt-check tidy-check deps-check test-deps clean k8s-validate image
+.PHONY: build run test unit e2e large chaos chaos-pinned bench fuzz fuzz-short lint vet fmt-check tidy-check deps-check test-deps clean k8s-validate image
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/broker
@@ -83,6 +83,10 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./cluster ./replication ./internal/node
 	./scripts/bench-delivery.sh $(BENCH_DURATION)
 	./scripts/bench-sessions.sh $(BENCH_DURATION)
+
+## large: the large-message e2e tests with a 256 MB message (make test runs them with 50 MB); about 3 GB of disk.
+large: test-deps
+	E2E_HUGE=1 $(GO) test -count=1 -v -timeout 30m -run 'TestLarge' ./test/e2e/
 
 ## fuzz: every native fuzz target (func FuzzXxx in a _test.go file) for FUZZTIME each, one after another (go fuzzes one target per invocation); a failing input is written to the package's testdata/fuzz/FuzzXxx, where go test then runs it as a seed. Go before 1.27 may report the end of -fuzztime itself as a failure, a bare "context deadline exceeded" with no input written (go.dev/issue/75804, a race in its coordinator under CPU contention): that one is reported and tolerated, anything else fails.
 FUZZTIME ?= 30s

@@ -117,3 +117,97 @@ func measureFsync(b *testing.B, n int) float64 {
 	}
 	return float64(n) / time.Since(start).Seconds()
 }
+
+// BenchmarkSmallWritesDuringBlob measures what a large durable message
+// costs everyone else: the latency of small writes from one client (a
+// follower, one at a time, like a QoS 1 publisher waiting for PUBACK)
+// while nothing else runs, then while another follower uploads blobs of
+// BENCH_BLOB_MB megabytes (default 64) back to back. Reported: p50 and p99
+// of both phases in ms, their p99 ratio (during/alone: 1 means
+// unaffected), and the upload rate in MB/s.
+//
+// Run: go test -run '^$' -bench SmallWritesDuringBlob -benchtime 1x ./replication/
+// (BENCH_BLOB_MB=256 for the figure; needs about 3 GB of disk).
+func BenchmarkSmallWritesDuringBlob(b *testing.B) {
+	mb := 64
+	if v := os.Getenv("BENCH_BLOB_MB"); v != "" {
+		if _, err := fmt.Sscan(v, &mb); err != nil || mb <= 0 {
+			b.Fatalf("BENCH_BLOB_MB=%q", v)
+		}
+	}
+	const phase = 10 * time.Second
+	for range b.N {
+		c := newTestCluster(b, 3)
+		c.log = slog.New(slog.DiscardHandler)
+		c.mutate = func(cfg *Config) {
+			cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout = time.Second, time.Second, 500*time.Millisecond
+		}
+		c.startNew("n1", "n2", "n3")
+		lead := c.leader()
+		var small, big *testNode
+		for _, tn := range c.up() {
+			switch {
+			case tn == lead:
+			case small == nil:
+				small = tn
+			default:
+				big = tn
+			}
+		}
+		ctx := ctxT(b, 10*time.Minute)
+		measure := func(stop <-chan struct{}) []time.Duration {
+			var lat []time.Duration
+			payload := make([]byte, 64)
+			end := time.After(phase)
+			for i := 0; ; i++ {
+				select {
+				case <-end:
+					return lat
+				case <-stop:
+					return lat
+				default:
+				}
+				t0 := time.Now()
+				if _, err := small.node().Apply(ctx, &RetainSet{Msg: RetainedMessage{Topic: fmt.Sprintf("small/%d", i%100), Payload: payload, QoS: 1}}); err != nil {
+					b.Fatal(err)
+				}
+				lat = append(lat, time.Since(t0))
+			}
+		}
+		alone := measure(nil)
+		var uploaded atomic.Int64
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for seed := uint64(1); ; seed++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				p := randomPayload(mb<<20, seed)
+				if _, err := big.node().PutBlob(ctx, p); err != nil {
+					b.Error(err)
+					return
+				}
+				uploaded.Add(int64(len(p)))
+			}
+		})
+		start := time.Now()
+		during := measure(nil)
+		elapsed := time.Since(start)
+		close(stop)
+		wg.Wait()
+		pct := func(lat []time.Duration, p float64) float64 {
+			slices.Sort(lat)
+			return float64(lat[int(p*float64(len(lat)-1))].Microseconds()) / 1000
+		}
+		b.ReportMetric(pct(alone, 0.5), "alone-p50-ms")
+		b.ReportMetric(pct(alone, 0.99), "alone-p99-ms")
+		b.ReportMetric(pct(during, 0.5), "during-p50-ms")
+		b.ReportMetric(pct(during, 0.99), "during-p99-ms")
+		b.ReportMetric(pct(during, 0.99)/pct(alone, 0.99), "p99-ratio")
+		b.ReportMetric(float64(uploaded.Load())/elapsed.Seconds()/1e6, "upload-MB/s")
+		c.closeAll()
+	}
+}

@@ -596,6 +596,7 @@ func (n *Node) putChunk(ctx context.Context, c *BlobChunk) error {
 // saw each without references, and how many chunks it had then.
 type blobSweep struct {
 	seen map[BlobID]blobIdle
+	term uint64 // the term seen was filled in: a new term starts afresh
 }
 
 type blobIdle struct {
@@ -608,8 +609,10 @@ type blobIdle struct {
 // growing (an upload in progress keeps its blob).
 func (n *Node) sweepBlobs(now time.Time) {
 	idle := n.fsm.unreferencedBlobs()
-	if n.blobSweep.seen == nil {
-		n.blobSweep.seen = map[BlobID]blobIdle{}
+	if term := n.raft.CurrentTerm(); n.blobSweep.seen == nil || n.blobSweep.term != term {
+		// Times seen in an earlier term (this node led before) say
+		// nothing about an upload going on now.
+		n.blobSweep.seen, n.blobSweep.term = map[BlobID]blobIdle{}, term
 	}
 	var drop []BlobID
 	for id, chunks := range idle {
