@@ -506,6 +506,9 @@ func (f *FSM) Blobs() (count int, bytes int64) {
 	return len(f.st.blobs), bytes
 }
 
+// Blobs reports the blobs this node holds and their total size.
+func (n *Node) Blobs() (count int, bytes int64) { return n.fsm.Blobs() }
+
 // blobChunks returns which chunks of id this node holds (nil: none).
 func (f *FSM) blobChunks(id BlobID, size int64) *blobEntry {
 	f.mu.RLock()

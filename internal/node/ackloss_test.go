@@ -60,11 +60,11 @@ func TestRestartedNodeAcksOnlyWhatItQueued(t *testing.T) {
 }
 
 // TestRefusedQoS2PublishLeavesNoReceipt: a persistent publisher's QoS 2
-// message that could not be queued (over the replicated size cap) must not
+// message that could not be queued (over a 1 MB replicated size cap) must not
 // leave its packet id "awaiting release": the client's next message under
 // that id would be taken for a duplicate and dropped for every subscriber.
 func TestRefusedQoS2PublishLeavesNoReceipt(t *testing.T) {
-	tc := newTestCluster(t, "n1")
+	tc := newTunedCluster(t, capDurable, "n1")
 	tc.waitReady()
 	sub := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "q2-sub", CleanStart: true,
 		SessionExpiry: 600, Buffer: 10})

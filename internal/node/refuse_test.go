@@ -22,7 +22,7 @@ import (
 // mosquitto_pub did). MQTT 5 QoS 2 gets a PUBREC with 0x97, not the PUBACK
 // mochi answered with.
 func TestRefusedDurablePublishIsAnsweredAtOnce(t *testing.T) {
-	tc := newTestCluster(t, "n1")
+	tc := newTunedCluster(t, capDurable, "n1")
 	tc.waitReady()
 	addr := tc.nodes["n1"].Addr("mqtt")
 	sub := testutil.Connect(t, addr, testutil.ClientOptions{ID: "big-sub", SessionExpiry: 600})
@@ -98,3 +98,7 @@ func publish311(t *testing.T, conn net.Conn, topic string, qos byte, pid uint16,
 		t.Fatal(err)
 	}
 }
+
+// capDurable sets --replicated-size-limit to 1 MB (by default it is the
+// message size limit).
+func capDurable(cfg *Config) { cfg.ReplicatedSizeLimit = 1 << 20 }

@@ -188,12 +188,12 @@ func TestFlappingClientIDIsThrottled(t *testing.T) {
 // the replicated-size cap is refused with a reason code, while the same
 // payload without the retain flag (plain forwarding, 256 MB limit) passes.
 func TestRetainedOverReplicatedCapIsRefused(t *testing.T) {
-	tc := newTestCluster(t, "n1")
+	tc := newTunedCluster(t, capDurable, "n1")
 	tc.waitReady()
 	pub := tc.client("n1", "pub")
 	sub := tc.client("n1", "sub")
 	sub.Sub(t, 1, "big/#")
-	big := make([]byte, 2<<20) // over the 1 MB default cap
+	big := make([]byte, 2<<20) // over the 1 MB cap
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
 	res, _ := pub.Publish(ctx, &paho.Publish{Topic: "big/retained", QoS: 1, Retain: true, Payload: big})
