@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/mqtt-ha/broker/replication"
@@ -58,7 +59,9 @@ func withBlob(ctx context.Context, repl *replication.Node, limit int, payload []
 func applyDurable(ctx context.Context, repl *replication.Node, cmd replication.Command, payload []byte) (replication.Result, error) {
 	res, err := repl.Apply(ctx, cmd)
 	if wb, ok := cmd.(*replication.WithBlob); ok && errors.Is(err, replication.ErrBlobMissing) {
-		if _, err := repl.PutBlob(ctx, payload); err != nil {
+		// This node's view of which chunks exist may be stale: write
+		// them all.
+		if _, err := repl.RewriteBlob(ctx, payload); err != nil {
 			return res, err
 		}
 		return repl.Apply(ctx, wb)
@@ -75,3 +78,52 @@ func durableLimitOf(n int) int {
 }
 
 func (h *Sessions) durableLimit() int { return durableLimitOf(h.cfg.DurableLimit) }
+
+// blobLoadBudget is how many bytes of large payloads the pumps of a node
+// hold at once: two of the largest MQTT messages. mochi encodes a packet
+// into a buffer of its own before writing it, so the memory is about twice
+// this at most.
+const blobLoadBudget = 2 * replication.MaxBlobSize
+
+// loadBudget is a byte budget: acquire waits until n bytes are free (a
+// payload larger than the budget takes all of it).
+type loadBudget struct {
+	max  int64
+	mu   sync.Mutex
+	free int64
+	wake chan struct{} // closed and replaced by release
+}
+
+func newLoadBudget(n int64) *loadBudget {
+	return &loadBudget{max: n, free: n, wake: make(chan struct{})}
+}
+
+// acquire takes n bytes, waiting while they are not free; false if done
+// closed first.
+func (b *loadBudget) acquire(n int64, done <-chan struct{}) bool {
+	n = min(n, b.max)
+	for {
+		b.mu.Lock()
+		if b.free >= n {
+			b.free -= n
+			b.mu.Unlock()
+			return true
+		}
+		wake := b.wake
+		b.mu.Unlock()
+		select {
+		case <-wake:
+		case <-done:
+			return false
+		}
+	}
+}
+
+func (b *loadBudget) release(n int64) {
+	n = min(n, b.max)
+	b.mu.Lock()
+	b.free += n
+	close(b.wake)
+	b.wake = make(chan struct{})
+	b.mu.Unlock()
+}

@@ -111,21 +111,34 @@ func (p *pump) fill() {
 				// track of the older message.
 				return
 			}
+			var loaded int64
 			if m.Blob != nil && !m.Released {
+				// A large payload is read from this node's blob file; the
+				// pumps of the node hold at most blobLoadBudget of them at
+				// once (a message to many sessions here is read once per
+				// session).
+				if !p.h.loads.acquire(m.Blob.Size, p.done) {
+					return
+				}
 				payload, err := p.h.repl.ReadBlob(*m.Blob)
 				if err != nil {
+					p.h.loads.release(m.Blob.Size)
 					p.h.log.Error("queued message's payload unreadable; retried at the next wake-up", "client", p.c.id,
 						"seq", m.Seq, "error", err)
 					return
 				}
-				m.Payload = payload
+				m.Payload, loaded = payload, m.Blob.Size
 			}
 			pk := p.packet(m, pid, now)
 			p.w.Sent(pid, m.Seq)
 			if m.Seq <= p.resumeUpTo {
 				p.h.m.redelivered.Inc()
 			}
-			if err := p.cl.WritePacket(pk); err != nil {
+			err := p.cl.WritePacket(pk)
+			if loaded > 0 {
+				p.h.loads.release(loaded)
+			}
+			if err != nil {
 				if errors.Is(err, packets.ErrPacketTooLarge) {
 					// Larger than the client accepts: it can never be
 					// delivered (MQTT-3.1.2-25), so it is discarded.

@@ -162,6 +162,10 @@ func (n *Node) newReq(cmd Command) (*applyReq, error) {
 			req.chunks++
 		}
 	}
+	if req.chunks > 1 {
+		// One chunk per entry keeps entries small (see batcher.go).
+		return nil, fmt.Errorf("%w: batch of %d blob chunks, at most one per entry", ErrInvalidCommand, req.chunks)
+	}
 	if req.size > n.cfg.MaxBatchBytes {
 		return nil, fmt.Errorf("%w: batch of %d bytes, limit %d", ErrTooLarge, req.size, n.cfg.MaxBatchBytes)
 	}

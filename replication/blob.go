@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -43,6 +44,8 @@ const (
 
 	// blobWindow is how many chunks of one upload are in flight at once.
 	blobWindow = 4
+	// maxBlobDrop bounds the ids of one BlobDrop (32 KiB of ids).
+	maxBlobDrop = 1024
 )
 
 // Log format 4 (features.go).
@@ -271,7 +274,7 @@ func (s *state) applyBlobChunk(c *BlobChunk, idx uint64, res *Result) {
 		return
 	}
 	if b == nil {
-		b = newBlobEntry(c.Size, s.files().file(c.ID, fmt.Sprint(idx)))
+		b = newBlobEntry(c.Size, s.files().newFile(c.ID, idx))
 		s.blobs[c.ID] = b
 	}
 	i := int(c.Offset / BlobChunkSize)
@@ -450,10 +453,18 @@ func (bs *blobStore) removeLater(path string) {
 type blobDir struct {
 	path  string
 	store *blobStore
+	seq   atomic.Uint64 // newFile
 }
 
 func (d *blobDir) file(id BlobID, suffix string) string {
 	return filepath.Join(d.path, id.String()+"."+suffix)
+}
+
+// newFile names the file of a blob created at log index idx; the counter
+// keeps names unique even when one entry creates, drops and creates the
+// same blob again.
+func (d *blobDir) newFile(id BlobID, idx uint64) string {
+	return d.file(id, fmt.Sprintf("%d.%d", idx, d.seq.Add(1)))
 }
 
 // writeBlob writes a chunk. An I/O error panics: a replica that applied
@@ -529,12 +540,29 @@ func (n *Node) BlobsAvailable(ctx context.Context) bool { return n.awaitLogVersi
 // holds (a resend of the same message) are not written again. Up to
 // blobWindow chunks are in flight at once; each is its own entry, so
 // other clients' writes interleave.
+//
+// This node's state may lag the leader's: a blob it still holds may have
+// been dropped meanwhile, and the WithBlob then fails with ErrBlobMissing.
+// Write it again with RewriteBlob, which does not trust this node's view.
 func (n *Node) PutBlob(ctx context.Context, payload []byte) (BlobRef, error) {
+	return n.putBlob(ctx, payload, true)
+}
+
+// RewriteBlob is PutBlob writing every chunk (the leader skips applying
+// the ones it holds): the retry after ErrBlobMissing.
+func (n *Node) RewriteBlob(ctx context.Context, payload []byte) (BlobRef, error) {
+	return n.putBlob(ctx, payload, false)
+}
+
+func (n *Node) putBlob(ctx context.Context, payload []byte, skipHeld bool) (BlobRef, error) {
 	ref := BlobRef{ID: BlobIDOf(payload), Size: int64(len(payload))}
 	if ref.Size == 0 || ref.Size > MaxBlobSize {
 		return ref, fmt.Errorf("%w: blob of %d bytes", ErrTooLarge, ref.Size)
 	}
-	have := n.fsm.blobChunks(ref.ID, ref.Size)
+	var have *blobEntry
+	if skipHeld {
+		have = n.fsm.blobChunks(ref.ID, ref.Size)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	sem := make(chan struct{}, blobWindow)
@@ -635,6 +663,9 @@ func (n *Node) sweepBlobs(now time.Time) {
 	}
 	if len(drop) == 0 {
 		return
+	}
+	if len(drop) > maxBlobDrop {
+		drop = drop[:maxBlobDrop] // the rest next round; the command stays small
 	}
 	slices.SortFunc(drop, func(a, b BlobID) int { return slices.Compare(a[:], b[:]) })
 	ctx, cancel := context.WithTimeout(n.life, n.cfg.IOTimeout)

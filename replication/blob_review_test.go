@@ -72,9 +72,11 @@ func TestReviewBlobReuploadAfterDropOnLaggingFollower(t *testing.T) {
 	if _, err := from.node().Apply(ctx, wb); !errors.Is(err, ErrBlobMissing) {
 		t.Fatalf("first WithBlob: %v, want ErrBlobMissing", err)
 	}
-	// hooks.applyDurable: write the blob once more, then refer to it.
+	// hooks.applyDurable: write the blob once more (RewriteBlob: PutBlob
+	// trusted the follower's stale state, skipped every chunk and
+	// reported success), then refer to it.
 	before := lead.node().raft.LastIndex()
-	if _, err := from.node().PutBlob(ctx, payload); err != nil {
+	if _, err := from.node().RewriteBlob(ctx, payload); err != nil {
 		t.Fatal(err)
 	}
 	wrote := lead.node().raft.LastIndex() - before

@@ -369,3 +369,20 @@ func TestBlobAcrossNodes(t *testing.T) {
 		eventually(t, waitFor, readsBack(tn))
 	}
 }
+
+// TestBatchOfChunksRefused: a caller's Batch with two chunks would make
+// an entry of two chunks (and two blobs created under one index); Apply
+// refuses it before proposing.
+func TestBatchOfChunksRefused(t *testing.T) {
+	cfg := Config{}
+	cfg.Sanitize()
+	n := &Node{cfg: cfg}
+	p := randomPayload(2*BlobChunkSize, 9)
+	cs := chunks(p)
+	if _, err := n.newReq(&Batch{Commands: []Command{cs[0], cs[1]}}); !errors.Is(err, ErrInvalidCommand) {
+		t.Fatalf("batch of two chunks: %v", err)
+	}
+	if _, err := n.newReq(&Batch{Commands: []Command{cs[0], setRetained("t", "v")}}); err != nil {
+		t.Fatalf("batch of one chunk and a retained write: %v", err)
+	}
+}
