@@ -211,7 +211,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 		sm = cfg.Metrics.sessions
 	}
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
-		m:     sm, loads: newLoadBudget(blobLoadBudget),
+		m: sm, loads: newLoadBudget(blobLoadBudget),
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
 		closing: map[string]*sessConn{}, opening: map[string]int64{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
