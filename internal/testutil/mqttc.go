@@ -3,6 +3,7 @@
 package testutil
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -60,6 +61,9 @@ type ClientOptions struct {
 	ReceiveMaximum uint16
 	// WillDelay, if set, is the will's Will Delay Interval (seconds).
 	WillDelay uint32
+	// PacketTimeout bounds the wait for an acknowledgement (default
+	// 10 s; a 256 MB durable message takes longer).
+	PacketTimeout time.Duration
 }
 
 // Connect dials addr and completes an MQTT 5 CONNECT, failing the test on
@@ -98,7 +102,7 @@ func TryConnect(addr string, o ClientOptions) (*Client, error) {
 			}
 		},
 		OnClientError: func(error) {},
-		PacketTimeout: 10 * time.Second,
+		PacketTimeout: cmp.Or(o.PacketTimeout, 10*time.Second),
 		Session:       sessionOrNil(o.Session),
 	})
 	cp := &paho.Connect{ClientID: o.ID, KeepAlive: 30, CleanStart: o.CleanStart}

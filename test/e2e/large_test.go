@@ -108,7 +108,7 @@ func publishUntilAcked(t *testing.T, nodes []*Broker, id, topic string, retain b
 		}
 		b := nodes[(attempt-1)%len(nodes)]
 		err := func() error {
-			c, err := testutil.TryConnect(b.MQTTAddr, testutil.ClientOptions{ID: id, CleanStart: true})
+			c, err := testutil.TryConnect(b.MQTTAddr, testutil.ClientOptions{ID: id, CleanStart: true, PacketTimeout: 90 * time.Second})
 			if err != nil {
 				return err
 			}
