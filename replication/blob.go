@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/bits"
 	"os"
 	"path/filepath"
 	"slices"
@@ -700,12 +699,4 @@ func (f *FSM) unreferencedBlobs() map[BlobID]int {
 		}
 	}
 	return out
-}
-
-// popcount of a bitmap (snapshot validation).
-func popcount(words []uint64) (n int) {
-	for _, w := range words {
-		n += bits.OnesCount64(w)
-	}
-	return n
 }

@@ -180,21 +180,7 @@ func TestClusterRetainedSurvivesKillingEveryNode(t *testing.T) {
 	nodes[2].mustPub(t, "-V", "mqttv5", "-t", "custom/weather/wind", "-m", "3", "-r", "-q", "2")
 	nodes[0].mustPub(t, "-t", "custom/weather/wind", "-r", "-n", "-q", "1")
 
-	for _, b := range nodes {
-		b.Kill()
-	}
-	// All at once: a node alone has no quorum, so none is ready before
-	// the others are up.
-	for _, b := range nodes {
-		if err := b.launch(); err != nil {
-			t.Fatalf("relaunch %s: %v", b.ID, err)
-		}
-	}
-	for _, b := range nodes {
-		if err := b.waitReady(); err != nil {
-			t.Fatalf("%s not ready after restart: %v", b.ID, err)
-		}
-	}
+	killAndRestartAll(t, nodes)
 	for _, b := range nodes {
 		eventually(t, 10*time.Second, func() error {
 			_, got := b.sub(t, "-t", "custom/weather/#", "-C", "2", "-W", "2").result(t)
@@ -412,5 +398,25 @@ func TestClusterRequestResponseThousandRounds(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), msgTimeout)
 		_, _ = req.Unsubscribe(ctx, &paho.Unsubscribe{Topics: []string{topic}})
 		cancel()
+	}
+}
+
+// killAndRestartAll SIGKILLs every node, then starts them all again and
+// waits until each is ready. All at once: a node alone has no quorum, so
+// none is ready before the others are up.
+func killAndRestartAll(t *testing.T, nodes []*Broker) {
+	t.Helper()
+	for _, b := range nodes {
+		b.Kill()
+	}
+	for _, b := range nodes {
+		if err := b.launch(); err != nil {
+			t.Fatalf("relaunch %s: %v", b.ID, err)
+		}
+	}
+	for _, b := range nodes {
+		if err := b.waitReady(); err != nil {
+			t.Fatalf("%s not ready after restart: %v", b.ID, err)
+		}
 	}
 }

@@ -267,19 +267,7 @@ func TestLargeRetainedSurvivesFullRestart(t *testing.T) {
 	r := runCmd(t, 2*time.Minute, nil, "", lookPath(t, "mosquitto_pub"),
 		append(nodes[1].hostArgs(), "-q", "1", "-r", "-t", "big/retained", "-f", file)...)
 	mustSucceed(t, r)
-	for _, b := range nodes {
-		b.Kill()
-	}
-	for _, b := range nodes {
-		if err := b.launch(); err != nil {
-			t.Fatalf("relaunch %s: %v", b.ID, err)
-		}
-	}
-	for _, b := range nodes {
-		if err := b.waitReady(); err != nil {
-			t.Fatalf("%s not ready after restart: %v", b.ID, err)
-		}
-	}
+	killAndRestartAll(t, nodes)
 	for i, b := range nodes {
 		c := testutil.Connect(t, b.MQTTAddr, testutil.ClientOptions{ID: "large-retained-" + strconv.Itoa(i), CleanStart: true, Buffer: 4})
 		c.Sub(t, 1, "big/#")
