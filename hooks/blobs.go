@@ -2,8 +2,11 @@ package hooks
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -126,4 +129,35 @@ func (b *loadBudget) release(n int64) {
 	close(b.wake)
 	b.wake = make(chan struct{})
 	b.mu.Unlock()
+}
+
+// A large retained value sits in mochi's retained index as a placeholder:
+// a one-byte payload (mochi deletes a retained value with an empty one)
+// and an Origin naming the blob. Origin is the publisher's client id in
+// mochi, copied onto every copy of the packet and never encoded; MQTT
+// forbids U+0000 in a client id, so no client's id starts with the prefix.
+const blobOriginPrefix = "\x00blob\x00"
+
+var blobPlaceholder = []byte{0}
+
+func blobOrigin(ref replication.BlobRef) string {
+	return fmt.Sprintf("%s%s:%d", blobOriginPrefix, ref.ID, ref.Size)
+}
+
+// blobOfOrigin parses blobOrigin.
+func blobOfOrigin(origin string) (replication.BlobRef, bool) {
+	rest, ok := strings.CutPrefix(origin, blobOriginPrefix)
+	if !ok {
+		return replication.BlobRef{}, false
+	}
+	id, size, ok := strings.Cut(rest, ":")
+	raw, err := hex.DecodeString(id)
+	n, nerr := strconv.ParseInt(size, 10, 64)
+	var ref replication.BlobRef
+	if !ok || err != nil || nerr != nil || len(raw) != len(ref.ID) || n <= 0 {
+		return ref, false
+	}
+	copy(ref.ID[:], raw)
+	ref.Size = n
+	return ref, true
 }

@@ -3,6 +3,8 @@ package hooks
 import (
 	"testing"
 	"time"
+
+	"github.com/mqtt-ha/broker/replication"
 )
 
 // TestLoadBudget: a load waits while the budget is taken and goes on
@@ -41,5 +43,18 @@ func TestLoadBudget(t *testing.T) {
 	b.release(1000)
 	if b.free != 100 {
 		t.Fatalf("free %d after releasing everything", b.free)
+	}
+}
+
+func TestBlobOrigin(t *testing.T) {
+	ref := replication.BlobRef{ID: replication.BlobIDOf([]byte("x")), Size: 300 << 10}
+	if got, ok := blobOfOrigin(blobOrigin(ref)); !ok || got != ref {
+		t.Fatalf("round trip: %+v %v", got, ok)
+	}
+	for _, o := range []string{"", "client-1", blobOriginPrefix, blobOriginPrefix + "zz:1", blobOriginPrefix + ref.ID.String() + ":0",
+		blobOriginPrefix + ref.ID.String()[2:] + ":5"} {
+		if _, ok := blobOfOrigin(o); ok {
+			t.Fatalf("%q parsed as a blob", o)
+		}
 	}
 }

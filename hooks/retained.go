@@ -3,6 +3,7 @@ package hooks
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,7 +67,7 @@ func (h *Retained) ID() string { return "replicated-retained" }
 // Provides implements mqtt.Hook.
 func (h *Retained) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnPublish, mqtt.OnRetainMessage, mqtt.OnWill, mqtt.OnWillSent, mqtt.OnSubscribe:
+	case mqtt.OnPublish, mqtt.OnRetainMessage, mqtt.OnWill, mqtt.OnWillSent, mqtt.OnSubscribe, mqtt.OnPacketEncode:
 		return true
 	}
 	return false
@@ -148,18 +149,45 @@ func (h *Retained) write(ctx context.Context, cmd replication.Command, payload [
 // 0: any MQTT payload); call it before the server serves.
 func (h *Retained) SetDurableLimit(n int) { h.durableLimit = n }
 
-// packet is the mochi packet of a committed retained value; a blob's
-// payload is read from this node's blob files (false: unreadable, logged).
+// packet is the mochi packet of a committed retained value. A large
+// payload (a blob) is not put into mochi's index, which every node holds
+// in memory: the packet carries a placeholder and names the blob, and
+// OnPacketEncode reads the payload from this node's blob file when the
+// message is sent (blobPacket).
 func (h *Retained) packet(m replication.RetainedMessage) (packets.Packet, bool) {
 	if m.Blob != nil {
-		payload, err := h.repl.ReadBlob(*m.Blob)
-		if err != nil {
-			h.log.Error("retained message's payload unreadable", "topic", m.Topic, "error", err)
-			return packets.Packet{}, false
-		}
-		m.Payload = payload
+		pk := retainedPacket(m)
+		pk.Payload, pk.Origin = blobPlaceholder, blobOrigin(*m.Blob)
+		return pk, true
 	}
 	return retainedPacket(m), true
+}
+
+// OnPacketEncode puts the payload of a large retained message into the
+// packet being sent (see packet); mochi's index and in-flight copies keep
+// the placeholder. A payload that cannot be read any more (the value was
+// replaced and its blob dropped between the index read and this send) is
+// not sent: the packet is made too large to encode, which mochi treats as
+// undeliverable, rather than sending the placeholder.
+func (h *Retained) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type != packets.Publish || !strings.HasPrefix(pk.Origin, blobOriginPrefix) {
+		return pk
+	}
+	ref, ok := blobOfOrigin(pk.Origin)
+	pk.Origin = ""
+	var payload []byte
+	var err error
+	if ok {
+		payload, err = h.repl.ReadBlob(ref)
+	}
+	if !ok || err != nil {
+		h.log.Warn("large retained message not sent: its payload is gone (replaced meanwhile)", "client", cl.ID,
+			"topic", pk.TopicName, "error", err)
+		pk.Mods.MaxSize = 1
+		return pk
+	}
+	pk.Payload = payload
+	return pk
 }
 
 // OnRetainMessage re-asserts the committed value after mochi stored a copy

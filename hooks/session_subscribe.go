@@ -185,6 +185,13 @@ func (h *Sessions) retainedFor(c *sessConn, subs []replication.Subscription, exi
 			if r.Expiry > 0 {
 				e.Expires = r.Expiry * 1000
 			}
+			if ref, ok := blobOfOrigin(r.Origin); ok {
+				// A large retained value: its blob, which the value refers
+				// to, is queued by reference.
+				e.Payload = nil
+				cmds = append(cmds, &replication.WithBlob{Ref: ref, Cmd: e})
+				continue
+			}
 			if len(r.Payload) > replication.BlobThreshold {
 				// The retained value's blob: PutBlob finds it and
 				// writes nothing (or writes it, if the value changed).

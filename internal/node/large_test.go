@@ -44,8 +44,18 @@ func TestLargeDurableMessagesByDefault(t *testing.T) {
 	}
 	fresh := testutil.Connect(t, addr, testutil.ClientOptions{ID: "large-fresh", CleanStart: true, Buffer: 10})
 	fresh.Sub(t, 1, "large/retained")
-	if m := fresh.MustNext(t, 20*time.Second); len(m.Payload) != 2<<20+2 || !m.Retain {
+	if m := fresh.MustNext(t, 20*time.Second); !bytes.Equal(m.Payload, bytes.Repeat([]byte{'c'}, 2<<20+2)) || !m.Retain {
 		t.Fatalf("retained: %d bytes, retain %v", len(m.Payload), m.Retain)
+	}
+	// A persistent session subscribing now gets it queued by reference.
+	late := testutil.Connect(t, addr, testutil.ClientOptions{ID: "large-late", CleanStart: true, SessionExpiry: 600, Buffer: 10})
+	late.Sub(t, 1, "large/retained")
+	if m := late.MustNext(t, 20*time.Second); !bytes.Equal(m.Payload, bytes.Repeat([]byte{'c'}, 2<<20+2)) || !m.Retain {
+		t.Fatalf("retained for a persistent subscriber: %d bytes, retain %v", len(m.Payload), m.Retain)
+	}
+	// mochi's in-memory retained index holds a placeholder, not the 2 MB.
+	if pk, ok := tc.nodes["n1"].mqtt.Topics.Retained.Get("large/retained"); !ok || len(pk.Payload) > 16 {
+		t.Fatalf("mochi's retained index holds %d bytes for the large value", len(pk.Payload))
 	}
 	if n, size := tc.nodes["n1"].repl.Blobs(); n == 0 || size < 2<<20 {
 		t.Fatalf("blobs held: %d (%d bytes); the retained value's should be there", n, size)
