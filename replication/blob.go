@@ -93,6 +93,8 @@ type BlobChunk struct {
 	Size   int64
 	Offset int64
 	Data   []byte
+
+	written bool // the FSM wrote Data already (chunkFile); not encoded
 }
 
 // WithBlob applies Cmd, a RetainSet, Enqueue or QoS2Publish (with an
@@ -269,7 +271,8 @@ func (b *blobEntry) set(i int) {
 	}
 }
 
-// applyBlobChunk writes the chunk's data to the blob's file.
+// applyBlobChunk writes the chunk's data to the blob's file, unless
+// FSM.ApplyBatch already did (chunkFile).
 func (s *state) applyBlobChunk(c *BlobChunk, idx uint64, res *Result) {
 	b := s.blobs[c.ID]
 	if b != nil && b.size != c.Size {
@@ -284,9 +287,35 @@ func (s *state) applyBlobChunk(c *BlobChunk, idx uint64, res *Result) {
 	if b.has(i) {
 		return // a retried chunk
 	}
-	writeBlob(b.file, c.ID, c.Offset, c.Data)
+	if !c.written {
+		writeBlob(b.file, c.ID, c.Offset, c.Data)
+	}
 	b.set(i)
 	res.Changed = true
+}
+
+// chunkFile prepares the entry for c at log index idx (the blob's entry
+// is created if it does not exist) and returns the file its data goes
+// to, or false when applying c writes nothing (a chunk already present,
+// or an invalid one). FSM.ApplyBatch writes the data with the state lock
+// released, then applies c: only the FSM goroutine changes the state, so
+// nothing can change it in between, and readers meanwhile see the state
+// before the entry (a blob without that chunk). A write into the page
+// cache can block for long under memory pressure; holding the lock
+// through it stalled every reader (metrics scrapes took seconds).
+func (s *state) chunkFile(c *BlobChunk, idx uint64) (string, bool) {
+	if c.validate() != nil {
+		return "", false
+	}
+	b := s.blobs[c.ID]
+	if b != nil && (b.size != c.Size || b.has(int(c.Offset/BlobChunkSize))) {
+		return "", false
+	}
+	if b == nil {
+		b = newBlobEntry(c.Size, s.files().newFile(c.ID, idx))
+		s.blobs[c.ID] = b
+	}
+	return b.file, true
 }
 
 // applyWithBlob applies c.Cmd with the blob as its payload.

@@ -121,6 +121,14 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 			out[i] = Result{Index: l.Index}
 			continue
 		}
+		if c, ok := cmds[i].(*BlobChunk); ok {
+			if path, write := f.st.chunkFile(c, l.Index); write {
+				f.mu.Unlock()
+				writeBlob(path, c.ID, c.Offset, c.Data)
+				c.written = true
+				f.mu.Lock()
+			}
+		}
 		var res Result
 		before := len(evs)
 		res, evs = f.st.applyCommand(cmds[i], l.Index, evs)
