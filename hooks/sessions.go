@@ -177,6 +177,9 @@ type sessConn struct {
 	// log (or nothing is to be written): see awaitPreviousClose.
 	closeDone chan struct{}
 	closeOnce sync.Once
+	// closeIndex is the log index of that close (0: none written), set
+	// before closeDone is closed.
+	closeIndex atomic.Uint64
 
 	pump *pump
 	// unsuback: the reason codes of the UNSUBACK being sent (OnUnsubscribed
@@ -696,7 +699,12 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.closing[c.id] = c
 	h.mu.Unlock()
 	h.submit(sessOp{cmd: func() replication.Command { return cmd },
-		done: func(replication.Result, error) { h.closeWritten(c) }})
+		done: func(res replication.Result, err error) {
+			if err == nil {
+				c.closeIndex.Store(res.Index)
+			}
+			h.closeWritten(c)
+		}})
 }
 
 // hasOtherConn reports whether another connection of c's client id is

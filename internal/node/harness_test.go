@@ -29,6 +29,9 @@ type testCluster struct {
 }
 
 func testLogger() *slog.Logger {
+	if os.Getenv("BROKER_TEST_LOG") == "info" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
 	if os.Getenv("BROKER_TEST_LOG") != "" {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
