@@ -81,6 +81,7 @@ func (o *serveOptions) loadConfigFile() error {
 	apply("retain-available", "retain_available", func() { c.RetainAvailable = mc.RetainAvailable })
 	apply("session-expiry", "persistent_client_expiration", func() { c.SessionExpiry = mc.PersistentClientExpiration })
 	apply("persistence", "persistence", func() { c.Persistence = mc.Persistence })
+	apply("sys-interval", "sys_interval", func() { c.SysInterval = mc.SysInterval })
 	apply("data-dir", "persistence_location", func() { c.DataDir = mc.PersistenceLocation })
 	if s, ok := mc.Sources["allow_zero_length_clientid"]; ok && !mc.AllowZeroLengthClientID {
 		o.warnings = append(o.warnings, configWarning{where: s.String(),

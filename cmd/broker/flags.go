@@ -116,6 +116,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 	})
 	fs.BoolVar(&c.Persistence, "persistence", true, "keep sessions and retained messages on disk under --data-dir")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 10*time.Second, "time a new connection has, from accept, to send its whole CONNECT")
+	fs.DurationVar(&c.SysInterval, "sys-interval", 10*time.Second, "how often $SYS topics are published, with Mosquitto's names (mosquitto: sys_interval); 0 disables them")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "time allowed for a graceful stop")
 	fs.DurationVar(&c.LameDuck, "lame-duck", 5*time.Second, "on a graceful stop, spread client disconnects over up to this long (10 ms apart, at most half of --shutdown-timeout), so that clients do not all reconnect to the other nodes at once; 0: all at once")
 	fs.BoolVar(&c.Pprof, "pprof", false, "serve /debug/pprof on --http-addr")
@@ -250,6 +251,9 @@ func (o *serveOptions) validate() error {
 	}
 	if c.ReplicatedSizeLimit == 0 {
 		c.ReplicatedSizeLimit = int(c.MaxPacketSize) // 0 stays: any MQTT payload
+	}
+	if c.SysInterval < 0 {
+		return bad("sys-interval", "%s: must be 0 (off) or positive, e.g. 10s", c.SysInterval)
 	}
 	if c.ConnectTimeout <= 0 {
 		return bad("connect-timeout", "%s: must be positive, e.g. 10s", c.ConnectTimeout)

@@ -90,6 +90,7 @@ func serve(args []string, getenv func(string) string, stderr io.Writer) int {
 			"gossip_addr", o.cfg.GossipAddr, "cluster_addr", o.cfg.ClusterAddr)
 	}
 	o.cfg.Logger = log
+	o.cfg.Version = version
 	n, err := node.New(o.cfg)
 	if err != nil {
 		log.Error("cannot start node", "error", err)

@@ -58,6 +58,12 @@ type Config struct {
 	SessionExpiry       time.Duration // cap for persistent sessions; 0 = never
 	Persistence         bool
 
+	// SysInterval is how often $SYS is published (mosquitto:
+	// sys_interval); 0 disables it.
+	SysInterval time.Duration
+	// Version is published as $SYS/broker/version.
+	Version string
+
 	ConnectTimeout  time.Duration
 	ShutdownTimeout time.Duration
 	// LameDuck spreads a graceful stop's client disconnects over up to

@@ -50,7 +50,8 @@ type Node struct {
 	sessionsHook    *hooks.Sessions
 	raftAddr        string
 	initialHasState bool
-	stopped         chan struct{}      // closed when the node stops; ends background loops
+	stopped         chan struct{} // closed when the node stops; ends background loops
+	sys             *hooks.Sys
 	drain           context.CancelFunc // ends the replicated writes clients wait for (shutdown)
 	tls             *certReloader
 	clusterTLS      *certReloader // nil: the cluster port is plain TCP
@@ -100,8 +101,9 @@ func New(cfg Config) (_ *Node, err error) {
 	n.mqtt = mqtt.New(&mqtt.Options{
 		Capabilities: cfg.capabilities(),
 		Logger:       mochiLog,
-		// $SYS topics every 10 s, as Mosquitto's sys_interval default.
-		SysTopicResendInterval: 10,
+		// mochi's own $SYS publisher cannot be turned off (0 means 1 s):
+		// a century. hooks.Sys publishes Mosquitto's names instead.
+		SysTopicResendInterval: 100 * 365 * 24 * 3600,
 	})
 	metrics := hooks.NewMetrics(n.reg, n.mqtt.Info)
 
@@ -135,6 +137,8 @@ func New(cfg Config) (_ *Node, err error) {
 		cfg.SessionsTuning(&scfg)
 	}
 	n.sessionsHook = hooks.NewSessions(n.mqtt, n.clusterHook, scfg)
+	n.sys = hooks.NewSys(n.mqtt, hooks.SysConfig{Interval: cfg.SysInterval, Version: cfg.Version,
+		Cluster: n.sysCluster, Log: log.With("component", "sys")})
 	n.sessionsHook.SetBase(drainCtx)
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.
@@ -238,6 +242,12 @@ func (n *Node) Start(ctx context.Context) error {
 			n.log.Error("http server stopped", "error", err)
 		}
 	}()
+	sysCtx, sysStop := context.WithCancel(context.Background())
+	go func() {
+		<-n.stopped
+		sysStop()
+	}()
+	go n.sys.Run(sysCtx)
 	n.ready.Store(true)
 	n.log.Info("broker node started", "mqtt", n.Addr("mqtt"), "ws", n.Addr("ws"), "tls", n.Addr("tls"),
 		"http", n.httpLn.Addr().String())

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/mqtt-ha/broker/hooks"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtt-ha/broker/cluster"
@@ -209,4 +211,23 @@ func (c queueDepthCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstHistogram(queueDepthDesc, n, sum, counts)
+}
+
+// sysCluster is the cluster part of $SYS (hooks.Sys).
+func (n *Node) sysCluster() hooks.SysCluster {
+	st := n.cluster.Status()
+	out := hooks.SysCluster{Self: n.cfg.NodeID, Nodes: st.AliveMembers}
+	if n.repl == nil {
+		return out
+	}
+	rs := n.repl.Status()
+	out.Leader, out.Retained = rs.LeaderID, rs.Retained
+	for _, s := range n.repl.Sessions() {
+		out.Sessions++
+		out.Queued += s.QueueDepth
+		if s.Connected {
+			out.Connected++
+		}
+	}
+	return out
 }
