@@ -27,12 +27,15 @@ import (
 // and delivered live at QoS 0 through an inline client that neither the
 // log nor the cluster layer forwards.
 type Sys struct {
+	mqtt.HookBase
 	server *mqtt.Server
 	cfg    SysConfig
 	inj    *mqtt.Client
 	start  time.Time
 
 	injected atomic.Int64 // $SYS publishes: not counted as received
+	// Counted by the hook methods (mochi keeps no such counters).
+	connections, pubBytesIn, pubBytesOut atomic.Int64
 
 	last    time.Time
 	prev    sysCounters
@@ -64,7 +67,7 @@ type SysCluster struct {
 
 // sysCounters are mochi's counters at one update.
 type sysCounters struct {
-	bytesIn, bytesOut, pktsIn, pktsOut, pubIn, pubOut, pubDropped int64
+	bytesIn, bytesOut, pktsIn, pktsOut, pubIn, pubOut, pubDropped, conns int64
 }
 
 // sysClientID is the client id of the inline client that injects $SYS
@@ -109,7 +112,33 @@ func (y *Sys) counters() sysCounters {
 		bytesIn: atomic.LoadInt64(&in.BytesReceived), bytesOut: atomic.LoadInt64(&in.BytesSent),
 		pktsIn: atomic.LoadInt64(&in.PacketsReceived) - inj, pktsOut: atomic.LoadInt64(&in.PacketsSent),
 		pubIn: atomic.LoadInt64(&in.MessagesReceived) - inj, pubOut: atomic.LoadInt64(&in.MessagesSent),
-		pubDropped: atomic.LoadInt64(&in.MessagesDropped),
+		pubDropped: atomic.LoadInt64(&in.MessagesDropped), conns: y.connections.Load(),
+	}
+}
+
+// ID implements mqtt.Hook.
+func (y *Sys) ID() string { return "sys" }
+
+// Provides implements mqtt.Hook: the counters mochi does not keep.
+func (y *Sys) Provides(b byte) bool {
+	return b == mqtt.OnSessionEstablished || b == mqtt.OnPacketRead || b == mqtt.OnPacketSent
+}
+
+// OnSessionEstablished counts connections ($SYS/broker/load/connections).
+func (y *Sys) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) { y.connections.Add(1) }
+
+// OnPacketRead counts PUBLISH payload bytes from clients.
+func (y *Sys) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Publish {
+		y.pubBytesIn.Add(int64(len(pk.Payload)))
+	}
+	return pk, nil
+}
+
+// OnPacketSent counts PUBLISH payload bytes to clients.
+func (y *Sys) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
+	if pk.FixedHeader.Type == packets.Publish {
+		y.pubBytesOut.Add(int64(len(pk.Payload)))
 	}
 }
 
@@ -145,6 +174,8 @@ func (y *Sys) update(now time.Time) {
 		{"$SYS/broker/publish/messages/received", itoa(c.pubIn)},
 		{"$SYS/broker/publish/messages/sent", itoa(c.pubOut)},
 		{"$SYS/broker/publish/messages/dropped", itoa(c.pubDropped)},
+		{"$SYS/broker/publish/bytes/received", itoa(y.pubBytesIn.Load())},
+		{"$SYS/broker/publish/bytes/sent", itoa(y.pubBytesOut.Load())},
 		{"$SYS/broker/bytes/received", itoa(c.bytesIn)},
 		{"$SYS/broker/bytes/sent", itoa(c.bytesOut)},
 		{"$SYS/broker/retained messages/count", strconv.Itoa(cl.Retained)},
@@ -169,6 +200,10 @@ func (y *Sys) update(now time.Time) {
 				{"publish/dropped", c.pubDropped, y.prev.pubDropped},
 				{"bytes/received", c.bytesIn, y.prev.bytesIn},
 				{"bytes/sent", c.bytesOut, y.prev.bytesOut},
+				// Mosquitto counts accepted sockets and connections
+				// apart; here both are connections established.
+				{"connections", c.conns, y.prev.conns},
+				{"sockets", c.conns, y.prev.conns},
 			} {
 				perMinute := float64(l.now-l.before) * 60 / secs
 				ld := y.loads[l.name]

@@ -145,6 +145,7 @@ func New(cfg Config) (_ *Node, err error) {
 	for _, h := range []mqtt.Hook{
 		n.auth,
 		hooks.NewMetricsHook(metrics, log.With("component", "mqtt")),
+		n.sys,
 		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, cfg.MaxPacketSize, log.With("component", "mqtt")),
 		&hooks.Acks{},
 		hooks.NewQueueOrder(n.mqtt),
