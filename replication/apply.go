@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -442,4 +443,33 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 // this node's state machine may still lag), or ctx ends.
 func (n *Node) WaitAppliedLocal(ctx context.Context, index uint64) error {
 	return n.WaitSynced(ctx, index)
+}
+
+// TransferLeadership hands leadership to the most up-to-date other voter
+// and returns the new leader's id. Only the leader can: elsewhere the
+// error names it.
+func (n *Node) TransferLeadership(ctx context.Context) (string, error) {
+	if !n.running() {
+		return "", ErrClosed
+	}
+	if n.raft.State() != raft.Leader {
+		_, id := n.raft.LeaderWithID()
+		return "", fmt.Errorf("%w: %s is not the leader; ask %s", ErrNotLeader, n.cfg.NodeID, cmp.Or(string(id), "(none known)"))
+	}
+	if len(n.otherVoters()) == 0 {
+		return "", fmt.Errorf("%w: no other voter to hand leadership to", ErrLastVoter)
+	}
+	if err := waitFuture(ctx, n.raft.LeadershipTransfer()); err != nil {
+		return "", fmt.Errorf("replication: leadership transfer: %w", err)
+	}
+	for {
+		if _, id := n.raft.LeaderWithID(); id != "" && string(id) != n.cfg.NodeID {
+			return string(id), nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("replication: leadership transferred, new leader not known yet: %w", ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }

@@ -48,3 +48,7 @@ func cutLevel(s string) (level, rest string, more bool) {
 	}
 	return s, "", false
 }
+
+// MatchFilter is matchFilter for callers outside the state machine (the
+// admin API's retained listing).
+func MatchFilter(filter, topic string) bool { return matchFilter(filter, topic) }

@@ -18,8 +18,16 @@ import (
 // clusterCmd runs `broker cluster status`: it asks a running node's HTTP
 // endpoint (/api/cluster) and prints the members as a table.
 func clusterCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "transfer-leadership" {
+		a := newAdminFlags("broker cluster transfer-leadership", getenv, stderr)
+		if err := a.fs.Parse(args[1:]); err != nil || a.fs.NArg() != 0 {
+			fmt.Fprintln(stderr, "usage: broker cluster transfer-leadership [--http-addr host:port of the leader] [--admin-token-file FILE]")
+			return 2
+		}
+		return a.post("/api/cluster/transfer-leadership", stdout, stderr)
+	}
 	if len(args) == 0 || (args[0] != "status" && args[0] != "remove-node") {
-		fmt.Fprintln(stderr, "usage: broker cluster status [--http-addr host:port] [--json]\n       broker cluster remove-node [--http-addr host:port] [--admin-token-file FILE] NODE-ID")
+		fmt.Fprintln(stderr, "usage: broker cluster status [--http-addr host:port] [--json]\n       broker cluster remove-node [--http-addr host:port] [--admin-token-file FILE] NODE-ID\n       broker cluster transfer-leadership [--http-addr host:port] [--admin-token-file FILE]")
 		return 2
 	}
 	fs := flag.NewFlagSet("broker cluster "+args[0], flag.ContinueOnError)
@@ -100,26 +108,7 @@ func printStatus(w io.Writer, st node.ClusterInfo) {
 
 // removeNode asks a running node to remove id from the raft configuration.
 func removeNode(host, id, token string, stdout, stderr io.Writer) int {
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost,
-		"http://"+host+"/api/cluster/remove-node?id="+url.QueryEscape(id), nil)
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		fmt.Fprintf(stderr, "broker: cannot reach the node at %s: %v (is it running? pass --http-addr)\n", host, err)
-		return 1
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		fmt.Fprintf(stderr, "broker: %s", body)
-		return 1
-	}
-	_, _ = stdout.Write(body)
-	return 0
+	return apiPost(host, "/api/cluster/remove-node?id="+url.QueryEscape(id), token, stdout, stderr)
 }
 
 // apiGet fetches path from a running node's HTTP endpoint.

@@ -41,6 +41,10 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return clusterCmd(args, getenv, stdout, stderr)
 	case "sessions":
 		return sessionsCmd(args, getenv, stdout, stderr)
+	case "clients":
+		return clientsCmd(args, getenv, stdout, stderr)
+	case "retained":
+		return retainedCmd(args, getenv, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "broker", version)
 		return 0
@@ -59,6 +63,15 @@ const usage = `Usage:
                            remove a dead node from the raft configuration
                            (--admin-token-file when the node has a token)
   broker sessions          list the sessions a running node holds (--http-addr)
+  broker clients           list the clients connected to a node (--http-addr)
+  broker clients disconnect ID
+                           close a client's connection (admin)
+  broker retained          list retained messages (--filter, every page)
+  broker retained delete TOPIC
+                           delete a retained message, cluster-wide (admin)
+  broker cluster transfer-leadership
+                           hand raft leadership to another voter (ask the
+                           leader; admin)
   broker version           print the version
 `
 

@@ -56,6 +56,7 @@ func (n *Node) routes() http.Handler {
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(n.Sessions())
 	})
+	n.adminRoutes(mux) // admin.go
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{Registry: n.reg}))
 	if n.cfg.Pprof {
 		// Behind the admin check: /cmdline shows the flags (secrets

@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mqtt-ha/broker/internal/node"
+)
+
+// adminFlags are the flags every admin subcommand takes.
+type adminFlags struct {
+	fs     *flag.FlagSet
+	addr   *string
+	asJSON *bool
+	token  func() (string, error)
+}
+
+func newAdminFlags(name string, getenv func(string) string, stderr io.Writer) *adminFlags {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	def := "127.0.0.1:8080"
+	if v := getenv("BROKER_HTTP_ADDR"); v != "" {
+		def = v
+	}
+	return &adminFlags{fs: fs, addr: fs.String("http-addr", def, "HTTP address of the node to ask"),
+		asJSON: fs.Bool("json", false, "print the raw JSON"), token: adminTokenFlags(fs, getenv)}
+}
+
+func (a *adminFlags) host() string {
+	if strings.HasPrefix(*a.addr, ":") {
+		return "127.0.0.1" + *a.addr
+	}
+	return *a.addr
+}
+
+// post sends an admin write and prints the node's answer.
+func (a *adminFlags) post(path string, stdout, stderr io.Writer) int {
+	token, err := a.token()
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: %v\n", err)
+		return 2
+	}
+	return apiPost(a.host(), path, token, stdout, stderr)
+}
+
+// apiPost sends an admin POST to a running node.
+func apiPost(host, path, token string, stdout, stderr io.Writer) int {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+host+path, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: cannot reach the node at %s: %v (is it running? pass --http-addr)\n", host, err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "broker: %s", body)
+		return 1
+	}
+	_, _ = stdout.Write(body)
+	return 0
+}
+
+// clientsCmd runs `broker clients` (the clients connected to a node) and
+// `broker clients disconnect ID`.
+func clientsCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "disconnect" {
+		a := newAdminFlags("broker clients disconnect", getenv, stderr)
+		if err := a.fs.Parse(args[1:]); err != nil || a.fs.NArg() != 1 {
+			fmt.Fprintln(stderr, "usage: broker clients disconnect [--http-addr host:port] [--admin-token-file FILE] CLIENT-ID")
+			return 2
+		}
+		return a.post("/api/clients/disconnect?id="+url.QueryEscape(a.fs.Arg(0)), stdout, stderr)
+	}
+	a := newAdminFlags("broker clients", getenv, stderr)
+	if err := a.fs.Parse(args); err != nil {
+		return 2
+	}
+	body, err := apiGet(a.host(), "/api/clients")
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: %v\n", err)
+		return 1
+	}
+	if *a.asJSON {
+		_, _ = stdout.Write(body)
+		return 0
+	}
+	var cs []node.ClientInfo
+	if err := json.Unmarshal(body, &cs); err != nil {
+		fmt.Fprintf(stderr, "broker: bad answer from %s: %v\n", a.host(), err)
+		return 1
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CLIENT\tNODE\tREMOTE\tMQTT\tKEEPALIVE\tCLEAN")
+	for _, c := range cs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%v\n", c.ClientID, c.Node, c.Remote, c.ProtocolVersion, c.Keepalive, c.CleanStart)
+	}
+	_ = tw.Flush()
+	return 0
+}
+
+// retainedCmd runs `broker retained` (every page) and `broker retained
+// delete TOPIC`.
+func retainedCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "delete" {
+		a := newAdminFlags("broker retained delete", getenv, stderr)
+		if err := a.fs.Parse(args[1:]); err != nil || a.fs.NArg() != 1 {
+			fmt.Fprintln(stderr, "usage: broker retained delete [--http-addr host:port] [--admin-token-file FILE] TOPIC")
+			return 2
+		}
+		return a.post("/api/retained/delete?topic="+url.QueryEscape(a.fs.Arg(0)), stdout, stderr)
+	}
+	a := newAdminFlags("broker retained", getenv, stderr)
+	filter := a.fs.String("filter", "#", "topic filter")
+	if err := a.fs.Parse(args); err != nil {
+		return 2
+	}
+	var all []node.RetainedInfo
+	for after := ""; ; {
+		body, err := apiGet(a.host(), "/api/retained?filter="+url.QueryEscape(*filter)+"&after="+url.QueryEscape(after))
+		if err != nil {
+			fmt.Fprintf(stderr, "broker: %v\n", err)
+			return 1
+		}
+		var page node.RetainedPage
+		if err := json.Unmarshal(body, &page); err != nil {
+			fmt.Fprintf(stderr, "broker: bad answer from %s: %v\n", a.host(), err)
+			return 1
+		}
+		all = append(all, page.Messages...)
+		if page.Next == "" {
+			break
+		}
+		after = page.Next
+	}
+	if *a.asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(all)
+		return 0
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TOPIC\tQOS\tBYTES\tCREATED\tEXPIRES")
+	for _, m := range all {
+		exp := "-"
+		if !m.Expires.IsZero() {
+			exp = m.Expires.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\n", m.Topic, m.QoS, m.Bytes, m.Created.UTC().Format(time.RFC3339), exp)
+	}
+	_ = tw.Flush()
+	return 0
+}

@@ -1,0 +1,206 @@
+package node
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"slices"
+	"strconv"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// The admin API beyond /api/cluster and /api/sessions (issue 14, first
+// part): clients connected to this node (list, disconnect one), retained
+// messages (list by filter with paging, delete) and raft leadership
+// transfer. Reads come from this node's state and never block the broker
+// (copies under short read locks); writes go through the admin check.
+
+// ClientInfo is one line of /api/clients.
+type ClientInfo struct {
+	ClientID        string `json:"client_id"`
+	Node            string `json:"node"`
+	Remote          string `json:"remote"`
+	Listener        string `json:"listener"`
+	ProtocolVersion byte   `json:"protocol_version"`
+	Keepalive       uint16 `json:"keepalive"`
+	CleanStart      bool   `json:"clean_start"`
+	Username        string `json:"username,omitempty"`
+}
+
+// RetainedInfo is one line of /api/retained (the payload is not listed).
+type RetainedInfo struct {
+	Topic   string    `json:"topic"`
+	QoS     byte      `json:"qos"`
+	Bytes   int64     `json:"bytes"`
+	Large   bool      `json:"large,omitempty"` // stored as a blob
+	Created time.Time `json:"created"`
+	Expires time.Time `json:"expires,omitzero"`
+}
+
+// RetainedPage is /api/retained: Next is the "after" of the next page,
+// empty on the last one.
+type RetainedPage struct {
+	Messages []RetainedInfo `json:"messages"`
+	Next     string         `json:"next,omitempty"`
+}
+
+const maxPage = 1000
+
+func (n *Node) adminRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /api/clients", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, n.Clients()) })
+	mux.HandleFunc("POST /api/clients/disconnect", n.adminOnly(n.serveDisconnect))
+	mux.HandleFunc("GET /api/retained", n.serveRetained)
+	mux.HandleFunc("POST /api/retained/delete", n.adminOnly(n.serveRetainedDelete))
+	mux.HandleFunc("POST /api/cluster/transfer-leadership", n.adminOnly(n.serveTransfer))
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+// Clients lists the clients connected to this node, by client id.
+func (n *Node) Clients() []ClientInfo {
+	out := []ClientInfo{}
+	for _, cl := range n.mqtt.Clients.GetAll() {
+		if cl.Net.Inline || cl.Closed() {
+			continue
+		}
+		out = append(out, ClientInfo{ClientID: cl.ID, Node: n.cfg.NodeID, Remote: cl.Net.Remote, Listener: cl.Net.Listener,
+			ProtocolVersion: cl.Properties.ProtocolVersion, Keepalive: cl.State.Keepalive, CleanStart: cl.Properties.Clean,
+			Username: string(cl.Properties.Username)})
+	}
+	slices.SortFunc(out, func(a, b ClientInfo) int { return cmp.Compare(a.ClientID, b.ClientID) })
+	return out
+}
+
+// serveDisconnect closes the connection of ?id= on this node (MQTT 5:
+// DISCONNECT 0x98, administrative action). A client connected elsewhere
+// gets 404 naming the node that holds it.
+func (n *Node) serveDisconnect(w http.ResponseWriter, r *http.Request) {
+	id := r.URL.Query().Get("id")
+	if id == "" {
+		http.Error(w, "missing ?id=<client id>", http.StatusBadRequest)
+		return
+	}
+	cl, ok := n.mqtt.Clients.Get(id)
+	if !ok || cl.Net.Inline || cl.Closed() {
+		msg := fmt.Sprintf("client %q is not connected to %s", id, n.cfg.NodeID)
+		if n.repl != nil {
+			if o, ok := n.repl.Owner(id); ok && o.Node != n.cfg.NodeID {
+				msg += fmt.Sprintf("; node %s holds it: ask that node", o.Node)
+			}
+		}
+		http.Error(w, msg, http.StatusNotFound)
+		return
+	}
+	if cl.Properties.ProtocolVersion == 5 {
+		_ = n.mqtt.DisconnectClient(cl, packets.ErrAdministrativeAction) // MQTT 3.1.1 has no server DISCONNECT
+	}
+	cl.Stop(packets.ErrAdministrativeAction)
+	n.log.Warn("client disconnected by an operator", "client", id, "remote", r.RemoteAddr)
+	fmt.Fprintf(w, "disconnected %s\n", id)
+}
+
+// serveRetained lists retained messages matching ?filter= (default #) in
+// topic order, ?limit= (default and most 1000) per page, after ?after=.
+func (n *Node) serveRetained(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	filter := cmp.Or(q.Get("filter"), "#")
+	limit := maxPage
+	if v := q.Get("limit"); v != "" {
+		l, err := strconv.Atoi(v)
+		if err != nil || l <= 0 {
+			http.Error(w, "limit must be a positive number", http.StatusBadRequest)
+			return
+		}
+		limit = min(l, maxPage)
+	}
+	if !mqtt.IsValidFilter(filter, false) {
+		http.Error(w, fmt.Sprintf("invalid topic filter %q", filter), http.StatusBadRequest)
+		return
+	}
+	if n.repl == nil {
+		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		return
+	}
+	writeJSON(w, retainedPage(n.repl.Retained(), filter, q.Get("after"), limit))
+}
+
+// retainedPage pages msgs (sorted by topic).
+func retainedPage(msgs []replication.RetainedMessage, filter, after string, limit int) RetainedPage {
+	page := RetainedPage{Messages: []RetainedInfo{}}
+	now := time.Now()
+	for _, m := range msgs {
+		if m.Topic <= after && after != "" || !replication.MatchFilter(filter, m.Topic) || m.Expired(now) {
+			continue
+		}
+		if len(page.Messages) == limit {
+			page.Next = page.Messages[limit-1].Topic
+			break
+		}
+		ri := RetainedInfo{Topic: m.Topic, QoS: m.QoS, Bytes: int64(len(m.Payload)), Created: time.UnixMilli(m.Created)}
+		if m.Blob != nil {
+			ri.Bytes, ri.Large = m.Blob.Size, true
+		}
+		if m.Expires != 0 {
+			ri.Expires = time.UnixMilli(m.Expires)
+		}
+		page.Messages = append(page.Messages, ri)
+	}
+	return page
+}
+
+// serveRetainedDelete clears the retained message of ?topic= through the
+// log (every node), as an empty retained publish would.
+func (n *Node) serveRetainedDelete(w http.ResponseWriter, r *http.Request) {
+	topic := r.URL.Query().Get("topic")
+	if topic == "" {
+		http.Error(w, "missing ?topic=<topic>", http.StatusBadRequest)
+		return
+	}
+	if n.repl == nil {
+		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	res, err := n.repl.Apply(ctx, &replication.RetainClear{Topic: topic})
+	if err != nil {
+		http.Error(w, fmt.Sprintf("delete %q: %v", topic, err), http.StatusConflict)
+		return
+	}
+	if !res.Changed {
+		http.Error(w, fmt.Sprintf("no retained message on %q", topic), http.StatusNotFound)
+		return
+	}
+	n.log.Warn("retained message deleted by an operator", "topic", topic, "remote", r.RemoteAddr)
+	fmt.Fprintf(w, "deleted %s\n", topic)
+}
+
+// serveTransfer hands raft leadership to another voter (before
+// maintenance of the leader's machine, say).
+func (n *Node) serveTransfer(w http.ResponseWriter, r *http.Request) {
+	if n.repl == nil {
+		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
+	defer cancel()
+	to, err := n.repl.TransferLeadership(ctx)
+	if err != nil {
+		http.Error(w, fmt.Sprintf("transfer leadership: %v", err), http.StatusConflict)
+		return
+	}
+	n.log.Warn("raft leadership transferred by an operator", "to", to, "remote", r.RemoteAddr)
+	fmt.Fprintf(w, "leader is now %s\n", to)
+}
