@@ -164,3 +164,38 @@ func retainedCmd(args []string, getenv func(string) string, stdout, stderr io.Wr
 	_ = tw.Flush()
 	return 0
 }
+
+// sessionCmd runs `broker sessions show ID` and `broker sessions delete ID`.
+func sessionCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	a := newAdminFlags("broker sessions "+args[0], getenv, stderr)
+	if err := a.fs.Parse(args[1:]); err != nil || a.fs.NArg() != 1 {
+		fmt.Fprintf(stderr, "usage: broker sessions %s [--http-addr host:port] [--admin-token-file FILE] CLIENT-ID\n", args[0])
+		return 2
+	}
+	id := a.fs.Arg(0)
+	if args[0] == "delete" {
+		return a.post("/api/sessions/delete?id="+url.QueryEscape(id), stdout, stderr)
+	}
+	body, err := apiGet(a.host(), "/api/sessions/"+url.PathEscape(id))
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: %v\n", err)
+		return 1
+	}
+	if *a.asJSON {
+		_, _ = stdout.Write(body)
+		return 0
+	}
+	var d node.SessionDetail
+	if err := json.Unmarshal(body, &d); err != nil {
+		fmt.Fprintf(stderr, "broker: bad answer from %s: %v\n", a.host(), err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "client %s: %s, owner %s, MQTT %d, %d queued\n", d.ClientID, d.State, d.Owner, d.ProtocolVersion, d.QueueDepth)
+	for _, f := range d.Filters {
+		fmt.Fprintf(stdout, "  subscription %s\n", f)
+	}
+	for _, q := range d.Queue {
+		fmt.Fprintf(stdout, "  queued #%d %s QoS %d, %d bytes\n", q.Seq, q.Topic, q.QoS, q.Bytes)
+	}
+	return 0
+}

@@ -130,6 +130,9 @@ func apiGet(host, path string) ([]byte, error) {
 
 // sessionsCmd runs `broker sessions`: the sessions a running node holds.
 func sessionsCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && (args[0] == "show" || args[0] == "delete") {
+		return sessionCmd(args, getenv, stdout, stderr)
+	}
 	fs := flag.NewFlagSet("broker sessions", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	def := "127.0.0.1:8080"

@@ -63,6 +63,9 @@ const usage = `Usage:
                            remove a dead node from the raft configuration
                            (--admin-token-file when the node has a token)
   broker sessions          list the sessions a running node holds (--http-addr)
+  broker sessions show ID  one session with its subscriptions and queue
+  broker sessions delete ID
+                           delete an offline persistent session (admin)
   broker clients           list the clients connected to a node (--http-addr)
   broker clients disconnect ID
                            close a client's connection (admin)

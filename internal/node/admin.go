@@ -59,6 +59,7 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /api/retained", n.serveRetained)
 	mux.HandleFunc("POST /api/retained/delete", n.adminOnly(n.serveRetainedDelete))
 	mux.HandleFunc("POST /api/cluster/transfer-leadership", n.adminOnly(n.serveTransfer))
+	n.sessionRoutes(mux)
 }
 
 func writeJSON(w http.ResponseWriter, v any) {
@@ -203,4 +204,102 @@ func (n *Node) serveTransfer(w http.ResponseWriter, r *http.Request) {
 	}
 	n.log.Warn("raft leadership transferred by an operator", "to", to, "remote", r.RemoteAddr)
 	fmt.Fprintf(w, "leader is now %s\n", to)
+}
+
+// SessionDetail is /api/sessions/{id}: one persistent session with its
+// subscriptions and queue (messages listed without payloads).
+type SessionDetail struct {
+	SessionInfo
+	Filters []string      `json:"filters"`
+	Queue   []QueuedBrief `json:"queue"`
+}
+
+// QueuedBrief is a queued message without its payload.
+type QueuedBrief struct {
+	Seq      uint64 `json:"seq"`
+	Topic    string `json:"topic"`
+	QoS      byte   `json:"qos"`
+	Bytes    int64  `json:"bytes"`
+	Released bool   `json:"released,omitempty"` // PUBREC received: only PUBREL remains
+}
+
+func (n *Node) sessionRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /api/sessions/{id}", func(w http.ResponseWriter, r *http.Request) {
+		d, ok := n.SessionDetail(r.PathValue("id"))
+		if !ok {
+			http.Error(w, fmt.Sprintf("no persistent session %q", r.PathValue("id")), http.StatusNotFound)
+			return
+		}
+		writeJSON(w, d)
+	})
+	mux.HandleFunc("POST /api/sessions/delete", n.adminOnly(n.serveSessionDelete))
+}
+
+// SessionDetail returns the persistent session of id from the log.
+func (n *Node) SessionDetail(id string) (SessionDetail, bool) {
+	if n.repl == nil {
+		return SessionDetail{}, false
+	}
+	s, ok := n.repl.Session(id)
+	if !ok {
+		return SessionDetail{}, false
+	}
+	var info SessionInfo
+	for _, si := range n.Sessions() {
+		if si.ClientID == id {
+			info = si
+		}
+	}
+	d := SessionDetail{SessionInfo: info, Filters: []string{}, Queue: []QueuedBrief{}}
+	for f := range s.Subscriptions {
+		d.Filters = append(d.Filters, f)
+	}
+	slices.Sort(d.Filters)
+	for _, m := range s.Queue {
+		q := QueuedBrief{Seq: m.Seq, Topic: m.Topic, QoS: m.QoS, Bytes: int64(len(m.Payload)), Released: m.Released}
+		if m.Blob != nil {
+			q.Bytes = m.Blob.Size
+		}
+		d.Queue = append(d.Queue, q)
+	}
+	return d, true
+}
+
+// serveSessionDelete deletes the persistent session of ?id= (its
+// subscriptions and queue) through the log, fenced to the connection
+// that last opened it. A connected session is refused: disconnect the
+// client first (it would otherwise go on without its session).
+func (n *Node) serveSessionDelete(w http.ResponseWriter, r *http.Request) {
+	id := r.URL.Query().Get("id")
+	if id == "" {
+		http.Error(w, "missing ?id=<client id>", http.StatusBadRequest)
+		return
+	}
+	if n.repl == nil {
+		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		return
+	}
+	s, ok := n.repl.Session(id)
+	if !ok {
+		http.Error(w, fmt.Sprintf("no persistent session %q", id), http.StatusNotFound)
+		return
+	}
+	if s.Connected {
+		http.Error(w, fmt.Sprintf("session %q is connected on %s: disconnect the client first (broker clients disconnect)", id, s.Owner),
+			http.StatusConflict)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	res, err := n.repl.Apply(ctx, &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex})
+	if err != nil {
+		http.Error(w, fmt.Sprintf("delete session %q: %v", id, err), http.StatusConflict)
+		return
+	}
+	if !res.Changed {
+		http.Error(w, fmt.Sprintf("session %q changed meanwhile (reconnected or already gone); not deleted", id), http.StatusConflict)
+		return
+	}
+	n.log.Warn("persistent session deleted by an operator", "client", id, "remote", r.RemoteAddr)
+	fmt.Fprintf(w, "deleted session %s\n", id)
 }

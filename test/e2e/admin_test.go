@@ -20,7 +20,8 @@ func brokerCLI(t *testing.T, args ...string) cliResult {
 // of real processes: retained messages listed by filter (every page) and
 // deleted cluster-wide, a client listed on its node and disconnected
 // (MQTT 5 DISCONNECT 0x98), refused with the holder's name on another
-// node, and raft leadership handed over.
+// node, a persistent session shown with its queue and deleted (refused
+// while connected), and raft leadership handed over.
 func TestAdminCommands(t *testing.T) {
 	t.Parallel()
 	nodes := startVoters(t, 3)
@@ -101,6 +102,30 @@ func TestAdminCommands(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the client got no DISCONNECT")
+	}
+
+	// Sessions: shown with their queue; deleted only while offline.
+	sub := testutil.Connect(t, nodes[1].MQTTAddr, testutil.ClientOptions{ID: "adm-session", CleanStart: true, SessionExpiry: 600})
+	sub.Sub(t, 1, "adm/q")
+	if r := brokerCLI(t, "sessions", "delete", "--http-addr", nodes[2].HTTPAddr, "adm-session"); r.ExitCode == 0 || !strings.Contains(r.Stderr, "is connected") {
+		t.Fatalf("delete of a connected session:\n%s", r)
+	}
+	sub.Close()
+	nodes[0].mustPub(t, "-q", "1", "-t", "adm/q", "-m", "queued")
+	eventually(t, 10*time.Second, func() error {
+		r := brokerCLI(t, "sessions", "show", "--http-addr", nodes[2].HTTPAddr, "adm-session")
+		if r.ExitCode != 0 || !strings.Contains(r.Stdout, "subscription adm/q") || !strings.Contains(r.Stdout, "queued #1 adm/q QoS 1, 6 bytes") {
+			return fmt.Errorf("show:\n%s", r)
+		}
+		return nil
+	})
+	mustSucceed(t, brokerCLI(t, "sessions", "delete", "--http-addr", nodes[2].HTTPAddr, "adm-session"))
+	back := testutil.Connect(t, nodes[0].MQTTAddr, testutil.ClientOptions{ID: "adm-session", SessionExpiry: 600})
+	if back.Connack.SessionPresent {
+		t.Fatal("session present after it was deleted")
+	}
+	if p, err := back.Next(time.Second); err == nil {
+		t.Fatalf("a deleted session's queued message arrived: %s %q", p.Topic, p.Payload)
 	}
 
 	// Leadership: only the leader can hand it over; afterwards another
