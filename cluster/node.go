@@ -539,3 +539,7 @@ func (n *Node) pickLocked(cands []string) string {
 	}
 	return cands[rand.IntN(len(cands))]
 }
+
+// RouteHolders returns the nodes that route filter (exactly that filter):
+// where a publish matching it is forwarded (admin API).
+func (n *Node) RouteHolders(filter string) []string { return n.routes.holders(filter) }

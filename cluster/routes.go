@@ -658,3 +658,22 @@ func (rt *routeTable) localFilters() []string {
 	slices.Sort(out)
 	return out
 }
+
+// holders returns the nodes that route filter exactly: this node if a
+// local client subscribed to it, and every remote node whose entry holds
+// it, alive or not (sorted).
+func (rt *routeTable) holders(filter string) []string {
+	rt.mu.RLock()
+	defer rt.mu.RUnlock()
+	var out []string
+	if rt.local[filter] > 0 {
+		out = append(out, rt.self)
+	}
+	for node, e := range rt.remote {
+		if _, ok := e.filters[filter]; ok {
+			out = append(out, node)
+		}
+	}
+	slices.Sort(out)
+	return out
+}

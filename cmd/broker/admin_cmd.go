@@ -199,3 +199,35 @@ func sessionCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 	}
 	return 0
 }
+
+// subscriptionsCmd runs `broker subscriptions FILTER`: the nodes that
+// route the filter.
+func subscriptionsCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	a := newAdminFlags("broker subscriptions", getenv, stderr)
+	if err := a.fs.Parse(args); err != nil || a.fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "usage: broker subscriptions [--http-addr host:port] [--json] FILTER")
+		return 2
+	}
+	body, err := apiGet(a.host(), "/api/subscriptions?filter="+url.QueryEscape(a.fs.Arg(0)))
+	if err != nil {
+		fmt.Fprintf(stderr, "broker: %v\n", err)
+		return 1
+	}
+	if *a.asJSON {
+		_, _ = stdout.Write(body)
+		return 0
+	}
+	var v struct {
+		Nodes []string `json:"nodes"`
+	}
+	if err := json.Unmarshal(body, &v); err != nil {
+		fmt.Fprintf(stderr, "broker: bad answer from %s: %v\n", a.host(), err)
+		return 1
+	}
+	if len(v.Nodes) == 0 {
+		fmt.Fprintf(stdout, "no node routes %s\n", a.fs.Arg(0))
+		return 0
+	}
+	fmt.Fprintln(stdout, strings.Join(v.Nodes, "\n"))
+	return 0
+}

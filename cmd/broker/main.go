@@ -45,6 +45,8 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return clientsCmd(args, getenv, stdout, stderr)
 	case "retained":
 		return retainedCmd(args, getenv, stdout, stderr)
+	case "subscriptions":
+		return subscriptionsCmd(args, getenv, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "broker", version)
 		return 0
@@ -70,6 +72,8 @@ const usage = `Usage:
   broker clients disconnect ID
                            close a client's connection (admin)
   broker retained          list retained messages (--filter, every page)
+  broker subscriptions FILTER
+                           the nodes that route a topic filter
   broker retained delete TOPIC
                            delete a retained message, cluster-wide (admin)
   broker cluster transfer-leadership

@@ -60,6 +60,21 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /api/retained/delete", n.adminOnly(n.serveRetainedDelete))
 	mux.HandleFunc("POST /api/cluster/transfer-leadership", n.adminOnly(n.serveTransfer))
 	n.sessionRoutes(mux)
+	mux.HandleFunc("GET /api/subscriptions", func(w http.ResponseWriter, r *http.Request) {
+		filter := r.URL.Query().Get("filter")
+		if filter == "" || !mqtt.IsValidFilter(filter, false) {
+			http.Error(w, fmt.Sprintf("missing or invalid ?filter= (%q)", filter), http.StatusBadRequest)
+			return
+		}
+		nodes := n.cluster.RouteHolders(filter)
+		if nodes == nil {
+			nodes = []string{}
+		}
+		writeJSON(w, struct {
+			Filter string   `json:"filter"`
+			Nodes  []string `json:"nodes"`
+		}{filter, nodes})
+	})
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

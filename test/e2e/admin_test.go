@@ -107,6 +107,13 @@ func TestAdminCommands(t *testing.T) {
 	// Sessions: shown with their queue; deleted only while offline.
 	sub := testutil.Connect(t, nodes[1].MQTTAddr, testutil.ClientOptions{ID: "adm-session", CleanStart: true, SessionExpiry: 600})
 	sub.Sub(t, 1, "adm/q")
+	eventually(t, 10*time.Second, func() error {
+		r := brokerCLI(t, "subscriptions", "--http-addr", nodes[0].HTTPAddr, "adm/q")
+		if r.ExitCode != 0 || strings.TrimSpace(r.Stdout) != nodes[1].ID {
+			return fmt.Errorf("nodes routing adm/q:\n%s", r)
+		}
+		return nil
+	})
 	if r := brokerCLI(t, "sessions", "delete", "--http-addr", nodes[2].HTTPAddr, "adm-session"); r.ExitCode == 0 || !strings.Contains(r.Stderr, "is connected") {
 		t.Fatalf("delete of a connected session:\n%s", r)
 	}
