@@ -47,6 +47,10 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return retainedCmd(args, getenv, stdout, stderr)
 	case "subscriptions":
 		return subscriptionsCmd(args, getenv, stdout, stderr)
+	case "backup":
+		return backupCmd(args, getenv, stdout, stderr)
+	case "restore":
+		return restoreCmd(args, getenv, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "broker", version)
 		return 0
@@ -72,6 +76,10 @@ const usage = `Usage:
   broker clients disconnect ID
                            close a client's connection (admin)
   broker retained          list retained messages (--filter, every page)
+  broker backup --out FILE a consistent, checksummed copy of the cluster's
+                           replicated state (admin)
+  broker restore --in FILE seed a cluster from a backup (ask the leader;
+                           refused where state exists unless --force; admin)
   broker subscriptions FILTER
                            the nodes that route a topic filter
   broker retained delete TOPIC

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -60,6 +61,7 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /api/retained/delete", n.adminOnly(n.serveRetainedDelete))
 	mux.HandleFunc("POST /api/cluster/transfer-leadership", n.adminOnly(n.serveTransfer))
 	n.sessionRoutes(mux)
+	n.backupRoutes(mux)
 	mux.HandleFunc("GET /api/subscriptions", func(w http.ResponseWriter, r *http.Request) {
 		filter := r.URL.Query().Get("filter")
 		if filter == "" || !mqtt.IsValidFilter(filter, false) {
@@ -317,4 +319,44 @@ func (n *Node) serveSessionDelete(w http.ResponseWriter, r *http.Request) {
 	}
 	n.log.Warn("persistent session deleted by an operator", "client", id, "remote", r.RemoteAddr)
 	fmt.Fprintf(w, "deleted session %s\n", id)
+}
+
+func (n *Node) backupRoutes(mux *http.ServeMux) {
+	// The backup holds every payload: an admin read.
+	mux.HandleFunc("GET /api/backup", n.adminOnly(func(w http.ResponseWriter, r *http.Request) {
+		if n.repl == nil {
+			http.Error(w, "replication not started", http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		size, err := n.repl.Backup(r.Context(), w)
+		if err != nil {
+			if size == 0 {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			}
+			// Mid-stream: the connection ends early and the client's
+			// checksum fails.
+			n.log.Warn("backup failed", "error", err, "bytes", size, "remote", r.RemoteAddr)
+			return
+		}
+		n.log.Info("backup taken", "bytes", size, "remote", r.RemoteAddr)
+	}))
+	mux.HandleFunc("POST /api/restore", n.adminOnly(func(w http.ResponseWriter, r *http.Request) {
+		if n.repl == nil {
+			http.Error(w, "replication not started", http.StatusServiceUnavailable)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Minute)
+		defer cancel()
+		err := n.repl.RestoreBackup(ctx, r.Body, r.URL.Query().Get("force") == "1")
+		switch {
+		case err == nil:
+			n.log.Warn("cluster state replaced from a backup by an operator", "remote", r.RemoteAddr)
+			fmt.Fprintln(w, "restored")
+		case errors.Is(err, replication.ErrHasState), errors.Is(err, replication.ErrNotLeader):
+			http.Error(w, err.Error(), http.StatusConflict)
+		default:
+			http.Error(w, err.Error(), http.StatusBadRequest)
+		}
+	}))
 }
