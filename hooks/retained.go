@@ -241,7 +241,7 @@ func (h *Retained) Resync() {
 		}
 	}
 	for _, pk := range h.server.Topics.Retained.GetAll() {
-		if !want[pk.TopicName] {
+		if !want[pk.TopicName] && !strings.HasPrefix(pk.TopicName, "$SYS/") { // $SYS: this node's own (hooks.Sys)
 			h.server.Topics.RetainMessage(clearPacket(pk.TopicName))
 		}
 	}

@@ -20,8 +20,9 @@ import (
 //
 //	"MQBK" | u8 version (1) | snapshot | 32-byte SHA-256 of everything before it
 //
-// The snapshot carries no synced record: that index belongs to the log of
-// the cluster it was taken from and means nothing to the one it seeds.
+// The snapshot carries no synced record and no departure records: they
+// belong to the cluster it was taken from and mean nothing to the one it
+// seeds.
 
 const (
 	backupMagic   = "MQBK"
@@ -54,6 +55,9 @@ func (n *Node) Backup(ctx context.Context, w io.Writer) (int64, error) {
 		defer st.store.unpin()
 	}
 	st.synced = 0
+	// Who left the old cluster on purpose means nothing to the new one
+	// (with reused pod names it would have a member removed).
+	st.departed = map[string]int64{}
 	backupSessions(st, time.Now().UnixMilli())
 	h := sha256.New()
 	cw := &countingWriter{w: io.MultiWriter(w, h)}
@@ -107,9 +111,16 @@ func (n *Node) RestoreBackup(ctx context.Context, r io.Reader, force bool) error
 	if _, err := readSnapshotInto(io.NewSectionReader(spool, int64(len(backupMagic)+1), snapLen), newBlobStore(scratch)); err != nil {
 		return fmt.Errorf("replication: restore: the backup does not decode: %w", err)
 	}
+	os.RemoveAll(scratch) // before raft copies the snapshot: disk
+	// Checked again: writes acknowledged while the file was checked.
+	if !force && n.fsm.hasData() {
+		return fmt.Errorf("%w: retained messages or persistent sessions were written during the check (restore with force to replace them)", ErrHasState)
+	}
 	timeout := time.Minute
 	if d, ok := ctx.Deadline(); ok {
-		timeout = time.Until(d)
+		if timeout = time.Until(d); timeout <= 0 {
+			return fmt.Errorf("%w: restore: %w", ErrTimeout, context.DeadlineExceeded)
+		}
 	}
 	meta := &raft.SnapshotMeta{Version: raft.SnapshotVersionMax, Size: snapLen}
 	if err := n.raft.Restore(meta, io.NewSectionReader(spool, int64(len(backupMagic)+1), snapLen), timeout); err != nil {
@@ -117,7 +128,8 @@ func (n *Node) RestoreBackup(ctx context.Context, r io.Reader, force bool) error
 	}
 	n.log.Warn("state restored from a backup", "bytes", snapLen)
 	if _, err := n.Apply(ctx, &RetainClear{Topic: restoreMarkTopic}); err != nil {
-		return fmt.Errorf("replication: restored, but the write after it failed (reads wait for the next write): %w", err)
+		// The state is replaced: not an error for the caller to retry.
+		n.log.Warn("restored; the write after the restore failed (QoS 1/2 publishes wait for the next write)", "error", err)
 	}
 	return nil
 }

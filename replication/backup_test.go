@@ -3,6 +3,8 @@ package replication
 import (
 	"bytes"
 	"errors"
+	"io"
+	"math"
 	"testing"
 )
 
@@ -60,5 +62,38 @@ func TestBackupRestore(t *testing.T) {
 	// barrier ends at once.
 	if err := dl.node().ReadBarrier(ctxT(t, 2*waitFor)); err != nil {
 		t.Fatalf("read barrier after restore: %v", err)
+	}
+}
+
+// TestRestoreWithoutSyncedAsksForTheWholeReadIndex: after a restore of a
+// snapshot without a synced record (a backup), the sessions barrier's
+// index is unknown until the next applied entry: it must make callers wait
+// for the whole read index, not for 0 (found by review: a follower that
+// had not installed the restored state matched publishes against its old
+// subscriptions and acknowledged them).
+func TestRestoreWithoutSyncedAsksForTheWholeReadIndex(t *testing.T) {
+	f := blobFSM(t)
+	a := &applier{f: f}
+	a.apply(open("c", "n1", false))
+	st := stateOf(f)
+	st.synced = 0
+	var buf bytes.Buffer
+	if _, err := writeSnapshot(&buf, st); err != nil {
+		t.Fatal(err)
+	}
+	g := blobFSM(t)
+	if err := g.Restore(io.NopCloser(&buf)); err != nil {
+		t.Fatal(err)
+	}
+	if got := g.subsChanged.Load(); got != math.MaxUint64 {
+		t.Fatalf("sessions index after a restore without synced: %d, want unknown (max)", got)
+	}
+	g.Apply(entry(7, setRetained("t", "v")))
+	if got := g.subsChanged.Load(); got != 7 {
+		t.Fatalf("sessions index after the next entry: %d, want 7", got)
+	}
+	g.Apply(entry(8, setRetained("t", "w")))
+	if got := g.subsChanged.Load(); got != 7 {
+		t.Fatalf("sessions index moved on an entry that changed no session: %d", got)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +40,7 @@ type FSM struct {
 	// deleted a persistent session or changed its subscriptions
 	// (Node.SessionsBarrier).
 	subsChanged atomic.Uint64
+	subsUnknown atomic.Bool // set by a restore without synced: see Restore
 	syncedMu    sync.Mutex
 	syncedWake  chan struct{} // closed and replaced whenever synced moves
 }
@@ -133,7 +135,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		before := len(evs)
 		res, evs = f.st.applyCommand(cmds[i], l.Index, evs)
 		out[i] = res
-		if changesSessions(evs[before:]) {
+		if changesSessions(evs[before:]) || f.subsUnknown.Swap(false) {
 			f.subsChanged.Store(l.Index)
 		}
 		n += commandCount(cmds[i])
@@ -233,6 +235,15 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.syncedMu.Lock()
 	f.synced.Store(st.synced)
 	f.subsChanged.Store(st.synced) // anything up to the snapshot may have
+	if st.synced == 0 {
+		// A snapshot without a synced record (a backup: its indexes are
+		// another cluster's) says nothing about where the sessions
+		// changed: until the next applied entry, the sessions barrier
+		// asks for the whole read index, which a follower reaches only
+		// once it holds this state and an entry after it.
+		f.subsChanged.Store(math.MaxUint64)
+		f.subsUnknown.Store(true)
+	}
 	close(f.syncedWake)
 	f.syncedWake = make(chan struct{})
 	f.syncedMu.Unlock()

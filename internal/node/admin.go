@@ -54,6 +54,13 @@ type RetainedPage struct {
 
 const maxPage = 1000
 
+// operatorDisconnect is 0x98 (administrative action) with a reason of its
+// own: the hooks take packets.ErrAdministrativeAction itself for "the
+// leader closed this session already" and would write no close (found by
+// review: a session delete right after the disconnect was refused as
+// connected).
+var operatorDisconnect = packets.Code{Code: packets.ErrAdministrativeAction.Code, Reason: "disconnected by an operator"}
+
 func (n *Node) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /api/clients", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, n.Clients()) })
 	mux.HandleFunc("POST /api/clients/disconnect", n.adminOnly(n.serveDisconnect))
@@ -122,9 +129,9 @@ func (n *Node) serveDisconnect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if cl.Properties.ProtocolVersion == 5 {
-		_ = n.mqtt.DisconnectClient(cl, packets.ErrAdministrativeAction) // MQTT 3.1.1 has no server DISCONNECT
+		_ = n.mqtt.DisconnectClient(cl, operatorDisconnect) // MQTT 3.1.1 has no server DISCONNECT
 	}
-	cl.Stop(packets.ErrAdministrativeAction)
+	cl.Stop(operatorDisconnect)
 	n.log.Warn("client disconnected by an operator", "client", id, "remote", r.RemoteAddr)
 	fmt.Fprintf(w, "disconnected %s\n", id)
 }

@@ -117,7 +117,16 @@ func TestAdminCommands(t *testing.T) {
 	if r := brokerCLI(t, "sessions", "delete", "--http-addr", nodes[2].HTTPAddr, "adm-session"); r.ExitCode == 0 || !strings.Contains(r.Stderr, "is connected") {
 		t.Fatalf("delete of a connected session:\n%s", r)
 	}
-	sub.Close()
+	// Disconnected by the operator, the session is closed in the log (it
+	// was left "connected" until the leader noticed: found by review).
+	mustSucceed(t, brokerCLI(t, "clients", "disconnect", "--http-addr", nodes[1].HTTPAddr, "adm-session"))
+	eventually(t, 3*time.Second, func() error {
+		r := brokerCLI(t, "sessions", "show", "--http-addr", nodes[1].HTTPAddr, "adm-session")
+		if !strings.Contains(r.Stdout, "adm-session: offline") {
+			return fmt.Errorf("after the operator's disconnect:\n%s", r)
+		}
+		return nil
+	})
 	nodes[0].mustPub(t, "-q", "1", "-t", "adm/q", "-m", "queued")
 	eventually(t, 10*time.Second, func() error {
 		r := brokerCLI(t, "sessions", "show", "--http-addr", nodes[2].HTTPAddr, "adm-session")
