@@ -61,6 +61,9 @@ type SysCluster struct {
 	Leader    string // the raft leader's id, "" for none
 	Sessions  int    // persistent sessions (connected or not)
 	Connected int    // of which connected
+	// DisconnectedHere: disconnected sessions this node held last (the
+	// node's share of Mosquitto's clients/disconnected).
+	DisconnectedHere int
 	Retained  int    // retained messages
 	Queued    int    // messages queued or in flight for persistent sessions
 }
@@ -156,7 +159,7 @@ func (y *Sys) update(now time.Time) {
 		cl = y.cfg.Cluster()
 	}
 	connected := atomic.LoadInt64(&in.ClientsConnected)
-	disconnected := int64(cl.Sessions - cl.Connected)
+	disconnected := int64(cl.DisconnectedHere)
 	topics := []struct{ topic, payload string }{
 		{"$SYS/broker/version", "mqtt-ha broker version " + y.cfg.Version},
 		{"$SYS/broker/uptime", fmt.Sprintf("%d seconds", int64(now.Sub(y.start).Seconds()))},

@@ -227,6 +227,8 @@ func (n *Node) sysCluster() hooks.SysCluster {
 		out.Queued += s.QueueDepth
 		if s.Connected {
 			out.Connected++
+		} else if s.Owner == n.cfg.NodeID {
+			out.DisconnectedHere++
 		}
 	}
 	return out
