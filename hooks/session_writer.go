@@ -10,6 +10,9 @@ import (
 
 // Asynchronous writes: acks, QoS 2 steps and closes, batched into entries.
 
+// writeRetryFor bounds how long a batch of asynchronous writes is retried.
+const writeRetryFor = 10 * time.Second
+
 func (h *Sessions) submit(op sessOp) {
 	h.pending.Add(1)
 	select {
@@ -73,10 +76,17 @@ func (h *Sessions) write(batch []sessOp) {
 	var res replication.Result
 	var err error
 	// Every write here is idempotent or conditional, so a retry after an
-	// unknown outcome is safe; give up after a while (a minority side) and
-	// let redelivery and the maintenance loop repair.
-	for attempt := 0; attempt < 20; attempt++ {
-		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	// unknown outcome is safe; give up after writeRetryFor (a minority
+	// side) and let redelivery and the maintenance loop repair. The bound
+	// is on time, not attempts: attempts that each ran into the write
+	// timeout kept a PUBREC's connection waiting over 20 s (CI, loaded).
+	deadline := time.Now().Add(writeRetryFor)
+	for attempt := 0; attempt < 20 && time.Now().Before(deadline); attempt++ {
+		until := time.Now().Add(h.cfg.Timeout)
+		if until.After(deadline) {
+			until = deadline
+		}
+		ctx, cancel := context.WithDeadline(context.Background(), until)
 		res, err = h.repl.Apply(ctx, cmd)
 		cancel()
 		if err == nil || errors.Is(err, replication.ErrInvalidCommand) {
