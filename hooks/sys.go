@@ -64,8 +64,8 @@ type SysCluster struct {
 	// DisconnectedHere: disconnected sessions this node held last (the
 	// node's share of Mosquitto's clients/disconnected).
 	DisconnectedHere int
-	Retained  int    // retained messages
-	Queued    int    // messages queued or in flight for persistent sessions
+	Retained         int // retained messages
+	Queued           int // messages queued or in flight for persistent sessions
 }
 
 // sysCounters are mochi's counters at one update.
