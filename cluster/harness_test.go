@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mqtt-ha/broker/internal/testutil"
+
 	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -178,7 +180,8 @@ func newTestNode(t testing.TB, id string, join []string, opts ...nodeOption) *te
 	}
 	t.Cleanup(func() {
 		if err := n.Close(); err != nil {
-			t.Errorf("close %s: %v", id, err)
+			// The stuck goroutine is the diagnosis: name it.
+			t.Errorf("close %s: %v\n%s", id, err, testutil.Goroutines())
 		}
 	})
 	return &testNode{Node: n, t: t, rec: rec, reg: reg}
