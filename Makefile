@@ -45,7 +45,11 @@ run: build
 ## test: everything CI runs: static checks, then unit, in-process, e2e and short chaos tests with -race (the brokers the e2e tests start are race builds too; chaos nodes are not: mochi v2.7.9 races in its own retained index, see test/chaos/README.md), then every fuzz target for 2 s (their seeds already ran with the tests).
 test: test-deps lint tidy-check
 	@mkdir -p $(dir $(CHAOS_SEED_LOG)) && rm -f $(CHAOS_SEED_LOG)
-	CHAOS_SEED=$(TEST_CHAOS_SEED) CHAOS_SEED_LOG=$(CHAOS_SEED_LOG) E2E_RACE=1 $(GO) test $(RACE) -count=1 -timeout 20m ./... 2>&1 | tee bin/test-output.txt \
+	@# -p 1: one package at a time. The e2e package starts dozens of broker
+	@# processes (50 MB messages, two clusters for backup and restore); run
+	@# beside the in-process cluster tests on 2 cores, timing-sensitive
+	@# tests of both failed in turn. About 22 minutes in all.
+	CHAOS_SEED=$(TEST_CHAOS_SEED) CHAOS_SEED_LOG=$(CHAOS_SEED_LOG) E2E_RACE=1 $(GO) test $(RACE) -p 1 -count=1 -timeout 20m ./... 2>&1 | tee bin/test-output.txt \
 	  || { cat $(CHAOS_SEED_LOG) 2>/dev/null; ./scripts/test-digest.sh bin/test-output.txt; exit 1; }
 	@cat $(CHAOS_SEED_LOG) 2>/dev/null || echo "no chaos campaign ran (see test/chaos/README.md)"
 	$(MAKE) k8s-validate
