@@ -45,6 +45,13 @@ type Cluster struct {
 	routes  map[string]map[string]struct{} // client id -> filters holding a route reference
 	pending map[*mqtt.Client][]string      // filters OnSubscribe routed, until OnSubscribed
 
+	// connMu orders a disconnect's removal of shared subscriptions
+	// against a newer connection of the same client id (OnDisconnect).
+	connMu sync.Mutex
+	latest map[string]*mqtt.Client // client id -> its newest connection on this node
+	// (an entry outlives a connection whose CONNACK could not be sent, as
+	// mochi then calls no OnDisconnect; the id's next connection replaces it)
+
 	ackLog atomic.Int64 // last "route not acknowledged" log, unix ns
 
 	injMu     sync.RWMutex
@@ -67,6 +74,7 @@ func NewCluster(s *mqtt.Server, log *slog.Logger) *Cluster {
 		log:       log.With("component", "cluster"),
 		routes:    map[string]map[string]struct{}{},
 		pending:   map[*mqtt.Client][]string{},
+		latest:    map[string]*mqtt.Client{},
 		injectors: map[string]*injector{},
 	}
 }
@@ -83,7 +91,7 @@ func (h *Cluster) ID() string { return "cluster" }
 func (h *Cluster) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnStarted, mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublished,
-		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect, mqtt.OnSessionEstablished:
+		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished:
 		return true
 	}
 	return false
@@ -298,16 +306,28 @@ func (h *Cluster) dropAbsentMembers(subs *mqtt.Subscribers) {
 // again when it reconnects). Its plain subscriptions stay routed: their
 // messages are queued for it.
 func (h *Cluster) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
-	if cl.Net.Inline || expire {
+	if cl.Net.Inline {
+		return
+	}
+	h.connMu.Lock()
+	defer h.connMu.Unlock()
+	latest := h.latest[cl.ID]
+	if latest == cl {
+		delete(h.latest, cl.ID)
+	}
+	if expire {
 		return // an ending session's filters are all withdrawn by OnUnsubscribed
 	}
 	// Taken over on this node: the new connection inherits them (the
-	// same client id in mochi's index, the same route references) and
-	// may not be in Clients yet (CI: the takeover lost its route). mochi
-	// marks the old client taken over before it copies the subscriptions,
-	// and OnSessionEstablished puts back whatever a racing teardown still
-	// removed.
-	if cl.IsTakenOver() || errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+	// same client id in mochi's index, the same route references). mochi's
+	// Client.Stop closes the socket before it records the cause, and
+	// marks the client taken over only after that, so the old read loop
+	// can end here first: a newer connection registered by
+	// OnSessionEstablish (before mochi stops the old one) is the sign that
+	// cannot come late (CI: the takeover lost its route). connMu makes a
+	// newer connection wait until a removal begun before it is complete,
+	// so mochi never copies a half-removed set.
+	if (latest != nil && latest != cl) || cl.IsTakenOver() || errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
 		return
 	}
 	if cur, ok := h.server.Clients.Get(cl.ID); ok && cur != cl {
@@ -320,6 +340,17 @@ func (h *Cluster) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 			h.removeRoute(cl.ID, filter)
 		}
 	}
+}
+
+// OnSessionEstablish registers cl as its client id's newest connection,
+// before mochi takes over (and stops) an older one (see OnDisconnect).
+func (h *Cluster) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	h.connMu.Lock()
+	h.latest[cl.ID] = cl
+	h.connMu.Unlock()
 }
 
 // OnSessionEstablished makes sure the shared subscriptions a connection
