@@ -72,6 +72,19 @@ func applyDurable(ctx context.Context, repl *replication.Node, cmd replication.C
 	return res, err
 }
 
+// ApplyDurable applies cmd, which carries payload, writing a large
+// payload as a blob first (strip removes it from cmd); limit is
+// --replicated-size-limit (0: any MQTT payload). For writes that do not
+// come from a client: the importer of a Mosquitto file.
+func ApplyDurable(ctx context.Context, repl *replication.Node, limit int, payload []byte,
+	cmd replication.Command, strip func()) (replication.Result, error) {
+	c, err := withBlob(ctx, repl, durableLimitOf(limit), payload, cmd, strip)
+	if err != nil {
+		return replication.Result{}, err
+	}
+	return applyDurable(ctx, repl, c, payload)
+}
+
 // durableLimitOf is the limit for a configured value (0: any MQTT payload).
 func durableLimitOf(n int) int {
 	if n <= 0 || n > replication.MaxBlobSize {

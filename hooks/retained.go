@@ -137,10 +137,7 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 // write applies a retained write; a large payload goes as a blob.
 func (h *Retained) write(ctx context.Context, cmd replication.Command, payload []byte) (replication.Result, error) {
 	if rs, ok := cmd.(*replication.RetainSet); ok {
-		var err error
-		if cmd, err = withBlob(ctx, h.repl, durableLimitOf(h.durableLimit), payload, rs, func() { rs.Msg.Payload = nil }); err != nil {
-			return replication.Result{}, err
-		}
+		return ApplyDurable(ctx, h.repl, h.durableLimit, payload, rs, func() { rs.Msg.Payload = nil })
 	}
 	return applyDurable(ctx, h.repl, cmd, payload)
 }

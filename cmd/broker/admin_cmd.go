@@ -374,14 +374,20 @@ func restoreCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 // progress reports bytes moved on w every half second, if w is a
 // terminal; elsewhere it writes nothing.
 func progress(w io.Writer, what string) io.Writer {
+	if !isTerminal(w) {
+		return io.Discard
+	}
+	return &progressWriter{w: w, what: what}
+}
+
+// isTerminal reports whether w is a terminal (progress is drawn there only).
+func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
 	if !ok {
-		return io.Discard
+		return false
 	}
-	if st, err := f.Stat(); err != nil || st.Mode()&os.ModeCharDevice == 0 {
-		return io.Discard
-	}
-	return &progressWriter{w: f, what: what}
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
 
 type progressWriter struct {

@@ -51,6 +51,8 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return backupCmd(args, getenv, stdout, stderr)
 	case "restore":
 		return restoreCmd(args, getenv, stdout, stderr)
+	case "import-mosquitto":
+		return importCmd(args, getenv, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "broker", version)
 		return 0
@@ -80,6 +82,9 @@ const usage = `Usage:
                            replicated state (admin)
   broker restore --in FILE seed a cluster from a backup (ask the leader;
                            refused where state exists unless --force; admin)
+  broker import-mosquitto --db mosquitto.db
+                           load a Mosquitto 2.x persistence file's retained
+                           messages and persistent sessions (admin)
   broker subscriptions FILTER
                            the nodes that route a topic filter
   broker retained delete TOPIC

@@ -69,6 +69,7 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /api/cluster/transfer-leadership", n.adminOnly(n.serveTransfer))
 	n.sessionRoutes(mux)
 	n.backupRoutes(mux)
+	n.importRoutes(mux)
 	mux.HandleFunc("GET /api/subscriptions", func(w http.ResponseWriter, r *http.Request) {
 		filter := r.URL.Query().Get("filter")
 		if filter == "" || !mqtt.IsValidFilter(filter, false) {

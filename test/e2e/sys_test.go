@@ -4,6 +4,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"regexp"
 	"slices"
 	"strings"
@@ -41,12 +42,11 @@ var notProvided = []string{
 	"$SYS/broker/store/messages/bytes",
 }
 
-// TestSysTopicsMatchMosquitto: Debian's mosquitto and this broker, both
-// with sys_interval 1, are read with the same mosquitto_sub: every $SYS
-// topic Mosquitto publishes is published here too (but the documented
-// few), with the same payload format.
-func TestSysTopicsMatchMosquitto(t *testing.T) {
-	t.Parallel()
+// startMosquitto runs Debian's mosquitto on a free loopback port with
+// conf added to its configuration (the caller stops it early with the
+// returned process, or leaves it to the cleanup).
+func startMosquitto(t *testing.T, conf string) (host, port string, proc *exec.Cmd) {
+	t.Helper()
 	bin, err := exec.LookPath("mosquitto")
 	if err != nil {
 		bin = "/usr/sbin/mosquitto" // Debian's, not on every PATH
@@ -55,15 +55,28 @@ func TestSysTopicsMatchMosquitto(t *testing.T) {
 		t.Fatalf("mosquitto not found (%v): install Debian's mosquitto (make test does)", err)
 	}
 	addr := freeAddr(t)
-	host, port, _ := net.SplitHostPort(addr)
-	conf := t.TempDir() + "/mosquitto.conf"
-	writeFile(t, conf, "listener "+port+" "+host+"\nallow_anonymous true\nsys_interval 1\n")
-	mq := exec.Command(bin, "-c", conf)
-	mq.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := mq.Start(); err != nil {
+	host, port, _ = net.SplitHostPort(addr)
+	file := t.TempDir() + "/mosquitto.conf"
+	// As root mosquitto drops to the user "mosquitto" unless told to stay
+	// (it could not write its files into the test's directories).
+	if u, err := user.Current(); err == nil {
+		conf += "user " + u.Username + "\n"
+	}
+	writeFile(t, file, "listener "+port+" "+host+"\nallow_anonymous true\n"+conf)
+	proc = exec.Command(bin, "-c", file)
+	proc.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	var out lockedBuffer
+	proc.Stdout, proc.Stderr = &out, &out
+	if err := proc.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = mq.Process.Kill(); _ = mq.Wait() })
+	t.Cleanup(func() {
+		_ = proc.Process.Kill()
+		_ = proc.Wait()
+		if t.Failed() {
+			t.Logf("mosquitto's output:\n%s", out.String())
+		}
+	})
 	eventually(t, 10*time.Second, func() error {
 		c, err := net.Dial("tcp", addr)
 		if err == nil {
@@ -71,6 +84,16 @@ func TestSysTopicsMatchMosquitto(t *testing.T) {
 		}
 		return err
 	})
+	return host, port, proc
+}
+
+// TestSysTopicsMatchMosquitto: Debian's mosquitto and this broker, both
+// with sys_interval 1, are read with the same mosquitto_sub: every $SYS
+// topic Mosquitto publishes is published here too (but the documented
+// few), with the same payload format.
+func TestSysTopicsMatchMosquitto(t *testing.T) {
+	t.Parallel()
+	host, port, _ := startMosquitto(t, "sys_interval 1\n")
 	theirs := sysTopics(t, host, port)
 
 	b := startBroker(t, "--sys-interval", "1s")
