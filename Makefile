@@ -162,6 +162,12 @@ test-deps:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-paho-mqtt >/dev/null; \
 	fi
+	@# Headless Chromium: test/e2e's status page test.
+	@if ! command -v chromium >/dev/null; then \
+	  echo "installing chromium"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
 	@# Network partitions in test/chaos need root, ip (iproute2) and nft (nftables).
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v ip >/dev/null || ! command -v nft >/dev/null; }; then \
 	  echo "installing iproute2 and nftables"; \

@@ -89,10 +89,15 @@ func clientsCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 		return a.post("/api/clients/disconnect?id="+url.QueryEscape(a.fs.Arg(0)), stdout, stderr)
 	}
 	a := newAdminFlags("broker clients", getenv, stderr)
+	all := a.fs.Bool("all", false, "every node's clients (from the replicated ownership table; details for the asked node's own)")
 	if err := a.fs.Parse(args); err != nil {
 		return 2
 	}
-	body, err := apiGet(a.host(), "/api/clients")
+	path := "/api/clients"
+	if *all {
+		path += "?all=1"
+	}
+	body, err := apiGet(a.host(), path)
 	if err != nil {
 		fmt.Fprintf(stderr, "broker: %v\n", err)
 		return 1
@@ -109,6 +114,10 @@ func clientsCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "CLIENT\tNODE\tREMOTE\tMQTT\tKEEPALIVE\tCLEAN")
 	for _, c := range cs {
+		if c.Remote == "" { // another node's client (--all): only its node is known here
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t-\n", c.ClientID, c.Node)
+			continue
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%v\n", c.ClientID, c.Node, c.Remote, c.ProtocolVersion, c.Keepalive, c.CleanStart)
 	}
 	_ = tw.Flush()

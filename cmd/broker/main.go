@@ -74,7 +74,8 @@ const usage = `Usage:
   broker sessions show ID  one session with its subscriptions and queue
   broker sessions delete ID
                            delete an offline persistent session (admin)
-  broker clients           list the clients connected to a node (--http-addr)
+  broker clients [--all]   list the clients connected to a node (--http-addr),
+                           or to every node
   broker clients disconnect ID
                            close a client's connection (admin)
   broker retained          list retained messages (--filter, every page)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -133,4 +134,93 @@ func (r *rewriting) WithAttrs(as []slog.Attr) slog.Handler {
 
 func (r *rewriting) WithGroup(name string) slog.Handler {
 	return &rewriting{h: r.h.WithGroup(name), f: r.f}
+}
+
+// Recent keeps the last records at Warn or above, for the status page's
+// "recent warnings": an operator sees what went wrong lately without
+// reading the logs. Bounded: the oldest entry gives way.
+type Recent struct {
+	mu      sync.Mutex
+	entries []Entry
+	next    int
+	full    bool
+}
+
+// Entry is one record kept by Recent.
+type Entry struct {
+	Time    time.Time         `json:"time"`
+	Level   string            `json:"level"`
+	Message string            `json:"message"`
+	Attrs   map[string]string `json:"attrs,omitempty"`
+}
+
+// NewRecent keeps the last n records.
+func NewRecent(n int) *Recent { return &Recent{entries: make([]Entry, max(n, 1))} }
+
+// Wrap returns h, also recording into r what reaches it at Warn or above.
+func (r *Recent) Wrap(h slog.Handler) slog.Handler { return &recording{h: h, r: r} }
+
+// Entries returns the kept records, oldest first.
+func (r *Recent) Entries() []Entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.full {
+		return append([]Entry(nil), r.entries[:r.next]...)
+	}
+	return append(append([]Entry(nil), r.entries[r.next:]...), r.entries[:r.next]...)
+}
+
+func (r *Recent) add(e Entry) {
+	r.mu.Lock()
+	r.entries[r.next] = e
+	r.next = (r.next + 1) % len(r.entries)
+	r.full = r.full || r.next == 0
+	r.mu.Unlock()
+}
+
+type recording struct {
+	h     slog.Handler
+	r     *Recent
+	group string      // prefix of attribute keys (WithGroup)
+	attrs []slog.Attr // from WithAttrs, keys already prefixed
+}
+
+// Enabled: warnings are kept even where the log level hides them.
+func (h *recording) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= slog.LevelWarn || h.h.Enabled(ctx, l)
+}
+
+func (h *recording) Handle(ctx context.Context, rec slog.Record) error {
+	if rec.Level >= slog.LevelWarn {
+		e := Entry{Time: rec.Time, Level: rec.Level.String(), Message: rec.Message, Attrs: map[string]string{}}
+		for _, a := range h.attrs {
+			e.Attrs[a.Key] = a.Value.String()
+		}
+		rec.Attrs(func(a slog.Attr) bool {
+			e.Attrs[h.group+a.Key] = a.Value.String()
+			return true
+		})
+		h.r.add(e)
+		if !h.h.Enabled(ctx, rec.Level) {
+			return nil
+		}
+	}
+	return h.h.Handle(ctx, rec)
+}
+
+func (h *recording) WithAttrs(as []slog.Attr) slog.Handler {
+	c := *h
+	c.h = h.h.WithAttrs(as)
+	c.attrs = slices.Clone(h.attrs)
+	for _, a := range as {
+		c.attrs = append(c.attrs, slog.Attr{Key: h.group + a.Key, Value: a.Value})
+	}
+	return &c
+}
+
+func (h *recording) WithGroup(name string) slog.Handler {
+	c := *h
+	c.h = h.h.WithGroup(name)
+	c.group = h.group + name + "."
+	return &c
 }

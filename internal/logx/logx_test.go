@@ -40,3 +40,20 @@ func TestNewRejectsBadSettings(t *testing.T) {
 		t.Error("level loud accepted")
 	}
 }
+
+// TestRecentKeepsLastWarnings: only Warn and above are kept, the newest n,
+// oldest first, with the attributes of With and of the record.
+func TestRecentKeepsLastWarnings(t *testing.T) {
+	r := NewRecent(3)
+	log := slog.New(r.Wrap(slog.DiscardHandler)).With("node", "n1")
+	log.Info("not kept")
+	for i := range 5 {
+		log.WithGroup("g").Warn("w", "i", i)
+	}
+	log.Error("e", "err", "boom")
+	got := r.Entries()
+	if len(got) != 3 || got[0].Attrs["g.i"] != "3" || got[1].Attrs["g.i"] != "4" || got[2].Message != "e" ||
+		got[2].Level != "ERROR" || got[2].Attrs["node"] != "n1" || got[2].Attrs["err"] != "boom" {
+		t.Fatalf("entries: %+v", got)
+	}
+}

@@ -33,6 +33,9 @@ type ClientInfo struct {
 	Keepalive       uint16 `json:"keepalive"`
 	CleanStart      bool   `json:"clean_start"`
 	Username        string `json:"username,omitempty"`
+	// Since is when the connection claimed its client id (cluster-wide
+	// list).
+	Since time.Time `json:"since,omitzero"`
 }
 
 // RetainedInfo is one line of /api/retained (the payload is not listed).
@@ -62,7 +65,13 @@ const maxPage = 1000
 var operatorDisconnect = packets.Code{Code: packets.ErrAdministrativeAction.Code, Reason: "disconnected by an operator"}
 
 func (n *Node) adminRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /api/clients", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, n.Clients()) })
+	mux.HandleFunc("GET /api/clients", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("all") == "1" {
+			writeJSON(w, n.AllClients())
+			return
+		}
+		writeJSON(w, n.Clients())
+	})
 	mux.HandleFunc("POST /api/clients/disconnect", n.adminOnly(n.serveDisconnect))
 	mux.HandleFunc("GET /api/retained", n.serveRetained)
 	mux.HandleFunc("POST /api/retained/delete", n.adminOnly(n.serveRetainedDelete))
@@ -70,6 +79,7 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	n.sessionRoutes(mux)
 	n.backupRoutes(mux)
 	n.importRoutes(mux)
+	n.statusRoutes(mux)
 	mux.HandleFunc("GET /api/subscriptions", func(w http.ResponseWriter, r *http.Request) {
 		filter := r.URL.Query().Get("filter")
 		if filter == "" || !mqtt.IsValidFilter(filter, false) {
@@ -106,6 +116,33 @@ func (n *Node) Clients() []ClientInfo {
 			Username: string(cl.Properties.Username)})
 	}
 	slices.SortFunc(out, func(a, b ClientInfo) int { return cmp.Compare(a.ClientID, b.ClientID) })
+	return out
+}
+
+// AllClients lists the clients connected anywhere in the cluster, from the
+// replicated ownership table (every connection claims its client id
+// there), with this node's details for its own. A node that died keeps
+// its entries until the leader releases them (DeadAfter).
+func (n *Node) AllClients() []ClientInfo {
+	local := map[string]ClientInfo{}
+	for _, c := range n.Clients() {
+		local[c.ClientID] = c
+	}
+	if n.repl == nil {
+		return n.Clients()
+	}
+	out := []ClientInfo{}
+	for id, o := range n.repl.Owners() {
+		c, ok := local[id]
+		if !ok || o.Node != n.cfg.NodeID {
+			c = ClientInfo{ClientID: id, Node: o.Node}
+		}
+		c.Since = time.UnixMilli(o.Since)
+		out = append(out, c)
+	}
+	slices.SortFunc(out, func(a, b ClientInfo) int {
+		return cmp.Or(cmp.Compare(a.Node, b.Node), cmp.Compare(a.ClientID, b.ClientID))
+	})
 	return out
 }
 

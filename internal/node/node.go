@@ -60,6 +60,8 @@ type Node struct {
 	httpLn    net.Listener
 	httpSv    *http.Server
 
+	recent *logx.Recent // the last warnings, for the status page
+
 	ready     atomic.Bool
 	checks    []readinessCheck
 	closeOnce sync.Once
@@ -81,8 +83,13 @@ func New(cfg Config) (_ *Node, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	// Every component logs through the recorder: the status page lists
+	// the cluster's and raft's warnings too.
+	recent := logx.NewRecent(50)
+	log = slog.New(recent.Wrap(log.Handler()))
+	cfg.Logger = log
 	log = log.With("node", cfg.NodeID)
-	n := &Node{cfg: cfg, log: log, reg: prometheus.NewRegistry(), stopped: make(chan struct{})}
+	n := &Node{cfg: cfg, log: log, reg: prometheus.NewRegistry(), stopped: make(chan struct{}), recent: recent}
 	if n.initialHasState, err = replication.HasState(n.raftDir()); err != nil {
 		return nil, fmt.Errorf("raft state in %s: %w", n.raftDir(), err)
 	}

@@ -87,6 +87,16 @@ func TestAdminCommands(t *testing.T) {
 	if !strings.Contains(r.Stdout, `"client_id": "adm-client"`) || !strings.Contains(r.Stdout, `"protocol_version": 5`) {
 		t.Fatalf("clients of %s:\n%s", nodes[0].ID, r)
 	}
+	// --all on another node lists it with the node that holds it.
+	eventually(t, 10*time.Second, func() error {
+		r := brokerCLI(t, "clients", "--all", "--http-addr", nodes[2].HTTPAddr)
+		for _, line := range strings.Split(r.Stdout, "\n") {
+			if f := strings.Fields(line); len(f) > 2 && f[0] == "adm-client" && f[1] == nodes[0].ID {
+				return nil
+			}
+		}
+		return fmt.Errorf("clients --all on %s lacks adm-client on %s:\n%s", nodes[2].ID, nodes[0].ID, r)
+	})
 	eventually(t, 10*time.Second, func() error {
 		r := brokerCLI(t, "clients", "disconnect", "--http-addr", nodes[1].HTTPAddr, "adm-client")
 		if r.ExitCode == 0 || !strings.Contains(r.Stderr, "node "+nodes[0].ID+" holds it") {
