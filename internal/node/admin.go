@@ -57,6 +57,58 @@ type RetainedPage struct {
 
 const maxPage = 1000
 
+// Page is one page of a list (?limit= and ?after= on /api/sessions and
+// /api/clients): Next is the "after" of the next page, empty on the last.
+type Page[T any] struct {
+	Items []T    `json:"items"`
+	Next  string `json:"next,omitempty"`
+}
+
+// pageOf pages items, sorted by key: those after `after`, at most limit.
+func pageOf[T any](items []T, key func(T) string, after string, limit int) Page[T] {
+	p := Page[T]{Items: []T{}}
+	for _, it := range items {
+		if after != "" && key(it) <= after {
+			continue
+		}
+		if len(p.Items) == limit {
+			p.Next = key(p.Items[limit-1])
+			break
+		}
+		p.Items = append(p.Items, it)
+	}
+	return p
+}
+
+// pageParams reads ?limit= (default and most maxPage) and ?after=; paged
+// is false when neither is given (the whole list, as before paging).
+func pageParams(w http.ResponseWriter, r *http.Request) (after string, limit int, paged, ok bool) {
+	q := r.URL.Query()
+	after, limit = q.Get("after"), maxPage
+	if v := q.Get("limit"); v != "" {
+		l, err := strconv.Atoi(v)
+		if err != nil || l <= 0 {
+			http.Error(w, "limit must be a positive number", http.StatusBadRequest)
+			return "", 0, false, false
+		}
+		limit = min(l, maxPage)
+	}
+	return after, limit, q.Has("limit") || q.Has("after"), true
+}
+
+// writeList writes items whole, or the page asked for.
+func writeList[T any](w http.ResponseWriter, r *http.Request, items []T, key func(T) string) {
+	after, limit, paged, ok := pageParams(w, r)
+	if !ok {
+		return
+	}
+	if !paged {
+		writeJSON(w, items)
+		return
+	}
+	writeJSON(w, pageOf(items, key, after, limit))
+}
+
 // operatorDisconnect is 0x98 (administrative action) with a reason of its
 // own: the hooks take packets.ErrAdministrativeAction itself for "the
 // leader closed this session already" and would write no close (found by
@@ -66,11 +118,13 @@ var operatorDisconnect = packets.Code{Code: packets.ErrAdministrativeAction.Code
 
 func (n *Node) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /api/clients", func(w http.ResponseWriter, r *http.Request) {
+		cs := n.Clients()
+		key := func(c ClientInfo) string { return c.ClientID }
 		if r.URL.Query().Get("all") == "1" {
-			writeJSON(w, n.AllClients())
-			return
+			// Sorted by node, then client id: the key keeps that order.
+			cs, key = n.AllClients(), func(c ClientInfo) string { return c.Node + "\x00" + c.ClientID }
 		}
-		writeJSON(w, n.Clients())
+		writeList(w, r, cs, key)
 	})
 	mux.HandleFunc("POST /api/clients/disconnect", n.adminOnly(n.serveDisconnect))
 	mux.HandleFunc("GET /api/retained", n.serveRetained)
@@ -179,14 +233,9 @@ func (n *Node) serveDisconnect(w http.ResponseWriter, r *http.Request) {
 func (n *Node) serveRetained(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	filter := cmp.Or(q.Get("filter"), "#")
-	limit := maxPage
-	if v := q.Get("limit"); v != "" {
-		l, err := strconv.Atoi(v)
-		if err != nil || l <= 0 {
-			http.Error(w, "limit must be a positive number", http.StatusBadRequest)
-			return
-		}
-		limit = min(l, maxPage)
+	after, limit, _, ok := pageParams(w, r)
+	if !ok {
+		return
 	}
 	if !mqtt.IsValidFilter(filter, false) {
 		http.Error(w, fmt.Sprintf("invalid topic filter %q", filter), http.StatusBadRequest)
@@ -196,7 +245,7 @@ func (n *Node) serveRetained(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "replication not started", http.StatusServiceUnavailable)
 		return
 	}
-	writeJSON(w, retainedPage(n.repl.Retained(), filter, q.Get("after"), limit))
+	writeJSON(w, retainedPage(n.repl.Retained(), filter, after, limit))
 }
 
 // retainedPage pages msgs (sorted by topic).

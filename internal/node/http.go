@@ -50,11 +50,8 @@ func (n *Node) routes() http.Handler {
 		n.log.Warn("node removed from the raft configuration by an operator", "removed", id, "remote", r.RemoteAddr)
 		fmt.Fprintf(w, "removed %s\n", id)
 	}))
-	mux.HandleFunc("GET /api/sessions", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(n.Sessions())
+	mux.HandleFunc("GET /api/sessions", func(w http.ResponseWriter, r *http.Request) {
+		writeList(w, r, n.Sessions(), func(s SessionInfo) string { return s.ClientID })
 	})
 	n.adminRoutes(mux) // admin.go
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{Registry: n.reg}))

@@ -1,9 +1,11 @@
 package node
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 
@@ -70,5 +72,62 @@ func TestOverview(t *testing.T) {
 	}
 	if resp, err := http.Get("http://" + n1.Addr("http") + "/nothing"); err != nil || resp.StatusCode != http.StatusNotFound {
 		t.Fatalf("GET /nothing: %v %v", resp, err)
+	}
+}
+
+// TestListsPage: /api/clients and /api/sessions page with ?limit= and
+// ?after= (without them, the whole list as before).
+func TestListsPage(t *testing.T) {
+	tc := newTestCluster(t, "n1")
+	tc.waitReady()
+	n1 := tc.nodes["n1"]
+	for _, id := range []string{"pg-c", "pg-a", "pg-b"} {
+		testutil.Connect(t, n1.Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true, SessionExpiry: 600})
+	}
+	get := func(path string, v any) {
+		t.Helper()
+		resp, err := http.Get("http://" + n1.Addr("http") + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+	}
+	// The cluster-wide list reads the ownership table: claims commit
+	// after the CONNACK.
+	testutil.Eventually(t, wait, func() error {
+		if all := n1.AllClients(); len(all) != 3 {
+			return fmt.Errorf("all clients: %+v", all)
+		}
+		return nil
+	})
+	for _, list := range []string{"/api/clients?", "/api/clients?all=1&", "/api/sessions?"} {
+		var ids []string
+		after := ""
+		for pages := 0; ; pages++ {
+			if pages > 3 {
+				t.Fatalf("%s: no end", list)
+			}
+			var p Page[struct {
+				ClientID string `json:"client_id"`
+			}]
+			get(list+"limit=2&after="+url.QueryEscape(after), &p)
+			for _, it := range p.Items {
+				ids = append(ids, it.ClientID)
+			}
+			if after = p.Next; after == "" {
+				break
+			}
+		}
+		if strings.Join(ids, ",") != "pg-a,pg-b,pg-c" {
+			t.Fatalf("%s paged: %v", list, ids)
+		}
+	}
+	var whole []ClientInfo
+	get("/api/clients", &whole)
+	if len(whole) != 3 {
+		t.Fatalf("unpaged: %+v", whole)
 	}
 }
