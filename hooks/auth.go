@@ -231,22 +231,40 @@ func (a *Auth) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if write && cl.Properties.ProtocolVersion < 5 {
 		return true // decided in OnPublish, see there
 	}
-	access := mosquitto.Read
-	switch {
-	case write:
-		access = mosquitto.Write
-	case len(topic) >= len("$share/") && strings.EqualFold(topic[:len("$share/")], "$share/"):
-		// mochi treats the prefix case-insensitively; normalise it so the
-		// ACL sees the same shared subscription mochi does.
-		access, topic = mosquitto.Subscribe, "$share/"+topic[len("$share/"):]
-	case strings.ContainsAny(topic, "+#"):
-		access = mosquitto.Subscribe
+	access := mosquitto.Write
+	if !write {
+		access, topic = filterAccess(topic)
 	}
 	if r.acl.Allowed(cl.ID, string(cl.Properties.Username), topic, access) {
 		return true
 	}
 	a.logDenied(cl, topic, access)
 	return false
+}
+
+// filterAccess is what mochi's read check of topic asks the ACL.
+func filterAccess(topic string) (mosquitto.Access, string) {
+	switch {
+	case len(topic) >= len("$share/") && strings.EqualFold(topic[:len("$share/")], "$share/"):
+		// mochi treats the prefix case-insensitively; normalise it so the
+		// ACL sees the same shared subscription mochi does.
+		return mosquitto.Subscribe, "$share/" + topic[len("$share/"):]
+	case strings.ContainsAny(topic, "+#"):
+		return mosquitto.Subscribe, topic
+	}
+	return mosquitto.Read, topic
+}
+
+// SubscribeAllowed reports whether the ACL lets clientID, logged in as
+// username, subscribe to filter: the answer a SUBSCRIBE gets (the importer
+// of Mosquitto sessions asks it for the subscriptions it brings in).
+func (a *Auth) SubscribeAllowed(clientID, username, filter string) bool {
+	r := a.rules.Load()
+	if r.acl == nil {
+		return true
+	}
+	access, filter := filterAccess(filter)
+	return r.acl.Allowed(clientID, username, filter, access)
 }
 
 // OnPublish refuses publishes from MQTT 3.x clients the way Mosquitto does:

@@ -116,7 +116,7 @@ func (h *Sessions) closeDeadOwners() {
 	var b replication.Batch
 	owners := map[string]bool{}
 	for _, s := range h.repl.Sessions() {
-		if !s.Connected || s.Owner == h.cfg.Self {
+		if !s.Connected || s.Owner == h.cfg.Self || s.Owner == session.ImportOwner {
 			continue
 		}
 		dead, known := owners[s.Owner]

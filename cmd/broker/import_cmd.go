@@ -55,7 +55,7 @@ func importCmd(args []string, getenv func(string) string, stdout, stderr io.Writ
 	}
 	plan := planImport(db, time.Now())
 	if corrupt != nil {
-		plan.report.Skipped = append(plan.report.Skipped, fmt.Sprintf("the rest of the file: %v (--partial)", corrupt))
+		plan.damaged(corrupt)
 	}
 	if !*dryRun {
 		token, err := a.token()
@@ -64,7 +64,8 @@ func importCmd(args []string, getenv func(string) string, stdout, stderr io.Writ
 			return 2
 		}
 		if err := plan.send(a.host(), token, progressLine(stderr)); err != nil {
-			fmt.Fprintf(stderr, "broker: %v\nbroker: stopped part way; running the same import again is safe (what the cluster holds is skipped)\n", err)
+			fmt.Fprintf(stderr, "broker: %v\nbroker: stopped part way; run the same import again (what the cluster holds is kept, an unfinished session is written again) before clients move to the cluster\n", err)
+			plan.report.Error = err.Error()
 			printImport(stdout, plan.report, *a.asJSON, false)
 			return 1
 		}
@@ -84,14 +85,28 @@ type importReport struct {
 	SessionsPresent int      `json:"sessions_present"`
 	Subscriptions   int      `json:"subscriptions"`
 	Queued          int      `json:"queued"`
-	Dropped         int      `json:"dropped"` // over the cluster's max_queued_messages
-	Skipped         []string `json:"skipped"` // what could not be imported, and why
+	Dropped         int      `json:"dropped"`         // over the cluster's max_queued_messages
+	Skipped         []string `json:"skipped"`         // what could not be imported, and why
+	Error           string   `json:"error,omitempty"` // why the import stopped part way
 }
 
 type importPlan struct {
 	retained []node.ImportMessage
 	sessions []node.ImportSession
 	report   importReport
+}
+
+// damaged drops the sessions of a file read up to damage (--partial):
+// Mosquitto writes subscriptions after every client, so a session may have
+// lost some of them, and a client that resumes a session keeps relying on
+// its subscriptions instead of subscribing again. Retained messages read
+// whole are kept.
+func (p *importPlan) damaged(err error) {
+	for _, s := range p.sessions {
+		p.report.Skipped = append(p.report.Skipped, fmt.Sprintf("session %q: the file is damaged after it, where its subscriptions may be (--partial imports retained messages only)", s.ClientID))
+	}
+	p.sessions = nil
+	p.report.Skipped = append(p.report.Skipped, fmt.Sprintf("the rest of the file: %v (--partial)", err))
 }
 
 // planImport converts what the file holds into import requests, and lists
@@ -110,7 +125,7 @@ func planImport(db *mosquitto.DB, now time.Time) *importPlan {
 		p.retained = append(p.retained, importMessage(m, m.QoS, false))
 	}
 	for _, s := range db.Sessions {
-		is := node.ImportSession{ClientID: s.ClientID, ProtocolVersion: 4, ExpiryInterval: s.ExpiryInterval}
+		is := node.ImportSession{ClientID: s.ClientID, Username: s.Username, ProtocolVersion: 4, ExpiryInterval: s.ExpiryInterval}
 		if s.ExpiryInterval != replication.NeverExpires {
 			is.ProtocolVersion = 5
 		}
@@ -123,7 +138,7 @@ func planImport(db *mosquitto.DB, now time.Time) *importPlan {
 			is.ProtocolVersion, is.ExpiryInterval = 5, uint32(min(int64(s.ExpiryInterval), left))
 		}
 		if is.ExpiryInterval == 0 {
-			skip("session %q: session expiry 0 (it ends with its connection)", s.ClientID)
+			skip("session %q: session expiry 0 (a bridge's session, or a client's that ends with its connection)", s.ClientID)
 			continue
 		}
 		for _, sub := range s.Subscriptions {
@@ -138,9 +153,9 @@ func planImport(db *mosquitto.DB, now time.Time) *importPlan {
 		for _, q := range s.Queue {
 			switch {
 			case q.Incoming:
-				skip("session %q: QoS 2 message on %q received from the client, awaiting its PUBREL (Mosquitto had not delivered it)", s.ClientID, q.Topic)
+				skip("session %q: QoS 2 message on %q received from the client, awaiting its PUBREL: lost (Mosquitto had not delivered it, and the client will send only the PUBREL)", s.ClientID, q.Topic)
 			case q.State == mosquitto.StateResendPubrel || q.State == mosquitto.StateWaitForPubcomp:
-				skip("session %q: QoS 2 message on %q the client has received (only PUBREL/PUBCOMP were outstanding)", s.ClientID, q.Topic)
+				skip("session %q: QoS 2 message on %q the client has received, PUBREL outstanding: a client that hands it to its application only at PUBREL (libmosquitto) loses it", s.ClientID, q.Topic)
 			case q.QoS == 0:
 				skip("session %q: QoS 0 message on %q (queue_qos0_messages; persistent sessions queue QoS 1 and 2 here)", s.ClientID, q.Topic)
 			case q.Expiry != 0 && q.Expiry <= nowS:
@@ -182,10 +197,11 @@ func (p *importPlan) send(host, token string, progress func(done, total int)) er
 	total, done := len(p.retained)+len(p.sessions), 0
 	for _, m := range p.retained {
 		var res node.ImportResult
-		if err := postImport(host, token, "/api/import/retained", m, &res); err != nil {
+		if err := postImport(host, token, "/api/import/retained", m, &res); errors.Is(err, errRefused) {
+			p.report.Skipped = append(p.report.Skipped, fmt.Sprintf("retained message on %q: %v", m.Topic, err))
+		} else if err != nil {
 			return fmt.Errorf("retained message on %q: %w", m.Topic, err)
-		}
-		if res.Imported {
+		} else if res.Imported {
 			p.report.Retained++
 		} else {
 			p.report.RetainedPresent++
@@ -195,10 +211,13 @@ func (p *importPlan) send(host, token string, progress func(done, total int)) er
 	}
 	for _, s := range p.sessions {
 		var res node.ImportResult
-		if err := postImport(host, token, "/api/import/session", s, &res); err != nil {
+		err := postImport(host, token, "/api/import/session", s, &res)
+		p.report.Skipped = append(p.report.Skipped, res.Skipped...)
+		if errors.Is(err, errRefused) {
+			p.report.Skipped = append(p.report.Skipped, fmt.Sprintf("session %q: %v", s.ClientID, err))
+		} else if err != nil {
 			return fmt.Errorf("session %q: %w", s.ClientID, err)
-		}
-		if res.Imported {
+		} else if res.Imported {
 			p.report.Sessions++
 			p.report.Subscriptions += len(s.Subscriptions)
 			p.report.Queued += res.Queued
@@ -230,11 +249,18 @@ func postImport(host, token, path string, v, out any) error {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("refused: %s", strings.TrimSpace(string(b)))
+	switch resp.StatusCode {
+	case http.StatusOK:
+		return json.Unmarshal(b, out)
+	case http.StatusBadRequest, http.StatusRequestEntityTooLarge:
+		// This item cannot be stored here: skipped, the import goes on.
+		return fmt.Errorf("%w: %s", errRefused, strings.TrimSpace(string(b)))
 	}
-	return json.Unmarshal(b, out)
+	return fmt.Errorf("refused: %s", strings.TrimSpace(string(b)))
 }
+
+// errRefused: the node cannot store this item (invalid here, or too large).
+var errRefused = errors.New("not importable")
 
 // progressLine draws "import: 12/40" on a terminal, nothing elsewhere.
 func progressLine(w io.Writer) func(done, total int) {

@@ -59,3 +59,19 @@ func TestPlanImport(t *testing.T) {
 		t.Errorf("%d skipped, want 7:\n%s", len(p.report.Skipped), skipped)
 	}
 }
+
+// TestPartialImportDropsSessions: with --partial, a damaged file's
+// sessions are not imported (their subscriptions come later in the file
+// and may be lost with the damage); its retained messages are.
+func TestPartialImportDropsSessions(t *testing.T) {
+	db := &mosquitto.DB{
+		Retained: []*mosquitto.Message{{Topic: "r", Payload: []byte("x"), QoS: 1}},
+		Sessions: []*mosquitto.Session{{ClientID: "s", ExpiryInterval: replication.NeverExpires}},
+	}
+	p := planImport(db, time.Now())
+	p.damaged(&mosquitto.CorruptError{Offset: 10, Reason: "cut"})
+	if len(p.retained) != 1 || len(p.sessions) != 0 || len(p.report.Skipped) != 2 ||
+		!strings.Contains(p.report.Skipped[0], `session "s"`) || !strings.Contains(p.report.Skipped[1], "byte 10") {
+		t.Fatalf("retained %d, sessions %d, skipped %q", len(p.retained), len(p.sessions), p.report.Skipped)
+	}
+}

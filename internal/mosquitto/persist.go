@@ -179,14 +179,15 @@ func (p *parser) chunks(cr *countingReader) error {
 			return &CorruptError{at, "chunk header cut short"}
 		}
 		typ, length := binary.BigEndian.Uint32(hdr[:4]), binary.BigEndian.Uint32(hdr[4:])
-		// Bodies are read whole: the largest is a stored message, at most
-		// MQTT's 256 MB plus its topic and properties.
+		// Bodies are read whole (the largest is a stored message, at most
+		// MQTT's 256 MB plus its topic and properties), growing with what
+		// the file holds: a damaged length must not allocate its claim.
 		if length > 268435455+1<<20 {
 			return &CorruptError{at, fmt.Sprintf("chunk of type %d claims %d bytes", typ, length)}
 		}
-		body := make([]byte, length)
-		if _, err := io.ReadFull(cr, body); err != nil {
-			return &CorruptError{at, fmt.Sprintf("chunk of type %d claims %d bytes, the file ends first", typ, length)}
+		body, err := io.ReadAll(io.LimitReader(cr, int64(length)))
+		if err != nil || len(body) != int(length) {
+			return &CorruptError{at, fmt.Sprintf("chunk of type %d claims %d bytes, the file ends after %d", typ, length, len(body))}
 		}
 		if err := p.chunk(typ, body); err != nil {
 			return &CorruptError{at, fmt.Sprintf("chunk of type %d: %v", typ, err)}

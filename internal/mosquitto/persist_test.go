@@ -2,8 +2,10 @@ package mosquitto
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"os"
+	"runtime"
 	"testing"
 )
 
@@ -131,4 +133,24 @@ func FuzzReadDB(f *testing.F) {
 			t.Fatal("no error and no database")
 		}
 	})
+}
+
+// TestReadDBDoesNotAllocateClaims: a chunk header claiming 257 MB in a
+// 31-byte file is refused without allocating the claim (found by review:
+// it allocated 257 MB, and the fuzzer crawled).
+func TestReadDBDoesNotAllocateClaims(t *testing.T) {
+	b := append(bytes.Clone(magic), 0, 0, 0, 0, 0, 0, 0, 6)
+	b = binary.BigEndian.AppendUint32(b, chunkMsgStore)
+	b = binary.BigEndian.AppendUint32(b, 268435455)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := ReadDB(bytes.NewReader(b))
+	runtime.ReadMemStats(&after)
+	var ce *CorruptError
+	if !errors.As(err, &ce) {
+		t.Fatalf("%v, want a CorruptError", err)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 8<<20 {
+		t.Fatalf("allocated %d MB for a %d-byte file", n>>20, len(b))
+	}
 }

@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
@@ -23,10 +26,9 @@ import (
 // nothing the second time: a topic that has a retained message here keeps
 // it, and a client id that has a session here keeps it (its subscriptions
 // and queue are not merged). Both checks read after a read barrier, so
-// they see every write committed before the request. A client that
-// connects between the check and the write is not fenced out (its session
-// would get the imported subscriptions and queue): import before clients
-// move to the cluster, as the migration guide says.
+// they see every write committed before the request. Import before the
+// clients move to the cluster: a run after they did brings back what they
+// have deleted since (a retained message cleared, a session ended).
 
 // ImportMessage is a retained or queued message to import.
 type ImportMessage struct {
@@ -40,11 +42,14 @@ type ImportMessage struct {
 
 // ImportSession is a persistent session to import, disconnected.
 type ImportSession struct {
-	ClientID        string                     `json:"client_id"`
-	ProtocolVersion byte                       `json:"protocol_version"`
-	ExpiryInterval  uint32                     `json:"expiry_interval"`
-	Subscriptions   []replication.Subscription `json:"subscriptions"`
-	Queue           []ImportMessage            `json:"queue"`
+	ClientID        string `json:"client_id"`
+	ProtocolVersion byte   `json:"protocol_version"`
+	ExpiryInterval  uint32 `json:"expiry_interval"`
+	// Username is the one the client logged in with at Mosquitto: the ACL
+	// decides on the imported subscriptions as for its SUBSCRIBE.
+	Username      string                     `json:"username,omitempty"`
+	Subscriptions []replication.Subscription `json:"subscriptions"`
+	Queue         []ImportMessage            `json:"queue"`
 }
 
 // ImportResult answers one import request.
@@ -54,7 +59,12 @@ type ImportResult struct {
 	Imported bool `json:"imported"`
 	Queued   int  `json:"queued,omitempty"`
 	Dropped  int  `json:"dropped,omitempty"` // over max_queued_messages
+	// Skipped lists what was left out (subscriptions the ACL denies).
+	Skipped []string `json:"skipped,omitempty"`
 }
+
+// maxImportRequest bounds one import request's body.
+const maxImportRequest = 1 << 30
 
 // importBatchBytes bounds a session written in one entry; a larger one is
 // written in several (its open first, its close last).
@@ -82,7 +92,8 @@ func (n *Node) decodeImport(w http.ResponseWriter, r *http.Request, v any) bool 
 		http.Error(w, "replication not started", http.StatusServiceUnavailable)
 		return false
 	}
-	if err := json.NewDecoder(r.Body).Decode(v); err != nil {
+	// A session comes whole, queue included: bounded all the same.
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxImportRequest)).Decode(v); err != nil {
 		http.Error(w, fmt.Sprintf("bad import request: %v", err), http.StatusBadRequest)
 		return false
 	}
@@ -96,6 +107,8 @@ func (n *Node) answerImport(w http.ResponseWriter, r *http.Request, what string,
 	switch {
 	case errors.Is(err, errBadImport):
 		http.Error(w, err.Error(), http.StatusBadRequest)
+	case errors.Is(err, replication.ErrTooLarge):
+		http.Error(w, fmt.Sprintf("import %s: %v", what, err), http.StatusRequestEntityTooLarge)
 	case err != nil:
 		http.Error(w, fmt.Sprintf("import %s: %v", what, err), http.StatusServiceUnavailable)
 	default:
@@ -105,8 +118,14 @@ func (n *Node) answerImport(w http.ResponseWriter, r *http.Request, what string,
 
 var errBadImport = errors.New("cannot import")
 
+// maxSubscriptionID is the largest MQTT 5 subscription identifier.
+const maxSubscriptionID = 268435455
+
+// validString: UTF-8 without U+0000, as MQTT requires of every string.
+func validString(v string) bool { return utf8.ValidString(v) && !strings.ContainsRune(v, 0) }
+
 func validMessage(m ImportMessage) error {
-	if m.Topic == "" || !mqtt.IsValidFilter(m.Topic, true) {
+	if m.Topic == "" || !validString(m.Topic) || !mqtt.IsValidFilter(m.Topic, true) {
 		return fmt.Errorf("%w: invalid topic name %q", errBadImport, m.Topic)
 	}
 	if m.QoS > 2 {
@@ -141,11 +160,14 @@ func (n *Node) ImportRetained(ctx context.Context, m ImportMessage) (ImportResul
 	return ImportResult{Imported: true}, nil
 }
 
-// ImportSession creates s, disconnected, with its subscriptions and queue,
-// unless the cluster holds a session of that client id already. A small
-// session is one entry (all or nothing); a larger one is several, and a
-// failure part way deletes what was written, so that the import can be run
-// again.
+// ImportSession creates s, disconnected, with its subscriptions (those
+// the ACL allows its client) and queue, unless the cluster holds a session
+// of that client id already. It is written in several entries: the open
+// under session.ImportOwner (fenced: only where no session exists), the
+// subscriptions and queue, then the close. A session still open under
+// ImportOwner is an import that did not finish; it is deleted and written
+// again. A client that connects meanwhile resumes the session being
+// imported (it gets what is written after its CONNECT too).
 func (n *Node) ImportSession(ctx context.Context, s ImportSession) (ImportResult, error) {
 	if err := validSession(s); err != nil {
 		return ImportResult{}, err
@@ -153,31 +175,67 @@ func (n *Node) ImportSession(ctx context.Context, s ImportSession) (ImportResult
 	if err := n.repl.ReadBarrier(ctx); err != nil {
 		return ImportResult{}, err
 	}
-	if _, ok := n.repl.Session(s.ClientID); ok {
-		return ImportResult{}, nil
-	}
-	now := time.Now().UnixMilli()
-	self := n.cfg.NodeID
-	// As for a CONNECT: MQTT 3.1.1 sessions get the server's maximum.
-	expiry := session.ExpiryOf(s.ProtocolVersion, s.ExpiryInterval, n.mqtt.Options.Capabilities.MaximumSessionExpiryInterval)
-	open := &replication.SessionOpen{ClientID: s.ClientID, ProtocolVersion: s.ProtocolVersion,
-		ExpiryInterval: expiry, Owner: self, At: now, Fenced: true}
-	head := []replication.Command{open}
-	if len(s.Subscriptions) > 0 {
-		head = append(head, &replication.Subscribe{ClientID: s.ClientID, Subscriptions: s.Subscriptions})
-	}
-	closing := &replication.SessionClose{ClientID: s.ClientID, Owner: self, At: now}
-	var enqueues []*replication.Enqueue
-	size, oneEntry := 0, true
-	for _, m := range s.Queue {
-		e := &replication.Enqueue{Topic: m.Topic, Payload: m.Payload, Properties: m.Properties, Expires: m.Expires,
-			Created: now, MaxQueued: uint32(n.cfg.MaxQueuedMessages), Policy: replication.DropNewest,
-			Targets: []replication.QueueTarget{{ClientID: s.ClientID, QoS: m.QoS, Retain: m.Retain}}}
-		enqueues = append(enqueues, e)
-		size += len(m.Topic) + len(m.Payload) + 64
-		oneEntry = oneEntry && len(m.Payload) <= replication.BlobThreshold
+	if cur, ok := n.repl.Session(s.ClientID); ok {
+		if cur.Owner != session.ImportOwner || !cur.Connected {
+			return ImportResult{}, nil
+		}
+		del, err := n.repl.Apply(ctx, &replication.SessionDelete{ClientID: s.ClientID, IfOpened: cur.OpenedIndex})
+		if err != nil {
+			return ImportResult{}, fmt.Errorf("removing an unfinished import: %w", err)
+		}
+		if !del.Changed {
+			return ImportResult{}, nil // resumed by its client meanwhile
+		}
 	}
 	var res ImportResult
+	var subs []replication.Subscription
+	for _, sub := range s.Subscriptions {
+		if n.auth.SubscribeAllowed(s.ClientID, s.Username, sub.Filter) {
+			subs = append(subs, sub)
+		} else {
+			res.Skipped = append(res.Skipped, fmt.Sprintf("session %q: subscription %q: denied by the ACL", s.ClientID, sub.Filter))
+		}
+	}
+	// As for a CONNECT: MQTT 3.1.1 sessions get the server's maximum.
+	expiry := session.ExpiryOf(s.ProtocolVersion, s.ExpiryInterval, n.mqtt.Options.Capabilities.MaximumSessionExpiryInterval)
+	out, err := n.repl.Apply(ctx, &replication.SessionOpen{ClientID: s.ClientID, ProtocolVersion: s.ProtocolVersion,
+		ExpiryInterval: expiry, Owner: session.ImportOwner, At: time.Now().UnixMilli(), Fenced: true})
+	if errors.Is(err, replication.ErrReopened) {
+		return ImportResult{}, nil // created since the check
+	}
+	if err != nil {
+		return ImportResult{}, err
+	}
+	opened := out.Index
+	if err := n.importContent(ctx, s, subs, &res); err != nil {
+		// Best effort: the next run deletes an unfinished import anyway.
+		undo, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, _ = n.repl.Apply(undo, &replication.SessionDelete{ClientID: s.ClientID, IfOpened: opened})
+		return ImportResult{}, err
+	}
+	closing := &replication.SessionClose{ClientID: s.ClientID, Owner: session.ImportOwner, IfOpened: opened, At: time.Now().UnixMilli()}
+	if _, err := n.repl.Apply(ctx, closing); err != nil {
+		return ImportResult{}, err
+	}
+	res.Imported = true
+	return res, nil
+}
+
+// importSubsPerEntry bounds one Subscribe (a client may hold tens of
+// thousands of subscriptions; an entry is at most MaxBatchBytes).
+const importSubsPerEntry = 1000
+
+// importContent writes the subscriptions, then the queue in order: small
+// messages batched into entries of at most importBatchBytes, large ones
+// as blobs, one at a time.
+func (n *Node) importContent(ctx context.Context, s ImportSession, subs []replication.Subscription, res *ImportResult) error {
+	var pending []replication.Command
+	for len(subs) > 0 {
+		k := min(len(subs), importSubsPerEntry)
+		pending = append(pending, &replication.Subscribe{ClientID: s.ClientID, Subscriptions: subs[:k]})
+		subs = subs[k:]
+	}
 	count := func(r replication.Result) {
 		res.Dropped += int(r.Dropped)
 		for _, seq := range r.Seqs {
@@ -186,72 +244,70 @@ func (n *Node) ImportSession(ctx context.Context, s ImportSession) (ImportResult
 			}
 		}
 	}
-	if oneEntry && size <= importBatchBytes {
-		cmds := head
-		for _, e := range enqueues {
-			cmds = append(cmds, e)
+	flush := func() error {
+		for _, chunk := range session.ChunkCommands(pending, importBatchBytes) {
+			out, err := n.repl.Apply(ctx, &replication.Batch{Commands: chunk})
+			if err != nil {
+				return err
+			}
+			for _, r := range out.Results {
+				if r.Err != nil {
+					return r.Err
+				}
+				count(r)
+			}
 		}
-		out, err := n.repl.Apply(ctx, &replication.Batch{Commands: append(cmds, closing)})
+		pending = nil
+		return nil
+	}
+	now := time.Now().UnixMilli()
+	for _, m := range s.Queue {
+		e := &replication.Enqueue{Topic: m.Topic, Payload: m.Payload, Properties: m.Properties, Expires: m.Expires,
+			Created: now, MaxQueued: uint32(n.cfg.MaxQueuedMessages), Policy: replication.DropNewest,
+			Targets: []replication.QueueTarget{{ClientID: s.ClientID, QoS: m.QoS, Retain: m.Retain,
+				SubscriptionIDs: subscriptionIDsFor(s.Subscriptions, m.Topic)}}}
+		if len(m.Payload) <= replication.BlobThreshold {
+			pending = append(pending, e)
+			continue
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		r, err := hooks.ApplyDurable(ctx, n.repl, n.cfg.ReplicatedSizeLimit, m.Payload, e, func() { e.Payload = nil })
 		if err != nil {
-			return ImportResult{}, err
-		}
-		if len(out.Results) > 0 && errors.Is(out.Results[0].Err, replication.ErrReopened) {
-			return ImportResult{}, nil // created since the check
-		}
-		for _, r := range out.Results[len(head) : len(head)+len(enqueues)] {
-			count(r)
-		}
-		res.Imported = true
-		return res, nil
-	}
-	out, err := n.repl.Apply(ctx, &replication.Batch{Commands: head})
-	if err != nil {
-		return ImportResult{}, err
-	}
-	if len(out.Results) > 0 && out.Results[0].Err != nil {
-		if errors.Is(out.Results[0].Err, replication.ErrReopened) {
-			return ImportResult{}, nil
-		}
-		return ImportResult{}, out.Results[0].Err
-	}
-	opened := out.Index
-	if err := n.importQueue(ctx, enqueues, count); err != nil {
-		undo, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if _, uerr := n.repl.Apply(undo, &replication.SessionDelete{ClientID: s.ClientID, IfOpened: opened}); uerr != nil {
-			return ImportResult{}, fmt.Errorf("%w (and the part written could not be removed: %v; delete session %q before importing again)", err, uerr, s.ClientID)
-		}
-		return ImportResult{}, err
-	}
-	closing.IfOpened = opened
-	if _, err := n.repl.Apply(ctx, closing); err != nil {
-		return ImportResult{}, err
-	}
-	res.Imported = true
-	return res, nil
-}
-
-func (n *Node) importQueue(ctx context.Context, enqueues []*replication.Enqueue, count func(replication.Result)) error {
-	for _, e := range enqueues {
-		payload := e.Payload
-		r, err := hooks.ApplyDurable(ctx, n.repl, n.cfg.ReplicatedSizeLimit, payload, e, func() { e.Payload = nil })
-		if err != nil {
-			return fmt.Errorf("queued message on %q: %w", e.Topic, err)
+			return fmt.Errorf("queued message on %q: %w", m.Topic, err)
 		}
 		count(r)
 	}
-	return nil
+	return flush()
+}
+
+// subscriptionIDsFor is what a publish on topic would carry to the
+// session: the identifiers of its matching subscriptions.
+func subscriptionIDsFor(subs []replication.Subscription, topic string) []uint32 {
+	var ids []uint32
+	for _, sub := range subs {
+		if sub.Identifier != 0 && replication.MatchFilter(sub.Filter, topic) && !slices.Contains(ids, sub.Identifier) {
+			ids = append(ids, sub.Identifier)
+		}
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 func validSession(s ImportSession) error {
-	if s.ClientID == "" {
-		return fmt.Errorf("%w: a session without a client id", errBadImport)
+	if !validString(s.ClientID) || s.ClientID == "" || !validString(s.Username) {
+		return fmt.Errorf("%w: session %q: client id or username empty or not UTF-8", errBadImport, s.ClientID)
 	}
 	if s.ProtocolVersion < 3 || s.ProtocolVersion > 5 {
 		return fmt.Errorf("%w: session %q: protocol version %d", errBadImport, s.ClientID, s.ProtocolVersion)
 	}
+	if s.ProtocolVersion == 5 && s.ExpiryInterval == 0 {
+		return fmt.Errorf("%w: session %q: session expiry 0 (it would end at once)", errBadImport, s.ClientID)
+	}
 	for _, sub := range s.Subscriptions {
-		if !mqtt.IsValidFilter(sub.Filter, false) || sub.QoS > 2 || sub.RetainHandling > 2 {
+		if !validString(sub.Filter) || !mqtt.IsValidFilter(sub.Filter, false) || sub.QoS > 2 || sub.RetainHandling > 2 ||
+			sub.Identifier > maxSubscriptionID {
 			return fmt.Errorf("%w: session %q: subscription %+v", errBadImport, s.ClientID, sub)
 		}
 		if mqtt.IsSharedFilter(sub.Filter) {

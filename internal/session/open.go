@@ -166,3 +166,12 @@ func OpenOf(cmd replication.Command) *replication.SessionOpen {
 	}
 	return nil
 }
+
+// ImportOwner owns a session while `broker import-mosquitto` writes it
+// (no node has this name: it is not a valid host name). The import opens
+// the session under this owner, writes its subscriptions and queue, and
+// closes it: a session still connected under ImportOwner is an import
+// that did not finish (the importer crashed), which the next run deletes
+// and writes again. The leader leaves such a session open (its owner is
+// no node that could die), and a client that connects resumes it.
+const ImportOwner = "(import)"
