@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -124,5 +126,28 @@ func TestImportRefusesWhatItCannotStore(t *testing.T) {
 	}
 	if got := fmt.Sprint(len(n1.repl.Retained())); got != "0" {
 		t.Fatalf("%s retained messages after refusals", got)
+	}
+}
+
+// TestImportedSubscriptionsPassTheACL: the cluster's ACL decides on each
+// imported subscription for the client id and username, as on a
+// SUBSCRIBE (found by review: a denied filter was imported and delivered).
+func TestImportedSubscriptionsPassTheACL(t *testing.T) {
+	acl := t.TempDir() + "/acl"
+	if err := os.WriteFile(acl, []byte("user alice\ntopic read alice/#\npattern read clients/%c/#\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tc := newTunedCluster(t, func(c *Config) { c.ACLFile = acl }, "n1")
+	tc.waitReady()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	res, err := tc.nodes["n1"].ImportSession(ctx, ImportSession{ClientID: "dev1", Username: "alice", ProtocolVersion: 5, ExpiryInterval: 600,
+		Subscriptions: []replication.Subscription{{Filter: "alice/#", QoS: 1}, {Filter: "clients/dev1/cmd", QoS: 1}, {Filter: "secret/#", QoS: 1}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := tc.nodes["n1"].repl.Session("dev1")
+	if !res.Imported || len(s.Subscriptions) != 2 || len(res.Skipped) != 1 || !strings.Contains(res.Skipped[0], `"secret/#": denied by the ACL`) {
+		t.Fatalf("import %+v; subscriptions %v", res, s.Subscriptions)
 	}
 }
