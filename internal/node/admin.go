@@ -151,6 +151,15 @@ func (n *Node) adminRoutes(mux *http.ServeMux) {
 	})
 }
 
+// replReady answers 503 when replication is not running (yet).
+func (n *Node) replReady(w http.ResponseWriter) bool {
+	if n.repl == nil {
+		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		return false
+	}
+	return true
+}
+
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
@@ -241,8 +250,7 @@ func (n *Node) serveRetained(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("invalid topic filter %q", filter), http.StatusBadRequest)
 		return
 	}
-	if n.repl == nil {
-		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+	if !n.replReady(w) {
 		return
 	}
 	writeJSON(w, retainedPage(n.repl.Retained(), filter, after, limit))
@@ -280,8 +288,7 @@ func (n *Node) serveRetainedDelete(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "missing ?topic=<topic>", http.StatusBadRequest)
 		return
 	}
-	if n.repl == nil {
-		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+	if !n.replReady(w) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
@@ -302,8 +309,7 @@ func (n *Node) serveRetainedDelete(w http.ResponseWriter, r *http.Request) {
 // serveTransfer hands raft leadership to another voter (before
 // maintenance of the leader's machine, say).
 func (n *Node) serveTransfer(w http.ResponseWriter, r *http.Request) {
-	if n.repl == nil {
-		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+	if !n.replReady(w) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
@@ -386,8 +392,7 @@ func (n *Node) serveSessionDelete(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "missing ?id=<client id>", http.StatusBadRequest)
 		return
 	}
-	if n.repl == nil {
-		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+	if !n.replReady(w) {
 		return
 	}
 	s, ok := n.repl.Session(id)
@@ -418,8 +423,7 @@ func (n *Node) serveSessionDelete(w http.ResponseWriter, r *http.Request) {
 func (n *Node) backupRoutes(mux *http.ServeMux) {
 	// The backup holds every payload: an admin read.
 	mux.HandleFunc("GET /api/backup", n.adminOnly(func(w http.ResponseWriter, r *http.Request) {
-		if n.repl == nil {
-			http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		if !n.replReady(w) {
 			return
 		}
 		w.Header().Set("Content-Type", "application/octet-stream")
@@ -436,8 +440,7 @@ func (n *Node) backupRoutes(mux *http.ServeMux) {
 		n.log.Info("backup taken", "bytes", size, "remote", r.RemoteAddr)
 	}))
 	mux.HandleFunc("POST /api/restore", n.adminOnly(func(w http.ResponseWriter, r *http.Request) {
-		if n.repl == nil {
-			http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		if !n.replReady(w) {
 			return
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Minute)

@@ -37,8 +37,7 @@ func (n *Node) routes() http.Handler {
 			http.Error(w, "missing ?id=<node id>", http.StatusBadRequest)
 			return
 		}
-		if n.repl == nil {
-			http.Error(w, "replication not started", http.StatusServiceUnavailable)
+		if !n.replReady(w) {
 			return
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)

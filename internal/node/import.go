@@ -88,8 +88,7 @@ func (n *Node) importRoutes(mux *http.ServeMux) {
 }
 
 func (n *Node) decodeImport(w http.ResponseWriter, r *http.Request, v any) bool {
-	if n.repl == nil {
-		http.Error(w, "replication not started", http.StatusServiceUnavailable)
+	if !n.replReady(w) {
 		return false
 	}
 	// A session comes whole, queue included: bounded all the same.
