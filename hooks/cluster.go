@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -47,10 +48,9 @@ type Cluster struct {
 
 	// connMu orders a disconnect's removal of shared subscriptions
 	// against a newer connection of the same client id (OnDisconnect).
-	connMu sync.Mutex
-	latest map[string]*mqtt.Client // client id -> its newest connection on this node
-	// (an entry outlives a connection whose CONNACK could not be sent, as
-	// mochi then calls no OnDisconnect; the id's next connection replaces it)
+	connMu    sync.Mutex
+	latest    map[string]*mqtt.Client   // client id -> its newest connection on this node
+	attaching map[net.Conn]*mqtt.Client // from OnSessionEstablish until established or disconnected
 
 	ackLog atomic.Int64 // last "route not acknowledged" log, unix ns
 
@@ -75,6 +75,7 @@ func NewCluster(s *mqtt.Server, log *slog.Logger) *Cluster {
 		routes:    map[string]map[string]struct{}{},
 		pending:   map[*mqtt.Client][]string{},
 		latest:    map[string]*mqtt.Client{},
+		attaching: map[net.Conn]*mqtt.Client{},
 		injectors: map[string]*injector{},
 	}
 }
@@ -91,7 +92,7 @@ func (h *Cluster) ID() string { return "cluster" }
 func (h *Cluster) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnStarted, mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnPublished,
-		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished:
+		mqtt.OnWillSent, mqtt.OnSelectSubscribers, mqtt.OnDisconnect, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnClientExpired:
 		return true
 	}
 	return false
@@ -311,6 +312,7 @@ func (h *Cluster) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	}
 	h.connMu.Lock()
 	defer h.connMu.Unlock()
+	delete(h.attaching, cl.Net.Conn)
 	latest := h.latest[cl.ID]
 	if latest == cl {
 		delete(h.latest, cl.ID)
@@ -326,13 +328,20 @@ func (h *Cluster) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	// OnSessionEstablish (before mochi stops the old one) is the sign that
 	// cannot come late (CI: the takeover lost its route). connMu makes a
 	// newer connection wait until a removal begun before it is complete,
-	// so mochi never copies a half-removed set.
+	// so mochi never copies a half-removed set. Should the newer one end
+	// before it is established, ConnectionEnded removes them.
 	if (latest != nil && latest != cl) || cl.IsTakenOver() || errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
 		return
 	}
 	if cur, ok := h.server.Clients.Get(cl.ID); ok && cur != cl {
 		return
 	}
+	h.removeShared(cl)
+}
+
+// removeShared ends cl's shared subscriptions (in mochi and routed);
+// connMu is held.
+func (h *Cluster) removeShared(cl *mqtt.Client) {
 	for filter := range cl.State.Subscriptions.GetAll() {
 		if mqtt.IsSharedFilter(filter) {
 			h.server.Topics.Unsubscribe(filter, cl.ID)
@@ -350,6 +359,36 @@ func (h *Cluster) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 	}
 	h.connMu.Lock()
 	h.latest[cl.ID] = cl
+	h.attaching[cl.Net.Conn] = cl
+	h.connMu.Unlock()
+}
+
+// ConnectionEnded is told (by the listener) that mochi is done with conn.
+// A connection that ended between OnSessionEstablish and its CONNACK gets
+// no OnDisconnect from mochi: if it is still its id's newest, the shared
+// subscriptions it inherited (whose old connection left them to it) are
+// ended here, as OnDisconnect would have.
+func (h *Cluster) ConnectionEnded(conn net.Conn) {
+	h.connMu.Lock()
+	defer h.connMu.Unlock()
+	cl := h.attaching[conn]
+	if cl == nil {
+		return // established (OnDisconnect handles it) or never attached
+	}
+	delete(h.attaching, conn)
+	if h.latest[cl.ID] != cl {
+		return // a newer connection took it over and inherits
+	}
+	delete(h.latest, cl.ID)
+	h.removeShared(cl)
+}
+
+// OnClientExpired forgets an expired session's client.
+func (h *Cluster) OnClientExpired(cl *mqtt.Client) {
+	h.connMu.Lock()
+	if h.latest[cl.ID] == cl {
+		delete(h.latest, cl.ID)
+	}
 	h.connMu.Unlock()
 }
 
@@ -361,6 +400,9 @@ func (h *Cluster) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
+	h.connMu.Lock()
+	delete(h.attaching, cl.Net.Conn)
+	h.connMu.Unlock()
 	for filter, sub := range cl.State.Subscriptions.GetAll() {
 		if mqtt.IsSharedFilter(filter) {
 			h.server.Topics.Subscribe(cl.ID, sub)

@@ -49,6 +49,11 @@ type ConnGuard struct {
 	// Log, if set, gets one line per connection refused before CONNECT
 	// (MaxConnectSize, not a CONNECT): give it a rate-limited handler.
 	Log *slog.Logger
+	// Ended, when set, is called with the connection mochi was given once
+	// mochi is done with it: mochi calls no hook when a connection ends
+	// before its session is established (a CONNACK that could not be
+	// written), and the cluster hook must learn of it (Cluster.ConnectionEnded).
+	Ended func(net.Conn)
 }
 
 // NewListener wraps ln. id names the listener in logs and metrics.
@@ -106,8 +111,15 @@ func (l *Listener) handle(conn net.Conn, establish listeners.EstablishFn) {
 		// ones that end a connection before a session exists (timeouts,
 		// malformed CONNECT, bad credentials) are counted by the guard.
 		_ = establish(l.id, gc)
-		_ = gc.Close()
+		l.ended(gc)
 	}()
+}
+
+func (l *Listener) ended(gc net.Conn) {
+	_ = gc.Close()
+	if l.guard.Ended != nil {
+		l.guard.Ended(gc)
+	}
 }
 
 func (l *Listener) serveWebsocket(establish listeners.EstablishFn) {
@@ -130,7 +142,7 @@ func (l *Listener) serveWebsocket(establish listeners.EstablishFn) {
 		}
 		gc := newGuardedConn(conn, l.guard, accepted)
 		_ = establish(l.id, gc)
-		_ = gc.Close()
+		l.ended(gc)
 	})
 	l.httpSv = &http.Server{
 		Handler: mux,

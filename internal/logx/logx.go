@@ -160,14 +160,16 @@ func NewRecent(n int) *Recent { return &Recent{entries: make([]Entry, max(n, 1))
 // Wrap returns h, also recording into r what reaches it at Warn or above.
 func (r *Recent) Wrap(h slog.Handler) slog.Handler { return &recording{h: h, r: r} }
 
-// Entries returns the kept records, oldest first.
+// Entries returns the kept records, oldest first (never nil: the status
+// page reads an empty JSON list, not null).
 func (r *Recent) Entries() []Entry {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !r.full {
-		return append([]Entry(nil), r.entries[:r.next]...)
+	out := make([]Entry, 0, len(r.entries))
+	if r.full {
+		out = append(out, r.entries[r.next:]...)
 	}
-	return append(append([]Entry(nil), r.entries[r.next:]...), r.entries[:r.next]...)
+	return append(out, r.entries[:r.next]...)
 }
 
 func (r *Recent) add(e Entry) {

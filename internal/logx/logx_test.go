@@ -45,6 +45,9 @@ func TestNewRejectsBadSettings(t *testing.T) {
 // oldest first, with the attributes of With and of the record.
 func TestRecentKeepsLastWarnings(t *testing.T) {
 	r := NewRecent(3)
+	if e := r.Entries(); e == nil || len(e) != 0 {
+		t.Fatalf("no warnings yet: %#v, want an empty list (the status page reads null as an error)", e)
+	}
 	log := slog.New(r.Wrap(slog.DiscardHandler)).With("node", "n1")
 	log.Info("not kept")
 	for i := range 5 {

@@ -198,6 +198,7 @@ func (n *Node) bindListeners(metrics *hooks.Metrics) error {
 		MaxPacketSize:  n.cfg.MaxPacketSize,
 		Metrics:        metrics,
 		Log:            slog.New(logx.RateLimit(logx.Rewrite(n.log.Handler(), packetSummary), 10*time.Second)).With("component", "listener"),
+		Ended:          n.clusterHook.ConnectionEnded,
 	}
 	add := func(id, addr string, ws bool, tcfg *tls.Config) error {
 		ln, err := net.Listen("tcp", addr)

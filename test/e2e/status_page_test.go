@@ -56,6 +56,13 @@ func TestStatusPageInChromium(t *testing.T) {
 		if len(alive) != 3 || leader == nil || leader[1] != lead.ID {
 			return fmt.Errorf("%d members alive, leader %v (want 3 and %s)", len(alive), leader, lead.ID)
 		}
+		// The whole page rendered: no error banner (a node without
+		// warnings once broke the rendering after the members table), the
+		// sessions and the rates of two polls.
+		if strings.Contains(dom, `style="display: block;"`) || !strings.Contains(dom, "<dt>queued messages</dt>") ||
+			!regexp.MustCompile(`<b id="rate-in">[0-9.]+</b>`).MatchString(dom) {
+			return stopPolling(fmt.Errorf("the page did not render whole:\n%s", dom))
+		}
 		return nil
 	})
 	for _, want := range []string{nodes[0].ID, nodes[1].ID + " (this node)", nodes[2].ID, "Recent warnings"} {
