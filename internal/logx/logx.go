@@ -195,11 +195,12 @@ func (h *recording) Enabled(ctx context.Context, l slog.Level) bool {
 func (h *recording) Handle(ctx context.Context, rec slog.Record) error {
 	if rec.Level >= slog.LevelWarn {
 		e := Entry{Time: rec.Time, Level: rec.Level.String(), Message: rec.Message, Attrs: map[string]string{}}
+		// Resolved: a LogValuer (one that redacts, say) is honoured.
 		for _, a := range h.attrs {
-			e.Attrs[a.Key] = a.Value.String()
+			e.Attrs[a.Key] = a.Value.Resolve().String()
 		}
 		rec.Attrs(func(a slog.Attr) bool {
-			e.Attrs[h.group+a.Key] = a.Value.String()
+			e.Attrs[h.group+a.Key] = a.Value.Resolve().String()
 			return true
 		})
 		h.r.add(e)

@@ -66,7 +66,7 @@ func TestOverview(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "/api/overview") ||
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `fetch("api/overview"`) ||
 		!strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") || resp.Header.Get("Content-Security-Policy") == "" {
 		t.Fatalf("GET /: %d %v\n%.200s", resp.StatusCode, resp.Header, body)
 	}
