@@ -217,6 +217,22 @@ func (h *Cluster) addRoute(clientID, filter string) bool {
 	return true
 }
 
+// SharedSubscriptions counts the shared subscriptions of this node's
+// clients (client and filter pairs): $SYS/broker/shared_subscriptions/count.
+func (h *Cluster) SharedSubscriptions() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, fs := range h.routes {
+		for f := range fs {
+			if mqtt.IsSharedFilter(f) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
 func (h *Cluster) removeRoute(clientID, filter string) {
 	h.mu.Lock()
 	fs := h.routes[clientID]

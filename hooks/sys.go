@@ -66,6 +66,13 @@ type SysCluster struct {
 	DisconnectedHere int
 	Retained         int // retained messages
 	Queued           int // messages queued or in flight for persistent sessions
+	// StoredBytes: payload bytes of the retained and queued messages.
+	StoredBytes int64
+	// ExpiredHere: sessions this node's expiry sweeps deleted (it does
+	// them as the leader).
+	ExpiredHere int64
+	// SharedHere: shared subscriptions of this node's clients.
+	SharedHere int
 }
 
 // sysCounters are mochi's counters at one update.
@@ -169,10 +176,12 @@ func (y *Sys) update(now time.Time) {
 		{"$SYS/broker/clients/inactive", itoa(disconnected)},
 		{"$SYS/broker/clients/total", itoa(connected + disconnected)},
 		{"$SYS/broker/clients/maximum", itoa(atomic.LoadInt64(&in.ClientsMaximum))},
+		{"$SYS/broker/clients/expired", itoa(cl.ExpiredHere)},
 		{"$SYS/broker/messages/received", itoa(c.pktsIn)},
 		{"$SYS/broker/messages/sent", itoa(c.pktsOut)},
 		{"$SYS/broker/messages/stored", strconv.Itoa(cl.Retained + cl.Queued)},
 		{"$SYS/broker/store/messages/count", strconv.Itoa(cl.Retained + cl.Queued)},
+		{"$SYS/broker/store/messages/bytes", itoa(cl.StoredBytes)},
 		{"$SYS/broker/messages/inflight", itoa(atomic.LoadInt64(&in.Inflight))},
 		{"$SYS/broker/publish/messages/received", itoa(c.pubIn)},
 		{"$SYS/broker/publish/messages/sent", itoa(c.pubOut)},
@@ -183,6 +192,7 @@ func (y *Sys) update(now time.Time) {
 		{"$SYS/broker/bytes/sent", itoa(c.bytesOut)},
 		{"$SYS/broker/retained messages/count", strconv.Itoa(cl.Retained)},
 		{"$SYS/broker/subscriptions/count", itoa(atomic.LoadInt64(&in.Subscriptions))},
+		{"$SYS/broker/shared_subscriptions/count", strconv.Itoa(cl.SharedHere)},
 		{"$SYS/broker/heap/current", strconv.FormatUint(ms.HeapInuse, 10)},
 		{"$SYS/broker/heap/maximum", strconv.FormatUint(y.heapMax, 10)},
 		{"$SYS/cluster/self", cl.Self},

@@ -61,6 +61,7 @@ type Node struct {
 	observer  *raft.Observer
 	stop      chan struct{}
 	life      context.Context // cancelled at shutdown
+	expired   atomic.Int64    // sessions deleted by this node's expiry sweeps
 	lifeStop  context.CancelFunc
 	wg        sync.WaitGroup
 

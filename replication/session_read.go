@@ -118,9 +118,48 @@ func (n *Node) sweepSessions() {
 	}
 	ctx, cancel := context.WithTimeout(n.life, n.cfg.IOTimeout)
 	defer cancel()
-	if _, err := n.Apply(ctx, b); err != nil {
+	res, err := n.Apply(ctx, b)
+	if err != nil {
 		n.log.Warn("deleting expired sessions failed", "count", len(exp), "err", err)
 		return
 	}
+	for _, r := range res.Results {
+		if r.Changed {
+			n.expired.Add(1)
+		}
+	}
 	n.log.Debug("deleted expired sessions", "count", len(exp))
+}
+
+// ExpiredSessions counts the sessions this node deleted as expired (the
+// leader's sweep): Mosquitto's $SYS/broker/clients/expired, per node.
+func (n *Node) ExpiredSessions() int64 { return n.expired.Load() }
+
+// StoredBytes sums the payload bytes of the retained messages and of the
+// messages queued for persistent sessions, large ones by their size
+// (Mosquitto's $SYS/broker/store/messages/bytes; a message queued for
+// several sessions counts once per session here). It walks the state
+// under the read lock, without copying.
+func (n *Node) StoredBytes() int64 { return n.fsm.storedBytes() }
+
+func (f *FSM) storedBytes() int64 {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	var total int64
+	for _, m := range f.st.retained {
+		total += payloadBytes(m.Payload, m.Blob)
+	}
+	for _, e := range f.st.sessions {
+		for _, q := range e.Queue {
+			total += payloadBytes(q.Payload, q.Blob)
+		}
+	}
+	return total
+}
+
+func payloadBytes(p []byte, b *BlobRef) int64 {
+	if b != nil {
+		return b.Size
+	}
+	return int64(len(p))
 }

@@ -216,12 +216,13 @@ func (c queueDepthCollector) Collect(ch chan<- prometheus.Metric) {
 // sysCluster is the cluster part of $SYS (hooks.Sys).
 func (n *Node) sysCluster() hooks.SysCluster {
 	st := n.cluster.Status()
-	out := hooks.SysCluster{Self: n.cfg.NodeID, Nodes: st.AliveMembers}
+	out := hooks.SysCluster{Self: n.cfg.NodeID, Nodes: st.AliveMembers, SharedHere: n.clusterHook.SharedSubscriptions()}
 	if n.repl == nil {
 		return out
 	}
 	rs := n.repl.Status()
 	out.Leader, out.Retained = rs.LeaderID, rs.Retained
+	out.StoredBytes, out.ExpiredHere = n.repl.StoredBytes(), n.repl.ExpiredSessions()
 	for _, s := range n.repl.Sessions() {
 		out.Sessions++
 		out.Queued += s.QueueDepth

@@ -108,3 +108,36 @@ func TestSysTopicsWithMosquittoNames(t *testing.T) {
 }
 
 var mochiOnlySys = []string{"$SYS/broker/time", "$SYS/broker/started", "$SYS/broker/system/memory", "$SYS/broker/packets/received"}
+
+// TestSysStoreSharedAndExpiredCounters: the three counters Mosquitto
+// publishes that the cluster keeps in its own way: payload bytes of the
+// retained and queued messages, this node's shared subscriptions, and the
+// sessions this node's sweeps expired.
+func TestSysStoreSharedAndExpiredCounters(t *testing.T) {
+	tc := newTunedCluster(t, func(c *Config) { c.SysInterval = 300 * time.Millisecond }, "n1")
+	tc.waitReady()
+	addr := tc.nodes["n1"].Addr("mqtt")
+	tc.client("n1", "sysb-pub").Pub(t, "sysb/r", 1, true, []byte("abcde"))
+	p := testutil.Connect(t, addr, testutil.ClientOptions{ID: "sysb-p", CleanStart: true, SessionExpiry: 2})
+	p.Sub(t, 1, "sysb/q")
+	p.Close()
+	tc.awaitClosed(t, "sysb-p")
+	tc.client("n1", "sysb-pub2").Pub(t, "sysb/q", 1, false, []byte("xyz"))
+	tc.client("n1", "sysb-shared").Sub(t, 1, "$share/g/sysb/s")
+	c := testutil.Connect(t, addr, testutil.ClientOptions{ID: "sysb-watch", CleanStart: true, Buffer: 10000})
+	c.Sub(t, 0, "$SYS/#")
+	want := func(w map[string]string) func(map[string]string) error {
+		return func(got map[string]string) error {
+			for topic, v := range w {
+				if got[topic] != v {
+					return fmt.Errorf("%s = %q, want %q", topic, got[topic], v)
+				}
+			}
+			return nil
+		}
+	}
+	sysValues(t, c, want(map[string]string{"$SYS/broker/store/messages/bytes": "8",
+		"$SYS/broker/shared_subscriptions/count": "1", "$SYS/broker/clients/expired": "0"}))
+	// The session expires 2 s after its disconnect, and its queue with it.
+	sysValues(t, c, want(map[string]string{"$SYS/broker/store/messages/bytes": "5", "$SYS/broker/clients/expired": "1"}))
+}
