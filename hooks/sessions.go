@@ -666,7 +666,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		// written here, let the leader, or since endingWill a clean
 		// CONNECT elsewhere, publish the will of a client that came back
 		// within the grace: chaos seed 20261208, will-on-graceful-stop).
-		if c.closedByLeader.Load() || h.keptAtStop(c) || h.stoppingNow(cl) || errors.Is(cause, packets.ErrSessionTakenOver) {
+		if c.closedByLeader.Load() || h.stoppingNow(cl) || errors.Is(cause, packets.ErrSessionTakenOver) {
 			return
 		}
 		h.endMirror(c, err) // session_mirror.go

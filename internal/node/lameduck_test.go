@@ -9,6 +9,9 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
 // TestGracefulStopSpreadsDisconnects: a node that stops gracefully ends
@@ -53,5 +56,39 @@ func TestGracefulStopSpreadsDisconnects(t *testing.T) {
 	// 19 gaps of lameDuckStep at least (sleeps only make it longer).
 	if span := at[len(at)-1].Sub(at[0]); span < (clients-1)*lameDuckStep {
 		t.Fatalf("disconnects spread over %v, want at least %v", span, (clients-1)*lameDuckStep)
+	}
+}
+
+// TestClientDropInLameDuckKeepsItsWill: once a node has begun a graceful
+// stop, a client that drops its connection on its own before the stop has
+// disconnected it (the lame duck spreads disconnects over seconds) ended
+// its connection without DISCONNECT: its will is due. Before, every
+// connection ending during the stop was taken for the stop's, its will
+// left for the leave grace, and a client back within it with a clean
+// session lost its will (chaos seed 621146620, will-missing).
+func TestClientDropInLameDuckKeepsItsWill(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2")
+	tc.waitReady()
+	watch := tc.client("n2", "ldw-watch")
+	watch.Sub(t, 1, "ldw/#")
+	dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ldw-dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "ldw/dev", QoS: 1, Payload: []byte("offline")}})
+	// The will is mirrored in the log once the session is open there.
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("ldw-dev"); !ok || s.Will == nil {
+			return fmt.Errorf("will not in the log yet")
+		}
+		return nil
+	})
+	tc.nodes["n1"].sessionsHook.PrepareStop() // the stop begins; dev is not disconnected yet
+	_ = dev.Conn.Close()                      // and drops on its own
+	back := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "ldw-dev", CleanStart: true})
+	defer back.Close()
+	p, err := watch.Next(wait)
+	if err != nil {
+		t.Fatalf("no will after a drop during the lame duck: %v", err)
+	}
+	if string(p.Payload) != "offline" {
+		t.Fatalf("got %s %q", p.Topic, p.Payload)
 	}
 }

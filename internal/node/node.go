@@ -402,6 +402,7 @@ func (n *Node) disconnectClients(ctx context.Context) {
 		if cl.Closed() {
 			continue
 		}
+		n.sessionsHook.TellStop(cl) // before the 0x8B: its EOF is the stop's
 		if cl.Properties.ProtocolVersion == 5 {
 			_ = n.mqtt.DisconnectClient(cl, packets.ErrServerShuttingDown)
 		} else {
