@@ -37,6 +37,21 @@ func newAdminFlags(name string, getenv func(string) string, stderr io.Writer) *a
 		asJSON: fs.Bool("json", false, "print the raw JSON"), token: adminTokenFlags(fs, getenv)}
 }
 
+// writeFlags are the flags an admin write's usage line names.
+const writeFlags = "[--http-addr host:port] [--admin-token-file FILE]"
+
+// parseOne parses the flags and the one argument of subcommand name,
+// printing its usage (usage: the flags and the argument) when they do not
+// fit.
+func parseOne(name, usage string, args []string, getenv func(string) string, stderr io.Writer) (*adminFlags, string, bool) {
+	a := newAdminFlags(name, getenv, stderr)
+	if err := a.fs.Parse(args); err != nil || a.fs.NArg() != 1 {
+		fmt.Fprintf(stderr, "usage: %s %s\n", name, usage)
+		return nil, "", false
+	}
+	return a, a.fs.Arg(0), true
+}
+
 func (a *adminFlags) host() string {
 	if strings.HasPrefix(*a.addr, ":") {
 		return "127.0.0.1" + *a.addr
@@ -81,12 +96,11 @@ func apiPost(host, path, token string, stdout, stderr io.Writer) int {
 // `broker clients disconnect ID`.
 func clientsCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "disconnect" {
-		a := newAdminFlags("broker clients disconnect", getenv, stderr)
-		if err := a.fs.Parse(args[1:]); err != nil || a.fs.NArg() != 1 {
-			fmt.Fprintln(stderr, "usage: broker clients disconnect [--http-addr host:port] [--admin-token-file FILE] CLIENT-ID")
+		a, id, ok := parseOne("broker clients disconnect", writeFlags+" CLIENT-ID", args[1:], getenv, stderr)
+		if !ok {
 			return 2
 		}
-		return a.post("/api/clients/disconnect?id="+url.QueryEscape(a.fs.Arg(0)), stdout, stderr)
+		return a.post("/api/clients/disconnect?id="+url.QueryEscape(id), stdout, stderr)
 	}
 	a := newAdminFlags("broker clients", getenv, stderr)
 	all := a.fs.Bool("all", false, "every node's clients (from the replicated ownership table; details for the asked node's own)")
@@ -128,12 +142,11 @@ func clientsCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 // delete TOPIC`.
 func retainedCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "delete" {
-		a := newAdminFlags("broker retained delete", getenv, stderr)
-		if err := a.fs.Parse(args[1:]); err != nil || a.fs.NArg() != 1 {
-			fmt.Fprintln(stderr, "usage: broker retained delete [--http-addr host:port] [--admin-token-file FILE] TOPIC")
+		a, topic, ok := parseOne("broker retained delete", writeFlags+" TOPIC", args[1:], getenv, stderr)
+		if !ok {
 			return 2
 		}
-		return a.post("/api/retained/delete?topic="+url.QueryEscape(a.fs.Arg(0)), stdout, stderr)
+		return a.post("/api/retained/delete?topic="+url.QueryEscape(topic), stdout, stderr)
 	}
 	a := newAdminFlags("broker retained", getenv, stderr)
 	filter := a.fs.String("filter", "#", "topic filter")
@@ -179,12 +192,10 @@ func retainedCmd(args []string, getenv func(string) string, stdout, stderr io.Wr
 
 // sessionCmd runs `broker sessions show ID` and `broker sessions delete ID`.
 func sessionCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	a := newAdminFlags("broker sessions "+args[0], getenv, stderr)
-	if err := a.fs.Parse(args[1:]); err != nil || a.fs.NArg() != 1 {
-		fmt.Fprintf(stderr, "usage: broker sessions %s [--http-addr host:port] [--admin-token-file FILE] CLIENT-ID\n", args[0])
+	a, id, ok := parseOne("broker sessions "+args[0], writeFlags+" CLIENT-ID", args[1:], getenv, stderr)
+	if !ok {
 		return 2
 	}
-	id := a.fs.Arg(0)
 	if args[0] == "delete" {
 		return a.post("/api/sessions/delete?id="+url.QueryEscape(id), stdout, stderr)
 	}
@@ -215,12 +226,11 @@ func sessionCmd(args []string, getenv func(string) string, stdout, stderr io.Wri
 // subscriptionsCmd runs `broker subscriptions FILTER`: the nodes that
 // route the filter.
 func subscriptionsCmd(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	a := newAdminFlags("broker subscriptions", getenv, stderr)
-	if err := a.fs.Parse(args); err != nil || a.fs.NArg() != 1 {
-		fmt.Fprintln(stderr, "usage: broker subscriptions [--http-addr host:port] [--json] FILTER")
+	a, filter, ok := parseOne("broker subscriptions", "[--http-addr host:port] [--json] FILTER", args, getenv, stderr)
+	if !ok {
 		return 2
 	}
-	body, err := apiGet(a.host(), "/api/subscriptions?filter="+url.QueryEscape(a.fs.Arg(0)))
+	body, err := apiGet(a.host(), "/api/subscriptions?filter="+url.QueryEscape(filter))
 	if err != nil {
 		fmt.Fprintf(stderr, "broker: %v\n", err)
 		return 1
