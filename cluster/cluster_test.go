@@ -527,6 +527,17 @@ func TestLifecycle(t *testing.T) {
 func TestRouteChurnConverges(t *testing.T) {
 	// No periodic push/pull during the test: deltas and gap repairs must do it.
 	nodes := startCluster(t, 3, withConfig(func(c *Config) { c.PushPullInterval = time.Hour }))
+	// Let the join-time full syncs finish first: one that lands after the
+	// churn carries every change, and all deltas then arrive stale (CI saw
+	// 6 merges and 147 stale deltas).
+	eventually(t, 5*time.Second, func() bool {
+		for _, tn := range nodes {
+			if tn.syncing.Load() != 0 {
+				return false
+			}
+		}
+		return true
+	}, "join syncs still running")
 	var wg sync.WaitGroup
 	for i, tn := range nodes {
 		wg.Go(func() {
