@@ -39,6 +39,7 @@ type Metrics struct {
 // queue-depth histogram is the node's: it reads the log).
 type sessionMetrics struct {
 	dropped, redelivered, wills, enqueueFailed, openFailed, opsDropped, qos2Duplicates prometheus.Counter
+	pipelined, pipelineBatches                                                         prometheus.Counter
 }
 
 func newSessionMetrics() *sessionMetrics {
@@ -46,18 +47,21 @@ func newSessionMetrics() *sessionMetrics {
 		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: "broker", Subsystem: "sessions", Name: name, Help: help})
 	}
 	return &sessionMetrics{
-		dropped:        c("queue_dropped_total", "Messages not queued for a persistent session because its queue was full (max_queued_messages), counted by the publishing node."),
-		redelivered:    c("redelivered_total", "Queued messages sent again to a resumed session (DUP)."),
-		wills:          c("wills_published_total", "Wills this node published for sessions closed without DISCONNECT or whose node died."),
-		enqueueFailed:  c("enqueue_failures_total", "QoS 1/2 publishes for persistent sessions refused because the log did not commit them."),
-		openFailed:     c("open_failures_total", "Persistent sessions served without replication because SessionOpen failed."),
-		opsDropped:     c("writes_dropped_total", "Asynchronous session writes (acks, closes) dropped because the write queue was full."),
-		qos2Duplicates: c("qos2_duplicates_total", "Inbound QoS 2 PUBLISH resends recognised from the log and not delivered again."),
+		dropped:         c("queue_dropped_total", "Messages not queued for a persistent session because its queue was full (max_queued_messages), counted by the publishing node."),
+		redelivered:     c("redelivered_total", "Queued messages sent again to a resumed session (DUP)."),
+		wills:           c("wills_published_total", "Wills this node published for sessions closed without DISCONNECT or whose node died."),
+		enqueueFailed:   c("enqueue_failures_total", "QoS 1/2 publishes for persistent sessions refused because the log did not commit them."),
+		openFailed:      c("open_failures_total", "Persistent sessions served without replication because SessionOpen failed."),
+		opsDropped:      c("writes_dropped_total", "Asynchronous session writes (acks, closes) dropped because the write queue was full."),
+		qos2Duplicates:  c("qos2_duplicates_total", "Inbound QoS 2 PUBLISH resends recognised from the log and not delivered again."),
+		pipelined:       c("pipelined_publishes_total", "QoS 1/2 publishes taken off the read loop by the publish pipeline (hooks/pipeline.go)."),
+		pipelineBatches: c("pipeline_batches_total", "Batches the publish pipeline's workers took; pipelined_publishes_total divided by it is the mean batch."),
 	}
 }
 
 func (s *sessionMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{s.dropped, s.redelivered, s.wills, s.enqueueFailed, s.openFailed, s.opsDropped, s.qos2Duplicates}
+	return []prometheus.Collector{s.dropped, s.redelivered, s.wills, s.enqueueFailed, s.openFailed, s.opsDropped, s.qos2Duplicates,
+		s.pipelined, s.pipelineBatches}
 }
 
 // NewMetrics registers the metrics on reg; info is the mochi server's

@@ -31,6 +31,14 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if pk.FixedHeader.Qos == 0 || pk.Ignore || isInjector(cl) || isWillPublisher(cl) {
 		return pk, nil // a will's persistent copies were queued by its claim
 	}
+	if h.pipeline != nil {
+		if v := h.pipeline.verdict(cl, pk); v != nil && !v.hooks {
+			if v.err != nil {
+				return pk, h.refuse(cl, pk, v.err)
+			}
+			return pk, h.published(v.qos2, v.res)
+		}
+	}
 	ctx, cancel := context.WithTimeout(h.base, durableTimeout(h.cfg.Timeout, len(pk.Payload)))
 	defer cancel()
 	if ackBeforeCommit {
@@ -44,7 +52,30 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if err := h.repl.SessionsBarrier(ctx); err != nil {
 		return pk, h.refuse(cl, pk, err)
 	}
-	cmd := h.enqueueCommand(pk, cl.ID)
+	wcmd, qos2 := h.publishCommand(cl, pk)
+	if wcmd == nil {
+		return pk, nil
+	}
+	if enq := enqueueOf(wcmd); enq != nil {
+		var err error
+		if wcmd, err = withBlob(ctx, h.repl, h.durableLimit(), pk.Payload, wcmd, func() { enq.Payload = nil }); err != nil {
+			return pk, h.refuse(cl, pk, err)
+		}
+	}
+	res, err := applyDurable(ctx, h.repl, wcmd, pk.Payload)
+	if err != nil {
+		return pk, h.refuse(cl, pk, err)
+	}
+	return pk, h.published(qos2, res)
+}
+
+// publishCommand is what a QoS 1/2 PUBLISH writes before it is
+// acknowledged (after a sessions barrier): an Enqueue for the persistent
+// sessions it matches, or, for a QoS 2 PUBLISH from a persistent session,
+// a QoS2Publish (qos2) that records the receipt with the enqueue; nil when
+// nothing is to be written.
+func (h *Sessions) publishCommand(cl *mqtt.Client, pk packets.Packet) (cmd replication.Command, qos2 bool) {
+	enq := h.enqueueCommand(pk, cl.ID)
 	// A QoS 2 PUBLISH from a persistent session is recorded with its
 	// enqueue, in one entry: the client resends it (same packet id) on
 	// another node if the PUBREC was lost, and that copy must not be
@@ -54,41 +85,40 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		// Fenced to this connection's open: a forward that arrives late,
 		// after the client resumed elsewhere and completed the flow
 		// there, must not queue the message again.
-		q2 := &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: cmd}
+		q2 := &replication.QoS2Publish{ClientID: c.id, PacketID: pk.PacketID, Enqueue: enq}
 		if h.repl.QoS2Fence() { // every server applies type 23 (a rolling upgrade may not be done)
 			q2.IfOpened = c.opened.Load()
 		}
-		var wcmd replication.Command = q2
-		if cmd != nil {
-			var err error
-			if wcmd, err = withBlob(ctx, h.repl, h.durableLimit(), pk.Payload, q2, func() { cmd.Payload = nil }); err != nil {
-				return pk, h.refuse(cl, pk, err)
-			}
-		}
-		res, err := applyDurable(ctx, h.repl, wcmd, pk.Payload)
-		if err != nil {
-			return pk, h.refuse(cl, pk, err)
-		}
-		if !res.Changed {
-			h.m.qos2Duplicates.Inc()
-			return pk, packets.CodeSuccessIgnore
-		}
-		h.enqueued(res)
-		return pk, nil
+		return q2, true
 	}
-	if cmd == nil {
-		return pk, nil
+	if enq == nil {
+		return nil, false
 	}
-	wcmd, err := withBlob(ctx, h.repl, h.durableLimit(), pk.Payload, cmd, func() { cmd.Payload = nil })
-	if err != nil {
-		return pk, h.refuse(cl, pk, err)
+	return enq, false
+}
+
+// enqueueOf is the Enqueue a publishCommand carries (nil: a QoS 2
+// receipt alone).
+func enqueueOf(cmd replication.Command) *replication.Enqueue {
+	switch c := cmd.(type) {
+	case *replication.Enqueue:
+		return c
+	case *replication.QoS2Publish:
+		return c.Enqueue
 	}
-	res, err := applyDurable(ctx, h.repl, wcmd, pk.Payload)
-	if err != nil {
-		return pk, h.refuse(cl, pk, err)
+	return nil
+}
+
+// published is OnPublish's answer once publishCommand's entry committed
+// with res: a QoS 2 receipt that was not new is a duplicate, acknowledged
+// and not delivered again.
+func (h *Sessions) published(qos2 bool, res replication.Result) error {
+	if qos2 && !res.Changed {
+		h.m.qos2Duplicates.Inc()
+		return packets.CodeSuccessIgnore
 	}
 	h.enqueued(res)
-	return pk, nil
+	return nil
 }
 
 // refuse is what the publisher gets when its message could not be stored

@@ -108,6 +108,8 @@ type Sessions struct {
 	openClock session.OpenClock
 
 	stopping stopState // graceful stops and restarts (wills.go)
+
+	pipeline *Pipeline // nil: durable publishes wait inside OnPublish
 }
 
 // SessionsConfig configures the Sessions hook.

@@ -34,6 +34,7 @@ type result struct {
 	Publishers  int     `json:"publishers"`
 	Subscribers int     `json:"subscribers"`
 	Persistent  bool    `json:"persistent"`
+	Inflight    int     `json:"inflight"`
 	Sent        int     `json:"sent"`
 	Received    int     `json:"received"`
 	Lost        int     `json:"lost"`
@@ -53,6 +54,7 @@ type options struct {
 	publishers         int
 	subscribers        int
 	persistent         bool
+	inflight           int
 }
 
 func main() {
@@ -65,19 +67,20 @@ func main() {
 	publishers := flag.Int("publishers", 1, "publisher connections; publisher i sends to subscriber i mod --subscribers")
 	subscribers := flag.Int("subscribers", 1, "subscriber connections, one topic each")
 	persistent := flag.Bool("persistent", false, "subscribers use persistent sessions (clean start off, session expiry 300 s)")
+	inflight := flag.Int("inflight", 1, "QoS 1/2 publishes each publisher keeps unacknowledged (1: wait for each acknowledgement)")
 	label := flag.String("label", "", "name of this run in the output")
 	asJSON := flag.Bool("json", false, "print the result as JSON")
 	flag.Parse()
 	if *subAddr == "" {
 		*subAddr = *pubAddr
 	}
-	if *size < 16 || *qos < 0 || *qos > 2 || *rate < 0 || *publishers < 1 || *subscribers < 1 {
-		fmt.Fprintln(os.Stderr, "mqttload: --size must be at least 16, --qos 0-2, --rate >= 0, --publishers and --subscribers >= 1")
+	if *size < 16 || *qos < 0 || *qos > 2 || *rate < 0 || *publishers < 1 || *subscribers < 1 || *inflight < 1 {
+		fmt.Fprintln(os.Stderr, "mqttload: --size must be at least 16, --qos 0-2, --rate >= 0, --publishers, --subscribers and --inflight >= 1")
 		os.Exit(2)
 	}
 	o := options{pubAddrs: strings.Split(*pubAddr, ","), subAddrs: strings.Split(*subAddr, ","), rate: *rate,
 		duration: *duration, qos: byte(*qos), size: *size, publishers: *publishers, subscribers: *subscribers,
-		persistent: *persistent}
+		persistent: *persistent, inflight: *inflight}
 	r, err := run(o)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "mqttload:", err)
@@ -119,7 +122,8 @@ func connect(addr, id string, persistent bool, onMsg func(*paho.Publish)) (*paho
 }
 
 func run(o options) (result, error) {
-	res := result{QoS: int(o.qos), Rate: o.rate, Publishers: o.publishers, Subscribers: o.subscribers, Persistent: o.persistent}
+	res := result{QoS: int(o.qos), Rate: o.rate, Publishers: o.publishers, Subscribers: o.subscribers, Persistent: o.persistent,
+		Inflight: o.inflight}
 	runID := time.Now().UnixNano()
 	topic := func(i int) string { return fmt.Sprintf("mqttload/%d/%d", runID, i%o.subscribers) }
 	var (
@@ -199,12 +203,17 @@ func run(o options) (result, error) {
 		interval = time.Second * time.Duration(o.publishers) / time.Duration(o.rate)
 	}
 	var sent atomic.Int64
+	var failed atomic.Bool
 	errs := make(chan error, o.publishers)
 	var wg sync.WaitGroup
 	for p, pub := range pubs {
 		wg.Add(1)
 		go func() {
-			defer wg.Done()
+			// At most o.inflight publishes of this connection wait for
+			// their acknowledgement (QoS 0 ones return when written).
+			window := make(chan struct{}, o.inflight)
+			var pwg sync.WaitGroup
+			defer func() { pwg.Wait(); wg.Done() }()
 			offset := time.Duration(p) * interval / time.Duration(o.publishers)
 			for i := 0; time.Since(start) < o.duration; i++ {
 				if interval > 0 {
@@ -214,14 +223,24 @@ func run(o options) (result, error) {
 				}
 				payload := make([]byte, o.size)
 				binary.BigEndian.PutUint64(payload, uint64(time.Now().UnixNano()))
-				pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
-				_, err := pub.Publish(pctx, &paho.Publish{Topic: topic(p), QoS: o.qos, Payload: payload})
-				pcancel()
-				if err != nil {
-					errs <- fmt.Errorf("publisher %d, publish %d: %w", p, i, err)
+				window <- struct{}{}
+				if failed.Load() {
 					return
 				}
-				sent.Add(1)
+				pwg.Add(1)
+				go func() {
+					defer func() { <-window; pwg.Done() }()
+					pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
+					_, err := pub.Publish(pctx, &paho.Publish{Topic: topic(p), QoS: o.qos, Payload: payload})
+					pcancel()
+					if err != nil {
+						if failed.CompareAndSwap(false, true) {
+							errs <- fmt.Errorf("publisher %d, publish %d: %w", p, i, err)
+						}
+						return
+					}
+					sent.Add(1)
+				}()
 			}
 		}()
 	}

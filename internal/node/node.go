@@ -156,6 +156,9 @@ func New(cfg Config) (_ *Node, err error) {
 		hooks.NewLimits(n.mqtt, cfg.MaxKeepalive, cfg.MaxPacketSize, log.With("component", "mqtt")),
 		&hooks.Acks{},
 		hooks.NewQueueOrder(n.mqtt),
+		// After auth (a refused publish must not be written), before
+		// every hook that writes a publish to the log.
+		hooks.NewPipeline(n.sessionsHook),
 		n.retainedHook,
 		n.sessionsHook, // before the cluster hook: it may refuse filters in OnSubscribed
 		n.ownershipHook,

@@ -1,0 +1,127 @@
+package node
+
+import (
+	"bytes"
+	"fmt"
+	"strconv"
+	"testing"
+
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+)
+
+// TestPipelinedPublishesAckInOrder: one MQTT 5 connection sends 300 QoS 1
+// and 2 publishes in one write, without waiting for acknowledgements (a
+// retained one and a large one among them, which the hooks write
+// themselves). The node takes them off mochi's read loop and commits them
+// in batches (hooks/pipeline.go): every acknowledgement comes in publish
+// order, a persistent subscriber on another node gets all of them in order,
+// and the node needed fewer batches than messages (one commit per message
+// was the old path).
+func TestPipelinedPublishesAckInOrder(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	sub, _ := rawConnect(t, tc.nodes["n2"].Addr("mqtt"), "pipe-sub", false, 600)
+	sub.subscribe("pipe/#", 2)
+	pub, _ := rawConnect(t, tc.nodes["n1"].Addr("mqtt"), "pipe-pub", true, 0)
+
+	const n = 300
+	qosOf := func(i int) byte { return byte(1 + i%3/2) } // 1, 1, 2, ...
+	large := bytes.Repeat([]byte("L"), 300<<10)           // over the blob threshold
+	var buf bytes.Buffer
+	for i := 1; i <= n; i++ {
+		cp := packets.NewControlPacket(packets.PUBLISH)
+		p := cp.Content.(*packets.Publish)
+		p.Topic, p.QoS, p.PacketID, p.Payload = fmt.Sprintf("pipe/%d", i%7), qosOf(i), uint16(i), []byte(strconv.Itoa(i))
+		switch i {
+		case 150:
+			p.Retain = true
+		case 200:
+			p.Payload = append(append([]byte(nil), p.Payload...), large...)
+		}
+		if _, err := cp.WriteTo(&buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := pub.conn.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= n; i++ {
+		cp := pub.next()
+		var id uint16
+		var code byte
+		switch a := cp.Content.(type) {
+		case *packets.Puback:
+			id, code = a.PacketID, a.ReasonCode
+		case *packets.Pubrec:
+			id, code = a.PacketID, a.ReasonCode
+		default:
+			t.Fatalf("publisher got %s, want the acknowledgement of %d", cp, i)
+		}
+		if id != uint16(i) || code >= 0x80 {
+			t.Fatalf("acknowledgement %d: packet id %d, reason 0x%02x", i, id, code)
+		}
+		if want := map[byte]byte{1: packets.PUBACK, 2: packets.PUBREC}[qosOf(i)]; cp.Type != want {
+			t.Fatalf("acknowledgement %d: %s for QoS %d", i, cp, qosOf(i))
+		}
+	}
+	for i := 3; i <= n; i += 3 {
+		pub.ackResponse(packets.PUBREL, uint16(i))
+		if comp := pub.expect(packets.PUBCOMP).Content.(*packets.Pubcomp); comp.PacketID != uint16(i) {
+			t.Fatalf("PUBCOMP for %d, want %d", comp.PacketID, i)
+		}
+	}
+
+	for i := 1; i <= n; {
+		cp := sub.next()
+		switch p := cp.Content.(type) {
+		case *packets.Publish:
+			if got := string(p.Payload[:min(len(p.Payload), len(strconv.Itoa(i)))]); got != strconv.Itoa(i) {
+				t.Fatalf("subscriber got message %q, want %d", p.Payload[:min(len(p.Payload), 8)], i)
+			}
+			i++
+			switch p.QoS {
+			case 1:
+				ack := packets.NewControlPacket(packets.PUBACK)
+				ack.Content.(*packets.Puback).PacketID = p.PacketID
+				sub.send(ack)
+			case 2:
+				sub.ackResponse(packets.PUBREC, p.PacketID)
+			}
+		case *packets.Pubrel:
+			comp := packets.NewControlPacket(packets.PUBCOMP)
+			comp.Content.(*packets.Pubcomp).PacketID = p.PacketID
+			sub.send(comp)
+		default:
+			t.Fatalf("subscriber got %s", cp)
+		}
+	}
+
+	reg := tc.nodes["n1"].reg
+	pipelined := plainCounter(t, reg, "broker_sessions_pipelined_publishes_total")
+	batches := plainCounter(t, reg, "broker_sessions_pipeline_batches_total")
+	t.Logf("%v publishes in %v batches", pipelined, batches)
+	if pipelined != n {
+		t.Fatalf("pipelined_publishes_total = %v, want %d", pipelined, n)
+	}
+	if batches >= n/2 {
+		t.Fatalf("%v batches for %d publishes sent in one write: the publishes were not pipelined", batches, n)
+	}
+}
+
+// plainCounter is the value of an unlabelled counter in reg.
+func plainCounter(t testing.TB, reg prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("gather metrics: %v", err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && mf.GetType() == dto.MetricType_COUNTER && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no counter %s", name)
+	return 0
+}
