@@ -28,7 +28,7 @@ func TestPipelinedPublishesAckInOrder(t *testing.T) {
 
 	const n = 300
 	qosOf := func(i int) byte { return byte(1 + i%3/2) } // 1, 1, 2, ...
-	large := bytes.Repeat([]byte("L"), 300<<10)           // over the blob threshold
+	large := bytes.Repeat([]byte("L"), 300<<10)          // over the blob threshold
 	var buf bytes.Buffer
 	for i := 1; i <= n; i++ {
 		cp := packets.NewControlPacket(packets.PUBLISH)
