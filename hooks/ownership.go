@@ -2,6 +2,7 @@ package hooks
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -46,8 +47,11 @@ type Ownership struct {
 	owned       map[string]owned
 	latestOther map[string]uint64
 	takeovers   map[string][]time.Time // recent takeovers away from this node, for flap throttling
-	claims      chan claim
 	stop        <-chan struct{}
+
+	qmu   sync.Mutex
+	queue []claim       // claims and releases for the workers, in order
+	wake  chan struct{} // signalled when the queue grows
 }
 
 type owned struct {
@@ -60,6 +64,7 @@ type claim struct {
 	at      int64 // Unix ms: when the connection was established
 	release bool
 	retry   bool
+	epoch   uint64 // a release of this claim's epoch (ownership.claimed)
 }
 
 // claimRetry is how often a claim that could not be committed is retried.
@@ -78,15 +83,15 @@ const (
 func NewOwnership(s *mqtt.Server, self string, timeout time.Duration, log *slog.Logger) *Ownership {
 	return &Ownership{server: s, self: self, timeout: timeout, log: log.With("component", "ownership"),
 		owned: map[string]owned{}, latestOther: map[string]uint64{}, takeovers: map[string][]time.Time{},
-		claims: make(chan claim, 4096)}
+		wake: make(chan struct{}, 1)}
 }
 
 // SetReplication attaches the raft node and starts the claim workers.
 func (h *Ownership) SetReplication(r *replication.Node, stop <-chan struct{}) {
 	h.repl, h.stop = r, stop
-	// A few workers: claims of different clients are batched together by
-	// the replication layer's group commit.
-	for range 4 {
+	// Two workers, each writing whatever is queued as one entry: one
+	// prepares its batch while the other's commits.
+	for range 2 {
 		go h.work(stop)
 	}
 }
@@ -154,28 +159,97 @@ func (h *Ownership) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.enqueue(claim{cl: cl, release: true})
 }
 
+// enqueue queues a claim or release for the workers. The queue is not
+// bounded: each connection puts at most a claim, a release and, without a
+// quorum, one retry at a time in it.
 func (h *Ownership) enqueue(c claim) {
+	h.qmu.Lock()
+	h.queue = append(h.queue, c)
+	h.qmu.Unlock()
 	select {
-	case h.claims <- c:
+	case h.wake <- struct{}{}:
 	default:
-		h.log.Warn("ownership queue full; client id not claimed", "client", c.cl.ID)
 	}
 }
 
+// maxClaimBatch bounds the claims and releases written in one entry.
+const maxClaimBatch = 512
+
 func (h *Ownership) work(stop <-chan struct{}) {
 	for {
+		h.qmu.Lock()
+		n := min(len(h.queue), maxClaimBatch)
+		batch := h.queue[:n:n]
+		h.queue = h.queue[n:]
+		if len(h.queue) == 0 {
+			h.queue = nil
+		}
+		h.qmu.Unlock()
+		if n > 0 {
+			select {
+			case h.wake <- struct{}{}: // more for another worker
+			default:
+			}
+			h.do(batch)
+			continue
+		}
 		select {
 		case <-stop:
 			return
-		case c := <-h.claims:
-			h.do(c)
+		case <-h.wake:
 		}
 	}
 }
 
-func (h *Ownership) do(c claim) {
+// do writes a batch of claims and releases as one entry: a connect storm
+// (a thousand devices back after a node loss) costs a few commits, not one
+// per client.
+func (h *Ownership) do(batch []claim) {
 	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
 	defer cancel()
+	var cmds []replication.Command
+	var of []claim // the claim of each command
+	for _, c := range batch {
+		if cmd := h.command(c); cmd != nil {
+			cmds = append(cmds, cmd)
+			of = append(of, c)
+		}
+	}
+	var results []replication.Result
+	var err error
+	switch len(cmds) {
+	case 0:
+		return
+	case 1:
+		var res replication.Result
+		res, err = h.repl.Apply(ctx, cmds[0])
+		results = []replication.Result{res}
+	default:
+		var res replication.Result
+		res, err = h.repl.Apply(ctx, &replication.Batch{Commands: cmds})
+		results = res.Results
+		if err == nil && len(results) != len(cmds) {
+			err = fmt.Errorf("ownership batch: %d results for %d commands", len(results), len(cmds))
+		}
+	}
+	for i, c := range of {
+		if c.release {
+			continue // nothing to do after a release, written or not
+		}
+		if err != nil {
+			h.claimFailed(c, err)
+			continue
+		}
+		h.claimed(c, results[i])
+	}
+}
+
+// command is what c writes: a ReleaseOwner if this connection still holds
+// the id, a ClaimOwner (ReclaimOwner for a retry) if it is still open.
+func (h *Ownership) command(c claim) replication.Command {
+	if c.release && c.epoch != 0 {
+		return &replication.ReleaseOwner{ClientID: c.cl.ID, Node: h.self, Epoch: c.epoch}
+	}
 	if c.release {
 		h.mu.Lock()
 		o, ok := h.owned[c.cl.ID]
@@ -185,42 +259,52 @@ func (h *Ownership) do(c claim) {
 		}
 		h.mu.Unlock()
 		if ok && o.cl == c.cl {
-			_, _ = h.repl.Apply(ctx, &replication.ReleaseOwner{ClientID: c.cl.ID, Node: h.self, Epoch: o.epoch})
+			return &replication.ReleaseOwner{ClientID: c.cl.ID, Node: h.self, Epoch: o.epoch}
 		}
-		return
+		return nil
 	}
 	if c.cl.Closed() {
-		return
+		return nil
 	}
 	// A retry (the first attempt found no quorum) must not take the id
 	// from a connection made since on another node: the client may have
 	// given up on this one long ago (ReclaimOwner compares connect times).
-	var cmd replication.Command = &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
 	if c.retry {
-		cmd = &replication.ReclaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+		return &replication.ReclaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
 	}
-	res, err := h.repl.Apply(ctx, cmd)
-	if err != nil {
-		if !c.retry {
-			h.log.Warn("client id not claimed; retrying until the log is writable", "client", c.cl.ID, "error", err)
+	return &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+}
+
+// claimFailed retries a claim that could not be committed.
+func (h *Ownership) claimFailed(c claim, err error) {
+	if !c.retry {
+		h.log.Warn("client id not claimed; retrying until the log is writable", "client", c.cl.ID, "error", err)
+	}
+	// Reconciliation after a partition: the claim is retried while the
+	// connection lives, so once a quorum is back the later of two
+	// connections made on either side wins.
+	go func() {
+		select {
+		case <-time.After(claimRetry):
+			c.retry = true
+			h.enqueue(c)
+		case <-h.stop:
 		}
-		// Reconciliation after a partition: the claim is retried while the
-		// connection lives, so once a quorum is back the later of two
-		// connections made on either side wins.
-		go func() {
-			select {
-			case <-time.After(claimRetry):
-				c.retry = true
-				h.enqueue(c)
-			case <-h.stop:
-			}
-		}()
-		return
-	}
+	}()
+}
+
+// claimed records a committed claim.
+func (h *Ownership) claimed(c claim, res replication.Result) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if cur, ok := h.server.Clients.Get(c.cl.ID); !ok || cur != c.cl || c.cl.Closed() {
-		return // gone or replaced meanwhile; its successor claims for itself
+		// Gone or replaced meanwhile (its successor claims for itself).
+		// Its release may have been written before this claim: release
+		// this epoch, which leaves any later claim alone.
+		if res.Changed {
+			h.enqueue(claim{cl: c.cl, release: true, epoch: res.Epoch})
+		}
+		return
 	}
 	if !res.Changed {
 		// The reclaim lost to a newer connection elsewhere: this one is

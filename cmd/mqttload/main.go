@@ -18,6 +18,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -68,6 +69,10 @@ func main() {
 	subscribers := flag.Int("subscribers", 1, "subscriber connections, one topic each")
 	persistent := flag.Bool("persistent", false, "subscribers use persistent sessions (clean start off, session expiry 300 s)")
 	inflight := flag.Int("inflight", 1, "QoS 1/2 publishes each publisher keeps unacknowledged (1: wait for each acknowledgement)")
+	connections := flag.Int("connections", 0, "connection storm instead of messages: open this many idle clean connections one after another over --pub, report connects per second and, with --rss-pids, memory per connection")
+	rssPids := flag.String("rss-pids", "", "with --connections: broker process ids, comma-separated, whose resident memory is measured before and after")
+	settle := flag.Duration("settle", 3*time.Second, "with --connections: wait this long after the last CONNACK before measuring memory")
+	hold := flag.Duration("hold", 0, "with --connections: keep the connections open this long after measuring (to profile the brokers)")
 	label := flag.String("label", "", "name of this run in the output")
 	asJSON := flag.Bool("json", false, "print the result as JSON")
 	flag.Parse()
@@ -77,6 +82,33 @@ func main() {
 	if *size < 16 || *qos < 0 || *qos > 2 || *rate < 0 || *publishers < 1 || *subscribers < 1 || *inflight < 1 {
 		fmt.Fprintln(os.Stderr, "mqttload: --size must be at least 16, --qos 0-2, --rate >= 0, --publishers, --subscribers and --inflight >= 1")
 		os.Exit(2)
+	}
+	if *connections > 0 {
+		var pids []int
+		for _, f := range strings.Split(*rssPids, ",") {
+			if f == "" {
+				continue
+			}
+			p, err := strconv.Atoi(f)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "mqttload: --rss-pids:", err)
+				os.Exit(2)
+			}
+			pids = append(pids, p)
+		}
+		r, err := storm(strings.Split(*pubAddr, ","), *connections, pids, *settle, *hold)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "mqttload:", err)
+			os.Exit(1)
+		}
+		r.Label = *label
+		if *asJSON {
+			_ = json.NewEncoder(os.Stdout).Encode(r)
+			return
+		}
+		fmt.Printf("%-24s %d connections: %.0f connects/s, %.1f KB per idle connection (RSS %d -> %d KB)\n",
+			r.Label, r.Connections, r.ConnectsPS, r.KBPerConn, r.RSSBeforeKB, r.RSSAfterKB)
+		return
 	}
 	o := options{pubAddrs: strings.Split(*pubAddr, ","), subAddrs: strings.Split(*subAddr, ","), rate: *rate,
 		duration: *duration, qos: byte(*qos), size: *size, publishers: *publishers, subscribers: *subscribers,

@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"fmt"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
 // TestPipelinedPublishesAckInOrder: one MQTT 5 connection sends 300 QoS 1
@@ -124,4 +128,47 @@ func plainCounter(t testing.TB, reg prometheus.Gatherer, name string) float64 {
 	}
 	t.Fatalf("no counter %s", name)
 	return 0
+}
+
+// TestConnectStormClaimsEveryClient: 3,000 clients connect to one node one
+// after another, a third of them leave right after their CONNACK. Every
+// client id still connected ends up owned by that node in the replicated
+// ownership table, and no departed one stays in it. The claims used to go
+// through a bounded queue that dropped them when full (a thousand devices
+// reconnecting after a node loss), and a claim committed after its
+// connection's release left the id owned by nobody connected.
+func TestConnectStormClaimsEveryClient(t *testing.T) {
+	tc := newTestCluster(t, "n1", "n2", "n3")
+	tc.waitReady()
+	addr := tc.nodes["n1"].Addr("mqtt")
+	const n = 3000
+	want := map[string]bool{}
+	for i := range n {
+		id := fmt.Sprintf("storm-%d", i)
+		c, _ := rawConnect(t, addr, id, true, 0)
+		if i%3 == 0 {
+			_ = c.conn.Close()
+			continue
+		}
+		want[id] = true
+	}
+	testutil.Eventually(t, 60*time.Second, func() error {
+		owners := tc.nodes["n2"].repl.Owners()
+		var missing, stale []string
+		for id := range want {
+			if o, ok := owners[id]; !ok || o.Node != "n1" {
+				missing = append(missing, id)
+			}
+		}
+		for id := range owners {
+			if strings.HasPrefix(id, "storm-") && !want[id] {
+				stale = append(stale, id)
+			}
+		}
+		if len(missing)+len(stale) > 0 {
+			return fmt.Errorf("%d connected clients not owned by n1 (%.5v), %d departed ones still owned (%.5v)",
+				len(missing), missing, len(stale), stale)
+		}
+		return nil
+	})
 }
