@@ -2,7 +2,7 @@ package hooks
 
 import (
 	"context"
-	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -39,6 +39,17 @@ import (
 // handed back without a verdict: the hooks then write them as before, on
 // the worker's goroutine, one at a time and in order with the others.
 //
+// While a pipe holds messages, the connection's QoS 0 publishes queue
+// behind them (nothing to write; they keep their place), so that one
+// publisher's messages are delivered, and retained, in the order sent,
+// whatever their QoS, as Mosquitto does. A QoS 2 PUBLISH resent while its
+// first copy is still in the pipe is handed back after it, for the hooks.
+//
+// Known deviation: answers mochi gives before OnPublish (PUBACK 0x87 for a
+// publish the ACL refuses on MQTT 5, PUBREC 0x91 for a packet id in use)
+// can overtake acknowledgements still in the pipe. Only refused messages
+// are affected; clients match acknowledgements by packet id.
+//
 // The pipe holds at most the server's Receive Maximum of queued messages;
 // beyond that OnPublish blocks, which stops the read loop and pushes back
 // through TCP (MQTT 5 clients stop by themselves at Receive Maximum
@@ -47,21 +58,40 @@ type Pipeline struct {
 	mqtt.HookBase
 	s *Sessions
 
+	// mu orders a pipe's removal (OnDisconnect, the worker's exit)
+	// against its creation; pipes is read without it.
 	mu    sync.Mutex
-	pipes map[*mqtt.Client]*pubPipe
+	pipes sync.Map // *mqtt.Client -> *pubPipe
 }
 
-// pubPipe is one connection's queue of durable publishes.
+// pubPipe is one connection's queue of publishes.
 type pubPipe struct {
 	mu      sync.Mutex
 	space   sync.Cond // signalled when the worker takes the queue
-	queue   []packets.Packet
-	running bool // a worker owns the queue
+	queue   []pubItem
+	running bool // a worker owns the queue (and the pipe holds messages)
 	closed  bool // the connection ended: nothing waits for space
+	// qos2 counts the QoS 2 packet ids in the pipe (queued or being
+	// committed), to tell a resend of one of them (pubItem.resend).
+	qos2 map[uint16]int
 
 	// cur is the message being handed back (set and cleared by the
 	// worker, around InjectPacket on its own goroutine).
 	cur atomic.Pointer[pubVerdict]
+}
+
+// pubItem is a queued publish.
+type pubItem struct {
+	pk packets.Packet
+	// conn is the publisher's Sessions state when the PUBLISH arrived
+	// (nil: none); the connection may end before the commit.
+	conn *sessConn
+	// resend: a QoS 2 PUBLISH whose packet id is still in the pipe (the
+	// client resent it before its PUBREC). It is handed back for the hooks
+	// to write, after the first copy: by then mochi knows the id and
+	// answers the resend itself, or, if the first copy was refused, the
+	// resend is written as a new message.
+	resend bool
 }
 
 // pubVerdict is the outcome of one message's commit, for the hooks'
@@ -69,8 +99,8 @@ type pubPipe struct {
 type pubVerdict struct {
 	id   uint16
 	data *byte // the payload's backing array: identifies this very packet
-	// hooks: not written by the pipeline (retained, large): the hooks
-	// write it themselves, as without a pipeline.
+	// hooks: not written by the pipeline (retained, large, resent): the
+	// hooks write it themselves, as without a pipeline.
 	hooks bool
 	qos2  bool // the command was a QoS2Publish (res.Changed false: duplicate)
 	res   replication.Result
@@ -82,9 +112,9 @@ func (v *pubVerdict) is(pk packets.Packet) bool {
 }
 
 // NewPipeline returns the hook for s; register it before every hook with
-// an OnPublish.
+// an OnPublish but after the one that refuses publishes (auth).
 func NewPipeline(s *Sessions) *Pipeline {
-	p := &Pipeline{s: s, pipes: make(map[*mqtt.Client]*pubPipe)}
+	p := &Pipeline{s: s}
 	s.pipeline = p
 	return p
 }
@@ -97,15 +127,26 @@ func (h *Pipeline) Provides(b byte) bool {
 	return b == mqtt.OnPublish || b == mqtt.OnDisconnect
 }
 
-// OnPublish queues a client's QoS 1/2 PUBLISH on its pipe, or lets the
-// pipe's own hand-back through.
+// OnPublish queues a client's QoS 1/2 PUBLISH on its pipe, and a QoS 0
+// one while the pipe holds messages (it must not overtake them, in
+// delivery or as a retained value); it lets the pipe's own hand-back
+// through.
 func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Qos == 0 || pk.Ignore || cl.Net.Inline || h.s.repl == nil || ackBeforeCommit {
+	if pk.Ignore || cl.Net.Inline || h.s.repl == nil || ackBeforeCommit {
 		return pk, nil
 	}
-	p := h.pipe(cl, true)
-	if v := p.cur.Load(); v != nil && v.is(pk) {
-		return pk, nil // the hand-back
+	var p *pubPipe
+	if v, ok := h.pipes.Load(cl); ok {
+		p = v.(*pubPipe)
+		if v := p.cur.Load(); v != nil && v.is(pk) {
+			return pk, nil // the hand-back
+		}
+	}
+	if pk.FixedHeader.Qos == 0 && (p == nil || !p.busy()) {
+		return pk, nil
+	}
+	if p == nil {
+		p = h.newPipe(cl)
 	}
 	// The topic alias was resolved into TopicName; on the hand-back mochi
 	// would set the alias again and could undo a newer mapping.
@@ -113,20 +154,49 @@ func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if len(pk.Payload) == 0 {
 		pk.Payload = make([]byte, 0, 1) // a backing array of its own (pubVerdict.is)
 	}
-	limit := int(h.s.server.Options.Capabilities.ReceiveMaximum)
+	it := pubItem{pk: pk}
+	if pk.FixedHeader.Qos > 0 {
+		it.conn = h.s.conn(cl)
+	}
+	limit := max(int(h.s.server.Options.Capabilities.ReceiveMaximum), 1)
 	p.mu.Lock()
-	for len(p.queue) >= max(limit, 1) && !p.closed {
+	for len(p.queue) >= limit && !p.closed {
 		p.space.Wait()
 	}
-	p.queue = append(p.queue, pk)
+	if pk.FixedHeader.Qos == 2 {
+		it.resend = p.qos2[pk.PacketID] > 0
+		p.qos2[pk.PacketID]++
+	}
+	p.queue = append(p.queue, it)
 	start := !p.running
 	p.running = true
 	p.mu.Unlock()
-	h.s.m.pipelined.Inc()
+	if pk.FixedHeader.Qos > 0 {
+		h.s.m.pipelined.Inc()
+	}
 	if start {
 		go h.run(cl, p)
 	}
 	return pk, packets.ErrRejectPacket
+}
+
+// busy reports whether the pipe holds messages.
+func (p *pubPipe) busy() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.running
+}
+
+func (h *Pipeline) newPipe(cl *mqtt.Client) *pubPipe {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if v, ok := h.pipes.Load(cl); ok {
+		return v.(*pubPipe)
+	}
+	p := &pubPipe{qos2: map[uint16]int{}}
+	p.space.L = &p.mu
+	h.pipes.Store(cl, p)
+	return p
 }
 
 // OnDisconnect forgets the connection's pipe, or leaves that to its
@@ -136,35 +206,24 @@ func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 func (h *Pipeline) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	p := h.pipes[cl]
-	if p == nil {
+	v, ok := h.pipes.Load(cl)
+	if !ok {
 		return
 	}
+	p := v.(*pubPipe)
 	p.mu.Lock()
 	p.closed = true
 	p.space.Broadcast()
 	if !p.running {
-		delete(h.pipes, cl)
+		h.pipes.Delete(cl)
 	}
 	p.mu.Unlock()
 }
 
-func (h *Pipeline) pipe(cl *mqtt.Client, create bool) *pubPipe {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	p := h.pipes[cl]
-	if p == nil && create {
-		p = &pubPipe{}
-		p.space.L = &p.mu
-		h.pipes[cl] = p
-	}
-	return p
-}
-
 // verdict is the commit outcome of pk if the pipeline is handing it back.
 func (h *Pipeline) verdict(cl *mqtt.Client, pk packets.Packet) *pubVerdict {
-	if p := h.pipe(cl, false); p != nil {
-		if v := p.cur.Load(); v != nil && v.is(pk) {
+	if v, ok := h.pipes.Load(cl); ok {
+		if v := v.(*pubPipe).cur.Load(); v != nil && v.is(pk) {
 			return v
 		}
 	}
@@ -182,7 +241,7 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 		if len(batch) == 0 {
 			p.running = false
 			if p.closed {
-				delete(h.pipes, cl)
+				h.pipes.Delete(cl)
 			}
 			p.mu.Unlock()
 			h.mu.Unlock()
@@ -191,22 +250,22 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 		p.space.Broadcast()
 		p.mu.Unlock()
 		h.mu.Unlock()
+		h.s.m.pipelineBatches.Inc()
 		h.process(cl, p, batch)
 	}
 }
 
 // process commits and hands back one batch, in order.
-func (h *Pipeline) process(cl *mqtt.Client, p *pubPipe, batch []packets.Packet) {
-	ctx, cancel := context.WithTimeout(h.s.base, h.s.cfg.Timeout)
-	defer cancel()
+func (h *Pipeline) process(cl *mqtt.Client, p *pubPipe, batch []pubItem) {
 	verdicts := make([]*pubVerdict, len(batch))
-	for i, pk := range batch {
-		verdicts[i] = &pubVerdict{id: pk.PacketID, data: unsafe.SliceData(pk.Payload),
-			hooks: pk.FixedHeader.Retain || len(pk.Payload) > replication.BlobThreshold}
+	for i, it := range batch {
+		verdicts[i] = &pubVerdict{id: it.pk.PacketID, data: unsafe.SliceData(it.pk.Payload),
+			hooks: it.resend || it.pk.FixedHeader.Retain || len(it.pk.Payload) > replication.BlobThreshold}
 	}
 	// One barrier for the batch: every message in it arrived before.
-	barrier := h.s.repl.SessionsBarrier(ctx)
-	h.s.m.pipelineBatches.Inc()
+	bctx, cancel := context.WithTimeout(h.s.base, h.s.cfg.Timeout)
+	barrier := h.s.repl.SessionsBarrier(bctx)
+	cancel()
 	// Runs of pipelined messages between those the hooks write: each run
 	// is one Batch, committed before the next message is handed back, so
 	// the log keeps arrival order.
@@ -225,7 +284,7 @@ func (h *Pipeline) process(cl *mqtt.Client, p *pubPipe, batch []packets.Packet) 
 				v.err = barrier
 			}
 		} else {
-			h.commit(ctx, cl, batch[i:j], verdicts[i:j])
+			h.commit(cl, batch[i:j], verdicts[i:j])
 		}
 		h.handBack(cl, p, batch[i:j], verdicts[i:j])
 		i = j
@@ -234,11 +293,14 @@ func (h *Pipeline) process(cl *mqtt.Client, p *pubPipe, batch []packets.Packet) 
 
 // commit writes the commands of a run of messages as one entry and puts
 // each message's result in its verdict.
-func (h *Pipeline) commit(ctx context.Context, cl *mqtt.Client, run []packets.Packet, verdicts []*pubVerdict) {
+func (h *Pipeline) commit(cl *mqtt.Client, run []pubItem, verdicts []*pubVerdict) {
 	var cmds []replication.Command
 	var at []int // the verdict of each command
-	for i, pk := range run {
-		cmd, qos2 := h.s.publishCommand(cl, pk)
+	for i, it := range run {
+		if it.pk.FixedHeader.Qos == 0 {
+			continue // nothing to write: it only keeps its place
+		}
+		cmd, qos2 := h.s.publishCommand(cl, it.conn, it.pk)
 		if cmd == nil {
 			continue
 		}
@@ -246,36 +308,50 @@ func (h *Pipeline) commit(ctx context.Context, cl *mqtt.Client, run []packets.Pa
 		cmds = append(cmds, cmd)
 		at = append(at, i)
 	}
-	switch len(cmds) {
-	case 0:
+	if len(cmds) == 0 {
 		return
-	case 1:
+	}
+	ctx, cancel := context.WithTimeout(h.s.base, h.s.cfg.Timeout)
+	defer cancel()
+	if len(cmds) == 1 {
 		res, err := h.s.repl.Apply(ctx, cmds[0])
 		verdicts[at[0]].res, verdicts[at[0]].err = res, err
 		return
 	}
 	res, err := h.s.repl.Apply(ctx, &replication.Batch{Commands: cmds})
 	if err == nil && len(res.Results) != len(cmds) {
-		err = errors.New("batch result count mismatch")
+		err = fmt.Errorf("publish batch: %d results for %d commands", len(res.Results), len(cmds))
 	}
 	for k, i := range at {
-		if err != nil {
+		switch {
+		case err != nil:
 			verdicts[i].err = err
-			continue
+		case res.Results[k].Err != nil: // as Apply returns it for a lone command
+			verdicts[i].err = res.Results[k].Err
+		default:
+			verdicts[i].res = res.Results[k]
 		}
-		verdicts[i].res = res.Results[k]
 	}
 }
 
 // handBack gives messages back to mochi in order, each with its verdict.
-func (h *Pipeline) handBack(cl *mqtt.Client, p *pubPipe, run []packets.Packet, verdicts []*pubVerdict) {
+func (h *Pipeline) handBack(cl *mqtt.Client, p *pubPipe, run []pubItem, verdicts []*pubVerdict) {
 	info := h.s.server.Info
-	for i, pk := range run {
+	for i, it := range run {
 		p.cur.Store(verdicts[i])
-		_ = h.s.server.InjectPacket(cl, pk)
+		err := h.s.server.InjectPacket(cl, it.pk)
 		p.cur.Store(nil)
-		// InjectPacket counts the message as received again.
-		atomic.AddInt64(&info.PacketsReceived, -1)
-		atomic.AddInt64(&info.MessagesReceived, -1)
+		if err == nil {
+			// InjectPacket counted the message as received again.
+			atomic.AddInt64(&info.PacketsReceived, -1)
+			atomic.AddInt64(&info.MessagesReceived, -1)
+		}
+		if it.pk.FixedHeader.Qos == 2 {
+			p.mu.Lock()
+			if p.qos2[it.pk.PacketID]--; p.qos2[it.pk.PacketID] <= 0 {
+				delete(p.qos2, it.pk.PacketID)
+			}
+			p.mu.Unlock()
+		}
 	}
 }

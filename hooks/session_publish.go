@@ -52,7 +52,7 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if err := h.repl.SessionsBarrier(ctx); err != nil {
 		return pk, h.refuse(cl, pk, err)
 	}
-	wcmd, qos2 := h.publishCommand(cl, pk)
+	wcmd, qos2 := h.publishCommand(cl, h.conn(cl), pk)
 	if wcmd == nil {
 		return pk, nil
 	}
@@ -74,14 +74,17 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 // sessions it matches, or, for a QoS 2 PUBLISH from a persistent session,
 // a QoS2Publish (qos2) that records the receipt with the enqueue; nil when
 // nothing is to be written.
-func (h *Sessions) publishCommand(cl *mqtt.Client, pk packets.Packet) (cmd replication.Command, qos2 bool) {
+//
+// c is the publisher's connection state (nil: none) as it was when the
+// PUBLISH arrived: the connection may have ended since (pipeline.go).
+func (h *Sessions) publishCommand(cl *mqtt.Client, c *sessConn, pk packets.Packet) (cmd replication.Command, qos2 bool) {
 	enq := h.enqueueCommand(pk, cl.ID)
 	// A QoS 2 PUBLISH from a persistent session is recorded with its
 	// enqueue, in one entry: the client resends it (same packet id) on
 	// another node if the PUBREC was lost, and that copy must not be
 	// delivered again; a receipt without its enqueue would drop the
 	// message for everyone.
-	if c := h.conn(cl); c != nil && c.managed && pk.FixedHeader.Qos == 2 && !cl.Net.Inline {
+	if c != nil && c.managed && pk.FixedHeader.Qos == 2 && !cl.Net.Inline {
 		// Fenced to this connection's open: a forward that arrives late,
 		// after the client resumed elsewhere and completed the flow
 		// there, must not queue the message again.
