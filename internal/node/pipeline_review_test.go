@@ -185,7 +185,6 @@ func TestReviewPipeOrderQoS1ThenQoS0(t *testing.T) {
 	}
 }
 
-
 // TestReviewPipeQoS2ResendWhileQueued: a clean MQTT 5 publisher sends a
 // QoS 2 message and, before its PUBREC, the same packet again (DUP). A
 // persistent subscriber must get it once (mochi answers the second copy
@@ -255,7 +254,6 @@ func TestReviewPipeReceivedCount(t *testing.T) {
 		return nil
 	})
 }
-
 
 // TestReviewPipeTimeoutSharedAcrossBatch: large payloads (written by the
 // hooks, each with its own, size-scaled deadline) in front of small ones
