@@ -25,13 +25,14 @@ import (
 // effort and settles when the log is writable again (the client's next
 // connect claims again). Only a connection whose own claim has been applied
 // here is ever disconnected, and only by a claim with a higher epoch, so two
-// nodes racing for one id cannot both drop their clients: the later claim
-// in log order wins.
+// nodes racing for one id cannot both drop their clients.
 //
-// A claim that could not be committed is retried as a ReclaimOwner, which
-// never takes the id from a connection established later elsewhere (see
-// replication.ReclaimOwner). Persistent sessions are fenced by their
-// SessionOpen as well (hooks.Sessions), which moves their queue.
+// Claims are written as ReclaimOwner, which never takes the id from a
+// connection established later elsewhere (replication.ReclaimOwner; see
+// command below): the later connection wins, by connect time, and by log
+// order between connections of one node. One that could not be committed
+// is retried. Persistent sessions are fenced by their SessionOpen as well
+// (hooks.Sessions), which moves their queue.
 type Ownership struct {
 	mqtt.HookBase
 	server  *mqtt.Server
@@ -48,6 +49,8 @@ type Ownership struct {
 	latestOther map[string]uint64
 	takeovers   map[string][]time.Time // recent takeovers away from this node, for flap throttling
 	stop        <-chan struct{}
+	// BeforeClaim, if set, runs before each claim is written (tests).
+	BeforeClaim func(clientID string)
 
 	qmu   sync.Mutex
 	queue []claim       // claims and releases for the workers, in order
@@ -245,7 +248,7 @@ func (h *Ownership) do(batch []claim) {
 }
 
 // command is what c writes: a ReleaseOwner if this connection still holds
-// the id, a ClaimOwner (ReclaimOwner for a retry) if it is still open.
+// the id, a claim if it is still open.
 func (h *Ownership) command(c claim) replication.Command {
 	if c.release && c.epoch != 0 {
 		return &replication.ReleaseOwner{ClientID: c.cl.ID, Node: h.self, Epoch: c.epoch}
@@ -266,13 +269,17 @@ func (h *Ownership) command(c claim) replication.Command {
 	if c.cl.Closed() {
 		return nil
 	}
-	// A retry (the first attempt found no quorum) must not take the id
-	// from a connection made since on another node: the client may have
-	// given up on this one long ago (ReclaimOwner compares connect times).
-	if c.retry {
-		return &replication.ReclaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+	if h.BeforeClaim != nil {
+		h.BeforeClaim(c.cl.ID)
 	}
-	return &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+	// A claim never takes the id from a connection made later on another
+	// node (ReclaimOwner compares connect times): claims are written after
+	// CONNACK, so a client that reconnected elsewhere at once can have its
+	// new connection's claim written first, and the old one's must then
+	// lose rather than win by log order; likewise for a retry after a
+	// partition, when the client may have given up on this connection
+	// long ago.
+	return &replication.ReclaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
 }
 
 // claimFailed retries a claim that could not be committed.

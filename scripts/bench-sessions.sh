@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Durable-session benchmark with the project's load tool: QoS 1 to
+# Durable-session benchmark with the project's load tool: QoS 1 into
 # persistent sessions on a three-node cluster (every message committed to
-# the raft log before PUBACK, acknowledged deliveries replicated too),
-# against the same run with clean sessions on the same cluster, and
-# Debian's mosquitto (persistent sessions, persistence off) as a baseline.
-# Publishers and subscribers are spread over the three nodes.
-#   scripts/bench-sessions.sh [duration] [publishers] [subscribers] [rate]
+# the raft log before its PUBACK; deliveries acknowledged through the log
+# too), every message crossing nodes, against Debian's mosquitto
+# (persistent sessions, persistence off: nothing on disk) in the same run.
+# One publisher connection (waiting for each PUBACK, and with 64 in
+# flight, which the publish pipeline commits in batches), and many.
+#   scripts/bench-sessions.sh [duration] [publishers] [markdown-out]
+#   (defaults: 10s, 48, bin/bench-sessions.md)
 set -euo pipefail
 dur=${1:-10s}
 pubs=${2:-48}
-subs=${3:-48}
-rate=${4:-0}
+out=${3:-bin/bench-sessions.md}
 make -s build
 go build -o bin/mqttload ./cmd/mqttload
 tmp=$(mktemp -d)
@@ -18,14 +19,16 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-printf 'listener 21893 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' > "$tmp/mosquitto.conf"
-mosquitto -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.log" 2>&1 &
+mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+printf 'listener 21893 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 65535\n' > "$tmp/mosquitto.conf"
+"$mosq" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.log" 2>&1 &
 pids+=($!)
 join=127.0.0.1:26946,127.0.0.1:26956,127.0.0.1:26966
 for i in 1 2 3; do
   bin/broker serve --node-id "sbench$i" --data-dir "$tmp/n$i" --mqtt-addr "127.0.0.1:2289$i" \
     --http-addr "127.0.0.1:2809$i" --gossip-addr "127.0.0.1:269$((3 + i))6" --cluster-addr "127.0.0.1:269$((3 + i))7" \
-    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --log-level warn --log-format json 2>"$tmp/n$i.log" &
+    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --max-queued-messages 65535 \
+    --log-level warn --log-format json 2>"$tmp/n$i.log" &
   pids+=($!)
 done
 for i in 1 2 3; do
@@ -36,8 +39,30 @@ nodes=127.0.0.1:22891,127.0.0.1:22892,127.0.0.1:22893
 # crosses nodes.
 subnodes=127.0.0.1:22892,127.0.0.1:22893,127.0.0.1:22891
 
-run() { bin/mqttload --label "$1" --pub "$2" --sub "$3" --qos 1 --rate "$rate" --duration "$dur" \
-  --publishers "$pubs" --subscribers "$subs" "${@:4}"; }
-run "mosquitto persistent" 127.0.0.1:21893 127.0.0.1:21893 --persistent
-run "cluster clean" "$nodes" "$subnodes"
-run "cluster persistent" "$nodes" "$subnodes" --persistent
+results="$tmp/results.jsonl"
+: >"$results"
+# run LABEL PUB SUB PUBLISHERS INFLIGHT
+run() {
+  echo "sessions: $1" >&2
+  bin/mqttload --json --label "$1" --pub "$2" --sub "$3" --qos 1 --rate 0 --duration "$dur" \
+    --publishers "$4" --subscribers "$4" --inflight "$5" --persistent | tee -a "$results" >&2
+}
+run "mosquitto, 1 publisher, 1 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 1
+run "mosquitto, 1 publisher, 64 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 64
+run "mosquitto, $pubs publishers" 127.0.0.1:21893 127.0.0.1:21893 "$pubs" 1
+run "cluster, 1 publisher, 1 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 1
+run "cluster, 1 publisher, 64 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 64
+run "cluster, $pubs publishers" "$nodes" "$subnodes" "$pubs" 1
+run "cluster, $pubs publishers, 16 in flight" "$nodes" "$subnodes" "$pubs" 16
+
+{
+  echo "| case | delivered msg/s | lost | p50 / p99 / max (ms) |"
+  echo "|---|---|---|---|"
+  awk '
+    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
+    function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
+    { printf "| %s | %.0f | %d | %.1f / %.1f / %.1f |\n", label($0), field($0, "throughput_msgs_per_s"), field($0, "lost"),
+        field($0, "p50_us") / 1000, field($0, "p99_us") / 1000, field($0, "max_us") / 1000 }' "$results"
+} >"$out"
+cat "$out"
+echo "table written to $out" >&2

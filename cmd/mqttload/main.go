@@ -43,6 +43,7 @@ type result struct {
 	P50us       int64   `json:"p50_us"`
 	P90us       int64   `json:"p90_us"`
 	P99us       int64   `json:"p99_us"`
+	P999us      int64   `json:"p999_us"`
 	Maxus       int64   `json:"max_us"`
 }
 
@@ -123,8 +124,8 @@ func main() {
 		_ = json.NewEncoder(os.Stdout).Encode(r)
 		return
 	}
-	fmt.Printf("%-24s qos%d rate %6d pubs %3d subs %3d: sent %7d recv %7d lost %5d  %8.0f msg/s  p50 %6dus p90 %6dus p99 %6dus max %7dus\n",
-		r.Label, r.QoS, r.Rate, r.Publishers, r.Subscribers, r.Sent, r.Received, r.Lost, r.Throughput, r.P50us, r.P90us, r.P99us, r.Maxus)
+	fmt.Printf("%-24s qos%d rate %6d pubs %3d subs %3d: sent %7d recv %7d lost %5d  %8.0f msg/s  p50 %6dus p90 %6dus p99 %6dus p99.9 %6dus max %7dus\n",
+		r.Label, r.QoS, r.Rate, r.Publishers, r.Subscribers, r.Sent, r.Received, r.Lost, r.Throughput, r.P50us, r.P90us, r.P99us, r.P999us, r.Maxus)
 }
 
 func connect(addr, id string, persistent bool, onMsg func(*paho.Publish)) (*paho.Client, error) {
@@ -301,6 +302,6 @@ func run(o options) (result, error) {
 	}
 	slices.Sort(lat)
 	q := func(p float64) int64 { return lat[min(len(lat)-1, int(float64(len(lat))*p))] / 1000 }
-	res.P50us, res.P90us, res.P99us, res.Maxus = q(0.50), q(0.90), q(0.99), lat[len(lat)-1]/1000
+	res.P50us, res.P90us, res.P99us, res.P999us, res.Maxus = q(0.50), q(0.90), q(0.99), q(0.999), lat[len(lat)-1]/1000
 	return res, nil
 }

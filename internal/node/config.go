@@ -81,6 +81,9 @@ type Config struct {
 	// SessionsTuning, likewise, adjusts the persistent-session hook's
 	// configuration (tests shorten the leave grace with it).
 	SessionsTuning func(*hooks.SessionsConfig)
+	// BeforeClaim, if set, runs before each client-id claim this node
+	// writes (tests stand in for a slow claim).
+	BeforeClaim func(clientID string)
 	// ReplicatedSizeLimit is the largest payload stored durably (retained,
 	// or queued for a persistent session); larger ones are refused. 0:
 	// any MQTT payload. Payloads over replication.BlobThreshold are

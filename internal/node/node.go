@@ -128,6 +128,7 @@ func New(cfg Config) (_ *Node, err error) {
 	n.clusterHook = hooks.NewCluster(n.mqtt, log)
 	n.retainedHook = hooks.NewRetained(n.mqtt, replicatedWriteTimeout, metrics, log)
 	n.ownershipHook = hooks.NewOwnership(n.mqtt, cfg.NodeID, replicatedWriteTimeout, log)
+	n.ownershipHook.BeforeClaim = cfg.BeforeClaim
 	drainCtx, drain := context.WithCancel(context.Background())
 	n.drain = drain
 	n.retainedHook.SetBase(drainCtx)

@@ -172,3 +172,48 @@ func TestConnectStormClaimsEveryClient(t *testing.T) {
 		return nil
 	})
 }
+
+// TestLateClaimDoesNotTakeOverNewerConnection: a client connects to n1,
+// then to n2. n1's claim of the id is slow and is written after n2's: the
+// older connection, on n1, must be the one dropped, not the newer one.
+// Before, a claim won by log order alone, so the slow claim took the id
+// back and n2 dropped the client's current connection (seen as a flaky
+// TestTakeoverPublishesWill under load).
+func TestLateClaimDoesNotTakeOverNewerConnection(t *testing.T) {
+	release := make(chan struct{})
+	tc := newTunedCluster(t, func(c *Config) {
+		if c.NodeID == "n1" {
+			c.BeforeClaim = func(id string) {
+				if id == "late-claim" {
+					<-release
+				}
+			}
+		}
+	}, "n1", "n2")
+	tc.waitReady()
+	old := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "late-claim", CleanStart: true})
+	cur := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "late-claim", CleanStart: true})
+	defer cur.Close()
+	testutil.Eventually(t, wait, func() error {
+		if o, ok := tc.nodes["n1"].repl.Owners()["late-claim"]; !ok || o.Node != "n2" {
+			return fmt.Errorf("owner %+v, want n2", o)
+		}
+		return nil
+	})
+	close(release)
+	select {
+	case <-old.Done():
+	case <-cur.Done():
+		t.Fatal("the newer connection, on n2, was dropped by the older one's late claim")
+	case <-time.After(wait):
+		t.Fatal("the older connection, on n1, was not dropped")
+	}
+	if o := tc.nodes["n2"].repl.Owners()["late-claim"]; o.Node != "n2" {
+		t.Fatalf("owner %+v, want n2", o)
+	}
+	select {
+	case <-cur.Done():
+		t.Fatal("the newer connection was dropped")
+	case <-time.After(time.Second):
+	}
+}
