@@ -169,6 +169,9 @@ func (h *Sessions) publishDueWills() {
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
 		res, err := h.repl.Apply(ctx, claim)
 		cancel()
+		if err == nil {
+			h.enqueued(res) // copies dropped by full queues are counted and logged
+		}
 		// Unchanged: reconnected, or claimed by someone else meanwhile.
 		h.settleClaim(id, claim.At, res.Changed, err)
 	}
