@@ -37,7 +37,7 @@ mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   echo
   echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
   echo "- broker $(git describe --always --dirty 2>/dev/null || echo dev), $(go version | cut -d' ' -f3), mochi $(go list -m -f '{{.Version}}' github.com/mochi-mqtt/server/v2), raft $(go list -m -f '{{.Version}}' github.com/hashicorp/raft)"
-  echo "- $("$mosq" -h 2>/dev/null | head -1 || echo mosquitto)"
+  echo "- $({ "$mosq" -h 2>&1 || true; } | head -1)"
   echo "- load tool: cmd/mqttload (paho.golang, MQTT 5), 64-byte payloads; CPU is the brokers' user+system time from /proc"
   echo
   echo "## Delivery: CPU per message and latency"
