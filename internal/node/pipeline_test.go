@@ -217,3 +217,39 @@ func TestLateClaimDoesNotTakeOverNewerConnection(t *testing.T) {
 	case <-time.After(time.Second):
 	}
 }
+
+// TestPipelineBackpressure: 3,000 QoS 1 publishes in one write, more than
+// a pipe holds (Receive Maximum, 1,024): the read loop waits for room
+// instead of queueing without bound, and every PUBACK still comes, in
+// order.
+func TestPipelineBackpressure(t *testing.T) {
+	tc := newTestCluster(t, "n1")
+	tc.waitReady()
+	sub, _ := rawConnect(t, tc.nodes["n1"].Addr("mqtt"), "bp-sub", true, 0) // clean: a persistent queue holds 1,000
+	sub.subscribe("bp/#", 1)
+	pub, _ := rawConnect(t, tc.nodes["n1"].Addr("mqtt"), "bp-pub", true, 0)
+	const n = 3000
+	var buf bytes.Buffer
+	for i := 1; i <= n; i++ {
+		pubBytes(t, &buf, "bp/t", 1, uint16(i), strconv.Itoa(i), false, false)
+	}
+	go func() { _, _ = pub.conn.Write(buf.Bytes()) }()
+	for i := 1; i <= n; i++ {
+		a, ok := pub.next().Content.(*packets.Puback)
+		if !ok || a.PacketID != uint16(i) || a.ReasonCode >= 0x80 {
+			t.Fatalf("acknowledgement %d: %+v", i, a)
+		}
+	}
+	// The subscriber reads only now: it holds at most max_queued_messages
+	// (1,000) unacknowledged, the first ones, in order; mochi drops the
+	// rest, as Mosquitto does.
+	order, _ := drainSub(t, sub, 3*time.Second)
+	if len(order) < 1000 {
+		t.Fatalf("subscriber got %d messages, want at least 1,000", len(order))
+	}
+	for i, p := range order {
+		if p != strconv.Itoa(i+1) {
+			t.Fatalf("message %d is %q", i+1, p)
+		}
+	}
+}
