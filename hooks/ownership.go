@@ -27,12 +27,11 @@ import (
 // here is ever disconnected, and only by a claim with a higher epoch, so two
 // nodes racing for one id cannot both drop their clients.
 //
-// Claims are written as ReclaimOwner, which never takes the id from a
-// connection established later elsewhere (replication.ReclaimOwner; see
-// command below): the later connection wins, by connect time, and by log
-// order between connections of one node. One that could not be committed
-// is retried. Persistent sessions are fenced by their SessionOpen as well
-// (hooks.Sessions), which moves their queue.
+// The later claim in log order wins. A claim that could not be committed
+// is retried as a ReclaimOwner, which never takes the id from a connection
+// established later elsewhere (see replication.ReclaimOwner, and the known
+// gap in command below). Persistent sessions are fenced by their
+// SessionOpen as well (hooks.Sessions), which moves their queue.
 type Ownership struct {
 	mqtt.HookBase
 	server  *mqtt.Server
@@ -272,14 +271,22 @@ func (h *Ownership) command(c claim) replication.Command {
 	if h.BeforeClaim != nil {
 		h.BeforeClaim(c.cl.ID)
 	}
-	// A claim never takes the id from a connection made later on another
-	// node (ReclaimOwner compares connect times): claims are written after
-	// CONNACK, so a client that reconnected elsewhere at once can have its
-	// new connection's claim written first, and the old one's must then
-	// lose rather than win by log order; likewise for a retry after a
-	// partition, when the client may have given up on this connection
-	// long ago.
-	return &replication.ReclaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+	// A retry (the first attempt found no quorum) must not take the id
+	// from a connection made since on another node: the client may have
+	// given up on this one long ago (ReclaimOwner compares connect times).
+	//
+	// Known gap: a first claim wins by log order. Claims are written after
+	// CONNACK, so a slow claim of a client's old connection can be written
+	// after its new connection's claim on another node and drop the new
+	// connection (TestLateClaimDoesNotTakeOverNewerConnection, skipped).
+	// Writing every claim as a ReclaimOwner fixed that test but made the
+	// chaos campaign of seed 444047167 fail in 2 runs of 15 (a resume
+	// after a clean connection found a session), against 0 of 19 without
+	// it; not understood yet, so not shipped.
+	if c.retry {
+		return &replication.ReclaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
+	}
+	return &replication.ClaimOwner{ClientID: c.cl.ID, Node: h.self, At: c.at}
 }
 
 // claimFailed retries a claim that could not be committed.

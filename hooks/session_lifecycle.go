@@ -76,14 +76,19 @@ func (h *Sessions) discardSession(id string) bool {
 	// no quorum and ids unknown here are served (guarantee 5); a session
 	// opened elsewhere in the last moments before the cut may then
 	// survive the clean start (documented in the README's known gaps).
-	if err := h.repl.SessionsBarrier(ctx); err != nil && !noQuorum(err) && !noReadIndexInTime(err) {
-		h.log.Warn("clean connect: this node could not catch up with the log in time; connection refused", "client", id, "error", err)
-		return false
+	if err := h.repl.SessionsBarrier(ctx); err != nil {
+		if !noQuorum(err) && !noReadIndexInTime(err) {
+			h.log.Warn("clean connect: this node could not catch up with the log in time; connection refused", "client", id, "error", err)
+			return false
+		}
+		h.log.Info("clean connect without a read barrier (no leader answered): discarding the session this node knows of, if any",
+			"client", id, "error", err)
 	}
 	s, ok := h.repl.Session(id)
 	if !ok {
 		return true
 	}
+	h.log.Debug("clean connect discards the persistent session", "client", id, "opened", s.OpenedIndex)
 	del := &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
 	// The delete is conditional, so it is retried within the bound when
 	// its outcome is unknown (the leader died while committing it): a
@@ -98,7 +103,7 @@ func (h *Sessions) discardSession(id string) bool {
 		var res replication.Result
 		if res, err = h.repl.Apply(ctx, cmd); err == nil {
 			tw.published(h, res, nil)
-			h.log.Debug("clean connect discarded the persistent session", "client", id)
+			h.log.Debug("clean connect discarded the persistent session", "client", id, "changed", res.Changed, "index", res.Index)
 			return true
 		}
 		if ctx.Err() != nil || errors.Is(err, replication.ErrInvalidCommand) || noQuorum(err) {
