@@ -122,6 +122,12 @@ func (n *Node) RestoreBackup(ctx context.Context, r io.Reader, force bool) error
 			return fmt.Errorf("%w: restore: %w", ErrTimeout, context.DeadlineExceeded)
 		}
 	}
+	// A leader elected moments ago (a new cluster, just bootstrapped)
+	// refuses a restore until it has applied its configuration entry
+	// ("cannot restore snapshot now"); a barrier waits for that.
+	if err := waitFuture(ctx, n.raft.Barrier(timeout)); err != nil {
+		return fmt.Errorf("replication: restore: waiting for the log to be applied: %w", err)
+	}
 	meta := &raft.SnapshotMeta{Version: raft.SnapshotVersionMax, Size: snapLen}
 	if err := n.raft.Restore(meta, io.NewSectionReader(spool, int64(len(backupMagic)+1), snapLen), timeout); err != nil {
 		return fmt.Errorf("replication: restore: %w", err)
