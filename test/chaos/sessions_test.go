@@ -553,7 +553,11 @@ func (cp *campaign) drainSessions(subs []string) (time.Duration, error) {
 	var c *testutil.Client
 	var node *Node
 	acked := map[int]bool{}
-	for seq := 1; len(acked) == 0 && time.Now().Before(deadline); seq++ {
+	// Markers of a later drain continue the numbering: one publisher's
+	// sequence never goes back.
+	seq := cp.drainSeq
+	defer func() { cp.drainSeq = seq }()
+	for seq++; len(acked) == 0 && time.Now().Before(deadline); seq++ {
 		if c == nil {
 			node = cp.pick(rng)
 			var err error
