@@ -247,7 +247,17 @@ func (y *Sys) publish(topic, payload string) {
 		Payload: []byte(payload), Created: time.Now().Unix()}
 	r := pk.Copy(false)
 	r.FixedHeader.Retain = true
-	y.server.Topics.RetainMessage(r) // an empty payload (no leader) clears it
+	if _, ok := y.server.Topics.Retained.Get(topic); ok && len(payload) > 0 {
+		// Only the value changes: replace it in the retained map (its own
+		// lock) and leave the topic trie alone. mochi v2.7.9's
+		// RetainMessage writes the trie node's retainPath on every call,
+		// which a SUBSCRIBE scanning retained messages reads without the
+		// node's lock (a data race reported under -race in CI, and in
+		// test/chaos/README.md).
+		y.server.Topics.Retained.Add(topic, r)
+	} else {
+		y.server.Topics.RetainMessage(r) // the first value; an empty payload (no leader) clears it
+	}
 	if err := y.server.InjectPacket(y.inj, pk); err != nil {
 		if y.cfg.Log != nil {
 			y.cfg.Log.Debug("$SYS update not delivered", "topic", topic, "error", err)
