@@ -76,7 +76,14 @@ func (h *Sessions) discardSession(id string) bool {
 	// no quorum and ids unknown here are served (guarantee 5); a session
 	// opened elsewhere in the last moments before the cut may then
 	// survive the clean start (documented in the README's known gaps).
-	if err := h.repl.SessionsBarrier(ctx); err != nil {
+	var err error
+	if h.cfg.CleanBarrierErr != nil {
+		err = h.cfg.CleanBarrierErr(id)
+	}
+	if err == nil {
+		err = h.repl.SessionsBarrier(ctx)
+	}
+	if err != nil {
 		if !noQuorum(err) && !noReadIndexInTime(err) {
 			h.log.Warn("clean connect: this node could not catch up with the log in time; connection refused", "client", id, "error", err)
 			return false
@@ -96,7 +103,6 @@ func (h *Sessions) discardSession(id string) bool {
 	// The takeover will is built again for each try (a new At): a retry
 	// answering "unchanged" then says nothing about an earlier try, whose
 	// live copies stay owed until its commit shows up (wills.go).
-	var err error
 	for {
 		tw := h.endingWill(id, true, time.Now().UnixMilli())
 		cmd := tw.withTakeover(del)
@@ -104,7 +110,7 @@ func (h *Sessions) discardSession(id string) bool {
 		if res, err = h.repl.Apply(ctx, cmd); err == nil {
 			tw.published(h, res, nil)
 			h.log.Debug("clean connect discarded the persistent session", "client", id, "changed", res.Changed, "index", res.Index)
-			return true
+			return res.Changed || h.noSessionAt(ctx, id, res.Index)
 		}
 		if ctx.Err() != nil || errors.Is(err, replication.ErrInvalidCommand) || noQuorum(err) {
 			break
@@ -132,6 +138,28 @@ func (h *Sessions) discardSession(id string) bool {
 	h.submit(sessOp{cmd: func() replication.Command { return del }})
 	h.log.Warn("clean connect: session discard not committed in time; connection refused", "client", id, "error", err)
 	return false
+}
+
+// noSessionAt reports whether id has no session once this node has applied
+// the log up to index: a clean CONNECT whose conditional discard changed
+// nothing is served only then. The discard names the session this node
+// saw; without a read barrier (no leader answered it) that view can be
+// stale, so a session opened before this CONNECT by an earlier connection
+// would survive the clean start when a leader accepted the discard after
+// all. A session opened by a later connection of the id is not told apart
+// from that: the CONNECT is refused either way (the later connection
+// takes this one over anyway).
+func (h *Sessions) noSessionAt(ctx context.Context, id string, index uint64) bool {
+	if err := h.repl.WaitAppliedLocal(ctx, index); err != nil {
+		h.log.Warn("clean connect: discard committed but not applied here in time; connection refused", "client", id, "error", err)
+		return false
+	}
+	s, ok := h.repl.Session(id)
+	if ok {
+		h.log.Warn("clean connect: a session this node did not see survived the discard; connection refused",
+			"client", id, "opened", s.OpenedIndex, "discard", index)
+	}
+	return !ok
 }
 
 // noQuorum reports whether err says that a write was not proposed because

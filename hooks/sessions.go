@@ -148,6 +148,11 @@ type SessionsConfig struct {
 	// HoldWillClaims, if set and true for a client id, keeps the leader
 	// from claiming its due will (tests stand in for a slow leader).
 	HoldWillClaims func(clientID string) bool
+	// CleanBarrierErr, if set and non-nil for a client id, is the result
+	// of the read barrier a clean CONNECT of that id passes before it
+	// discards the session, in place of the real one (tests stand in for
+	// a leader that did not answer).
+	CleanBarrierErr func(clientID string) error
 	// ACL is the read check mochi applies to a SUBSCRIBE's filters
 	// (hooks.Auth.OnACLCheck); nil allows every filter. A persistent
 	// session's filters never reach mochi (session_subscribe.go), so the

@@ -2,11 +2,14 @@ package node
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/testutil"
 	"github.com/mqtt-ha/broker/replication"
 )
@@ -195,5 +198,92 @@ func (d *cutDialer) set(on bool) {
 			_ = c.Close()
 		}
 		d.conns = nil
+	}
+}
+
+// TestCleanConnectWithStaleViewDoesNotKeepSession: a clean CONNECT whose
+// read barrier failed (no leader answered) discards the session as this
+// node sees it. On a node behind the log that is an older open of it, so
+// the conditional discard changes nothing when a leader accepts it after
+// all, and the CONNECT was served anyway: the next resume found the
+// session (MQTT-3.1.2-4). Here the lagging node's apply is held at a gate
+// while the session is opened again elsewhere, and its barrier stands in
+// for one that no leader answered.
+func TestCleanConnectWithStaleViewDoesNotKeepSession(t *testing.T) {
+	g := newApplyGate(t)
+	var noBarrier atomic.Pointer[string] // the node whose barrier fails
+	tc := newTunedCluster(t, func(c *Config) {
+		g.tune(c)
+		id := c.NodeID
+		c.SessionsTuning = func(s *hooks.SessionsConfig) {
+			s.CleanBarrierErr = func(string) error {
+				if p := noBarrier.Load(); p != nil && *p == id {
+					return fmt.Errorf("stand-in: %w", replication.ErrNoLeader)
+				}
+				return nil
+			}
+		}
+	}, "n1", "n2", "n3")
+	tc.waitReady()
+	leader, lagging := tc.leaderAndFollower(t)
+	resume := testutil.ClientOptions{ID: "stale", SessionExpiry: 600}
+	open := func() uint64 { // opens the session on the leader, leaves it offline
+		c := testutil.Connect(t, tc.nodes[leader].Addr("mqtt"), resume)
+		c.Sub(t, 1, "stale/x")
+		c.Close()
+		var opened uint64
+		testutil.Eventually(t, wait, func() error {
+			s, ok := tc.nodes[leader].repl.Session("stale")
+			if !ok || s.Connected {
+				return errMsg("the session is not closed in the leader's state yet")
+			}
+			opened = s.OpenedIndex
+			return nil
+		})
+		return opened
+	}
+	first := open()
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes[lagging].repl.Session("stale"); !ok || s.OpenedIndex != first || s.Connected {
+			return errMsg("the lagging node has not applied the first open yet")
+		}
+		return nil
+	})
+	g.node.Store(&lagging)
+	defer g.open()
+	_ = tc.client(leader, "stale-gate").TryPub(gateTopic, 0, true, []byte("g"))
+	select {
+	case <-g.reached:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lagging node never reached the gate")
+	}
+	second := open()
+	if s, _ := tc.nodes[lagging].repl.Session("stale"); s.OpenedIndex != first {
+		t.Fatalf("the lagging node saw the second open (%d) through the gate", s.OpenedIndex)
+	}
+	noBarrier.Store(&lagging)
+	c, err := testutil.TryConnect(tc.nodes[lagging].Addr("mqtt"), testutil.ClientOptions{ID: "stale", CleanStart: true})
+	served := err == nil
+	if served {
+		c.Close()
+	}
+	g.open()
+	if s, ok := tc.nodes[leader].repl.Session("stale"); served && ok && s.OpenedIndex == second {
+		t.Fatal("clean CONNECT served while the session opened before it (by another node) survived")
+	}
+	// Once the node has caught up, its view is the log's: the clean
+	// CONNECT discards the session, and a resume finds none.
+	testutil.Eventually(t, 20*time.Second, func() error {
+		c, err := testutil.TryConnect(tc.nodes[lagging].Addr("mqtt"), testutil.ClientOptions{ID: "stale", CleanStart: true})
+		if err != nil {
+			return err
+		}
+		c.Close()
+		return nil
+	})
+	r := testutil.Connect(t, tc.nodes[leader].Addr("mqtt"), resume)
+	defer r.Close()
+	if r.Connack.SessionPresent {
+		t.Fatal("resume after the clean CONNECT found the old session")
 	}
 }
