@@ -5,6 +5,7 @@
 #      one node / three nodes same-node and cross-node (bench-delivery.sh)
 #   3. durable QoS 1 into persistent sessions (bench-sessions.sh)
 #   4. connection storm: connects/s, memory per idle connection (bench-storm.sh)
+#   5. failover: SIGKILL of a node until survivors serve (bench-failover.sh)
 # The measured part of BENCHMARKS.md is replaced; everything from the line
 # "<!-- analysis -->" on (written by hand about a run) is kept.
 #   scripts/bench.sh [duration per case] [connections]   (defaults 10s, 10000)
@@ -23,6 +24,8 @@ step "durable sessions ($dur each)"
 ./scripts/bench-sessions.sh "$dur" 48 bin/bench-sessions.md >&2
 step "connection storm ($conns connections)"
 ./scripts/bench-storm.sh "$conns" bin/bench-storm.md >&2
+step "failover (4 rounds)"
+./scripts/bench-failover.sh 4 bin/bench-failover.md >&2
 
 analysis=""
 if [ -f "$out" ] && grep -q '^<!-- analysis -->' "$out"; then
@@ -60,6 +63,14 @@ mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   echo "resident memory gained per connection with all of them open and idle; each broker fresh. mochi with its defaults."
   echo
   cat bin/bench-storm.md
+  echo
+  echo "## Failover"
+  echo
+  echo "\`scripts/bench-failover.sh 4\`: a persistent session on one node of three, the node SIGKILLed (the raft leader in odd"
+  echo "rounds, a follower in even ones), then the time from the kill until a survivor acknowledges a retained QoS 1 write"
+  echo "and until the session resumes on a survivor (session present 1); retried every 50 ms. The node restarts between rounds."
+  echo
+  cat bin/bench-failover.md
   echo
   echo "## Go benchmarks"
   echo

@@ -74,6 +74,7 @@ func main() {
 	rssPids := flag.String("rss-pids", "", "with --connections: broker process ids, comma-separated, whose resident memory is measured before and after")
 	settle := flag.Duration("settle", 3*time.Second, "with --connections: wait this long after the last CONNACK before measuring memory")
 	hold := flag.Duration("hold", 0, "with --connections: keep the connections open this long after measuring (to profile the brokers)")
+	failoverPid := flag.Int("failover-kill", 0, "failover time instead of messages: connect a persistent session to --pub, SIGKILL this process id (the node behind --pub), and measure until a retained QoS 1 publish is acknowledged and the session resumes on one of --sub (the survivors)")
 	label := flag.String("label", "", "name of this run in the output")
 	asJSON := flag.Bool("json", false, "print the result as JSON")
 	flag.Parse()
@@ -83,6 +84,21 @@ func main() {
 	if *size < 16 || *qos < 0 || *qos > 2 || *rate < 0 || *publishers < 1 || *subscribers < 1 || *inflight < 1 {
 		fmt.Fprintln(os.Stderr, "mqttload: --size must be at least 16, --qos 0-2, --rate >= 0, --publishers, --subscribers and --inflight >= 1")
 		os.Exit(2)
+	}
+	if *failoverPid > 0 {
+		r, err := failover(*pubAddr, strings.Split(*subAddr, ","), *failoverPid)
+		r.Label = *label
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "mqttload:", err)
+			os.Exit(1)
+		}
+		if *asJSON {
+			_ = json.NewEncoder(os.Stdout).Encode(r)
+			return
+		}
+		fmt.Printf("%-24s retained QoS 1 write acknowledged after %.0f ms (%s), session resumed after %.0f ms (%s)\n",
+			r.Label, r.RetainedMs, r.RetainedOn, r.SessionMs, r.SessionOn)
+		return
 	}
 	if *connections > 0 {
 		var pids []int

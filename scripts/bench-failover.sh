@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Failover time on a three-node cluster with the project's load tool: a
+# persistent session is connected to a node, the node is SIGKILLed
+# (mqttload --failover-kill), and the time until a retained QoS 1 write is
+# acknowledged by a survivor and until the session resumes on a survivor is
+# measured from the kill. The victim is the raft leader in odd rounds (an
+# election is part of the time) and a follower in even ones; it is
+# restarted, with its data, before the next round.
+#   scripts/bench-failover.sh [rounds] [markdown-out]   (defaults: 4, bin/bench-failover.md)
+set -euo pipefail
+rounds=${1:-4}
+out=${2:-bin/bench-failover.md}
+make -s build
+go build -o bin/mqttload ./cmd/mqttload
+tmp=$(mktemp -d)
+declare -A pid
+cleanup() { for p in "${pid[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+join=127.0.0.1:27646,127.0.0.1:27656,127.0.0.1:27666
+start() { # start NODE (1-3), with its data dir kept across restarts
+  local i=$1
+  bin/broker serve --node-id "fo$i" --data-dir "$tmp/n$i" --mqtt-addr "127.0.0.1:2168$i" \
+    --http-addr "127.0.0.1:2868$i" --gossip-addr "127.0.0.1:276$((3 + i))6" --cluster-addr "127.0.0.1:276$((3 + i))7" \
+    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --log-level warn --log-format json 2>>"$tmp/n$i.log" &
+  pid[$i]=$!
+}
+ready() { # wait until every node is ready and node 1 knows a leader
+  for i in 1 2 3; do
+    for _ in $(seq 300); do curl -fs "127.0.0.1:2868$i/readyz" >/dev/null && break; sleep 0.1; done
+    curl -fs "127.0.0.1:2868$i/readyz" >/dev/null || { echo "bench-failover: node $i not ready" >&2; exit 1; }
+  done
+}
+leader() { curl -fs 127.0.0.1:28681/api/cluster | sed -n 's/.*"leader_id": "fo\([0-9]\)".*/\1/p' | head -1; }
+
+for i in 1 2 3; do start "$i"; done
+results="$tmp/results.tsv"
+: >"$results"
+for r in $(seq "$rounds"); do
+  ready
+  l=$(leader)
+  [ -n "$l" ] || { echo "bench-failover: no leader" >&2; exit 1; }
+  if [ $((r % 2)) -eq 1 ]; then v=$l; kind=leader; else v=$(( l % 3 + 1 )); kind=follower; fi
+  survivors=$(for i in 1 2 3; do [ "$i" = "$v" ] || printf '127.0.0.1:2168%s,' "$i"; done)
+  echo "failover round $r: SIGKILL $kind fo$v" >&2
+  bin/mqttload --json --label "round $r: $kind" --pub "127.0.0.1:2168$v" --sub "${survivors%,}" \
+    --failover-kill "${pid[$v]}" | tee -a "$results" >&2
+  { wait "${pid[$v]}"; } 2>/dev/null || true
+  start "$v"
+done
+
+{
+  echo "| round: node killed | retained QoS 1 write acknowledged (ms) | persistent session resumed (ms) |"
+  echo "|---|---|---|"
+  awk '
+    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
+    function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
+    { printf "| %s | %.0f | %.0f |\n", label($0), field($0, "retained_ms"), field($0, "session_ms") }' "$results"
+} >"$out"
+cat "$out"
+echo "table written to $out" >&2
