@@ -297,7 +297,7 @@ func (n *Node) removeOnLeader(ctx context.Context, id string) error {
 	if id == n.cfg.NodeID {
 		// A leader that removes itself would shut its raft down mid-flight;
 		// hand over first and let the new leader do it.
-		if err := waitFuture(ctx, n.raft.LeadershipTransfer()); err != nil {
+		if err := waitFuture(ctx, n.transferLeadership()); err != nil {
 			return fmt.Errorf("replication: transfer leadership before removing self: %w", err)
 		}
 		return fmt.Errorf("%w: transferred leadership to remove self", ErrNotLeader)
@@ -337,7 +337,7 @@ func (n *Node) Leave(ctx context.Context) error {
 		return fmt.Errorf("%w: %s is the only voter; leaving would destroy the cluster", ErrLastVoter, n.cfg.NodeID)
 	}
 	if n.raft.State() == raft.Leader {
-		if err := waitFuture(ctx, n.raft.LeadershipTransfer()); err != nil {
+		if err := waitFuture(ctx, n.transferLeadership()); err != nil {
 			return fmt.Errorf("replication: leave: transfer leadership: %w", err)
 		}
 	}
@@ -459,7 +459,7 @@ func (n *Node) TransferLeadership(ctx context.Context) (string, error) {
 	if len(n.otherVoters()) == 0 {
 		return "", fmt.Errorf("%w: no other voter to hand leadership to", ErrLastVoter)
 	}
-	if err := waitFuture(ctx, n.raft.LeadershipTransfer()); err != nil {
+	if err := waitFuture(ctx, n.transferLeadership()); err != nil {
 		return "", fmt.Errorf("replication: leadership transfer: %w", err)
 	}
 	for {

@@ -22,6 +22,7 @@ type metrics struct {
 	membership       *prometheus.CounterVec
 	barrierLatency   prometheus.Histogram
 	barrierErrors    *prometheus.CounterVec
+	readIndexes      *prometheus.CounterVec
 	blobBytes        prometheus.Counter
 	collectors       []prometheus.Collector
 }
@@ -82,6 +83,10 @@ func newMetrics() *metrics {
 			Namespace: ns, Subsystem: sub, Name: "read_barrier_errors_total",
 			Help: "Node.ReadBarrier failures by reason.",
 		}, []string{"reason"}),
+		readIndexes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "leader_read_indexes_total",
+			Help: "Read indexes this node named as leader, by how leadership was confirmed: lease (no round) or heartbeat_round.",
+		}, []string{"confirmed_by"}),
 		blobBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "blob_written_bytes_total",
 			Help: "Bytes of large payloads this node wrote to the log as blobs (PutBlob).",
@@ -90,7 +95,7 @@ func newMetrics() *metrics {
 	m.collectors = []prometheus.Collector{
 		m.commitLatency, m.applyLatency, m.batchSize, m.appliedEntries, m.appliedCommands,
 		m.applyErrors, m.snapshotBytes, m.snapshotDuration, m.leaderChanges, m.membership,
-		m.barrierLatency, m.barrierErrors, m.blobBytes,
+		m.barrierLatency, m.barrierErrors, m.readIndexes, m.blobBytes,
 	}
 	return m
 }

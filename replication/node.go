@@ -54,6 +54,7 @@ type Node struct {
 	store     *boltStore
 	logs      raft.LogStore // the cached log store raft uses
 	reads     readRounds    // coalesced ReadBarrier rounds
+	lease     *readLease    // read indexes without a heartbeat round (lease.go)
 	demux     *demux
 	rpcc      *rpcClient
 	batch     *batcher
@@ -257,7 +258,13 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	// NewRaft restores the latest snapshot into the FSM (OnRestore fires).
 	n.heartbeats = &heartbeatGuard{}
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, newVoteGate(&n.votesHeld, &n.votesStrict, n.stop)})
+	leaseDur := cfg.HeartbeatTimeout / 2
+	if cfg.DisableReadLease {
+		leaseDur = 0
+	}
+	n.lease = newReadLease(leaseDur)
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats,
+		newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.stop), n.lease})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}
@@ -310,7 +317,7 @@ func (n *Node) shutdown(graceful bool) error {
 	}
 	if graceful && n.raft.State() == raft.Leader && len(n.otherVoters()) > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ShutdownTransferTimeout)
-		if err := waitFuture(ctx, n.raft.LeadershipTransfer()); err != nil {
+		if err := waitFuture(ctx, n.transferLeadership()); err != nil {
 			n.log.Warn("leadership transfer before shutdown failed", "err", err)
 		}
 		cancel()

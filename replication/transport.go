@@ -284,6 +284,18 @@ type noPipeline struct {
 	*raft.NetworkTransport
 	hb    *heartbeatGuard
 	votes *voteGate
+	lease *readLease
+}
+
+// AppendEntries records, for the read lease, when a request the follower
+// accepted was sent (readLease).
+func (t noPipeline) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
+	sent := time.Now()
+	err := t.NetworkTransport.AppendEntries(id, target, args, resp)
+	if err == nil && resp.Success && resp.Term == args.Term {
+		t.lease.acked(id, args.Term, sent)
+	}
+	return err
 }
 
 // Consumer is raft's inbound RPCs with vote requests refused while the
@@ -296,20 +308,26 @@ func (t noPipeline) Consumer() <-chan raft.RPC {
 // node that started without raft state must not vote before it has caught
 // up (Node.releaseVotes), except for the first leader of a new cluster
 // (a candidate whose log holds only the bootstrap configuration) as long
-// as strict is not set. Every other RPC passes, in order.
+// as strict is not set. It also refuses every vote during the read lease's
+// length after the node started (readLease.votesRefused). Every other RPC
+// passes, in order.
 type voteGate struct {
 	held   *atomic.Bool
 	strict *atomic.Bool
+	lease  *readLease
 	stop   <-chan struct{}
 	once   sync.Once
 	out    chan raft.RPC
 }
 
-func newVoteGate(held, strict *atomic.Bool, stop <-chan struct{}) *voteGate {
-	return &voteGate{held: held, strict: strict, stop: stop, out: make(chan raft.RPC)}
+func newVoteGate(held, strict *atomic.Bool, lease *readLease, stop <-chan struct{}) *voteGate {
+	return &voteGate{held: held, strict: strict, lease: lease, stop: stop, out: make(chan raft.RPC)}
 }
 
-var errVotesHeld = errors.New("replication: started without raft state and not caught up yet: no vote")
+var (
+	errVotesHeld   = errors.New("replication: started without raft state and not caught up yet: no vote")
+	errJustStarted = errors.New("replication: started less than a read lease ago: no vote yet")
+)
 
 func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 	g.once.Do(func() {
@@ -336,6 +354,10 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 				// for the cluster's whole life.
 				if vote && g.held.Load() && (last > 1 || g.strict.Load()) {
 					rpc.Respond(nil, errVotesHeld)
+					continue
+				}
+				if vote && g.lease.votesRefused(time.Now()) {
+					rpc.Respond(nil, errJustStarted)
 					continue
 				}
 				select {
