@@ -27,9 +27,12 @@ import (
 //     leads). The lease ends at t + HeartbeatTimeout/2, leaving half of it
 //     for clock-rate drift.
 //   - The three ways a follower forgets its leader early are closed: a node
-//     refuses every vote for the lease's length after it starts (voteGate),
-//     and a leader stops using its lease in the term in which it begins a
-//     transfer (Node.transferLeadership).
+//     refuses every vote for the lease's length after it starts (voteGate);
+//     a leader stops using its lease in the term in which it begins a
+//     transfer (Node.transferLeadership); and a TimeoutNow, which carries
+//     no term in raft and may arrive late, is tagged with that term by the
+//     sender and honoured only from the receiver's leader in that term.
+//   - Heartbeats do not count (noPipeline.AppendEntries).
 type readLease struct {
 	dur time.Duration // 0: no lease, every read index takes a heartbeat round
 
@@ -97,4 +100,17 @@ func (l *readLease) votesRefused(now time.Time) bool { return now.Sub(l.started)
 func (n *Node) transferLeadership() raft.Future {
 	n.lease.block(n.raft.CurrentTerm())
 	return n.raft.LeadershipTransfer()
+}
+
+// transferAccepted: a TimeoutNow tagged with term, from node from, may
+// start an election here only if from is this node's leader and term is
+// its current term: the sender gave up its lease in that term before it
+// sent the request, and no later leader's lease can be undone by it.
+func (n *Node) transferAccepted(from raft.ServerID, term uint64) bool {
+	r := n.raftReady.Load()
+	if r == nil {
+		return false
+	}
+	_, leader := r.LeaderWithID()
+	return leader == from && leader != "" && r.CurrentTerm() == term
 }

@@ -1,7 +1,11 @@
 package replication
 
 import (
+	"context"
 	"errors"
+	"net"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -68,7 +72,7 @@ func TestVoteGateRefusesVotesRightAfterStart(t *testing.T) {
 	stop := make(chan struct{})
 	defer close(stop)
 	in := make(chan raft.RPC)
-	out := newVoteGate(&held, &strict, l, stop).filter(in)
+	out := newVoteGate(&held, &strict, l, func(raft.ServerID, uint64) bool { return false }, stop).filter(in)
 	vote := func() error {
 		resp := make(chan raft.RPCResponse, 1)
 		in <- raft.RPC{Command: &raft.RequestVoteRequest{LastLogIndex: 10}, RespChan: resp}
@@ -125,4 +129,179 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 		t.Fatal(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+func TestTransferTag(t *testing.T) {
+	tagged := appendTransferTag([]byte("n1.raft:7947"), 42)
+	plain, term, ok := cutTransferTag(tagged)
+	if !ok || term != 42 || string(plain) != "n1.raft:7947" {
+		t.Fatalf("cut(%q) = %q, %d, %t", tagged, plain, term, ok)
+	}
+	if _, _, ok := cutTransferTag([]byte("n1.raft:7947")); ok {
+		t.Fatal("an untagged address parsed as tagged")
+	}
+	hb := &raft.AppendEntriesRequest{Term: 3}
+	if !mayBeHeartbeat(hb) || mayBeHeartbeat(&raft.AppendEntriesRequest{Term: 3, PrevLogEntry: 9, PrevLogTerm: 3}) {
+		t.Fatal("heartbeat detection")
+	}
+}
+
+// TestVoteGatePassesOnlyCurrentTransfers: a TimeoutNow starts an election
+// only when it comes from the receiver's leader, tagged with the current
+// term; an untagged one (a sender that does not give its lease up) or one
+// of another term (sent long ago, delivered late) is refused.
+func TestVoteGatePassesOnlyCurrentTransfers(t *testing.T) {
+	var held, strict atomic.Bool
+	l := newReadLease(0)
+	stop := make(chan struct{})
+	defer close(stop)
+	in := make(chan raft.RPC)
+	out := newVoteGate(&held, &strict, l, func(from raft.ServerID, term uint64) bool { return from == "L" && term == 7 }, stop).filter(in)
+	send := func(id string, addr []byte) (passed *raft.TimeoutNowRequest, err error) {
+		resp := make(chan raft.RPCResponse, 1)
+		in <- raft.RPC{Command: &raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{ID: []byte(id), Addr: addr}}, RespChan: resp}
+		select {
+		case r := <-resp:
+			return nil, r.Error
+		case rpc := <-out:
+			rpc.Respond(nil, nil)
+			return rpc.Command.(*raft.TimeoutNowRequest), nil
+		case <-time.After(5 * time.Second):
+			t.Fatal("TimeoutNow neither answered nor passed on")
+			return nil, nil
+		}
+	}
+	for _, c := range []struct {
+		id   string
+		addr []byte
+	}{{"L", []byte("l:1")}, {"L", appendTransferTag([]byte("l:1"), 6)}, {"X", appendTransferTag([]byte("x:1"), 7)}} {
+		if _, err := send(c.id, c.addr); !errors.Is(err, errStaleTimeout) {
+			t.Fatalf("TimeoutNow from %s, %q: %v, want refused", c.id, c.addr, err)
+		}
+	}
+	req, err := send("L", appendTransferTag([]byte("l:1"), 7))
+	if err != nil || req == nil || string(req.Addr) != "l:1" {
+		t.Fatalf("current transfer: %v, passed %+v", err, req)
+	}
+}
+
+// TestLeadershipTransferEndsLease: a transfer (tagged) still moves
+// leadership, and the old leader no longer holds a lease in its term.
+func TestLeadershipTransferEndsLease(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.startNew("a", "b", "c")
+	lead := c.leader()
+	term := lead.node().raft.CurrentTerm()
+	to, err := lead.node().TransferLeadership(ctxT(t, 10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if to == lead.id {
+		t.Fatalf("leadership stayed on %s", to)
+	}
+	if lead.node().leaseHeld(term) {
+		t.Fatal("the old leader holds its lease after the transfer")
+	}
+}
+
+// netCut: per-pair partitions on the harness's Dial.
+type netCut struct {
+	mu    sync.Mutex
+	cut   map[[2]string]bool
+	conns map[net.Conn][2]string
+}
+
+func pairKey(a, b string) [2]string {
+	if a > b {
+		a, b = b, a
+	}
+	return [2]string{a, b}
+}
+
+func (p *netCut) wrap(from string, dial func(context.Context, string) (net.Conn, error)) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
+		to := strings.SplitN(addr, ".", 2)[0]
+		k := pairKey(from, to)
+		p.mu.Lock()
+		if p.cut[k] {
+			p.mu.Unlock()
+			return nil, errors.New("partitioned")
+		}
+		p.mu.Unlock()
+		c, err := dial(ctx, addr)
+		if err != nil {
+			return nil, err
+		}
+		p.mu.Lock()
+		p.conns[c] = k
+		p.mu.Unlock()
+		return c, nil
+	}
+}
+
+func (p *netCut) isolate(a, b string) {
+	k := pairKey(a, b)
+	p.mu.Lock()
+	p.cut[k] = true
+	var cl []net.Conn
+	for c, ck := range p.conns {
+		if ck == k {
+			cl = append(cl, c)
+			delete(p.conns, c)
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range cl {
+		_ = c.Close()
+	}
+}
+
+// TestStaleTimeoutNowRefused (found by review): raft's TimeoutNow carries
+// no term, and its target asks for votes that followers grant although
+// they know a leader. One delivered late (from a transfer of an earlier
+// term, or forged by a node that is not the leader) elected a second
+// leader while the first still held its lease, and the first then passed
+// a read barrier without the second's write. Now the target refuses it.
+func TestStaleTimeoutNowRefused(t *testing.T) {
+	p := &netCut{cut: map[[2]string]bool{}, conns: map[net.Conn][2]string{}}
+	c := newTestCluster(t, 3)
+	c.mutate = func(cfg *Config) {
+		cfg.HeartbeatTimeout = time.Second
+		cfg.ElectionTimeout = time.Second
+		cfg.LeaderLeaseTimeout = 500 * time.Millisecond
+		cfg.Dial = p.wrap(cfg.NodeID, cfg.Dial)
+	}
+	c.startNew("a", "b", "c")
+	lead := c.leader()
+	var x, y *testNode
+	for _, tn := range c.up() {
+		switch {
+		case tn == lead:
+		case x == nil:
+			x = tn
+		default:
+			y = tn
+		}
+	}
+	term := lead.node().raft.CurrentTerm()
+	eventually(t, 5*time.Second, func() error {
+		if !lead.node().leaseHeld(term) {
+			return errors.New("lease not held")
+		}
+		return nil
+	})
+	p.isolate(lead.id, x.id)
+	p.isolate(lead.id, y.id)
+	// A TimeoutNow as raft sends it, untagged, in the leader's name.
+	err := x.node().trans.TimeoutNow(raft.ServerID(y.id), raft.ServerAddress(y.advert),
+		&raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{ProtocolVersion: raft.ProtocolVersionMax, ID: []byte(lead.id), Addr: []byte(lead.advert)}},
+		&raft.TimeoutNowResponse{})
+	if err == nil || !strings.Contains(err.Error(), errStaleTimeout.Error()) {
+		t.Fatalf("stale TimeoutNow: %v, want refused", err)
+	}
+	// Had it been honoured, y would lead within milliseconds; an ordinary
+	// election waits for the followers' heartbeat timeout (1 s) first.
+	if y.node().raft.State() == raft.Leader || x.node().raft.State() == raft.Leader {
+		t.Fatal("a follower leads right after the refused TimeoutNow")
+	}
 }

@@ -52,9 +52,10 @@ type Node struct {
 
 	blobSweep blobSweep // manageLoop only
 	store     *boltStore
-	logs      raft.LogStore // the cached log store raft uses
-	reads     readRounds    // coalesced ReadBarrier rounds
-	lease     *readLease    // read indexes without a heartbeat round (lease.go)
+	logs      raft.LogStore             // the cached log store raft uses
+	reads     readRounds                // coalesced ReadBarrier rounds
+	lease     *readLease                // read indexes without a heartbeat round (lease.go)
+	raftReady atomic.Pointer[raft.Raft] // n.raft, for the transport's goroutines
 	demux     *demux
 	rpcc      *rpcClient
 	batch     *batcher
@@ -264,11 +265,12 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	n.lease = newReadLease(leaseDur)
 	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats,
-		newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.stop), n.lease})
+		newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.transferAccepted, n.stop), n.lease})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}
 	n.raft, n.trans, n.store, n.logs = r, trans, store, logs
+	n.raftReady.Store(r)
 	cleanup = append(cleanup, func() { _ = r.Shutdown().Error(); n.heartbeats.close() })
 
 	n.gauges = n.newGauges()

@@ -1,12 +1,15 @@
 package replication
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -289,13 +292,56 @@ type noPipeline struct {
 
 // AppendEntries records, for the read lease, when a request the follower
 // accepted was sent (readLease).
+// Heartbeats do not count: the follower answers them on the transport's
+// goroutine, beside its main loop, which may be deciding at that moment
+// that the leader is gone (raft.go runFollower); other AppendEntries, sent
+// every CommitTimeout even when there is nothing new, are answered by the
+// main loop in order with that decision.
 func (t noPipeline) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
 	sent := time.Now()
 	err := t.NetworkTransport.AppendEntries(id, target, args, resp)
-	if err == nil && resp.Success && resp.Term == args.Term {
+	if err == nil && resp.Success && resp.Term == args.Term && !mayBeHeartbeat(args) {
 		t.lease.acked(id, args.Term, sent)
 	}
 	return err
+}
+
+// mayBeHeartbeat: the receiving NetworkTransport may treat args as a
+// heartbeat (net_transport.go handleCommand), whose answer comes from
+// outside the follower's main loop.
+func mayBeHeartbeat(args *raft.AppendEntriesRequest) bool {
+	return args.PrevLogEntry == 0 && args.PrevLogTerm == 0 && len(args.Entries) == 0 && args.LeaderCommitIndex == 0
+}
+
+// TimeoutNow tags the request with the term in which this node began the
+// transfer (the term whose lease it gave up): raft's TimeoutNow carries no
+// term, and one that arrives late (a paused or slow target) would start
+// an election that followers join although they still know a leader,
+// whose lease would then be wrong. The receiver's voteGate accepts it only
+// from its current leader in that very term.
+func (t noPipeline) TimeoutNow(id raft.ServerID, target raft.ServerAddress, args *raft.TimeoutNowRequest, resp *raft.TimeoutNowResponse) error {
+	tagged := *args
+	tagged.Addr = appendTransferTag(slices.Clip(args.Addr), t.lease.blocked.Load())
+	return t.NetworkTransport.TimeoutNow(id, target, &tagged, resp)
+}
+
+// transferTag separates the sender's address from the transfer's term in
+// a TimeoutNow's header (an address never holds a NUL byte).
+const transferTag = "\x00transfer-term="
+
+func appendTransferTag(addr []byte, term uint64) []byte {
+	return strconv.AppendUint(append(addr, transferTag...), term, 10)
+}
+
+// cutTransferTag returns the address without the tag and the tagged term
+// (ok false: no tag, a sender that does not tag).
+func cutTransferTag(addr []byte) (plain []byte, term uint64, ok bool) {
+	plain, tag, found := bytes.Cut(addr, []byte(transferTag))
+	if !found {
+		return addr, 0, false
+	}
+	term, err := strconv.ParseUint(string(tag), 10, 64)
+	return plain, term, err == nil
 }
 
 // Consumer is raft's inbound RPCs with vote requests refused while the
@@ -315,18 +361,23 @@ type voteGate struct {
 	held   *atomic.Bool
 	strict *atomic.Bool
 	lease  *readLease
-	stop   <-chan struct{}
-	once   sync.Once
-	out    chan raft.RPC
+	// transfer reports whether a TimeoutNow from a node, tagged with a
+	// term, may start an election here: from the current leader, in the
+	// current term (noPipeline.TimeoutNow).
+	transfer func(from raft.ServerID, term uint64) bool
+	stop     <-chan struct{}
+	once     sync.Once
+	out      chan raft.RPC
 }
 
-func newVoteGate(held, strict *atomic.Bool, lease *readLease, stop <-chan struct{}) *voteGate {
-	return &voteGate{held: held, strict: strict, lease: lease, stop: stop, out: make(chan raft.RPC)}
+func newVoteGate(held, strict *atomic.Bool, lease *readLease, transfer func(raft.ServerID, uint64) bool, stop <-chan struct{}) *voteGate {
+	return &voteGate{held: held, strict: strict, lease: lease, transfer: transfer, stop: stop, out: make(chan raft.RPC)}
 }
 
 var (
-	errVotesHeld   = errors.New("replication: started without raft state and not caught up yet: no vote")
-	errJustStarted = errors.New("replication: started less than a read lease ago: no vote yet")
+	errVotesHeld    = errors.New("replication: started without raft state and not caught up yet: no vote")
+	errJustStarted  = errors.New("replication: started less than a read lease ago: no vote yet")
+	errStaleTimeout = errors.New("replication: TimeoutNow not from the current leader in the current term: ignored")
 )
 
 func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
@@ -346,6 +397,13 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 					last, vote = req.LastLogIndex, true
 				case *raft.RequestPreVoteRequest:
 					last, vote = req.LastLogIndex, true
+				case *raft.TimeoutNowRequest:
+					plain, term, ok := cutTransferTag(req.Addr)
+					if !ok || !g.transfer(raft.ServerID(req.ID), term) {
+						rpc.Respond(nil, errStaleTimeout)
+						continue
+					}
+					req.Addr = plain
 				}
 				// A candidate whose log holds at most the bootstrap
 				// configuration (index 1) belongs to a cluster that has
