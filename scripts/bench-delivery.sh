@@ -101,3 +101,10 @@ done
 } >"$out"
 cat "$out"
 echo "table written to $out" >&2
+# Latency distributions of round 1 at the paced rate, one SVG per QoS.
+go build -o bin/benchplot ./cmd/benchplot
+for qos in 0 1; do
+  awk -F'\t' -v q="$qos" '$1 == 1 && $2 == q && $3 == 5000 { print $6 }' "$results" |
+    bin/benchplot --title "QoS $qos at 5,000 msg/s: publish-to-delivery latency (round 1)" >"${out%.md}-latency-qos$qos.svg"
+  echo "plot written to ${out%.md}-latency-qos$qos.svg" >&2
+done

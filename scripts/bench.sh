@@ -27,6 +27,10 @@ step "connection storm ($conns connections)"
 step "failover (4 rounds)"
 ./scripts/bench-failover.sh 4 bin/bench-failover.md >&2
 
+mkdir -p docs/bench
+cp bin/bench-delivery-latency-qos0.svg docs/bench/latency-qos0.svg
+cp bin/bench-delivery-latency-qos1.svg docs/bench/latency-qos1.svg
+
 analysis=""
 if [ -f "$out" ] && grep -q '^<!-- analysis -->' "$out"; then
   analysis=$(sed -n '/^<!-- analysis -->/,$p' "$out")
@@ -49,6 +53,12 @@ mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   echo "\"same-node\": both clients on one node of three; \"cross-node\": the subscriber on another node."
   echo
   cat bin/bench-delivery.md
+  echo
+  echo "Latency distributions (round 1, paced): [QoS 0](docs/bench/latency-qos0.svg), [QoS 1](docs/bench/latency-qos1.svg)."
+  echo
+  echo "![QoS 0 latency](docs/bench/latency-qos0.svg)"
+  echo
+  echo "![QoS 1 latency](docs/bench/latency-qos1.svg)"
   echo
   echo "## Durable QoS 1 into persistent sessions"
   echo

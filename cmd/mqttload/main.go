@@ -45,7 +45,14 @@ type result struct {
 	P99us       int64   `json:"p99_us"`
 	P999us      int64   `json:"p999_us"`
 	Maxus       int64   `json:"max_us"`
+	// Percentiles: latency (µs) at each of percentilePoints, for plots
+	// (cmd/benchplot).
+	Percentiles [][2]float64 `json:"percentiles,omitempty"`
 }
+
+// percentilePoints are spaced evenly in "nines" (log of 1/(1-p)), as
+// HdrHistogram plots them.
+var percentilePoints = []float64{0, 25, 50, 75, 90, 95, 97.5, 99, 99.5, 99.75, 99.9, 99.95, 99.975, 99.99, 100}
 
 type options struct {
 	pubAddrs, subAddrs []string
@@ -319,5 +326,12 @@ func run(o options) (result, error) {
 	slices.Sort(lat)
 	q := func(p float64) int64 { return lat[min(len(lat)-1, int(float64(len(lat))*p))] / 1000 }
 	res.P50us, res.P90us, res.P99us, res.P999us, res.Maxus = q(0.50), q(0.90), q(0.99), q(0.999), lat[len(lat)-1]/1000
+	for _, p := range percentilePoints {
+		us := lat[len(lat)-1] / 1000
+		if p < 100 {
+			us = q(p / 100)
+		}
+		res.Percentiles = append(res.Percentiles, [2]float64{p, float64(us)})
+	}
 	return res, nil
 }
