@@ -46,6 +46,9 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 			c.pump.poke()
 		}
 	case replication.SessionOpened:
+		// One line per open, so that a chaos run's node logs say which
+		// open made a session present (clean-start-session-present).
+		h.log.Debug("session opened", "client", ch.ClientID, "owner", ch.Owner, "index", ch.Index, "present", ch.Present)
 		h.mu.Lock()
 		c := h.live[ch.ClientID]
 		h.mu.Unlock()
