@@ -79,10 +79,10 @@ type Config struct {
 	OnRestore func()
 
 	// Raft timing.
-	// The leader names read indexes without a heartbeat round while it
-	// holds a lease of HeartbeatTimeout/2 (lease.go); DisableReadLease
-	// makes every read index take a round (tests compare the two).
-	DisableReadLease   bool
+	// ReadLease lets the leader name read indexes without a heartbeat
+	// round while it holds a lease of HeartbeatTimeout/2 (lease.go).
+	// Off by default: a hole remains (DESIGN.md, "The read lease").
+	ReadLease          bool
 	HeartbeatTimeout   time.Duration
 	ElectionTimeout    time.Duration
 	LeaderLeaseTimeout time.Duration

@@ -9,8 +9,10 @@ import (
 )
 
 // The read lease lets the leader name a read index without a heartbeat
-// round (VerifyLeader) while no other leader can exist. The argument, in
-// full in DESIGN.md ("The read lease"):
+// round (VerifyLeader) while no other leader can exist. Experimental and
+// off by default (Config.ReadLease): DESIGN.md lists a hole that remains
+// (a transfer candidate that acknowledges another leader) and its fix.
+// The argument, in full in DESIGN.md ("The read lease"):
 //
 //   - A follower of hashicorp/raft v1.8.0 refuses votes and pre-votes while
 //     it knows a leader (raft.go requestVote, requestPreVote), unless the

@@ -102,7 +102,7 @@ func TestVoteGateRefusesVotesRightAfterStart(t *testing.T) {
 func TestLeaderReadIndexUsesLease(t *testing.T) {
 	for _, disabled := range []bool{false, true} {
 		c := newTestCluster(t, 3)
-		c.mutate = func(cfg *Config) { cfg.DisableReadLease = disabled }
+		c.mutate = func(cfg *Config) { cfg.ReadLease = !disabled }
 		c.startNew("a", "b", "c")
 		lead := c.leader()
 		// Reads on a follower ask the leader; on the leader they are its own.
@@ -189,6 +189,7 @@ func TestVoteGatePassesOnlyCurrentTransfers(t *testing.T) {
 // leadership, and the old leader no longer holds a lease in its term.
 func TestLeadershipTransferEndsLease(t *testing.T) {
 	c := newTestCluster(t, 3)
+	c.mutate = func(cfg *Config) { cfg.ReadLease = true }
 	c.startNew("a", "b", "c")
 	lead := c.leader()
 	term := lead.node().raft.CurrentTerm()
@@ -269,6 +270,7 @@ func TestStaleTimeoutNowRefused(t *testing.T) {
 		cfg.HeartbeatTimeout = time.Second
 		cfg.ElectionTimeout = time.Second
 		cfg.LeaderLeaseTimeout = 500 * time.Millisecond
+		cfg.ReadLease = true
 		cfg.Dial = p.wrap(cfg.NodeID, cfg.Dial)
 	}
 	c.startNew("a", "b", "c")

@@ -259,9 +259,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	// NewRaft restores the latest snapshot into the FSM (OnRestore fires).
 	n.heartbeats = &heartbeatGuard{}
-	leaseDur := cfg.HeartbeatTimeout / 2
-	if cfg.DisableReadLease {
-		leaseDur = 0
+	var leaseDur time.Duration
+	if cfg.ReadLease {
+		leaseDur = cfg.HeartbeatTimeout / 2
 	}
 	n.lease = newReadLease(leaseDur)
 	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats,

@@ -71,6 +71,9 @@ type Config struct {
 	// do not all reconnect to the others in one burst. 0: all at once.
 	LameDuck time.Duration
 	Pprof    bool
+	// ReadLease: the raft leader confirms read indexes by its lease
+	// instead of a heartbeat round (--read-lease, experimental).
+	ReadLease bool
 
 	Logger *slog.Logger
 	// ClusterTuning, if set, adjusts the cluster configuration before the

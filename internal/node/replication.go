@@ -79,6 +79,7 @@ func (n *Node) startReplication(ctx context.Context) error {
 		OnSession: n.sessionsHook.Apply,
 		// Expired sessions (and retained messages) go within 2 s.
 		ExpirySweepInterval: 2 * time.Second,
+		ReadLease:           n.cfg.ReadLease,
 		Logger:              n.cfg.Logger,
 		Registerer:          n.reg,
 	}
