@@ -5,7 +5,8 @@
 # too), every message crossing nodes, against Debian's mosquitto
 # (persistent sessions, persistence off: nothing on disk) in the same run.
 # One publisher connection (waiting for each PUBACK, and with 64 in
-# flight, which the publish pipeline commits in batches), and many.
+# flight, which the publish pipeline commits in batches), and many; the
+# cluster cases again with the experimental --read-lease.
 #   scripts/bench-sessions.sh [duration] [publishers] [markdown-out]
 #   (defaults: 10s, 48, bin/bench-sessions.md)
 set -euo pipefail
@@ -23,21 +24,25 @@ mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 printf 'listener 21893 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 65535\n' > "$tmp/mosquitto.conf"
 "$mosq" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.log" 2>&1 &
 pids+=($!)
-join=127.0.0.1:26946,127.0.0.1:26956,127.0.0.1:26966
-for i in 1 2 3; do
+# Two clusters: nodes 1-3 with the defaults, nodes 4-6 with --read-lease.
+for i in 1 2 3 4 5 6; do
+  if [ "$i" -le 3 ]; then join=127.0.0.1:26946,127.0.0.1:26956,127.0.0.1:26966; extra=(); else
+    join=127.0.0.1:26976,127.0.0.1:26986,127.0.0.1:26996; extra=(--read-lease); fi
   bin/broker serve --node-id "sbench$i" --data-dir "$tmp/n$i" --mqtt-addr "127.0.0.1:2289$i" \
     --http-addr "127.0.0.1:2809$i" --gossip-addr "127.0.0.1:269$((3 + i))6" --cluster-addr "127.0.0.1:269$((3 + i))7" \
-    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --max-queued-messages 65535 \
+    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --max-queued-messages 65535 "${extra[@]}" \
     --log-level warn --log-format json 2>"$tmp/n$i.log" &
   pids+=($!)
 done
-for i in 1 2 3; do
+for i in 1 2 3 4 5 6; do
   for _ in $(seq 100); do curl -fs "127.0.0.1:2809$i/readyz" >/dev/null && break; sleep 0.2; done
 done
 nodes=127.0.0.1:22891,127.0.0.1:22892,127.0.0.1:22893
 # Subscribers start on the node after their publisher's: every message
 # crosses nodes.
 subnodes=127.0.0.1:22892,127.0.0.1:22893,127.0.0.1:22891
+lnodes=127.0.0.1:22894,127.0.0.1:22895,127.0.0.1:22896
+lsubnodes=127.0.0.1:22895,127.0.0.1:22896,127.0.0.1:22894
 
 results="$tmp/results.jsonl"
 : >"$results"
@@ -54,6 +59,10 @@ run "cluster, 1 publisher, 1 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 1
 run "cluster, 1 publisher, 64 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 64
 run "cluster, $pubs publishers" "$nodes" "$subnodes" "$pubs" 1
 run "cluster, $pubs publishers, 16 in flight" "$nodes" "$subnodes" "$pubs" 16
+run "cluster --read-lease, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 1
+run "cluster --read-lease, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64
+run "cluster --read-lease, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1
+run "cluster --read-lease, $pubs publishers, 16 in flight" "$lnodes" "$lsubnodes" "$pubs" 16
 
 {
   echo "| case | delivered msg/s | lost | p50 / p99 / max (ms) |"
