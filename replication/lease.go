@@ -10,8 +10,7 @@ import (
 
 // The read lease lets the leader name a read index without a heartbeat
 // round (VerifyLeader) while no other leader can exist. Experimental and
-// off by default (Config.ReadLease): DESIGN.md lists a hole that remains
-// (a transfer candidate that acknowledges another leader) and its fix.
+// off by default (Config.ReadLease): DESIGN.md says why.
 // The argument, in full in DESIGN.md ("The read lease"):
 //
 //   - A follower of hashicorp/raft v1.8.0 refuses votes and pre-votes while
@@ -34,7 +33,9 @@ import (
 //     transfer (Node.transferLeadership); and a TimeoutNow, which carries
 //     no term in raft and may arrive late, is tagged with that term by the
 //     sender and honoured only from the receiver's leader in that term.
-//   - Heartbeats do not count (noPipeline.AppendEntries).
+//   - Heartbeats do not count, nor requests that carry no entry of the
+//     leader's term (noPipeline.AppendEntries); a candidate started by a
+//     TimeoutNow answers no AppendEntries of its term (voteGate).
 type readLease struct {
 	dur time.Duration // 0: no lease, every read index takes a heartbeat round
 
@@ -115,4 +116,14 @@ func (n *Node) transferAccepted(from raft.ServerID, term uint64) bool {
 	}
 	_, leader := r.LeaderWithID()
 	return leader == from && leader != "" && r.CurrentTerm() == term
+}
+
+// raftState is raft's state and current term, for the vote gate (known
+// false before raft exists).
+func (n *Node) raftState() (raft.RaftState, uint64, bool) {
+	r := n.raftReady.Load()
+	if r == nil {
+		return raft.Follower, 0, false
+	}
+	return r.State(), r.CurrentTerm(), true
 }

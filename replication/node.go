@@ -264,8 +264,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		leaseDur = cfg.HeartbeatTimeout / 2
 	}
 	n.lease = newReadLease(leaseDur)
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats,
-		newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.transferAccepted, n.stop), n.lease})
+	gate := newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.transferAccepted, n.stop)
+	gate.state, gate.transferMax = n.raftState, 2*cfg.ElectionTimeout+100*time.Millisecond
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, gate, n.lease})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}

@@ -300,10 +300,23 @@ type noPipeline struct {
 func (t noPipeline) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
 	sent := time.Now()
 	err := t.NetworkTransport.AppendEntries(id, target, args, resp)
-	if err == nil && resp.Success && resp.Term == args.Term && !mayBeHeartbeat(args) {
+	if err == nil && resp.Success && resp.Term == args.Term && !mayBeHeartbeat(args) && carriesTerm(args) {
 		t.lease.acked(id, args.Term, sent)
 	}
 	return err
+}
+
+// carriesTerm: a follower that accepted args holds an entry of args.Term
+// (the leader's no-op at least), so raft's up-to-date check makes it
+// refuse its vote to any candidate whose log lacks one. A request sent
+// before that (the first of a term, before the no-op is on disk) does not
+// count: its follower could still elect such a candidate.
+func carriesTerm(args *raft.AppendEntriesRequest) bool {
+	if args.PrevLogTerm == args.Term {
+		return true
+	}
+	n := len(args.Entries)
+	return n > 0 && args.Entries[n-1] != nil && args.Entries[n-1].Term == args.Term
 }
 
 // mayBeHeartbeat: the receiving NetworkTransport may treat args as a
@@ -365,13 +378,49 @@ type voteGate struct {
 	// term, may start an election here: from the current leader, in the
 	// current term (noPipeline.TimeoutNow).
 	transfer func(from raft.ServerID, term uint64) bool
-	stop     <-chan struct{}
-	once     sync.Once
-	out      chan raft.RPC
+	// state is raft's state and current term (nil: none yet).
+	state func() (raft.RaftState, uint64, bool)
+	// transferMax bounds a candidacy started by a TimeoutNow (raft ends
+	// it after one election timeout, at most twice ElectionTimeout).
+	transferMax time.Duration
+	stop        <-chan struct{}
+	once        sync.Once
+	out         chan raft.RPC
 }
 
 func newVoteGate(held, strict *atomic.Bool, lease *readLease, transfer func(raft.ServerID, uint64) bool, stop <-chan struct{}) *voteGate {
 	return &voteGate{held: held, strict: strict, lease: lease, transfer: transfer, stop: stop, out: make(chan raft.RPC)}
+}
+
+var errTransferCandidate = errors.New("replication: a leadership-transfer candidate takes no AppendEntries of its term (read lease)")
+
+// pass hands rpc to raft. With the read lease on, it also waits for
+// raft's answer (and passes it on) before the gate reads the next request,
+// so that the gate's checks see raft's state after every earlier request:
+// raft handles them one at a time anyway. ok is false when the node stops.
+func (g *voteGate) pass(rpc raft.RPC) (resp raft.RPCResponse, ok bool) {
+	wait := g.lease.dur > 0 && rpc.RespChan != nil
+	orig := rpc.RespChan
+	var mine chan raft.RPCResponse
+	if wait {
+		mine = make(chan raft.RPCResponse, 1)
+		rpc.RespChan = mine
+	}
+	select {
+	case g.out <- rpc:
+	case <-g.stop:
+		return resp, false
+	}
+	if !wait {
+		return resp, true
+	}
+	select {
+	case resp = <-mine:
+		orig <- resp // the transport's answer channel holds one
+		return resp, true
+	case <-g.stop:
+		return resp, false
+	}
 }
 
 var (
@@ -383,6 +432,7 @@ var (
 func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 	g.once.Do(func() {
 		go func() {
+			var transferUntil time.Time // a TimeoutNow made this node a candidate
 			for {
 				var rpc raft.RPC
 				select {
@@ -404,6 +454,37 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 						continue
 					}
 					req.Addr = plain
+					resp, ok := g.pass(rpc)
+					if !ok {
+						return
+					}
+					if g.lease.dur > 0 && resp.Error == nil {
+						transferUntil = time.Now().Add(g.transferMax)
+					}
+					continue
+				case *raft.AppendEntriesRequest:
+					// A candidate started by a TimeoutNow accepts an
+					// AppendEntries of its own term from another leader
+					// without becoming a follower (raft.go appendEntries,
+					// candidateFromLeadershipTransfer), and its election
+					// timer runs on: its answer must not count toward that
+					// leader's lease, so it gets none. A later term's
+					// request makes it a follower as usual, and an earlier
+					// term's is refused by raft, which tells its sender the
+					// newer term.
+					if !transferUntil.IsZero() {
+						st, cur, known := raft.Follower, uint64(0), false
+						if g.state != nil {
+							st, cur, known = g.state()
+						}
+						switch {
+						case time.Now().After(transferUntil) || !known || st != raft.Candidate:
+							transferUntil = time.Time{}
+						case req.Term == cur:
+							rpc.Respond(nil, errTransferCandidate)
+							continue
+						}
+					}
 				}
 				// A candidate whose log holds at most the bootstrap
 				// configuration (index 1) belongs to a cluster that has
@@ -418,9 +499,7 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 					rpc.Respond(nil, errJustStarted)
 					continue
 				}
-				select {
-				case g.out <- rpc:
-				case <-g.stop:
+				if _, ok := g.pass(rpc); !ok {
 					return
 				}
 			}
