@@ -174,7 +174,7 @@ func (n *Node) args() []string {
 	if level == "" {
 		level = "info"
 	}
-	return []string{"serve",
+	args := []string{"serve",
 		"--node-id", n.ID,
 		"--data-dir", n.DataDir,
 		"--mqtt-addr", n.MQTTAddr,
@@ -190,6 +190,8 @@ func (n *Node) args() []string {
 		"--log-format", "json",
 		"--log-level", level,
 	}
+	// CHAOS_BROKER_FLAGS: more flags for every node (say --read-lease).
+	return append(args, strings.Fields(os.Getenv("CHAOS_BROKER_FLAGS"))...)
 }
 
 func brokerEnv() []string {
