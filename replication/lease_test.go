@@ -355,8 +355,6 @@ func (p *dirCut) set(from, to string, on bool) {
 	}
 }
 
-func (p *dirCut) both(a, b string, on bool) { p.set(a, b, on); p.set(b, a, on) }
-
 // TestTransferCandidateAckNotCounted (found by review): a candidate
 // started by a TimeoutNow accepts an AppendEntries of its own term from
 // another leader without becoming a follower (hashicorp/raft appendEntries:
@@ -461,7 +459,6 @@ func TestVoteGateRefusesTransferCandidateAppends(t *testing.T) {
 	var state atomic.Value
 	state.Store(raft.Candidate)
 	g.state = func() (raft.RaftState, uint64, bool) { return state.Load().(raft.RaftState), 8, true }
-	g.transferMax = time.Minute
 	out := g.filter(in)
 	send := func(cmd any) error {
 		resp := make(chan raft.RPCResponse, 1)

@@ -265,7 +265,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	}
 	n.lease = newReadLease(leaseDur)
 	gate := newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.transferAccepted, n.stop)
-	gate.state, gate.transferMax = n.raftState, 2*cfg.ElectionTimeout+100*time.Millisecond
+	gate.state = n.raftState
 	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, gate, n.lease})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)

@@ -380,12 +380,9 @@ type voteGate struct {
 	transfer func(from raft.ServerID, term uint64) bool
 	// state is raft's state and current term (nil: none yet).
 	state func() (raft.RaftState, uint64, bool)
-	// transferMax bounds a candidacy started by a TimeoutNow (raft ends
-	// it after one election timeout, at most twice ElectionTimeout).
-	transferMax time.Duration
-	stop        <-chan struct{}
-	once        sync.Once
-	out         chan raft.RPC
+	stop  <-chan struct{}
+	once  sync.Once
+	out   chan raft.RPC
 }
 
 func newVoteGate(held, strict *atomic.Bool, lease *readLease, transfer func(raft.ServerID, uint64) bool, stop <-chan struct{}) *voteGate {
@@ -432,7 +429,7 @@ var (
 func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 	g.once.Do(func() {
 		go func() {
-			var transferUntil time.Time // a TimeoutNow made this node a candidate
+			transferred := false // a TimeoutNow made this node a candidate
 			for {
 				var rpc raft.RPC
 				select {
@@ -458,9 +455,7 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 					if !ok {
 						return
 					}
-					if g.lease.dur > 0 && resp.Error == nil {
-						transferUntil = time.Now().Add(g.transferMax)
-					}
+					transferred = g.lease.dur > 0 && resp.Error == nil
 					continue
 				case *raft.AppendEntriesRequest:
 					// A candidate started by a TimeoutNow accepts an
@@ -468,18 +463,22 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 					// without becoming a follower (raft.go appendEntries,
 					// candidateFromLeadershipTransfer), and its election
 					// timer runs on: its answer must not count toward that
-					// leader's lease, so it gets none. A later term's
+					// leader's lease, so it gets none, for as long as it is
+					// a candidate: raft ends the transfer candidacy only
+					// after its election timer, which starts after the
+					// candidacy's own disk writes (a time bound here
+					// could end first: found by review). A later term's
 					// request makes it a follower as usual, and an earlier
 					// term's is refused by raft, which tells its sender the
 					// newer term.
-					if !transferUntil.IsZero() {
+					if transferred {
 						st, cur, known := raft.Follower, uint64(0), false
 						if g.state != nil {
 							st, cur, known = g.state()
 						}
 						switch {
-						case time.Now().After(transferUntil) || !known || st != raft.Candidate:
-							transferUntil = time.Time{}
+						case !known || st != raft.Candidate:
+							transferred = false
 						case req.Term == cur:
 							rpc.Respond(nil, errTransferCandidate)
 							continue
