@@ -41,14 +41,20 @@ func (h *Sessions) maintain() {
 			h.publishDueWills()
 			h.releaseDeadOwners()
 		}
+		if h.cfg.AfterMaintain != nil {
+			h.cfg.AfterMaintain()
+		}
 	}
 }
 
 // closeStale closes sessions owned by this node and marked connected with
 // no connection here, once seen twice (a connection being established has
-// its SessionOpen committed before it is registered).
+// its SessionOpen committed before it is registered). Not while this node
+// stops gracefully: the connections the stop ended leave their sessions
+// open for the leave grace (wills.go), and closing them would make their
+// wills due although the clients reconnect elsewhere.
 func (h *Sessions) closeStale() {
-	if !h.repl.HasLeader() || h.inRestartGrace() {
+	if !h.repl.HasLeader() || h.inRestartGrace() || h.stopping.active.Load() {
 		return
 	}
 	seen := map[string]uint64{}

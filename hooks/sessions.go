@@ -153,6 +153,9 @@ type SessionsConfig struct {
 	// discards the session, in place of the real one (tests stand in for
 	// a leader that did not answer).
 	CleanBarrierErr func(clientID string) error
+	// AfterMaintain, if set, runs after each maintenance round (tests
+	// wait for rounds instead of sleeping).
+	AfterMaintain func()
 	// ACL is the read check mochi applies to a SUBSCRIBE's filters
 	// (hooks.Auth.OnACLCheck); nil allows every filter. A persistent
 	// session's filters never reach mochi (session_subscribe.go), so the

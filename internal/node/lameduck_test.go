@@ -5,12 +5,15 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	mqttpackets "github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
@@ -90,5 +93,57 @@ func TestClientDropInLameDuckKeepsItsWill(t *testing.T) {
 	}
 	if string(p.Payload) != "offline" {
 		t.Fatalf("got %s %q", p.Topic, p.Payload)
+	}
+}
+
+// TestLameDuckLeavesToldSessionsOpen: a connection the graceful stop has
+// ended (0x8B) stays open in the log, owned by the stopping node, for the
+// leave grace: the client reconnects elsewhere and its will must not
+// fire. The stale-session sweep, which closes this node's sessions that
+// have no connection here, ran on through the lame duck and closed them;
+// the leader then published their wills (chaos seed 444047167,
+// will-on-graceful-stop, twice in CI).
+func TestLameDuckLeavesToldSessionsOpen(t *testing.T) {
+	var rounds atomic.Int64
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
+		c.AfterMaintain = func() { rounds.Add(1) }
+	}, "n1", "n2")
+	tc.waitReady()
+	n1 := tc.nodes["n1"]
+	dev := testutil.Connect(t, n1.Addr("mqtt"), testutil.ClientOptions{ID: "ldo-dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "ldo/dev", QoS: 1, Payload: []byte("offline")}})
+	defer dev.Close()
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n2"].repl.Session("ldo-dev"); !ok || s.Will == nil || !s.Connected {
+			return fmt.Errorf("will not in the log yet")
+		}
+		return nil
+	})
+	// The stop's first steps, as Shutdown takes them, for this client.
+	n1.sessionsHook.PrepareStop()
+	cl, ok := n1.mqtt.Clients.Get("ldo-dev")
+	if !ok {
+		t.Fatal("ldo-dev not connected to n1")
+	}
+	n1.sessionsHook.TellStop(cl)
+	_ = n1.mqtt.DisconnectClient(cl, mqttpackets.ErrServerShuttingDown)
+	testutil.Eventually(t, wait, func() error {
+		if !cl.Closed() {
+			return fmt.Errorf("still connected")
+		}
+		return nil
+	})
+	// The rest of the lame duck: the sweep closes a session it sees
+	// without a connection twice, so three rounds are enough.
+	from := rounds.Load()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if n := rounds.Load() - from; n < 3 {
+			return fmt.Errorf("%d maintenance rounds since the disconnect", n)
+		}
+		return nil
+	})
+	s, ok := tc.nodes["n2"].repl.Session("ldo-dev")
+	if !ok || !s.Connected || s.Owner != "n1" || s.Will == nil {
+		t.Fatalf("session after the stop disconnected it: %+v (present %v); want open, owned by n1, will kept for the leave grace", s, ok)
 	}
 }
