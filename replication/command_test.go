@@ -63,6 +63,11 @@ var goldenCommands = []struct {
 		hex:  "16" + "026331" + "ac02" + "0a" + "e807" + "01",
 	},
 	{
+		name: "owe_will",
+		cmd:  &OweWill{ClientID: "c1", IfOpened: 300, EndsSession: true},
+		hex:  "1c" + "026331" + "ac02" + "01",
+	},
+	{
 		name: "departure",
 		cmd:  &Departure{Server: "n1", At: 5},
 		hex:  "99" + "026e31" + "0a", // skippable type 25

@@ -57,6 +57,9 @@ func (s *state) applyDeparture(c *Departure, res *Result) {
 		s.departed[c.Server] = c.At
 		res.Changed = true
 	}
+	if c.At != 0 {
+		s.departOwed(c.Server)
+	}
 }
 
 // recDeparture is a snapshot record: str server | varint at (skippable:

@@ -23,7 +23,9 @@ import (
 //	3  CmdSessionOpenIf (24): SessionOpen fenced to the state its CONNECT read
 //	4  CmdBlobChunk, CmdWithBlob, CmdBlobDrop (25-27): large messages as
 //	   blobs, and snapshot version 3 (blob records) once a blob exists
-const logVersion = 4
+//	5  CmdOweWill (28): owed wills (owed_will.go), and their snapshot
+//	   records (kind 8) once one exists
+const logVersion = 5
 
 // rpcLogVersion asks a node for the newest log format it applies; a node
 // that predates the question answers "unknown rpc kind": version 1.

@@ -74,6 +74,9 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 			emit(SessionChange{Kind: WillSet, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(&w)})
 		}
 	case *SessionClose:
+		if evs, ok := s.closeOwed(c, res, evs); ok {
+			return evs, true
+		}
 		e := s.sessions[c.ClientID]
 		if e == nil || e.Owner != c.Owner || !e.Connected || (c.IfOpened != 0 && e.OpenedIndex != c.IfOpened) {
 			return evs, true // stale: closed, reopened or taken over since
@@ -89,6 +92,9 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		res.Changed = true
 		emit(SessionChange{Kind: SessionClosed, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
 	case *SessionDelete:
+		if s.deleteOwed(c, res) {
+			return evs, true
+		}
 		e := s.sessions[c.ClientID]
 		if e == nil || (c.IfOpened != 0 && e.OpenedIndex != c.IfOpened) {
 			return evs, true
@@ -224,6 +230,8 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		evs = s.applyPublishWill(c, res, evs)
 	case *TakeoverWill:
 		evs = s.applyTakeoverWill(c, res, evs)
+	case *OweWill:
+		evs = s.applyOweWill(c, res, evs)
 	default:
 		return evs, false
 	}

@@ -138,6 +138,11 @@ const (
 	QueueReleased
 	WillSet
 	WillCleared
+	// WillOwed: the session's will was moved aside, owed by its replaced
+	// connection (OweWill). WillOwedDue: that connection was closed
+	// without DISCONNECT; the will (in Will) is due.
+	WillOwed
+	WillOwedDue
 )
 
 func (k SessionChangeKind) String() string {
@@ -164,6 +169,10 @@ func (k SessionChangeKind) String() string {
 		return "will_set"
 	case WillCleared:
 		return "will_cleared"
+	case WillOwed:
+		return "will_owed"
+	case WillOwedDue:
+		return "will_owed_due"
 	}
 	return "session_change(?)"
 }

@@ -67,6 +67,7 @@ const (
 	recBlob     byte = 5
 	recBlobData byte = 6
 	recBlobRef  byte = 7
+	// recOwedWill (8) is in owed_will.go.
 	recSkip     byte = 0x80
 	recSynced   byte = 0x81
 	// recSessionOpened follows a session record: its OpenedAt and
@@ -186,6 +187,11 @@ func writeSnapshot(w io.Writer, st *state) (int64, error) {
 			blobRef(e.Queue[i].Blob)
 		}
 		nQueued += uint64(len(e.Queue))
+	}
+	for _, k := range st.sortedOwed() {
+		w := st.owed[k]
+		body = appendOwedRecord(body[:0], &w)
+		record(recOwedWill)
 	}
 	for _, id := range slices.Sorted(maps.Keys(st.departed)) {
 		body = appendString(body[:0], id)
@@ -381,6 +387,10 @@ func readSnapshotInto(r io.Reader, store *blobStore) (_ *state, err error) {
 				return nil, fmt.Errorf("%w: data after end record", errCorrupt)
 			}
 			return st, nil
+		case recOwedWill:
+			if err := readOwedRecord(&rd, st); err != nil {
+				return nil, err
+			}
 		case recDeparture:
 			id, at := rd.str(), rd.varint()
 			if err := rd.end(); err != nil || id == "" {

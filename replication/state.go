@@ -105,6 +105,8 @@ type state struct {
 	departed map[string]int64
 	// blobs are the large payloads (blob.go); their data is in files.
 	blobs map[BlobID]*blobEntry
+	// owed are the wills owed by replaced connections (owed_will.go).
+	owed map[owedKey]OwedWill
 	// synced is the last log entry a snapshot of this state holds (set by
 	// FSM.Snapshot; not part of the replicated state itself).
 	synced uint64
@@ -118,7 +120,8 @@ type state struct {
 
 func newState() *state {
 	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
-		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64), blobs: make(map[BlobID]*blobEntry)}
+		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64), blobs: make(map[BlobID]*blobEntry),
+		owed: make(map[owedKey]OwedWill)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
@@ -133,7 +136,7 @@ func (s *state) clone() *state {
 	}
 	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
 		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed),
-		blobs: blobs, store: s.store, dir: s.dir}
+		blobs: blobs, owed: maps.Clone(s.owed), store: s.store, dir: s.dir}
 }
 
 // event is an observer notification produced by applyCommand and delivered

@@ -95,11 +95,16 @@ func decodeWillCommand(t CommandType, r *reader) (Command, bool) {
 		return &PublishWill{ClientID: r.str(), IfOpened: r.uvarint(), At: r.varint(), MaxQueued: r.u32()}, true
 	case CmdTakeoverWill:
 		return &TakeoverWill{ClientID: r.str(), IfOpened: r.uvarint(), At: r.varint(), MaxQueued: r.u32(), EndsSession: r.bool()}, true
+	case CmdOweWill:
+		return decodeOweWill(r), true
 	}
 	return nil, false
 }
 
 func (s *state) applyPublishWill(c *PublishWill, res *Result, evs []event) []event {
+	if evs, ok := s.publishOwed(c, res, evs); ok {
+		return evs
+	}
 	e := s.sessions[c.ClientID]
 	if e == nil || e.Will == nil || e.Connected || e.OpenedIndex != c.IfOpened {
 		return evs
@@ -123,12 +128,18 @@ func (s *state) publishWillOf(id string, at int64, maxQueued uint32, res *Result
 	e.Will = nil
 	res.Changed = true
 	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: id, Owner: e.Owner, At: at, Index: res.Index}})
+	return s.publishWill(id, &w, at, maxQueued, res, evs)
+}
+
+// publishWill publishes w, the will of client id, to the replicated
+// state: queued copies and retained value.
+func (s *state) publishWill(id string, w *Will, at int64, maxQueued uint32, res *Result, evs []event) []event {
 	var expires int64
 	if w.ExpirySeconds > 0 {
 		expires = at + int64(w.ExpirySeconds)*1000
 	}
 	if w.Retain {
-		evs = s.retainWill(&w, at, expires, res.Index, evs)
+		evs = s.retainWill(w, at, expires, res.Index, evs)
 	}
 	if w.QoS == 0 {
 		return evs // QoS 0 copies are live deliveries only
@@ -136,7 +147,7 @@ func (s *state) publishWillOf(id string, at int64, maxQueued uint32, res *Result
 	enq := &Enqueue{Topic: w.Topic, Payload: w.Payload, Properties: w.Properties, Expires: expires, Created: at,
 		MaxQueued: maxQueued, Policy: DropNewest}
 	for _, sid := range s.sortedSessions() {
-		if t, ok := willTarget(s.sessions[sid], &w, id); ok {
+		if t, ok := willTarget(s.sessions[sid], w, id); ok {
 			enq.Targets = append(enq.Targets, t)
 		}
 	}

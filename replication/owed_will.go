@@ -1,0 +1,259 @@
+package replication
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"slices"
+)
+
+// Owed wills: the will of a connection that a new CONNECT on another node
+// replaced while the log still showed it connected.
+//
+// The node of the new CONNECT cannot tell from the log whether the old
+// connection is live, has dropped (its will due), or has sent DISCONNECT
+// (its will discarded): its node has not written the close yet, maybe
+// because it is cut off from the leader. Before, the new SessionOpen
+// deleted the will with the old session, and a client that dropped and
+// came back at once, with clean start, on another node lost its will
+// (chaos, will-missing). Now the CONNECT's entry moves the will aside
+// first (OweWill), keyed by the old connection's OpenedIndex, and whoever
+// learns how that connection ended settles it with the commands that
+// settle a session's will, addressed to the same OpenedIndex:
+//
+//   - SessionDelete (the old node: DISCONNECT, or its graceful stop told
+//     the client to go) discards it;
+//   - SessionClose (the old node: the connection ended any other way; the
+//     leader: the old node is dead) makes it due, and PublishWill then
+//     publishes it (queued, retained) and removes it, as for a session;
+//   - a Departure of its owner discards the ones not closed yet (a node
+//     that leaves gracefully told its clients to go: DESIGN.md guarantee
+//     4), and an owner that departed owes none.
+//
+// Commands address an OpenedIndex, which names one connection: the current
+// session if it is still the one opened there, otherwise the owed will of
+// that connection. Only wills without a delay are owed (a new connection
+// cancels a delayed will, MQTT-3.1.3-9, as for a takeover on one node).
+
+// CmdOweWill (28) is OweWill; log format version 5.
+const CmdOweWill CommandType = 28
+
+// OweWill moves the will of ClientID's session aside as owed by the
+// connection opened at IfOpened, if the session is still that connection,
+// connected, on a node that has not departed, with a will without delay.
+// EndsSession: the CONNECT that writes it ends the session (clean start,
+// or the old session had expiry 0); a connection dropped because of it
+// then owes its will, as a taken-over connection does on one node.
+//
+//	str client_id | uvarint if_opened | bool ends_session
+type OweWill struct {
+	ClientID    string
+	IfOpened    uint64
+	EndsSession bool
+}
+
+var _ Command = (*OweWill)(nil)
+
+// Type implements Command.
+func (*OweWill) Type() CommandType { return CmdOweWill }
+
+func (c *OweWill) appendPayload(b []byte) []byte {
+	b = appendString(b, c.ClientID)
+	b = appendUvarint(b, c.IfOpened)
+	return appendBool(b, c.EndsSession)
+}
+
+func (c *OweWill) validate() error {
+	if c.ClientID == "" || c.IfOpened == 0 {
+		return invalid(c.Type(), "empty client id or if_opened")
+	}
+	return nil
+}
+
+func decodeOweWill(r *reader) *OweWill {
+	return &OweWill{ClientID: r.str(), IfOpened: r.uvarint(), EndsSession: r.bool()}
+}
+
+// OwedWill is a will owed by a replaced connection (see above).
+type OwedWill struct {
+	ClientID string
+	// Opened is the OpenedIndex of the connection that owes it.
+	Opened uint64
+	// Owner is the node that held that connection.
+	Owner string
+	// EndsSession: see OweWill.
+	EndsSession bool
+	// Closed: the connection ended without DISCONNECT (SessionClose); the
+	// will is due. ClosedAt is the close's At.
+	Closed   bool
+	ClosedAt int64
+	Will     Will
+}
+
+type owedKey struct {
+	id     string
+	opened uint64
+}
+
+func (s *state) applyOweWill(c *OweWill, res *Result, evs []event) []event {
+	e := s.sessions[c.ClientID]
+	if e == nil || !e.Connected || e.OpenedIndex != c.IfOpened || e.Will == nil || e.Will.DelaySeconds > 0 {
+		return evs
+	}
+	if _, gone := s.departed[e.Owner]; gone {
+		return evs // it told its clients to go: no will is owed
+	}
+	e = s.mutableSession(c.ClientID)
+	s.owed[owedKey{c.ClientID, c.IfOpened}] = OwedWill{ClientID: c.ClientID, Opened: c.IfOpened, Owner: e.Owner,
+		EndsSession: c.EndsSession, Will: *e.Will}
+	e.Will = nil
+	res.Changed = true
+	return append(evs, event{session: &SessionChange{Kind: WillOwed, ClientID: c.ClientID, Owner: e.Owner, Index: res.Index}})
+}
+
+// owedOf returns the owed will a command addressed to the connection
+// opened at opened settles: only when the session is no longer that
+// connection (the session's own will comes first).
+func (s *state) owedOf(id string, opened uint64) (OwedWill, bool) {
+	if opened == 0 || len(s.owed) == 0 {
+		return OwedWill{}, false
+	}
+	if e := s.sessions[id]; e != nil && e.OpenedIndex == opened {
+		return OwedWill{}, false
+	}
+	w, ok := s.owed[owedKey{id, opened}]
+	return w, ok
+}
+
+// closeOwed applies a SessionClose to an owed will; ok reports that c was
+// addressed to one.
+func (s *state) closeOwed(c *SessionClose, res *Result, evs []event) ([]event, bool) {
+	w, ok := s.owedOf(c.ClientID, c.IfOpened)
+	if !ok {
+		return evs, false
+	}
+	if w.Owner != c.Owner || w.Closed {
+		return evs, true
+	}
+	res.Changed = true
+	if c.WillPublished {
+		// The owner published it itself (no quorum): nothing is owed.
+		delete(s.owed, owedKey{c.ClientID, c.IfOpened})
+		return evs, true
+	}
+	w.Closed, w.ClosedAt = true, c.At
+	s.owed[owedKey{c.ClientID, c.IfOpened}] = w
+	return append(evs, event{session: &SessionChange{Kind: WillOwedDue, ClientID: c.ClientID, Owner: w.Owner,
+		Will: copyWill(&w.Will), Index: res.Index}}), true
+}
+
+// deleteOwed applies a SessionDelete to an owed will; ok reports that c
+// was addressed to one.
+func (s *state) deleteOwed(c *SessionDelete, res *Result) bool {
+	if _, ok := s.owedOf(c.ClientID, c.IfOpened); !ok {
+		return false
+	}
+	delete(s.owed, owedKey{c.ClientID, c.IfOpened})
+	res.Changed = true
+	return true
+}
+
+// publishOwed applies a PublishWill to a due owed will; ok reports that c
+// was addressed to one.
+func (s *state) publishOwed(c *PublishWill, res *Result, evs []event) ([]event, bool) {
+	w, ok := s.owedOf(c.ClientID, c.IfOpened)
+	if !ok {
+		return evs, false
+	}
+	if !w.Closed {
+		return evs, true
+	}
+	delete(s.owed, owedKey{c.ClientID, c.IfOpened})
+	res.Changed = true
+	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: w.Owner, At: c.At, Index: res.Index}})
+	return s.publishWill(c.ClientID, &w.Will, c.At, c.MaxQueued, res, evs), true
+}
+
+// departOwed discards the owed wills of server not closed yet (Departure).
+func (s *state) departOwed(server string) {
+	for k, w := range s.owed {
+		if w.Owner == server && !w.Closed {
+			delete(s.owed, k)
+		}
+	}
+}
+
+func (s *state) sortedOwed() []owedKey {
+	return slices.SortedFunc(maps.Keys(s.owed), func(a, b owedKey) int {
+		return cmp.Or(cmp.Compare(a.id, b.id), cmp.Compare(a.opened, b.opened))
+	})
+}
+
+// OwedWills returns the owed wills, sorted by client id and index.
+func (n *Node) OwedWills() []OwedWill { return n.fsm.OwedWills() }
+
+// OwedWills returns the owed wills, sorted by client id and index.
+func (f *FSM) OwedWills() []OwedWill {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	st := f.st
+	out := make([]OwedWill, 0, len(st.owed))
+	for _, k := range st.sortedOwed() {
+		w := st.owed[k]
+		w.Will = *copyWill(&w.Will)
+		out = append(out, w)
+	}
+	return out
+}
+
+// OwedWill returns the will owed by id's connection opened at opened.
+func (n *Node) OwedWill(id string, opened uint64) (OwedWill, bool) { return n.fsm.OwedWill(id, opened) }
+
+// OwedWill returns the will owed by id's connection opened at opened.
+func (f *FSM) OwedWill(id string, opened uint64) (OwedWill, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	w, ok := f.st.owed[owedKey{id, opened}]
+	if ok {
+		w.Will = *copyWill(&w.Will)
+	}
+	return w, ok
+}
+
+// OwedWillsSupported reports whether every server applies OweWill (log
+// format version 5); until then the hooks do not propose it.
+func (n *Node) OwedWillsSupported() bool { return n.logVers.min.Load() >= 5 }
+
+// Snapshot record of an owed will (not skippable: a node that cannot keep
+// owed wills must not load a state that has some).
+//
+//	str client_id | uvarint opened | str owner | bool ends_session |
+//	bool closed | varint closed_at | will (as in SetWill)
+const recOwedWill byte = 8
+
+func appendOwedRecord(b []byte, w *OwedWill) []byte {
+	b = appendString(b, w.ClientID)
+	b = appendUvarint(b, w.Opened)
+	b = appendString(b, w.Owner)
+	b = appendBool(b, w.EndsSession)
+	b = appendBool(b, w.Closed)
+	b = appendVarint(b, w.ClosedAt)
+	return appendWill(b, &w.Will)
+}
+
+func readOwedRecord(r *reader, st *state) error {
+	w := OwedWill{ClientID: r.str(), Opened: r.uvarint(), Owner: r.str(), EndsSession: r.bool(), Closed: r.bool(),
+		ClosedAt: r.varint(), Will: r.will()}
+	if err := r.end(); err != nil {
+		return fmt.Errorf("owed will record: %w", err)
+	}
+	k := owedKey{w.ClientID, w.Opened}
+	if w.ClientID == "" || w.Opened == 0 || w.Owner == "" {
+		return fmt.Errorf("%w: owed will record %q: empty client id, index or owner", errCorrupt, w.ClientID)
+	}
+	if _, dup := st.owed[k]; dup {
+		return fmt.Errorf("%w: duplicate owed will record %q %d", errCorrupt, w.ClientID, w.Opened)
+	}
+	st.owed[k] = w
+	return nil
+}
