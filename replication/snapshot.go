@@ -68,8 +68,8 @@ const (
 	recBlobData byte = 6
 	recBlobRef  byte = 7
 	// recOwedWill (8) is in owed_will.go.
-	recSkip     byte = 0x80
-	recSynced   byte = 0x81
+	recSkip   byte = 0x80
+	recSynced byte = 0x81
 	// recSessionOpened follows a session record: its OpenedAt and
 	// OpenedPresent (skippable: an older node only loses retried opens'
 	// answers).
