@@ -49,7 +49,7 @@ const (
 	CmdSessionOpenIf CommandType = 24
 	// CmdDeparture (0x99, skippable) is in departure.go.
 	// CmdBlobChunk (25), CmdWithBlob (26), CmdBlobDrop (27) are in blob.go.
-	// CmdOweWill (28) is in owed_will.go.
+	// CmdSessionOpenOwe (28) is in owed_will.go.
 	// Next: 29 (or 0x9a for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
@@ -113,8 +113,8 @@ func (t CommandType) String() string {
 		return "with_blob"
 	case CmdBlobDrop:
 		return "blob_drop"
-	case CmdOweWill:
-		return "owe_will"
+	case CmdSessionOpenOwe:
+		return "session_open_owe"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

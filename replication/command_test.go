@@ -63,9 +63,9 @@ var goldenCommands = []struct {
 		hex:  "16" + "026331" + "ac02" + "0a" + "e807" + "01",
 	},
 	{
-		name: "owe_will",
-		cmd:  &OweWill{ClientID: "c1", IfOpened: 300, EndsSession: true},
-		hex:  "1c" + "026331" + "ac02" + "01",
+		name: "session_open_owe",
+		cmd:  &SessionOpen{ClientID: "c1", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "n1", At: 5, CleanStart: true, Fenced: true, IfOpened: 300, OweWill: true},
+		hex:  "1c" + "026331" + "05" + "3c" + "026e31" + "0a" + "01" + "ac02" + "00",
 	},
 	{
 		name: "departure",

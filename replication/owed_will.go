@@ -16,8 +16,8 @@ import (
 // because it is cut off from the leader. Before, the new SessionOpen
 // deleted the will with the old session, and a client that dropped and
 // came back at once, with clean start, on another node lost its will
-// (chaos, will-missing). Now the CONNECT's entry moves the will aside
-// first (OweWill), keyed by the old connection's OpenedIndex, and whoever
+// (chaos, will-missing). Now the CONNECT's SessionOpen moves the will aside
+// (OweWill), keyed by the old connection's OpenedIndex, and whoever
 // learns how that connection ended settles it with the commands that
 // settle a session's will, addressed to the same OpenedIndex:
 //
@@ -35,44 +35,9 @@ import (
 // that connection. Only wills without a delay are owed (a new connection
 // cancels a delayed will, MQTT-3.1.3-9, as for a takeover on one node).
 
-// CmdOweWill (28) is OweWill; log format version 5.
-const CmdOweWill CommandType = 28
-
-// OweWill moves the will of ClientID's session aside as owed by the
-// connection opened at IfOpened, if the session is still that connection,
-// connected, on a node that has not departed, with a will without delay.
-// EndsSession: the CONNECT that writes it ends the session (clean start,
-// or the old session had expiry 0); a connection dropped because of it
-// then owes its will, as a taken-over connection does on one node.
-//
-//	str client_id | uvarint if_opened | bool ends_session
-type OweWill struct {
-	ClientID    string
-	IfOpened    uint64
-	EndsSession bool
-}
-
-var _ Command = (*OweWill)(nil)
-
-// Type implements Command.
-func (*OweWill) Type() CommandType { return CmdOweWill }
-
-func (c *OweWill) appendPayload(b []byte) []byte {
-	b = appendString(b, c.ClientID)
-	b = appendUvarint(b, c.IfOpened)
-	return appendBool(b, c.EndsSession)
-}
-
-func (c *OweWill) validate() error {
-	if c.ClientID == "" || c.IfOpened == 0 {
-		return invalid(c.Type(), "empty client id or if_opened")
-	}
-	return nil
-}
-
-func decodeOweWill(r *reader) *OweWill {
-	return &OweWill{ClientID: r.str(), IfOpened: r.uvarint(), EndsSession: r.bool()}
-}
+// CmdSessionOpenOwe (28) is a fenced SessionOpen with OweWill; log format
+// version 5.
+const CmdSessionOpenOwe CommandType = 28
 
 // OwedWill is a will owed by a replaced connection (see above).
 type OwedWill struct {
@@ -81,7 +46,11 @@ type OwedWill struct {
 	Opened uint64
 	// Owner is the node that held that connection.
 	Owner string
-	// EndsSession: see OweWill.
+	// EndsSession: the open that replaced the connection ended its session
+	// (clean start, or the old session had expiry 0). A connection dropped
+	// because of it owes its will then, as a connection taken over on one
+	// node does (TakeoverWill); otherwise the session continued and the
+	// new connection cancelled the will.
 	EndsSession bool
 	// Closed: the connection ended without DISCONNECT (SessionClose); the
 	// will is due. ClosedAt is the close's At.
@@ -95,20 +64,22 @@ type owedKey struct {
 	opened uint64
 }
 
-func (s *state) applyOweWill(c *OweWill, res *Result, evs []event) []event {
-	e := s.sessions[c.ClientID]
-	if e == nil || !e.Connected || e.OpenedIndex != c.IfOpened || e.Will == nil || e.Will.DelaySeconds > 0 {
+// oweWill moves the will of e, which the SessionOpen c is about to
+// replace, aside as owed by e's connection, if c asks for it and e is
+// connected on another node that has not departed, with a will without
+// delay. The will is then no longer e's.
+func (s *state) oweWill(c *SessionOpen, e *sessionEntry, idx uint64, evs []event) []event {
+	if !c.OweWill || e == nil || !e.Connected || e.Owner == c.Owner || e.Will == nil || e.Will.DelaySeconds > 0 {
 		return evs
 	}
 	if _, gone := s.departed[e.Owner]; gone {
 		return evs // it told its clients to go: no will is owed
 	}
 	e = s.mutableSession(c.ClientID)
-	s.owed[owedKey{c.ClientID, c.IfOpened}] = OwedWill{ClientID: c.ClientID, Opened: c.IfOpened, Owner: e.Owner,
-		EndsSession: c.EndsSession, Will: *e.Will}
+	s.owed[owedKey{c.ClientID, e.OpenedIndex}] = OwedWill{ClientID: c.ClientID, Opened: e.OpenedIndex, Owner: e.Owner,
+		EndsSession: c.CleanStart || e.ExpiryInterval == 0, Will: *e.Will}
 	e.Will = nil
-	res.Changed = true
-	return append(evs, event{session: &SessionChange{Kind: WillOwed, ClientID: c.ClientID, Owner: e.Owner, Index: res.Index}})
+	return append(evs, event{session: &SessionChange{Kind: WillOwed, ClientID: c.ClientID, Owner: e.Owner, Index: idx}})
 }
 
 // owedOf returns the owed will a command addressed to the connection

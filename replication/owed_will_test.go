@@ -7,10 +7,17 @@ import (
 	"testing"
 )
 
+// oweOpen is the open of a CONNECT on owner that read id's session opened
+// at ifOpened and owes its will if it replaces a connection elsewhere.
+func oweOpen(id, owner string, clean bool, ifOpened uint64) *SessionOpen {
+	o := open(id, owner, clean)
+	o.Fenced, o.IfOpened, o.OweWill = true, ifOpened, true
+	return o
+}
+
 // owedSetup: dev connected on n1 with a retained will without delay, a
 // persistent subscriber of its topic on n3, then dev's CONNECT with clean
-// start on n2 (OweWill, then its SessionOpen, in one entry as the hooks
-// write it). Returns the index of dev's n1 connection.
+// start on n2. Returns the index of dev's n1 connection.
 func owedSetup(t *testing.T, a *sessionApplier) uint64 {
 	t.Helper()
 	a.apply(open("ha", "n3", true))
@@ -18,14 +25,13 @@ func owedSetup(t *testing.T, a *sessionApplier) uint64 {
 	a.apply(open("dev", "n1", true))
 	opened := a.idx
 	a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "status/dev", Payload: []byte("offline"), QoS: 1, Retain: true}})
-	r := a.apply(&Batch{Commands: []Command{&OweWill{ClientID: "dev", IfOpened: opened, EndsSession: true}, open("dev", "n2", true)}})
-	if !r.Results[0].Changed || r.Results[1].Err != nil {
-		t.Fatalf("owe then open: %+v", r)
+	if r := a.apply(oweOpen("dev", "n2", true, opened)); r.Err != nil || !r.Changed {
+		t.Fatalf("open: %+v", r)
 	}
 	if s := a.sess("dev"); s.Owner != "n2" || s.Will != nil {
 		t.Fatalf("new session %+v", s)
 	}
-	if w, ok := a.s.owed[owedKey{"dev", opened}]; !ok || w.Owner != "n1" || w.Closed || string(w.Will.Payload) != "offline" {
+	if w, ok := a.s.owed[owedKey{"dev", opened}]; !ok || w.Owner != "n1" || w.Closed || !w.EndsSession || string(w.Will.Payload) != "offline" {
 		t.Fatalf("owed will %+v (%v)", w, ok)
 	}
 	return opened
@@ -112,7 +118,8 @@ func TestOwedWillDiscarded(t *testing.T) {
 		opened = a.idx
 		a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "status/dev", Payload: []byte("offline")}})
 		a.apply(&Departure{Server: "n1", At: 6})
-		if r := a.apply(&OweWill{ClientID: "dev", IfOpened: opened}); r.Changed {
+		a.apply(oweOpen("dev", "n2", true, opened))
+		if len(a.s.owed) != 0 {
 			t.Fatal("a departed node's connection owes its will")
 		}
 	})
@@ -127,33 +134,59 @@ func TestOwedWillDiscarded(t *testing.T) {
 	})
 }
 
-// TestOweWillConditions: only the connection named, connected, with a
-// will without delay, owes it; the session's own will commands are not
-// redirected while the session is still that connection.
+// TestOweWillConditions: only a connection on another node, connected,
+// with a will without delay, owes it, and only to an open that asks and
+// is not refused by its fence; otherwise the open treats the will as
+// before (cancelled, or deleted with the session).
 func TestOweWillConditions(t *testing.T) {
+	cases := []struct {
+		name  string
+		setup func(a *sessionApplier, opened uint64)
+		open  func(opened uint64) *SessionOpen
+	}{
+		{"no will", func(*sessionApplier, uint64) {}, func(o uint64) *SessionOpen { return oweOpen("dev", "n2", true, o) }},
+		{"delayed will", func(a *sessionApplier, _ uint64) {
+			a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t", DelaySeconds: 5}})
+		}, func(o uint64) *SessionOpen { return oweOpen("dev", "n2", true, o) }},
+		{"same node", func(a *sessionApplier, _ uint64) {
+			a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t"}})
+		}, func(o uint64) *SessionOpen { return oweOpen("dev", "n1", true, o) }},
+		{"not asked", func(a *sessionApplier, _ uint64) {
+			a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t"}})
+		}, func(o uint64) *SessionOpen {
+			op := oweOpen("dev", "n2", true, o)
+			op.OweWill = false
+			return op
+		}},
+		{"fence refuses", func(a *sessionApplier, _ uint64) {
+			a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t"}})
+		}, func(o uint64) *SessionOpen { return oweOpen("dev", "n2", true, o+100) }},
+		{"closed", func(a *sessionApplier, opened uint64) {
+			a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t"}})
+			a.apply(&SessionClose{ClientID: "dev", Owner: "n1", IfOpened: opened, At: 5})
+		}, func(o uint64) *SessionOpen { return oweOpen("dev", "n2", false, o) }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newSessionApplier(t)
+			a.apply(open("dev", "n1", true))
+			opened := a.idx
+			tc.setup(a, opened)
+			a.apply(tc.open(opened))
+			if len(a.s.owed) != 0 {
+				t.Fatalf("owed: %+v", a.s.owed)
+			}
+		})
+	}
+	// A resume owes the will too; the session continues (EndsSession
+	// false) unless it had expiry 0.
 	a := newSessionApplier(t)
-	a.apply(open("dev", "n1", true))
+	a.apply(open("dev", "n1", false))
 	opened := a.idx
-	if r := a.apply(&OweWill{ClientID: "dev", IfOpened: opened}); r.Changed {
-		t.Fatal("owed without a will")
-	}
-	a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t", DelaySeconds: 5}})
-	if r := a.apply(&OweWill{ClientID: "dev", IfOpened: opened}); r.Changed {
-		t.Fatal("owed a delayed will")
-	}
 	a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t"}})
-	if r := a.apply(&OweWill{ClientID: "dev", IfOpened: opened + 100}); r.Changed {
-		t.Fatal("owed by another connection")
-	}
-	a.apply(&SessionClose{ClientID: "dev", Owner: "n1", IfOpened: opened, At: 5})
-	if r := a.apply(&OweWill{ClientID: "dev", IfOpened: opened}); r.Changed {
-		t.Fatal("owed by a closed connection (its will is the session's, due)")
-	}
-	if s := a.sess("dev"); s.Will == nil || s.Connected {
-		t.Fatalf("session %+v", s)
-	}
-	if r := a.apply(&PublishWill{ClientID: "dev", IfOpened: opened, At: 6}); !r.Changed {
-		t.Fatal("the session's own due will not published")
+	a.apply(oweOpen("dev", "n2", false, opened))
+	if w, ok := a.s.owed[owedKey{"dev", opened}]; !ok || w.EndsSession {
+		t.Fatalf("owed by a resumed session's connection: %+v (%v)", w, ok)
 	}
 }
 
@@ -169,11 +202,11 @@ func TestOwedWillSnapshot(t *testing.T) {
 	apply(open("dev", "n1", true))
 	opened := idx
 	apply(&SetWill{ClientID: "dev", Will: Will{Topic: "status/dev", Payload: []byte("offline"), QoS: 1}})
-	apply(&Batch{Commands: []Command{&OweWill{ClientID: "dev", IfOpened: opened, EndsSession: true}, open("dev", "n2", true)}})
+	apply(oweOpen("dev", "n2", true, opened))
 	apply(open("lamp", "n3", true))
 	lamp := idx
 	apply(&SetWill{ClientID: "lamp", Will: Will{Topic: "status/lamp", Payload: []byte("gone")}})
-	apply(&Batch{Commands: []Command{&OweWill{ClientID: "lamp", IfOpened: lamp}, open("lamp", "n1", false)}})
+	apply(oweOpen("lamp", "n1", false, lamp))
 	apply(&SessionClose{ClientID: "lamp", Owner: "n3", IfOpened: lamp, At: 77})
 	if n := len(f.OwedWills()); n != 2 {
 		t.Fatalf("%d owed wills, want 2", n)

@@ -31,6 +31,9 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 				return evs, true
 			}
 		}
+		if !retry {
+			evs = s.oweWill(c, e, idx, evs)
+		}
 		e = s.mutableSession(c.ClientID)
 		if retry {
 			// The owner retried after an unknown outcome and the first try
@@ -230,8 +233,6 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		evs = s.applyPublishWill(c, res, evs)
 	case *TakeoverWill:
 		evs = s.applyTakeoverWill(c, res, evs)
-	case *OweWill:
-		evs = s.applyOweWill(c, res, evs)
 	default:
 		return evs, false
 	}

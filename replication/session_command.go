@@ -40,6 +40,10 @@ type SessionOpen struct {
 	Fenced          bool
 	IfOpened        uint64
 	Will            *Will
+	// OweWill (fenced only; type CmdSessionOpenOwe): a session this open
+	// replaces while it is connected on another node keeps its will,
+	// owed by that connection (owed_will.go), instead of losing it.
+	OweWill bool
 }
 
 // SessionClose marks ClientID disconnected at At, if Owner still owns it
@@ -218,6 +222,9 @@ var (
 )
 
 func (c *SessionOpen) Type() CommandType {
+	if c.OweWill {
+		return CmdSessionOpenOwe
+	}
 	if c.Fenced {
 		return CmdSessionOpenIf
 	}
@@ -424,10 +431,10 @@ func (c *ClaimWill) appendPayload(b []byte) []byte {
 // is false for a type that is not one.
 func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
 	switch t {
-	case CmdSessionOpen, CmdSessionOpenIf:
+	case CmdSessionOpen, CmdSessionOpenIf, CmdSessionOpenOwe:
 		c := &SessionOpen{ClientID: r.str(), ProtocolVersion: r.u8(), ExpiryInterval: r.u32(), Owner: r.str(),
-			At: r.varint(), CleanStart: r.bool()}
-		if t == CmdSessionOpenIf {
+			At: r.varint(), CleanStart: r.bool(), OweWill: t == CmdSessionOpenOwe}
+		if t != CmdSessionOpen {
 			c.Fenced, c.IfOpened = true, r.uvarint()
 			if r.bool() {
 				w := r.will()
@@ -515,8 +522,8 @@ func (c *SessionOpen) validate() error {
 		return invalid(c.Type(), "empty client id or owner")
 	case c.ProtocolVersion < 3 || c.ProtocolVersion > 5:
 		return invalid(c.Type(), "protocol version %d", c.ProtocolVersion)
-	case c.Will != nil && !c.Fenced:
-		return invalid(c.Type(), "a will in an open that is not fenced")
+	case (c.Will != nil || c.OweWill) && !c.Fenced:
+		return invalid(c.Type(), "a will or an owed will in an open that is not fenced")
 	case c.Will != nil:
 		return (&SetWill{ClientID: c.ClientID, Will: *c.Will}).validate()
 	}
