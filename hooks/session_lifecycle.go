@@ -103,9 +103,16 @@ func (h *Sessions) discardSession(id string) bool {
 	// The takeover will is built again for each try (a new At): a retry
 	// answering "unchanged" then says nothing about an earlier try, whose
 	// live copies stay owed until its commit shows up (wills.go).
+	var owe replication.Command = del
+	if h.repl.OwedWillsSupported() {
+		// A will of a connection elsewhere is owed by it, not deleted
+		// with the session (replication/owed_will.go).
+		owe = &replication.Batch{Commands: []replication.Command{
+			&replication.OweWill{ClientID: id, IfOpened: s.OpenedIndex, Owner: h.cfg.Self}, del}}
+	}
 	for {
 		tw := h.endingWill(id, true, time.Now().UnixMilli())
-		cmd := tw.withTakeover(del)
+		cmd := tw.withTakeover(owe)
 		var res replication.Result
 		if res, err = h.repl.Apply(ctx, cmd); err == nil {
 			tw.published(h, res, nil)

@@ -72,6 +72,7 @@ func (h *Sessions) closeStale() {
 		}
 	}
 	h.stale = seen
+	h.closeStaleOwed()
 }
 
 func (h *Sessions) isLive(id string, opened uint64) bool {
@@ -121,25 +122,31 @@ func (h *Sessions) closeDeadOwners() {
 	now := time.Now()
 	var b replication.Batch
 	owners := map[string]bool{}
+	// gone reports whether owner has been dead long enough, and notes
+	// since when it is (h.dead) once per round.
+	gone := func(owner string) bool {
+		dead, known := owners[owner]
+		if !known {
+			dead = !h.cfg.Alive(owner)
+			owners[owner] = dead
+			if !dead {
+				delete(h.dead, owner)
+			} else if _, ok := h.dead[owner]; !ok {
+				h.dead[owner] = now
+			}
+		}
+		return dead && now.Sub(h.dead[owner]) >= h.goneAfter(owner)
+	}
 	for _, s := range h.repl.Sessions() {
 		if !s.Connected || s.Owner == h.cfg.Self || s.Owner == session.ImportOwner {
 			continue
 		}
-		dead, known := owners[s.Owner]
-		if !known {
-			dead = !h.cfg.Alive(s.Owner)
-			owners[s.Owner] = dead
-			if !dead {
-				delete(h.dead, s.Owner)
-			} else if _, ok := h.dead[s.Owner]; !ok {
-				h.dead[s.Owner] = now
-			}
-		}
-		if dead && now.Sub(h.dead[s.Owner]) >= h.goneAfter(s.Owner) {
+		if gone(s.Owner) {
 			b.Commands = append(b.Commands, &replication.SessionClose{ClientID: s.ClientID, Owner: s.Owner,
 				IfOpened: s.OpenedIndex, At: now.UnixMilli()})
 		}
 	}
+	b.Commands = append(b.Commands, h.closeDeadOwed(gone)...)
 	if len(b.Commands) == 0 {
 		return
 	}
@@ -172,15 +179,21 @@ func (h *Sessions) publishDueWills() {
 			}
 			h.publishWill(id, will)
 		})
-		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
-		res, err := h.repl.Apply(ctx, claim)
-		cancel()
-		if err == nil {
-			h.enqueued(res) // copies dropped by full queues are counted and logged
-		}
-		// Unchanged: reconnected, or claimed by someone else meanwhile.
-		h.settleClaim(id, claim.At, res.Changed, err)
+		h.applyClaim(id, claim)
 	}
+	h.publishDueOwed()
+}
+
+// applyClaim writes claim and settles its expectation under key.
+func (h *Sessions) applyClaim(key string, claim *replication.PublishWill) {
+	ctx, cancel := context.WithTimeout(context.Background(), h.cfg.Timeout)
+	res, err := h.repl.Apply(ctx, claim)
+	cancel()
+	if err == nil {
+		h.enqueued(res) // copies dropped by full queues are counted and logged
+	}
+	// Unchanged: reconnected, or claimed by someone else meanwhile.
+	h.settleClaim(key, claim.At, res.Changed, err)
 }
 
 func (h *Sessions) publishWill(id string, w *replication.Will) {

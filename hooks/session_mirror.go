@@ -120,8 +120,12 @@ func (h *Sessions) endMirror(c *sessConn, err error) {
 		return // not mirrored: mochi had the will
 	}
 	if err == nil {
+		// The close discards a will owed by this connection too (a
+		// CONNECT elsewhere replaced it: replication/owed_will.go).
 		h.submit(sessOp{cmd: func() replication.Command {
-			return &replication.SessionDelete{ClientID: c.id, IfOpened: opened}
+			return &replication.Batch{Commands: []replication.Command{
+				&replication.SessionClose{ClientID: c.id, Owner: h.cfg.Self, IfOpened: opened, At: time.Now().UnixMilli(), WillPublished: true},
+				&replication.SessionDelete{ClientID: c.id, IfOpened: opened}}}
 		}})
 		return
 	}

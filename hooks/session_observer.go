@@ -38,6 +38,16 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 				go c.Publish()
 			}
 		}
+	case replication.WillOwedPublished:
+		if ch.At != 0 {
+			if c, ok := h.claims.Take(owedClaimKey(ch.ClientID), ch.At); ok {
+				go c.Publish()
+			}
+		}
+	case replication.WillOwed:
+		h.log.Debug("will owed by a replaced connection", "client", ch.ClientID, "owner", ch.Owner, "index", ch.Index)
+	case replication.WillOwedDue:
+		h.pokeWills()
 	case replication.QueueAppended:
 		h.mu.Lock()
 		c := h.live[ch.ClientID]

@@ -69,7 +69,9 @@ func (h *Sessions) endingWill(id string, clean bool, now int64) *takenOver {
 	old := h.live[id]
 	h.mu.Unlock()
 	h.awaitPreviousClose(id, old)
-	if clean {
+	if clean && !h.repl.OwedWillsSupported() {
+		// Once every node keeps owed wills, the open moves the will of a
+		// connection elsewhere aside instead of deleting it (owedwills.go).
 		h.awaitRemoteClose(id)
 	}
 	s, ok := h.repl.Session(id)
@@ -187,5 +189,9 @@ func (t *takenOver) withTakeover(cmd replication.Command) replication.Command {
 	if t == nil {
 		return cmd
 	}
-	return &replication.Batch{Commands: append(append([]replication.Command(nil), t.cmds...), cmd)}
+	cmds := append([]replication.Command(nil), t.cmds...)
+	if b, ok := cmd.(*replication.Batch); ok {
+		return &replication.Batch{Commands: append(cmds, b.Commands...)} // batches do not nest
+	}
+	return &replication.Batch{Commands: append(cmds, cmd)}
 }

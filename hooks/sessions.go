@@ -97,7 +97,9 @@ type Sessions struct {
 	wake    chan struct{} // wakes the leader's will loop
 
 	stale map[string]uint64 // maintenance: sessions seen stale once (id -> opened index)
-	dead  map[string]time.Time
+	// staleOwed: owed wills seen stale once (owedClaimKey -> opened index)
+	staleOwed map[string]uint64
+	dead      map[string]time.Time
 	// ownerDead: node -> when the leader first saw it not alive while it
 	// still owned client ids (releaseDeadOwners).
 	ownerDead map[string]time.Time
@@ -466,7 +468,8 @@ func (h *Sessions) track(c *sessConn) {
 func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64) (cmd replication.Command, pos int, tw *takenOver) {
 	now := time.Now().UnixMilli()
 	o := session.Open{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
-		Expiry: expiry, Owner: h.cfg.Self, At: at, CleanStart: pk.Connect.Clean, Fenced: h.repl.OpenFence()}
+		Expiry: expiry, Owner: h.cfg.Self, At: at, CleanStart: pk.Connect.Clean, Fenced: h.repl.OpenFence(),
+		OweWill: h.repl.OwedWillsSupported()}
 	if s, ok := h.repl.Session(cl.ID); ok {
 		o.IfOpened = s.OpenedIndex
 	}
@@ -677,6 +680,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		// CONNECT elsewhere, publish the will of a client that came back
 		// within the grace: chaos seed 20261208, will-on-graceful-stop).
 		if c.closedByLeader.Load() || h.stoppingNow(cl) || errors.Is(cause, packets.ErrSessionTakenOver) {
+			h.settleOwed(c, cl)
 			return
 		}
 		h.endMirror(c, err) // session_mirror.go
@@ -701,6 +705,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		h.server.Clients.Delete(c.id)
 	}
 	if handedOver {
+		h.settleOwed(c, cl)
 		h.closeWritten(c)
 		return
 	}

@@ -49,8 +49,8 @@ const (
 	CmdSessionOpenIf CommandType = 24
 	// CmdDeparture (0x99, skippable) is in departure.go.
 	// CmdBlobChunk (25), CmdWithBlob (26), CmdBlobDrop (27) are in blob.go.
-	// CmdSessionOpenOwe (28) is in owed_will.go.
-	// Next: 29 (or 0x9a for a command old nodes may skip).
+	// CmdSessionOpenOwe (28) and CmdOweWill (29) are in owed_will.go.
+	// Next: 30 (or 0x9a for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -115,6 +115,8 @@ func (t CommandType) String() string {
 		return "blob_drop"
 	case CmdSessionOpenOwe:
 		return "session_open_owe"
+	case CmdOweWill:
+		return "owe_will"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

@@ -68,6 +68,11 @@ var goldenCommands = []struct {
 		hex:  "1c" + "026331" + "05" + "3c" + "026e31" + "0a" + "01" + "ac02" + "00",
 	},
 	{
+		name: "owe_will",
+		cmd:  &OweWill{ClientID: "c1", IfOpened: 300, Owner: "n2"},
+		hex:  "1d" + "026331" + "ac02" + "026e32",
+	},
+	{
 		name: "departure",
 		cmd:  &Departure{Server: "n1", At: 5},
 		hex:  "99" + "026e31" + "0a", // skippable type 25

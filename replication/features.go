@@ -23,7 +23,8 @@ import (
 //	3  CmdSessionOpenIf (24): SessionOpen fenced to the state its CONNECT read
 //	4  CmdBlobChunk, CmdWithBlob, CmdBlobDrop (25-27): large messages as
 //	   blobs, and snapshot version 3 (blob records) once a blob exists
-//	5  CmdSessionOpenOwe (28): owed wills (owed_will.go), and their snapshot
+//	5  CmdSessionOpenOwe, CmdOweWill (28, 29): owed wills (owed_will.go),
+//	   and their snapshot
 //	   records (kind 8) once one exists
 const logVersion = 5
 

@@ -21,18 +21,25 @@ import (
 // learns how that connection ended settles it with the commands that
 // settle a session's will, addressed to the same OpenedIndex:
 //
-//   - SessionDelete (the old node: DISCONNECT, or its graceful stop told
-//     the client to go) discards it;
-//   - SessionClose (the old node: the connection ended any other way; the
-//     leader: the old node is dead) makes it due, and PublishWill then
-//     publishes it (queued, retained) and removes it, as for a session;
+//   - SessionClose with WillPublished from the old node (DISCONNECT; its
+//     graceful stop told the client to go; it published the will itself
+//     without a quorum) discards it;
+//   - any other SessionClose from the old node (the connection ended
+//     without DISCONNECT), or from the leader on its behalf (the old node
+//     is dead), makes it due, and PublishWill then publishes it (queued,
+//     retained) and removes it, as for a session;
 //   - a Departure of its owner discards the ones not closed yet (a node
 //     that leaves gracefully told its clients to go: DESIGN.md guarantee
 //     4), and an owner that departed owes none.
 //
-// Commands address an OpenedIndex, which names one connection: the current
-// session if it is still the one opened there, otherwise the owed will of
-// that connection. Only wills without a delay are owed (a new connection
+// SessionClose and PublishWill address an OpenedIndex, which names one
+// connection: the current session if it is still the one opened there,
+// otherwise the owed will of that connection. SessionClose also names the
+// owner, so only the old node (or the leader for it) settles the will: a
+// SessionDelete or ClaimWill on that index, which the new connection's
+// node may retry, never touches an owed will. A DISCONNECT therefore
+// writes its close with WillPublished (session.CloseCommands, endMirror):
+// the old node may not know yet that its connection was replaced. Only wills without a delay are owed (a new connection
 // cancels a delayed will, MQTT-3.1.3-9, as for a takeover on one node).
 
 // CmdSessionOpenOwe (28) is a fenced SessionOpen with OweWill; log format
@@ -64,22 +71,67 @@ type owedKey struct {
 	opened uint64
 }
 
-// oweWill moves the will of e, which the SessionOpen c is about to
-// replace, aside as owed by e's connection, if c asks for it and e is
-// connected on another node that has not departed, with a will without
-// delay. The will is then no longer e's.
-func (s *state) oweWill(c *SessionOpen, e *sessionEntry, idx uint64, evs []event) []event {
-	if !c.OweWill || e == nil || !e.Connected || e.Owner == c.Owner || e.Will == nil || e.Will.DelaySeconds > 0 {
+// CmdOweWill (29) is OweWill; log format version 5.
+const CmdOweWill CommandType = 29
+
+// OweWill is the owed will of a clean CONNECT served without a session in
+// the log (hooks: discardSession), which deletes the old session with
+// SessionDelete rather than replacing it with a SessionOpen: in the same
+// entry, right before a SessionDelete with the same IfOpened, it moves
+// the will aside as a SessionOpen with OweWill does. Both are conditional
+// on the same OpenedIndex, which OweWill does not change, so they apply
+// together or not at all. Owner is the node of the new connection.
+//
+//	str client_id | uvarint if_opened | str owner
+type OweWill struct {
+	ClientID string
+	IfOpened uint64
+	Owner    string
+}
+
+var _ Command = (*OweWill)(nil)
+
+// Type implements Command.
+func (*OweWill) Type() CommandType { return CmdOweWill }
+
+func (c *OweWill) appendPayload(b []byte) []byte {
+	return appendString(appendUvarint(appendString(b, c.ClientID), c.IfOpened), c.Owner)
+}
+
+func (c *OweWill) validate() error {
+	if c.ClientID == "" || c.IfOpened == 0 || c.Owner == "" {
+		return invalid(c.Type(), "empty client id, if_opened or owner")
+	}
+	return nil
+}
+
+func (s *state) applyOweWill(c *OweWill, res *Result, evs []event) []event {
+	e := s.sessions[c.ClientID]
+	if e == nil || e.OpenedIndex != c.IfOpened {
+		return evs
+	}
+	n := len(evs)
+	evs = s.oweWill(c.ClientID, e, c.Owner, true, res.Index, evs)
+	res.Changed = len(evs) > n
+	return evs
+}
+
+// oweWill moves the will of e, which a connection of newOwner is about to
+// replace (ends: and end the session), aside as owed by e's connection, if
+// e is connected on another node that has not departed, with a will
+// without delay. The will is then no longer e's.
+func (s *state) oweWill(id string, e *sessionEntry, newOwner string, ends bool, idx uint64, evs []event) []event {
+	if e == nil || !e.Connected || e.Owner == newOwner || e.Will == nil || e.Will.DelaySeconds > 0 {
 		return evs
 	}
 	if _, gone := s.departed[e.Owner]; gone {
 		return evs // it told its clients to go: no will is owed
 	}
-	e = s.mutableSession(c.ClientID)
-	s.owed[owedKey{c.ClientID, e.OpenedIndex}] = OwedWill{ClientID: c.ClientID, Opened: e.OpenedIndex, Owner: e.Owner,
-		EndsSession: c.CleanStart || e.ExpiryInterval == 0, Will: *e.Will}
+	e = s.mutableSession(id)
+	s.owed[owedKey{id, e.OpenedIndex}] = OwedWill{ClientID: id, Opened: e.OpenedIndex, Owner: e.Owner,
+		EndsSession: ends || e.ExpiryInterval == 0, Will: *e.Will}
 	e.Will = nil
-	return append(evs, event{session: &SessionChange{Kind: WillOwed, ClientID: c.ClientID, Owner: e.Owner, Index: idx}})
+	return append(evs, event{session: &SessionChange{Kind: WillOwed, ClientID: id, Owner: e.Owner, Index: idx}})
 }
 
 // owedOf returns the owed will a command addressed to the connection
@@ -108,7 +160,8 @@ func (s *state) closeOwed(c *SessionClose, res *Result, evs []event) ([]event, b
 	}
 	res.Changed = true
 	if c.WillPublished {
-		// The owner published it itself (no quorum): nothing is owed.
+		// DISCONNECT, a graceful stop, or the owner published it itself
+		// (no quorum): nothing is owed.
 		delete(s.owed, owedKey{c.ClientID, c.IfOpened})
 		return evs, true
 	}
@@ -116,17 +169,6 @@ func (s *state) closeOwed(c *SessionClose, res *Result, evs []event) ([]event, b
 	s.owed[owedKey{c.ClientID, c.IfOpened}] = w
 	return append(evs, event{session: &SessionChange{Kind: WillOwedDue, ClientID: c.ClientID, Owner: w.Owner,
 		Will: copyWill(&w.Will), Index: res.Index}}), true
-}
-
-// deleteOwed applies a SessionDelete to an owed will; ok reports that c
-// was addressed to one.
-func (s *state) deleteOwed(c *SessionDelete, res *Result) bool {
-	if _, ok := s.owedOf(c.ClientID, c.IfOpened); !ok {
-		return false
-	}
-	delete(s.owed, owedKey{c.ClientID, c.IfOpened})
-	res.Changed = true
-	return true
 }
 
 // publishOwed applies a PublishWill to a due owed will; ok reports that c
@@ -141,7 +183,7 @@ func (s *state) publishOwed(c *PublishWill, res *Result, evs []event) ([]event, 
 	}
 	delete(s.owed, owedKey{c.ClientID, c.IfOpened})
 	res.Changed = true
-	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: c.ClientID, Owner: w.Owner, At: c.At, Index: res.Index}})
+	evs = append(evs, event{session: &SessionChange{Kind: WillOwedPublished, ClientID: c.ClientID, Owner: w.Owner, At: c.At, Index: res.Index}})
 	return s.publishWill(c.ClientID, &w.Will, c.At, c.MaxQueued, res, evs), true
 }
 

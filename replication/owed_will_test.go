@@ -78,19 +78,39 @@ func TestOwedWillClosedThenPublished(t *testing.T) {
 	}
 }
 
-// TestOwedWillDiscarded: a DISCONNECT (SessionDelete of the old
-// connection), a close whose owner published the will itself, and a
+// TestOwedWillDiscarded: a DISCONNECT on the old connection (a close with
+// WillPublished), a close whose owner published the will itself, and a
 // graceful departure of the owner each discard the owed will; a departure
 // leaves a due one to be published.
 func TestOwedWillDiscarded(t *testing.T) {
 	t.Run("disconnect", func(t *testing.T) {
 		a := newSessionApplier(t)
 		opened := owedSetup(t, a)
-		if r := a.apply(&SessionDelete{ClientID: "dev", IfOpened: opened}); !r.Changed || len(a.s.owed) != 0 {
-			t.Fatalf("delete: %+v, owed %v", r, a.s.owed)
+		// A delete or a claim on that index (the new connection's node
+		// retrying its discard) is not the owner's settlement.
+		a.apply(&SessionDelete{ClientID: "dev", IfOpened: opened})
+		a.apply(&ClaimWill{ClientID: "dev", IfOpened: opened})
+		if len(a.s.owed) != 1 {
+			t.Fatal("an owed will settled by a delete or claim that does not name its owner")
+		}
+		// endMirror's DISCONNECT: close with the will discarded, delete.
+		r := a.apply(&Batch{Commands: []Command{&SessionClose{ClientID: "dev", Owner: "n1", IfOpened: opened, At: 1000, WillPublished: true},
+			&SessionDelete{ClientID: "dev", IfOpened: opened}}})
+		if !r.Changed || len(a.s.owed) != 0 {
+			t.Fatalf("disconnect: %+v, owed %v", r, a.s.owed)
 		}
 		if s := a.sess("dev"); !s.Connected || s.Owner != "n2" {
 			t.Fatalf("the old connection's delete deleted the new session: %+v", s)
+		}
+	})
+	t.Run("persistent session's disconnect", func(t *testing.T) {
+		a := newSessionApplier(t)
+		opened := owedSetup(t, a)
+		// session.CloseCommands for a DISCONNECT.
+		a.apply(&Batch{Commands: []Command{&SessionClose{ClientID: "dev", Owner: "n1", IfOpened: opened, At: 1000, WillPublished: true},
+			&ClaimWill{ClientID: "dev", IfOpened: opened}}})
+		if len(a.s.owed) != 0 {
+			t.Fatalf("owed %v", a.s.owed)
 		}
 	})
 	t.Run("published by its owner", func(t *testing.T) {
@@ -103,7 +123,7 @@ func TestOwedWillDiscarded(t *testing.T) {
 	})
 	t.Run("departure", func(t *testing.T) {
 		a := newSessionApplier(t)
-		opened := owedSetup(t, a)
+		owedSetup(t, a)
 		a.apply(&Departure{Server: "n2", At: 5})
 		if len(a.s.owed) != 1 {
 			t.Fatal("another node's departure discarded the owed will")
@@ -115,7 +135,7 @@ func TestOwedWillDiscarded(t *testing.T) {
 		// A departed owner owes no will from then on.
 		a.apply(&Departure{Server: "n1"}) // restarted
 		a.apply(open("dev", "n1", true))
-		opened = a.idx
+		opened := a.idx
 		a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "status/dev", Payload: []byte("offline")}})
 		a.apply(&Departure{Server: "n1", At: 6})
 		a.apply(oweOpen("dev", "n2", true, opened))
@@ -177,6 +197,23 @@ func TestOweWillConditions(t *testing.T) {
 				t.Fatalf("owed: %+v", a.s.owed)
 			}
 		})
+	}
+	// A clean CONNECT served without a session deletes the old one: the
+	// OweWill before its delete, on the same index, owes the will.
+	a0 := newSessionApplier(t)
+	a0.apply(open("dev", "n1", true))
+	o0 := a0.idx
+	a0.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t"}})
+	a0.apply(&Batch{Commands: []Command{&OweWill{ClientID: "dev", IfOpened: o0 + 1, Owner: "n2"}, &SessionDelete{ClientID: "dev", IfOpened: o0 + 1}}})
+	if len(a0.s.owed) != 0 {
+		t.Fatal("owed on another index")
+	}
+	a0.apply(&Batch{Commands: []Command{&OweWill{ClientID: "dev", IfOpened: o0, Owner: "n2"}, &SessionDelete{ClientID: "dev", IfOpened: o0}}})
+	if w, ok := a0.s.owed[owedKey{"dev", o0}]; !ok || !w.EndsSession || w.Owner != "n1" {
+		t.Fatalf("owed before a clean discard: %+v (%v)", w, ok)
+	}
+	if _, ok := a0.s.sessions["dev"]; ok {
+		t.Fatal("session not deleted")
 	}
 	// A resume owes the will too; the session continues (EndsSession
 	// false) unless it had expiry 0.

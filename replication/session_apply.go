@@ -31,8 +31,8 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 				return evs, true
 			}
 		}
-		if !retry {
-			evs = s.oweWill(c, e, idx, evs)
+		if !retry && c.OweWill {
+			evs = s.oweWill(c.ClientID, e, c.Owner, c.CleanStart, idx, evs)
 		}
 		e = s.mutableSession(c.ClientID)
 		if retry {
@@ -95,9 +95,6 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		res.Changed = true
 		emit(SessionChange{Kind: SessionClosed, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
 	case *SessionDelete:
-		if s.deleteOwed(c, res) {
-			return evs, true
-		}
 		e := s.sessions[c.ClientID]
 		if e == nil || (c.IfOpened != 0 && e.OpenedIndex != c.IfOpened) {
 			return evs, true
@@ -233,6 +230,8 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		evs = s.applyPublishWill(c, res, evs)
 	case *TakeoverWill:
 		evs = s.applyTakeoverWill(c, res, evs)
+	case *OweWill:
+		evs = s.applyOweWill(c, res, evs)
 	default:
 		return evs, false
 	}

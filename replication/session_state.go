@@ -140,9 +140,11 @@ const (
 	WillCleared
 	// WillOwed: the session's will was moved aside, owed by its replaced
 	// connection (OweWill). WillOwedDue: that connection was closed
-	// without DISCONNECT; the will (in Will) is due.
+	// without DISCONNECT; the will (in Will) is due. WillOwedPublished:
+	// a PublishWill with At published it (as WillCleared for a session's).
 	WillOwed
 	WillOwedDue
+	WillOwedPublished
 )
 
 func (k SessionChangeKind) String() string {
@@ -173,6 +175,8 @@ func (k SessionChangeKind) String() string {
 		return "will_owed"
 	case WillOwedDue:
 		return "will_owed_due"
+	case WillOwedPublished:
+		return "will_owed_published"
 	}
 	return "session_change(?)"
 }

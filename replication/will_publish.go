@@ -95,6 +95,8 @@ func decodeWillCommand(t CommandType, r *reader) (Command, bool) {
 		return &PublishWill{ClientID: r.str(), IfOpened: r.uvarint(), At: r.varint(), MaxQueued: r.u32()}, true
 	case CmdTakeoverWill:
 		return &TakeoverWill{ClientID: r.str(), IfOpened: r.uvarint(), At: r.varint(), MaxQueued: r.u32(), EndsSession: r.bool()}, true
+	case CmdOweWill:
+		return &OweWill{ClientID: r.str(), IfOpened: r.uvarint(), Owner: r.str()}, true
 	}
 	return nil, false
 }

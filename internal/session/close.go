@@ -105,7 +105,10 @@ type Close struct {
 // new open committed first) cleared the NEW connection's will, which then
 // never fired. The claim's result is ignored: this will is not published.
 func CloseCommands(c Close) replication.Command {
-	closeCmd := &replication.SessionClose{ClientID: c.ClientID, Owner: c.Owner, IfOpened: c.Opened, At: c.At}
+	// A DISCONNECT discards the will (MQTT-3.1.2-10), also one a CONNECT
+	// elsewhere left owed by this connection (replication/owed_will.go).
+	closeCmd := &replication.SessionClose{ClientID: c.ClientID, Owner: c.Owner, IfOpened: c.Opened, At: c.At,
+		WillPublished: c.Disconnect && c.Opened != 0}
 	expiry := c.Expiry
 	if c.ProtocolVersion == 5 && c.ExpirySet {
 		if e := CapExpiry(c.ExpiryProp, c.MaxExpiry); e != c.Expiry {

@@ -150,6 +150,8 @@ func TestCloseCommands(t *testing.T) {
 		}
 		return c
 	}
+	// A DISCONNECT's close discards the will, also one owed elsewhere.
+	disc := func(s *replication.SessionClose) { s.WillPublished = true }
 	clear := &replication.ClearWill{ClientID: "c"}
 	drop := &replication.ClaimWill{ClientID: "c", IfOpened: 7} // fenced, unpublished
 	del := &replication.SessionDelete{ClientID: "c", IfOpened: 7}
@@ -160,13 +162,13 @@ func TestCloseCommands(t *testing.T) {
 		want replication.Command
 	}{
 		{"dropped, expiry kept", base, closeCmd(nil)},
-		{"DISCONNECT clears the will, fenced to this connection", with(func(c *Close) { c.Disconnect = true }), batch(closeCmd(nil), drop)},
+		{"DISCONNECT clears the will, fenced to this connection", with(func(c *Close) { c.Disconnect = true }), batch(closeCmd(disc), drop)},
 		{"DISCONNECT with the same expiry",
 			with(func(c *Close) { c.Disconnect, c.ExpirySet, c.ExpiryProp = true, true, 60 }),
-			batch(closeCmd(nil), drop)},
+			batch(closeCmd(disc), drop)},
 		{"DISCONNECT sets a new expiry",
 			with(func(c *Close) { c.Disconnect, c.ExpirySet, c.ExpiryProp = true, true, 120 }),
-			batch(closeCmd(func(s *replication.SessionClose) { s.SetExpiry, s.ExpiryInterval = true, 120 }), drop)},
+			batch(closeCmd(func(s *replication.SessionClose) { disc(s); s.SetExpiry, s.ExpiryInterval = true, 120 }), drop)},
 		{"new expiry capped to the stored one: unchanged",
 			with(func(c *Close) { c.Expiry, c.ExpirySet, c.ExpiryProp = 3600, true, 7200 }),
 			closeCmd(nil)},
@@ -175,7 +177,7 @@ func TestCloseCommands(t *testing.T) {
 			closeCmd(func(s *replication.SessionClose) { s.SetExpiry, s.ExpiryInterval = true, 3600 })},
 		{"DISCONNECT with expiry 0 deletes the session",
 			with(func(c *Close) { c.Disconnect, c.Will, c.ExpirySet, c.ExpiryProp = true, true, true, 0 }),
-			batch(closeCmd(func(s *replication.SessionClose) { s.SetExpiry, s.ExpiryInterval = true, 0 }), drop, del)},
+			batch(closeCmd(func(s *replication.SessionClose) { disc(s); s.SetExpiry, s.ExpiryInterval = true, 0 }), drop, del)},
 		{"dropped with expiry 0 and a will: the leader publishes it",
 			with(func(c *Close) { c.Expiry, c.Will = 0, true }),
 			closeCmd(nil)},

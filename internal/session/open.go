@@ -19,6 +19,10 @@ type Open struct {
 	// Fenced: every server applies fenced opens (replication's
 	// OpenFence): the open is fenced to IfOpened and carries the will.
 	Fenced bool
+	// OweWill: every server keeps owed wills (replication's
+	// OwedWillsSupported): a connection on another node that the open
+	// replaces keeps its will, owed, instead of losing it (fenced only).
+	OweWill bool
 	// IfOpened is the OpenedIndex of the client's session as read now, 0
 	// if there is none.
 	IfOpened uint64
@@ -43,7 +47,7 @@ type Open struct {
 func OpenCommands(o Open) (cmd replication.Command, pos int) {
 	open := &replication.SessionOpen{ClientID: o.ClientID, ProtocolVersion: o.ProtocolVersion,
 		ExpiryInterval: o.Expiry, Owner: o.Owner, At: o.At, CleanStart: o.CleanStart, Fenced: o.Fenced,
-		IfOpened: o.IfOpened}
+		IfOpened: o.IfOpened, OweWill: o.OweWill && o.Fenced}
 	var cmds []replication.Command
 	cmds = append(cmds, o.Takeover...)
 	if !open.CleanStart && o.Expired != nil {
