@@ -47,7 +47,7 @@ func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet, a
 	// election) but fails fast on a side that has had none for a while.
 	ctx, cancel := context.WithTimeout(h.base, mirrorOpenTimeout)
 	defer cancel()
-	open, _, tw, res, err := h.applyOpen(ctx, cl, pk, 0, openAt, arrival)
+	open, _, tw, res, err := h.applyOpen(ctx, cl, pk, 0, openAt, arrival, nil)
 	tw.published(h, res, err)
 	if err != nil {
 		// A late commit is harmless: the mirror then stays until the leader
@@ -149,7 +149,8 @@ func (h *Sessions) endMirror(c *sessConn, err error) {
 // where asked, no second live copy) once the quorum is back. Before, the
 // stale-session sweep closed the mirror then and the leader's claim sent
 // the live copies a second time. (If the client opens a new session
-// elsewhere first, the old will is lost: README "Known gaps".)
+// elsewhere first, its open leaves the will owed by this connection, and
+// this close, redirected to it, makes it due: owedwills.go.)
 func (h *Sessions) closeMirror(c *sessConn, closeCmd *replication.SessionClose) {
 	unknown := false
 	var cmd replication.Command = closeCmd

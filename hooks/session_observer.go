@@ -61,6 +61,9 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 		h.log.Debug("session opened", "client", ch.ClientID, "owner", ch.Owner, "index", ch.Index, "present", ch.Present)
 		h.mu.Lock()
 		c := h.live[ch.ClientID]
+		if ch.Owner == h.cfg.Self && ch.At != 0 && h.opening[ch.ClientID] == ch.At && h.openSeen[ch.ClientID] == 0 {
+			h.openSeen[ch.ClientID] = ch.Index // the first of its tries to commit
+		}
 		h.mu.Unlock()
 		if c != nil && c.opened.Load() != ch.Index && c.opened.Load() != 0 && ch.Owner != h.cfg.Self {
 			// Resumed on another node: this connection is stale.

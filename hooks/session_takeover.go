@@ -24,11 +24,12 @@ import (
 // queues and retains it if the old connection is still the one in the log.
 // Live copies then go out from here, best effort, as for a claimed will.
 //
-// Only a takeover on this node is handled: here the hook knows that the
+// Only a takeover on this node is handled here: the hook knows that the
 // old connection is live and has not sent DISCONNECT (it waits for one in
 // flight). For a connection on another node the log cannot tell a live
-// connection from one whose DISCONNECT is still being written there, so
-// such a will is not published (known gap, README "Persistent sessions").
+// connection from one whose DISCONNECT is still being written there: the
+// new open leaves its will owed by it, and its node settles it
+// (owedwills.go).
 
 // takenOver is the will a CONNECT publishes in its own entry (a
 // TakeoverWill, or a PublishWill for a session that ended, see
@@ -85,14 +86,13 @@ func (h *Sessions) endingWill(id string, clean bool, now int64) *takenOver {
 }
 
 // awaitRemoteClose waits (at most disconnectGrace) while the log shows
-// id's session, with a will, connected on another node. A client whose
-// connection there just dropped and that connects here at once with clean
-// start finds it so until that node has written the close, which is what
-// makes the will due: the clean start would delete the session, will and
-// all, before (TestClientDropInLameDuckKeepsItsWill lost the will one run
-// in ten once the read barrier no longer took a heartbeat round). A
-// connection still live there is not waited out longer than that; its
-// will is not published (the known gap in the package comment above).
+// id's session, with a will, connected on another node, until every node
+// keeps owed wills (a rolling upgrade). A client whose connection there
+// just dropped and that connects here at once with clean start finds it
+// so until that node has written the close, which is what makes the will
+// due: the clean start would delete the session, will and all, before
+// (TestClientDropInLameDuckKeepsItsWill lost the will one run in ten once
+// the read barrier no longer took a heartbeat round).
 func (h *Sessions) awaitRemoteClose(id string) {
 	deadline := time.Now().Add(disconnectGrace)
 	for {

@@ -80,6 +80,9 @@ type Sessions struct {
 	// opening: client id -> At of the SessionOpen a CONNECT here is still
 	// writing (retries included): a session it opened already is live.
 	opening map[string]int64
+	// openSeen: client id -> index at which this node applied the
+	// SessionOpen of opening[id] (a try whose reply was lost committed).
+	openSeen map[string]uint64
 	// claims: the will claims this node wrote whose live copies it still
 	// owes (wills.go, expectClaim).
 	claims session.Claims
@@ -158,6 +161,10 @@ type SessionsConfig struct {
 	// AfterMaintain, if set, runs after each maintenance round (tests
 	// wait for rounds instead of sleeping).
 	AfterMaintain func()
+	// AfterOpenWrite, if set, gets the error of each SessionOpen write of
+	// a CONNECT and returns the one to act on (tests stand in for a
+	// leader that died after committing it: ErrUnknownOutcome).
+	AfterOpenWrite func(clientID string, err error) error
 	// ACL is the read check mochi applies to a SUBSCRIBE's filters
 	// (hooks.Auth.OnACLCheck); nil allows every filter. A persistent
 	// session's filters never reach mochi (session_subscribe.go), so the
@@ -228,7 +235,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m: sm, loads: newLoadBudget(blobLoadBudget),
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		closing: map[string]*sessConn{}, opening: map[string]int64{}, idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, opening: map[string]int64{}, openSeen: map[string]uint64{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
@@ -359,7 +366,15 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	defer cancel()
 	openAt := h.nextOpenAt(time.Now().UnixMilli())
 	defer h.markOpening(cl.ID, openAt)()
-	open, at, tw, res, err := h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival)
+	open, at, tw, res, err := h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival, nil)
+	// A retry is fenced to what the first try read: the first try may
+	// have committed and a newer CONNECT deleted its session since (the
+	// client gave up on this one), and a retry fenced to "no session"
+	// would bring it back (clean-start-session-present).
+	var read uint64
+	if o := session.OpenOf(open); o != nil {
+		read = o.IfOpened
+	}
 	retried := false
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) &&
 		!errors.Is(err, replication.ErrReopened) {
@@ -371,7 +386,30 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		case <-ctx.Done():
 		case <-time.After(100 * time.Millisecond):
 		}
-		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival)
+		// An earlier try that committed after all, whose session is gone
+		// or taken since: only a newer CONNECT does that (a clean start's
+		// discard, a resume elsewhere), and it wins. Writing again would
+		// bring the session back, and when the first try read no session
+		// no fence can tell (clean-start-session-present).
+		if why := h.openOvertaken(cl.ID); why != "" {
+			err = fmt.Errorf("%w: %s", replication.ErrReopened, why)
+			break
+		}
+		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival, &read)
+		if err == nil {
+			// The earlier try may have committed before the newer CONNECT
+			// and this node applied it only now, with this retry: the
+			// retry opened the session again. Undo it (conditional on
+			// the retry's open) and refuse.
+			if why := h.openOvertaken(cl.ID); why != "" {
+				if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == openAt {
+					h.submit(sessOp{cmd: func() replication.Command {
+						return &replication.SessionDelete{ClientID: s.ClientID, IfOpened: s.OpenedIndex}
+					}})
+				}
+				err = fmt.Errorf("%w: %s", replication.ErrReopened, why)
+			}
+		}
 	}
 	if err != nil {
 		// mochi cannot refuse the CONNECT from here: OnPacketEncode turns
@@ -428,11 +466,13 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 func (h *Sessions) markOpening(id string, at int64) func() {
 	h.mu.Lock()
 	h.opening[id] = at
+	delete(h.openSeen, id)
 	h.mu.Unlock()
 	return func() {
 		h.mu.Lock()
 		if h.opening[id] == at {
 			delete(h.opening, id)
+			delete(h.openSeen, id)
 		}
 		h.mu.Unlock()
 	}
@@ -465,12 +505,14 @@ func (h *Sessions) track(c *sessConn) {
 // (session.OpenCommands). Once every server applies it, the open is fenced
 // to the session state read here (replication.SessionOpen.Fenced) and
 // carries the will itself.
-func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64) (cmd replication.Command, pos int, tw *takenOver) {
+func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64, fence *uint64) (cmd replication.Command, pos int, tw *takenOver) {
 	now := time.Now().UnixMilli()
 	o := session.Open{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
 		Expiry: expiry, Owner: h.cfg.Self, At: at, CleanStart: pk.Connect.Clean, Fenced: h.repl.OpenFence(),
 		OweWill: h.repl.OwedWillsSupported()}
-	if s, ok := h.repl.Session(cl.ID); ok {
+	if fence != nil {
+		o.IfOpened = *fence
+	} else if s, ok := h.repl.Session(cl.ID); ok {
 		o.IfOpened = s.OpenedIndex
 	}
 	if tw = h.endingWill(cl.ID, pk.Connect.Clean, now); tw != nil {
@@ -498,10 +540,17 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 //   - otherwise the change is older than this CONNECT (this node had not
 //     applied it yet: a DISCONNECT's delete, a resume that ended): it
 //     opens again on what it now reads.
-func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at, arrival int64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
+//
+// fence, if not nil, is the session state the first write is fenced to
+// (a retry's: see OnSessionEstablish); otherwise it reads it.
+func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at, arrival int64, fence *uint64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
 	for {
-		cmd, pos, tw = h.openCommands(cl, pk, expiry, at)
+		cmd, pos, tw = h.openCommands(cl, pk, expiry, at, fence)
+		fence = nil
 		res, err = h.repl.Apply(ctx, cmd)
+		if h.cfg.AfterOpenWrite != nil {
+			err = h.cfg.AfterOpenWrite(cl.ID, err)
+		}
 		if err = session.OpenErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) || res.Index == 0 {
 			return cmd, pos, tw, res, err // (no index to catch up to: never spin)
 		}
@@ -518,6 +567,24 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 			return cmd, pos, tw, res, fmt.Errorf("%w: %s", err, why)
 		}
 	}
+}
+
+// openOvertaken reports why the CONNECT writing opening[id] lost its
+// session to a newer one: an earlier try of it committed (openSeen) and
+// the session is no longer that open. "" if not (or not known here).
+func (h *Sessions) openOvertaken(id string) string {
+	h.mu.Lock()
+	seen := h.openSeen[id]
+	h.mu.Unlock()
+	if seen == 0 {
+		return ""
+	}
+	if s, ok := h.repl.Session(id); !ok {
+		return "the session an earlier try opened was deleted since (a newer clean start)"
+	} else if s.OpenedIndex != seen {
+		return "the session an earlier try opened was taken since (a newer connection)"
+	}
+	return ""
 }
 
 // nextOpenAt is the At of a new SessionOpen (session.OpenClock).

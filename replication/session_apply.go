@@ -70,7 +70,7 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		// delayed) will is cancelled by the reconnect (MQTT-3.1.3-9).
 		e.Will = nil
 		res.Changed = true
-		emit(SessionChange{Kind: SessionOpened, ClientID: c.ClientID, Owner: c.Owner, Present: res.Present})
+		emit(SessionChange{Kind: SessionOpened, ClientID: c.ClientID, Owner: c.Owner, Present: res.Present, At: c.At})
 		if c.Will != nil {
 			w := *c.Will
 			e.Will = &w

@@ -203,7 +203,9 @@ type SessionChange struct {
 	// held, for a node that must publish it.
 	Will *Will
 	// At (WillCleared by a will's publication: PublishWill, TakeoverWill):
-	// the claim's At, by which the node that wrote it knows its own.
+	// the claim's At, by which the node that wrote it knows its own;
+	// (SessionOpened) the open's At, by which its owner knows an open
+	// whose write's reply it did not get.
 	At    int64
 	Index uint64
 }
