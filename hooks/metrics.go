@@ -39,7 +39,7 @@ type Metrics struct {
 // queue-depth histogram is the node's: it reads the log).
 type sessionMetrics struct {
 	dropped, redelivered, wills, enqueueFailed, openFailed, opsDropped, qos2Duplicates prometheus.Counter
-	pipelined, pipelineBatches                                                         prometheus.Counter
+	pipelined, pipelineBatches, writesFailed                                           prometheus.Counter
 }
 
 func newSessionMetrics() *sessionMetrics {
@@ -56,12 +56,13 @@ func newSessionMetrics() *sessionMetrics {
 		qos2Duplicates:  c("qos2_duplicates_total", "Inbound QoS 2 PUBLISH resends recognised from the log and not delivered again."),
 		pipelined:       c("pipelined_publishes_total", "QoS 1/2 publishes taken off the read loop by the publish pipeline (hooks/pipeline.go)."),
 		pipelineBatches: c("pipeline_batches_total", "Batches the publish pipeline's workers took; pipelined_publishes_total divided by it is the mean batch."),
+		writesFailed:    c("writes_failed_total", "Asynchronous session writes (acks, closes) given up after retrying for 10 s without a quorum; the maintenance loop repairs what it can."),
 	}
 }
 
 func (s *sessionMetrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{s.dropped, s.redelivered, s.wills, s.enqueueFailed, s.openFailed, s.opsDropped, s.qos2Duplicates,
-		s.pipelined, s.pipelineBatches}
+		s.pipelined, s.pipelineBatches, s.writesFailed}
 }
 
 // NewMetrics registers the metrics on reg; info is the mochi server's

@@ -142,7 +142,7 @@ func (h *Sessions) discardSession(id string) bool {
 	// serve a clean session over a session a resume would still find. The
 	// delete may have committed; finishing it in the background makes the
 	// outcome definite.
-	h.submit(sessOp{cmd: func() replication.Command { return del }})
+	h.submit(sessOp{cmd: func() replication.Command { return owe }})
 	h.log.Warn("clean connect: session discard not committed in time; connection refused", "client", id, "error", err)
 	return false
 }

@@ -65,8 +65,17 @@ func (h *Sessions) closeStale() {
 		seen[s.ClientID] = s.OpenedIndex
 		if h.stale[s.ClientID] == s.OpenedIndex {
 			id, opened := s.ClientID, s.OpenedIndex
+			// A connection that owed no will (its CONNECT was refused
+			// after an open committed) leaves none due.
+			willless := false
+			if full, ok := h.repl.Session(id); ok {
+				h.mu.Lock()
+				_, willless = h.willless[willlessKey{id, full.OpenedAt}]
+				h.mu.Unlock()
+			}
 			h.submit(sessOp{cmd: func() replication.Command {
-				return &replication.SessionClose{ClientID: id, Owner: h.cfg.Self, IfOpened: opened, At: time.Now().UnixMilli()}
+				return &replication.SessionClose{ClientID: id, Owner: h.cfg.Self, IfOpened: opened, At: time.Now().UnixMilli(),
+					WillPublished: willless}
 			}})
 			delete(seen, s.ClientID)
 		}

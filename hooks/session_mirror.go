@@ -42,6 +42,7 @@ const mirrorOpenTimeout = 2 * time.Second
 // the mirror was written; if not, the will stays mochi's.
 func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet, arrival int64) bool {
 	openAt := h.nextOpenAt(time.Now().UnixMilli())
+	c.openAt = openAt
 	defer h.markOpening(cl.ID, openAt)()
 	// Apply waits for a leader (a node just restarted learns it within an
 	// election) but fails fast on a side that has had none for a while.

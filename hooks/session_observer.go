@@ -39,8 +39,12 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 			}
 		}
 	case replication.WillOwedPublished:
+		// The leader's claim, or a clean CONNECT's PublishWill (filed
+		// under the client id) that found the will owed.
 		if ch.At != 0 {
-			if c, ok := h.claims.Take(owedClaimKey(ch.ClientID), ch.At); ok {
+			if c, ok := h.claims.Take(owedClaimKey(ch.ClientID, ch.Opened), ch.At); ok {
+				go c.Publish()
+			} else if c, ok := h.claims.Take(ch.ClientID, ch.At); ok {
 				go c.Publish()
 			}
 		}

@@ -100,6 +100,8 @@ func (h *Sessions) write(batch []sessOp) {
 	}
 	if err != nil {
 		h.log.Warn("session writes not replicated", "count", len(cmds), "error", err)
+		h.m.writesFailed.Inc()
+		h.writesFailed.Add(1)
 	}
 	for j, i := range owners {
 		if batch[i].done == nil || (j > 0 && owners[j-1] == i) {
@@ -113,6 +115,10 @@ func (h *Sessions) write(batch []sessOp) {
 		batch[i].done(r, err)
 	}
 }
+
+// WritesFailed is the number of asynchronous write batches given up
+// (broker_sessions_writes_failed_total).
+func (h *Sessions) WritesFailed() uint64 { return h.writesFailed.Load() }
 
 // Flush waits until the asynchronous writes queued so far are proposed
 // (graceful shutdown), or ctx ends.

@@ -95,13 +95,16 @@ type Sessions struct {
 	idxMu   sync.Mutex
 	idxSubs map[string]map[string]struct{}
 
-	ops     chan sessOp
-	pending atomic.Int64
-	wake    chan struct{} // wakes the leader's will loop
+	ops          chan sessOp
+	pending      atomic.Int64
+	writesFailed atomic.Uint64
+	wake         chan struct{} // wakes the leader's will loop
 
 	stale map[string]uint64 // maintenance: sessions seen stale once (id -> opened index)
-	// staleOwed: owed wills seen stale once (owedClaimKey -> opened index)
-	staleOwed map[string]uint64
+	// staleOwed: owed wills seen stale once; willless: connections of
+	// this node that ended owing no will (owedwills.go; under mu).
+	staleOwed map[owedKey]bool
+	willless  map[willlessKey]time.Time
 	dead      map[string]time.Time
 	// ownerDead: node -> when the leader first saw it not alive while it
 	// still owned client ids (releaseDeadOwners).
@@ -190,6 +193,7 @@ type sessConn struct {
 	willTaken atomic.Bool
 	present   bool
 	opened    atomic.Uint64 // OpenedIndex of this connection's SessionOpen
+	openAt    int64         // At of its SessionOpen (0: none written)
 	expiry    uint32
 	will      bool // the CONNECT had a will (held by the log, not mochi)
 	// closeDone is closed once the connection's close is written to the
@@ -235,7 +239,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m: sm, loads: newLoadBudget(blobLoadBudget),
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		closing: map[string]*sessConn{}, opening: map[string]int64{}, openSeen: map[string]uint64{}, idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, opening: map[string]int64{}, openSeen: map[string]uint64{}, willless: map[willlessKey]time.Time{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
@@ -365,6 +369,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	ctx, cancel := context.WithTimeout(h.base, h.cfg.Timeout)
 	defer cancel()
 	openAt := h.nextOpenAt(time.Now().UnixMilli())
+	c.openAt = openAt
 	defer h.markOpening(cl.ID, openAt)()
 	open, at, tw, res, err := h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival, nil)
 	// A retry is fenced to what the first try read: the first try may
@@ -396,11 +401,12 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			break
 		}
 		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival, &read)
-		if err == nil {
+		if r0 := openResult(res, at); err == nil && !r0.Present {
 			// The earlier try may have committed before the newer CONNECT
 			// and this node applied it only now, with this retry: the
-			// retry opened the session again. Undo it (conditional on
-			// the retry's open) and refuse.
+			// retry created the session again (a retry that resumed one
+			// found a newer connection's session and is left alone).
+			// Undo it (conditional on the retry's open) and refuse.
 			if why := h.openOvertaken(cl.ID); why != "" {
 				if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == openAt {
 					h.submit(sessOp{cmd: func() replication.Command {
@@ -446,10 +452,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// index of whichever try committed first: that is the fence.
 		opened = s.OpenedIndex
 	}
-	r0 := res
-	if at < len(res.Results) {
-		r0 = res.Results[at]
-	}
+	r0 := openResult(res, at)
 	tw.published(h, res, err)
 	c.present = r0.Present
 	c.opened.Store(opened)
@@ -557,6 +560,11 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 		if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 			return cmd, pos, tw, res, fmt.Errorf("%w (catching up: %w)", err, werr)
 		}
+		if why := h.openOvertaken(cl.ID); why != "" {
+			// An earlier try of this CONNECT committed, and a newer
+			// CONNECT has deleted or taken its session since.
+			return cmd, pos, tw, res, fmt.Errorf("%w: %s", err, why)
+		}
 		r := session.Refused{CleanStart: pk.Connect.Clean, Self: h.cfg.Self, Arrival: arrival}
 		if o := session.OpenOf(cmd); o != nil {
 			r.Read = o.IfOpened
@@ -567,6 +575,15 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 			return cmd, pos, tw, res, fmt.Errorf("%w: %s", err, why)
 		}
 	}
+}
+
+// openResult is the SessionOpen's own result in res (at: its position in
+// a Batch).
+func openResult(res replication.Result, at int) replication.Result {
+	if at < len(res.Results) {
+		return res.Results[at]
+	}
+	return res
 }
 
 // openOvertaken reports why the CONNECT writing opening[id] lost its
@@ -730,12 +747,18 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		return
 	}
 	if c.refused {
+		// Refused after a try of its open may have committed: that
+		// connection never owed a will (closeStale, closeStaleOwed).
+		h.noWillOwed(c)
 		if cur, ok := h.server.Clients.Get(cl.ID); ok && cur == cl {
 			h.server.Clients.Delete(cl.ID) // cl.ID: see refuseAside
 		}
 		return
 	}
 	cause := cl.StopCause()
+	if err == nil || h.stoppingNow(cl) {
+		h.noWillOwed(c) // DISCONNECT, or told to go
+	}
 	handedOver := errors.Is(cause, packets.ErrSessionTakenOver) || h.stoppingNow(cl) ||
 		errors.Is(cause, packets.ErrAdministrativeAction)
 	if isMirror {

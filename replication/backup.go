@@ -58,6 +58,9 @@ func (n *Node) Backup(ctx context.Context, w io.Writer) (int64, error) {
 	// Who left the old cluster on purpose means nothing to the new one
 	// (with reused pod names it would have a member removed).
 	st.departed = map[string]int64{}
+	// Wills owed by connections of the old cluster: its nodes are gone
+	// (a restore with reused pod names would publish them).
+	st.owed = map[owedKey]OwedWill{}
 	backupSessions(st, time.Now().UnixMilli())
 	h := sha256.New()
 	cw := &countingWriter{w: io.MultiWriter(w, h)}

@@ -38,6 +38,9 @@ type Node struct {
 	log *slog.Logger
 	fsm *FSM
 	m   *metrics
+	// startIndex is the last log index when this run started: every entry
+	// this run appends comes after it (StartIndex).
+	startIndex atomic.Uint64
 
 	// mu serialises Start and Close. Lock order: mu, then FSM.mu,
 	// readyMu, batcher/rpc/demux internals, memberMu, leaderMu.
@@ -271,6 +274,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}
 	n.raft, n.trans, n.store, n.logs = r, trans, store, logs
+	n.startIndex.Store(r.LastIndex())
 	n.raftReady.Store(r)
 	cleanup = append(cleanup, func() { _ = r.Shutdown().Error(); n.heartbeats.close() })
 
@@ -420,6 +424,10 @@ func (n *Node) RetainedMessage(topic string) (RetainedMessage, bool) {
 
 // Owner returns the owner of clientID as of this node's applied state.
 func (n *Node) Owner(clientID string) (Owner, bool) { return n.fsm.Owner(clientID) }
+
+// StartIndex is the last index of the local log when this run started:
+// an open at or before it was written by an earlier run of this node.
+func (n *Node) StartIndex() uint64 { return n.startIndex.Load() }
 
 // Owners returns a copy of the client-id ownership table.
 func (n *Node) Owners() map[string]Owner { return n.fsm.Owners() }

@@ -49,8 +49,10 @@ const CmdSessionOpenOwe CommandType = 28
 // OwedWill is a will owed by a replaced connection (see above).
 type OwedWill struct {
 	ClientID string
-	// Opened is the OpenedIndex of the connection that owes it.
-	Opened uint64
+	// Opened is the OpenedIndex of the connection that owes it, OpenedAt
+	// its open's At (by which its node knows its own connection).
+	Opened   uint64
+	OpenedAt int64
 	// Owner is the node that held that connection.
 	Owner string
 	// EndsSession: the open that replaced the connection ended its session
@@ -128,7 +130,7 @@ func (s *state) oweWill(id string, e *sessionEntry, newOwner string, ends bool, 
 		return evs // it told its clients to go: no will is owed
 	}
 	e = s.mutableSession(id)
-	s.owed[owedKey{id, e.OpenedIndex}] = OwedWill{ClientID: id, Opened: e.OpenedIndex, Owner: e.Owner,
+	s.owed[owedKey{id, e.OpenedIndex}] = OwedWill{ClientID: id, Opened: e.OpenedIndex, OpenedAt: e.OpenedAt, Owner: e.Owner,
 		EndsSession: ends || e.ExpiryInterval == 0, Will: *e.Will}
 	e.Will = nil
 	return append(evs, event{session: &SessionChange{Kind: WillOwed, ClientID: id, Owner: e.Owner, Index: idx}})
@@ -183,7 +185,8 @@ func (s *state) publishOwed(c *PublishWill, res *Result, evs []event) ([]event, 
 	}
 	delete(s.owed, owedKey{c.ClientID, c.IfOpened})
 	res.Changed = true
-	evs = append(evs, event{session: &SessionChange{Kind: WillOwedPublished, ClientID: c.ClientID, Owner: w.Owner, At: c.At, Index: res.Index}})
+	evs = append(evs, event{session: &SessionChange{Kind: WillOwedPublished, ClientID: c.ClientID, Owner: w.Owner, At: c.At,
+		Opened: w.Opened, Index: res.Index}})
 	return s.publishWill(c.ClientID, &w.Will, c.At, c.MaxQueued, res, evs), true
 }
 
@@ -240,13 +243,14 @@ func (n *Node) OwedWillsSupported() bool { return n.logVers.min.Load() >= 5 }
 // Snapshot record of an owed will (not skippable: a node that cannot keep
 // owed wills must not load a state that has some).
 //
-//	str client_id | uvarint opened | str owner | bool ends_session |
-//	bool closed | varint closed_at | will (as in SetWill)
+//	str client_id | uvarint opened | varint opened_at | str owner |
+//	bool ends_session | bool closed | varint closed_at | will (as in SetWill)
 const recOwedWill byte = 8
 
 func appendOwedRecord(b []byte, w *OwedWill) []byte {
 	b = appendString(b, w.ClientID)
 	b = appendUvarint(b, w.Opened)
+	b = appendVarint(b, w.OpenedAt)
 	b = appendString(b, w.Owner)
 	b = appendBool(b, w.EndsSession)
 	b = appendBool(b, w.Closed)
@@ -255,8 +259,8 @@ func appendOwedRecord(b []byte, w *OwedWill) []byte {
 }
 
 func readOwedRecord(r *reader, st *state) error {
-	w := OwedWill{ClientID: r.str(), Opened: r.uvarint(), Owner: r.str(), EndsSession: r.bool(), Closed: r.bool(),
-		ClosedAt: r.varint(), Will: r.will()}
+	w := OwedWill{ClientID: r.str(), Opened: r.uvarint(), OpenedAt: r.varint(), Owner: r.str(), EndsSession: r.bool(),
+		Closed: r.bool(), ClosedAt: r.varint(), Will: r.will()}
 	if err := r.end(); err != nil {
 		return fmt.Errorf("owed will record: %w", err)
 	}

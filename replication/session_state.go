@@ -206,8 +206,10 @@ type SessionChange struct {
 	// the claim's At, by which the node that wrote it knows its own;
 	// (SessionOpened) the open's At, by which its owner knows an open
 	// whose write's reply it did not get.
-	At    int64
-	Index uint64
+	At int64
+	// Opened (WillOwedPublished): the index of the connection that owed it.
+	Opened uint64
+	Index  uint64
 }
 
 // sessionEntry is a stored session. Clones of the state (snapshots) share

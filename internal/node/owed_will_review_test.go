@@ -1,0 +1,179 @@
+package node
+
+import (
+	"fmt"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/mqtt-ha/broker/hooks"
+	"github.com/mqtt-ha/broker/internal/testutil"
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// Owed wills, from the review (helper): each failed on the first version.
+
+// queueOf is the length of id's queue in every node's log, or an error
+// when the nodes disagree or have no session.
+func (tc *testCluster) queueOf(id string) (int, error) {
+	n := -1
+	for name, nd := range tc.nodes {
+		s, ok := nd.repl.Session(id)
+		if !ok {
+			return 0, fmt.Errorf("%s: no session %s", name, id)
+		}
+		if n >= 0 && len(s.Queue) != n {
+			return 0, fmt.Errorf("%s: queue of %s %d, another node %d", name, id, len(s.Queue), n)
+		}
+		n = len(s.Queue)
+	}
+	return n, nil
+}
+
+// waitNoOwed waits (up to d) until no node's log holds an owed will.
+func (tc *testCluster) waitNoOwed(t *testing.T, d time.Duration) {
+	t.Helper()
+	testutil.Eventually(t, d, func() error {
+		for id, n := range tc.nodes {
+			if w := n.repl.OwedWills(); len(w) != 0 {
+				return fmt.Errorf("%s holds owed wills %+v", id, w)
+			}
+		}
+		return nil
+	})
+}
+
+// TestOwedWillOfEarlierRunAfterRollingRestartDiscarded: n2 stops
+// gracefully and restarts, which clears its departure record; its old
+// client comes back within the leave grace, on n1, with clean start. n1's
+// discard leaves the will owed by n2's previous run's connection, which
+// n2 told to go: after its restart grace n2's sweep must discard it, not
+// make it due.
+func TestOwedWillOfEarlierRunAfterRollingRestartDiscarded(t *testing.T) {
+	const grace = 4 * time.Second
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) { c.LeaveGrace = grace }, "n1", "n2", "n3")
+	tc.waitReady()
+	tc.waitOwedWills()
+	tc.persistentSub(t, "n1", "rv-ha", "rv/#")
+	dev, err := testutil.TryConnect(tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "rv-dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "rv/dev", QoS: 1, Payload: []byte("offline")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = dev.Conn.Close() })
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes["n1"].repl.Session("rv-dev"); !ok || s.Will == nil {
+			return fmt.Errorf("will not in the log yet")
+		}
+		return nil
+	})
+	tc.stop("n2")
+	tc.restart("n2")
+	tc.waitMembers(3)
+	tc.waitReady()
+	testutil.Eventually(t, wait, func() error {
+		if _, ok := tc.nodes["n1"].repl.Departures()["n2"]; ok {
+			return fmt.Errorf("n2's departure record not cleared yet")
+		}
+		return nil
+	})
+	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "rv-dev", CleanStart: true})
+	defer back.Close()
+	// Owed, then settled by n2 once its restart grace is over.
+	tc.waitNoOwed(t, grace+wait)
+	if n, err := tc.queueOf("rv-ha"); err != nil || n != 0 {
+		t.Fatalf("the will was queued (%d, %v) although the client came back within the leave grace", n, err)
+	}
+}
+
+// TestOwedWillDiscardedByDisconnectAfterLongCut: the old connection sends
+// DISCONNECT while its node (n3) cannot reach the leader for longer than
+// the session writer retries a write; the client is back at once on n1
+// with clean start. n3's sweep must then discard the owed will (n3 knows
+// the connection ended with DISCONNECT), not take it for a drop.
+func TestOwedWillDiscardedByDisconnectAfterLongCut(t *testing.T) {
+	var cut cutDialer
+	tc := newCutCluster(t, &cut)
+	dev := owedDev(t, tc)
+	cut.set(true)
+	dev.Close() // DISCONNECT
+	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ow-dev", CleanStart: true})
+	defer back.Close()
+	tc.waitOwedOn(t, "n1", 1)
+	// n3 gives up writing the DISCONNECT's close (writeRetryFor).
+	failed := tc.nodes["n3"].sessionsHook.WritesFailed()
+	testutil.Eventually(t, 30*time.Second, func() error {
+		if tc.nodes["n3"].sessionsHook.WritesFailed() == failed {
+			return fmt.Errorf("n3 still retries its writes")
+		}
+		return nil
+	})
+	cut.set(false)
+	tc.waitNoOwed(t, wait)
+	tc.noWill(t)
+}
+
+// TestOwedWillOfRefusedConnectDiscarded: a persistent CONNECT with a will
+// on n1 whose first open commits with an unknown outcome; a newer clean
+// CONNECT on n2 replaces that session, leaving its will owed by the n1
+// connection; n1 then refuses its CONNECT. The will of a refused CONNECT
+// must never be published.
+func TestOwedWillOfRefusedConnectDiscarded(t *testing.T) {
+	committed := make(chan struct{})
+	release := make(chan struct{})
+	var tries atomic.Int32
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
+		if c.Self != "n1" {
+			return
+		}
+		c.AfterOpenWrite = func(id string, err error) error {
+			if id != "rf-dev" || err != nil || tries.Add(1) != 1 {
+				return err
+			}
+			close(committed)
+			<-release
+			return fmt.Errorf("%w: stand-in for a leader that died after committing", replication.ErrUnknownOutcome)
+		}
+	}, "n1", "n2", "n3")
+	tc.waitReady()
+	tc.waitOwedWills()
+	tc.persistentSub(t, "n3", "rf-ha", "rf/#")
+	conn, err := net.DialTimeout("tcp", tc.nodes["n1"].Addr("mqtt"), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	cp := packets.NewControlPacket(packets.CONNECT)
+	cn := cp.Content.(*packets.Connect)
+	exp := uint32(300)
+	cn.ClientID, cn.CleanStart, cn.KeepAlive = "rf-dev", false, 30
+	cn.Properties.SessionExpiryInterval = &exp
+	cn.WillFlag, cn.WillTopic, cn.WillMessage, cn.WillQOS = true, "rf/dev", []byte("offline"), 1
+	cn.WillProperties = &packets.Properties{}
+	if _, err := cp.WriteTo(conn); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-committed:
+	case <-time.After(wait):
+		t.Fatal("the first open was not written")
+	}
+	c2, _ := rawConnect(t, tc.nodes["n2"].Addr("mqtt"), "rf-dev", true, 0)
+	defer c2.conn.Close()
+	tc.waitOwedOn(t, "n1", 1)
+	close(release)
+	_ = conn.SetReadDeadline(time.Now().Add(wait))
+	if p, err := packets.ReadPacket(conn); err == nil {
+		if a, ok := p.Content.(*packets.Connack); ok && a.ReasonCode == 0 {
+			t.Fatalf("the CONNECT was served: %+v", a)
+		}
+	}
+	tc.waitNoOwed(t, wait)
+	if n, err := tc.queueOf("rf-ha"); err != nil || n != 0 {
+		t.Fatalf("the will of a refused CONNECT was queued (%d, %v)", n, err)
+	}
+}
