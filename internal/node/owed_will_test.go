@@ -60,24 +60,7 @@ func (tc *testCluster) waitOwedWills() {
 func TestWillOfConnectionReplacedElsewhereIsPublished(t *testing.T) {
 	var cut cutDialer
 	tc := newCutCluster(t, &cut)
-	tc.persistentSub(t, "n2", "ow-ha", "ow/#")
-	pub := tc.client("n1", "ow-pub")
-	pub.Pub(t, "ow/dev", 1, true, []byte("online"))
-	tc.waitRetained(t, "ow/dev", "online")
-	dev := testutil.Connect(t, tc.nodes["n3"].Addr("mqtt"), testutil.ClientOptions{ID: "ow-dev", CleanStart: true,
-		Will: &paho.WillMessage{Topic: "ow/dev", QoS: 1, Retain: true, Payload: []byte("offline")}})
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n1"].repl.Session("ow-dev"); !ok || s.Will == nil || s.Owner != "n3" {
-			return fmt.Errorf("dev's will not in n1's log yet: %+v", s)
-		}
-		return nil
-	})
-	tc.waitSession(t, "ow-ha", func(s sessionView) error {
-		if s.Queue != 1 {
-			return fmt.Errorf("ha's queue %d, want the retained online", s.Queue)
-		}
-		return nil
-	})
+	dev := owedDev(t, tc)
 	cut.set(true)
 	_ = dev.Conn.Close() // dropped without DISCONNECT: its will is due
 	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ow-dev", CleanStart: true})
