@@ -41,15 +41,19 @@ func (h *Sessions) markOpening(id string, at int64) func() {
 // (session.OpenCommands). Once every server applies it, the open is fenced
 // to the session state read here (replication.SessionOpen.Fenced) and
 // carries the will itself.
-func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64, fence *uint64) (cmd replication.Command, pos int, tw *takenOver) {
+func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint32, at int64, fence *openFence) (cmd replication.Command, pos int, tw *takenOver) {
 	now := time.Now().UnixMilli()
 	o := session.Open{ClientID: cl.ID, ProtocolVersion: cl.Properties.ProtocolVersion,
 		Expiry: expiry, Owner: h.cfg.Self, At: at, CleanStart: pk.Connect.Clean, Fenced: h.repl.OpenFence(),
-		OweWill: h.repl.OwedWillsSupported()}
+		OweWill: h.repl.OwedWillsSupported(), HasAsOf: h.repl.OpenAsOfSupported()}
 	if fence != nil {
-		o.IfOpened = *fence
-	} else if s, ok := h.repl.Session(cl.ID); ok {
-		o.IfOpened = s.OpenedIndex
+		o.IfOpened, o.AsOf = fence.ifOpened, fence.asOf
+	} else {
+		// The index first: the state read next is at least that recent.
+		o.AsOf = h.repl.SyncedIndex()
+		if s, ok := h.repl.Session(cl.ID); ok {
+			o.IfOpened = s.OpenedIndex
+		}
 	}
 	if tw = h.endingWill(cl.ID, pk.Connect.Clean, now); tw != nil {
 		o.Takeover = tw.cmds
@@ -62,6 +66,18 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 	}
 	cmd, pos = session.OpenCommands(o)
 	return cmd, pos, tw
+}
+
+// openFence is the state a CONNECT's first open read (SessionOpen's
+// IfOpened and AsOf), to which its retries are fenced too.
+type openFence struct{ ifOpened, asOf uint64 }
+
+// fenceOf is the state cmd's open is fenced to.
+func fenceOf(cmd replication.Command) openFence {
+	if o := session.OpenOf(cmd); o != nil {
+		return openFence{o.IfOpened, o.AsOf}
+	}
+	return openFence{}
 }
 
 // applyOpen writes a CONNECT's open (openCommands). When the fence
@@ -79,11 +95,17 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 //
 // fence, if not nil, is the session state the first write is fenced to
 // (a retry's: see OnSessionEstablish); otherwise it reads it.
-func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at, arrival int64, fence *uint64) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
+func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at, arrival int64, fence *openFence) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
 	for {
 		cmd, pos, tw = h.openCommands(cl, pk, expiry, at, fence)
 		fence = nil
-		res, err = h.repl.Apply(ctx, cmd)
+		err = nil
+		if h.cfg.BeforeOpenWrite != nil {
+			err = h.cfg.BeforeOpenWrite(cl.ID, cmd)
+		}
+		if err == nil {
+			res, err = h.repl.Apply(ctx, cmd)
+		}
 		if h.cfg.AfterOpenWrite != nil {
 			err = h.cfg.AfterOpenWrite(cl.ID, err)
 		}

@@ -168,6 +168,11 @@ type SessionsConfig struct {
 	// a CONNECT and returns the one to act on (tests stand in for a
 	// leader that died after committing it: ErrUnknownOutcome).
 	AfterOpenWrite func(clientID string, err error) error
+	// BeforeOpenWrite, if set, sees each SessionOpen write of a CONNECT
+	// before it is proposed; an error skips the write and stands for its
+	// result (tests keep the command to commit it late, as a forwarded
+	// proposal can).
+	BeforeOpenWrite func(clientID string, cmd replication.Command) error
 	// ACL is the read check mochi applies to a SUBSCRIBE's filters
 	// (hooks.Auth.OnACLCheck); nil allows every filter. A persistent
 	// session's filters never reach mochi (session_subscribe.go), so the
@@ -376,10 +381,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	// have committed and a newer CONNECT deleted its session since (the
 	// client gave up on this one), and a retry fenced to "no session"
 	// would bring it back (clean-start-session-present).
-	var read uint64
-	if o := session.OpenOf(open); o != nil {
-		read = o.IfOpened
-	}
+	read := fenceOf(open)
 	retried := false
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) &&
 		!errors.Is(err, replication.ErrReopened) {

@@ -61,6 +61,8 @@ func (n *Node) Backup(ctx context.Context, w io.Writer) (int64, error) {
 	// Wills owed by connections of the old cluster: its nodes are gone
 	// (a restore with reused pod names would publish them).
 	st.owed = map[owedKey]OwedWill{}
+	// Touches are indexes of the old cluster's log.
+	st.touched, st.touchFrom, st.touchPruned = map[string]uint64{}, 0, 0
 	backupSessions(st, time.Now().UnixMilli())
 	h := sha256.New()
 	cw := &countingWriter{w: io.MultiWriter(w, h)}

@@ -50,7 +50,8 @@ const (
 	// CmdDeparture (0x99, skippable) is in departure.go.
 	// CmdBlobChunk (25), CmdWithBlob (26), CmdBlobDrop (27) are in blob.go.
 	// CmdSessionOpenOwe (28) and CmdOweWill (29) are in owed_will.go.
-	// Next: 30 (or 0x9a for a command old nodes may skip).
+	// CmdSessionOpenAsOf (30) is in touched.go.
+	// Next: 31 (or 0x9a for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -117,6 +118,8 @@ func (t CommandType) String() string {
 		return "session_open_owe"
 	case CmdOweWill:
 		return "owe_will"
+	case CmdSessionOpenAsOf:
+		return "session_open_as_of"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }

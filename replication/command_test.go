@@ -68,6 +68,12 @@ var goldenCommands = []struct {
 		hex:  "1c" + "026331" + "05" + "3c" + "026e31" + "0a" + "01" + "ac02" + "00",
 	},
 	{
+		name: "session_open_as_of",
+		cmd: &SessionOpen{ClientID: "c1", ProtocolVersion: 5, ExpiryInterval: 60, Owner: "n1", At: 5, Fenced: true,
+			OweWill: true, AsOf: 300, HasAsOf: true},
+		hex: "1e" + "026331" + "05" + "3c" + "026e31" + "0a" + "00" + "00" + "00" + "01" + "ac02",
+	},
+	{
 		name: "owe_will",
 		cmd:  &OweWill{ClientID: "c1", IfOpened: 300, Owner: "n2"},
 		hex:  "1d" + "026331" + "ac02" + "026e32",

@@ -26,7 +26,9 @@ import (
 //	5  CmdSessionOpenOwe, CmdOweWill (28, 29): owed wills (owed_will.go),
 //	   and their snapshot
 //	   records (kind 8) once one exists
-const logVersion = 5
+//	6  CmdSessionOpenAsOf (30): opens fenced to the state as of an index
+//	   (touched.go), and snapshot records 9 and 10 once one was applied
+const logVersion = 6
 
 // rpcLogVersion asks a node for the newest log format it applies; a node
 // that predates the question answers "unknown rpc kind": version 1.

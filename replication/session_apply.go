@@ -30,6 +30,15 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 				res.Err = fmt.Errorf("%w: %v %q opened at %d, not %d", ErrReopened, c.Type(), c.ClientID, cur, c.IfOpened)
 				return evs, true
 			}
+			if c.HasAsOf && cur == 0 {
+				if at, ok := s.touchedSince(c.ClientID, c.AsOf, idx); ok {
+					res.Err = fmt.Errorf("%w: %v %q changed at %d, after %d", ErrReopened, c.Type(), c.ClientID, at, c.AsOf)
+					return evs, true
+				}
+			}
+		}
+		if c.HasAsOf && s.touchFrom == 0 {
+			s.touchFrom = idx
 		}
 		if !retry && c.OweWill {
 			evs = s.oweWill(c.ClientID, e, c.Owner, c.CleanStart, idx, evs)
@@ -45,6 +54,7 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 			// Clean start: the old session ends here, with everything it
 			// held; observers see a delete then an open.
 			delete(s.sessions, c.ClientID)
+			s.touch(c.ClientID, idx)
 			emit(SessionChange{Kind: SessionDeleted, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
 			e = nil
 		}
@@ -100,6 +110,7 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 			return evs, true
 		}
 		delete(s.sessions, c.ClientID)
+		s.touch(c.ClientID, idx)
 		res.Changed = true
 		emit(SessionChange{Kind: SessionDeleted, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
 	case *Subscribe:

@@ -44,6 +44,11 @@ type SessionOpen struct {
 	// replaces while it is connected on another node keeps its will,
 	// owed by that connection (owed_will.go), instead of losing it.
 	OweWill bool
+	// AsOf (fenced only, with HasAsOf; type CmdSessionOpenAsOf): the
+	// index of the state the CONNECT read. With IfOpened 0 the open also
+	// fails when the client id was touched since (touched.go).
+	AsOf    uint64
+	HasAsOf bool
 }
 
 // SessionClose marks ClientID disconnected at At, if Owner still owns it
@@ -222,6 +227,9 @@ var (
 )
 
 func (c *SessionOpen) Type() CommandType {
+	if c.HasAsOf {
+		return CmdSessionOpenAsOf
+	}
 	if c.OweWill {
 		return CmdSessionOpenOwe
 	}
@@ -317,6 +325,9 @@ func (c *SessionOpen) appendPayload(b []byte) []byte {
 	b = appendBool(b, c.Will != nil)
 	if c.Will != nil {
 		b = appendWill(b, c.Will)
+	}
+	if c.HasAsOf {
+		b = appendUvarint(appendBool(b, c.OweWill), c.AsOf)
 	}
 	return b
 }
@@ -431,7 +442,7 @@ func (c *ClaimWill) appendPayload(b []byte) []byte {
 // is false for a type that is not one.
 func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
 	switch t {
-	case CmdSessionOpen, CmdSessionOpenIf, CmdSessionOpenOwe:
+	case CmdSessionOpen, CmdSessionOpenIf, CmdSessionOpenOwe, CmdSessionOpenAsOf:
 		c := &SessionOpen{ClientID: r.str(), ProtocolVersion: r.u8(), ExpiryInterval: r.u32(), Owner: r.str(),
 			At: r.varint(), CleanStart: r.bool(), OweWill: t == CmdSessionOpenOwe}
 		if t != CmdSessionOpen {
@@ -440,6 +451,9 @@ func decodeSessionCommand(t CommandType, r *reader) (Command, bool) {
 				w := r.will()
 				c.Will = &w
 			}
+		}
+		if t == CmdSessionOpenAsOf {
+			c.HasAsOf, c.OweWill, c.AsOf = true, r.bool(), r.uvarint()
 		}
 		return c, true
 	case CmdSessionClose:
@@ -522,8 +536,8 @@ func (c *SessionOpen) validate() error {
 		return invalid(c.Type(), "empty client id or owner")
 	case c.ProtocolVersion < 3 || c.ProtocolVersion > 5:
 		return invalid(c.Type(), "protocol version %d", c.ProtocolVersion)
-	case (c.Will != nil || c.OweWill) && !c.Fenced:
-		return invalid(c.Type(), "a will or an owed will in an open that is not fenced")
+	case (c.Will != nil || c.OweWill || c.HasAsOf) && !c.Fenced:
+		return invalid(c.Type(), "a will, an owed will or as-of in an open that is not fenced")
 	case c.Will != nil:
 		return (&SetWill{ClientID: c.ClientID, Will: *c.Will}).validate()
 	}

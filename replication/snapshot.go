@@ -67,7 +67,8 @@ const (
 	recBlob     byte = 5
 	recBlobData byte = 6
 	recBlobRef  byte = 7
-	// recOwedWill (8) is in owed_will.go.
+	// recOwedWill (8) is in owed_will.go; recTouchFrom (9) and recTouched
+	// (10) in touched.go.
 	recSkip   byte = 0x80
 	recSynced byte = 0x81
 	// recSessionOpened follows a session record: its OpenedAt and
@@ -193,6 +194,7 @@ func writeSnapshot(w io.Writer, st *state) (int64, error) {
 		body = appendOwedRecord(body[:0], &w)
 		record(recOwedWill)
 	}
+	writeTouches(st, &body, record)
 	for _, id := range slices.Sorted(maps.Keys(st.departed)) {
 		body = appendString(body[:0], id)
 		body = appendVarint(body, st.departed[id])
@@ -389,6 +391,10 @@ func readSnapshotInto(r io.Reader, store *blobStore) (_ *state, err error) {
 			return st, nil
 		case recOwedWill:
 			if err := readOwedRecord(&rd, st); err != nil {
+				return nil, err
+			}
+		case recTouchFrom, recTouched:
+			if err := readTouchRecord(kind, &rd, st); err != nil {
 				return nil, err
 			}
 		case recDeparture:

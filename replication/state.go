@@ -107,6 +107,11 @@ type state struct {
 	blobs map[BlobID]*blobEntry
 	// owed are the wills owed by replaced connections (owed_will.go).
 	owed map[owedKey]OwedWill
+	// touched: client id -> the last entry that deleted its session or
+	// claimed or released it, recorded from entry touchFrom on and pruned
+	// at touchPruned (touched.go).
+	touched                map[string]uint64
+	touchFrom, touchPruned uint64
 	// synced is the last log entry a snapshot of this state holds (set by
 	// FSM.Snapshot; not part of the replicated state itself).
 	synced uint64
@@ -121,7 +126,7 @@ type state struct {
 func newState() *state {
 	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
 		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64), blobs: make(map[BlobID]*blobEntry),
-		owed: make(map[owedKey]OwedWill)}
+		owed: make(map[owedKey]OwedWill), touched: make(map[string]uint64)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
@@ -136,7 +141,8 @@ func (s *state) clone() *state {
 	}
 	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
 		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed),
-		blobs: blobs, owed: maps.Clone(s.owed), store: s.store, dir: s.dir}
+		blobs: blobs, owed: maps.Clone(s.owed), touched: maps.Clone(s.touched), touchFrom: s.touchFrom,
+		touchPruned: s.touchPruned, store: s.store, dir: s.dir}
 }
 
 // event is an observer notification produced by applyCommand and delivered
@@ -173,6 +179,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		s.epoch++
 		o := Owner{Node: c.Node, Epoch: s.epoch, Since: c.At}
 		s.owners[c.ClientID] = o
+		s.touch(c.ClientID, idx)
 		res.Changed, res.Epoch, res.Prev = true, o.Epoch, prev
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Owner: o, Prev: prev, Index: idx}})
 	case *ReclaimOwner:
@@ -184,6 +191,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		s.epoch++
 		o := Owner{Node: c.Node, Epoch: s.epoch, Since: c.At}
 		s.owners[c.ClientID] = o
+		s.touch(c.ClientID, idx)
 		res.Changed, res.Epoch = true, o.Epoch
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Owner: o, Prev: prev, Index: idx}})
 	case *ReleaseOwner:
@@ -193,6 +201,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 			return res, evs // stale: someone claimed it since
 		}
 		delete(s.owners, c.ClientID)
+		s.touch(c.ClientID, idx)
 		res.Changed, res.Epoch = true, cur.Epoch
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Prev: cur, Index: idx}})
 	case *Departure:

@@ -26,6 +26,13 @@ type Open struct {
 	// IfOpened is the OpenedIndex of the client's session as read now, 0
 	// if there is none.
 	IfOpened uint64
+	// AsOf, with HasAsOf (every server applies replication's
+	// OpenAsOfSupported; fenced only): the index of the state read, taken
+	// before reading it. A CONNECT that read no session is then also
+	// refused when the client id changed since (a late open must not
+	// bring back a session a newer clean start deleted).
+	AsOf    uint64
+	HasAsOf bool
 	// Takeover is what publishes, in this CONNECT's own entry, the will
 	// of the session it ends, none if empty: the TakeoverWill of the
 	// client's live connection here, and the PublishWill of EndingWill
@@ -47,7 +54,7 @@ type Open struct {
 func OpenCommands(o Open) (cmd replication.Command, pos int) {
 	open := &replication.SessionOpen{ClientID: o.ClientID, ProtocolVersion: o.ProtocolVersion,
 		ExpiryInterval: o.Expiry, Owner: o.Owner, At: o.At, CleanStart: o.CleanStart, Fenced: o.Fenced,
-		IfOpened: o.IfOpened, OweWill: o.OweWill && o.Fenced}
+		IfOpened: o.IfOpened, OweWill: o.OweWill && o.Fenced, AsOf: o.AsOf, HasAsOf: o.HasAsOf && o.Fenced}
 	var cmds []replication.Command
 	cmds = append(cmds, o.Takeover...)
 	if !open.CleanStart && o.Expired != nil {

@@ -1,0 +1,130 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mqtt-ha/broker/hooks"
+	"github.com/mqtt-ha/broker/internal/session"
+	"github.com/mqtt-ha/broker/internal/testutil"
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// TestLateOpenDoesNotReviveSessionAfterCleanStart: a persistent
+// CONNECT's open is forwarded to the leader and commits late, after the
+// client gave up on that CONNECT and connected with a clean session
+// elsewhere (chaos with --read-lease, clean-start-session-present: two
+// tries of one refused CONNECT committed 1.2 s and 1.7 s after it). The
+// open read "no session", and no session is what the log shows again
+// when it commits: fenced by IfOpened alone it created the session, and
+// the client's next resume answered session present 1. Both ways the
+// clean connection can leave the log:
+//   - deleted: an earlier try of that CONNECT created the session, and
+//     the clean CONNECT deleted it;
+//   - claimed: nothing to delete, only the clean connection's ownership
+//     claim is in the log.
+func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		firstTry bool // the first try commits (the session exists when the client connects clean)
+		clientID string
+	}{
+		{name: "deleted", firstTry: true, clientID: "lo-del"},
+		{name: "claimed", firstTry: false, clientID: "lo-claim"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var late replication.Command
+			c := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
+				if c.Self != "n1" {
+					return
+				}
+				c.Timeout = 2 * time.Second
+				c.BeforeOpenWrite = func(id string, cmd replication.Command) error {
+					if id != tc.clientID {
+						return nil
+					}
+					mu.Lock()
+					defer mu.Unlock()
+					if late == nil {
+						late = cmd
+						if tc.firstTry {
+							return nil
+						}
+					}
+					return fmt.Errorf("%w: stand-in for a forwarded proposal still in flight", replication.ErrUnknownOutcome)
+				}
+			}, "n1", "n2", "n3")
+			c.waitReady()
+			testutil.Eventually(t, 15*time.Second, func() error {
+				for _, n := range c.nodes {
+					if !n.repl.OpenAsOfSupported() {
+						return errors.New("log format 6 not agreed yet")
+					}
+				}
+				return nil
+			})
+			// Touches are recorded from the first open fenced as of an
+			// index on (replication/touched.go): in a cluster that has
+			// served no persistent session since log format 6, the first
+			// one is not covered.
+			warm, _ := rawConnect(t, c.nodes["n3"].Addr("mqtt"), "lo-warm", false, 300)
+			_ = warm.conn.Close()
+			// The persistent CONNECT on n1: served when its first try
+			// commits, refused otherwise (every try in flight).
+			c1, ack := rawConnectAnswer(t, c.nodes["n1"].Addr("mqtt"), tc.clientID, false, 300)
+			if served := ack.ReasonCode == 0; served != tc.firstTry {
+				t.Fatalf("the persistent CONNECT answered %#x", ack.ReasonCode)
+			}
+			_ = c1.conn.Close()
+			mu.Lock()
+			cmd := late
+			mu.Unlock()
+			if o := session.OpenOf(cmd); o == nil || !o.HasAsOf || o.IfOpened != 0 {
+				t.Fatalf("the open written is not fenced to no session as of an index: %+v", o)
+			}
+			if tc.firstTry {
+				testutil.Eventually(t, wait, func() error {
+					if s, ok := c.nodes["n2"].repl.Session(tc.clientID); !ok || s.Connected {
+						return errors.New("the first try's session is not closed on n2 yet")
+					}
+					return nil
+				})
+			}
+			// The client connects with a clean session on n2, and leaves.
+			c2, ack := rawConnect(t, c.nodes["n2"].Addr("mqtt"), tc.clientID, true, 0)
+			if ack.ReasonCode != 0 || ack.SessionPresent {
+				t.Fatalf("clean CONNECT answered %#x, present %v", ack.ReasonCode, ack.SessionPresent)
+			}
+			testutil.Eventually(t, wait, func() error {
+				if _, ok := c.nodes["n1"].repl.Session(tc.clientID); ok {
+					return errors.New("n1 still sees the session")
+				}
+				if o, ok := c.nodes["n1"].repl.Owner(tc.clientID); !ok || o.Node != "n2" {
+					return errors.New("n2's claim not applied on n1 yet")
+				}
+				return nil
+			})
+			_ = c2.conn.Close()
+			// The CONNECT's open commits now.
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			defer cancel()
+			res, err := c.nodes["n1"].repl.Apply(ctx, cmd)
+			if err = session.OpenErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) {
+				t.Fatalf("the late open was not refused: %v", err)
+			}
+			if s, ok := c.nodes["n1"].repl.Session(tc.clientID); ok {
+				t.Fatalf("the late open brought the session back: %+v", s)
+			}
+			c3, ack := rawConnect(t, c.nodes["n3"].Addr("mqtt"), tc.clientID, false, 300)
+			defer c3.conn.Close()
+			if ack.ReasonCode != 0 || ack.SessionPresent {
+				t.Fatalf("resume after a clean start answered %#x, session present %v", ack.ReasonCode, ack.SessionPresent)
+			}
+		})
+	}
+}
