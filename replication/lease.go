@@ -35,7 +35,9 @@ import (
 //     sender and honoured only from the receiver's leader in that term.
 //   - Heartbeats do not count, nor requests that carry no entry of the
 //     leader's term (noPipeline.AppendEntries); a candidate started by a
-//     TimeoutNow answers no AppendEntries of its term (voteGate).
+//     TimeoutNow answers no AppendEntries of its term, and a transfer vote
+//     from a candidate whose log is behind is refused before raft, which
+//     would forget its leader on the vote's higher term (voteGate).
 type readLease struct {
 	dur time.Duration // 0: no lease, every read index takes a heartbeat round
 
@@ -120,6 +122,25 @@ func (n *Node) transferAccepted(from raft.ServerID, term uint64) bool {
 
 // raftState is raft's state and current term, for the vote gate (known
 // false before raft exists).
+// lastEntry is the index and term of the last entry of raft's log, or of
+// the snapshot when the log was compacted up to it (raft's getLastEntry).
+func (n *Node) lastEntry() (uint64, uint64, bool) {
+	r := n.raftReady.Load()
+	if r == nil {
+		return 0, 0, false
+	}
+	logs, snaps := n.logs, n.snaps
+	idx := r.LastIndex()
+	var l raft.Log
+	if err := logs.GetLog(idx, &l); err == nil {
+		return idx, l.Term, true
+	}
+	if metas, err := snaps.List(); err == nil && len(metas) > 0 && metas[0].Index == idx {
+		return idx, metas[0].Term, true
+	}
+	return 0, 0, false
+}
+
 func (n *Node) raftState() (raft.RaftState, uint64, bool) {
 	r := n.raftReady.Load()
 	if r == nil {

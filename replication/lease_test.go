@@ -3,6 +3,7 @@ package replication
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -494,4 +495,94 @@ func TestVoteGateRefusesTransferCandidateAppends(t *testing.T) {
 	if err := send(&raft.AppendEntriesRequest{Term: 8, PrevLogTerm: 8}); err != nil {
 		t.Fatalf("AppendEntries once a follower: %v, want passed", err)
 	}
+}
+
+// TestVoteGateRefusesStaleTransferVotes: a leadership-transfer vote skips
+// raft's "I know a leader" check, and raft turns the voter into a
+// follower of the higher term, forgetting its leader, before its
+// up-to-date check refuses a candidate whose log is behind; the voter
+// then grants the next ordinary vote while the leader counts on it for
+// its lease (third review). With the lease on, the gate refuses such a
+// vote before raft sees it.
+func TestVoteGateRefusesStaleTransferVotes(t *testing.T) {
+	for _, lease := range []bool{true, false} {
+		var held, strict atomic.Bool
+		l := newReadLease(0)
+		if lease {
+			l = newReadLease(time.Nanosecond) // votes are not refused after 1 ns
+		}
+		stop := make(chan struct{})
+		in := make(chan raft.RPC)
+		g := newVoteGate(&held, &strict, l, func(raft.ServerID, uint64) bool { return true }, stop)
+		g.lastEntry = func() (uint64, uint64, bool) { return 10, 5, true }
+		out := g.filter(in)
+		passed := func(req *raft.RequestVoteRequest) bool {
+			resp := make(chan raft.RPCResponse, 1)
+			in <- raft.RPC{Command: req, RespChan: resp}
+			select {
+			case r := <-resp:
+				if !errors.Is(r.Error, errStaleTransferVote) {
+					t.Fatalf("refused with %v", r.Error)
+				}
+				return false
+			case rpc := <-out:
+				rpc.Respond(&raft.RequestVoteResponse{}, nil)
+				<-resp
+				return true
+			case <-time.After(5 * time.Second):
+				t.Fatal("request neither answered nor passed on")
+				return false
+			}
+		}
+		for _, c := range []struct {
+			transfer   bool
+			term, last uint64
+			want       bool // passed to raft
+		}{
+			{true, 4, 20, !lease}, // an older last term
+			{true, 5, 9, !lease},  // the same term, a shorter log
+			{true, 5, 10, true},   // as up to date
+			{true, 6, 1, true},    // a later last term
+			{false, 4, 20, true},  // not a transfer: raft refuses it (it knows a leader)
+		} {
+			req := &raft.RequestVoteRequest{Term: 9, LastLogTerm: c.term, LastLogIndex: c.last, LeadershipTransfer: c.transfer}
+			if got := passed(req); got != c.want {
+				t.Errorf("lease %v, transfer %v, last entry %d/%d: passed %v, want %v", lease, c.transfer, c.term, c.last, got, c.want)
+			}
+		}
+		close(stop)
+	}
+}
+
+// TestLastEntry: the gate's view of the log's last entry matches raft's,
+// before and after a snapshot.
+func TestLastEntry(t *testing.T) {
+	c := newTestCluster(t, 1)
+	tn := c.startNew("a")[0]
+	n := tn.node()
+	eventually(t, 10*time.Second, func() error {
+		if !n.IsLeader() {
+			return errors.New("not leader yet")
+		}
+		return nil
+	})
+	check := func() {
+		t.Helper()
+		st := n.raft.Stats()
+		idx, term, ok := n.lastEntry()
+		if !ok || fmt.Sprint(idx) != st["last_log_index"] && fmt.Sprint(idx) != st["last_snapshot_index"] ||
+			fmt.Sprint(term) != st["last_log_term"] {
+			t.Fatalf("lastEntry %d/%d (%v), raft: %v", idx, term, ok, st)
+		}
+	}
+	for i := range 3 {
+		if _, err := n.Apply(ctxT(t, 5*time.Second), setRetained(fmt.Sprint("t/", i), "v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check()
+	if err := n.raft.Snapshot().Error(); err != nil {
+		t.Fatal(err)
+	}
+	check()
 }

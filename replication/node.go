@@ -55,7 +55,8 @@ type Node struct {
 
 	blobSweep blobSweep // manageLoop only
 	store     *boltStore
-	logs      raft.LogStore             // the cached log store raft uses
+	logs      raft.LogStore // the cached log store raft uses
+	snaps     raft.SnapshotStore
 	reads     readRounds                // coalesced ReadBarrier rounds
 	lease     *readLease                // read indexes without a heartbeat round (lease.go)
 	raftReady atomic.Pointer[raft.Raft] // n.raft, for the transport's goroutines
@@ -269,11 +270,12 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.lease = newReadLease(leaseDur)
 	gate := newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.transferAccepted, n.stop)
 	gate.state = n.raftState
+	gate.lastEntry = n.lastEntry
 	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, gate, n.lease})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}
-	n.raft, n.trans, n.store, n.logs = r, trans, store, logs
+	n.raft, n.trans, n.store, n.logs, n.snaps = r, trans, store, logs, snaps
 	n.startIndex.Store(r.LastIndex())
 	n.raftReady.Store(r)
 	cleanup = append(cleanup, func() { _ = r.Shutdown().Error(); n.heartbeats.close() })

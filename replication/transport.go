@@ -380,9 +380,12 @@ type voteGate struct {
 	transfer func(from raft.ServerID, term uint64) bool
 	// state is raft's state and current term (nil: none yet).
 	state func() (raft.RaftState, uint64, bool)
-	stop  <-chan struct{}
-	once  sync.Once
-	out   chan raft.RPC
+	// lastEntry is the index and term of the node's last log entry
+	// (snapshot included); ok is false when not known.
+	lastEntry func() (index, term uint64, ok bool)
+	stop      <-chan struct{}
+	once      sync.Once
+	out       chan raft.RPC
 }
 
 func newVoteGate(held, strict *atomic.Bool, lease *readLease, transfer func(raft.ServerID, uint64) bool, stop <-chan struct{}) *voteGate {
@@ -420,10 +423,27 @@ func (g *voteGate) pass(rpc raft.RPC) (resp raft.RPCResponse, ok bool) {
 	}
 }
 
+// staleTransferVote reports whether req is a leadership-transfer vote
+// (which skips raft's "I know a leader" check) from a candidate whose log
+// is less up to date than this node's, with the read lease on. raft
+// refuses that vote too, but only after a higher term has made this node
+// a follower without a leader (raft.go requestVote): it would then grant
+// the next ordinary pre-vote and vote, to a candidate that holds the
+// term's entry, while the leader still counts on it for its lease. The
+// gate refuses it before raft sees it; raft would have refused it anyway.
+func (g *voteGate) staleTransferVote(req *raft.RequestVoteRequest) bool {
+	if g.lease.dur <= 0 || !req.LeadershipTransfer || g.lastEntry == nil {
+		return false
+	}
+	idx, term, ok := g.lastEntry()
+	return ok && (term > req.LastLogTerm || term == req.LastLogTerm && idx > req.LastLogIndex)
+}
+
 var (
-	errVotesHeld    = errors.New("replication: started without raft state and not caught up yet: no vote")
-	errJustStarted  = errors.New("replication: started less than a read lease ago: no vote yet")
-	errStaleTimeout = errors.New("replication: TimeoutNow not from the current leader in the current term: ignored")
+	errStaleTransferVote = errors.New("replication: leadership-transfer vote from a candidate whose log is behind this node's: refused (read lease)")
+	errVotesHeld         = errors.New("replication: started without raft state and not caught up yet: no vote")
+	errJustStarted       = errors.New("replication: started less than a read lease ago: no vote yet")
+	errStaleTimeout      = errors.New("replication: TimeoutNow not from the current leader in the current term: ignored")
 )
 
 func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
@@ -442,6 +462,10 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 				switch req := rpc.Command.(type) {
 				case *raft.RequestVoteRequest:
 					last, vote = req.LastLogIndex, true
+					if g.staleTransferVote(req) {
+						rpc.Respond(nil, errStaleTransferVote)
+						continue
+					}
 				case *raft.RequestPreVoteRequest:
 					last, vote = req.LastLogIndex, true
 				case *raft.TimeoutNowRequest:

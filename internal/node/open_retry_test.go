@@ -14,6 +14,79 @@ import (
 	"github.com/mqtt-ha/broker/replication"
 )
 
+// heldOpen stands in for a leader that died after committing the first
+// SessionOpen of a client id on one node: that write commits, then its
+// CONNECT waits for release and learns an unknown outcome.
+type heldOpen struct {
+	committed, release chan struct{}
+	tries              atomic.Int32
+}
+
+// holdFirstOpen returns the heldOpen of id on node self and the tuning
+// that installs it.
+func holdFirstOpen(self, id string) (*heldOpen, func(*hooks.SessionsConfig)) {
+	h := &heldOpen{committed: make(chan struct{}), release: make(chan struct{})}
+	return h, func(c *hooks.SessionsConfig) {
+		if c.Self != self {
+			return
+		}
+		c.AfterOpenWrite = func(cid string, err error) error {
+			if cid != id || err != nil || h.tries.Add(1) != 1 {
+				return err
+			}
+			close(h.committed)
+			<-h.release
+			return fmt.Errorf("%w: stand-in for a leader that died after committing", replication.ErrUnknownOutcome)
+		}
+	}
+}
+
+func (h *heldOpen) waitCommitted(t *testing.T) {
+	t.Helper()
+	select {
+	case <-h.committed:
+	case <-time.After(wait):
+		t.Fatal("the first open was not written")
+	}
+}
+
+// sendPersistentConnect writes a persistent CONNECT (expiry 300) of id,
+// with a QoS 1 will on willTopic unless it is "", without waiting for the
+// CONNACK.
+func sendPersistentConnect(t *testing.T, addr, id, willTopic string) net.Conn {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	cp := packets.NewControlPacket(packets.CONNECT)
+	cn := cp.Content.(*packets.Connect)
+	exp := uint32(300)
+	cn.ClientID, cn.CleanStart, cn.KeepAlive = id, false, 30
+	cn.Properties.SessionExpiryInterval = &exp
+	if willTopic != "" {
+		cn.WillFlag, cn.WillTopic, cn.WillMessage, cn.WillQOS = true, willTopic, []byte("offline"), 1
+		cn.WillProperties = &packets.Properties{}
+	}
+	if _, err := cp.WriteTo(conn); err != nil {
+		t.Fatal(err)
+	}
+	return conn
+}
+
+// notServed fails when conn's CONNECT is answered with success (a
+// refusal or a closed socket is fine).
+func notServed(t *testing.T, conn net.Conn) {
+	t.Helper()
+	_ = conn.SetReadDeadline(time.Now().Add(wait))
+	if p, err := packets.ReadPacket(conn); err == nil {
+		if a, ok := p.Content.(*packets.Connack); ok && a.ReasonCode == 0 {
+			t.Fatalf("the abandoned CONNECT was served: %+v", a)
+		}
+	}
+}
+
 // TestRetriedOpenDoesNotReviveSessionDeletedByNewerConnect: a persistent
 // CONNECT's first SessionOpen commits, but the node learns nothing (the
 // leader died after committing: unknown outcome), so it tries again. The
@@ -25,43 +98,13 @@ import (
 // session that try opened is gone, so a newer CONNECT took it: the retry
 // must give up.
 func TestRetriedOpenDoesNotReviveSessionDeletedByNewerConnect(t *testing.T) {
-	committed := make(chan struct{})
-	release := make(chan struct{})
-	var tries atomic.Int32
-	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
-		if c.Self != "n1" {
-			return
-		}
-		c.AfterOpenWrite = func(id string, err error) error {
-			if id != "rt-dev" || err != nil || tries.Add(1) != 1 {
-				return err
-			}
-			close(committed)
-			<-release
-			return fmt.Errorf("%w: stand-in for a leader that died after committing", replication.ErrUnknownOutcome)
-		}
-	}, "n1", "n2", "n3")
+	held, tune := holdFirstOpen("n1", "rt-dev")
+	tc := newSessionsTunedCluster(t, tune, "n1", "n2", "n3")
 	tc.waitReady()
 	waitOpenFence(t, tc)
 	// The persistent CONNECT on n1; the client will give up on it.
-	conn, err := net.DialTimeout("tcp", tc.nodes["n1"].Addr("mqtt"), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	cp := packets.NewControlPacket(packets.CONNECT)
-	cn := cp.Content.(*packets.Connect)
-	exp := uint32(300)
-	cn.ClientID, cn.CleanStart, cn.KeepAlive = "rt-dev", false, 30
-	cn.Properties.SessionExpiryInterval = &exp
-	if _, err := cp.WriteTo(conn); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-committed:
-	case <-time.After(wait):
-		t.Fatal("the first open was not written")
-	}
+	conn := sendPersistentConnect(t, tc.nodes["n1"].Addr("mqtt"), "rt-dev", "")
+	held.waitCommitted(t)
 	// The clean CONNECT on n2 deletes the session the first try opened.
 	c2, ack := rawConnect(t, tc.nodes["n2"].Addr("mqtt"), "rt-dev", true, 0)
 	if ack.SessionPresent {
@@ -74,16 +117,10 @@ func TestRetriedOpenDoesNotReviveSessionDeletedByNewerConnect(t *testing.T) {
 		}
 		return nil
 	})
-	close(release) // the retry
-	// The abandoned CONNECT gets its answer (refused, or the socket closed).
-	_ = conn.SetReadDeadline(time.Now().Add(wait))
-	if p, err := packets.ReadPacket(conn); err == nil {
-		if a, ok := p.Content.(*packets.Connack); ok && a.ReasonCode == 0 {
-			t.Fatalf("the abandoned CONNECT was served after the newer clean start: %+v", a)
-		}
-	}
-	if tries.Load() > 1 {
-		t.Fatalf("the open was written %d times after a newer connection took the client id", tries.Load())
+	close(held.release) // the retry
+	notServed(t, conn)
+	if n := held.tries.Load(); n > 1 {
+		t.Fatalf("the open was written %d times after a newer connection took the client id", n)
 	}
 	if s, ok := tc.nodes["n1"].repl.Session("rt-dev"); ok {
 		t.Fatalf("the session is back after the clean start: %+v", s)

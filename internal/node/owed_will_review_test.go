@@ -2,17 +2,13 @@ package node
 
 import (
 	"fmt"
-	"net"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/testutil"
-	"github.com/mqtt-ha/broker/replication"
 )
 
 // Owed wills, from the review (helper): each failed on the first version.
@@ -123,55 +119,18 @@ func TestOwedWillDiscardedByDisconnectAfterLongCut(t *testing.T) {
 // connection; n1 then refuses its CONNECT. The will of a refused CONNECT
 // must never be published.
 func TestOwedWillOfRefusedConnectDiscarded(t *testing.T) {
-	committed := make(chan struct{})
-	release := make(chan struct{})
-	var tries atomic.Int32
-	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
-		if c.Self != "n1" {
-			return
-		}
-		c.AfterOpenWrite = func(id string, err error) error {
-			if id != "rf-dev" || err != nil || tries.Add(1) != 1 {
-				return err
-			}
-			close(committed)
-			<-release
-			return fmt.Errorf("%w: stand-in for a leader that died after committing", replication.ErrUnknownOutcome)
-		}
-	}, "n1", "n2", "n3")
+	held, tune := holdFirstOpen("n1", "rf-dev")
+	tc := newSessionsTunedCluster(t, tune, "n1", "n2", "n3")
 	tc.waitReady()
 	tc.waitOwedWills()
 	tc.persistentSub(t, "n3", "rf-ha", "rf/#")
-	conn, err := net.DialTimeout("tcp", tc.nodes["n1"].Addr("mqtt"), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	cp := packets.NewControlPacket(packets.CONNECT)
-	cn := cp.Content.(*packets.Connect)
-	exp := uint32(300)
-	cn.ClientID, cn.CleanStart, cn.KeepAlive = "rf-dev", false, 30
-	cn.Properties.SessionExpiryInterval = &exp
-	cn.WillFlag, cn.WillTopic, cn.WillMessage, cn.WillQOS = true, "rf/dev", []byte("offline"), 1
-	cn.WillProperties = &packets.Properties{}
-	if _, err := cp.WriteTo(conn); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-committed:
-	case <-time.After(wait):
-		t.Fatal("the first open was not written")
-	}
+	conn := sendPersistentConnect(t, tc.nodes["n1"].Addr("mqtt"), "rf-dev", "rf/dev")
+	held.waitCommitted(t)
 	c2, _ := rawConnect(t, tc.nodes["n2"].Addr("mqtt"), "rf-dev", true, 0)
 	defer c2.conn.Close()
 	tc.waitOwedOn(t, "n1", 1)
-	close(release)
-	_ = conn.SetReadDeadline(time.Now().Add(wait))
-	if p, err := packets.ReadPacket(conn); err == nil {
-		if a, ok := p.Content.(*packets.Connack); ok && a.ReasonCode == 0 {
-			t.Fatalf("the CONNECT was served: %+v", a)
-		}
-	}
+	close(held.release)
+	notServed(t, conn)
 	tc.waitNoOwed(t, wait)
 	if n, err := tc.queueOf("rf-ha"); err != nil || n != 0 {
 		t.Fatalf("the will of a refused CONNECT was queued (%d, %v)", n, err)
