@@ -69,6 +69,9 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 			h.openSeen[ch.ClientID] = ch.Index // the first of its tries to commit
 		}
 		h.mu.Unlock()
+		if ch.Owner == h.cfg.Self && ch.At != 0 && !ch.Present {
+			h.undoAbandoned(ch.ClientID, ch.At)
+		}
 		if c != nil && c.opened.Load() != ch.Index && c.opened.Load() != 0 && ch.Owner != h.cfg.Self {
 			// Resumed on another node: this connection is stale.
 			h.drop(c, packets.ErrSessionTakenOver)

@@ -126,6 +126,13 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 		}
 		_, r.SessionNow = h.repl.Session(cl.ID)
 		r.Owner, r.OwnerFound = h.repl.Owner(cl.ID)
+		if prev := openResult(res, pos).Prev; !r.OwnerFound && prev.Node != "" {
+			// Refused as of its read (replication/touched.go): the last
+			// claim of the id since, released by now. A connection
+			// elsewhere that came after this CONNECT and went (a clean
+			// one, whose session ended with it) still wins.
+			r.Owner, r.OwnerFound = prev, true
+		}
 		if again, why := session.Reopen(r); !again {
 			return cmd, pos, tw, res, fmt.Errorf("%w: %s", err, why)
 		}
@@ -161,3 +168,48 @@ func (h *Sessions) openOvertaken(id string) string {
 
 // nextOpenAt is the At of a new SessionOpen (session.OpenClock).
 func (h *Sessions) nextOpenAt(now int64) int64 { return h.openClock.Next(now) }
+
+// abandonedFor is how long a node remembers the opens of CONNECTs it
+// refused: a forwarded open commits within a leader's term or never.
+const abandonedFor = time.Minute
+
+// abandonOpen records that the CONNECT whose open has At at was refused:
+// tries of it may still be on their way to the leader.
+func (h *Sessions) abandonOpen(id string, at int64) {
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for k, t := range h.abandoned {
+		if now.Sub(t) > abandonedFor {
+			delete(h.abandoned, k)
+		}
+	}
+	h.abandoned[willlessKey{id, at}] = now
+}
+
+// undoAbandoned deletes a session that an open of a refused CONNECT
+// created when it committed late (the observer calls it for every open
+// of this node that found no session). The log refuses such an open once
+// the client id changed since it read (replication/touched.go); one that
+// commits before anything else happened to the id would still leave a
+// session behind, which the client's next resume would find although its
+// last CONNECT was refused, or clean. A late open that resumed an
+// existing session is left to the stale sweep, which closes it.
+func (h *Sessions) undoAbandoned(id string, at int64) {
+	k := willlessKey{id, at}
+	h.mu.Lock()
+	_, ok := h.abandoned[k]
+	delete(h.abandoned, k)
+	h.mu.Unlock()
+	if !ok {
+		return
+	}
+	h.log.Info("a refused CONNECT's open committed late; deleting the session it created", "client", id)
+	h.submit(sessOp{cmd: func() replication.Command {
+		s, ok := h.repl.Session(id)
+		if !ok || s.Owner != h.cfg.Self || s.OpenedAt != at {
+			return nil // gone, or opened again since
+		}
+		return &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
+	}})
+}

@@ -83,6 +83,9 @@ type Sessions struct {
 	// openSeen: client id -> index at which this node applied the
 	// SessionOpen of opening[id] (a try whose reply was lost committed).
 	openSeen map[string]uint64
+	// abandoned: the opens of CONNECTs refused here (session_open.go,
+	// undoAbandoned), by the open's At, with when they were refused.
+	abandoned map[willlessKey]time.Time
 	// claims: the will claims this node wrote whose live copies it still
 	// owes (wills.go, expectClaim).
 	claims session.Claims
@@ -244,7 +247,7 @@ func NewSessions(s *mqtt.Server, c *Cluster, cfg SessionsConfig) *Sessions {
 	h := &Sessions{server: s, cluster: c, cfg: cfg, log: cfg.Log.With("component", "sessions"),
 		m: sm, loads: newLoadBudget(blobLoadBudget),
 		conns: map[*mqtt.Client]*sessConn{}, live: map[string]*sessConn{}, mirrors: map[string]*sessConn{},
-		closing: map[string]*sessConn{}, opening: map[string]int64{}, openSeen: map[string]uint64{}, willless: map[willlessKey]time.Time{}, idxSubs: map[string]map[string]struct{}{},
+		closing: map[string]*sessConn{}, opening: map[string]int64{}, openSeen: map[string]uint64{}, abandoned: map[willlessKey]time.Time{}, willless: map[willlessKey]time.Time{}, idxSubs: map[string]map[string]struct{}{},
 		ops: make(chan sessOp, 1<<16), wake: make(chan struct{}, 1),
 		stale: map[string]uint64{}, dead: map[string]time.Time{}, ownerDead: map[string]time.Time{}}
 	h.idx.Store(mqtt.NewTopicsIndex())
@@ -425,6 +428,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// connection. Serving it without the log would answer session
 		// present 0 to a client whose session exists.
 		h.log.Warn("persistent session could not be opened in the log; connection refused", "client", cl.ID, "error", err)
+		h.abandonOpen(cl.ID, openAt)
 		h.m.openFailed.Inc()
 		c.refused = true
 		h.track(c)
@@ -443,6 +447,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			// refuse rather than run with a fence that may be wrong (its
 			// closes and QoS 2 publishes would be ignored as stale).
 			h.log.Warn("retried session open not applied here in time; connection refused", "client", cl.ID, "error", err)
+			h.abandonOpen(cl.ID, openAt)
 			h.m.openFailed.Inc()
 			c.refused = true
 			h.track(c)

@@ -208,6 +208,12 @@ func (h *Sessions) refenced(ctx context.Context, cmd replication.Command, id str
 		}
 		cp := *o
 		cp.IfOpened = 0
+		if cp.HasAsOf {
+			// As of today too: the connection's own claim since touched
+			// the client id (found by review, and by chaos: wills of
+			// clean sessions published at a graceful stop).
+			cp.AsOf = h.repl.SyncedIndex()
+		}
 		if s, ok := h.repl.Session(id); ok {
 			cp.IfOpened = s.OpenedIndex
 		}

@@ -62,7 +62,7 @@ func (n *Node) Backup(ctx context.Context, w io.Writer) (int64, error) {
 	// (a restore with reused pod names would publish them).
 	st.owed = map[owedKey]OwedWill{}
 	// Touches are indexes of the old cluster's log.
-	st.touched, st.touchFrom, st.touchPruned = map[string]uint64{}, 0, 0
+	st.touched, st.touchFrom, st.touchPruned = map[string]touch{}, 0, 0
 	backupSessions(st, time.Now().UnixMilli())
 	h := sha256.New()
 	cw := &countingWriter{w: io.MultiWriter(w, h)}

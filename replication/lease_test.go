@@ -72,21 +72,10 @@ func TestVoteGateRefusesVotesRightAfterStart(t *testing.T) {
 	l := newReadLease(300 * time.Millisecond)
 	stop := make(chan struct{})
 	defer close(stop)
-	in := make(chan raft.RPC)
-	out := newVoteGate(&held, &strict, l, func(raft.ServerID, uint64) bool { return false }, stop).filter(in)
+	gs := newGateSender(t, newVoteGate(&held, &strict, l, func(raft.ServerID, uint64) bool { return false }, stop))
 	vote := func() error {
-		resp := make(chan raft.RPCResponse, 1)
-		in <- raft.RPC{Command: &raft.RequestVoteRequest{LastLogIndex: 10}, RespChan: resp}
-		select {
-		case r := <-resp:
-			return r.Error
-		case rpc := <-out:
-			rpc.Respond(nil, nil)
-			return nil
-		case <-time.After(5 * time.Second):
-			t.Fatal("vote request neither answered nor passed on")
-			return nil
-		}
+		_, err := gs.send(&raft.RequestVoteRequest{LastLogIndex: 10})
+		return err
 	}
 	if err := vote(); !errors.Is(err, errJustStarted) {
 		t.Fatalf("vote right after start: %v, want refused", err)
@@ -156,21 +145,13 @@ func TestVoteGatePassesOnlyCurrentTransfers(t *testing.T) {
 	l := newReadLease(0)
 	stop := make(chan struct{})
 	defer close(stop)
-	in := make(chan raft.RPC)
-	out := newVoteGate(&held, &strict, l, func(from raft.ServerID, term uint64) bool { return from == "L" && term == 7 }, stop).filter(in)
-	send := func(id string, addr []byte) (passed *raft.TimeoutNowRequest, err error) {
-		resp := make(chan raft.RPCResponse, 1)
-		in <- raft.RPC{Command: &raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{ID: []byte(id), Addr: addr}}, RespChan: resp}
-		select {
-		case r := <-resp:
-			return nil, r.Error
-		case rpc := <-out:
-			rpc.Respond(nil, nil)
-			return rpc.Command.(*raft.TimeoutNowRequest), nil
-		case <-time.After(5 * time.Second):
-			t.Fatal("TimeoutNow neither answered nor passed on")
-			return nil, nil
+	gs := newGateSender(t, newVoteGate(&held, &strict, l, func(from raft.ServerID, term uint64) bool { return from == "L" && term == 7 }, stop))
+	send := func(id string, addr []byte) (*raft.TimeoutNowRequest, error) {
+		req := &raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{ID: []byte(id), Addr: addr}}
+		if passed, err := gs.send(req); !passed {
+			return nil, err
 		}
+		return req, nil
 	}
 	for _, c := range []struct {
 		id   string
@@ -206,24 +187,30 @@ func TestLeadershipTransferEndsLease(t *testing.T) {
 	}
 }
 
-// netCut: per-pair partitions on the harness's Dial.
-type netCut struct {
-	mu    sync.Mutex
-	cut   map[[2]string]bool
-	conns map[net.Conn][2]string
+// dialCut cuts dials between nodes, either way between a pair or (directed)
+// from one node to another, and closes the connections already dialed
+// across the cut.
+type dialCut struct {
+	directed bool
+	mu       sync.Mutex
+	cut      map[[2]string]bool
+	conns    map[net.Conn][2]string
 }
 
-func pairKey(a, b string) [2]string {
-	if a > b {
-		a, b = b, a
+func newDialCut(directed bool) *dialCut {
+	return &dialCut{directed: directed, cut: map[[2]string]bool{}, conns: map[net.Conn][2]string{}}
+}
+
+func (p *dialCut) key(from, to string) [2]string {
+	if !p.directed && from > to {
+		from, to = to, from
 	}
-	return [2]string{a, b}
+	return [2]string{from, to}
 }
 
-func (p *netCut) wrap(from string, dial func(context.Context, string) (net.Conn, error)) func(context.Context, string) (net.Conn, error) {
+func (p *dialCut) wrap(from string, dial func(context.Context, string) (net.Conn, error)) func(context.Context, string) (net.Conn, error) {
 	return func(ctx context.Context, addr string) (net.Conn, error) {
-		to := strings.SplitN(addr, ".", 2)[0]
-		k := pairKey(from, to)
+		k := p.key(from, strings.SplitN(addr, ".", 2)[0])
 		p.mu.Lock()
 		if p.cut[k] {
 			p.mu.Unlock()
@@ -241,15 +228,17 @@ func (p *netCut) wrap(from string, dial func(context.Context, string) (net.Conn,
 	}
 }
 
-func (p *netCut) isolate(a, b string) {
-	k := pairKey(a, b)
+func (p *dialCut) set(from, to string, on bool) {
+	k := p.key(from, to)
 	p.mu.Lock()
-	p.cut[k] = true
+	p.cut[k] = on
 	var cl []net.Conn
-	for c, ck := range p.conns {
-		if ck == k {
-			cl = append(cl, c)
-			delete(p.conns, c)
+	if on {
+		for c, ck := range p.conns {
+			if ck == k {
+				cl = append(cl, c)
+				delete(p.conns, c)
+			}
 		}
 	}
 	p.mu.Unlock()
@@ -265,7 +254,7 @@ func (p *netCut) isolate(a, b string) {
 // leader while the first still held its lease, and the first then passed
 // a read barrier without the second's write. Now the target refuses it.
 func TestStaleTimeoutNowRefused(t *testing.T) {
-	p := &netCut{cut: map[[2]string]bool{}, conns: map[net.Conn][2]string{}}
+	p := newDialCut(false)
 	c := newTestCluster(t, 3)
 	c.mutate = func(cfg *Config) {
 		cfg.HeartbeatTimeout = time.Second
@@ -293,8 +282,8 @@ func TestStaleTimeoutNowRefused(t *testing.T) {
 		}
 		return nil
 	})
-	p.isolate(lead.id, x.id)
-	p.isolate(lead.id, y.id)
+	p.set(lead.id, x.id, true)
+	p.set(lead.id, y.id, true)
 	// A TimeoutNow as raft sends it, untagged, in the leader's name.
 	err := x.node().trans.TimeoutNow(raft.ServerID(y.id), raft.ServerAddress(y.advert),
 		&raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{ProtocolVersion: raft.ProtocolVersionMax, ID: []byte(lead.id), Addr: []byte(lead.advert)}},
@@ -309,53 +298,6 @@ func TestStaleTimeoutNowRefused(t *testing.T) {
 	}
 }
 
-// dirCut: per-direction dial cuts (from may not dial to), closing the
-// connections from dialed to to.
-type dirCut struct {
-	mu    sync.Mutex
-	cut   map[[2]string]bool
-	conns map[net.Conn][2]string
-}
-
-func (p *dirCut) wrap(from string, dial func(context.Context, string) (net.Conn, error)) func(context.Context, string) (net.Conn, error) {
-	return func(ctx context.Context, addr string) (net.Conn, error) {
-		k := [2]string{from, strings.SplitN(addr, ".", 2)[0]}
-		p.mu.Lock()
-		if p.cut[k] {
-			p.mu.Unlock()
-			return nil, errors.New("partitioned")
-		}
-		p.mu.Unlock()
-		c, err := dial(ctx, addr)
-		if err != nil {
-			return nil, err
-		}
-		p.mu.Lock()
-		p.conns[c] = k
-		p.mu.Unlock()
-		return c, nil
-	}
-}
-
-func (p *dirCut) set(from, to string, on bool) {
-	k := [2]string{from, to}
-	p.mu.Lock()
-	p.cut[k] = on
-	var cl []net.Conn
-	if on {
-		for c, ck := range p.conns {
-			if ck == k {
-				cl = append(cl, c)
-				delete(p.conns, c)
-			}
-		}
-	}
-	p.mu.Unlock()
-	for _, c := range cl {
-		_ = c.Close()
-	}
-}
-
 // TestTransferCandidateAckNotCounted (found by review): a candidate
 // started by a TimeoutNow accepts an AppendEntries of its own term from
 // another leader without becoming a follower (hashicorp/raft appendEntries:
@@ -365,7 +307,7 @@ func (p *dirCut) set(from, to string, on bool) {
 // transfer candidate's gate refuses AppendEntries of its term, so no
 // leader counts it while it is one.
 func TestTransferCandidateAckNotCounted(t *testing.T) {
-	p := &dirCut{cut: map[[2]string]bool{}, conns: map[net.Conn][2]string{}}
+	p := newDialCut(true)
 	c := newTestCluster(t, 3)
 	c.mutate = func(cfg *Config) {
 		cfg.HeartbeatTimeout = 600 * time.Millisecond // lease 300 ms
@@ -462,25 +404,14 @@ func TestVoteGateRefusesTransferCandidateAppends(t *testing.T) {
 	l := newReadLease(time.Nanosecond) // lease on; votes are not refused after 1 ns
 	stop := make(chan struct{})
 	defer close(stop)
-	in := make(chan raft.RPC)
 	g := newVoteGate(&held, &strict, l, func(raft.ServerID, uint64) bool { return true }, stop)
 	var state atomic.Value
 	state.Store(raft.Candidate)
 	g.state = func() (raft.RaftState, uint64, bool) { return state.Load().(raft.RaftState), 8, true }
-	out := g.filter(in)
+	gs := newGateSender(t, g)
 	send := func(cmd any) error {
-		resp := make(chan raft.RPCResponse, 1)
-		in <- raft.RPC{Command: cmd, RespChan: resp}
-		select {
-		case r := <-resp:
-			return r.Error
-		case rpc := <-out:
-			rpc.Respond(nil, nil)
-			return (<-resp).Error
-		case <-time.After(5 * time.Second):
-			t.Fatal("request neither answered nor passed on")
-			return nil
-		}
+		_, err := gs.send(cmd)
+		return err
 	}
 	if err := send(&raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{ID: []byte("L"), Addr: appendTransferTag([]byte("l:1"), 7)}}); err != nil {
 		t.Fatalf("TimeoutNow: %v", err)
@@ -512,27 +443,15 @@ func TestVoteGateRefusesStaleTransferVotes(t *testing.T) {
 			l = newReadLease(time.Nanosecond) // votes are not refused after 1 ns
 		}
 		stop := make(chan struct{})
-		in := make(chan raft.RPC)
 		g := newVoteGate(&held, &strict, l, func(raft.ServerID, uint64) bool { return true }, stop)
 		g.lastEntry = func() (uint64, uint64, bool) { return 10, 5, true }
-		out := g.filter(in)
+		gs := newGateSender(t, g)
 		passed := func(req *raft.RequestVoteRequest) bool {
-			resp := make(chan raft.RPCResponse, 1)
-			in <- raft.RPC{Command: req, RespChan: resp}
-			select {
-			case r := <-resp:
-				if !errors.Is(r.Error, errStaleTransferVote) {
-					t.Fatalf("refused with %v", r.Error)
-				}
-				return false
-			case rpc := <-out:
-				rpc.Respond(&raft.RequestVoteResponse{}, nil)
-				<-resp
-				return true
-			case <-time.After(5 * time.Second):
-				t.Fatal("request neither answered nor passed on")
-				return false
+			passed, err := gs.send(req)
+			if !passed && !errors.Is(err, errStaleTransferVote) {
+				t.Fatalf("refused with %v", err)
 			}
+			return passed
 		}
 		for _, c := range []struct {
 			transfer   bool
@@ -585,4 +504,35 @@ func TestLastEntry(t *testing.T) {
 		t.Fatal(err)
 	}
 	check()
+}
+
+// gateSender sends requests through a vote gate's filter, standing in for
+// raft behind it.
+type gateSender struct {
+	t   *testing.T
+	in  chan raft.RPC
+	out <-chan raft.RPC
+}
+
+func newGateSender(t *testing.T, g *voteGate) *gateSender {
+	in := make(chan raft.RPC)
+	return &gateSender{t: t, in: in, out: g.filter(in)}
+}
+
+// send reports whether the gate passed cmd on to raft (which answers
+// it without an error) and the error of the answer the sender got.
+func (s *gateSender) send(cmd any) (passed bool, err error) {
+	s.t.Helper()
+	resp := make(chan raft.RPCResponse, 1)
+	s.in <- raft.RPC{Command: cmd, RespChan: resp}
+	select {
+	case r := <-resp:
+		return false, r.Error
+	case rpc := <-s.out:
+		rpc.Respond(nil, nil)
+		return true, (<-resp).Error
+	case <-time.After(5 * time.Second):
+		s.t.Fatal("request neither answered nor passed on")
+		return false, nil
+	}
 }

@@ -21,6 +21,9 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 	case *SessionOpen:
 		e := s.sessions[c.ClientID]
 		retry := e != nil && c.At != 0 && e.Owner == c.Owner && e.OpenedAt == c.At
+		if c.HasAsOf && s.touchFrom == 0 {
+			s.touchFrom = idx
+		}
 		if c.Fenced && !retry {
 			var cur uint64
 			if e != nil {
@@ -31,14 +34,12 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 				return evs, true
 			}
 			if c.HasAsOf && cur == 0 {
-				if at, ok := s.touchedSince(c.ClientID, c.AsOf, idx); ok {
-					res.Err = fmt.Errorf("%w: %v %q changed at %d, after %d", ErrReopened, c.Type(), c.ClientID, at, c.AsOf)
+				if t, why := s.openTouched(c.ClientID, c.AsOf, idx); why != "" {
+					res.Err = fmt.Errorf("%w: %v %q %s", ErrReopened, c.Type(), c.ClientID, why)
+					res.Prev = t.owner
 					return evs, true
 				}
 			}
-		}
-		if c.HasAsOf && s.touchFrom == 0 {
-			s.touchFrom = idx
 		}
 		if !retry && c.OweWill {
 			evs = s.oweWill(c.ClientID, e, c.Owner, c.CleanStart, idx, evs)
@@ -54,7 +55,7 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 			// Clean start: the old session ends here, with everything it
 			// held; observers see a delete then an open.
 			delete(s.sessions, c.ClientID)
-			s.touch(c.ClientID, idx)
+			s.touch(c.ClientID, idx, nil)
 			emit(SessionChange{Kind: SessionDeleted, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
 			e = nil
 		}
@@ -110,7 +111,7 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 			return evs, true
 		}
 		delete(s.sessions, c.ClientID)
-		s.touch(c.ClientID, idx)
+		s.touch(c.ClientID, idx, nil)
 		res.Changed = true
 		emit(SessionChange{Kind: SessionDeleted, ClientID: c.ClientID, Owner: e.Owner, Will: copyWill(e.Will)})
 	case *Subscribe:

@@ -110,8 +110,13 @@ type state struct {
 	// touched: client id -> the last entry that deleted its session or
 	// claimed or released it, recorded from entry touchFrom on and pruned
 	// at touchPruned (touched.go).
-	touched                map[string]uint64
+	touched                map[string]touch
 	touchFrom, touchPruned uint64
+	// touchEntry and touchBefore: the entry being applied and the touches
+	// of the ids it touched before it did (not replicated state: reset
+	// by the next entry).
+	touchEntry  uint64
+	touchBefore map[string]touch
 	// synced is the last log entry a snapshot of this state holds (set by
 	// FSM.Snapshot; not part of the replicated state itself).
 	synced uint64
@@ -126,7 +131,8 @@ type state struct {
 func newState() *state {
 	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
 		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64), blobs: make(map[BlobID]*blobEntry),
-		owed: make(map[owedKey]OwedWill), touched: make(map[string]uint64)}
+		owed: make(map[owedKey]OwedWill), touched: make(map[string]touch),
+		touchBefore: make(map[string]touch)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
@@ -142,7 +148,7 @@ func (s *state) clone() *state {
 	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
 		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed),
 		blobs: blobs, owed: maps.Clone(s.owed), touched: maps.Clone(s.touched), touchFrom: s.touchFrom,
-		touchPruned: s.touchPruned, store: s.store, dir: s.dir}
+		touchPruned: s.touchPruned, touchBefore: make(map[string]touch), store: s.store, dir: s.dir}
 }
 
 // event is an observer notification produced by applyCommand and delivered
@@ -179,7 +185,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		s.epoch++
 		o := Owner{Node: c.Node, Epoch: s.epoch, Since: c.At}
 		s.owners[c.ClientID] = o
-		s.touch(c.ClientID, idx)
+		s.touch(c.ClientID, idx, &o)
 		res.Changed, res.Epoch, res.Prev = true, o.Epoch, prev
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Owner: o, Prev: prev, Index: idx}})
 	case *ReclaimOwner:
@@ -191,7 +197,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		s.epoch++
 		o := Owner{Node: c.Node, Epoch: s.epoch, Since: c.At}
 		s.owners[c.ClientID] = o
-		s.touch(c.ClientID, idx)
+		s.touch(c.ClientID, idx, &o)
 		res.Changed, res.Epoch = true, o.Epoch
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Owner: o, Prev: prev, Index: idx}})
 	case *ReleaseOwner:
@@ -201,7 +207,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 			return res, evs // stale: someone claimed it since
 		}
 		delete(s.owners, c.ClientID)
-		s.touch(c.ClientID, idx)
+		s.touch(c.ClientID, idx, &cur)
 		res.Changed, res.Epoch = true, cur.Epoch
 		evs = append(evs, event{owner: &OwnerChange{ClientID: c.ClientID, Prev: cur, Index: idx}})
 	case *Departure:

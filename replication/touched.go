@@ -22,9 +22,11 @@ import (
 // So the state remembers, per client id, the last entry that touched it:
 // deleted its session, claimed or released its ownership. An open with
 // AsOf (the index of the state its CONNECT read, type 30) and IfOpened 0
-// fails with ErrReopened when the client id was touched after AsOf, by
-// another entry: whatever happened since the CONNECT read is news to it,
-// and the CONNECT decides again on the newer state (hooks: applyOpen).
+// fails with ErrReopened when the client id was touched after AsOf by
+// another entry, or when touches that far back are not known: whatever
+// happened since the CONNECT read is news to it, and the CONNECT decides
+// again on the newer state (hooks: applyOpen), told the last ownership
+// claim of the id (Result.Prev), which may have been released since.
 // An open of an existing session needs no more: OpenedIndex changes on
 // every open, so IfOpened cannot match again once the session was
 // replaced or deleted.
@@ -32,8 +34,10 @@ import (
 // Touches are recorded from the first type 30 open on (touchFrom): nodes
 // that applied older entries with older code, or restored an older
 // snapshot, then agree on what is recorded. They are dropped touchKeep
-// entries later (an open cannot stay in flight that long: it commits
-// within a leader's term or is lost), at deterministic points of the log.
+// entries later, at deterministic points of the log. An open read before
+// either horizon is refused (its CONNECT reads again): the first open
+// after format 6 is agreed, or after a backup restore, costs one more
+// write.
 
 // CmdSessionOpenAsOf (30) is a fenced SessionOpen with AsOf; log format 6.
 //
@@ -45,25 +49,60 @@ const (
 	touchPruneEvery = touchKeep / 4
 )
 
+// touch is the last entry that touched a client id, and the last
+// ownership claim known for it then (zero if none): a refused open
+// reports it (Result.Prev), so that a CONNECT can tell that a newer
+// connection elsewhere came and went since it read.
+type touch struct {
+	at    uint64
+	owner Owner // Node and Since
+}
+
 // touch records that the entry at idx changed clientID's session or
-// ownership.
-func (s *state) touch(clientID string, idx uint64) {
+// ownership; claim, if not nil, is the claim it made or released.
+func (s *state) touch(clientID string, idx uint64, claim *Owner) {
 	if s.touchFrom == 0 {
 		return
 	}
-	s.touched[clientID] = idx
+	prev := s.touched[clientID]
+	if s.touchEntry != idx {
+		s.touchEntry = idx
+		clear(s.touchBefore)
+	}
+	if _, ok := s.touchBefore[clientID]; !ok {
+		s.touchBefore[clientID] = prev
+	}
+	t := touch{at: idx, owner: prev.owner}
+	if claim != nil {
+		t.owner = Owner{Node: claim.Node, Since: claim.Since}
+	}
+	s.touched[clientID] = t
 	if idx-s.touchPruned < touchPruneEvery {
 		return
 	}
 	s.touchPruned = idx
-	maps.DeleteFunc(s.touched, func(_ string, at uint64) bool { return idx-at > touchKeep })
+	maps.DeleteFunc(s.touched, func(_ string, t touch) bool { return idx-t.at > touchKeep })
 }
 
-// touchedSince reports whether an entry other than idx touched clientID
-// after index asOf.
-func (s *state) touchedSince(clientID string, asOf, idx uint64) (uint64, bool) {
-	at := s.touched[clientID]
-	return at, at > asOf && at != idx
+// openTouched reports why an open of clientID that read no session as of
+// asOf, applied at idx, must not open: another entry touched the id after
+// asOf, or touches that far back are not known (before touchFrom, or
+// pruned). "" if it may. Touches by idx's own entry (the delete of an
+// expired session the CONNECT read, in the same Batch) do not count.
+func (s *state) openTouched(clientID string, asOf, idx uint64) (touch, string) {
+	t := s.touched[clientID]
+	if t.at == idx && s.touchEntry == idx {
+		t = s.touchBefore[clientID]
+	}
+	switch {
+	case t.at > asOf:
+		return t, fmt.Sprintf("changed at %d, after %d", t.at, asOf)
+	case asOf < s.touchFrom:
+		return t, fmt.Sprintf("read at %d, before touches were recorded (%d)", asOf, s.touchFrom)
+	case s.touchPruned > touchKeep && asOf < s.touchPruned-touchKeep:
+		return t, fmt.Sprintf("read at %d, before the touches kept (%d)", asOf, s.touchPruned-touchKeep)
+	}
+	return t, ""
 }
 
 // OpenAsOfSupported reports whether every server applies SessionOpen.AsOf
@@ -79,7 +118,8 @@ func (n *Node) SyncedIndex() uint64 { return n.fsm.synced.Load() }
 // once touches are recorded, comes before the recTouched ones.
 //
 //	kind 9 touch from: uvarint touch_from | uvarint touch_pruned
-//	kind 10 touched:   str client_id | uvarint index
+//	kind 10 touched:   str client_id | uvarint index | str owner_node |
+//	                   varint owner_since
 const (
 	recTouchFrom byte = 9
 	recTouched   byte = 10
@@ -92,7 +132,9 @@ func writeTouches(st *state, body *[]byte, record func(kind byte)) {
 	*body = appendUvarint(appendUvarint((*body)[:0], st.touchFrom), st.touchPruned)
 	record(recTouchFrom)
 	for _, id := range slices.Sorted(maps.Keys(st.touched)) {
-		*body = appendUvarint(appendString((*body)[:0], id), st.touched[id])
+		t := st.touched[id]
+		*body = appendUvarint(appendString((*body)[:0], id), t.at)
+		*body = appendVarint(appendString(*body, t.owner.Node), t.owner.Since)
 		record(recTouched)
 	}
 }
@@ -105,11 +147,11 @@ func readTouchRecord(kind byte, rd *reader, st *state) error {
 			return fmt.Errorf("%w: touch-from record: %v", errCorrupt, err)
 		}
 	case recTouched:
-		id, at := rd.str(), rd.uvarint()
+		id, t := rd.str(), touch{at: rd.uvarint(), owner: Owner{Node: rd.str(), Since: rd.varint()}}
 		if err := rd.end(); err != nil || st.touchFrom == 0 || id == "" {
 			return fmt.Errorf("%w: touched record: %v", errCorrupt, err)
 		}
-		st.touched[id] = at
+		st.touched[id] = t
 	}
 	return nil
 }

@@ -14,6 +14,16 @@ func asOfOpen(id, owner string, at int64, asOf uint64) *SessionOpen {
 		Fenced: true, AsOf: asOf, HasAsOf: true}
 }
 
+// newTouchApplier is a session applier whose state records touches (its
+// first type 30 open applied, refused as read before they were).
+func newTouchApplier(t *testing.T) *sessionApplier {
+	a := newSessionApplier(t)
+	if r := a.apply(asOfOpen("first", "A", 1, 0)); !errors.Is(r.Err, ErrReopened) || a.s.touchFrom != a.idx {
+		t.Fatalf("first as-of open: %+v, touches from %d", r, a.s.touchFrom)
+	}
+	return a
+}
+
 // TestOpenAsOfRefusedAfterDelete: the chaos finding. A persistent
 // CONNECT reads no session and its open is forwarded; the outcome is
 // unknown, the client gives up and connects with a clean session, which
@@ -21,9 +31,8 @@ func asOfOpen(id, owner string, at int64, asOf uint64) *SessionOpen {
 // "no session", used to create it again (the client's next resume then
 // answered session present 1).
 func TestOpenAsOfRefusedAfterDelete(t *testing.T) {
-	a := newSessionApplier(t)
-	a.apply(&RetainClear{Topic: "x"}) // index 1: what the CONNECT read
-	read := a.idx
+	a := newTouchApplier(t)
+	read := a.idx // what the CONNECT read
 	first := a.apply(asOfOpen("c", "A", 5000, read)).Index
 	if _, ok := a.s.sessions["c"]; !ok {
 		t.Fatal("the first try did not open")
@@ -48,14 +57,15 @@ func TestOpenAsOfRefusedAfterDelete(t *testing.T) {
 // it (nor after the release when that connection ended).
 func TestOpenAsOfRefusedAfterClaim(t *testing.T) {
 	for _, release := range []bool{false, true} {
-		a := newSessionApplier(t)
-		a.apply(asOfOpen("other", "A", 1, 0)) // activates touches
+		a := newTouchApplier(t)
 		read := a.idx
 		claim := a.apply(&ClaimOwner{ClientID: "c", Node: "B", At: 2})
 		if release {
 			a.apply(&ReleaseOwner{ClientID: "c", Node: "B", Epoch: claim.Epoch})
 		}
-		if r := a.apply(asOfOpen("c", "A", 3, read)); !errors.Is(r.Err, ErrReopened) {
+		// The refusal names the claim, released or not: the CONNECT can
+		// tell that a connection elsewhere came since it read.
+		if r := a.apply(asOfOpen("c", "A", 3, read)); !errors.Is(r.Err, ErrReopened) || r.Prev.Node != "B" || r.Prev.Since != 2 {
 			t.Fatalf("release %v: late open after the clean connection's claim: %+v", release, r)
 		}
 		if _, ok := a.s.sessions["c"]; ok {
@@ -70,8 +80,7 @@ func TestOpenAsOfRefusedAfterClaim(t *testing.T) {
 
 // TestOpenAsOfCases: what an as-of fence does not refuse.
 func TestOpenAsOfCases(t *testing.T) {
-	a := newSessionApplier(t)
-	a.apply(asOfOpen("other", "A", 1, 0)) // activates touches
+	a := newTouchApplier(t)
 	// An existing session is fenced by IfOpened alone: a claim after the
 	// read (the client's previous connection, claimed late) changes
 	// nothing a resume depends on.
@@ -100,38 +109,69 @@ func TestOpenAsOfCases(t *testing.T) {
 
 // TestTouchesRecordedFromFirstAsOfOpen: touches before the first type 30
 // open are not recorded (nodes that applied those entries with older
-// code have none), so every replica refuses the same opens.
+// code have none), so every replica refuses the same opens; an open read
+// before recording began is refused (its CONNECT reads again).
 func TestTouchesRecordedFromFirstAsOfOpen(t *testing.T) {
 	a := newSessionApplier(t)
+	read := a.idx
 	a.apply(&ClaimOwner{ClientID: "c", Node: "B", At: 1})
 	if len(a.s.touched) != 0 || a.s.touchFrom != 0 {
 		t.Fatalf("touches before any as-of open: %v from %d", a.s.touched, a.s.touchFrom)
 	}
-	if r := a.apply(asOfOpen("c", "A", 2, 0)); r.Err != nil {
-		t.Fatalf("first as-of open: %+v", r)
+	// A late open that read before the clean connection's claim.
+	if r := a.apply(asOfOpen("c", "A", 2, read)); !errors.Is(r.Err, ErrReopened) {
+		t.Fatalf("first as-of open, read before recording began: %+v", r)
 	}
 	if a.s.touchFrom != a.idx {
 		t.Fatalf("touchFrom %d, want %d", a.s.touchFrom, a.idx)
+	}
+	if r := a.apply(asOfOpen("c", "A", 3, a.idx)); r.Err != nil {
+		t.Fatalf("open read after recording began: %+v", r)
+	}
+}
+
+// TestOpenAsOfSameEntryDelete: the delete of an expired session
+// in the open's own entry does not count, but it does not hide another
+// entry's touch after the read either (found by review: only the last
+// touch was kept).
+func TestOpenAsOfSameEntryDelete(t *testing.T) {
+	for _, claimed := range []bool{false, true} {
+		a := newTouchApplier(t)
+		exp := a.apply(asOfOpen("c", "A", 2, a.idx)).Index
+		a.apply(&SessionClose{ClientID: "c", Owner: "A", IfOpened: exp, At: 3})
+		read := a.idx // the CONNECT reads the expired session
+		if claimed {
+			a.apply(&ClaimOwner{ClientID: "c", Node: "B", At: 4})
+		}
+		r := a.apply(&Batch{Commands: []Command{&SessionDelete{ClientID: "c", IfOpened: exp}, asOfOpen("c", "A", 5, read)}})
+		if refused := errors.Is(r.Results[1].Err, ErrReopened); refused != claimed {
+			t.Fatalf("claimed after the read %v: open %+v", claimed, r.Results[1])
+		}
 	}
 }
 
 // TestTouchesPruned: touches older than touchKeep entries are dropped,
 // at points of the log every replica agrees on.
 func TestTouchesPruned(t *testing.T) {
-	a := newSessionApplier(t)
-	a.apply(asOfOpen("x", "A", 1, 0))
+	a := newTouchApplier(t)
+	read := a.idx
 	a.apply(&ClaimOwner{ClientID: "old", Node: "B", At: 1})
 	a.idx += touchKeep
 	a.apply(&ClaimOwner{ClientID: "new", Node: "B", At: 2})
 	if _, ok := a.s.touched["old"]; ok {
 		t.Fatal("a touch older than touchKeep was kept")
 	}
-	if a.s.touched["new"] != a.idx || a.s.touchPruned != a.idx {
+	if a.s.touched["new"].at != a.idx || a.s.touchPruned != a.idx {
 		t.Fatalf("touched %v, pruned at %d (want %d)", a.s.touched, a.s.touchPruned, a.idx)
 	}
+	// An open read before the touches kept cannot be judged: refused
+	// (found by review: it passed once "old" was dropped).
+	if r := a.apply(asOfOpen("old", "A", 2, read)); !errors.Is(r.Err, ErrReopened) {
+		t.Fatalf("open read before the touches kept: %+v", r)
+	}
 	// Not before touchPruneEvery more entries.
-	kept := a.idx
-	a.idx += touchPruneEvery - 2
+	kept := a.s.touchPruned
+	a.idx = kept + touchPruneEvery - 2
 	a.apply(&ClaimOwner{ClientID: "mid", Node: "B", At: 3})
 	if a.s.touchPruned != kept {
 		t.Fatalf("pruned again at %d, %d entries after %d", a.s.touchPruned, a.idx-kept, kept)
@@ -152,7 +192,8 @@ func TestTouchesSnapshot(t *testing.T) {
 		return f.Apply(entry(idx, c)).(Result)
 	}
 	apply(&ClaimOwner{ClientID: "c", Node: "B", At: 1})
-	apply(asOfOpen("d", "A", 2, idx))
+	apply(asOfOpen("x", "A", 2, 0)) // refused; recording begins
+	apply(asOfOpen("d", "A", 3, idx))
 	read := idx
 	apply(&SessionDelete{ClientID: "d"})
 	apply(&ClaimOwner{ClientID: "e", Node: "B", At: 3})
@@ -161,14 +202,14 @@ func TestTouchesSnapshot(t *testing.T) {
 	if err := g.Restore(io.NopCloser(bytes.NewReader(data))); err != nil {
 		t.Fatal(err)
 	}
-	if g.st.touchFrom != f.st.touchFrom || len(g.st.touched) != 2 || g.st.touched["d"] != f.st.touched["d"] {
+	if g.st.touchFrom != f.st.touchFrom || len(g.st.touched) != 2 || g.st.touched["e"] != f.st.touched["e"] {
 		t.Fatalf("restored touches %v from %d, want %v from %d", g.st.touched, g.st.touchFrom, f.st.touched, f.st.touchFrom)
 	}
 	if !bytes.Equal(data, snapshotBytes(t, g)) {
 		t.Fatal("snapshot of the restored state differs")
 	}
 	idx++
-	if r := g.Apply(entry(idx, asOfOpen("d", "A", 2, read))).(Result); !errors.Is(r.Err, ErrReopened) {
+	if r := g.Apply(entry(idx, asOfOpen("d", "A", 3, read))).(Result); !errors.Is(r.Err, ErrReopened) {
 		t.Fatalf("the restored state let a late open through: %+v", r)
 	}
 }

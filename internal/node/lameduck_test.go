@@ -77,12 +77,7 @@ func TestClientDropInLameDuckKeepsItsWill(t *testing.T) {
 	dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ldw-dev", CleanStart: true,
 		Will: &paho.WillMessage{Topic: "ldw/dev", QoS: 1, Payload: []byte("offline")}})
 	// The will is mirrored in the log once the session is open there.
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n1"].repl.Session("ldw-dev"); !ok || s.Will == nil {
-			return fmt.Errorf("will not in the log yet")
-		}
-		return nil
-	})
+	tc.waitWillInLog(t, "n1", "ldw-dev")
 	tc.nodes["n1"].sessionsHook.PrepareStop() // the stop begins; dev is not disconnected yet
 	_ = dev.Conn.Close()                      // and drops on its own
 	back := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "ldw-dev", CleanStart: true})
@@ -113,12 +108,7 @@ func TestLameDuckLeavesToldSessionsOpen(t *testing.T) {
 	dev := testutil.Connect(t, n1.Addr("mqtt"), testutil.ClientOptions{ID: "ldo-dev", CleanStart: true,
 		Will: &paho.WillMessage{Topic: "ldo/dev", QoS: 1, Payload: []byte("offline")}})
 	defer dev.Close()
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n2"].repl.Session("ldo-dev"); !ok || s.Will == nil || !s.Connected {
-			return fmt.Errorf("will not in the log yet")
-		}
-		return nil
-	})
+	tc.waitWillInLog(t, "n2", "ldo-dev")
 	// The stop's first steps, as Shutdown takes them, for this client.
 	n1.sessionsHook.PrepareStop()
 	cl, ok := n1.mqtt.Clients.Get("ldo-dev")

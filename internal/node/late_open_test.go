@@ -21,44 +21,66 @@ import (
 // tries of one refused CONNECT committed 1.2 s and 1.7 s after it). The
 // open read "no session", and no session is what the log shows again
 // when it commits: fenced by IfOpened alone it created the session, and
-// the client's next resume answered session present 1. Both ways the
+// the client's next resume answered session present 1. The ways the
 // clean connection can leave the log:
 //   - deleted: an earlier try of that CONNECT created the session, and
-//     the clean CONNECT deleted it;
+//     the clean CONNECT deleted it: the log refuses the late open;
 //   - claimed: nothing to delete, only the clean connection's ownership
-//     claim is in the log.
+//     claim is in the log: the log refuses it;
+//   - untouched: the late open commits before that claim (found by
+//     review: claims are written after CONNACK): it creates the session,
+//     and the node that refused the CONNECT deletes it.
 func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
 	for _, tc := range []struct {
-		name     string
-		firstTry bool // the first try commits (the session exists when the client connects clean)
-		clientID string
+		name      string
+		firstTry  bool // the first try commits (the session exists when the client connects clean)
+		holdClaim bool // the clean connection's claim waits until the late open committed
+		clientID  string
 	}{
 		{name: "deleted", firstTry: true, clientID: "lo-del"},
-		{name: "claimed", firstTry: false, clientID: "lo-claim"},
+		{name: "claimed", clientID: "lo-claim"},
+		{name: "untouched", holdClaim: true, clientID: "lo-untouched"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var mu sync.Mutex
 			var late replication.Command
-			c := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
-				if c.Self != "n1" {
-					return
-				}
-				c.Timeout = 2 * time.Second
-				c.BeforeOpenWrite = func(id string, cmd replication.Command) error {
-					if id != tc.clientID {
-						return nil
-					}
-					mu.Lock()
-					defer mu.Unlock()
-					if late == nil {
-						late = cmd
-						if tc.firstTry {
-							return nil
+			hold := make(chan struct{})
+			c := newTunedCluster(t, func(cfg *Config) {
+				if cfg.NodeID == "n2" && tc.holdClaim {
+					cfg.BeforeClaim = func(id string) {
+						if id == tc.clientID {
+							<-hold
 						}
 					}
-					return fmt.Errorf("%w: stand-in for a forwarded proposal still in flight", replication.ErrUnknownOutcome)
+				}
+				if cfg.NodeID != "n1" {
+					return
+				}
+				cfg.SessionsTuning = func(c *hooks.SessionsConfig) {
+					c.Timeout = 2 * time.Second
+					c.BeforeOpenWrite = func(id string, cmd replication.Command) error {
+						if id != tc.clientID {
+							return nil
+						}
+						mu.Lock()
+						defer mu.Unlock()
+						if late == nil {
+							late = cmd
+							if tc.firstTry {
+								return nil
+							}
+						}
+						return fmt.Errorf("%w: stand-in for a forwarded proposal still in flight", replication.ErrUnknownOutcome)
+					}
 				}
 			}, "n1", "n2", "n3")
+			defer func() {
+				select {
+				case <-hold:
+				default:
+					close(hold)
+				}
+			}()
 			c.waitReady()
 			testutil.Eventually(t, 15*time.Second, func() error {
 				for _, n := range c.nodes {
@@ -68,10 +90,9 @@ func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
 				}
 				return nil
 			})
-			// Touches are recorded from the first open fenced as of an
-			// index on (replication/touched.go): in a cluster that has
-			// served no persistent session since log format 6, the first
-			// one is not covered.
+			// The first open fenced as of an index starts the recording of
+			// touches (replication/touched.go); the opens read before are
+			// refused once, which the late open should not be for.
 			warm, _ := rawConnect(t, c.nodes["n3"].Addr("mqtt"), "lo-warm", false, 300)
 			_ = warm.conn.Close()
 			// The persistent CONNECT on n1: served when its first try
@@ -95,7 +116,7 @@ func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
 					return nil
 				})
 			}
-			// The client connects with a clean session on n2, and leaves.
+			// The client connects with a clean session on n2.
 			c2, ack := rawConnect(t, c.nodes["n2"].Addr("mqtt"), tc.clientID, true, 0)
 			if ack.ReasonCode != 0 || ack.SessionPresent {
 				t.Fatalf("clean CONNECT answered %#x, present %v", ack.ReasonCode, ack.SessionPresent)
@@ -104,22 +125,31 @@ func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
 				if _, ok := c.nodes["n1"].repl.Session(tc.clientID); ok {
 					return errors.New("n1 still sees the session")
 				}
-				if o, ok := c.nodes["n1"].repl.Owner(tc.clientID); !ok || o.Node != "n2" {
+				if o, ok := c.nodes["n1"].repl.Owner(tc.clientID); !tc.holdClaim && (!ok || o.Node != "n2") {
 					return errors.New("n2's claim not applied on n1 yet")
 				}
 				return nil
 			})
-			_ = c2.conn.Close()
 			// The CONNECT's open commits now.
 			ctx, cancel := context.WithTimeout(context.Background(), wait)
 			defer cancel()
 			res, err := c.nodes["n1"].repl.Apply(ctx, cmd)
-			if err = session.OpenErr(cmd, res, err); !errors.Is(err, replication.ErrReopened) {
+			err = session.OpenErr(cmd, res, err)
+			if tc.holdClaim {
+				if err != nil {
+					t.Fatalf("the late open, with nothing in the log to refuse it: %v", err)
+				}
+				close(hold)
+			} else if !errors.Is(err, replication.ErrReopened) {
 				t.Fatalf("the late open was not refused: %v", err)
 			}
-			if s, ok := c.nodes["n1"].repl.Session(tc.clientID); ok {
-				t.Fatalf("the late open brought the session back: %+v", s)
-			}
+			_ = c2.conn.Close()
+			testutil.Eventually(t, wait, func() error {
+				if s, ok := c.nodes["n3"].repl.Session(tc.clientID); ok {
+					return fmt.Errorf("the late open brought the session back: %+v", s)
+				}
+				return nil
+			})
 			c3, ack := rawConnect(t, c.nodes["n3"].Addr("mqtt"), tc.clientID, false, 300)
 			defer c3.conn.Close()
 			if ack.ReasonCode != 0 || ack.SessionPresent {

@@ -131,3 +131,70 @@ func TestRetriedOpenDoesNotReviveSessionDeletedByNewerConnect(t *testing.T) {
 		t.Fatal("resume after a clean start answered session present 1")
 	}
 }
+
+// TestRetriedOpenGivesUpAfterNewerConnectionCameAndWent (found by
+// review): a persistent CONNECT on n1 retries its open (outcome unknown,
+// nothing committed). Meanwhile the client gives up, connects with a
+// clean session on n2 and leaves again: its claim and its release are in
+// the log, its session ended with it. n1's retry is refused (the client
+// id changed since it read), and must then give up: the connection that
+// came after it won, as the later CONNECT does on one broker. Deciding
+// by the current owner alone (none: released) opened again and brought a
+// session back after the clean start.
+func TestRetriedOpenGivesUpAfterNewerConnectionCameAndWent(t *testing.T) {
+	var blocked atomic.Bool
+	blocked.Store(true)
+	tried := make(chan struct{}, 1)
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
+		if c.Self != "n1" {
+			return
+		}
+		c.Timeout = 10 * time.Second
+		c.BeforeOpenWrite = func(id string, _ replication.Command) error {
+			if id != "cw-dev" || !blocked.Load() {
+				return nil
+			}
+			select {
+			case tried <- struct{}{}:
+			default:
+			}
+			return fmt.Errorf("%w: stand-in for a leader that died before committing", replication.ErrUnknownOutcome)
+		}
+	}, "n1", "n2", "n3")
+	tc.waitReady()
+	testutil.Eventually(t, 15*time.Second, func() error {
+		for _, n := range tc.nodes {
+			if !n.repl.OpenAsOfSupported() {
+				return fmt.Errorf("log format 6 not agreed yet")
+			}
+		}
+		return nil
+	})
+	warm, _ := rawConnect(t, tc.nodes["n3"].Addr("mqtt"), "cw-warm", false, 300) // touches recorded from here
+	_ = warm.conn.Close()
+	conn := sendPersistentConnect(t, tc.nodes["n1"].Addr("mqtt"), "cw-dev", "")
+	select {
+	case <-tried:
+	case <-time.After(wait):
+		t.Fatal("the open was not tried")
+	}
+	c2, _ := rawConnect(t, tc.nodes["n2"].Addr("mqtt"), "cw-dev", true, 0)
+	testutil.Eventually(t, wait, func() error {
+		if o, ok := tc.nodes["n1"].repl.Owner("cw-dev"); !ok || o.Node != "n2" {
+			return fmt.Errorf("n2's claim not applied on n1 yet")
+		}
+		return nil
+	})
+	_ = c2.conn.Close()
+	testutil.Eventually(t, wait, func() error {
+		if o, ok := tc.nodes["n1"].repl.Owner("cw-dev"); ok {
+			return fmt.Errorf("n2's release not applied on n1 yet: %+v", o)
+		}
+		return nil
+	})
+	blocked.Store(false) // the next retry is written
+	notServed(t, conn)
+	if s, ok := tc.nodes["n1"].repl.Session("cw-dev"); ok {
+		t.Fatalf("the retry opened the session after the newer clean connection: %+v", s)
+	}
+}

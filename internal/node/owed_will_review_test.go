@@ -30,19 +30,6 @@ func (tc *testCluster) queueOf(id string) (int, error) {
 	return n, nil
 }
 
-// waitNoOwed waits (up to d) until no node's log holds an owed will.
-func (tc *testCluster) waitNoOwed(t *testing.T, d time.Duration) {
-	t.Helper()
-	testutil.Eventually(t, d, func() error {
-		for id, n := range tc.nodes {
-			if w := n.repl.OwedWills(); len(w) != 0 {
-				return fmt.Errorf("%s holds owed wills %+v", id, w)
-			}
-		}
-		return nil
-	})
-}
-
 // TestOwedWillOfEarlierRunAfterRollingRestartDiscarded: n2 stops
 // gracefully and restarts, which clears its departure record; its old
 // client comes back within the leave grace, on n1, with clean start. n1's
@@ -61,12 +48,7 @@ func TestOwedWillOfEarlierRunAfterRollingRestartDiscarded(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = dev.Conn.Close() })
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n1"].repl.Session("rv-dev"); !ok || s.Will == nil {
-			return fmt.Errorf("will not in the log yet")
-		}
-		return nil
-	})
+	tc.waitWillInLog(t, "n1", "rv-dev")
 	tc.stop("n2")
 	tc.restart("n2")
 	tc.waitMembers(3)
@@ -80,7 +62,7 @@ func TestOwedWillOfEarlierRunAfterRollingRestartDiscarded(t *testing.T) {
 	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "rv-dev", CleanStart: true})
 	defer back.Close()
 	// Owed, then settled by n2 once its restart grace is over.
-	tc.waitNoOwed(t, grace+wait)
+	tc.waitOwedCount(t, grace+wait, 0)
 	if n, err := tc.queueOf("rv-ha"); err != nil || n != 0 {
 		t.Fatalf("the will was queued (%d, %v) although the client came back within the leave grace", n, err)
 	}
@@ -99,7 +81,7 @@ func TestOwedWillDiscardedByDisconnectAfterLongCut(t *testing.T) {
 	dev.Close() // DISCONNECT
 	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ow-dev", CleanStart: true})
 	defer back.Close()
-	tc.waitOwedOn(t, "n1", 1)
+	tc.waitOwedCount(t, wait, 1, "n1")
 	// n3 gives up writing the DISCONNECT's close (writeRetryFor).
 	failed := tc.nodes["n3"].sessionsHook.WritesFailed()
 	testutil.Eventually(t, 30*time.Second, func() error {
@@ -109,7 +91,7 @@ func TestOwedWillDiscardedByDisconnectAfterLongCut(t *testing.T) {
 		return nil
 	})
 	cut.set(false)
-	tc.waitNoOwed(t, wait)
+	tc.waitOwedCount(t, wait, 0)
 	tc.noWill(t)
 }
 
@@ -128,10 +110,10 @@ func TestOwedWillOfRefusedConnectDiscarded(t *testing.T) {
 	held.waitCommitted(t)
 	c2, _ := rawConnect(t, tc.nodes["n2"].Addr("mqtt"), "rf-dev", true, 0)
 	defer c2.conn.Close()
-	tc.waitOwedOn(t, "n1", 1)
+	tc.waitOwedCount(t, wait, 1, "n1")
 	close(held.release)
 	notServed(t, conn)
-	tc.waitNoOwed(t, wait)
+	tc.waitOwedCount(t, wait, 0)
 	if n, err := tc.queueOf("rf-ha"); err != nil || n != 0 {
 		t.Fatalf("the will of a refused CONNECT was queued (%d, %v)", n, err)
 	}

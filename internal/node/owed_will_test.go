@@ -103,19 +103,6 @@ func owedDev(t *testing.T, tc *testCluster) *testutil.Client {
 	return dev
 }
 
-// waitOwed waits until every node's log holds n owed wills.
-func (tc *testCluster) waitOwed(t *testing.T, n int) {
-	t.Helper()
-	testutil.Eventually(t, wait, func() error {
-		for id, nd := range tc.nodes {
-			if got := len(nd.repl.OwedWills()); got != n {
-				return fmt.Errorf("%s holds %d owed wills, want %d", id, got, n)
-			}
-		}
-		return nil
-	})
-}
-
 // noWill checks that ow-dev's will was not published: ha's queue holds
 // only "online", which is also still the retained value.
 func (tc *testCluster) noWill(t *testing.T) {
@@ -140,21 +127,10 @@ func TestOwedWillDiscardedByDisconnect(t *testing.T) {
 	dev.Close() // DISCONNECT
 	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ow-dev", CleanStart: true})
 	defer back.Close()
-	tc.waitOwedOn(t, "n1", 1)
+	tc.waitOwedCount(t, wait, 1, "n1")
 	cut.set(false)
-	tc.waitOwed(t, 0)
+	tc.waitOwedCount(t, wait, 0)
 	tc.noWill(t)
-}
-
-// waitOwedOn waits until node's log holds n owed wills.
-func (tc *testCluster) waitOwedOn(t *testing.T, node string, n int) {
-	t.Helper()
-	testutil.Eventually(t, wait, func() error {
-		if got := len(tc.nodes[node].repl.OwedWills()); got != n {
-			return fmt.Errorf("%s holds %d owed wills, want %d", node, got, n)
-		}
-		return nil
-	})
 }
 
 // TestOwedWillDiscardedByGracefulStop: a node that stops gracefully tells
@@ -176,9 +152,9 @@ func TestOwedWillDiscardedByGracefulStop(t *testing.T) {
 	_ = n3.mqtt.DisconnectClient(cl, mqttpackets.ErrServerShuttingDown)
 	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ow-dev", CleanStart: true})
 	defer back.Close()
-	tc.waitOwedOn(t, "n1", 1)
+	tc.waitOwedCount(t, wait, 1, "n1")
 	tc.stop("n3")
-	tc.waitOwed(t, 0)
+	tc.waitOwedCount(t, wait, 0)
 	tc.noWill(t)
 }
 
@@ -200,10 +176,29 @@ func TestOwedWillOfLiveConnectionTakenOver(t *testing.T) {
 		return nil
 	})
 	tc.waitRetained(t, "ow/dev", "offline")
-	tc.waitOwed(t, 0)
+	tc.waitOwedCount(t, wait, 0)
 	for id, n := range tc.nodes {
 		if s, _ := n.repl.Session("ow-ha"); len(s.Queue) != 2 {
 			t.Fatalf("%s: ha's queue %d, want online and one will", id, len(s.Queue))
 		}
 	}
+}
+
+// waitOwedCount waits up to d until every node named (all without names)
+// holds n owed wills.
+func (tc *testCluster) waitOwedCount(t *testing.T, d time.Duration, n int, nodes ...string) {
+	t.Helper()
+	if len(nodes) == 0 {
+		for id := range tc.nodes {
+			nodes = append(nodes, id)
+		}
+	}
+	testutil.Eventually(t, d, func() error {
+		for _, id := range nodes {
+			if w := tc.nodes[id].repl.OwedWills(); len(w) != n {
+				return fmt.Errorf("%s holds %d owed wills, want %d: %+v", id, len(w), n, w)
+			}
+		}
+		return nil
+	})
 }

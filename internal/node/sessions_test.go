@@ -131,12 +131,7 @@ func TestWillOfKilledNodePublishedOnce(t *testing.T) {
 	watcher.Sub(t, 1, "status/#", "marker")
 	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "device", CleanStart: true,
 		SessionExpiry: 600, Will: &paho.WillMessage{Topic: "status/device", QoS: 1, Payload: []byte("offline")}})
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n1"].repl.Session("device"); !ok || s.Will == nil {
-			return fmt.Errorf("will not in the log yet")
-		}
-		return nil
-	})
+	tc.waitWillInLog(t, "n1", "device")
 	tc.nodes["n2"].Kill()
 	delete(tc.nodes, "n2")
 	p := watcher.MustNext(t, 15*time.Second)

@@ -77,12 +77,7 @@ func TestDropThenCleanConnectSameNodeKeepsTheWill(t *testing.T) {
 		id := fmt.Sprintf("sn-dev-%d", i)
 		dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true,
 			SessionExpiry: 600, Will: &paho.WillMessage{Topic: "sn/" + id, QoS: 1, Payload: []byte("offline")}})
-		testutil.Eventually(t, wait, func() error {
-			if s, ok := tc.nodes["n1"].repl.Session(id); !ok || s.Will == nil || !s.Connected {
-				return fmt.Errorf("connection with its will not in the log yet")
-			}
-			return nil
-		})
+		tc.waitWillInLog(t, "n1", id)
 		_ = dev.Conn.Close()
 		sent[id] = time.Now()
 		testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true})

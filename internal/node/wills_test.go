@@ -93,12 +93,7 @@ func TestClaimedWillReachesQueuesAndRetainedWithoutLivePublication(t *testing.T)
 	ha.Close() // the session stays, offline
 	testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: "dev", CleanStart: true,
 		SessionExpiry: 600, Will: &paho.WillMessage{Topic: "st/dev", QoS: 1, Retain: true, Payload: []byte("offline")}})
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n1"].repl.Session("dev"); !ok || s.Will == nil {
-			return fmt.Errorf("will not in the log yet")
-		}
-		return nil
-	})
+	tc.waitWillInLog(t, "n1", "dev")
 	tc.nodes["n2"].Kill()
 	delete(tc.nodes, "n2")
 	testutil.Eventually(t, 15*time.Second, func() error {
@@ -204,12 +199,7 @@ func TestRollingRestartFiresNoWill(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = dev.Conn.Close() })
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n1"].repl.Session("rr-dev"); !ok || s.Will == nil {
-			return fmt.Errorf("will not in the log yet")
-		}
-		return nil
-	})
+	tc.waitWillInLog(t, "n1", "rr-dev")
 	tc.stop("n2")
 	tc.restart("n2")
 	tc.waitMembers(3)
@@ -314,16 +304,23 @@ func TestCleanConnectPublishesTheWillItEnds(t *testing.T) {
 func dropWithWillPending(t *testing.T, tc *testCluster, o testutil.ClientOptions) {
 	t.Helper()
 	dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), o)
-	testutil.Eventually(t, wait, func() error {
-		if s, ok := tc.nodes["n2"].repl.Session(o.ID); !ok || s.Will == nil || !s.Connected {
-			return fmt.Errorf("connection with its will not in the log yet")
-		}
-		return nil
-	})
+	tc.waitWillInLog(t, "n2", o.ID)
 	_ = dev.Conn.Close()
 	testutil.Eventually(t, wait, func() error {
 		if s, ok := tc.nodes["n2"].repl.Session(o.ID); !ok || s.Connected || s.Will == nil {
 			return fmt.Errorf("close with the will pending not in the log yet (%+v %v)", s, ok)
+		}
+		return nil
+	})
+}
+
+// waitWillInLog waits until node's log shows id's session connected with
+// a will.
+func (tc *testCluster) waitWillInLog(t *testing.T, node, id string) {
+	t.Helper()
+	testutil.Eventually(t, wait, func() error {
+		if s, ok := tc.nodes[node].repl.Session(id); !ok || s.Will == nil || !s.Connected {
+			return fmt.Errorf("%s: %s's will not in the log yet (%+v, %v)", node, id, s, ok)
 		}
 		return nil
 	})
