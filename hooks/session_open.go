@@ -58,8 +58,8 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 	if tw = h.endingWill(cl.ID, pk.Connect.Clean, now); tw != nil {
 		o.Takeover = tw.cmds
 	}
-	if !o.CleanStart {
-		o.Expired = h.expiredSessionDelete(cl.ID, now)
+	if !o.CleanStart && !o.HasAsOf {
+		o.Expired = h.expiredSessionDelete(cl.ID, now) // in the open's entry (applyOpen: its own write as of format 6)
 	}
 	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
 		o.Will = h.setWill(cl).(*replication.SetWill)
@@ -97,6 +97,25 @@ func fenceOf(cmd replication.Command) openFence {
 // (a retry's: see OnSessionEstablish); otherwise it reads it.
 func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Packet, expiry uint32, at, arrival int64, fence *openFence) (cmd replication.Command, pos int, tw *takenOver, res replication.Result, err error) {
 	for {
+		if !pk.Connect.Clean && h.repl.OpenAsOfSupported() {
+			// The delete of an expired session the CONNECT would resume
+			// is a write of its own, before the open reads: an open
+			// fenced as of an index counts every touch after it, in its
+			// own entry too, which the leader's group commit shares with
+			// other clients' requests (found by review: an exemption for
+			// the open's own entry let a clean CONNECT's delete or claim
+			// coalesced into it through).
+			if del := h.expiredSessionDelete(cl.ID, time.Now().UnixMilli()); del != nil {
+				r, derr := h.repl.Apply(ctx, del)
+				if derr == nil {
+					derr = h.repl.WaitAppliedLocal(ctx, r.Index)
+				}
+				if derr != nil {
+					return nil, 0, nil, r, fmt.Errorf("deleting the expired session first: %w", derr)
+				}
+				fence = nil // read after the delete
+			}
+		}
 		cmd, pos, tw = h.openCommands(cl, pk, expiry, at, fence)
 		fence = nil
 		err = nil
@@ -174,17 +193,27 @@ func (h *Sessions) nextOpenAt(now int64) int64 { return h.openClock.Next(now) }
 const abandonedFor = time.Minute
 
 // abandonOpen records that the CONNECT whose open has At at was refused:
-// tries of it may still be on their way to the leader.
+// tries of it may still be on their way to the leader. Call it while the
+// CONNECT is still marked opening: a try this node has applied already
+// (openSeen) is undone at once (found by review: its commit was seen
+// before the refusal, so no later one would undo it).
 func (h *Sessions) abandonOpen(id string, at int64) {
 	now := time.Now()
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	for k, t := range h.abandoned {
-		if now.Sub(t) > abandonedFor {
-			delete(h.abandoned, k)
+	if now.Sub(h.abandonedPruned) > abandonedFor/4 {
+		h.abandonedPruned = now
+		for k, t := range h.abandoned {
+			if now.Sub(t) > abandonedFor {
+				delete(h.abandoned, k)
+			}
 		}
 	}
 	h.abandoned[willlessKey{id, at}] = now
+	seen := h.opening[id] == at && h.openSeen[id] != 0
+	h.mu.Unlock()
+	if seen {
+		h.undoAbandoned(id, at)
+	}
 }
 
 // undoAbandoned deletes a session that an open of a refused CONNECT
@@ -207,8 +236,8 @@ func (h *Sessions) undoAbandoned(id string, at int64) {
 	h.log.Info("a refused CONNECT's open committed late; deleting the session it created", "client", id)
 	h.submit(sessOp{cmd: func() replication.Command {
 		s, ok := h.repl.Session(id)
-		if !ok || s.Owner != h.cfg.Self || s.OpenedAt != at {
-			return nil // gone, or opened again since
+		if !ok || s.Owner != h.cfg.Self || s.OpenedAt != at || s.OpenedPresent {
+			return nil // gone, opened again since, or a resume (left to the stale sweep)
 		}
 		return &replication.SessionDelete{ClientID: id, IfOpened: s.OpenedIndex}
 	}})

@@ -85,7 +85,8 @@ type Sessions struct {
 	openSeen map[string]uint64
 	// abandoned: the opens of CONNECTs refused here (session_open.go,
 	// undoAbandoned), by the open's At, with when they were refused.
-	abandoned map[willlessKey]time.Time
+	abandoned       map[willlessKey]time.Time
+	abandonedPruned time.Time
 	// claims: the will claims this node wrote whose live copies it still
 	// owes (wills.go, expectClaim).
 	claims session.Claims
@@ -384,7 +385,11 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	// have committed and a newer CONNECT deleted its session since (the
 	// client gave up on this one), and a retry fenced to "no session"
 	// would bring it back (clean-start-session-present).
-	read := fenceOf(open)
+	var read *openFence
+	if session.OpenOf(open) != nil {
+		f := fenceOf(open)
+		read = &f
+	}
 	retried := false
 	for err != nil && ctx.Err() == nil && !errors.Is(err, replication.ErrInvalidCommand) && !errors.Is(err, replication.ErrTooLarge) &&
 		!errors.Is(err, replication.ErrReopened) {
@@ -405,7 +410,11 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			err = fmt.Errorf("%w: %s", replication.ErrReopened, why)
 			break
 		}
-		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival, &read)
+		open, at, tw, res, err = h.applyOpen(ctx, cl, pk, c.expiry, openAt, arrival, read)
+		if read == nil && session.OpenOf(open) != nil {
+			f := fenceOf(open)
+			read = &f
+		}
 		if r0 := openResult(res, at); err == nil && !r0.Present {
 			// The earlier try may have committed before the newer CONNECT
 			// and this node applied it only now, with this retry: the

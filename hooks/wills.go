@@ -167,6 +167,12 @@ func (h *Sessions) mirrorLeftovers() {
 	ctx, cancel := context.WithTimeout(context.Background(), mirrorOpenTimeout)
 	defer cancel()
 	for _, c := range todo {
+		if o, ok := h.repl.Owner(c.id); ok && o.Node != h.cfg.Self {
+			// A newer connection elsewhere claimed the client id (this
+			// one is about to be dropped): a mirror written against
+			// today's state would end its session (found by review).
+			continue
+		}
 		res, err := h.repl.Apply(ctx, c.unmirrored)
 		err = session.OpenErr(c.unmirrored, res, err)
 		if errors.Is(err, replication.ErrReopened) && res.Index != 0 {

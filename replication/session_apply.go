@@ -34,7 +34,7 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 				return evs, true
 			}
 			if c.HasAsOf && cur == 0 {
-				if t, why := s.openTouched(c.ClientID, c.AsOf, idx); why != "" {
+				if t, why := s.openTouched(c.ClientID, c.AsOf); why != "" {
 					res.Err = fmt.Errorf("%w: %v %q %s", ErrReopened, c.Type(), c.ClientID, why)
 					res.Prev = t.owner
 					return evs, true

@@ -112,11 +112,6 @@ type state struct {
 	// at touchPruned (touched.go).
 	touched                map[string]touch
 	touchFrom, touchPruned uint64
-	// touchEntry and touchBefore: the entry being applied and the touches
-	// of the ids it touched before it did (not replicated state: reset
-	// by the next entry).
-	touchEntry  uint64
-	touchBefore map[string]touch
 	// synced is the last log entry a snapshot of this state holds (set by
 	// FSM.Snapshot; not part of the replicated state itself).
 	synced uint64
@@ -131,8 +126,7 @@ type state struct {
 func newState() *state {
 	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
 		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64), blobs: make(map[BlobID]*blobEntry),
-		owed: make(map[owedKey]OwedWill), touched: make(map[string]touch),
-		touchBefore: make(map[string]touch)}
+		owed: make(map[owedKey]OwedWill), touched: make(map[string]touch)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
@@ -148,7 +142,7 @@ func (s *state) clone() *state {
 	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
 		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed),
 		blobs: blobs, owed: maps.Clone(s.owed), touched: maps.Clone(s.touched), touchFrom: s.touchFrom,
-		touchPruned: s.touchPruned, touchBefore: make(map[string]touch), store: s.store, dir: s.dir}
+		touchPruned: s.touchPruned, store: s.store, dir: s.dir}
 }
 
 // event is an observer notification produced by applyCommand and delivered

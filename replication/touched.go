@@ -64,15 +64,7 @@ func (s *state) touch(clientID string, idx uint64, claim *Owner) {
 	if s.touchFrom == 0 {
 		return
 	}
-	prev := s.touched[clientID]
-	if s.touchEntry != idx {
-		s.touchEntry = idx
-		clear(s.touchBefore)
-	}
-	if _, ok := s.touchBefore[clientID]; !ok {
-		s.touchBefore[clientID] = prev
-	}
-	t := touch{at: idx, owner: prev.owner}
+	t := touch{at: idx, owner: s.touched[clientID].owner}
 	if claim != nil {
 		t.owner = Owner{Node: claim.Node, Since: claim.Since}
 	}
@@ -85,15 +77,13 @@ func (s *state) touch(clientID string, idx uint64, claim *Owner) {
 }
 
 // openTouched reports why an open of clientID that read no session as of
-// asOf, applied at idx, must not open: another entry touched the id after
-// asOf, or touches that far back are not known (before touchFrom, or
-// pruned). "" if it may. Touches by idx's own entry (the delete of an
-// expired session the CONNECT read, in the same Batch) do not count.
-func (s *state) openTouched(clientID string, asOf, idx uint64) (touch, string) {
+// asOf must not open: an entry touched the id after asOf (the open's own
+// included: the leader's group commit puts other clients' requests in
+// it, so the hooks delete an expired session in a write of their own), or
+// touches that far back are not known (before touchFrom, or pruned). ""
+// if it may.
+func (s *state) openTouched(clientID string, asOf uint64) (touch, string) {
 	t := s.touched[clientID]
-	if t.at == idx && s.touchEntry == idx {
-		t = s.touchBefore[clientID]
-	}
 	switch {
 	case t.at > asOf:
 		return t, fmt.Sprintf("changed at %d, after %d", t.at, asOf)
