@@ -177,6 +177,9 @@ type SessionsConfig struct {
 	// result (tests keep the command to commit it late, as a forwarded
 	// proposal can).
 	BeforeOpenWrite func(clientID string, cmd replication.Command) error
+	// AfterLiveRemoved, if set, runs in OnDisconnect right after the
+	// connection stopped being the client id's live one (tests).
+	AfterLiveRemoved func(clientID string)
 	// ACL is the read check mochi applies to a SUBSCRIBE's filters
 	// (hooks.Auth.OnACLCheck); nil allows every filter. A persistent
 	// session's filters never reach mochi (session_subscribe.go), so the
@@ -635,9 +638,20 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		delete(h.mirrors, c.id)
 	}
 	isMirror := c != nil && c.mirror // written under mu by PrepareStop too
+	if c != nil && c.managed && !c.refused && !isMirror {
+		// Closing from the moment it is no longer live: a clean CONNECT
+		// of the same id here in between found neither, did not wait for
+		// this close, and deleted the session with the will it makes due
+		// (CI: TestDropThenCleanConnectSameNodeKeepsTheWill lost 1 of 20;
+		// TestCleanConnectWaitsForCloseOfDroppedConnection).
+		h.closing[c.id] = c
+	}
 	h.mu.Unlock()
 	if c == nil {
 		return
+	}
+	if h.cfg.AfterLiveRemoved != nil {
+		h.cfg.AfterLiveRemoved(c.id)
 	}
 	if c.refused {
 		// Refused after a try of its open may have committed: that

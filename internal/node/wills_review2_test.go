@@ -114,3 +114,60 @@ func TestDropThenCleanConnectSameNodeKeepsTheWill(t *testing.T) {
 		t.Fatalf("%d of %d wills lost", lost, rounds)
 	}
 }
+
+// TestCleanConnectWaitsForCloseOfDroppedConnection: a device with a
+// persistent session and a will drops, and its clean CONNECT on the same
+// node comes while OnDisconnect has already removed the old connection
+// from the live ones but not yet marked it closing: the clean CONNECT
+// found neither, did not wait for the close, and deleted the session
+// with its will (CI: TestDropThenCleanConnectSameNodeKeepsTheWill lost 1
+// of 20). Now it waits for that close and the will is published.
+func TestCleanConnectWaitsForCloseOfDroppedConnection(t *testing.T) {
+	removed := make(chan struct{})
+	proceed := make(chan struct{})
+	tc := newSessionsTunedCluster(t, func(c *hooks.SessionsConfig) {
+		if c.Self != "n1" {
+			return
+		}
+		c.AfterLiveRemoved = func(id string) {
+			if id != "cw-drop" {
+				return
+			}
+			close(removed)
+			select {
+			case <-proceed:
+			case <-time.After(wait):
+			}
+		}
+	}, "n1", "n2", "n3")
+	tc.waitReady()
+	watcher := tc.client("n3", "cw-watcher")
+	watcher.Sub(t, 1, "cwd/#")
+	dev := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "cw-drop", CleanStart: true,
+		SessionExpiry: 600, Will: &paho.WillMessage{Topic: "cwd/dev", QoS: 1, Payload: []byte("offline")}})
+	tc.waitWillInLog(t, "n1", "cw-drop")
+	_ = dev.Conn.Close()
+	select {
+	case <-removed:
+	case <-time.After(wait):
+		t.Fatal("the dropped connection was not removed")
+	}
+	connected := make(chan struct{})
+	go func() {
+		defer close(connected)
+		c := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "cw-drop", CleanStart: true})
+		c.Close()
+	}()
+	// The clean CONNECT must wait for the close; without the wait it is
+	// served within milliseconds (a barrier and one write).
+	select {
+	case <-connected:
+	case <-time.After(time.Second):
+	}
+	close(proceed)
+	<-connected
+	p := watcher.MustNext(t, wait)
+	if p.Topic != "cwd/dev" || string(p.Payload) != "offline" {
+		t.Fatalf("watcher got %s %q, want the will", p.Topic, p.Payload)
+	}
+}
