@@ -82,14 +82,7 @@ func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
 				}
 			}()
 			c.waitReady()
-			testutil.Eventually(t, 15*time.Second, func() error {
-				for _, n := range c.nodes {
-					if !n.repl.OpenAsOfSupported() {
-						return errors.New("log format 6 not agreed yet")
-					}
-				}
-				return nil
-			})
+			waitOpenAsOf(t, c)
 			// The first open fenced as of an index starts the recording of
 			// touches (replication/touched.go); the opens read before are
 			// refused once, which the late open should not be for.

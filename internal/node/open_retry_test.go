@@ -162,14 +162,7 @@ func TestRetriedOpenGivesUpAfterNewerConnectionCameAndWent(t *testing.T) {
 		}
 	}, "n1", "n2", "n3")
 	tc.waitReady()
-	testutil.Eventually(t, 15*time.Second, func() error {
-		for _, n := range tc.nodes {
-			if !n.repl.OpenAsOfSupported() {
-				return fmt.Errorf("log format 6 not agreed yet")
-			}
-		}
-		return nil
-	})
+	waitOpenAsOf(t, tc)
 	warm, _ := rawConnect(t, tc.nodes["n3"].Addr("mqtt"), "cw-warm", false, 300) // touches recorded from here
 	_ = warm.conn.Close()
 	conn := sendPersistentConnect(t, tc.nodes["n1"].Addr("mqtt"), "cw-dev", "")

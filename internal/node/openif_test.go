@@ -61,6 +61,20 @@ func waitOpenFence(t *testing.T, tc *testCluster) {
 	})
 }
 
+// waitOpenAsOf waits until every node knows that all apply opens fenced
+// as of an index (log format 6).
+func waitOpenAsOf(t *testing.T, tc *testCluster) {
+	t.Helper()
+	testutil.Eventually(t, 15*time.Second, func() error {
+		for _, n := range tc.nodes {
+			if !n.repl.OpenAsOfSupported() {
+				return errMsg("log format 6 not agreed yet")
+			}
+		}
+		return nil
+	})
+}
+
 // holdBehind shuts g on node lag: it stops applying the log (raft goes
 // on) once it reaches a retained write that a client (id) of node via
 // publishes.
