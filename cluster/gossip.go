@@ -181,8 +181,8 @@ func (n *Node) onJoin(node *memberlist.Node) {
 	n.members[node.Name] = &member{id: node.Name, state: "alive", gossipAddr: node.Address(), clusterAddr: caddr,
 		meta: meta, metaErr: metaErr, since: time.Now()}
 	n.pruneGoneLocked()
-	n.updateAliveLocked()
 	if self || n.closing {
+		n.updateAliveLocked()
 		n.mu.Unlock()
 		return
 	}
@@ -218,9 +218,11 @@ func (n *Node) onJoin(node *memberlist.Node) {
 		// Exchange full route state with the newcomer right away rather than
 		// at the next push/pull: it may have routes from before it joined
 		// (restored sessions) that no delta will ever carry to us. Started
-		// under mu so that "member counted" implies "sync counted".
+		// before the member is counted (numAlive is read without mu), so
+		// that "member counted" implies "sync counted".
 		n.syncWithLocked(node.Address())
 	}
+	n.updateAliveLocked()
 	n.mu.Unlock()
 	n.metrics.memberEvents.WithLabelValues("join").Inc()
 	n.emit(MemberEvent{Type: MemberJoin, NodeID: node.Name, GossipAddr: node.Address(), ClusterAddr: caddr, MQTTPort: int(meta.MQTTPort)})

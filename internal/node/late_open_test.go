@@ -137,6 +137,12 @@ func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
 				t.Fatalf("the late open was not refused: %v", err)
 			}
 			_ = c2.conn.Close()
+			// n3 must have applied the late open before it can be seen gone
+			// there (CI: the resume below read the session the late open
+			// created, the undo deleted it, and the resume was refused).
+			if err := c.nodes["n3"].repl.WaitAppliedLocal(ctx, res.Index); err != nil {
+				t.Fatal(err)
+			}
 			testutil.Eventually(t, wait, func() error {
 				if s, ok := c.nodes["n3"].repl.Session(tc.clientID); ok {
 					return fmt.Errorf("the late open brought the session back: %+v", s)
