@@ -90,14 +90,31 @@ func (l *Listener) Serve(establish listeners.EstablishFn) {
 		l.serveWebsocket(establish)
 		return
 	}
+	var backoff time.Duration
+	var warned time.Time
 	for {
 		conn, err := l.ln.Accept()
 		if err != nil {
-			if !l.closed.Load() {
-				l.log.Error("accept failed; listener stopped", "listener", l.id, "error", err)
+			if l.closed.Load() || errors.Is(err, net.ErrClosed) {
+				if !l.closed.Load() {
+					l.log.Error("listener socket closed; not accepting clients any more", "error", err)
+				}
+				return
 			}
-			return
+			// EMFILE (a connection storm past the file descriptor limit)
+			// and friends: the socket is fine, so back off and go on, as
+			// net/http and the cluster ports do. Returning here left the
+			// node up but unreachable over MQTT for good.
+			l.guard.Metrics.acceptError(l.id)
+			if time.Since(warned) > time.Minute {
+				warned = time.Now()
+				l.log.Warn("accept failed; retrying with backoff (logged again after a minute)", "error", err)
+			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			time.Sleep(backoff)
+			continue
 		}
+		backoff = 0
 		l.handle(conn, establish)
 	}
 }

@@ -32,6 +32,7 @@ type Metrics struct {
 	aclDenied    *prometheus.CounterVec
 	packetErrors *prometheus.CounterVec
 	retainedFail *prometheus.CounterVec
+	acceptErrors *prometheus.CounterVec
 	sessions     *sessionMetrics
 }
 
@@ -83,6 +84,7 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		aclDenied:    counter("acl_denied_total", "Publishes and subscriptions refused by the ACL, by access.", "access"),
 		packetErrors: counter("packet_errors_total", "Connections ended by bad input, by reason.", "reason"),
 		retainedFail: counter("retained_replication_failures_total", "Retained writes the raft log did not commit, by reason.", "reason"),
+		acceptErrors: counter("accept_errors_total", "Failed accepts on a client listener (EMFILE: out of file descriptors), retried with backoff, by listener.", "listener"),
 		sessions:     newSessionMetrics(),
 	}
 	reg.MustRegister(m.sessions.collectors()...)
@@ -96,7 +98,7 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 	}
 	reg.MustRegister(
 		m.connects, m.msgsIn, m.msgsOut, m.payloadIn, m.payloadOut, m.dropped,
-		m.authFailures, m.aclDenied, m.packetErrors, m.retainedFail,
+		m.authFailures, m.aclDenied, m.packetErrors, m.retainedFail, m.acceptErrors,
 		gauge("connections", "Clients currently connected.", &info.ClientsConnected),
 		gauge("sessions", "Sessions held, connected or not.", &info.ClientsTotal),
 		gauge("subscriptions", "Active subscriptions.", &info.Subscriptions),
@@ -116,6 +118,12 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		m.packetErrors.WithLabelValues(r)
 	}
 	return m
+}
+
+func (m *Metrics) acceptError(listener string) {
+	if m != nil {
+		m.acceptErrors.WithLabelValues(listener).Inc()
+	}
 }
 
 func (m *Metrics) packetError(reason string) {
