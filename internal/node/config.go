@@ -58,6 +58,11 @@ type Config struct {
 	SessionExpiry       time.Duration // cap for persistent sessions; 0 = never
 	Persistence         bool
 
+	// MaxPendingWrites is mochi's per-client outbound queue, in packets
+	// (MaximumClientWritesPending); 0 keeps mochi's 8,192. Tests set it
+	// low to reach the queue's limit with few messages.
+	MaxPendingWrites int32
+
 	// SysInterval is how often $SYS is published (mosquitto:
 	// sys_interval); 0 disables it.
 	SysInterval time.Duration
@@ -127,5 +132,8 @@ func (c Config) capabilities() *mqtt.Capabilities {
 	// at-least-once. Outbound in-flight is bounded by the client's own
 	// Receive Maximum and by MaxQueuedMessages.
 	caps.ReceiveMaximum = 1024
+	if c.MaxPendingWrites > 0 {
+		caps.MaximumClientWritesPending = c.MaxPendingWrites
+	}
 	return caps
 }
