@@ -206,6 +206,38 @@ func (p *pump) sendQoS0(pk packets.Packet) {
 	}
 }
 
+// sendRetainedQoS0 queues the QoS 0 retained copies for a new
+// subscription, waiting for room rather than dropping what does not fit
+// (found by review: 1,665 of 5,000 arrived, where Mosquitto sends all; see
+// RetainPacer for clean sessions). It runs on the subscriber's read loop,
+// which waits as on Mosquitto. When the pump takes nothing for
+// retainStall, the rest is dropped as for a slow consumer.
+func (p *pump) sendRetainedQoS0(pks []packets.Packet) {
+	stall := retainStall(p.cl)
+	var t *time.Timer
+	for i, pk := range pks {
+		select {
+		case p.qos0 <- pk:
+			continue
+		default:
+		}
+		if t == nil {
+			t = time.NewTimer(stall)
+			defer t.Stop()
+		} else {
+			t.Reset(stall)
+		}
+		select {
+		case p.qos0 <- pk:
+		case <-p.done:
+			return
+		case <-t.C:
+			atomic.AddInt64(&p.h.server.Info.MessagesDropped, int64(len(pks)-i))
+			return
+		}
+	}
+}
+
 func (p *pump) poke() {
 	select {
 	case p.wakeCh <- struct{}{}:

@@ -10,7 +10,8 @@ import (
 )
 
 // RetainPacer keeps mochi from dropping retained messages sent on
-// SUBSCRIBE.
+// SUBSCRIBE to a clean session (persistent sessions get theirs through
+// the log and the pump: Sessions.subscribe).
 //
 // mochi puts each retained message that matches a new subscription on the
 // client's outbound queue without waiting (publishToClient), and drops
@@ -22,34 +23,45 @@ import (
 // discovery and state topics retained). mochi calls OnRetainPublished on
 // the subscriber's read loop after queueing each one; the pacer waits
 // there while more than a quarter of the queue holds retained messages
-// not yet written (OnPacketSent, on the client's write loop), so they
-// never fill it. The subscriber's own packets wait meanwhile, as on a
-// Mosquitto that writes the retained messages before the next read.
+// not yet taken by the write loop (OnPacketEncode: it sees every packet
+// written, including those then refused as too large), so they never fill
+// it. The subscriber's own packets wait meanwhile, as on a Mosquitto that
+// writes the retained messages before the next read.
 //
-// A client that stops reading makes no progress: after stallTimeout the
-// pacer lets mochi go on (and drop, as before) rather than hold the read
-// loop for ever.
+// Only QoS 0 retained messages are paced: a QoS 1/2 one may be held in
+// flight rather than queued (the client's Receive Maximum), and waiting
+// for it would wait for acknowledgements the blocked read loop cannot
+// read; max_queued_messages bounds those anyway. A subscriber that takes
+// nothing for retainStall (at most half its keepalive, so that a dead peer
+// is still reaped) ends the pacing until its next SUBSCRIBE, and mochi
+// drops the rest as before.
 type RetainPacer struct {
 	mqtt.HookBase
 	window  int64
-	stalled time.Duration
 	clients sync.Map // *mqtt.Client -> *retainPace
 }
 
 type retainPace struct {
-	queued atomic.Int64 // retained messages queued by this SUBSCRIBE and the ones before
-	sent   atomic.Int64 // PUBLISH packets with the retain flag written
+	queued atomic.Int64 // QoS 0 retained messages queued on SUBSCRIBE
+	sent   atomic.Int64 // QoS 0 PUBLISH packets with the retain flag taken by the write loop
+	gaveUp atomic.Bool  // no progress: no pacing until the next SUBSCRIBE
 	wake   chan struct{}
 }
-
-// retainStallTimeout is how long the pacer waits for a subscriber that
-// writes nothing.
-const retainStallTimeout = 10 * time.Second
 
 // NewRetainPacer returns the hook for a server whose clients' outbound
 // queues hold pending packets (mochi's MaximumClientWritesPending).
 func NewRetainPacer(pending int) *RetainPacer {
-	return &RetainPacer{window: max(int64(pending)/4, 1), stalled: retainStallTimeout}
+	return &RetainPacer{window: max(int64(pending)/4, 1)}
+}
+
+// retainStall is how long a SUBSCRIBE's read loop waits for a subscriber
+// that takes nothing: 10 s, at most half its keepalive.
+func retainStall(cl *mqtt.Client) time.Duration {
+	d := 10 * time.Second
+	if ka := time.Duration(cl.State.Keepalive) * time.Second; ka > 0 {
+		d = min(d, max(ka/2, 100*time.Millisecond))
+	}
+	return d
 }
 
 // ID implements mqtt.Hook.
@@ -57,13 +69,13 @@ func (h *RetainPacer) ID() string { return "retain-pacer" }
 
 // Provides implements mqtt.Hook.
 func (h *RetainPacer) Provides(b byte) bool {
-	return b == mqtt.OnSubscribed || b == mqtt.OnRetainPublished || b == mqtt.OnPacketSent || b == mqtt.OnDisconnect
+	return b == mqtt.OnSubscribed || b == mqtt.OnRetainPublished || b == mqtt.OnPacketEncode || b == mqtt.OnDisconnect
 }
 
 // OnSubscribed runs before mochi writes the SUBACK and queues the
 // retained messages: it starts counting for this client, or lines the
 // counts up again (live messages forwarded with their retain flag count
-// as sent without having been counted as queued).
+// as taken without having been counted as queued).
 func (h *RetainPacer) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
 	v, ok := h.clients.Load(cl)
 	if !ok {
@@ -71,25 +83,31 @@ func (h *RetainPacer) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) 
 	}
 	p := v.(*retainPace)
 	p.queued.Store(p.sent.Load())
+	p.gaveUp.Store(false)
 }
 
 // OnRetainPublished waits until the client's queue has room for more
 // retained messages.
-func (h *RetainPacer) OnRetainPublished(cl *mqtt.Client, _ packets.Packet) {
+func (h *RetainPacer) OnRetainPublished(cl *mqtt.Client, pk packets.Packet) {
+	if pk.FixedHeader.Qos != 0 {
+		return
+	}
 	v, ok := h.clients.Load(cl)
 	if !ok {
 		return
 	}
 	p := v.(*retainPace)
 	q := p.queued.Add(1)
-	deadline := time.Now().Add(h.stalled)
-	for {
+	stall := retainStall(cl)
+	deadline := time.Now().Add(stall)
+	for !p.gaveUp.Load() {
 		sent := p.sent.Load()
 		if q-sent < h.window || cl.Closed() {
 			return
 		}
 		if time.Now().After(deadline) {
-			return // no progress: let mochi drop, as without the pacer
+			p.gaveUp.Store(true) // let mochi drop the rest, as without the pacer
+			return
 		}
 		t := time.NewTimer(50 * time.Millisecond) // to notice a closed client
 		select {
@@ -98,15 +116,16 @@ func (h *RetainPacer) OnRetainPublished(cl *mqtt.Client, _ packets.Packet) {
 		}
 		t.Stop()
 		if p.sent.Load() > sent {
-			deadline = time.Now().Add(h.stalled)
+			deadline = time.Now().Add(stall)
 		}
 	}
 }
 
-// OnPacketSent counts written retained messages of a client being paced.
-func (h *RetainPacer) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
-	if pk.FixedHeader.Type != packets.Publish || !pk.FixedHeader.Retain {
-		return
+// OnPacketEncode counts the QoS 0 retained messages the write loop takes
+// for a client being paced.
+func (h *RetainPacer) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type != packets.Publish || !pk.FixedHeader.Retain || pk.FixedHeader.Qos != 0 {
+		return pk
 	}
 	if v, ok := h.clients.Load(cl); ok {
 		p := v.(*retainPace)
@@ -116,6 +135,7 @@ func (h *RetainPacer) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte)
 		default:
 		}
 	}
+	return pk
 }
 
 // OnDisconnect forgets the client.

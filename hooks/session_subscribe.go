@@ -130,9 +130,7 @@ func (h *Sessions) subscribe(c *sessConn, subs []replication.Subscription, exist
 	if werr := h.repl.WaitAppliedLocal(ctx, res.Index); werr != nil {
 		h.log.Debug("subscription not yet applied here", "client", c.id, "error", werr)
 	}
-	for _, p := range qos0 {
-		c.pump.sendQoS0(p)
-	}
+	c.pump.sendRetainedQoS0(qos0)
 	return nil
 }
 
