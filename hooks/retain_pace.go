@@ -15,7 +15,7 @@ import (
 //
 // mochi puts each retained message that matches a new subscription on the
 // client's outbound queue without waiting (publishToClient), and drops
-// what does not fit (MaximumClientWritesPending, 8,192 packets by default)
+// what does not fit (MaximumClientWritesPending: max_queued_messages packets)
 // as if the subscriber were slow. So a subscriber to a filter that matches
 // more retained messages than that lost some, where Mosquitto sends them
 // all: with 20,000 retained messages under one filter, mosquitto_sub

@@ -59,8 +59,9 @@ type Config struct {
 	Persistence         bool
 
 	// MaxPendingWrites is mochi's per-client outbound queue, in packets
-	// (MaximumClientWritesPending); 0 keeps mochi's 8,192. Tests set it
-	// low to reach the queue's limit with few messages.
+	// (MaximumClientWritesPending); 0 derives it from MaxQueuedMessages
+	// (writeQueueSize). Tests set it low to reach the queue's limit with
+	// few messages.
 	MaxPendingWrites int32
 
 	// SysInterval is how often $SYS is published (mosquitto:
@@ -132,8 +133,30 @@ func (c Config) capabilities() *mqtt.Capabilities {
 	// at-least-once. Outbound in-flight is bounded by the client's own
 	// Receive Maximum and by MaxQueuedMessages.
 	caps.ReceiveMaximum = 1024
-	if c.MaxPendingWrites > 0 {
-		caps.MaximumClientWritesPending = c.MaxPendingWrites
-	}
+	caps.MaximumClientWritesPending = c.writeQueueSize()
 	return caps
+}
+
+// Bounds of a connected client's outbound queue (writeQueueSize).
+const (
+	minWriteQueue = 256
+	maxWriteQueue = 8192 // mochi's default
+)
+
+// writeQueueSize sizes mochi's per-client outbound queue: the messages
+// waiting for a client's write loop, beyond which live messages for a
+// clean session are dropped as for a slow consumer. mochi preallocates it
+// for every connection (8 bytes a slot) and the garbage collector scans
+// all of it in every cycle, so its default of 8,192 cost 64 KiB per idle
+// connection and a third of the CPU of a connection storm (BENCHMARKS.md).
+// Mosquitto stops queueing QoS 0 messages for a connected client once
+// max_queued_messages packets wait to be written, so the queue holds that
+// many here too, at least minWriteQueue (mochi's write loop is a
+// goroutine away from the socket, so a tiny queue would drop even for a
+// fast client) and at most mochi's default.
+func (c Config) writeQueueSize() int32 {
+	if c.MaxPendingWrites > 0 {
+		return c.MaxPendingWrites
+	}
+	return int32(min(max(c.MaxQueuedMessages, minWriteQueue), maxWriteQueue))
 }

@@ -30,22 +30,11 @@ func TestSubscribeGetsEveryRetainedMessage(t *testing.T) {
 	const n = 3000
 	c := newTunedCluster(t, func(cfg *Config) { cfg.MaxPendingWrites = 16 }, "n1")
 	c.waitReady()
-	var cmds []replication.Command
+	msgs := make(map[string][]byte, n)
 	for i := range n {
-		cmds = append(cmds, &replication.RetainSet{Msg: replication.RetainedMessage{
-			Topic: fmt.Sprintf("rp/%d/%d", i/100, i), Payload: []byte(fmt.Sprint(i))}})
+		msgs[fmt.Sprintf("rp/%d/%d", i/100, i)] = []byte(fmt.Sprint(i))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	defer cancel()
-	if _, err := c.nodes["n1"].repl.Apply(ctx, &replication.Batch{Commands: cmds}); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, wait, func() error {
-		if got := len(c.nodes["n1"].mqtt.Topics.Messages("rp/#")); got != n {
-			return fmt.Errorf("%d of %d retained messages in mochi's store", got, n)
-		}
-		return nil
-	})
+	seedRetained(t, c, msgs)
 	for _, tc := range []struct {
 		name       string
 		qos        byte
