@@ -18,7 +18,8 @@ import (
 // behind: at once when a connection's first ack is behind, later when an
 // ack stays behind the head of one check interval ago (at most every 30 s,
 // doubling to a minute: a receiver applying a large one acks only once
-// done). The snapshot is
+// done; after 2 s, doubling, when the peer's ack shows it applied the last
+// snapshot and lost deltas since). The snapshot is
 // chunked (no frame near MaxFrameSize, however many filters), and it is
 // ordered with the route frames on the same connection, so the deltas
 // that follow it apply on top. Push/pull carries full entries only up to
@@ -55,6 +56,10 @@ const (
 	// a peer that stays behind (doubling in between).
 	snapMinGap = 30 * time.Second
 	snapMaxGap = time.Minute
+	// snapLostGap is the first wait before a snapshot to a peer that
+	// applied the last one and lost deltas after it (doubling to
+	// snapMinGap while that repeats).
+	snapLostGap = 2 * time.Second
 )
 
 func appendSnapBegin(b []byte, inc, ver uint64, count int) []byte {
@@ -90,6 +95,9 @@ func appendSnapEnd(b []byte) []byte {
 func (p *peer) writeSnapshot(bw *bufio.Writer, conn *PeerConn) error {
 	start := time.Now()
 	inc, ver, filters := p.n.routes.ownEntry()
+	p.mu.Lock()
+	p.snapInc, p.snapVer = inc, ver
+	p.mu.Unlock()
 	buf := appendSnapBegin(make([]byte, 0, snapChunkBytes+1024), inc, ver, len(filters))
 	write := func() error {
 		_ = conn.SetWriteDeadline(time.Now().Add(p.n.cfg.WriteTimeout))
@@ -155,7 +163,23 @@ func (p *peer) checkSnapshot(conn *PeerConn, prevInc, prevVer uint64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !headBefore(p.ackInc, p.ackVer, prevInc, prevVer) {
-		p.snapGap = 0 // caught up: the next snapshot may come at the minimum gap
+		// Caught up: the next snapshot may come at the minimum gaps.
+		p.snapGap, p.lostGap = 0, 0
+		return
+	}
+	if p.snapVer > 0 && !headBefore(p.ackInc, p.ackVer, p.snapInc, p.snapVer) {
+		// The peer applied our last snapshot and is behind again: deltas
+		// after it were lost (its buffer of out-of-order deltas overflowed
+		// while it applied the snapshot under churn), not a slow apply.
+		// Nothing else repairs an entry larger than push/pull carries, so
+		// send again soon rather than after snapMinGap (found by CI: the
+		// peer stayed wrong for the 30 s gap).
+		gap := max(p.lostGap, snapLostGap)
+		if time.Since(p.snapAt) < gap {
+			return
+		}
+		p.snapDue = true
+		p.lostGap = min(gap*2, snapMinGap)
 		return
 	}
 	gap := max(p.snapGap, snapMinGap)
@@ -233,7 +257,10 @@ func (n *Node) applySnapFrame(node string, s *snapAssembler, body []byte) error 
 		nr := nodeRoutes{Node: node, Incarnation: s.inc, Version: s.ver, Filters: s.filters}
 		if len(nr.Filters) <= mergeBatch {
 			n.routes.merge([]nodeRoutes{nr})
-		} else if job := n.routes.startSnapshot(nr); job != nil {
+		} else if job := n.routes.startSnapshot(nr); job == nil {
+			n.log.Debug("route snapshot ignored: not newer, its sender not a member, or one already applying",
+				"peer", node, "routes", s.count, "version", s.ver)
+		} else {
 			// Seconds for a million filters: not on this connection's
 			// reader, which goes on delivering messages (the node's
 			// deltas wait for the snapshot, see startSnapshot).

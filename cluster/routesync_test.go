@@ -79,7 +79,28 @@ func TestRouteSnapshotWithChurn(t *testing.T) {
 	for f := range final {
 		want = append(want, f)
 	}
+	if t.Failed() {
+		return
+	}
+	defer func() {
+		if t.Failed() {
+			t.Log(entryState(n2, "n1"))
+		}
+	}()
 	waitRoutes(t, []*testNode{n2}, "n1", want...)
+}
+
+// entryState describes o's copy of node's route entry, for failures.
+func entryState(o *testNode, node string) string {
+	rt := o.routes
+	rt.mu.RLock()
+	defer rt.mu.RUnlock()
+	e := rt.remote[node]
+	if e == nil {
+		return fmt.Sprintf("%s holds no entry of %s (member %v)", o.ID(), node, rt.members[node])
+	}
+	return fmt.Sprintf("%s's entry of %s: member %v, (inc %d, ver %d), head (%d, %d), %d filters, syncing %v, %d pending of inc %d",
+		o.ID(), node, rt.members[node], e.incarnation, e.version, e.headInc, e.headVer, len(e.filters), e.syncing, len(e.pending), e.pendingInc)
 }
 
 // TestRouteSnapshotFrameErrors: malformed snapshot frames are refused
@@ -257,5 +278,37 @@ func TestMergeSnapshotInBatches(t *testing.T) {
 	}
 	if rt.mergeSnapshot(nodeRoutes{Node: "p", Incarnation: 1, Version: 20, Filters: old}) {
 		t.Fatal("an older snapshot replaced a newer entry")
+	}
+}
+
+// TestSnapshotResentSoonAfterLostDeltas: a peer whose ack shows it applied
+// our last snapshot but fell behind again lost deltas after it (its
+// out-of-order buffer overflowed while it applied the snapshot under
+// churn); it gets the next snapshot after snapLostGap, not snapMinGap,
+// since push/pull does not carry an entry over the route state budget.
+// A peer whose ack is still below the snapshot may still be applying it,
+// and waits the long gap. (Found by CI: TestRouteSnapshotWithChurn failed
+// when the peer stayed wrong for the 30 s gap.)
+func TestSnapshotResentSoonAfterLostDeltas(t *testing.T) {
+	conn := &PeerConn{version: protoRouteSnapshots}
+	for _, tc := range []struct {
+		name   string
+		ackVer uint64
+		since  time.Duration
+		due    bool
+	}{
+		{"applied, lost deltas, short gap passed", 100, snapLostGap + time.Second, true},
+		{"applied, lost deltas, short gap not passed", 100, snapLostGap / 2, false},
+		{"still applying", 99, snapLostGap + time.Second, false},
+		{"still applying, long gap passed", 99, snapMinGap + time.Second, true},
+	} {
+		p := &peer{}
+		p.snapAcked, p.snapAt = true, time.Now().Add(-tc.since)
+		p.snapInc, p.snapVer = 1, 100
+		p.ackInc, p.ackVer = 1, tc.ackVer
+		p.checkSnapshot(conn, 1, 150) // our head one interval ago
+		if p.snapDue != tc.due {
+			t.Errorf("%s: snapshot due %v, want %v", tc.name, p.snapDue, tc.due)
+		}
 	}
 }

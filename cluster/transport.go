@@ -86,11 +86,15 @@ type peer struct {
 	routeFrames int
 	// Route snapshots (routesync.go): snapAcked once the connection's
 	// first ack arrived; snapDue asks the writer for one; snapAt is when
-	// the last one was written and snapGap the wait before the next.
-	snapAcked bool
-	snapDue   bool
-	snapAt    time.Time
-	snapGap   time.Duration
+	// the last one was written and snapGap the wait before the next;
+	// (snapInc, snapVer) is the head it carried, and lostGap the wait
+	// before the next once the peer applied it and fell behind again.
+	snapAcked        bool
+	snapDue          bool
+	snapAt           time.Time
+	snapGap          time.Duration
+	snapInc, snapVer uint64
+	lostGap          time.Duration
 
 	wake   chan struct{} // cap 1: "the queue is not empty" or "state changed"
 	ctx    context.Context
@@ -269,7 +273,8 @@ func (p *peer) run() {
 		// may have restarted since (and hold none of our routes). Its acker
 		// answers on the new connection at once.
 		p.ackInc, p.ackVer, p.ackLate = 0, 0, false
-		p.snapAcked, p.snapDue, p.snapGap = false, false, 0
+		p.snapAcked, p.snapDue, p.snapGap, p.lostGap = false, false, 0, 0
+		p.snapInc, p.snapVer = 0, 0
 		p.mu.Unlock()
 		p.n.routeAcks.changed()
 		log.Debug("connected to peer", "addr", addr)
