@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Connection storm with the project's load tool: connects per second
-# (CONNECT then CONNACK, one client after another) and resident memory per
-# idle connection with N connections held open, for Debian's mosquitto, a
+# (CONNECT then CONNACK, one client after another, then from 64 clients at
+# once: a wave of devices reconnecting after a node loss) and resident
+# memory per idle connection with N connections held open (after the first
+# storm), for Debian's mosquitto, a
 # standalone mochi (cmd/mochi-baseline, mochi's defaults), this broker as
 # one node, and one node of a three-node cluster. Each broker is fresh.
 #   scripts/bench-storm.sh [connections] [markdown-out]
@@ -24,14 +26,21 @@ fi
 
 results="$tmp/results.tsv"
 : >"$results"
-# storm LABEL ADDR PID...
+wave=64
+# storm LABEL ADDR PID...: N connections one after another (memory measured
+# with all of them open), then N more from $wave clients at once.
 storm() {
   local label=$1 addr=$2
   shift 2
-  local pidlist
+  local pidlist seq conc
   pidlist=$(IFS=,; echo "$*")
-  echo "storm: $label, $n connections" >&2
-  bin/mqttload --json --label "$label" --pub "$addr" --connections "$n" --rss-pids "$pidlist" | tee -a "$results" >&2
+  echo "storm: $label, $n connections one after another" >&2
+  seq=$(bin/mqttload --json --label "$label" --pub "$addr" --connections "$n" --rss-pids "$pidlist")
+  echo "$seq" >&2
+  echo "storm: $label, $n connections, $wave at once" >&2
+  conc=$(bin/mqttload --json --label "$label" --pub "$addr" --connections "$n" --connectors "$wave" --settle 0s)
+  echo "$conc" >&2
+  echo "$seq $conc" >>"$results"
 }
 
 mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
@@ -71,13 +80,15 @@ done
 storm "broker, node of 3" 127.0.0.1:21781 "${cluster[0]}"
 
 {
-  echo "| broker | connects/s | vs mochi | KB per idle connection ($n) | vs mochi |"
-  echo "|---|---|---|---|---|"
+  echo "| broker | connects/s, one at a time | vs mochi | connects/s, $wave at once | vs mochi | KB per idle connection ($n) | vs mochi |"
+  echo "|---|---|---|---|---|---|---|"
+  # Each line: the sequential storm's JSON, then the concurrent one's.
   awk '
     function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
     function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
-    { l[NR] = label($0); c[NR] = field($0, "connects_per_s"); k[NR] = field($0, "kb_per_connection"); if (l[NR] == "mochi") { bc = c[NR]; bk = k[NR] } }
-    END { for (i = 1; i <= NR; i++) printf "| %s | %.0f | %.2f | %.1f | %.2f |\n", l[i], c[i], (bc ? c[i] / bc : 0), k[i], (bk ? k[i] / bk : 0) }' "$results"
+    { split($0, half, "} {"); l[NR] = label(half[1]); c[NR] = field(half[1], "connects_per_s"); w[NR] = field(half[2], "connects_per_s"); k[NR] = field(half[1], "kb_per_connection")
+      if (l[NR] == "mochi") { bc = c[NR]; bw = w[NR]; bk = k[NR] } }
+    END { for (i = 1; i <= NR; i++) printf "| %s | %.0f | %.2f | %.0f | %.2f | %.1f | %.2f |\n", l[i], c[i], (bc ? c[i] / bc : 0), w[i], (bw ? w[i] / bw : 0), k[i], (bk ? k[i] / bk : 0) }' "$results"
 } >"$out"
 cat "$out"
 echo "table written to $out" >&2

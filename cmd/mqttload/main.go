@@ -77,7 +77,8 @@ func main() {
 	subscribers := flag.Int("subscribers", 1, "subscriber connections, one topic each")
 	persistent := flag.Bool("persistent", false, "subscribers use persistent sessions (clean start off, session expiry 300 s)")
 	inflight := flag.Int("inflight", 1, "QoS 1/2 publishes each publisher keeps unacknowledged (1: wait for each acknowledgement)")
-	connections := flag.Int("connections", 0, "connection storm instead of messages: open this many idle clean connections one after another over --pub, report connects per second and, with --rss-pids, memory per connection")
+	connections := flag.Int("connections", 0, "connection storm instead of messages: open this many idle clean connections over --pub (see --connectors), report connects per second and, with --rss-pids, memory per connection")
+	connectors := flag.Int("connectors", 1, "with --connections: connect from this many clients at once (1: one after another)")
 	rssPids := flag.String("rss-pids", "", "with --connections: broker process ids, comma-separated, whose resident memory is measured before and after")
 	settle := flag.Duration("settle", 3*time.Second, "with --connections: wait this long after the last CONNACK before measuring memory")
 	hold := flag.Duration("hold", 0, "with --connections: keep the connections open this long after measuring (to profile the brokers)")
@@ -120,7 +121,7 @@ func main() {
 			}
 			pids = append(pids, p)
 		}
-		r, err := storm(strings.Split(*pubAddr, ","), *connections, pids, *settle, *hold)
+		r, err := storm(strings.Split(*pubAddr, ","), *connections, *connectors, pids, *settle, *hold)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "mqttload:", err)
 			os.Exit(1)
@@ -130,8 +131,8 @@ func main() {
 			_ = json.NewEncoder(os.Stdout).Encode(r)
 			return
 		}
-		fmt.Printf("%-24s %d connections: %.0f connects/s, %.1f KB per idle connection (RSS %d -> %d KB)\n",
-			r.Label, r.Connections, r.ConnectsPS, r.KBPerConn, r.RSSBeforeKB, r.RSSAfterKB)
+		fmt.Printf("%-24s %d connections (%d at once): %.0f connects/s, %.1f KB per idle connection (RSS %d -> %d KB)\n",
+			r.Label, r.Connections, r.Connectors, r.ConnectsPS, r.KBPerConn, r.RSSBeforeKB, r.RSSAfterKB)
 		return
 	}
 	o := options{pubAddrs: strings.Split(*pubAddr, ","), subAddrs: strings.Split(*subAddr, ","), rate: *rate,

@@ -6,46 +6,75 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 )
 
-// The connection storm: open n MQTT 3.1.1-style clean connections one
-// after another (CONNECT, then wait for CONNACK), report connects per
+// The connection storm: open n MQTT 5 clean connections (CONNECT, then
+// wait for CONNACK), one after another or from several connectors at once
+// (a wave of devices reconnecting after a node loss), report connects per
 // second, and the resident memory the brokers' processes gained per
 // connection while all of them are held open and idle.
 
 type stormResult struct {
 	Label       string  `json:"label"`
 	Connections int     `json:"connections"`
+	Connectors  int     `json:"connectors"`
 	ConnectsPS  float64 `json:"connects_per_s"`
 	RSSBeforeKB int64   `json:"rss_before_kb"`
 	RSSAfterKB  int64   `json:"rss_after_kb"`
 	KBPerConn   float64 `json:"kb_per_connection"`
 }
 
-func storm(addrs []string, n int, pids []int, settle, hold time.Duration) (stormResult, error) {
-	res := stormResult{Connections: n}
+func storm(addrs []string, n, connectors int, pids []int, settle, hold time.Duration) (stormResult, error) {
+	connectors = max(1, min(connectors, n))
+	res := stormResult{Connections: n, Connectors: connectors}
 	before, err := rss(pids)
 	if err != nil {
 		return res, err
 	}
 	res.RSSBeforeKB = before
-	conns := make([]net.Conn, 0, n)
+	conns := make([]net.Conn, n)
 	defer func() {
 		for _, c := range conns {
-			_ = c.Close()
+			if c != nil {
+				_ = c.Close()
+			}
 		}
 	}()
 	runID := time.Now().UnixNano()
 	start := time.Now()
-	for i := range n {
-		c, err := connectRaw(addrs[i%len(addrs)], fmt.Sprintf("storm-%d-%d", runID, i))
-		if err != nil {
-			return res, fmt.Errorf("connection %d: %w", i, err)
-		}
-		conns = append(conns, c)
+	// Each connector takes the next index; connection i goes to broker
+	// i mod len(addrs) and lands in conns[i].
+	var next atomic.Int64
+	errs := make(chan error, connectors)
+	var wg sync.WaitGroup
+	for range connectors {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n {
+					return
+				}
+				c, err := connectRaw(addrs[i%len(addrs)], fmt.Sprintf("storm-%d-%d", runID, i))
+				if err != nil {
+					errs <- fmt.Errorf("connection %d: %w", i, err)
+					next.Store(int64(n)) // stop the others
+					return
+				}
+				conns[i] = c
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return res, err
 	}
 	res.ConnectsPS = float64(n) / time.Since(start).Seconds()
 	time.Sleep(settle) // let the brokers finish their per-connection work (ownership claims)
