@@ -15,7 +15,7 @@ import (
 //
 // mochi puts each retained message that matches a new subscription on the
 // client's outbound queue without waiting (publishToClient), and drops
-// what does not fit (MaximumClientWritesPending: max_queued_messages packets)
+// what does not fit (MaximumClientWritesPending)
 // as if the subscriber were slow. So a subscriber to a filter that matches
 // more retained messages than that lost some, where Mosquitto sends them
 // all: with 20,000 retained messages under one filter, mosquitto_sub
@@ -49,7 +49,8 @@ type retainPace struct {
 }
 
 // NewRetainPacer returns the hook for a server whose clients' outbound
-// queues hold pending packets (mochi's MaximumClientWritesPending).
+// queues make room for pending live packets beside their QoS 1/2
+// messages in flight (MaximumClientWritesPending is larger).
 func NewRetainPacer(pending int) *RetainPacer {
 	return &RetainPacer{window: max(int64(pending)/4, 1)}
 }

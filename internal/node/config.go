@@ -137,26 +137,46 @@ func (c Config) capabilities() *mqtt.Capabilities {
 	return caps
 }
 
-// Bounds of a connected client's outbound queue (writeQueueSize).
+// Bounds of the live messages a connected client's outbound queue makes
+// room for (liveQueue), and the slack writeQueueSize adds.
 const (
-	minWriteQueue = 256
-	maxWriteQueue = 8192 // mochi's default
+	minWriteQueue   = 256
+	maxWriteQueue   = 4096
+	writeQueueSlack = 64
 )
 
-// writeQueueSize sizes mochi's per-client outbound queue: the messages
-// waiting for a client's write loop, beyond which live messages for a
-// clean session are dropped as for a slow consumer. mochi preallocates it
-// for every connection (8 bytes a slot) and the garbage collector scans
-// all of it in every cycle, so its default of 8,192 cost 64 KiB per idle
-// connection and a third of the CPU of a connection storm (BENCHMARKS.md).
-// Mosquitto stops queueing QoS 0 messages for a connected client once
-// max_queued_messages packets wait to be written, so the queue holds that
-// many here too, at least minWriteQueue (mochi's write loop is a
-// goroutine away from the socket, so a tiny queue would drop even for a
-// fast client) and at most mochi's default.
+// liveQueue is how many live messages a connected client's outbound
+// queue makes room for beside its QoS 1/2 messages in flight:
+// max_queued_messages, as Mosquitto stops queueing QoS 0 messages for a
+// connected client once that many wait to be written, at least
+// minWriteQueue (mochi's write loop is a goroutine away from the socket,
+// so a tiny queue would drop even for a fast client) and at most
+// maxWriteQueue. A test's MaxPendingWrites replaces it. RetainPacer keeps
+// retained messages sent on SUBSCRIBE to a quarter of it.
+func (c Config) liveQueue() int {
+	if c.MaxPendingWrites > 0 {
+		return int(c.MaxPendingWrites)
+	}
+	return min(max(c.MaxQueuedMessages, minWriteQueue), maxWriteQueue)
+}
+
+// writeQueueSize sizes mochi's per-client outbound queue (a channel that
+// mochi preallocates for every connection, 8 bytes a slot, and that the
+// garbage collector scans in every cycle: its default of 8,192 cost
+// 64 KiB per idle connection and a third of the CPU of a connection
+// storm, BENCHMARKS.md). mochi drops a live message that does not fit,
+// whatever its QoS (publishToClient). The queue holds liveQueue messages,
+// the quarter of it the retain pacer lets wait, and the QoS 1/2 messages
+// in flight (at most MaximumInflight, max_queued_messages, themselves at
+// most maxWriteQueue here), plus slack for publishers racing past.
+// mochi cannot be told to drop QoS 0 first, so a clean session's
+// subscriber that falls that far behind loses QoS 1/2 messages too, where
+// Mosquitto keeps them up to max_queued_messages (README, known gaps).
 func (c Config) writeQueueSize() int32 {
 	if c.MaxPendingWrites > 0 {
 		return c.MaxPendingWrites
 	}
-	return int32(min(max(c.MaxQueuedMessages, minWriteQueue), maxWriteQueue))
+	live := c.liveQueue()
+	inflight := min(max(c.MaxQueuedMessages, 1), maxWriteQueue)
+	return int32(live + live/4 + inflight + writeQueueSlack)
 }

@@ -164,7 +164,7 @@ func New(cfg Config) (_ *Node, err error) {
 		n.sessionsHook, // before the cluster hook: it may refuse filters in OnSubscribed
 		n.ownershipHook,
 		n.clusterHook,
-		hooks.NewRetainPacer(int(n.mqtt.Options.Capabilities.MaximumClientWritesPending)),
+		hooks.NewRetainPacer(cfg.liveQueue()),
 	} {
 		if err := n.mqtt.AddHook(h, nil); err != nil {
 			return nil, fmt.Errorf("add hook %s: %w", h.ID(), err)

@@ -5,20 +5,22 @@ import (
 )
 
 // TestWriteQueueFollowsMaxQueued: a connected client's outbound queue
-// (mochi's MaximumClientWritesPending, preallocated per connection) holds
-// max_queued_messages packets, as Mosquitto bounds the QoS 0 packets it
-// queues for a connected client, within [minWriteQueue, maxWriteQueue]; a
-// test's explicit MaxPendingWrites wins. mochi's default of 8,192 cost
-// 64 KiB per idle connection.
+// (mochi's MaximumClientWritesPending, preallocated per connection) makes
+// room for max_queued_messages live messages (as Mosquitto bounds the QoS
+// 0 packets it queues for a connected client, within [minWriteQueue,
+// maxWriteQueue]), a quarter of that for paced retained messages, and the
+// QoS 1/2 messages in flight (max_queued_messages), plus slack; a test's
+// explicit MaxPendingWrites wins. mochi's default of 8,192 cost 64 KiB
+// per idle connection.
 func TestWriteQueueFollowsMaxQueued(t *testing.T) {
 	for _, tc := range []struct {
 		maxQueued int
 		explicit  int32
 		want      int32
 	}{
-		{maxQueued: 1000, want: 1000},
-		{maxQueued: 1, want: minWriteQueue},
-		{maxQueued: 65535, want: maxWriteQueue},
+		{maxQueued: 1000, want: 1000 + 250 + 1000 + writeQueueSlack},
+		{maxQueued: 1, want: minWriteQueue + minWriteQueue/4 + 1 + writeQueueSlack},
+		{maxQueued: 65535, want: maxWriteQueue + maxWriteQueue/4 + maxWriteQueue + writeQueueSlack},
 		{maxQueued: 1000, explicit: 16, want: 16},
 	} {
 		c := Config{MaxQueuedMessages: tc.maxQueued, MaxPendingWrites: tc.explicit}
@@ -30,7 +32,7 @@ func TestWriteQueueFollowsMaxQueued(t *testing.T) {
 
 	c := newTestCluster(t, "n1")
 	c.waitReady()
-	if got := c.nodes["n1"].mqtt.Options.Capabilities.MaximumClientWritesPending; got != 1000 {
-		t.Fatalf("running node's outbound queue: %d packets, want 1000 (max_queued_messages)", got)
+	if got := c.nodes["n1"].mqtt.Options.Capabilities.MaximumClientWritesPending; got != 2314 {
+		t.Fatalf("running node's outbound queue: %d packets, want 2314 (max_queued_messages 1000)", got)
 	}
 }
