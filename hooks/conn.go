@@ -1,9 +1,11 @@
 package hooks
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,7 +27,15 @@ import (
 //     rejects an over-size packet from its fixed header, before allocating
 //     it, but only closes the socket. The guard follows the inbound byte
 //     stream's packet framing, so when mochi closes the connection it knows
-//     why and writes the DISCONNECT first.
+//     why and writes the DISCONNECT first;
+//   - a bound on a write that makes no progress (WriteStall): mochi's write
+//     loop holds the client's lock while it writes, and every QoS 1/2
+//     message to the client takes that lock, so a subscriber that stopped
+//     reading (its socket full) stalled whoever delivered to it: all
+//     messages forwarded from one peer node, or a local publisher's
+//     acknowledgements, until keepalive reaped it (found by review). Such
+//     a connection is closed after WriteStall without progress, as a dead
+//     one would be.
 type guardedConn struct {
 	net.Conn
 	guard ConnGuard
@@ -35,6 +45,7 @@ type guardedConn struct {
 	scan  packetScanner
 
 	writeMu   sync.Mutex // serialises our DISCONNECT with mochi's whole-packet writes
+	writeBy   time.Time  // the write deadline set (WriteStall), under writeMu
 	version   atomic.Uint32
 	oversize  atomic.Bool
 	firstDone atomic.Bool
@@ -127,10 +138,47 @@ func (c *guardedConn) refuse(reason string, declared int, first byte) {
 	}
 }
 
+// writeChunk bounds each write under WriteStall, so that a large packet
+// going out slowly but steadily is not taken for a stalled reader.
+const writeChunk = 64 << 10
+
 func (c *guardedConn) Write(p []byte) (int, error) {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
-	return c.Conn.Write(p)
+	stall := c.guard.WriteStall
+	if stall <= 0 {
+		return c.Conn.Write(p)
+	}
+	n := 0
+	for n < len(p) {
+		// Moving the deadline costs a timer update: only when less than
+		// half of the stall is left of it.
+		if now := time.Now(); c.writeBy.Sub(now) < stall/2 {
+			c.writeBy = now.Add(stall)
+			_ = c.Conn.SetWriteDeadline(c.writeBy)
+		}
+		k, err := c.Conn.Write(p[n:min(len(p), n+writeChunk)])
+		n += k
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.writeStalled()
+			}
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// writeStalled closes a connection whose socket took nothing for
+// WriteStall: mochi then ends the client as if the connection had dropped
+// (its will is published). mochi's later Close is a no-op.
+func (c *guardedConn) writeStalled() {
+	c.guard.Metrics.packetError("write_stalled")
+	if log := c.guard.Log; log != nil {
+		log.Warn("client connection closed: it took no data for the write stall timeout",
+			"remote", c.RemoteAddr().String(), "write_timeout", c.guard.WriteStall)
+	}
+	_ = c.Conn.Close()
 }
 
 func (c *guardedConn) Close() error {

@@ -49,6 +49,9 @@ type ConnGuard struct {
 	// Log, if set, gets one line per connection refused before CONNECT
 	// (MaxConnectSize, not a CONNECT): give it a rate-limited handler.
 	Log *slog.Logger
+	// WriteStall, when positive, closes a connection whose socket takes no
+	// bytes for that long (writeStalled).
+	WriteStall time.Duration
 	// Ended, when set, is called with the connection mochi was given once
 	// mochi is done with it: mochi calls no hook when a connection ends
 	// before its session is established (a CONNACK that could not be

@@ -116,6 +116,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 	})
 	fs.BoolVar(&c.Persistence, "persistence", true, "keep sessions and retained messages on disk under --data-dir")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 10*time.Second, "time a new connection has, from accept, to send its whole CONNECT")
+	fs.DurationVar(&c.WriteTimeout, "write-timeout", 10*time.Second, "close a client connection whose socket takes no data for about this long (a subscriber that stopped reading holds up deliveries to it); 0: never")
 	fs.DurationVar(&c.SysInterval, "sys-interval", 10*time.Second, "how often $SYS topics are published, with Mosquitto's names (mosquitto: sys_interval); 0 disables them")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "time allowed for a graceful stop")
 	fs.DurationVar(&c.LameDuck, "lame-duck", 5*time.Second, "on a graceful stop, spread client disconnects over up to this long (10 ms apart, at most half of --shutdown-timeout), so that clients do not all reconnect to the other nodes at once; 0: all at once")
@@ -258,6 +259,9 @@ func (o *serveOptions) validate() error {
 	}
 	if c.ConnectTimeout <= 0 {
 		return bad("connect-timeout", "%s: must be positive, e.g. 10s", c.ConnectTimeout)
+	}
+	if c.WriteTimeout < 0 {
+		return bad("write-timeout", "%s: must be 0 (never) or positive, e.g. 10s", c.WriteTimeout)
 	}
 	if c.LameDuck < 0 {
 		return bad("lame-duck", "%s: must be 0 or positive, e.g. 5s", c.LameDuck)

@@ -70,7 +70,11 @@ type Config struct {
 	// Version is published as $SYS/broker/version.
 	Version string
 
-	ConnectTimeout  time.Duration
+	ConnectTimeout time.Duration
+	// WriteTimeout closes a client connection whose socket takes no bytes
+	// for about this long (a subscriber that stopped reading stalls
+	// whoever delivers to it: hooks.ConnGuard.WriteStall); 0: never.
+	WriteTimeout    time.Duration
 	ShutdownTimeout time.Duration
 	// LameDuck spreads a graceful stop's client disconnects over up to
 	// this long (lameDuckStep per client), so that the clients of a node

@@ -200,6 +200,7 @@ func New(cfg Config) (_ *Node, err error) {
 func (n *Node) bindListeners(metrics *hooks.Metrics) error {
 	guard := hooks.ConnGuard{
 		ConnectTimeout: n.cfg.ConnectTimeout,
+		WriteStall:     n.cfg.WriteTimeout,
 		MaxPacketSize:  n.cfg.MaxPacketSize,
 		Metrics:        metrics,
 		Log:            slog.New(logx.RateLimit(logx.Rewrite(n.log.Handler(), packetSummary), 10*time.Second)).With("component", "listener"),
