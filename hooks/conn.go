@@ -45,7 +45,7 @@ type guardedConn struct {
 	scan  packetScanner
 
 	writeMu   sync.Mutex // serialises our DISCONNECT with mochi's whole-packet writes
-	writeBy   time.Time  // the write deadline set (WriteStall), under writeMu
+	writeSet  time.Time  // when Write last set the write deadline (WriteStall), under writeMu
 	version   atomic.Uint32
 	oversize  atomic.Bool
 	firstDone atomic.Bool
@@ -138,9 +138,24 @@ func (c *guardedConn) refuse(reason string, declared int, first byte) {
 	}
 }
 
-// writeChunk bounds each write under WriteStall, so that a large packet
-// going out slowly but steadily is not taken for a stalled reader.
-const writeChunk = 64 << 10
+// writeChunk bounds each write under WriteStall: a client must take at
+// least this much per WriteStall (a TLS record's worth, about 1.6 KB/s at
+// 10 s), so that a large packet going out slowly but steadily is not
+// taken for a stalled reader.
+const writeChunk = 16 << 10
+
+// SetDeadline: mochi sets the read and write deadlines together before
+// every packet it reads (its keepalive: now + 1.5 × keepalive, or none for
+// keepalive 0), which would move or clear the deadline of a write that is
+// blocked meanwhile (found by review: a stuck subscriber that still
+// published was never cut off). Under WriteStall the write deadline is
+// Write's own.
+func (c *guardedConn) SetDeadline(t time.Time) error {
+	if c.guard.WriteStall > 0 {
+		return c.Conn.SetReadDeadline(t)
+	}
+	return c.Conn.SetDeadline(t)
+}
 
 func (c *guardedConn) Write(p []byte) (int, error) {
 	c.writeMu.Lock()
@@ -151,16 +166,19 @@ func (c *guardedConn) Write(p []byte) (int, error) {
 	}
 	n := 0
 	for n < len(p) {
-		// Moving the deadline costs a timer update: only when less than
-		// half of the stall is left of it.
-		if now := time.Now(); c.writeBy.Sub(now) < stall/2 {
-			c.writeBy = now.Add(stall)
-			_ = c.Conn.SetWriteDeadline(c.writeBy)
+		// Each chunk gets at least 7/8 of the stall: moving the deadline
+		// costs a timer update, so not for every write.
+		if now := time.Now(); now.Sub(c.writeSet) >= stall/8 {
+			c.writeSet = now
+			_ = c.Conn.SetWriteDeadline(now.Add(stall))
 		}
 		k, err := c.Conn.Write(p[n:min(len(p), n+writeChunk)])
 		n += k
 		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
+			// gorilla/websocket reports a deadline as its own net.Error
+			// (Timeout true), not wrapping os.ErrDeadlineExceeded.
+			var ne net.Error
+			if errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout() {
 				c.writeStalled()
 			}
 			return n, err

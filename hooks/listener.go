@@ -252,3 +252,8 @@ func (ws *wsConn) Write(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
+
+// SetWriteDeadline goes to gorilla, which sets the socket's write deadline
+// to its own before every frame it writes (the embedded socket's would be
+// overwritten). Only guardedConn calls it, under its write lock.
+func (ws *wsConn) SetWriteDeadline(t time.Time) error { return ws.c.SetWriteDeadline(t) }

@@ -72,7 +72,7 @@ mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   echo "\`scripts/bench-storm.sh $conns\`: $conns clean connections one after another (CONNECT, wait for CONNACK), then"
   echo "resident memory gained per connection with all of them open and idle; each broker fresh. Then, once those are"
   echo "closed, $conns more from 64 clients at once (a wave of devices reconnecting after a node loss). mochi with its"
-  echo "defaults (an outbound queue of 8,192 packets per connection; this broker sizes it to max_queued_messages, 1,000)."
+  echo "defaults (an outbound queue of 8,192 packets per connection; this broker sizes it from max_queued_messages: 2,314)."
   echo
   cat bin/bench-storm.md
   echo

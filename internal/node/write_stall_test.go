@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/eclipse/paho.golang/packets"
+
 	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
@@ -66,4 +68,58 @@ func writeLoopBlocked() bool {
 		}
 	}
 	return false
+}
+
+// TestStuckSubscriberThatPublishesIsCutOff: as
+// TestStuckSubscriberDoesNotStallForwarding, but the stuck subscriber keeps
+// publishing QoS 0 telemetry (its receive path stuck, its send path not).
+// mochi's read loop sets the deadlines before every packet it reads, which
+// moved the blocked write's deadline past the write timeout (found by
+// review).
+func TestStuckSubscriberThatPublishesIsCutOff(t *testing.T) {
+	c := newTunedCluster(t, func(cfg *Config) {
+		cfg.WriteTimeout = time.Second
+		cfg.MaxPendingWrites = 16
+	}, "n1", "n2")
+	c.waitReady()
+	n1, n2 := c.nodes["n1"], c.nodes["n2"]
+	stuck, _ := rawConnect(t, n2.Addr("mqtt"), "stuck", true, 0)
+	_ = stuck.conn.(*net.TCPConn).SetReadBuffer(4 << 10)
+	stuck.subscribe("hol/#", 1)
+	healthy := testutil.Connect(t, n2.Addr("mqtt"), testutil.ClientOptions{ID: "healthy", CleanStart: true, Buffer: 16})
+	healthy.Sub(t, 0, "other/#")
+	c.waitRoutes(t, "n1", "n2", 2)
+
+	pub := testutil.Connect(t, n1.Addr("mqtt"), testutil.ClientOptions{ID: "pub", CleanStart: true})
+	big := []byte(strings.Repeat("x", 16<<10))
+	deadline := time.Now().Add(wait)
+	for i := 0; !writeLoopBlocked(); i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("no write loop blocked after %d messages", i)
+		}
+		pub.Pub(t, fmt.Sprintf("hol/a/%d", i), 0, false, big)
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // telemetry from the stuck device, QoS 0, every 200 ms
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			cp := packets.NewControlPacket(packets.PUBLISH)
+			p := cp.Content.(*packets.Publish)
+			p.Topic, p.Payload = "tele/stuck", []byte("t")
+			_ = stuck.conn.SetWriteDeadline(time.Now().Add(time.Second))
+			_, _ = cp.WriteTo(stuck.conn)
+		}
+	}()
+	pub.Pub(t, "hol/b", 1, false, []byte("q1"))
+	pub.Pub(t, "other/x", 0, false, []byte("hello"))
+	start := time.Now()
+	if _, err := healthy.Next(wait); err != nil {
+		t.Fatalf("healthy subscriber got nothing for %v (write timeout 1s) while the stuck subscriber publishes QoS 0: %v",
+			time.Since(start), err)
+	}
 }
