@@ -22,30 +22,7 @@ import (
 // as long as the stuck connection lived, 1.5 × keepalive). The write
 // timeout closes the stuck connection, and forwarding goes on.
 func TestStuckSubscriberDoesNotStallForwarding(t *testing.T) {
-	c := newTunedCluster(t, func(cfg *Config) {
-		cfg.WriteTimeout = time.Second
-		cfg.MaxPendingWrites = 16 // the queue fills with few messages
-	}, "n1", "n2")
-	c.waitReady()
-	n1, n2 := c.nodes["n1"], c.nodes["n2"]
-	stuck, _ := rawConnect(t, n2.Addr("mqtt"), "stuck", true, 0)
-	_ = stuck.conn.(*net.TCPConn).SetReadBuffer(4 << 10)
-	stuck.subscribe("hol/#", 1) // and never reads again
-	healthy := testutil.Connect(t, n2.Addr("mqtt"), testutil.ClientOptions{ID: "healthy", CleanStart: true, Buffer: 16})
-	healthy.Sub(t, 0, "other/#")
-	c.waitRoutes(t, "n1", "n2", 2)
-
-	// Fill the stuck subscriber's socket with QoS 0 (whose delivery never
-	// waits) until mochi's write loop blocks writing to it.
-	pub := testutil.Connect(t, n1.Addr("mqtt"), testutil.ClientOptions{ID: "pub", CleanStart: true})
-	big := []byte(strings.Repeat("x", 16<<10))
-	deadline := time.Now().Add(wait)
-	for i := 0; !writeLoopBlocked(); i++ {
-		if time.Now().After(deadline) {
-			t.Fatalf("no write loop blocked on a full socket after %d messages", i)
-		}
-		pub.Pub(t, fmt.Sprintf("hol/a/%d", i), 0, false, big)
-	}
+	_, healthy, pub := stuckSubscriber(t)
 	// A QoS 1 message for the stuck subscriber, then one for the healthy
 	// one, forwarded after it on the same peer connection.
 	pub.Pub(t, "hol/b", 1, false, []byte("q1"))
@@ -54,6 +31,38 @@ func TestStuckSubscriberDoesNotStallForwarding(t *testing.T) {
 		t.Fatalf("the healthy subscriber on n2 got nothing from n1 while another subscriber there is stuck: %v\n%s",
 			err, testutil.Goroutines())
 	}
+}
+
+// stuckSubscriber starts n1 and n2 with a 1 s write timeout and a 16-packet
+// outbound queue, connects to n2 a subscriber to hol/# that never reads
+// ("stuck") and a healthy one to other/#, and fills the stuck one's socket
+// from a publisher on n1 with QoS 0 (whose delivery never waits) until
+// mochi's write loop blocks writing to it.
+func stuckSubscriber(t *testing.T) (stuck *rawClient, healthy, pub *testutil.Client) {
+	t.Helper()
+	c := newTunedCluster(t, func(cfg *Config) {
+		cfg.WriteTimeout = time.Second
+		cfg.MaxPendingWrites = 16 // the queue fills with few messages
+	}, "n1", "n2")
+	c.waitReady()
+	n1, n2 := c.nodes["n1"], c.nodes["n2"]
+	stuck, _ = rawConnect(t, n2.Addr("mqtt"), "stuck", true, 0)
+	_ = stuck.conn.(*net.TCPConn).SetReadBuffer(4 << 10)
+	stuck.subscribe("hol/#", 1) // and never reads again
+	healthy = testutil.Connect(t, n2.Addr("mqtt"), testutil.ClientOptions{ID: "healthy", CleanStart: true, Buffer: 16})
+	healthy.Sub(t, 0, "other/#")
+	c.waitRoutes(t, "n1", "n2", 2)
+
+	pub = testutil.Connect(t, n1.Addr("mqtt"), testutil.ClientOptions{ID: "pub", CleanStart: true})
+	big := []byte(strings.Repeat("x", 16<<10))
+	deadline := time.Now().Add(wait)
+	for i := 0; !writeLoopBlocked(); i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("no write loop blocked on a full socket after %d messages", i)
+		}
+		pub.Pub(t, fmt.Sprintf("hol/a/%d", i), 0, false, big)
+	}
+	return stuck, healthy, pub
 }
 
 // writeLoopBlocked reports whether a mochi write loop is blocked writing to
@@ -77,28 +86,7 @@ func writeLoopBlocked() bool {
 // moved the blocked write's deadline past the write timeout (found by
 // review).
 func TestStuckSubscriberThatPublishesIsCutOff(t *testing.T) {
-	c := newTunedCluster(t, func(cfg *Config) {
-		cfg.WriteTimeout = time.Second
-		cfg.MaxPendingWrites = 16
-	}, "n1", "n2")
-	c.waitReady()
-	n1, n2 := c.nodes["n1"], c.nodes["n2"]
-	stuck, _ := rawConnect(t, n2.Addr("mqtt"), "stuck", true, 0)
-	_ = stuck.conn.(*net.TCPConn).SetReadBuffer(4 << 10)
-	stuck.subscribe("hol/#", 1)
-	healthy := testutil.Connect(t, n2.Addr("mqtt"), testutil.ClientOptions{ID: "healthy", CleanStart: true, Buffer: 16})
-	healthy.Sub(t, 0, "other/#")
-	c.waitRoutes(t, "n1", "n2", 2)
-
-	pub := testutil.Connect(t, n1.Addr("mqtt"), testutil.ClientOptions{ID: "pub", CleanStart: true})
-	big := []byte(strings.Repeat("x", 16<<10))
-	deadline := time.Now().Add(wait)
-	for i := 0; !writeLoopBlocked(); i++ {
-		if time.Now().After(deadline) {
-			t.Fatalf("no write loop blocked after %d messages", i)
-		}
-		pub.Pub(t, fmt.Sprintf("hol/a/%d", i), 0, false, big)
-	}
+	stuck, healthy, pub := stuckSubscriber(t)
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() { // telemetry from the stuck device, QoS 0, every 200 ms
