@@ -82,7 +82,11 @@ type Config struct {
 	// ReadLease lets the leader name read indexes without a heartbeat
 	// round while it holds a lease of HeartbeatTimeout/2 (lease.go).
 	// Off by default: a hole remains (DESIGN.md, "The read lease").
-	ReadLease          bool
+	ReadLease bool
+	// Pipeline turns raft's pipelined replication on, through the wrapper
+	// that removes its deadlock (pipeline.go). Off by default: on a
+	// 2-core machine, where CPU binds, it lowered durable throughput.
+	Pipeline           bool
 	HeartbeatTimeout   time.Duration
 	ElectionTimeout    time.Duration
 	LeaderLeaseTimeout time.Duration

@@ -34,7 +34,7 @@ import (
 //     no term in raft and may arrive late, is tagged with that term by the
 //     sender and honoured only from the receiver's leader in that term.
 //   - Heartbeats do not count, nor requests that carry no entry of the
-//     leader's term (noPipeline.AppendEntries); a candidate started by a
+//     leader's term (raftTransport.AppendEntries); a candidate started by a
 //     TimeoutNow answers no AppendEntries of its term, and a transfer vote
 //     from a candidate whose log is behind is refused before raft, which
 //     would forget its leader on the vote's higher term (voteGate).

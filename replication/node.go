@@ -271,7 +271,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	gate := newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.transferAccepted, n.stop)
 	gate.state = n.raftState
 	gate.lastEntry = n.lastEntry
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, noPipeline{trans, n.heartbeats, gate, n.lease})
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, raftTransport{trans, n.heartbeats, gate, n.lease, cfg.Pipeline})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}

@@ -270,24 +270,18 @@ func (r *rateLimit) allow() bool {
 	return true
 }
 
-// noPipeline is the network transport without pipelined replication.
-// hashicorp/raft v1.8.0's pipeline can deadlock: when a follower answers
-// an AppendEntries with Success=false, the pipeline's decoder waits to hand
-// back a response nobody reads any more, while the replication goroutine
-// waits to queue its next request behind it. That goroutine then never
-// replicates to the follower again and raft's Shutdown waits for it
-// forever (the chaos campaign caught a node whose SIGTERM never finished;
-// the same bug made grafana/pyroscope disable pipelining, PR 5518). Without
-// a pipeline raft sends one AppendEntries at a time per follower, each
-// carrying up to MaxAppendEntries entries; group commit keeps entries
-// large, so the cost is small next to the follower's fsync.
-//
-// It also guards raft's heartbeat handler (heartbeatGuard).
-type noPipeline struct {
+// raftTransport is raft's network transport with our guards: raft's
+// heartbeat handler (heartbeatGuard), votes (voteGate), the read lease's
+// bookkeeping, and pipelined replication that cannot deadlock (pipeline).
+type raftTransport struct {
 	*raft.NetworkTransport
 	hb    *heartbeatGuard
 	votes *voteGate
 	lease *readLease
+	// pipeline: pipelined replication on (Config.Pipeline); off, raft
+	// sends one AppendEntries at a time per follower, each carrying up to
+	// MaxAppendEntries entries.
+	pipeline bool
 }
 
 // AppendEntries records, for the read lease, when a request the follower
@@ -297,7 +291,7 @@ type noPipeline struct {
 // that the leader is gone (raft.go runFollower); other AppendEntries, sent
 // every CommitTimeout even when there is nothing new, are answered by the
 // main loop in order with that decision.
-func (t noPipeline) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
+func (t raftTransport) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
 	sent := time.Now()
 	err := t.NetworkTransport.AppendEntries(id, target, args, resp)
 	if err == nil && resp.Success && resp.Term == args.Term && !mayBeHeartbeat(args) && carriesTerm(args) {
@@ -332,7 +326,7 @@ func mayBeHeartbeat(args *raft.AppendEntriesRequest) bool {
 // an election that followers join although they still know a leader,
 // whose lease would then be wrong. The receiver's voteGate accepts it only
 // from its current leader in that very term.
-func (t noPipeline) TimeoutNow(id raft.ServerID, target raft.ServerAddress, args *raft.TimeoutNowRequest, resp *raft.TimeoutNowResponse) error {
+func (t raftTransport) TimeoutNow(id raft.ServerID, target raft.ServerAddress, args *raft.TimeoutNowRequest, resp *raft.TimeoutNowResponse) error {
 	tagged := *args
 	tagged.Addr = appendTransferTag(slices.Clip(args.Addr), t.lease.blocked.Load())
 	return t.NetworkTransport.TimeoutNow(id, target, &tagged, resp)
@@ -359,7 +353,7 @@ func cutTransferTag(addr []byte) (plain []byte, term uint64, ok bool) {
 
 // Consumer is raft's inbound RPCs with vote requests refused while the
 // node holds its votes (voteGate).
-func (t noPipeline) Consumer() <-chan raft.RPC {
+func (t raftTransport) Consumer() <-chan raft.RPC {
 	return t.votes.filter(t.NetworkTransport.Consumer())
 }
 
@@ -376,7 +370,7 @@ type voteGate struct {
 	lease  *readLease
 	// transfer reports whether a TimeoutNow from a node, tagged with a
 	// term, may start an election here: from the current leader, in the
-	// current term (noPipeline.TimeoutNow).
+	// current term (raftTransport.TimeoutNow).
 	transfer func(from raft.ServerID, term uint64) bool
 	// state is raft's state and current term (nil: none yet).
 	state func() (raft.RaftState, uint64, bool)
@@ -531,12 +525,21 @@ func (g *voteGate) filter(in <-chan raft.RPC) <-chan raft.RPC {
 	return g.out
 }
 
-func (noPipeline) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
-	return nil, raft.ErrPipelineReplicationNotSupported
+// AppendEntriesPipeline returns raft's pipeline to the follower, wrapped
+// so that it cannot deadlock (pipeline).
+func (t raftTransport) AppendEntriesPipeline(id raft.ServerID, target raft.ServerAddress) (raft.AppendPipeline, error) {
+	if !t.pipeline {
+		return nil, raft.ErrPipelineReplicationNotSupported
+	}
+	inner, err := t.NetworkTransport.AppendEntriesPipeline(id, target)
+	if err != nil {
+		return nil, err
+	}
+	return newPipeline(inner, id, t.lease), nil
 }
 
 // SetHeartbeatHandler installs raft's handler behind the guard.
-func (t noPipeline) SetHeartbeatHandler(fn func(raft.RPC)) {
+func (t raftTransport) SetHeartbeatHandler(fn func(raft.RPC)) {
 	t.NetworkTransport.SetHeartbeatHandler(t.hb.wrap(fn))
 }
 

@@ -121,6 +121,7 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "time allowed for a graceful stop")
 	fs.DurationVar(&c.LameDuck, "lame-duck", 5*time.Second, "on a graceful stop, spread client disconnects over up to this long (10 ms apart, at most half of --shutdown-timeout), so that clients do not all reconnect to the other nodes at once; 0: all at once")
 	fs.BoolVar(&c.Pprof, "pprof", false, "serve /debug/pprof on --http-addr")
+	fs.BoolVar(&c.RaftPipeline, "raft-pipeline", false, "experimental: raft sends AppendEntries to a follower without waiting for the answer to the previous one (see replication/DESIGN.md, Transport)")
 	fs.BoolVar(&c.ReadLease, "read-lease", false, "experimental: the raft leader confirms read barriers by a lease instead of a heartbeat round (cheaper QoS 1/2 publishes; set it on every node or none; see replication/DESIGN.md)")
 	fs.StringVar(&o.logFormat, "log-format", "", "text or json (default: text on a terminal, json otherwise)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")

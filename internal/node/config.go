@@ -84,6 +84,9 @@ type Config struct {
 	// ReadLease: the raft leader confirms read indexes by its lease
 	// instead of a heartbeat round (--read-lease, experimental).
 	ReadLease bool
+	// RaftPipeline: raft sends AppendEntries without waiting for the
+	// previous answer (--raft-pipeline, experimental).
+	RaftPipeline bool
 
 	Logger *slog.Logger
 	// ClusterTuning, if set, adjusts the cluster configuration before the

@@ -80,6 +80,7 @@ func (n *Node) startReplication(ctx context.Context) error {
 		// Expired sessions (and retained messages) go within 2 s.
 		ExpirySweepInterval: 2 * time.Second,
 		ReadLease:           n.cfg.ReadLease,
+		Pipeline:            n.cfg.RaftPipeline,
 		Logger:              n.cfg.Logger,
 		Registerer:          n.reg,
 	}
