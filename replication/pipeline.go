@@ -96,13 +96,12 @@ func (p *pipeline) relay() {
 }
 
 // observe records an accepted AppendEntries for the read lease, under the
-// same rules as raftTransport.AppendEntries.
+// same rule as raftTransport.AppendEntries (renewsLease).
 func (p *pipeline) observe(f raft.AppendFuture) {
 	if f.Error() != nil {
 		return
 	}
-	args, resp := f.Request(), f.Response()
-	if resp.Success && resp.Term == args.Term && !mayBeHeartbeat(args) && carriesTerm(args) {
+	if args := f.Request(); renewsLease(args, f.Response()) {
 		p.lease.acked(p.id, args.Term, f.Start())
 	}
 }

@@ -128,6 +128,20 @@ func TestPipelineRenewsReadLease(t *testing.T) {
 	if lease.holds("l", 3, voters, time.Now()) {
 		t.Fatal("lease held before any request")
 	}
+	// Accepted, but the follower may hold no entry of term 3 yet (the
+	// first request of a term, before the leader's no-op): no renewal.
+	if _, err := p.AppendEntries(&raft.AppendEntriesRequest{RPCHeader: raft.RPCHeader{Addr: []byte("l")}, Term: 3, PrevLogEntry: 7, PrevLogTerm: 2},
+		&raft.AppendEntriesResponse{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.Consumer():
+	case <-time.After(10 * time.Second):
+		t.Fatal("no response")
+	}
+	if lease.holds("l", 3, voters, time.Now()) {
+		t.Fatal("a request without an entry of the leader's term renewed the read lease")
+	}
 	// A request of term 3 whose previous entry is of term 3: the follower
 	// holds an entry of the leader's term once it accepts it (carriesTerm).
 	if _, err := p.AppendEntries(&raft.AppendEntriesRequest{RPCHeader: raft.RPCHeader{Addr: []byte("l")}, Term: 3, PrevLogEntry: 7, PrevLogTerm: 3},
@@ -231,4 +245,34 @@ func TestPipelinedReplicationThroughRefusals(t *testing.T) {
 		want[topic] = "final"
 	}
 	c.waitRetained(want)
+}
+
+// renewsLease is the one rule both the pipelined and the one-at-a-time
+// paths apply.
+func TestRenewsLease(t *testing.T) {
+	req := func(term, prevIdx, prevTerm uint64, entryTerms ...uint64) *raft.AppendEntriesRequest {
+		r := &raft.AppendEntriesRequest{Term: term, PrevLogEntry: prevIdx, PrevLogTerm: prevTerm, LeaderCommitIndex: prevIdx}
+		for i, et := range entryTerms {
+			r.Entries = append(r.Entries, &raft.Log{Index: prevIdx + uint64(i) + 1, Term: et})
+		}
+		return r
+	}
+	ok := &raft.AppendEntriesResponse{Term: 3, Success: true}
+	for _, c := range []struct {
+		name string
+		args *raft.AppendEntriesRequest
+		resp *raft.AppendEntriesResponse
+		want bool
+	}{
+		{"accepted, previous entry of the term", req(3, 7, 3), ok, true},
+		{"accepted, carries an entry of the term", req(3, 7, 2, 2, 3), ok, true},
+		{"refused", req(3, 7, 3), &raft.AppendEntriesResponse{Term: 3}, false},
+		{"answered in a newer term", req(3, 7, 3), &raft.AppendEntriesResponse{Term: 4, Success: true}, false},
+		{"no entry of the term", req(3, 7, 2, 2), ok, false},
+		{"heartbeat-shaped", &raft.AppendEntriesRequest{Term: 3}, ok, false},
+	} {
+		if got := renewsLease(c.args, c.resp); got != c.want {
+			t.Errorf("%s: renewsLease = %t, want %t", c.name, got, c.want)
+		}
+	}
 }

@@ -294,10 +294,16 @@ type raftTransport struct {
 func (t raftTransport) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
 	sent := time.Now()
 	err := t.NetworkTransport.AppendEntries(id, target, args, resp)
-	if err == nil && resp.Success && resp.Term == args.Term && !mayBeHeartbeat(args) && carriesTerm(args) {
+	if err == nil && renewsLease(args, resp) {
 		t.lease.acked(id, args.Term, sent)
 	}
 	return err
+}
+
+// renewsLease: the follower's answer resp to args counts for the read
+// lease (see AppendEntries).
+func renewsLease(args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) bool {
+	return resp.Success && resp.Term == args.Term && !mayBeHeartbeat(args) && carriesTerm(args)
 }
 
 // carriesTerm: a follower that accepted args holds an entry of args.Term

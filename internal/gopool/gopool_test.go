@@ -2,31 +2,44 @@ package gopool
 
 import (
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 )
 
-// A task handed to an idle goroutine runs on it: no new goroutine.
+// A task handed to an idle goroutine runs on it: some goroutine runs two
+// tasks. Goroutine ids are never reused, so a repeated id is a reuse (a
+// count of goroutines is not: the previous task's goroutine may exit in
+// between).
 func TestGoReusesIdleGoroutine(t *testing.T) {
 	p := New(time.Minute)
-	done := make(chan struct{})
-	p.Go(func() { close(done) })
-	<-done
-	// The worker parks on the task channel soon after f returns.
-	deadline := time.Now().Add(10 * time.Second)
-	reused := false
-	for !reused && time.Now().Before(deadline) {
-		before := runtime.NumGoroutine()
-		ran := make(chan int)
-		p.Go(func() { ran <- runtime.NumGoroutine() })
-		if n := <-ran; n <= before {
-			reused = true
+	seen := map[string]bool{}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		ran := make(chan string)
+		p.Go(func() { ran <- goroutineID() })
+		id := <-ran
+		if seen[id] {
+			return
 		}
+		seen[id] = true
+		// Give the worker time to park on the task channel again.
+		time.Sleep(time.Millisecond)
 	}
-	if !reused {
-		t.Fatal("every task started a new goroutine")
+	t.Fatalf("no goroutine ran two tasks (%d tasks)", len(seen))
+}
+
+// goroutineID is the calling goroutine's id, from its stack header
+// ("goroutine 42 [running]:").
+func goroutineID() string {
+	buf := make([]byte, 64)
+	buf = buf[:runtime.Stack(buf, false)]
+	f := strings.Fields(string(buf))
+	if len(f) < 2 {
+		return string(buf)
 	}
+	return f[1]
 }
 
 // Many tasks at once each run, concurrently (nothing bounds the pool, as
