@@ -15,6 +15,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/mqtt-ha/broker/internal/backoff"
 )
 
 // The cluster port carries several protocols, like rqlite's mux: the first
@@ -456,7 +458,7 @@ func (x *Mux) start(ln net.Listener) error {
 
 // serve accepts connections until ln is closed.
 func (x *Mux) serve(ln net.Listener) {
-	var backoff time.Duration
+	var pause backoff.Accept
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -465,11 +467,10 @@ func (x *Mux) serve(ln net.Listener) {
 			}
 			// EMFILE and friends: back off instead of spinning or quitting.
 			x.log.Warn("cluster port accept failed", "err", err)
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			time.Sleep(backoff)
+			time.Sleep(pause.Failed())
 			continue
 		}
-		backoff = 0
+		pause.Succeeded()
 		x.mu.Lock()
 		if x.closed {
 			x.mu.Unlock()

@@ -13,6 +13,8 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/mochi-mqtt/server/v2/listeners"
+
+	"github.com/mqtt-ha/broker/internal/backoff"
 )
 
 // Listener serves MQTT on an already bound net.Listener, over plain TCP (TLS
@@ -93,7 +95,7 @@ func (l *Listener) Serve(establish listeners.EstablishFn) {
 		l.serveWebsocket(establish)
 		return
 	}
-	var backoff time.Duration
+	var pause backoff.Accept
 	var warned time.Time
 	for {
 		conn, err := l.ln.Accept()
@@ -113,11 +115,10 @@ func (l *Listener) Serve(establish listeners.EstablishFn) {
 				warned = time.Now()
 				l.log.Warn("accept failed; retrying with backoff (logged again after a minute)", "error", err)
 			}
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			time.Sleep(backoff)
+			time.Sleep(pause.Failed())
 			continue
 		}
-		backoff = 0
+		pause.Succeeded()
 		l.handle(conn, establish)
 	}
 }

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/mqtt-ha/broker/internal/backoff"
 )
 
 // The caller hands us one demultiplexed listener and one dial function for
@@ -66,7 +68,7 @@ func (d *demux) start() {
 
 func (d *demux) acceptLoop() {
 	defer d.wg.Done()
-	var backoff time.Duration
+	var pause backoff.Accept
 	for {
 		c, err := d.ln.Accept()
 		if err != nil {
@@ -79,15 +81,14 @@ func (d *demux) acceptLoop() {
 				return
 			}
 			d.log.Warn("replication accept failed", "err", err)
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 			select {
-			case <-time.After(backoff):
+			case <-time.After(pause.Failed()):
 			case <-d.done:
 				return
 			}
 			continue
 		}
-		backoff = 0
+		pause.Succeeded()
 		tc, ok := d.track(c)
 		if !ok {
 			continue
