@@ -6,7 +6,8 @@
 # (persistent sessions, persistence off: nothing on disk) in the same run.
 # One publisher connection (waiting for each PUBACK, and with 64 in
 # flight, which the publish pipeline commits in batches), and many; the
-# cluster cases again with the experimental --read-lease.
+# cluster cases again with the experimental --read-lease, and two with the
+# experimental --raft-pipeline.
 #   scripts/bench-sessions.sh [duration] [publishers] [markdown-out]
 #   (defaults: 10s, 48, bin/bench-sessions.md)
 set -euo pipefail
@@ -63,6 +64,23 @@ run "cluster --read-lease, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:2
 run "cluster --read-lease, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64
 run "cluster --read-lease, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1
 run "cluster --read-lease, $pubs publishers, 16 in flight" "$lnodes" "$lsubnodes" "$pubs" 16
+
+# A third cluster with --raft-pipeline, started once the lease cluster is
+# stopped (its idle heartbeats would share the CPU): nodes 4-6's addresses
+# again, fresh data dirs.
+for i in 4 5 6; do kill "${pids[$i]}" 2>/dev/null || true; wait "${pids[$i]}" 2>/dev/null || true; done
+for i in 4 5 6; do
+  bin/broker serve --node-id "sbench$i" --data-dir "$tmp/p$i" --mqtt-addr "127.0.0.1:2289$i" \
+    --http-addr "127.0.0.1:2809$i" --gossip-addr "127.0.0.1:269$((3 + i))6" --cluster-addr "127.0.0.1:269$((3 + i))7" \
+    --advertise-host 127.0.0.1 --join 127.0.0.1:26976,127.0.0.1:26986,127.0.0.1:26996 --bootstrap-expect 3 \
+    --max-queued-messages 65535 --raft-pipeline --log-level warn --log-format json 2>"$tmp/p$i.log" &
+  pids+=($!)
+done
+for i in 4 5 6; do
+  for _ in $(seq 100); do curl -fs "127.0.0.1:2809$i/readyz" >/dev/null && break; sleep 0.2; done
+done
+run "cluster --raft-pipeline, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64
+run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1
 
 {
   echo "| case | delivered msg/s | lost | p50 / p99 / max (ms) |"
