@@ -88,6 +88,18 @@ func TestLateOpenDoesNotReviveSessionAfterCleanStart(t *testing.T) {
 			// refused once, which the late open should not be for.
 			warm, _ := rawConnect(t, c.nodes["n3"].Addr("mqtt"), "lo-warm", false, 300)
 			_ = warm.conn.Close()
+			// Every node applied it before the CONNECT below reads: an
+			// open read as of an index before it (n1 a few entries
+			// behind) is refused once, and the test needs the late open
+			// judged by the touches alone (a CI run failed so).
+			testutil.Eventually(t, wait, func() error {
+				for id, n := range c.nodes {
+					if _, ok := n.repl.Session("lo-warm"); !ok {
+						return fmt.Errorf("%s has not applied the warm-up open yet", id)
+					}
+				}
+				return nil
+			})
 			// The persistent CONNECT on n1: served when its first try
 			// commits, refused otherwise (every try in flight).
 			c1, ack := rawConnectAnswer(t, c.nodes["n1"].Addr("mqtt"), tc.clientID, false, 300)
