@@ -21,34 +21,8 @@ import (
 // the second response); through pipeline every request returns and Close
 // finishes.
 func TestPipelineSenderNeverParks(t *testing.T) {
-	follower, err := raft.NewTCPTransport("127.0.0.1:0", nil, 2, time.Second, io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer follower.Close()
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		for {
-			select {
-			case rpc := <-follower.Consumer():
-				rpc.Respond(&raft.AppendEntriesResponse{Term: 1, Success: false}, nil)
-			case <-stop:
-				return
-			}
-		}
-	}()
-	leader, err := raft.NewTCPTransport("127.0.0.1:0", nil, 2, time.Second, io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer leader.Close()
-	inner, err := leader.AppendEntriesPipeline("f", follower.LocalAddr())
-	if err != nil {
-		t.Fatal(err)
-	}
 	lease := newReadLease(time.Second)
-	p := newPipeline(inner, "f", lease)
+	p := pipelineTo(t, &raft.AppendEntriesResponse{Term: 1, Success: false}, lease)
 
 	send := func(i int) {
 		t.Helper()
@@ -92,21 +66,23 @@ func TestPipelineSenderNeverParks(t *testing.T) {
 	}
 }
 
-// Accepted AppendEntries through the pipeline renew the read lease, as
-// those raft sends one at a time do (raftTransport.AppendEntries).
-func TestPipelineRenewsReadLease(t *testing.T) {
+// pipelineTo returns a pipeline (recording into lease) from a real leader
+// transport to a real follower transport that answers every request with
+// answer. Everything is closed when the test ends.
+func pipelineTo(t *testing.T, answer *raft.AppendEntriesResponse, lease *readLease) *pipeline {
+	t.Helper()
 	follower, err := raft.NewTCPTransport("127.0.0.1:0", nil, 2, time.Second, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer follower.Close()
+	t.Cleanup(func() { _ = follower.Close() })
 	stop := make(chan struct{})
-	defer close(stop)
+	t.Cleanup(func() { close(stop) })
 	go func() {
 		for {
 			select {
 			case rpc := <-follower.Consumer():
-				rpc.Respond(&raft.AppendEntriesResponse{Term: 3, Success: true}, nil)
+				rpc.Respond(answer, nil)
 			case <-stop:
 				return
 			}
@@ -116,14 +92,21 @@ func TestPipelineRenewsReadLease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer leader.Close()
+	t.Cleanup(func() { _ = leader.Close() })
 	inner, err := leader.AppendEntriesPipeline("f", follower.LocalAddr())
 	if err != nil {
 		t.Fatal(err)
 	}
-	lease := newReadLease(time.Minute)
 	p := newPipeline(inner, "f", lease)
-	defer p.Close()
+	t.Cleanup(func() { _ = p.Close() })
+	return p
+}
+
+// Accepted AppendEntries through the pipeline renew the read lease, as
+// those raft sends one at a time do (raftTransport.AppendEntries).
+func TestPipelineRenewsReadLease(t *testing.T) {
+	lease := newReadLease(time.Minute)
+	p := pipelineTo(t, &raft.AppendEntriesResponse{Term: 3, Success: true}, lease)
 	voters := []raft.ServerID{"l", "f", "g"}
 	if lease.holds("l", 3, voters, time.Now()) {
 		t.Fatal("lease held before any request")
