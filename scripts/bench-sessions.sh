@@ -47,23 +47,47 @@ lsubnodes=127.0.0.1:22895,127.0.0.1:22896,127.0.0.1:22894
 
 results="$tmp/results.jsonl"
 : >"$results"
-# run LABEL PUB SUB PUBLISHERS INFLIGHT
+# counters PID...: user+system clock ticks, and read plus write system
+# calls (/proc/PID/io syscr + syscw), of the processes.
+counters() {
+  local t=0 s=0 p
+  for p in "$@"; do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    s=$((s + $(awk '/^sysc[rw]:/ {n += $2} END {print n}' "/proc/$p/io")))
+  done
+  echo "$t $s"
+}
+hz=$(getconf CLK_TCK)
+# run LABEL PUB SUB PUBLISHERS INFLIGHT PID...: the PIDs are the case's
+# brokers, whose CPU time and system calls per delivered message are added
+# to the result (system calls vary far less between runs than throughput
+# on this shared machine, so they show what a change saves).
 run() {
   echo "sessions: $1" >&2
-  bin/mqttload --json --label "$1" --pub "$2" --sub "$3" --qos 1 --rate 0 --duration "$dur" \
-    --publishers "$4" --subscribers "$4" --inflight "$5" --persistent | tee -a "$results" >&2
+  local label=$1 pub=$2 sub=$3 n=$4 inflight=$5 t0 s0 t1 s1 json recv cpu=0 sys=0
+  shift 5
+  read -r t0 s0 < <(counters "$@")
+  json=$(bin/mqttload --json --label "$label" --pub "$pub" --sub "$sub" --qos 1 --rate 0 --duration "$dur" \
+    --publishers "$n" --subscribers "$n" --inflight "$inflight" --persistent)
+  read -r t1 s1 < <(counters "$@")
+  recv=$(echo "$json" | sed -E 's/.*"received":([0-9]+).*/\1/')
+  if [ "$recv" -gt 0 ]; then
+    cpu=$(( (t1 - t0) * 1000000 / hz / recv ))
+    sys=$(awk -v a="$s0" -v b="$s1" -v r="$recv" 'BEGIN {printf "%.1f", (b - a) / r}')
+  fi
+  echo "{\"cpu_us_per_msg\":$cpu,\"syscalls_per_msg\":$sys,${json#\{}" | tee -a "$results" >&2
 }
-run "mosquitto, 1 publisher, 1 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 1
-run "mosquitto, 1 publisher, 64 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 64
-run "mosquitto, $pubs publishers" 127.0.0.1:21893 127.0.0.1:21893 "$pubs" 1
-run "cluster, 1 publisher, 1 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 1
-run "cluster, 1 publisher, 64 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 64
-run "cluster, $pubs publishers" "$nodes" "$subnodes" "$pubs" 1
-run "cluster, $pubs publishers, 16 in flight" "$nodes" "$subnodes" "$pubs" 16
-run "cluster --read-lease, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 1
-run "cluster --read-lease, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64
-run "cluster --read-lease, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1
-run "cluster --read-lease, $pubs publishers, 16 in flight" "$lnodes" "$lsubnodes" "$pubs" 16
+run "mosquitto, 1 publisher, 1 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 1 "${pids[0]}"
+run "mosquitto, 1 publisher, 64 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 64 "${pids[0]}"
+run "mosquitto, $pubs publishers" 127.0.0.1:21893 127.0.0.1:21893 "$pubs" 1 "${pids[0]}"
+run "cluster, 1 publisher, 1 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 1 "${pids[@]:1:3}"
+run "cluster, 1 publisher, 64 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 64 "${pids[@]:1:3}"
+run "cluster, $pubs publishers" "$nodes" "$subnodes" "$pubs" 1 "${pids[@]:1:3}"
+run "cluster, $pubs publishers, 16 in flight" "$nodes" "$subnodes" "$pubs" 16 "${pids[@]:1:3}"
+run "cluster --read-lease, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 1 "${pids[@]:4:3}"
+run "cluster --read-lease, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${pids[@]:4:3}"
+run "cluster --read-lease, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${pids[@]:4:3}"
+run "cluster --read-lease, $pubs publishers, 16 in flight" "$lnodes" "$lsubnodes" "$pubs" 16 "${pids[@]:4:3}"
 
 # A third cluster with --raft-pipeline, started once the lease cluster is
 # stopped (its idle heartbeats would share the CPU): nodes 4-6's addresses
@@ -79,17 +103,18 @@ done
 for i in 4 5 6; do
   for _ in $(seq 100); do curl -fs "127.0.0.1:2809$i/readyz" >/dev/null && break; sleep 0.2; done
 done
-run "cluster --raft-pipeline, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64
-run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1
+run "cluster --raft-pipeline, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${pids[@]:7:3}"
+run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${pids[@]:7:3}"
 
 {
-  echo "| case | delivered msg/s | lost | p50 / p99 / max (ms) |"
-  echo "|---|---|---|---|"
+  echo "| case | delivered msg/s | lost | p50 / p99 / max (ms) | brokers' CPU per message (µs) | system calls per message |"
+  echo "|---|---|---|---|---|---|"
   awk '
     function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
     function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
-    { printf "| %s | %.0f | %d | %.1f / %.1f / %.1f |\n", label($0), field($0, "throughput_msgs_per_s"), field($0, "lost"),
-        field($0, "p50_us") / 1000, field($0, "p99_us") / 1000, field($0, "max_us") / 1000 }' "$results"
+    { printf "| %s | %.0f | %d | %.1f / %.1f / %.1f | %d | %.1f |\n", label($0), field($0, "throughput_msgs_per_s"), field($0, "lost"),
+        field($0, "p50_us") / 1000, field($0, "p99_us") / 1000, field($0, "max_us") / 1000,
+        field($0, "cpu_us_per_msg"), field($0, "syscalls_per_msg") }' "$results"
 } >"$out"
 cat "$out"
 echo "table written to $out" >&2

@@ -64,6 +64,9 @@ mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   echo
   echo "\`scripts/bench-sessions.sh $dur 48\`: unpaced QoS 1 into persistent sessions (max queued 65,535), on the cluster every"
   echo "message crosses nodes. \"in flight\": unacknowledged publishes each publisher keeps (1 waits for every PUBACK)."
+  echo "CPU and system calls per message are the case's brokers' (all three nodes), per delivered message: user+system"
+  echo "time, and read plus write calls (\`/proc/PID/io\` syscr + syscw). The system calls vary far less between runs than"
+  echo "throughput on this shared machine; at one message in flight the brokers' idle work (heartbeats) weighs in."
   echo
   cat bin/bench-sessions.md
   echo
