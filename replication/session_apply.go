@@ -3,6 +3,7 @@ package replication
 import (
 	"fmt"
 	"slices"
+	"sort"
 )
 
 // applySession applies a validated session command (deterministic, like
@@ -153,25 +154,12 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		if e == nil {
 			return evs, true // deleted meanwhile: nothing left to ack
 		}
-		var acked []uint64
-		for _, m := range e.Queue {
-			if m.Seq <= c.UpTo || slices.Contains(c.Seqs, m.Seq) {
-				acked = append(acked, m.Seq)
-			}
-		}
+		acked := ackedSeqs(e.Queue, c)
 		if len(acked) == 0 {
 			return evs, true
 		}
 		e = s.mutableSession(c.ClientID)
-		// A new slice, never in place: cheap at queue sizes (<= a few
-		// thousand) and keeps the removal obviously correct.
-		kept := make([]QueuedMessage, 0, len(e.Queue)-len(acked))
-		for _, m := range e.Queue {
-			if _, found := slices.BinarySearch(acked, m.Seq); !found {
-				kept = append(kept, m)
-			}
-		}
-		e.Queue = kept
+		e.Queue = removeAcked(e.Queue, acked)
 		res.Changed = true
 		emit(SessionChange{Kind: QueueAcked, ClientID: c.ClientID, Owner: e.Owner, Seqs: acked})
 	case *QueueRelease:
@@ -248,6 +236,48 @@ func (s *state) applySession(cmd Command, res *Result, evs []event) ([]event, bo
 		return evs, false
 	}
 	return evs, true
+}
+
+// ackedSeqs returns the seqs of the messages in q (sorted by Seq) that c
+// acknowledges, in order. Every delivered message is acknowledged by its
+// own Ack (hooks' pump), so this runs once per message: it searches the
+// queue instead of scanning it.
+func ackedSeqs(q []QueuedMessage, c *Ack) []uint64 {
+	k := sort.Search(len(q), func(i int) bool { return q[i].Seq > c.UpTo })
+	acked := make([]uint64, 0, k+len(c.Seqs))
+	for _, m := range q[:k] {
+		acked = append(acked, m.Seq)
+	}
+	for _, seq := range c.Seqs {
+		if seq <= c.UpTo {
+			continue
+		}
+		if _, found := slices.BinarySearchFunc(q[k:], seq, func(m QueuedMessage, seq uint64) int { return cmpU64(m.Seq, seq) }); found {
+			acked = append(acked, seq)
+		}
+	}
+	if tail := acked[k:]; len(tail) > 1 {
+		slices.Sort(tail)
+		acked = acked[:k+len(slices.Compact(tail))]
+	}
+	return acked
+}
+
+// removeAcked removes acked (sorted, all in q) from q, a thawed entry's
+// own queue, in place: the oldest messages are usually the ones
+// acknowledged, which is a re-slice. Removed elements are cleared so
+// that their payloads can be collected.
+func removeAcked(q []QueuedMessage, acked []uint64) []QueuedMessage {
+	if n := len(acked); q[n-1].Seq == acked[n-1] {
+		// acked is a sorted subset of q's seqs ending at q[n-1]: the
+		// first n.
+		clear(q[:n])
+		return q[n:]
+	}
+	return slices.DeleteFunc(q, func(m QueuedMessage) bool {
+		_, found := slices.BinarySearch(acked, m.Seq)
+		return found
+	})
 }
 
 func cmpU64(a, b uint64) int {
