@@ -45,7 +45,7 @@ func (h *Sessions) resumesWithoutExpiry(cl *mqtt.Client, pk packets.Packet) bool
 	if !session.MayResumeWithoutExpiry(cl.Properties.ProtocolVersion, pk.Connect.Clean, cl.Properties.Props.SessionExpiryInterval) {
 		return false
 	}
-	if _, ok := h.repl.Session(cl.ID); !ok {
+	if _, ok := h.repl.SessionHead(cl.ID); !ok {
 		return false
 	}
 	return h.repl.HasLeader()
@@ -91,7 +91,7 @@ func (h *Sessions) discardSession(id string) bool {
 		h.log.Info("clean connect without a read barrier (no leader answered): discarding the session this node knows of, if any",
 			"client", id, "error", err)
 	}
-	s, ok := h.repl.Session(id)
+	s, ok := h.repl.SessionHead(id)
 	if !ok {
 		return true
 	}
@@ -161,7 +161,7 @@ func (h *Sessions) noSessionAt(ctx context.Context, id string, index uint64) boo
 		h.log.Warn("clean connect: discard committed but not applied here in time; connection refused", "client", id, "error", err)
 		return false
 	}
-	s, ok := h.repl.Session(id)
+	s, ok := h.repl.SessionHead(id)
 	if ok {
 		h.log.Warn("clean connect: a session this node did not see survived the discard; connection refused",
 			"client", id, "opened", s.OpenedIndex, "discard", index)
@@ -310,7 +310,7 @@ func (h *Sessions) closeWritten(c *sessConn) {
 // expiredSessionDelete returns the conditional delete of id's session if
 // it has expired (a resume then starts a new one), else nil.
 func (h *Sessions) expiredSessionDelete(id string, now int64) replication.Command {
-	if s, ok := h.repl.Session(id); ok {
+	if s, ok := h.repl.SessionHead(id); ok {
 		return session.ExpiredDelete(id, s, now)
 	}
 	return nil

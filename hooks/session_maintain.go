@@ -68,7 +68,7 @@ func (h *Sessions) closeStale() {
 			// A connection that owed no will (its CONNECT was refused
 			// after an open committed) leaves none due.
 			willless := false
-			if full, ok := h.repl.Session(id); ok {
+			if full, ok := h.repl.SessionHead(id); ok {
 				h.mu.Lock()
 				_, willless = h.willless[willlessKey{id, full.OpenedAt}]
 				h.mu.Unlock()
@@ -108,7 +108,7 @@ func (h *Sessions) isLive(id string, opened uint64) bool {
 	// A CONNECT still writing its open (retrying after an unknown
 	// outcome) may have opened this session already.
 	if openingAt != 0 {
-		if s, ok := h.repl.Session(id); ok && s.Owner == h.cfg.Self && s.OpenedAt == openingAt && s.OpenedIndex == opened {
+		if s, ok := h.repl.SessionHead(id); ok && s.Owner == h.cfg.Self && s.OpenedAt == openingAt && s.OpenedIndex == opened {
 			return true
 		}
 	}
@@ -176,7 +176,7 @@ func (h *Sessions) publishDueWills() {
 		if s.Connected || !s.HasWill {
 			continue
 		}
-		full, ok := h.repl.Session(s.ClientID)
+		full, ok := h.repl.SessionHead(s.ClientID)
 		if !ok || !session.WillDue(full, now) || h.cfg.HoldWillClaims != nil && h.cfg.HoldWillClaims(s.ClientID) {
 			continue
 		}

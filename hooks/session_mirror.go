@@ -67,7 +67,7 @@ func (h *Sessions) openMirror(c *sessConn, cl *mqtt.Client, pk packets.Packet, a
 // after all: the session this node opened with the same At.
 func (h *Sessions) lateMirror(c *sessConn) (replication.Session, bool) {
 	at := session.OpenAtOf(c.unmirrored)
-	s, ok := h.repl.Session(c.id)
+	s, ok := h.repl.SessionHead(c.id)
 	if at == 0 || !ok || s.Owner != h.cfg.Self || s.OpenedAt != at {
 		return replication.Session{}, false
 	}

@@ -17,7 +17,7 @@ import (
 func (h *Sessions) Apply(ch replication.SessionChange) {
 	switch ch.Kind {
 	case replication.SessionSubscribed:
-		if s, ok := h.repl.Session(ch.ClientID); ok {
+		if s, ok := h.repl.SessionHead(ch.ClientID); ok {
 			for _, f := range ch.Filters {
 				if sub, ok := s.Subscriptions[f]; ok {
 					h.index(ch.ClientID, sub)
@@ -82,7 +82,7 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 		m := h.mirrors[ch.ClientID]
 		h.mu.Unlock()
 		if m != nil && m.opened.Load() != 0 {
-			if s, ok := h.repl.Session(ch.ClientID); ok && s.OpenedIndex == m.opened.Load() {
+			if s, ok := h.repl.SessionHead(ch.ClientID); ok && s.OpenedIndex == m.opened.Load() {
 				// A clean session's mirror is only ever closed by the
 				// leader on this node's behalf (this node was declared
 				// dead): its will is the leader's to publish now, and the
@@ -92,7 +92,7 @@ func (h *Sessions) Apply(ch replication.SessionChange) {
 			}
 		}
 		if c != nil {
-			if s, ok := h.repl.Session(ch.ClientID); ok && !s.Connected && s.OpenedIndex == c.opened.Load() {
+			if s, ok := h.repl.SessionHead(ch.ClientID); ok && !s.Connected && s.OpenedIndex == c.opened.Load() {
 				// Closed by the leader on our behalf (this node was
 				// declared dead, e.g. paused): the client must reconnect
 				// so that its session is open again.
@@ -125,7 +125,7 @@ func (h *Sessions) drop(c *sessConn, code packets.Code) {
 func (h *Sessions) Resync() {
 	idx, subs := mqtt.NewTopicsIndex(), map[string]map[string]struct{}{}
 	for _, s := range h.repl.Sessions() {
-		full, ok := h.repl.Session(s.ClientID)
+		full, ok := h.repl.SessionHead(s.ClientID)
 		if !ok {
 			continue
 		}

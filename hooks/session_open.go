@@ -51,7 +51,7 @@ func (h *Sessions) openCommands(cl *mqtt.Client, pk packets.Packet, expiry uint3
 	} else {
 		// The index first: the state read next is at least that recent.
 		o.AsOf = h.repl.SyncedIndex()
-		if s, ok := h.repl.Session(cl.ID); ok {
+		if s, ok := h.repl.SessionHead(cl.ID); ok {
 			o.IfOpened = s.OpenedIndex
 		}
 	}
@@ -143,7 +143,7 @@ func (h *Sessions) applyOpen(ctx context.Context, cl *mqtt.Client, pk packets.Pa
 		if o := session.OpenOf(cmd); o != nil {
 			r.Read = o.IfOpened
 		}
-		_, r.SessionNow = h.repl.Session(cl.ID)
+		_, r.SessionNow = h.repl.SessionHead(cl.ID)
 		r.Owner, r.OwnerFound = h.repl.Owner(cl.ID)
 		if prev := openResult(res, pos).Prev; !r.OwnerFound && prev.Node != "" {
 			// Refused as of its read (replication/touched.go): the last
@@ -177,7 +177,7 @@ func (h *Sessions) openOvertaken(id string) string {
 	if seen == 0 {
 		return ""
 	}
-	if s, ok := h.repl.Session(id); !ok {
+	if s, ok := h.repl.SessionHead(id); !ok {
 		return "the session an earlier try opened was deleted since (a newer clean start)"
 	} else if s.OpenedIndex != seen {
 		return "the session an earlier try opened was taken since (a newer connection)"
@@ -235,7 +235,7 @@ func (h *Sessions) undoAbandoned(id string, at int64) {
 	}
 	h.log.Info("a refused CONNECT's open committed late; deleting the session it created", "client", id)
 	h.submit(sessOp{cmd: func() replication.Command {
-		s, ok := h.repl.Session(id)
+		s, ok := h.repl.SessionHead(id)
 		if !ok || s.Owner != h.cfg.Self || s.OpenedAt != at || s.OpenedPresent {
 			return nil // gone, opened again since, or a resume (left to the stale sweep)
 		}

@@ -54,7 +54,7 @@ func (h *Sessions) endingWill(id string, clean bool, now int64) *takenOver {
 		// The old connection may end right after these checks, and its
 		// close commit first: the TakeoverWill (connected only) then
 		// applies to nothing, and the PublishWill takes over.
-		if s, ok := h.repl.Session(id); ok {
+		if s, ok := h.repl.SessionHead(id); ok {
 			if pw := session.EndingWill(s, ok, clean, now, h.cfg.MaxQueued); pw != nil {
 				t.cmds = append(t.cmds, pw)
 			}
@@ -75,7 +75,7 @@ func (h *Sessions) endingWill(id string, clean bool, now int64) *takenOver {
 		// connection elsewhere aside instead of deleting it (owedwills.go).
 		h.awaitRemoteClose(id)
 	}
-	s, ok := h.repl.Session(id)
+	s, ok := h.repl.SessionHead(id)
 	cmd := session.EndingWill(s, ok, clean, now, h.cfg.MaxQueued)
 	if cmd == nil {
 		return nil
@@ -96,7 +96,7 @@ func (h *Sessions) endingWill(id string, clean bool, now int64) *takenOver {
 func (h *Sessions) awaitRemoteClose(id string) {
 	deadline := time.Now().Add(disconnectGrace)
 	for {
-		s, ok := h.repl.Session(id)
+		s, ok := h.repl.SessionHead(id)
 		if !ok || !s.Connected || s.Owner == h.cfg.Self || s.Will == nil || !time.Now().Before(deadline) {
 			return
 		}
@@ -125,7 +125,7 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 	if oc == nil || oc.opened.Load() == 0 {
 		return nil
 	}
-	s, ok := h.repl.Session(id)
+	s, ok := h.repl.SessionHead(id)
 	if !ok {
 		return nil
 	}

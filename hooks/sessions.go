@@ -425,7 +425,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			// found a newer connection's session and is left alone).
 			// Undo it (conditional on the retry's open) and refuse.
 			if why := h.openOvertaken(cl.ID); why != "" {
-				if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == openAt {
+				if s, ok := h.repl.SessionHead(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == openAt {
 					h.submit(sessOp{cmd: func() replication.Command {
 						return &replication.SessionDelete{ClientID: s.ClientID, IfOpened: s.OpenedIndex}
 					}})
@@ -466,7 +466,7 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			return
 		}
 		h.log.Warn("session state not applied here in time; resending from an older state", "client", cl.ID, "error", err)
-	} else if s, ok := h.repl.Session(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == session.OpenAtOf(open) {
+	} else if s, ok := h.repl.SessionHead(cl.ID); ok && s.Owner == h.cfg.Self && s.OpenedAt == session.OpenAtOf(open) {
 		// When a retried open committed twice, the session keeps the
 		// index of whichever try committed first: that is the fence.
 		opened = s.OpenedIndex
@@ -574,7 +574,7 @@ func (h *Sessions) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	if old != nil && old != c {
 		old.pump.stop()
 	}
-	if s, ok := h.repl.Session(c.id); ok {
+	if s, ok := h.repl.SessionHead(c.id); ok {
 		for f := range s.Subscriptions {
 			h.cluster.addRoute(c.id, f)
 		}
@@ -601,7 +601,7 @@ func (h *Sessions) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	codes := make([]byte, len(filters))
-	s, _ := h.repl.Session(c.id)
+	s, _ := h.repl.SessionHead(c.id)
 	for i, f := range filters {
 		if _, ok := s.Subscriptions[f]; !ok {
 			codes[i] = packets.CodeNoSubscriptionExisted.Code
@@ -691,7 +691,7 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 	// Routes are keyed by client id: a connection taken over on this node
 	// must leave them to the connection that replaced it.
-	if s, ok := h.repl.Session(c.id); ok && !h.hasOtherConn(c) {
+	if s, ok := h.repl.SessionHead(c.id); ok && !h.hasOtherConn(c) {
 		for f := range s.Subscriptions {
 			h.cluster.removeRoute(c.id, f)
 		}

@@ -220,7 +220,7 @@ func (h *Sessions) refenced(ctx context.Context, cmd replication.Command, id str
 			// clean sessions published at a graceful stop).
 			cp.AsOf = h.repl.SyncedIndex()
 		}
-		if s, ok := h.repl.Session(id); ok {
+		if s, ok := h.repl.SessionHead(id); ok {
 			cp.IfOpened = s.OpenedIndex
 		}
 		return &cp
@@ -266,7 +266,7 @@ func (h *Sessions) endMirrorOf(id string) {
 	if local || h.repl == nil {
 		return
 	}
-	s, ok := h.repl.Session(id)
+	s, ok := h.repl.SessionHead(id)
 	if !ok || s.ExpiryInterval != 0 || len(s.Subscriptions) != 0 || s.Will == nil {
 		return
 	}

@@ -20,6 +20,19 @@ func (f *FSM) Session(clientID string) (Session, bool) {
 	return e.export(), true
 }
 
+// SessionHead is Session without the queued messages (Queue is nil): what
+// the hooks read on every connect, subscription and close. Copying a long
+// queue's payloads each time made a resume cost grow with the backlog.
+func (f *FSM) SessionHead(clientID string) (Session, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	e, ok := f.st.sessions[clientID]
+	if !ok {
+		return Session{}, false
+	}
+	return e.exportHead(), true
+}
+
 // Sessions summarises every session, sorted by client id.
 func (f *FSM) Sessions() []SessionSummary {
 	return f.sessionSummaries(func(*Session) bool { return true })
@@ -88,6 +101,10 @@ func (f *FSM) expiredSessions(now time.Time, limit int) []expiredSession {
 // Session returns a deep copy of clientID's persistent session as of this
 // node's applied state.
 func (n *Node) Session(clientID string) (Session, bool) { return n.fsm.Session(clientID) }
+
+// SessionHead is Session without the queued messages (see FSM.SessionHead);
+// Queue pages through them.
+func (n *Node) SessionHead(clientID string) (Session, bool) { return n.fsm.SessionHead(clientID) }
 
 // Sessions summarises every persistent session (owner, state, queue
 // depth), sorted by client id: /api/sessions, and resync after OnRestore.

@@ -249,16 +249,23 @@ func copyQueued(m QueuedMessage) QueuedMessage {
 
 // export returns a deep copy for readers.
 func (s *Session) export() Session {
+	c := s.exportHead()
+	c.Queue = make([]QueuedMessage, len(s.Queue))
+	for i, m := range s.Queue {
+		c.Queue[i] = copyQueued(m)
+	}
+	return c
+}
+
+// exportHead is export without the queued messages (Queue nil).
+func (s *Session) exportHead() Session {
 	c := *s
 	c.Subscriptions = maps.Clone(s.Subscriptions)
 	if c.Subscriptions == nil {
 		c.Subscriptions = map[string]Subscription{}
 	}
 	c.Will = copyWill(s.Will)
-	c.Queue = make([]QueuedMessage, len(s.Queue))
-	for i, m := range s.Queue {
-		c.Queue[i] = copyQueued(m)
-	}
+	c.Queue = nil
 	c.AwaitingRelease = slices.Clone(s.AwaitingRelease)
 	return c
 }

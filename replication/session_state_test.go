@@ -420,6 +420,57 @@ func TestSessionReadsAreDeepCopies(t *testing.T) {
 	}
 }
 
+// TestSessionHead: SessionHead is Session without the queue, and as deep
+// a copy.
+func TestSessionHead(t *testing.T) {
+	f := testFSM(observers{})
+	f.Apply(entry(1, open("c", "A", false)))
+	f.Apply(entry(2, &Subscribe{ClientID: "c", Subscriptions: []Subscription{{Filter: "a"}}}))
+	f.Apply(entry(3, &SetWill{ClientID: "c", Will: Will{Topic: "w", Payload: []byte("w")}}))
+	f.Apply(entry(4, enqueue("q", 0, DropNewest, "c")))
+	f.Apply(entry(5, &QoS2Received{ClientID: "c", PacketID: 7}))
+	full, _ := f.Session("c")
+	head, ok := f.SessionHead("c")
+	if !ok || head.Queue != nil {
+		t.Fatalf("SessionHead: found %v, queue %v", ok, head.Queue)
+	}
+	full.Queue = nil
+	if !reflect.DeepEqual(head, full) {
+		t.Fatalf("SessionHead differs from Session beyond the queue:\n got %+v\nwant %+v", head, full)
+	}
+	head.Subscriptions["evil"] = Subscription{}
+	head.Will.Payload[0] = 'X'
+	head.AwaitingRelease[0] = 9
+	again, _ := f.SessionHead("c")
+	if len(again.Subscriptions) != 1 || string(again.Will.Payload) != "w" || again.AwaitingRelease[0] != 7 {
+		t.Fatalf("SessionHead aliases the state: %+v", again)
+	}
+	if _, ok := f.SessionHead("nobody"); ok {
+		t.Fatal("missing session found")
+	}
+}
+
+// BenchmarkSessionRead: reading a session whose queue holds 10,000
+// messages of 1 KiB, with and without the queue.
+func BenchmarkSessionRead(b *testing.B) {
+	f := testFSM(observers{})
+	f.Apply(entry(1, open("c", "A", false)))
+	payload := make([]byte, 1024)
+	for i := range 10000 {
+		f.Apply(entry(uint64(2+i), &Enqueue{Topic: "t", Payload: payload, Targets: []QueueTarget{{ClientID: "c", QoS: 1}}}))
+	}
+	b.Run("Session", func(b *testing.B) {
+		for b.Loop() {
+			f.Session("c")
+		}
+	})
+	b.Run("SessionHead", func(b *testing.B) {
+		for b.Loop() {
+			f.SessionHead("c")
+		}
+	})
+}
+
 func TestSessionReadAPIs(t *testing.T) {
 	f := testFSM(observers{})
 	idx := uint64(0)

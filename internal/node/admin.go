@@ -395,7 +395,7 @@ func (n *Node) serveSessionDelete(w http.ResponseWriter, r *http.Request) {
 	if !n.replReady(w) {
 		return
 	}
-	s, ok := n.repl.Session(id)
+	s, ok := n.repl.SessionHead(id)
 	if !ok {
 		http.Error(w, fmt.Sprintf("no persistent session %q", id), http.StatusNotFound)
 		return

@@ -174,7 +174,7 @@ func (n *Node) ImportSession(ctx context.Context, s ImportSession) (ImportResult
 	if err := n.repl.ReadBarrier(ctx); err != nil {
 		return ImportResult{}, err
 	}
-	if cur, ok := n.repl.Session(s.ClientID); ok {
+	if cur, ok := n.repl.SessionHead(s.ClientID); ok {
 		if cur.Owner != session.ImportOwner || !cur.Connected {
 			return ImportResult{}, nil
 		}

@@ -28,7 +28,7 @@ func (n *Node) Sessions() []SessionInfo {
 	var out []SessionInfo
 	if n.repl != nil {
 		for _, s := range n.repl.Sessions() {
-			full, ok := n.repl.Session(s.ClientID)
+			full, ok := n.repl.SessionHead(s.ClientID)
 			if !ok || (s.ExpiryInterval == 0 && len(full.Subscriptions) == 0 && !s.Connected) {
 				continue // a clean session's will mirror, ended
 			}
