@@ -84,6 +84,17 @@ run "cluster, 1 publisher, 1 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 1 "${p
 run "cluster, 1 publisher, 64 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 64 "${pids[@]:1:3}"
 run "cluster, $pubs publishers" "$nodes" "$subnodes" "$pubs" 1 "${pids[@]:1:3}"
 run "cluster, $pubs publishers, 16 in flight" "$nodes" "$subnodes" "$pubs" 16 "${pids[@]:1:3}"
+# Resume with a backlog: 10,000 QoS 1 messages of 1 KiB queued for a
+# persistent session while it is away, then the time to its CONNACK and
+# until all of them arrived.
+backlogs="$tmp/backlog.jsonl"
+: >"$backlogs"
+backlog() {
+  echo "sessions: backlog, $1" >&2
+  bin/mqttload --json --label "$1" --pub "$2" --sub "$3" --backlog 10000 --size 1024 --inflight 64 | tee -a "$backlogs" >&2
+}
+backlog "mosquitto" 127.0.0.1:21893 127.0.0.1:21893
+backlog "cluster (published on one node, resumed on another)" 127.0.0.1:22891 127.0.0.1:22892
 run "cluster --read-lease, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 1 "${pids[@]:4:3}"
 run "cluster --read-lease, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${pids[@]:4:3}"
 run "cluster --read-lease, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${pids[@]:4:3}"
@@ -115,6 +126,15 @@ run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1
     { printf "| %s | %.0f | %d | %.1f / %.1f / %.1f | %d | %.1f |\n", label($0), field($0, "throughput_msgs_per_s"), field($0, "lost"),
         field($0, "p50_us") / 1000, field($0, "p99_us") / 1000, field($0, "max_us") / 1000,
         field($0, "cpu_us_per_msg"), field($0, "syscalls_per_msg") }' "$results"
+  echo
+  echo "Resume with a backlog: 10,000 QoS 1 messages of 1 KiB queued for a persistent session while it was away."
+  echo
+  echo "| broker | CONNACK after (ms) | whole backlog after (s) | msg/s |"
+  echo "|---|---|---|---|"
+  awk '
+    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
+    function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
+    { printf "| %s | %.1f | %.2f | %.0f |\n", label($0), field($0, "connack_ms"), field($0, "drain_s"), field($0, "drain_msgs_per_s") }' "$backlogs"
 } >"$out"
 cat "$out"
 echo "table written to $out" >&2

@@ -83,6 +83,7 @@ func main() {
 	settle := flag.Duration("settle", 3*time.Second, "with --connections: wait this long after the last CONNACK before measuring memory")
 	hold := flag.Duration("hold", 0, "with --connections: keep the connections open this long after measuring (to profile the brokers)")
 	failoverPid := flag.Int("failover-kill", 0, "failover time instead of messages: connect a persistent session to --pub, SIGKILL this process id (the node behind --pub), and measure until a retained QoS 1 publish is acknowledged and the session resumes on one of --sub (the survivors)")
+	backlogN := flag.Int("backlog", 0, "resume time instead of messages: a persistent session subscribes on --sub and goes away, this many QoS 1 messages (--size bytes, --inflight at a time) are published to it on --pub, then it resumes on --sub: time to CONNACK and until the whole backlog arrived")
 	label := flag.String("label", "", "name of this run in the output")
 	asJSON := flag.Bool("json", false, "print the result as JSON")
 	flag.Parse()
@@ -106,6 +107,21 @@ func main() {
 		}
 		fmt.Printf("%-24s retained QoS 1 write acknowledged after %.0f ms (%s), session resumed after %.0f ms (%s)\n",
 			r.Label, r.RetainedMs, r.RetainedOn, r.SessionMs, r.SessionOn)
+		return
+	}
+	if *backlogN > 0 {
+		r, err := backlog(*pubAddr, *subAddr, *backlogN, *size, *inflight)
+		r.Label = *label
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "mqttload:", err)
+			os.Exit(1)
+		}
+		if *asJSON {
+			_ = json.NewEncoder(os.Stdout).Encode(r)
+			return
+		}
+		fmt.Printf("%-24s backlog of %d: CONNACK after %.1f ms, all %d after %.2f s (%.0f msg/s)\n",
+			r.Label, r.Messages, r.ConnackMs, r.Received, r.DrainS, r.DrainMsgs)
 		return
 	}
 	if *connections > 0 {
