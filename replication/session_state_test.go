@@ -450,6 +450,32 @@ func TestSessionHead(t *testing.T) {
 	}
 }
 
+// BenchmarkAckOldest: a session with 10,000 queued messages receives one
+// more and acknowledges its oldest, as a subscriber draining a backlog
+// does for every message.
+func BenchmarkAckOldest(b *testing.B) {
+	f := testFSM(observers{})
+	f.Apply(entry(1, open("c", "A", false)))
+	payload := make([]byte, 64)
+	idx := uint64(1)
+	enq := &Enqueue{Topic: "t", Payload: payload, Targets: []QueueTarget{{ClientID: "c", QoS: 1}}}
+	for range 10000 {
+		idx++
+		f.Apply(entry(idx, enq))
+	}
+	oldest := uint64(1)
+	for b.Loop() {
+		idx++
+		f.Apply(entry(idx, enq))
+		idx++
+		f.Apply(entry(idx, &Ack{ClientID: "c", Seqs: []uint64{oldest}}))
+		oldest++
+	}
+	if all := f.Sessions(); len(all) != 1 || all[0].QueueDepth != 10000 {
+		b.Fatalf("queue depth %+v, want 10000: the acknowledgements missed", all)
+	}
+}
+
 // BenchmarkSessionRead: reading a session whose queue holds 10,000
 // messages of 1 KiB, with and without the queue.
 func BenchmarkSessionRead(b *testing.B) {
