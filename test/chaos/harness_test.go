@@ -340,10 +340,62 @@ func (n *Node) signal(sig syscall.Signal) error {
 	switch sig {
 	case syscall.SIGSTOP:
 		n.paused = true
+		// kill returns once the signal is queued; a thread finishing a
+		// system call stops only when it returns from it. Callers rely
+		// on the node doing nothing more (publishes made "without a
+		// quorum" right after pausing the leader), so wait until the
+		// kernel reports every thread stopped.
+		if err := waitStopped(n.cmd.Process.Pid, 5*time.Second); err != nil {
+			return fmt.Errorf("node %s: %w", n.ID, err)
+		}
 	case syscall.SIGCONT:
 		n.paused = false
 	}
 	return nil
+}
+
+// waitStopped waits until every thread of process pid is stopped (or
+// gone), as /proc/pid/task/*/stat reports.
+func waitStopped(pid int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		running, err := runningThreads(pid)
+		if err == nil && running == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("process %d: %d thread(s) still running %v after SIGSTOP (%v)", pid, running, timeout, err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// runningThreads counts the threads of pid that are neither stopped nor
+// dead.
+func runningThreads(pid int) (int, error) {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	running := 0
+	for _, t := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, t.Name(), "stat"))
+		if err != nil {
+			continue // the thread exited meanwhile
+		}
+		// "pid (comm) S ...": the state follows the last ')'.
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 || i+2 >= len(b) {
+			return 0, fmt.Errorf("%s/%s/stat: %q", dir, t.Name(), b)
+		}
+		switch b[i+2] {
+		case 'T', 't', 'Z', 'X':
+		default:
+			running++
+		}
+	}
+	return running, nil
 }
 
 // wait waits for the current process to exit.
