@@ -34,15 +34,9 @@ func backlog(pubAddr, subAddr string, n, size, inflight int) (backlogResult, err
 	res := backlogResult{Messages: n}
 	id := fmt.Sprintf("mqttload-backlog-%d", time.Now().UnixNano())
 	topic := "mqttload/backlog/" + id
-	sess, err := connectSession(subAddr, id, true)
+	sess, err := subscribedSession(subAddr, id, topic)
 	if err != nil {
-		return res, fmt.Errorf("session: %w", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	_, err = sess.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: 1}}})
-	cancel()
-	if err != nil {
-		return res, fmt.Errorf("subscribe: %w", err)
+		return res, err
 	}
 	if err := sess.Disconnect(&paho.Disconnect{}); err != nil {
 		return res, fmt.Errorf("disconnect the session: %w", err)
@@ -93,7 +87,7 @@ func backlog(pubAddr, subAddr string, n, size, inflight int) (backlogResult, err
 			}
 			return true, nil
 		}}})
-	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	expiry := uint32(0) // the session ends with this connection
 	ca, err := c.Connect(ctx, &paho.Connect{ClientID: id, KeepAlive: 30, CleanStart: false,
 		Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})

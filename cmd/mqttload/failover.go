@@ -40,15 +40,8 @@ func failover(victim string, survivors []string, pid int) (failoverResult, error
 	var res failoverResult
 	id := fmt.Sprintf("mqttload-failover-%d", time.Now().UnixNano())
 	topic := "mqttload/failover/" + id
-	sess, err := connectSession(victim, id, true)
-	if err != nil {
-		return res, fmt.Errorf("session on the victim: %w", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	_, err = sess.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: 1}}})
-	cancel()
-	if err != nil {
-		return res, fmt.Errorf("subscribe on the victim: %w", err)
+	if _, err := subscribedSession(victim, id, topic); err != nil {
+		return res, fmt.Errorf("on the victim: %w", err)
 	}
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		return res, fmt.Errorf("kill %d: %w", pid, err)
@@ -117,6 +110,21 @@ func retry(addrs []string, since time.Time, try func(addr string) error) (string
 // connectSession connects id with clean start as given, session expiry
 // 300 s, each step bounded by failoverAttempt; a resume (clean start off)
 // must find the session (session present 1).
+// subscribedSession starts a new persistent session (session expiry 300 s)
+// on addr, subscribed to topic at QoS 1.
+func subscribedSession(addr, id, topic string) (*paho.Client, error) {
+	sess, err := connectSession(addr, id, true)
+	if err != nil {
+		return nil, fmt.Errorf("session: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := sess.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: 1}}}); err != nil {
+		return nil, fmt.Errorf("subscribe: %w", err)
+	}
+	return sess, nil
+}
+
 func connectSession(addr, id string, clean bool) (*paho.Client, error) {
 	conn, err := net.DialTimeout("tcp", addr, failoverAttempt)
 	if err != nil {

@@ -97,31 +97,19 @@ func main() {
 	if *failoverPid > 0 {
 		r, err := failover(*pubAddr, strings.Split(*subAddr, ","), *failoverPid)
 		r.Label = *label
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "mqttload:", err)
-			os.Exit(1)
-		}
-		if *asJSON {
-			_ = json.NewEncoder(os.Stdout).Encode(r)
-			return
-		}
-		fmt.Printf("%-24s retained QoS 1 write acknowledged after %.0f ms (%s), session resumed after %.0f ms (%s)\n",
-			r.Label, r.RetainedMs, r.RetainedOn, r.SessionMs, r.SessionOn)
+		report(r, err, *asJSON, func() string {
+			return fmt.Sprintf("%-24s retained QoS 1 write acknowledged after %.0f ms (%s), session resumed after %.0f ms (%s)",
+				r.Label, r.RetainedMs, r.RetainedOn, r.SessionMs, r.SessionOn)
+		})
 		return
 	}
 	if *backlogN > 0 {
 		r, err := backlog(*pubAddr, *subAddr, *backlogN, *size, *inflight)
 		r.Label = *label
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "mqttload:", err)
-			os.Exit(1)
-		}
-		if *asJSON {
-			_ = json.NewEncoder(os.Stdout).Encode(r)
-			return
-		}
-		fmt.Printf("%-24s backlog of %d: CONNACK after %.1f ms, all %d after %.2f s (%.0f msg/s)\n",
-			r.Label, r.Messages, r.ConnackMs, r.Received, r.DrainS, r.DrainMsgs)
+		report(r, err, *asJSON, func() string {
+			return fmt.Sprintf("%-24s backlog of %d: CONNACK after %.1f ms, all %d after %.2f s (%.0f msg/s)",
+				r.Label, r.Messages, r.ConnackMs, r.Received, r.DrainS, r.DrainMsgs)
+		})
 		return
 	}
 	if *connections > 0 {
@@ -138,34 +126,36 @@ func main() {
 			pids = append(pids, p)
 		}
 		r, err := storm(strings.Split(*pubAddr, ","), *connections, *connectors, pids, *settle, *hold)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "mqttload:", err)
-			os.Exit(1)
-		}
 		r.Label = *label
-		if *asJSON {
-			_ = json.NewEncoder(os.Stdout).Encode(r)
-			return
-		}
-		fmt.Printf("%-24s %d connections (%d at once): %.0f connects/s, %.1f KB per idle connection (RSS %d -> %d KB)\n",
-			r.Label, r.Connections, r.Connectors, r.ConnectsPS, r.KBPerConn, r.RSSBeforeKB, r.RSSAfterKB)
+		report(r, err, *asJSON, func() string {
+			return fmt.Sprintf("%-24s %d connections (%d at once): %.0f connects/s, %.1f KB per idle connection (RSS %d -> %d KB)",
+				r.Label, r.Connections, r.Connectors, r.ConnectsPS, r.KBPerConn, r.RSSBeforeKB, r.RSSAfterKB)
+		})
 		return
 	}
 	o := options{pubAddrs: strings.Split(*pubAddr, ","), subAddrs: strings.Split(*subAddr, ","), rate: *rate,
 		duration: *duration, qos: byte(*qos), size: *size, publishers: *publishers, subscribers: *subscribers,
 		persistent: *persistent, inflight: *inflight}
 	r, err := run(o)
+	r.Label = *label
+	report(r, err, *asJSON, func() string {
+		return fmt.Sprintf("%-24s qos%d rate %6d pubs %3d subs %3d: sent %7d recv %7d lost %5d  %8.0f msg/s  p50 %6dus p90 %6dus p99 %6dus p99.9 %6dus max %7dus",
+			r.Label, r.QoS, r.Rate, r.Publishers, r.Subscribers, r.Sent, r.Received, r.Lost, r.Throughput, r.P50us, r.P90us, r.P99us, r.P999us, r.Maxus)
+	})
+}
+
+// report ends a mode: its error (exit status 1), or its result as JSON or
+// as the line text returns.
+func report(r any, err error, asJSON bool, text func() string) {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "mqttload:", err)
 		os.Exit(1)
 	}
-	r.Label = *label
-	if *asJSON {
+	if asJSON {
 		_ = json.NewEncoder(os.Stdout).Encode(r)
 		return
 	}
-	fmt.Printf("%-24s qos%d rate %6d pubs %3d subs %3d: sent %7d recv %7d lost %5d  %8.0f msg/s  p50 %6dus p90 %6dus p99 %6dus p99.9 %6dus max %7dus\n",
-		r.Label, r.QoS, r.Rate, r.Publishers, r.Subscribers, r.Sent, r.Received, r.Lost, r.Throughput, r.P50us, r.P90us, r.P99us, r.P999us, r.Maxus)
+	fmt.Println(text())
 }
 
 func connect(addr, id string, persistent bool, onMsg func(*paho.Publish)) (*paho.Client, error) {
