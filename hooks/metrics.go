@@ -34,6 +34,16 @@ type Metrics struct {
 	retainedFail *prometheus.CounterVec
 	acceptErrors *prometheus.CounterVec
 	sessions     *sessionMetrics
+
+	// qos holds msgsIn, msgsOut, payloadIn and payloadOut resolved for
+	// each QoS: the label lookup cost about 2 % of a node's CPU at 5,000
+	// QoS 0 msg/s, counted for every packet.
+	qos [3]qosCounters
+}
+
+// qosCounters are one QoS level's message and payload counters.
+type qosCounters struct {
+	msgsIn, msgsOut, payloadIn, payloadOut prometheus.Counter
 }
 
 // sessionMetrics count the replicated-session events of this node (the
@@ -109,9 +119,12 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		counterFunc("queue_full_dropped_total", "QoS 1/2 messages dropped because a session's queue (max_queued_messages) was full.", &info.InflightDropped),
 	)
 	// Pre-create the label values people alert on, so they read 0, not absent.
-	for _, q := range []string{"0", "1", "2"} {
-		m.msgsIn.WithLabelValues(q)
-		m.msgsOut.WithLabelValues(q)
+	// (payload counters too, resolved once for the hot path: m.qos).
+	for i, q := range qosLabel {
+		m.qos[i] = qosCounters{
+			msgsIn: m.msgsIn.WithLabelValues(q), msgsOut: m.msgsOut.WithLabelValues(q),
+			payloadIn: m.payloadIn.WithLabelValues(q), payloadOut: m.payloadOut.WithLabelValues(q),
+		}
 	}
 	for _, r := range []string{"too_large", "malformed", "protocol_error", "no_connect", "keepalive_timeout",
 		reasonNotConnect, reasonConnectTooLarge} {
@@ -207,9 +220,9 @@ func (h *MetricsHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 // OnPacketRead implements mqtt.Hook.
 func (h *MetricsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos <= 2 {
-		q := qosLabel[pk.FixedHeader.Qos]
-		h.m.msgsIn.WithLabelValues(q).Inc()
-		h.m.payloadIn.WithLabelValues(q).Add(float64(len(pk.Payload)))
+		c := &h.m.qos[pk.FixedHeader.Qos]
+		c.msgsIn.Inc()
+		c.payloadIn.Add(float64(len(pk.Payload)))
 	}
 	return pk, nil
 }
@@ -217,9 +230,9 @@ func (h *MetricsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.
 // OnPacketSent implements mqtt.Hook.
 func (h *MetricsHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
 	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos <= 2 {
-		q := qosLabel[pk.FixedHeader.Qos]
-		h.m.msgsOut.WithLabelValues(q).Inc()
-		h.m.payloadOut.WithLabelValues(q).Add(float64(len(pk.Payload)))
+		c := &h.m.qos[pk.FixedHeader.Qos]
+		c.msgsOut.Inc()
+		c.payloadOut.Add(float64(len(pk.Payload)))
 	}
 }
 
