@@ -52,6 +52,12 @@ func appendSessionRecord(b []byte, s *Session) []byte {
 	return b
 }
 
+// maxNextSeq bounds a restored session's NextSeq. A crafted snapshot or
+// backup near 2^64 would make Seq wrap around after a few messages, and the
+// queue must stay sorted by Seq (acknowledgements search it); from this
+// bound, counting up at a million messages a second takes 290,000 years.
+const maxNextSeq = 1 << 63
+
 func readSessionRecord(r *reader) (*sessionEntry, error) {
 	s := Session{ClientID: r.str(), ProtocolVersion: r.u8(), ExpiryInterval: r.u32(), Owner: r.str(),
 		Connected: r.bool(), OpenedIndex: r.uvarint(), DisconnectedAt: r.varint(), NextSeq: r.uvarint()}
@@ -75,7 +81,7 @@ func readSessionRecord(r *reader) (*sessionEntry, error) {
 	if err := r.end(); err != nil {
 		return nil, fmt.Errorf("session record: %w", err)
 	}
-	if s.ClientID == "" || s.NextSeq == 0 || !slices.IsSorted(s.AwaitingRelease) {
+	if s.ClientID == "" || s.NextSeq == 0 || s.NextSeq > maxNextSeq || !slices.IsSorted(s.AwaitingRelease) {
 		return nil, fmt.Errorf("%w: session record %q: bad client id, next seq or packet ids", errCorrupt, s.ClientID)
 	}
 	return &sessionEntry{Session: s}, nil

@@ -65,6 +65,34 @@ func TestSessionSnapshotCorruption(t *testing.T) {
 	}
 }
 
+// TestSessionSnapshotRefusesWrappingSeq: a snapshot (or a backup, read the
+// same way) whose session would hand out a Seq that wraps around is
+// refused: the queue must stay sorted by Seq (acknowledgements search it).
+func TestSessionSnapshotRefusesWrappingSeq(t *testing.T) {
+	// withNext is a valid snapshot of one session whose NextSeq is next.
+	withNext := func(next uint64) []byte {
+		f := testFSM(observers{})
+		f.Apply(entry(1, open("c", "n", false)))
+		f.st.sessions["c"].NextSeq = next
+		return snapshotBytes(t, f)
+	}
+	for _, next := range []uint64{maxNextSeq + 1, ^uint64(0)} {
+		g := testFSM(observers{})
+		if err := g.Restore(io.NopCloser(bytes.NewReader(withNext(next)))); err == nil {
+			t.Errorf("next seq %d restored", next)
+		}
+	}
+	// The largest allowed restores, and its session goes on.
+	g := testFSM(observers{})
+	if err := g.Restore(io.NopCloser(bytes.NewReader(withNext(maxNextSeq)))); err != nil {
+		t.Fatalf("next seq %d: %v", uint64(maxNextSeq), err)
+	}
+	g.Apply(entry(2, enqueue("m", 0, DropNewest, "c")))
+	if s, _ := g.Session("c"); len(s.Queue) != 1 || s.Queue[0].Seq != maxNextSeq {
+		t.Fatalf("after restore: queue %+v", s.Queue)
+	}
+}
+
 // TestSessionSnapshotUnderConcurrentApply: snapshots taken while sessions
 // are mutated (copy-on-write under -race) are consistent prefixes: message
 // k is queued for both sessions exactly when k applies have happened.
