@@ -82,7 +82,7 @@ CHAOS_PINNED_DURATION ?= 2m
 chaos-pinned:
 	CHAOS_PINNED=all CHAOS_PINNED_DURATION=$(CHAOS_PINNED_DURATION) $(GO) test -count=1 -v -timeout 0 -run TestPinnedSeeds ./test/chaos/
 
-## bench: every benchmark in one go (Go benchmarks; the load tool against Debian's mosquitto, a standalone mochi, one node and a three-node cluster: delivery CPU and latency, durable sessions, connection storm, failover time), written to BENCHMARKS.md. About 15 minutes with the default BENCH_DURATION=10s.
+## bench: every benchmark in one go (Go benchmarks; the load tool against Debian's mosquitto, a standalone mochi, one node and a three-node cluster: delivery CPU and latency, fan-in, fan-out and retained writes, durable sessions, connection storm, failover time), written to BENCHMARKS.md. About 20 minutes with the default BENCH_DURATION=10s.
 BENCH_CONNECTIONS ?= 10000
 bench: test-deps
 	./scripts/bench.sh $(BENCH_DURATION) $(BENCH_CONNECTIONS)

@@ -84,7 +84,7 @@ done
 # The table: one line per case and round, CPU per message also as a ratio
 # of mochi's in the same round, QoS and rate.
 {
-  echo "| round | QoS | rate (msg/s) | case | delivered msg/s | p50 / p99 (ms) | CPU µs/msg | CPU vs mochi |"
+  echo "| round | QoS | rate (msg/s) | case | delivered msg/s | p50 / p99 / p99.9 / max (ms) | CPU µs/msg | CPU vs mochi |"
   echo "|---|---|---|---|---|---|---|---|"
   awk -F'\t' '
     function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.]+")) { m = substr(j, RSTART, RLENGTH); sub(/.*:/, "", m); return m } return 0 }
@@ -94,8 +94,9 @@ done
         split(lines[i], f, "\t"); key = f[1] "|" f[2] "|" f[3]
         ratio = (base[key] > 0) ? sprintf("%.2f", f[5] / base[key]) : "-"
         rate = (f[3] == 0) ? "unpaced" : f[3]
-        printf "| %s | %s | %s | %s | %.0f | %.2f / %.2f | %s | %s |\n", f[1], f[2], rate, f[4],
-          field(f[6], "throughput_msgs_per_s"), field(f[6], "p50_us") / 1000, field(f[6], "p99_us") / 1000, f[5], ratio
+        printf "| %s | %s | %s | %s | %.0f | %.2f / %.2f / %.2f / %.2f | %s | %s |\n", f[1], f[2], rate, f[4],
+          field(f[6], "throughput_msgs_per_s"), field(f[6], "p50_us") / 1000, field(f[6], "p99_us") / 1000,
+          field(f[6], "p999_us") / 1000, field(f[6], "max_us") / 1000, f[5], ratio
       }
     }' "$results"
 } >"$out"

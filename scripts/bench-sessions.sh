@@ -118,13 +118,13 @@ run "cluster --raft-pipeline, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0
 run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${pids[@]:7:3}"
 
 {
-  echo "| case | delivered msg/s | lost | p50 / p99 / max (ms) | brokers' CPU per message (µs) | system calls per message |"
+  echo "| case | delivered msg/s | lost | p50 / p99 / p99.9 / max (ms) | brokers' CPU per message (µs) | system calls per message |"
   echo "|---|---|---|---|---|---|"
   awk '
     function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
     function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
-    { printf "| %s | %.0f | %d | %.1f / %.1f / %.1f | %d | %.1f |\n", label($0), field($0, "throughput_msgs_per_s"), field($0, "lost"),
-        field($0, "p50_us") / 1000, field($0, "p99_us") / 1000, field($0, "max_us") / 1000,
+    { printf "| %s | %.0f | %d | %.1f / %.1f / %.1f / %.1f | %d | %.1f |\n", label($0), field($0, "throughput_msgs_per_s"), field($0, "lost"),
+        field($0, "p50_us") / 1000, field($0, "p99_us") / 1000, field($0, "p999_us") / 1000, field($0, "max_us") / 1000,
         field($0, "cpu_us_per_msg"), field($0, "syscalls_per_msg") }' "$results"
   echo
   echo "Resume with a backlog: 10,000 QoS 1 messages of 1 KiB queued for a persistent session while it was away."

@@ -3,9 +3,10 @@
 #   1. Go benchmarks (cluster, replication, internal/node): bin/bench-go.txt
 #   2. delivery: CPU per message and latency, mosquitto / standalone mochi /
 #      one node / three nodes same-node and cross-node (bench-delivery.sh)
-#   3. durable QoS 1 into persistent sessions (bench-sessions.sh)
-#   4. connection storm: connects/s, memory per idle connection (bench-storm.sh)
-#   5. failover: SIGKILL of a node until survivors serve (bench-failover.sh)
+#   3. traffic patterns: fan-in, fan-out, retained writes (bench-patterns.sh)
+#   4. durable QoS 1 into persistent sessions (bench-sessions.sh)
+#   5. connection storm: connects/s, memory per idle connection (bench-storm.sh)
+#   6. failover: SIGKILL of a node until survivors serve (bench-failover.sh)
 # The measured part of BENCHMARKS.md is replaced; everything from the line
 # "<!-- analysis -->" on (written by hand about a run) is kept.
 #   scripts/bench.sh [duration per case] [connections]   (defaults 10s, 10000)
@@ -20,6 +21,8 @@ step "Go benchmarks"
 go test -run '^$' -bench . -benchmem ./cluster ./replication ./internal/node 2>&1 | tee bin/bench-go.txt >&2
 step "delivery (5 brokers x QoS 0/1 x paced/unpaced x 2 rounds, $dur each)"
 ./scripts/bench-delivery.sh "$dur" 2 bin/bench-delivery.md >&2
+step "traffic patterns (4 brokers x 7 cases, $dur each)"
+./scripts/bench-patterns.sh "$dur" bin/bench-patterns.md >&2
 step "durable sessions ($dur each)"
 ./scripts/bench-sessions.sh "$dur" 48 bin/bench-sessions.md >&2
 step "connection storm ($conns connections)"
@@ -59,6 +62,15 @@ mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   echo "![QoS 0 latency](docs/bench/latency-qos0.svg)"
   echo
   echo "![QoS 1 latency](docs/bench/latency-qos1.svg)"
+  echo
+  echo "## Fan-in, fan-out and retained writes"
+  echo
+  echo "\`scripts/bench-patterns.sh $dur\`: fan-in (8 publishers to one subscriber; unpaced, \"lost\" is what the drop policy"
+  echo "did to a subscriber that cannot keep up), fan-out (one publisher to 16 subscribers of one topic) and retained QoS 1"
+  echo "writes (16 publishers, one write in flight each). \"3 nodes\": publishers and subscribers spread over the nodes"
+  echo "round robin, so most messages cross nodes. CPU per delivery: every node of the case summed."
+  echo
+  cat bin/bench-patterns.md
   echo
   echo "## Durable QoS 1 into persistent sessions"
   echo

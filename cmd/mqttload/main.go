@@ -1,5 +1,6 @@
 // Command mqttload is the project's load tool: publishers and subscribers
-// (one topic per subscriber, clean or persistent sessions), possibly spread
+// (one topic per subscriber, or one topic for all with --fanout; clean or
+// persistent sessions; retained publishes with --retain), possibly spread
 // over several brokers or nodes, a paced total publish rate, and the
 // publish-to-delivery latency of every message. Run it against a
 // baseline (Debian's mosquitto, a single node) and the case under test in
@@ -29,22 +30,26 @@ import (
 )
 
 type result struct {
-	Label       string  `json:"label"`
-	QoS         int     `json:"qos"`
-	Rate        int     `json:"rate"`
-	Publishers  int     `json:"publishers"`
-	Subscribers int     `json:"subscribers"`
-	Persistent  bool    `json:"persistent"`
-	Inflight    int     `json:"inflight"`
-	Sent        int     `json:"sent"`
-	Received    int     `json:"received"`
-	Lost        int     `json:"lost"`
-	Throughput  float64 `json:"throughput_msgs_per_s"`
-	P50us       int64   `json:"p50_us"`
-	P90us       int64   `json:"p90_us"`
-	P99us       int64   `json:"p99_us"`
-	P999us      int64   `json:"p999_us"`
-	Maxus       int64   `json:"max_us"`
+	Label       string `json:"label"`
+	QoS         int    `json:"qos"`
+	Rate        int    `json:"rate"`
+	Publishers  int    `json:"publishers"`
+	Subscribers int    `json:"subscribers"`
+	Persistent  bool   `json:"persistent"`
+	Inflight    int    `json:"inflight"`
+	Fanout      bool   `json:"fanout,omitempty"`
+	Retain      bool   `json:"retain,omitempty"`
+	Sent        int    `json:"sent"`
+	// Expected deliveries: Sent, or Sent x Subscribers with --fanout.
+	Expected   int     `json:"expected"`
+	Received   int     `json:"received"`
+	Lost       int     `json:"lost"`
+	Throughput float64 `json:"throughput_msgs_per_s"`
+	P50us      int64   `json:"p50_us"`
+	P90us      int64   `json:"p90_us"`
+	P99us      int64   `json:"p99_us"`
+	P999us     int64   `json:"p999_us"`
+	Maxus      int64   `json:"max_us"`
 	// Percentiles: latency (µs) at each of percentilePoints, for plots
 	// (cmd/benchplot).
 	Percentiles [][2]float64 `json:"percentiles,omitempty"`
@@ -64,6 +69,8 @@ type options struct {
 	subscribers        int
 	persistent         bool
 	inflight           int
+	fanout             bool // every subscriber on one topic, every publisher to it
+	retain             bool // publishes are retained (cleared after the run)
 }
 
 func main() {
@@ -74,7 +81,9 @@ func main() {
 	qos := flag.Int("qos", 1, "QoS of publish and subscription (0, 1 or 2)")
 	size := flag.Int("size", 64, "payload bytes (at least 16)")
 	publishers := flag.Int("publishers", 1, "publisher connections; publisher i sends to subscriber i mod --subscribers")
-	subscribers := flag.Int("subscribers", 1, "subscriber connections, one topic each")
+	subscribers := flag.Int("subscribers", 1, "subscriber connections, one topic each (see --fanout)")
+	fanout := flag.Bool("fanout", false, "every subscriber subscribes to one topic and every publisher publishes to it: each message is delivered --subscribers times")
+	retain := flag.Bool("retain", false, "publish retained messages (each publisher overwrites its topic's retained value; cleared after the run)")
 	persistent := flag.Bool("persistent", false, "subscribers use persistent sessions (clean start off, session expiry 300 s)")
 	inflight := flag.Int("inflight", 1, "QoS 1/2 publishes each publisher keeps unacknowledged (1: wait for each acknowledgement)")
 	connections := flag.Int("connections", 0, "connection storm instead of messages: open this many idle clean connections over --pub (see --connectors), report connects per second and, with --rss-pids, memory per connection")
@@ -135,11 +144,11 @@ func main() {
 	}
 	o := options{pubAddrs: strings.Split(*pubAddr, ","), subAddrs: strings.Split(*subAddr, ","), rate: *rate,
 		duration: *duration, qos: byte(*qos), size: *size, publishers: *publishers, subscribers: *subscribers,
-		persistent: *persistent, inflight: *inflight}
+		persistent: *persistent, inflight: *inflight, fanout: *fanout, retain: *retain}
 	r, err := run(o)
 	r.Label = *label
 	report(r, err, *asJSON, func() string {
-		return fmt.Sprintf("%-24s qos%d rate %6d pubs %3d subs %3d: sent %7d recv %7d lost %5d  %8.0f msg/s  p50 %6dus p90 %6dus p99 %6dus p99.9 %6dus max %7dus",
+		return fmt.Sprintf("%-24s qos%d rate %6d pubs %3d subs %3d: sent %7d recv %7d lost %5d  %8.0f deliveries/s  p50 %6dus p90 %6dus p99 %6dus p99.9 %6dus max %7dus",
 			r.Label, r.QoS, r.Rate, r.Publishers, r.Subscribers, r.Sent, r.Received, r.Lost, r.Throughput, r.P50us, r.P90us, r.P99us, r.P999us, r.Maxus)
 	})
 }
@@ -186,21 +195,42 @@ func connect(addr, id string, persistent bool, onMsg func(*paho.Publish)) (*paho
 
 func run(o options) (result, error) {
 	res := result{QoS: int(o.qos), Rate: o.rate, Publishers: o.publishers, Subscribers: o.subscribers, Persistent: o.persistent,
-		Inflight: o.inflight}
+		Inflight: o.inflight, Fanout: o.fanout, Retain: o.retain}
 	runID := time.Now().UnixNano()
-	topic := func(i int) string { return fmt.Sprintf("mqttload/%d/%d", runID, i%o.subscribers) }
+	topic := func(i int) string {
+		if o.fanout {
+			i = 0
+		}
+		return fmt.Sprintf("mqttload/%d/%d", runID, i%o.subscribers)
+	}
+	// targets are the subscribers a publisher's messages reach.
+	targets := func(p int) []int {
+		if !o.fanout {
+			return []int{p % o.subscribers}
+		}
+		all := make([]int, o.subscribers)
+		for i := range all {
+			all[i] = i
+		}
+		return all
+	}
+	probes := make([]atomic.Int64, o.subscribers) // probes each subscriber received
 	var (
 		mu       sync.Mutex
 		lat      = make([]int64, 0, 1<<16)
 		received atomic.Int64
 		measure  atomic.Bool
 	)
-	onMsg := func(p *paho.Publish) {
-		if len(p.Payload) < 8 {
+	onMsg := func(sub int, p *paho.Publish) {
+		if len(p.Payload) < 9 {
+			return
+		}
+		if p.Payload[8] == 1 { // probes are not measured
+			probes[sub].Add(1)
 			return
 		}
 		received.Add(1)
-		if !measure.Load() || p.Payload[8] == 1 { // probes are not measured
+		if !measure.Load() {
 			return
 		}
 		d := time.Now().UnixNano() - int64(binary.BigEndian.Uint64(p.Payload))
@@ -210,7 +240,8 @@ func run(o options) (result, error) {
 	}
 	for i := range o.subscribers {
 		addr := o.subAddrs[i%len(o.subAddrs)]
-		sub, err := connect(addr, fmt.Sprintf("mqttload-sub-%d-%d", runID, i), o.persistent, onMsg)
+		sub, err := connect(addr, fmt.Sprintf("mqttload-sub-%d-%d", runID, i), o.persistent,
+			func(p *paho.Publish) { onMsg(i, p) })
 		if err != nil {
 			return res, err
 		}
@@ -240,15 +271,29 @@ func run(o options) (result, error) {
 		pubs[i] = pub
 		defer func() { _ = pub.Disconnect(&paho.Disconnect{}) }()
 	}
-	// Wait until a probe from every publisher crosses (routes may still be
-	// propagating); probes carry a marker byte and are not measured.
+	// Wait until a probe from every publisher reached each of its
+	// subscribers (routes may still be propagating); probes carry a
+	// marker byte, are never retained and are not measured.
 	probe := make([]byte, o.size)
 	probe[8] = 1
 	deadline := time.Now().Add(15 * time.Second)
 	for i, pub := range pubs {
-		for want := received.Load() + 1; received.Load() < want; {
+		ts := targets(i)
+		before := make([]int64, len(ts))
+		for k, t := range ts {
+			before[k] = probes[t].Load()
+		}
+		arrived := func() bool {
+			for k, t := range ts {
+				if probes[t].Load() <= before[k] {
+					return false
+				}
+			}
+			return true
+		}
+		for !arrived() {
 			if time.Now().After(deadline) {
-				return res, fmt.Errorf("no probe message from publisher %d reached a subscriber within 15s", i)
+				return res, fmt.Errorf("a probe message from publisher %d did not reach its %d subscriber(s) within 15s", i, len(ts))
 			}
 			pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
 			_, _ = pub.Publish(pctx, &paho.Publish{Topic: topic(i), QoS: o.qos, Payload: probe})
@@ -294,7 +339,7 @@ func run(o options) (result, error) {
 				go func() {
 					defer func() { <-window; pwg.Done() }()
 					pctx, pcancel := context.WithTimeout(context.Background(), 10*time.Second)
-					_, err := pub.Publish(pctx, &paho.Publish{Topic: topic(p), QoS: o.qos, Payload: payload})
+					_, err := pub.Publish(pctx, &paho.Publish{Topic: topic(p), QoS: o.qos, Retain: o.retain, Payload: payload})
 					pcancel()
 					if err != nil {
 						if failed.CompareAndSwap(false, true) {
@@ -313,9 +358,16 @@ func run(o options) (result, error) {
 		return res, err
 	}
 	res.Sent = int(sent.Load())
+	res.Expected = res.Sent
+	if o.fanout {
+		res.Expected *= o.subscribers
+	}
 	elapsed := time.Since(start)
+	if o.retain {
+		defer clearRetained(pubs, topic)
+	}
 	// Wait for stragglers: until everything arrived or 2 s pass quietly.
-	for last, quiet := received.Load(), time.Now(); received.Load()-base < int64(res.Sent) && time.Since(quiet) < 2*time.Second; {
+	for last, quiet := received.Load(), time.Now(); received.Load()-base < int64(res.Expected) && time.Since(quiet) < 2*time.Second; {
 		time.Sleep(20 * time.Millisecond)
 		if n := received.Load(); n != last {
 			last, quiet = n, time.Now()
@@ -325,7 +377,7 @@ func run(o options) (result, error) {
 	lat = slices.Clone(lat)
 	mu.Unlock()
 	res.Received = len(lat)
-	res.Lost = res.Sent - res.Received
+	res.Lost = res.Expected - res.Received
 	res.Throughput = float64(res.Received) / elapsed.Seconds()
 	if len(lat) == 0 {
 		return res, fmt.Errorf("nothing received")
@@ -341,4 +393,15 @@ func run(o options) (result, error) {
 		res.Percentiles = append(res.Percentiles, [2]float64{p, float64(us)})
 	}
 	return res, nil
+}
+
+// clearRetained removes the retained values the run left (an empty
+// retained publish on each publisher's topic), so that brokers shared by
+// later runs do not keep them.
+func clearRetained(pubs []*paho.Client, topic func(int) string) {
+	for i, pub := range pubs {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, _ = pub.Publish(ctx, &paho.Publish{Topic: topic(i), QoS: 1, Retain: true})
+		cancel()
+	}
 }
