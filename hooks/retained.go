@@ -114,12 +114,16 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	cmd := retainCommand(pk, time.Now())
 	timeout := durableTimeout(h.timeout, len(pk.Payload))
 	if pk.FixedHeader.Qos == 0 {
+		// The goroutine takes copies of what it needs: capturing pk would
+		// move every publish's packet (about 800 bytes) to the heap, retained
+		// or not.
+		topic, payload := pk.TopicName, pk.Payload
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), timeout)
 			defer cancel()
-			if _, err := h.write(ctx, cmd, pk.Payload); err != nil {
+			if _, err := h.write(ctx, cmd, payload); err != nil {
 				h.metrics.retainedFailed(err)
-				h.log.Warn("QoS 0 retained message not replicated", "topic", pk.TopicName, "error", err)
+				h.log.Warn("QoS 0 retained message not replicated", "topic", topic, "error", err)
 			}
 		}()
 		return pk, nil
