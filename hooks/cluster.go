@@ -429,11 +429,15 @@ func (h *Cluster) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 
 // Deliver implements cluster.Deliverer: inject a peer's message into mochi.
 func (h *Cluster) Deliver(from string, m *cluster.Message) {
-	id := injectorPrefix + from
+	// The key is built on the stack: the lookup of string(key) does not
+	// allocate, where injectorPrefix+from did for every message.
+	var buf [64]byte
+	key := append(append(buf[:0], injectorPrefix...), from...)
 	h.injMu.RLock()
-	inj := h.injectors[id]
+	inj := h.injectors[string(key)]
 	h.injMu.RUnlock()
 	if inj == nil {
+		id := string(key)
 		cl := h.server.NewClient(nil, "cluster", id, true)
 		// InjectPacket copies the client's version into the packet, and
 		// mochi enforces message expiry only for version 5 packets.
