@@ -77,9 +77,14 @@ const pipeWorkerIdle = 10 * time.Second
 
 // pubPipe is one connection's queue of publishes.
 type pubPipe struct {
-	mu      sync.Mutex
-	space   sync.Cond // signalled when the worker takes the queue
-	queue   []pubItem
+	mu    sync.Mutex
+	space sync.Cond // signalled when the worker takes the queue
+	queue []pubItem
+	// spare is the array of the batch the worker finished last, emptied:
+	// the queue's next array, so that a publisher waiting for each
+	// acknowledgement does not allocate a queue (a pubItem holds an
+	// 800-byte packet) for every message. Set by the worker only.
+	spare   []pubItem
 	running bool // a worker owns the queue (and the pipe holds messages)
 	closed  bool // the connection ended: nothing waits for space
 	// qos2 counts the QoS 2 packet ids in the pipe (queued or being
@@ -248,7 +253,7 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 		h.mu.Lock()
 		p.mu.Lock()
 		batch := p.queue
-		p.queue = nil
+		p.queue, p.spare = p.spare, nil
 		if len(batch) == 0 {
 			p.running = false
 			if p.closed {
@@ -263,6 +268,10 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 		h.mu.Unlock()
 		h.s.m.pipelineBatches.Inc()
 		h.process(cl, p, batch)
+		clear(batch) // the packets and payloads are mochi's now
+		p.mu.Lock()
+		p.spare = batch[:0]
+		p.mu.Unlock()
 	}
 }
 
