@@ -75,6 +75,9 @@ type Pipeline struct {
 // pipeWorkerIdle is how long an idle pipe worker goroutine is kept.
 const pipeWorkerIdle = 10 * time.Second
 
+// maxSpare is the largest queue array a pipe keeps for reuse (pubPipe.spare).
+const maxSpare = 4
+
 // pubPipe is one connection's queue of publishes.
 type pubPipe struct {
 	mu    sync.Mutex
@@ -83,7 +86,10 @@ type pubPipe struct {
 	// spare is the array of the batch the worker finished last, emptied:
 	// the queue's next array, so that a publisher waiting for each
 	// acknowledgement does not allocate a queue (a pubItem holds an
-	// 800-byte packet) for every message. Set by the worker only.
+	// 800-byte packet) for every message. Set by the worker only, and
+	// only for small arrays (maxSpare): the pipe lives as long as its
+	// connection, and a burst's array (up to Receive Maximum items, about
+	// 1 MB) must not stay with it (found by review).
 	spare   []pubItem
 	running bool // a worker owns the queue (and the pipe holds messages)
 	closed  bool // the connection ended: nothing waits for space
@@ -268,10 +274,12 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 		h.mu.Unlock()
 		h.s.m.pipelineBatches.Inc()
 		h.process(cl, p, batch)
-		clear(batch) // the packets and payloads are mochi's now
-		p.mu.Lock()
-		p.spare = batch[:0]
-		p.mu.Unlock()
+		if cap(batch) <= maxSpare {
+			clear(batch) // the packets and payloads are mochi's now
+			p.mu.Lock()
+			p.spare = batch[:0]
+			p.mu.Unlock()
+		}
 	}
 }
 
