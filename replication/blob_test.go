@@ -317,10 +317,20 @@ func TestBlobAcrossNodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := from.node().Apply(ctx, &WithBlob{Ref: ref, Cmd: &RetainSet{Msg: RetainedMessage{Topic: "big", QoS: 1}}}); err != nil {
+	res, err := from.node().Apply(ctx, &WithBlob{Ref: ref, Cmd: &RetainSet{Msg: RetainedMessage{Topic: "big", QoS: 1}}})
+	if err != nil {
 		t.Fatal(err)
 	}
-	// A second upload of the same content writes nothing.
+	// A second upload of the same content writes nothing, once the
+	// uploading node holds the blob: it skips the chunks its own state
+	// has, and a follower applies the commit after the leader answered
+	// (CI and a local run: "re-upload wrote a chunk").
+	eventually(t, waitFor, func() error {
+		if got := from.node().SyncedIndex(); got < res.Index {
+			return fmt.Errorf("%s applied up to %d, want %d", from.id, got, res.Index)
+		}
+		return nil
+	})
 	before := lead.node().raft.LastIndex()
 	if _, err := from.node().PutBlob(ctx, payload); err != nil {
 		t.Fatal(err)
