@@ -60,7 +60,9 @@ func (n *Node) Backup(ctx context.Context, w io.Writer) (int64, error) {
 	st.departed = map[string]int64{}
 	// Wills owed by connections of the old cluster: its nodes are gone
 	// (a restore with reused pod names would publish them).
-	st.owed = map[owedKey]OwedWill{}
+	st.owed, st.owedRetained = map[owedKey]OwedWill{}, map[string][]owedKey{}
+	// The log format recorded is the old cluster's (logformat.go).
+	st.format = 0
 	// Touches are indexes of the old cluster's log.
 	st.touched, st.touchFrom, st.touchPruned = map[string]touch{}, 0, 0
 	backupSessions(st, time.Now().UnixMilli())

@@ -51,7 +51,8 @@ const (
 	// CmdBlobChunk (25), CmdWithBlob (26), CmdBlobDrop (27) are in blob.go.
 	// CmdSessionOpenOwe (28) and CmdOweWill (29) are in owed_will.go.
 	// CmdSessionOpenAsOf (30) is in touched.go.
-	// Next: 31 (or 0x9a for a command old nodes may skip).
+	// CmdLogFormat (31) is in logformat.go.
+	// Next: 32 (or 0x9a for a command old nodes may skip).
 
 	cmdSkippable CommandType = 0x80
 )
@@ -120,6 +121,8 @@ func (t CommandType) String() string {
 		return "owe_will"
 	case CmdSessionOpenAsOf:
 		return "session_open_as_of"
+	case CmdLogFormat:
+		return "log_format"
 	}
 	return fmt.Sprintf("command(%d)", byte(t))
 }
@@ -363,6 +366,8 @@ func DecodeCommand(b []byte) (Command, error) {
 		c = &ReleaseOwner{ClientID: r.str(), Node: r.str(), Epoch: r.uvarint()}
 	case CmdDeparture:
 		c = decodeDeparture(&r)
+	case CmdLogFormat:
+		c = &LogFormat{Version: r.u32()}
 	case CmdBatch:
 		n := r.count(2)
 		bc := &Batch{Commands: make([]Command, 0, n)}

@@ -79,6 +79,11 @@ var goldenCommands = []struct {
 		hex:  "1d" + "026331" + "ac02" + "026e32",
 	},
 	{
+		name: "log_format",
+		cmd:  &LogFormat{Version: 7},
+		hex:  "1f" + "07",
+	},
+	{
 		name: "departure",
 		cmd:  &Departure{Server: "n1", At: 5},
 		hex:  "99" + "026e31" + "0a", // skippable type 25

@@ -28,7 +28,11 @@ import (
 //	   records (kind 8) once one exists
 //	6  CmdSessionOpenAsOf (30): opens fenced to the state as of an index
 //	   (touched.go), and snapshot records 9 and 10 once one was applied
-const logVersion = 6
+//	7  CmdLogFormat (31): the leader records in the log that every server
+//	   applies this format (logformat.go), and snapshot record 11 (and 12)
+//	   once it did; from that entry on, an owed will yields its retained
+//	   value to newer retained writes (owed_will.go)
+const logVersion = 7
 
 // rpcLogVersion asks a node for the newest log format it applies; a node
 // that predates the question answers "unknown rpc kind": version 1.
@@ -63,6 +67,7 @@ func (n *Node) logVersionLoop() {
 	for {
 		ctx, cancel := context.WithTimeout(n.life, logVersionInterval)
 		n.refreshLogVersions(ctx)
+		n.recordLogFormat(ctx)
 		cancel()
 		select {
 		case <-t.C:

@@ -10,7 +10,8 @@ import (
 // used only once every server of the configuration applies it. A node of
 // log format 1 (a rolling upgrade not done) panics on an entry of a type
 // it does not know, at every restart: while one is in the configuration,
-// no node may propose it.
+// no node may propose it. Nor may the leader record log format 7
+// (LogFormat) before n3 applies it, and it does once n3 does.
 func TestQoS2FenceWaitsForEveryServer(t *testing.T) {
 	c := newTestCluster(t, 3)
 	c.mutate = func(cfg *Config) {
@@ -39,6 +40,9 @@ func TestQoS2FenceWaitsForEveryServer(t *testing.T) {
 		if tn.node().QoS2Fence() {
 			t.Fatalf("%s uses the fence while n3 applies log format 1", tn.id)
 		}
+		if v := tn.node().LogFormat(); v != 0 {
+			t.Fatalf("%s: log format %d recorded while n3 applies log format 1", tn.id, v)
+		}
 	}
 	// n3 is upgraded: every node starts using it.
 	c.node("n3").stop(false)
@@ -48,6 +52,9 @@ func TestQoS2FenceWaitsForEveryServer(t *testing.T) {
 		for _, tn := range c.up() {
 			if !tn.node().QoS2Fence() {
 				return errors.New(tn.id + " does not use the fence yet")
+			}
+			if tn.node().LogFormat() != logVersion {
+				return errors.New(tn.id + " has not applied the log format's record yet")
 			}
 		}
 		return nil

@@ -66,6 +66,14 @@ type OwedWill struct {
 	Closed   bool
 	ClosedAt int64
 	Will     Will
+	// Replaced is the index of the entry that moved the will aside: in
+	// log order, the connection ended there. Recorded from log format 7
+	// on (0 for a will owed before the log recorded it).
+	Replaced uint64
+	// Superseded: the will's topic got a newer retained write (or clear)
+	// after Replaced, so publishing the will leaves the retained value
+	// alone (see "Late owed wills" below). From log format 7 on.
+	Superseded bool
 }
 
 type owedKey struct {
@@ -130,8 +138,16 @@ func (s *state) oweWill(id string, e *sessionEntry, newOwner string, ends bool, 
 		return evs // it told its clients to go: no will is owed
 	}
 	e = s.mutableSession(id)
-	s.owed[owedKey{id, e.OpenedIndex}] = OwedWill{ClientID: id, Opened: e.OpenedIndex, OpenedAt: e.OpenedAt, Owner: e.Owner,
+	k := owedKey{id, e.OpenedIndex}
+	w := OwedWill{ClientID: id, Opened: e.OpenedIndex, OpenedAt: e.OpenedAt, Owner: e.Owner,
 		EndsSession: ends || e.ExpiryInterval == 0, Will: *e.Will}
+	if s.format >= 7 {
+		w.Replaced = idx
+	}
+	s.owed[k] = w
+	if w.Will.Retain {
+		s.owedRetained[w.Will.Topic] = append(s.owedRetained[w.Will.Topic], k)
+	}
 	e.Will = nil
 	return append(evs, event{session: &SessionChange{Kind: WillOwed, ClientID: id, Owner: e.Owner, Index: idx}})
 }
@@ -164,7 +180,7 @@ func (s *state) closeOwed(c *SessionClose, res *Result, evs []event) ([]event, b
 	if c.WillPublished {
 		// DISCONNECT, a graceful stop, or the owner published it itself
 		// (no quorum): nothing is owed.
-		delete(s.owed, owedKey{c.ClientID, c.IfOpened})
+		s.dropOwed(owedKey{c.ClientID, c.IfOpened})
 		return evs, true
 	}
 	w.Closed, w.ClosedAt = true, c.At
@@ -183,18 +199,97 @@ func (s *state) publishOwed(c *PublishWill, res *Result, evs []event) ([]event, 
 	if !w.Closed {
 		return evs, true
 	}
-	delete(s.owed, owedKey{c.ClientID, c.IfOpened})
+	s.dropOwed(owedKey{c.ClientID, c.IfOpened})
 	res.Changed = true
 	evs = append(evs, event{session: &SessionChange{Kind: WillOwedPublished, ClientID: c.ClientID, Owner: w.Owner, At: c.At,
 		Opened: w.Opened, Index: res.Index}})
-	return s.publishWill(c.ClientID, &w.Will, c.At, c.MaxQueued, res, evs), true
+	retain := w.Will.Retain && !w.Superseded
+	if retain {
+		s.supersedeOwed(w.Will.Topic, w.Replaced)
+	}
+	return s.publishWill(c.ClientID, &w.Will, c.At, c.MaxQueued, retain, res, evs), true
 }
 
 // departOwed discards the owed wills of server not closed yet (Departure).
 func (s *state) departOwed(server string) {
 	for k, w := range s.owed {
 		if w.Owner == server && !w.Closed {
-			delete(s.owed, k)
+			s.dropOwed(k)
+		}
+	}
+}
+
+// Late owed wills (log format 7). An owed will is published when its
+// node writes the close, which can be long after the connection ended:
+// the node was cut off. In log order its connection ended at Replaced,
+// when a newer connection took the client id, so its retained value
+// belongs there, and a retained write or clear of its topic applied since
+// is newer and wins: publishing the will then queues its copies but
+// leaves the retained value alone, as on one Mosquitto, where the will
+// was stored before the newer connection's writes. Otherwise a client
+// that came back elsewhere, published "online" and dropped again got its
+// new "offline" replaced by the old connection's (chaos seed 20261209,
+// retained-will-missing). Applied writes mark the owed wills of their
+// topic Superseded (supersedeOwed), through the owedRetained index; an
+// owed will's own write counts from its Replaced, so it supersedes only
+// wills owed before it. Expiry sweeps (RetainClear with IfIndex) clear a
+// value written before and are no news.
+
+// supersedeOwed marks the owed wills with a retained will on topic owed
+// before index before: those a retained write is newer than. An applied
+// write passes allOwed (every pending owed will was owed before it, in
+// its own entry too), an owed will its Replaced. Before format 7 it does
+// nothing, on every replica alike.
+func (s *state) supersedeOwed(topic string, before uint64) {
+	ks := s.owedRetained[topic]
+	if s.format < 7 || len(ks) == 0 {
+		return
+	}
+	kept := ks[:0]
+	for _, k := range ks {
+		w := s.owed[k]
+		if w.Replaced >= before {
+			kept = append(kept, k)
+			continue
+		}
+		w.Superseded = true
+		s.owed[k] = w
+	}
+	if len(kept) == 0 {
+		delete(s.owedRetained, topic)
+		return
+	}
+	clear(ks[len(kept):])
+	s.owedRetained[topic] = kept
+}
+
+// allOwed makes supersedeOwed mark every owed will of the topic.
+const allOwed = ^uint64(0)
+
+// dropOwed removes an owed will and its index entry.
+func (s *state) dropOwed(k owedKey) {
+	w, ok := s.owed[k]
+	if !ok {
+		return
+	}
+	delete(s.owed, k)
+	ks := s.owedRetained[w.Will.Topic]
+	if i := slices.Index(ks, k); i >= 0 {
+		ks = slices.Delete(ks, i, i+1)
+		if len(ks) == 0 {
+			delete(s.owedRetained, w.Will.Topic)
+		} else {
+			s.owedRetained[w.Will.Topic] = ks
+		}
+	}
+}
+
+// indexOwed rebuilds owedRetained from owed (after a restore).
+func (s *state) indexOwed() {
+	s.owedRetained = make(map[string][]owedKey)
+	for _, k := range s.sortedOwed() {
+		if w := s.owed[k]; w.Will.Retain && !w.Superseded {
+			s.owedRetained[w.Will.Topic] = append(s.owedRetained[w.Will.Topic], k)
 		}
 	}
 }
@@ -271,6 +366,41 @@ func readOwedRecord(r *reader, st *state) error {
 	if _, dup := st.owed[k]; dup {
 		return fmt.Errorf("%w: duplicate owed will record %q %d", errCorrupt, w.ClientID, w.Opened)
 	}
+	st.owed[k] = w
+	return nil
+}
+
+func cloneOwedIndex(m map[string][]owedKey) map[string][]owedKey {
+	out := make(map[string][]owedKey, len(m))
+	for t, ks := range m {
+		out[t] = slices.Clone(ks)
+	}
+	return out
+}
+
+// Snapshot record of an owed will's format 7 fields, right after its
+// record 8 when either is set (not skippable; only after record 11).
+//
+//	str client_id | uvarint opened | uvarint replaced | bool superseded
+const recOwedLate byte = 12
+
+func appendOwedLateRecord(b []byte, w *OwedWill) []byte {
+	b = appendUvarint(appendString(b, w.ClientID), w.Opened)
+	return appendBool(appendUvarint(b, w.Replaced), w.Superseded)
+}
+
+func readOwedLateRecord(r *reader, st *state) error {
+	k := owedKey{r.str(), r.uvarint()}
+	replaced, superseded := r.uvarint(), r.bool()
+	if err := r.end(); err != nil {
+		return fmt.Errorf("owed will format 7 record: %w", err)
+	}
+	w, ok := st.owed[k]
+	if !ok || st.format < 7 || replaced != 0 && replaced <= k.opened {
+		return fmt.Errorf("%w: owed will format 7 record %q %d: no such owed will, no log format 7, or replaced at %d",
+			errCorrupt, k.id, k.opened, replaced)
+	}
+	w.Replaced, w.Superseded = replaced, superseded
 	st.owed[k] = w
 	return nil
 }

@@ -264,3 +264,246 @@ func TestOwedWillSnapshot(t *testing.T) {
 		t.Fatalf("lamp's owed will %+v (%v)", w, ok)
 	}
 }
+
+// TestOwedWillYieldsToNewerRetainedValue: an owed will published late (its
+// node could not write the close sooner) must not overwrite a retained
+// value written after its connection was replaced: in log order its
+// connection ended there, so a newer value wins, as it would on one
+// Mosquitto (chaos seed 20261209, retained-will-missing: the client's next
+// connection's will was overwritten by the older connection's). Its
+// queued copies still go out. From log format 7 on (LogFormat), so that
+// every replica decides alike.
+func TestOwedWillYieldsToNewerRetainedValue(t *testing.T) {
+	retained := func(a *sessionApplier) string {
+		m, ok := a.s.retained["status/dev"]
+		if !ok {
+			return "<none>"
+		}
+		return string(m.Payload)
+	}
+	// publish closes dev's n1 connection and publishes its owed will.
+	publish := func(t *testing.T, a *sessionApplier, opened uint64) {
+		t.Helper()
+		a.apply(&SessionClose{ClientID: "dev", Owner: "n1", IfOpened: opened, At: 1000})
+		if r := a.apply(&PublishWill{ClientID: "dev", IfOpened: opened, At: 1100, MaxQueued: 10}); !r.Changed {
+			t.Fatal("due owed will not published")
+		}
+		q := a.sess("ha").Queue
+		if len(q) == 0 || string(q[len(q)-1].Payload) != "offline" {
+			t.Fatalf("the owed will's queued copy is missing: %+v", q)
+		}
+		if len(a.s.owed) != 0 || len(a.s.owedRetained) != 0 {
+			t.Fatalf("owed wills left: %v, index %v", a.s.owed, a.s.owedRetained)
+		}
+	}
+	cases := []struct {
+		name   string
+		before []Command // applied before dev's n1 connection is replaced
+		after  []Command // applied after, before the will is due
+		format bool      // LogFormat 7 committed (before the replacement)
+		want   string
+	}{
+		{name: "newer value", format: true,
+			after: []Command{&RetainSet{Msg: RetainedMessage{Topic: "status/dev", Payload: []byte("online2")}}},
+			want:  "online2"},
+		{name: "newer clear", format: true,
+			before: []Command{&RetainSet{Msg: RetainedMessage{Topic: "status/dev", Payload: []byte("online")}}},
+			after:  []Command{&RetainClear{Topic: "status/dev"}},
+			want:   "<none>"},
+		{name: "newer clear of nothing", format: true,
+			after: []Command{&RetainClear{Topic: "status/dev"}},
+			want:  "<none>"},
+		{name: "newer value on another topic", format: true,
+			after: []Command{&RetainSet{Msg: RetainedMessage{Topic: "status/other", Payload: []byte("x")}}},
+			want:  "offline"},
+		{name: "older value", format: true,
+			before: []Command{&RetainSet{Msg: RetainedMessage{Topic: "status/dev", Payload: []byte("online")}}},
+			want:   "offline"},
+		{name: "newer session's will", format: true,
+			after: []Command{
+				&SetWill{ClientID: "dev", Will: Will{Topic: "status/dev", Payload: []byte("offline2"), QoS: 1, Retain: true}},
+				&SessionClose{ClientID: "dev", Owner: "n2", At: 990},
+				&PublishWill{ClientID: "dev", IfOpened: 0, At: 995}, // IfOpened set below
+			},
+			want: "offline2"},
+		{name: "before log format 7", format: false,
+			after: []Command{&RetainSet{Msg: RetainedMessage{Topic: "status/dev", Payload: []byte("online2")}}},
+			want:  "offline"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newSessionApplier(t)
+			if tc.format {
+				if r := a.apply(&LogFormat{Version: 7}); !r.Changed {
+					t.Fatalf("log format: %+v", r)
+				}
+			}
+			for _, c := range tc.before {
+				a.apply(c)
+			}
+			opened := owedSetup(t, a)
+			for _, c := range tc.after {
+				if pw, ok := c.(*PublishWill); ok {
+					cp := *pw
+					cp.IfOpened = a.sess("dev").OpenedIndex
+					c = &cp
+				}
+				if r := a.apply(c); r.Err != nil {
+					t.Fatalf("%T: %v", c, r.Err)
+				}
+			}
+			publish(t, a, opened)
+			if got := retained(a); got != tc.want {
+				t.Fatalf("retained %q, want %q", got, tc.want)
+			}
+		})
+	}
+	// An expiry sweep's conditional clear of a value written before the
+	// replacement is not news: the will is stored.
+	t.Run("expiry of an older value", func(t *testing.T) {
+		a := newSessionApplier(t)
+		a.apply(&LogFormat{Version: 7})
+		a.apply(&RetainSet{Msg: RetainedMessage{Topic: "status/dev", Payload: []byte("online"), Expires: 5}})
+		set := a.idx
+		opened := owedSetup(t, a)
+		if r := a.apply(&RetainClear{Topic: "status/dev", IfIndex: set}); !r.Changed {
+			t.Fatal("expired value not cleared")
+		}
+		publish(t, a, opened)
+		if got := retained(a); got != "offline" {
+			t.Fatalf("retained %q, want offline", got)
+		}
+	})
+	// A will owed before format 7 was recorded yields to values written
+	// after that.
+	t.Run("format recorded after the replacement", func(t *testing.T) {
+		a := newSessionApplier(t)
+		opened := owedSetup(t, a)
+		a.apply(&LogFormat{Version: 7})
+		a.apply(&RetainSet{Msg: RetainedMessage{Topic: "status/dev", Payload: []byte("online2")}})
+		publish(t, a, opened)
+		if got := retained(a); got != "online2" {
+			t.Fatalf("retained %q, want online2", got)
+		}
+	})
+}
+
+// TestLateOwedWillsInOrder: two wills owed by consecutive connections of a
+// client, published in either order, leave the later connection's as the
+// retained value: an owed will's write counts from its Replaced.
+func TestLateOwedWillsInOrder(t *testing.T) {
+	for _, newerFirst := range []bool{false, true} {
+		a := newSessionApplier(t)
+		a.apply(&LogFormat{Version: 7})
+		first := owedSetup(t, a) // dev's n1 connection, replaced by one on n2
+		a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "status/dev", Payload: []byte("offline2"), QoS: 1, Retain: true}})
+		second := a.sess("dev").OpenedIndex
+		// n2 cut off too: dev comes back on n3, and n2's connection owes.
+		if r := a.apply(oweOpen("dev", "n3", true, second)); !r.Changed {
+			t.Fatalf("open on n3: %+v", r)
+		}
+		if n := len(a.s.owed); n != 2 {
+			t.Fatalf("%d owed wills, want 2", n)
+		}
+		order := []struct {
+			owner  string
+			opened uint64
+		}{{"n1", first}, {"n2", second}}
+		if newerFirst {
+			order[0], order[1] = order[1], order[0]
+		}
+		for _, o := range order {
+			a.apply(&SessionClose{ClientID: "dev", Owner: o.owner, IfOpened: o.opened, At: 1000})
+			if r := a.apply(&PublishWill{ClientID: "dev", IfOpened: o.opened, At: 1100, MaxQueued: 10}); !r.Changed {
+				t.Fatalf("newer first %v: the will owed by %s's connection not published", newerFirst, o.owner)
+			}
+		}
+		if m := a.s.retained["status/dev"]; string(m.Payload) != "offline2" {
+			t.Fatalf("newer first %v: retained %q, want offline2", newerFirst, m.Payload)
+		}
+		if q := a.sess("ha").Queue; len(q) != 2 {
+			t.Fatalf("newer first %v: ha's queue %+v, want both wills", newerFirst, q)
+		}
+	}
+}
+
+// TestLateOwedWillSnapshot: the recorded log format and an owed will's
+// Replaced and Superseded survive a snapshot, and the restored replica
+// publishes the will as the original does.
+func TestLateOwedWillSnapshot(t *testing.T) {
+	f := testFSM(observers{})
+	var idx uint64
+	apply := func(c Command) Result {
+		idx++
+		return f.Apply(entry(idx, c)).(Result)
+	}
+	apply(&LogFormat{Version: 7})
+	apply(open("dev", "n1", true))
+	dev := idx
+	apply(&SetWill{ClientID: "dev", Will: Will{Topic: "status/dev", Payload: []byte("offline"), QoS: 1, Retain: true}})
+	apply(oweOpen("dev", "n2", true, dev))
+	apply(open("lamp", "n1", true))
+	lamp := idx
+	apply(&SetWill{ClientID: "lamp", Will: Will{Topic: "status/lamp", Payload: []byte("gone"), QoS: 1, Retain: true}})
+	apply(oweOpen("lamp", "n3", true, lamp))
+	apply(&RetainSet{Msg: RetainedMessage{Topic: "status/dev", Payload: []byte("online2")}})
+	data := snapshotBytes(t, f)
+	g := testFSM(observers{})
+	if err := g.Restore(io.NopCloser(bytes.NewReader(data))); err != nil {
+		t.Fatal(err)
+	}
+	if g.logFormat() != 7 {
+		t.Fatalf("restored log format %d, want 7", g.logFormat())
+	}
+	if !reflect.DeepEqual(f.OwedWills(), g.OwedWills()) {
+		t.Fatalf("restored owed wills differ:\n%+v\n%+v", f.OwedWills(), g.OwedWills())
+	}
+	if w, _ := g.OwedWill("dev", dev); !w.Superseded || w.Replaced != dev+2 {
+		t.Fatalf("dev's restored owed will %+v, want superseded, replaced at %d", w, dev+2)
+	}
+	if !bytes.Equal(data, snapshotBytes(t, g)) {
+		t.Fatal("snapshot of the restored state differs")
+	}
+	// Both replicas go on alike: lamp's will is still indexed (a newer
+	// write supersedes it), dev's is published without its retained value.
+	next := idx
+	for _, fsm := range []*FSM{f, g} {
+		idx = next
+		apply := func(c Command) { idx++; fsm.Apply(entry(idx, c)) }
+		apply(&RetainSet{Msg: RetainedMessage{Topic: "status/lamp", Payload: []byte("on")}})
+		apply(&SessionClose{ClientID: "dev", Owner: "n1", IfOpened: dev, At: 1000})
+		apply(&PublishWill{ClientID: "dev", IfOpened: dev, At: 1100})
+		apply(&SessionClose{ClientID: "lamp", Owner: "n1", IfOpened: lamp, At: 1000})
+		apply(&PublishWill{ClientID: "lamp", IfOpened: lamp, At: 1100})
+	}
+	for _, topic := range []string{"status/dev", "status/lamp"} {
+		mf, _ := f.RetainedMessage(topic)
+		mg, _ := g.RetainedMessage(topic)
+		if string(mf.Payload) != string(mg.Payload) {
+			t.Fatalf("%s: original %q, restored %q", topic, mf.Payload, mg.Payload)
+		}
+	}
+	if m, _ := g.RetainedMessage("status/lamp"); string(m.Payload) != "on" {
+		t.Fatalf("lamp's retained %q, want on", m.Payload)
+	}
+	if m, _ := g.RetainedMessage("status/dev"); string(m.Payload) != "online2" {
+		t.Fatalf("dev's retained %q, want online2", m.Payload)
+	}
+}
+
+// TestLogFormatOnlyGrows: LogFormat outside [7, logVersion] is refused,
+// and an older version does not lower the format recorded.
+func TestLogFormatOnlyGrows(t *testing.T) {
+	a := newSessionApplier(t)
+	for _, v := range []uint32{0, 6, logVersion + 1} {
+		if r := a.apply(&LogFormat{Version: v}); r.Err == nil || a.s.format != 0 {
+			t.Fatalf("version %d: %+v, format %d", v, r, a.s.format)
+		}
+	}
+	if r := a.apply(&LogFormat{Version: 7}); !r.Changed || a.s.format != 7 {
+		t.Fatalf("version 7: %+v, format %d", r, a.s.format)
+	}
+	if r := a.apply(&LogFormat{Version: 7}); r.Changed || a.s.format != 7 {
+		t.Fatalf("version 7 again: %+v, format %d", r, a.s.format)
+	}
+}

@@ -67,8 +67,9 @@ const (
 	recBlob     byte = 5
 	recBlobData byte = 6
 	recBlobRef  byte = 7
-	// recOwedWill (8) is in owed_will.go; recTouchFrom (9) and recTouched
-	// (10) in touched.go.
+	// recOwedWill (8) and recOwedLate (12) are in owed_will.go;
+	// recTouchFrom (9) and recTouched (10) in touched.go; recLogFormat
+	// (11) in logformat.go.
 	recSkip   byte = 0x80
 	recSynced byte = 0x81
 	// recSessionOpened follows a session record: its OpenedAt and
@@ -189,10 +190,18 @@ func writeSnapshot(w io.Writer, st *state) (int64, error) {
 		}
 		nQueued += uint64(len(e.Queue))
 	}
+	if st.format != 0 {
+		body = appendUvarint(body[:0], uint64(st.format))
+		record(recLogFormat)
+	}
 	for _, k := range st.sortedOwed() {
 		w := st.owed[k]
 		body = appendOwedRecord(body[:0], &w)
 		record(recOwedWill)
+		if w.Replaced != 0 || w.Superseded {
+			body = appendOwedLateRecord(body[:0], &w)
+			record(recOwedLate)
+		}
 	}
 	writeTouches(st, &body, record)
 	for _, id := range slices.Sorted(maps.Keys(st.departed)) {
@@ -388,9 +397,18 @@ func readSnapshotInto(r io.Reader, store *blobStore) (_ *state, err error) {
 			if _, err := br.ReadByte(); err != io.EOF {
 				return nil, fmt.Errorf("%w: data after end record", errCorrupt)
 			}
+			st.indexOwed()
 			return st, nil
 		case recOwedWill:
 			if err := readOwedRecord(&rd, st); err != nil {
+				return nil, err
+			}
+		case recLogFormat:
+			if err := readLogFormatRecord(&rd, st); err != nil {
+				return nil, err
+			}
+		case recOwedLate:
+			if err := readOwedLateRecord(&rd, st); err != nil {
 				return nil, err
 			}
 		case recTouchFrom, recTouched:

@@ -112,6 +112,13 @@ type state struct {
 	// at touchPruned (touched.go).
 	touched                map[string]touch
 	touchFrom, touchPruned uint64
+	// format is the log format recorded in the log (LogFormat), 0 before
+	// format 7 was.
+	format uint32
+	// owedRetained indexes the owed wills with a retained will that no
+	// newer retained write superseded yet, by the will's topic
+	// (owed_will.go). Derived from owed: rebuilt on restore.
+	owedRetained map[string][]owedKey
 	// synced is the last log entry a snapshot of this state holds (set by
 	// FSM.Snapshot; not part of the replicated state itself).
 	synced uint64
@@ -126,7 +133,7 @@ type state struct {
 func newState() *state {
 	return &state{retained: make(map[string]RetainedMessage), owners: make(map[string]Owner),
 		sessions: make(map[string]*sessionEntry), departed: make(map[string]int64), blobs: make(map[BlobID]*blobEntry),
-		owed: make(map[owedKey]OwedWill), touched: make(map[string]touch)}
+		owed: make(map[owedKey]OwedWill), owedRetained: make(map[string][]owedKey), touched: make(map[string]touch)}
 }
 
 // clone copies the maps. Values are copied by value; their byte slices are
@@ -142,7 +149,7 @@ func (s *state) clone() *state {
 	return &state{retained: maps.Clone(s.retained), owners: maps.Clone(s.owners),
 		sessions: s.freezeSessions(), epoch: s.epoch, departed: maps.Clone(s.departed),
 		blobs: blobs, owed: maps.Clone(s.owed), touched: maps.Clone(s.touched), touchFrom: s.touchFrom,
-		touchPruned: s.touchPruned, store: s.store, dir: s.dir}
+		touchPruned: s.touchPruned, format: s.format, owedRetained: cloneOwedIndex(s.owedRetained), store: s.store, dir: s.dir}
 }
 
 // event is an observer notification produced by applyCommand and delivered
@@ -167,6 +174,9 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 	case *RetainSet:
 		evs = s.applyRetainSet(c.Msg, idx, &res, evs)
 	case *RetainClear:
+		if c.IfIndex == 0 {
+			s.supersedeOwed(c.Topic, allOwed) // not an expiry sweep's (IfIndex): no news (owed_will.go)
+		}
 		cur, ok := s.retained[c.Topic]
 		if !ok || (c.IfIndex != 0 && cur.Index != c.IfIndex) {
 			return res, evs
@@ -212,6 +222,8 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 		evs = s.applyWithBlob(c, idx, &res, evs)
 	case *BlobDrop:
 		s.applyBlobDrop(c, &res)
+	case *LogFormat:
+		s.applyLogFormat(c, &res)
 	case *Batch:
 		res.Results = make([]Result, len(c.Commands))
 		for i, sub := range c.Commands {
@@ -231,6 +243,7 @@ func (s *state) applyCommand(cmd Command, idx uint64, evs []event) (Result, []ev
 func (s *state) applyRetainSet(m RetainedMessage, idx uint64, res *Result, evs []event) []event {
 	m.Index, m.Blob = idx, s.blob
 	s.retained[m.Topic] = m
+	s.supersedeOwed(m.Topic, allOwed)
 	res.Changed = true
 	return append(evs, event{retained: &RetainedChange{Topic: m.Topic, Msg: m, Index: idx}})
 }

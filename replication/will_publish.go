@@ -128,17 +128,21 @@ func (s *state) publishWillOf(id string, at int64, maxQueued uint32, res *Result
 	e.Will = nil
 	res.Changed = true
 	evs = append(evs, event{session: &SessionChange{Kind: WillCleared, ClientID: id, Owner: e.Owner, At: at, Index: res.Index}})
-	return s.publishWill(id, &w, at, maxQueued, res, evs)
+	if w.Retain {
+		s.supersedeOwed(w.Topic, allOwed)
+	}
+	return s.publishWill(id, &w, at, maxQueued, w.Retain, res, evs)
 }
 
 // publishWill publishes w, the will of client id, to the replicated
-// state: queued copies and retained value.
-func (s *state) publishWill(id string, w *Will, at int64, maxQueued uint32, res *Result, evs []event) []event {
+// state: queued copies, and the retained value if retain (the caller
+// supersedes the owed wills it is newer than: supersedeOwed).
+func (s *state) publishWill(id string, w *Will, at int64, maxQueued uint32, retain bool, res *Result, evs []event) []event {
 	var expires int64
 	if w.ExpirySeconds > 0 {
 		expires = at + int64(w.ExpirySeconds)*1000
 	}
-	if w.Retain {
+	if retain {
 		evs = s.retainWill(w, at, expires, res.Index, evs)
 	}
 	if w.QoS == 0 {

@@ -202,3 +202,49 @@ func (tc *testCluster) waitOwedCount(t *testing.T, d time.Duration, n int, nodes
 		return nil
 	})
 }
+
+// TestLateOwedWillLeavesNewerRetainedValue: the chaos failure of seed
+// 20261209 (retained-will-missing). A client's connection on n3 drops while
+// n3 cannot reach the leader; the client connects again on n1, publishes
+// "online2", and drops too, so its new will "offline2" is published. Then
+// n3 writes the first connection's close and its owed will "offline" is
+// published, late: its copy is queued for the persistent subscriber, but
+// the retained value stays "offline2", the newer connection's, as on one
+// Mosquitto, where the old will was stored before the new connection
+// came (replication/owed_will.go, "Late owed wills").
+func TestLateOwedWillLeavesNewerRetainedValue(t *testing.T) {
+	var cut cutDialer
+	tc := newCutCluster(t, &cut)
+	testutil.Eventually(t, wait, func() error {
+		for id, n := range tc.nodes {
+			if v := n.repl.LogFormat(); v < 7 {
+				return fmt.Errorf("%s: log format %d recorded, want 7", id, v)
+			}
+		}
+		return nil
+	})
+	dev := owedDev(t, tc)
+	cut.set(true)
+	_ = dev.Conn.Close() // dropped without DISCONNECT: its will is due
+	back := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: "ow-dev", CleanStart: true,
+		Will: &paho.WillMessage{Topic: "ow/dev", QoS: 1, Retain: true, Payload: []byte("offline2")}})
+	tc.waitOwedCount(t, wait, 1, "n1")
+	back.Pub(t, "ow/dev", 1, true, []byte("online2"))
+	_ = back.Conn.Close()
+	tc.waitRetained(t, "ow/dev", "offline2")
+	cut.set(false)
+	// online, online2, offline2, then the late offline.
+	tc.waitSession(t, "ow-ha", func(s sessionView) error {
+		if s.Queue != 4 {
+			return fmt.Errorf("ha's queue %d, want 4 with the late will last", s.Queue)
+		}
+		return nil
+	})
+	tc.waitOwedCount(t, wait, 0)
+	for id, n := range tc.nodes {
+		if m, ok := n.repl.RetainedMessage("ow/dev"); !ok || string(m.Payload) != "offline2" {
+			t.Fatalf("%s: retained %q (%v) after the late will, want offline2", id, m.Payload, ok)
+		}
+	}
+	tc.waitRetained(t, "ow/dev", "offline2")
+}
