@@ -67,8 +67,8 @@ func (n *Node) logVersionLoop() {
 	for {
 		ctx, cancel := context.WithTimeout(n.life, logVersionInterval)
 		n.refreshLogVersions(ctx)
-		n.recordLogFormat(ctx)
 		cancel()
+		n.recordLogFormat()
 		select {
 		case <-t.C:
 		case <-n.logVers.wake:

@@ -65,11 +65,34 @@ func (f *FSM) logFormat() uint32 {
 
 // recordLogFormat commits LogFormat once every server applies a newer
 // format than the log records (leader only; logVersionLoop calls it
-// after each round). A failed write is tried again next round.
-func (n *Node) recordLogFormat(ctx context.Context) {
+// after each round). The round's answers may be stale (a server added or
+// replaced since, a configuration that could not be read), so every
+// server of the configuration is asked again first, and one that does not
+// answer, or answers an older format, stops it until a later round. A
+// failed write is tried again next round.
+//
+// Not covered, as for every newer command type: a server with older code
+// added after this check and before the entry commits panics on it (a
+// rolling upgrade finishes before the cluster grows).
+func (n *Node) recordLogFormat() {
 	v := n.logVers.min.Load()
 	if v < 7 || v <= n.fsm.logFormat() || n.raft.State() != raft.Leader {
 		return
+	}
+	ctx, cancel := context.WithTimeout(n.life, n.cfg.IOTimeout)
+	defer cancel()
+	cfg, err := n.configuration(ctx)
+	if err != nil {
+		return
+	}
+	for _, s := range cfg.Servers {
+		if string(s.ID) == n.cfg.NodeID {
+			continue
+		}
+		if got, err := n.askLogVersion(ctx, string(s.Address)); err != nil || got < v {
+			n.log.Debug("not recording the log format yet", "version", v, "server", s.ID, "answer", got, "err", err)
+			return
+		}
 	}
 	if _, err := n.Apply(ctx, &LogFormat{Version: v}); err != nil {
 		n.log.Info("recording the log format failed; trying again next round", "version", v, "err", err)
@@ -87,8 +110,8 @@ const recLogFormat byte = 11
 
 func readLogFormatRecord(rd *reader, st *state) error {
 	v := rd.uvarint()
-	if err := rd.end(); err != nil || v < 7 || v > logVersion {
-		return fmt.Errorf("%w: log format record: version %d: %v", errCorrupt, v, err)
+	if err := rd.end(); err != nil || v < 7 || v > logVersion || st.format != 0 {
+		return fmt.Errorf("%w: log format record: version %d (already %d): %v", errCorrupt, v, st.format, err)
 	}
 	st.format = uint32(v)
 	return nil

@@ -144,6 +144,7 @@ func (s *state) oweWill(id string, e *sessionEntry, newOwner string, ends bool, 
 	if s.format >= 7 {
 		w.Replaced = idx
 	}
+	s.dropOwed(k) // a lone OweWill can owe again on the same index
 	s.owed[k] = w
 	if w.Will.Retain {
 		s.owedRetained[w.Will.Topic] = append(s.owedRetained[w.Will.Topic], k)
@@ -247,7 +248,10 @@ func (s *state) supersedeOwed(topic string, before uint64) {
 	}
 	kept := ks[:0]
 	for _, k := range ks {
-		w := s.owed[k]
+		w, ok := s.owed[k]
+		if !ok || w.Will.Topic != topic {
+			continue // not indexed under topic (dropOwed keeps it so; defensive)
+		}
 		if w.Replaced >= before {
 			kept = append(kept, k)
 			continue
@@ -396,7 +400,7 @@ func readOwedLateRecord(r *reader, st *state) error {
 		return fmt.Errorf("owed will format 7 record: %w", err)
 	}
 	w, ok := st.owed[k]
-	if !ok || st.format < 7 || replaced != 0 && replaced <= k.opened {
+	if !ok || st.format < 7 || replaced != 0 && replaced < k.opened {
 		return fmt.Errorf("%w: owed will format 7 record %q %d: no such owed will, no log format 7, or replaced at %d",
 			errCorrupt, k.id, k.opened, replaced)
 	}

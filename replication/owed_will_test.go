@@ -507,3 +507,39 @@ func TestLogFormatOnlyGrows(t *testing.T) {
 		t.Fatalf("version 7 again: %+v, format %d", r, a.s.format)
 	}
 }
+
+// TestOweWillTwiceOnOneIndex: a lone OweWill may owe again on the same
+// index (review: the hooks never write that, but the log allows it); the
+// index of owed wills by topic must then follow the newer will, as a
+// replica restored from a snapshot rebuilds it, and a newer write to the
+// older will's topic must neither supersede the newer will nor bring a
+// settled one back.
+func TestOweWillTwiceOnOneIndex(t *testing.T) {
+	a := newSessionApplier(t)
+	a.apply(&LogFormat{Version: 7})
+	a.apply(open("dev", "n1", true))
+	x := a.idx
+	a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t/a", Payload: []byte("A"), QoS: 1, Retain: true}})
+	a.apply(&OweWill{ClientID: "dev", IfOpened: x, Owner: "n2"})
+	a.apply(&SetWill{ClientID: "dev", Will: Will{Topic: "t/b", Payload: []byte("B"), QoS: 1, Retain: true}})
+	a.apply(&OweWill{ClientID: "dev", IfOpened: x, Owner: "n2"})
+	direct := cloneOwedIndex(a.s.owedRetained)
+	a.s.indexOwed()
+	if !reflect.DeepEqual(direct, a.s.owedRetained) {
+		t.Fatalf("index %v, rebuilt from the owed wills %v", direct, a.s.owedRetained)
+	}
+	a.apply(&RetainSet{Msg: RetainedMessage{Topic: "t/a", Payload: []byte("v")}})
+	if w := a.s.owed[owedKey{"dev", x}]; w.Superseded {
+		t.Fatal("a write to the older will's topic superseded the newer will")
+	}
+	a.apply(&SessionDelete{ClientID: "dev", IfOpened: x})
+	a.apply(&SessionClose{ClientID: "dev", Owner: "n1", IfOpened: x, At: 5})
+	a.apply(&PublishWill{ClientID: "dev", IfOpened: x, At: 6})
+	a.apply(&RetainSet{Msg: RetainedMessage{Topic: "t/a", Payload: []byte("w")}})
+	if len(a.s.owed) != 0 || len(a.s.owedRetained) != 0 {
+		t.Fatalf("owed %+v, index %v after the will was published", a.s.owed, a.s.owedRetained)
+	}
+	if m := a.s.retained["t/b"]; string(m.Payload) != "B" {
+		t.Fatalf("t/b retained %q, want B", m.Payload)
+	}
+}
