@@ -120,7 +120,7 @@ func TestChaos(t *testing.T) {
 
 // pinnedSeeds found bugs (see the README's Bugs found): each is replayed
 // as a regression campaign by TestPinnedSeeds.
-var pinnedSeeds = []int64{314082014, 56249839, 20261127, 288808259, 444047167, 772869237}
+var pinnedSeeds = []int64{314082014, 56249839, 20261127, 288808259, 444047167, 772869237, 20261209}
 
 // TestPinnedSeeds replays the pinned seeds. By default (make test) it runs
 // one of them, by rotation on the day of the year, with a 10 s fault phase
