@@ -13,43 +13,10 @@ set -euo pipefail
 dur=${1:-10s}
 rounds=${2:-2}
 out=${3:-bin/bench-delivery.md}
-make -s build
-go build -o bin/mqttload ./cmd/mqttload
-go build -o bin/mochi-baseline ./cmd/mochi-baseline
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
+. scripts/bench-lib.sh
+bench_init mochi
 
-mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-printf 'listener 21883 127.0.0.1\nallow_anonymous true\npersistence false\n' > "$tmp/mosquitto.conf"
-"$mosq" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.log" 2>&1 &
-pid_mosquitto=$!
-pids+=("$pid_mosquitto")
-bin/mochi-baseline --addr 127.0.0.1:21884 2>"$tmp/mochi.log" &
-pid_mochi=$!
-pids+=("$pid_mochi")
-bin/broker serve --node-id solo --data-dir "$tmp/solo" --mqtt-addr 127.0.0.1:22880 --http-addr 127.0.0.1:28080 \
-  --gossip-addr 127.0.0.1:27936 --cluster-addr 127.0.0.1:27937 --advertise-host 127.0.0.1 --bootstrap-expect 1 \
-  --log-level warn --log-format json 2>"$tmp/solo.log" &
-pid_solo=$!
-pids+=("$pid_solo")
-join=127.0.0.1:27946,127.0.0.1:27956,127.0.0.1:27966
-cluster_pids=()
-for i in 1 2 3; do
-  bin/broker serve --node-id "bench$i" --data-dir "$tmp/n$i" --mqtt-addr "127.0.0.1:2288$i" \
-    --http-addr "127.0.0.1:2808$i" --gossip-addr "127.0.0.1:279$((3 + i))6" --cluster-addr "127.0.0.1:279$((3 + i))7" \
-    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --log-level warn --log-format json 2>"$tmp/n$i.log" &
-  pids+=($!)
-  cluster_pids+=($!)
-done
-for port in 28080 28081 28082 28083; do
-  for _ in $(seq 150); do curl -fs "127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
-done
-
-hz=$(getconf CLK_TCK)
-# cpu PID...: user+system clock ticks of the processes.
-cpu() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+start_lineup solo bench 21883 22880 28080 27936
 
 results="$tmp/results.tsv"
 : >"$results"
@@ -57,13 +24,11 @@ results="$tmp/results.tsv"
 run() {
   local round=$1 label=$2 pub=$3 sub=$4 qos=$5 rate=$6
   shift 6
-  local before after json recv
+  local before after json us
   before=$(cpu "$@")
   json=$(bin/mqttload --json --label "$label" --pub "$pub" --sub "$sub" --qos "$qos" --rate "$rate" --duration "$dur")
   after=$(cpu "$@")
-  recv=$(echo "$json" | sed -E 's/.*"received":([0-9]+).*/\1/')
-  local us=0
-  if [ "$recv" -gt 0 ]; then us=$(( (after - before) * 1000000 / hz / recv )); fi
+  us=$(us_per_msg "$before" "$after" "$json")
   echo "$json" | sed -E "s/^/round $round: /; s/\$/ cpu_us_per_msg=$us/" >&2
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$qos" "$rate" "$label" "$us" "$json" >>"$results"
 }
@@ -86,8 +51,7 @@ done
 {
   echo "| round | QoS | rate (msg/s) | case | delivered msg/s | p50 / p99 / p99.9 / max (ms) | CPU µs/msg | CPU vs mochi |"
   echo "|---|---|---|---|---|---|---|---|"
-  awk -F'\t' '
-    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.]+")) { m = substr(j, RSTART, RLENGTH); sub(/.*:/, "", m); return m } return 0 }
+  awk -F'\t' "$awk_json"'
     { key = $1 "|" $2 "|" $3; lines[NR] = $0; if ($4 == "mochi") base[key] = $5 }
     END {
       for (i = 1; i <= NR; i++) {

@@ -10,20 +10,15 @@
 set -euo pipefail
 rounds=${1:-4}
 out=${2:-bin/bench-failover.md}
-make -s build
-go build -o bin/mqttload ./cmd/mqttload
-tmp=$(mktemp -d)
+. scripts/bench-lib.sh
+bench_init
 declare -A pid
-cleanup() { for p in "${pid[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
 
-join=127.0.0.1:27646,127.0.0.1:27656,127.0.0.1:27666
 start() { # start NODE (1-3), with its data dir kept across restarts
-  local i=$1
-  bin/broker serve --node-id "fo$i" --data-dir "$tmp/n$i" --mqtt-addr "127.0.0.1:2168$i" \
-    --http-addr "127.0.0.1:2868$i" --gossip-addr "127.0.0.1:276$((3 + i))6" --cluster-addr "127.0.0.1:276$((3 + i))7" \
-    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --log-level warn --log-format json 2>>"$tmp/n$i.log" &
-  pid[$i]=$!
+  start_node "fo$1" "n$1" $((21680 + $1)) $((28680 + $1)) $((27636 + 10 * $1)) $((27637 + 10 * $1)) \
+    --join 127.0.0.1:27646,127.0.0.1:27656,127.0.0.1:27666 --bootstrap-expect 3
+  pid[$1]=$started
+  pids=("${pid[@]}") # the cleanup's: not a killed node's old PID
 }
 ready() { # wait until every node is ready and node 1 knows a leader
   for i in 1 2 3; do
@@ -52,9 +47,7 @@ done
 {
   echo "| round: node killed | retained QoS 1 write acknowledged (ms) | persistent session resumed (ms) |"
   echo "|---|---|---|"
-  awk '
-    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
-    function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
+  awk "$awk_json"'
     { printf "| %s | %.0f | %.0f |\n", label($0), field($0, "retained_ms"), field($0, "session_ms") }' "$results"
 } >"$out"
 cat "$out"

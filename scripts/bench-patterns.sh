@@ -20,44 +20,12 @@
 set -euo pipefail
 dur=${1:-10s}
 out=${2:-bin/bench-patterns.md}
-make -s build
-go build -o bin/mqttload ./cmd/mqttload
-go build -o bin/mochi-baseline ./cmd/mochi-baseline
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
+. scripts/bench-lib.sh
+bench_init mochi
 
-mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-printf 'listener 21903 127.0.0.1\nallow_anonymous true\npersistence false\n' > "$tmp/mosquitto.conf"
-"$mosq" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.log" 2>&1 &
-pid_mosquitto=$!
-pids+=("$pid_mosquitto")
-bin/mochi-baseline --addr 127.0.0.1:21904 2>"$tmp/mochi.log" &
-pid_mochi=$!
-pids+=("$pid_mochi")
-bin/broker serve --node-id psolo --data-dir "$tmp/solo" --mqtt-addr 127.0.0.1:22900 --http-addr 127.0.0.1:28100 \
-  --gossip-addr 127.0.0.1:27986 --cluster-addr 127.0.0.1:27987 --advertise-host 127.0.0.1 --bootstrap-expect 1 \
-  --log-level warn --log-format json 2>"$tmp/solo.log" &
-pid_solo=$!
-pids+=("$pid_solo")
-join=127.0.0.1:27996,127.0.0.1:28006,127.0.0.1:28016
-cluster_pids=()
-for i in 1 2 3; do
-  bin/broker serve --node-id "pat$i" --data-dir "$tmp/n$i" --mqtt-addr "127.0.0.1:2290$i" \
-    --http-addr "127.0.0.1:2810$i" --gossip-addr "127.0.0.1:$((27986 + 10 * i))" --cluster-addr "127.0.0.1:$((27987 + 10 * i))" \
-    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --log-level warn --log-format json 2>"$tmp/n$i.log" &
-  pids+=($!)
-  cluster_pids+=($!)
-done
-for port in 28100 28101 28102 28103; do
-  for _ in $(seq 150); do curl -fs "127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
-done
+start_lineup psolo pat 21903 22900 28100 27986
 nodes=127.0.0.1:22901,127.0.0.1:22902,127.0.0.1:22903
 
-hz=$(getconf CLK_TCK)
-# cpu PID...: user+system clock ticks of the processes.
-cpu() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 
 results="$tmp/results.tsv"
 : >"$results"
@@ -66,14 +34,13 @@ results="$tmp/results.tsv"
 run() {
   local kase=$1 broker=$2 addrs=$3 args=$4
   shift 4
-  local before after json recv us=0
+  local before after json us
   echo "patterns: $kase, $broker" >&2
   before=$(cpu "$@")
   # shellcheck disable=SC2086 # args is a word list
   json=$(bin/mqttload --json --label "$broker" --pub "$addrs" --sub "$addrs" --duration "$dur" $args)
   after=$(cpu "$@")
-  recv=$(echo "$json" | sed -E 's/.*"received":([0-9]+).*/\1/')
-  if [ "$recv" -gt 0 ]; then us=$(( (after - before) * 1000000 / hz / recv )); fi
+  us=$(us_per_msg "$before" "$after" "$json")
   printf '%s\t%s\t%s\t%s\n' "$kase" "$broker" "$us" "$json" >>"$results"
 }
 cases=(
@@ -97,8 +64,7 @@ done
 {
   echo "| case | broker | deliveries/s | lost | p50 / p99 / p99.9 / max (ms) | CPU µs/delivery | CPU vs mochi |"
   echo "|---|---|---|---|---|---|---|"
-  awk -F'\t' '
-    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.]+")) { m = substr(j, RSTART, RLENGTH); sub(/.*:/, "", m); return m } return 0 }
+  awk -F'\t' "$awk_json"'
     { lines[NR] = $0; if ($2 == "mochi") base[$1] = $3 }
     END {
       for (i = 1; i <= NR; i++) {

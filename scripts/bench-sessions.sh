@@ -14,30 +14,17 @@ set -euo pipefail
 dur=${1:-10s}
 pubs=${2:-48}
 out=${3:-bin/bench-sessions.md}
-make -s build
-go build -o bin/mqttload ./cmd/mqttload
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
+. scripts/bench-lib.sh
+bench_init
 
-mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-printf 'listener 21893 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 65535\n' > "$tmp/mosquitto.conf"
-"$mosq" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.log" 2>&1 &
-pids+=($!)
+start_mosquitto 21893 'max_queued_messages 65535'
+mosquitto=$started
 # Two clusters: nodes 1-3 with the defaults, nodes 4-6 with --read-lease.
-for i in 1 2 3 4 5 6; do
-  if [ "$i" -le 3 ]; then join=127.0.0.1:26946,127.0.0.1:26956,127.0.0.1:26966; extra=(); else
-    join=127.0.0.1:26976,127.0.0.1:26986,127.0.0.1:26996; extra=(--read-lease); fi
-  bin/broker serve --node-id "sbench$i" --data-dir "$tmp/n$i" --mqtt-addr "127.0.0.1:2289$i" \
-    --http-addr "127.0.0.1:2809$i" --gossip-addr "127.0.0.1:269$((3 + i))6" --cluster-addr "127.0.0.1:269$((3 + i))7" \
-    --advertise-host 127.0.0.1 --join "$join" --bootstrap-expect 3 --max-queued-messages 65535 "${extra[@]}" \
-    --log-level warn --log-format json 2>"$tmp/n$i.log" &
-  pids+=($!)
-done
-for i in 1 2 3 4 5 6; do
-  for _ in $(seq 100); do curl -fs "127.0.0.1:2809$i/readyz" >/dev/null && break; sleep 0.2; done
-done
+start_cluster sbench n 22890 28090 26936 1 3 --max-queued-messages 65535
+defaults=("${cluster_pids[@]}")
+start_cluster sbench n 22890 28090 26936 4 6 --max-queued-messages 65535 --read-lease
+lease=("${cluster_pids[@]}")
+wait_ready 28091 28092 28093 28094 28095 28096
 nodes=127.0.0.1:22891,127.0.0.1:22892,127.0.0.1:22893
 # Subscribers start on the node after their publisher's: every message
 # crosses nodes.
@@ -47,17 +34,6 @@ lsubnodes=127.0.0.1:22895,127.0.0.1:22896,127.0.0.1:22894
 
 results="$tmp/results.jsonl"
 : >"$results"
-# counters PID...: user+system clock ticks, and read plus write system
-# calls (/proc/PID/io syscr + syscw), of the processes.
-counters() {
-  local t=0 s=0 p
-  for p in "$@"; do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-    s=$((s + $(awk '/^sysc[rw]:/ {n += $2} END {print n}' "/proc/$p/io")))
-  done
-  echo "$t $s"
-}
-hz=$(getconf CLK_TCK)
 # run LABEL PUB SUB PUBLISHERS INFLIGHT PID...: the PIDs are the case's
 # brokers, whose CPU time and system calls per delivered message are added
 # to the result (system calls vary far less between runs than throughput
@@ -77,13 +53,13 @@ run() {
   fi
   echo "{\"cpu_us_per_msg\":$cpu,\"syscalls_per_msg\":$sys,${json#\{}" | tee -a "$results" >&2
 }
-run "mosquitto, 1 publisher, 1 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 1 "${pids[0]}"
-run "mosquitto, 1 publisher, 64 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 64 "${pids[0]}"
-run "mosquitto, $pubs publishers" 127.0.0.1:21893 127.0.0.1:21893 "$pubs" 1 "${pids[0]}"
-run "cluster, 1 publisher, 1 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 1 "${pids[@]:1:3}"
-run "cluster, 1 publisher, 64 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 64 "${pids[@]:1:3}"
-run "cluster, $pubs publishers" "$nodes" "$subnodes" "$pubs" 1 "${pids[@]:1:3}"
-run "cluster, $pubs publishers, 16 in flight" "$nodes" "$subnodes" "$pubs" 16 "${pids[@]:1:3}"
+run "mosquitto, 1 publisher, 1 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 1 "$mosquitto"
+run "mosquitto, 1 publisher, 64 in flight" 127.0.0.1:21893 127.0.0.1:21893 1 64 "$mosquitto"
+run "mosquitto, $pubs publishers" 127.0.0.1:21893 127.0.0.1:21893 "$pubs" 1 "$mosquitto"
+run "cluster, 1 publisher, 1 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 1 "${defaults[@]}"
+run "cluster, 1 publisher, 64 in flight" 127.0.0.1:22891 127.0.0.1:22892 1 64 "${defaults[@]}"
+run "cluster, $pubs publishers" "$nodes" "$subnodes" "$pubs" 1 "${defaults[@]}"
+run "cluster, $pubs publishers, 16 in flight" "$nodes" "$subnodes" "$pubs" 16 "${defaults[@]}"
 # Resume with a backlog: 10,000 QoS 1 messages of 1 KiB queued for a
 # persistent session while it is away, then the time to its CONNACK and
 # until all of them arrived.
@@ -95,34 +71,24 @@ backlog() {
 }
 backlog "mosquitto" 127.0.0.1:21893 127.0.0.1:21893
 backlog "cluster (published on one node, resumed on another)" 127.0.0.1:22891 127.0.0.1:22892
-run "cluster --read-lease, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 1 "${pids[@]:4:3}"
-run "cluster --read-lease, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${pids[@]:4:3}"
-run "cluster --read-lease, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${pids[@]:4:3}"
-run "cluster --read-lease, $pubs publishers, 16 in flight" "$lnodes" "$lsubnodes" "$pubs" 16 "${pids[@]:4:3}"
+run "cluster --read-lease, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 1 "${lease[@]}"
+run "cluster --read-lease, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${lease[@]}"
+run "cluster --read-lease, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${lease[@]}"
+run "cluster --read-lease, $pubs publishers, 16 in flight" "$lnodes" "$lsubnodes" "$pubs" 16 "${lease[@]}"
 
 # A third cluster with --raft-pipeline, started once the lease cluster is
 # stopped (its idle heartbeats would share the CPU): nodes 4-6's addresses
 # again, fresh data dirs.
-for i in 4 5 6; do kill "${pids[$i]}" 2>/dev/null || true; wait "${pids[$i]}" 2>/dev/null || true; done
-for i in 4 5 6; do
-  bin/broker serve --node-id "sbench$i" --data-dir "$tmp/p$i" --mqtt-addr "127.0.0.1:2289$i" \
-    --http-addr "127.0.0.1:2809$i" --gossip-addr "127.0.0.1:269$((3 + i))6" --cluster-addr "127.0.0.1:269$((3 + i))7" \
-    --advertise-host 127.0.0.1 --join 127.0.0.1:26976,127.0.0.1:26986,127.0.0.1:26996 --bootstrap-expect 3 \
-    --max-queued-messages 65535 --raft-pipeline --log-level warn --log-format json 2>"$tmp/p$i.log" &
-  pids+=($!)
-done
-for i in 4 5 6; do
-  for _ in $(seq 100); do curl -fs "127.0.0.1:2809$i/readyz" >/dev/null && break; sleep 0.2; done
-done
-run "cluster --raft-pipeline, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${pids[@]:7:3}"
-run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${pids[@]:7:3}"
+for p in "${lease[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+start_cluster sbench p 22890 28090 26936 4 6 --max-queued-messages 65535 --raft-pipeline
+wait_ready 28094 28095 28096
+run "cluster --raft-pipeline, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${cluster_pids[@]}"
+run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${cluster_pids[@]}"
 
 {
   echo "| case | delivered msg/s | lost | p50 / p99 / p99.9 / max (ms) | brokers' CPU per message (µs) | system calls per message |"
   echo "|---|---|---|---|---|---|"
-  awk '
-    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
-    function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
+  awk "$awk_json"'
     { printf "| %s | %.0f | %d | %.1f / %.1f / %.1f / %.1f | %d | %.1f |\n", label($0), field($0, "throughput_msgs_per_s"), field($0, "lost"),
         field($0, "p50_us") / 1000, field($0, "p99_us") / 1000, field($0, "p999_us") / 1000, field($0, "max_us") / 1000,
         field($0, "cpu_us_per_msg"), field($0, "syscalls_per_msg") }' "$results"
@@ -131,9 +97,7 @@ run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1
   echo
   echo "| broker | CONNACK after (ms) | whole backlog after (s) | msg/s |"
   echo "|---|---|---|---|"
-  awk '
-    function field(j, k,   m) { if (match(j, "\"" k "\":[0-9.e+-]+")) { m = substr(j, RSTART, RLENGTH); sub(/[^:]*:/, "", m); return m + 0 } return 0 }
-    function label(j,   m) { if (match(j, "\"label\":\"[^\"]*\"")) { m = substr(j, RSTART + 9, RLENGTH - 10); return m } return "?" }
+  awk "$awk_json"'
     { printf "| %s | %.1f | %.2f | %.0f |\n", label($0), field($0, "connack_ms"), field($0, "drain_s"), field($0, "drain_msgs_per_s") }' "$backlogs"
 } >"$out"
 cat "$out"
