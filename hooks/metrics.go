@@ -32,6 +32,7 @@ type Metrics struct {
 	aclDenied    *prometheus.CounterVec
 	packetErrors *prometheus.CounterVec
 	retainedFail *prometheus.CounterVec
+	retainedRepl prometheus.Counter
 	acceptErrors *prometheus.CounterVec
 	sessions     *sessionMetrics
 
@@ -94,6 +95,8 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		aclDenied:    counter("acl_denied_total", "Publishes and subscriptions refused by the ACL, by access.", "access"),
 		packetErrors: counter("packet_errors_total", "Connections ended by bad input, by reason.", "reason"),
 		retainedFail: counter("retained_replication_failures_total", "Retained writes the raft log did not commit, by reason.", "reason"),
+		retainedRepl: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "retained_writes_replaced_total",
+			Help: "QoS 0 retained writes (and clean sessions' retained wills) not written because a newer write of the same topic by the same client replaced them while they were queued (hooks/retained_lane.go)."}),
 		acceptErrors: counter("accept_errors_total", "Failed accepts on a client listener (EMFILE: out of file descriptors), retried with backoff, by listener.", "listener"),
 		sessions:     newSessionMetrics(),
 	}
@@ -108,7 +111,7 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 	}
 	reg.MustRegister(
 		m.connects, m.msgsIn, m.msgsOut, m.payloadIn, m.payloadOut, m.dropped,
-		m.authFailures, m.aclDenied, m.packetErrors, m.retainedFail, m.acceptErrors,
+		m.authFailures, m.aclDenied, m.packetErrors, m.retainedFail, m.retainedRepl, m.acceptErrors,
 		gauge("connections", "Clients currently connected.", &info.ClientsConnected),
 		gauge("sessions", "Sessions held, connected or not.", &info.ClientsTotal),
 		gauge("subscriptions", "Active subscriptions.", &info.Subscriptions),
@@ -159,6 +162,13 @@ func (m *Metrics) retainedFailed(err error) {
 		reason = "no_leader"
 	}
 	m.retainedFail.WithLabelValues(reason).Inc()
+}
+
+// retainedReplaced counts a queued retained write a newer one replaced.
+func (m *Metrics) retainedReplaced() {
+	if m != nil {
+		m.retainedRepl.Inc()
+	}
 }
 
 // AuthFailure counts a rejected CONNECT; reason is a fixed, small string.

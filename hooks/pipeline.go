@@ -93,6 +93,8 @@ type pubPipe struct {
 	spare   []pubItem
 	running bool // a worker owns the queue (and the pipe holds messages)
 	closed  bool // the connection ended: nothing waits for space
+	// after runs once the pipe is empty (AfterPublishes).
+	after []func()
 	// qos2 counts the QoS 2 packet ids in the pipe (queued or being
 	// committed), to tell a resend of one of them (pubItem.resend).
 	qos2 map[uint16]int
@@ -202,6 +204,39 @@ func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	return pk, packets.ErrRejectPacket
 }
 
+// AfterPublishes runs fn once every publish of cl's pipe was handed back
+// (and so went through the other hooks): at once when the pipe is empty,
+// else on its worker when it is. A clean session's retained will must
+// not be written before the client's last retained writes
+// (Retained.replicateWill): mochi publishes the will as soon as the read
+// loop ends, while the pipe may still hold the client's last publishes.
+func (h *Pipeline) AfterPublishes(cl *mqtt.Client, fn func()) {
+	if v, ok := h.pipes.Load(cl); ok {
+		p := v.(*pubPipe)
+		p.mu.Lock()
+		if p.running {
+			p.after = append(p.after, fn)
+			p.mu.Unlock()
+			return
+		}
+		p.mu.Unlock()
+	}
+	fn()
+}
+
+// Busy returns how many connections' pipes hold publishes (tests,
+// diagnostics).
+func (h *Pipeline) Busy() int {
+	n := 0
+	h.pipes.Range(func(_, v any) bool {
+		if v.(*pubPipe).busy() {
+			n++
+		}
+		return true
+	})
+	return n
+}
+
 // busy reports whether the pipe holds messages.
 func (p *pubPipe) busy() bool {
 	p.mu.Lock()
@@ -260,6 +295,18 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 		p.mu.Lock()
 		batch := p.queue
 		p.queue, p.spare = p.spare, nil
+		if len(batch) == 0 && len(p.after) > 0 {
+			// Still running meanwhile: what they wait for is done, and
+			// the pipe is not forgotten before they ran.
+			after := p.after
+			p.after = nil
+			p.mu.Unlock()
+			h.mu.Unlock()
+			for _, fn := range after {
+				fn()
+			}
+			continue
+		}
 		if len(batch) == 0 {
 			p.running = false
 			if p.closed {

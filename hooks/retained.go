@@ -30,7 +30,8 @@ import (
 // Without a quorum a retained QoS 1/2 write fails fast (refusePublish):
 // an MQTT 5 client gets PUBACK 0x83 with a reason string, an MQTT 3.1.1
 // client's connection is closed so that it resends. QoS 0 retained writes
-// are proposed in the background, best effort.
+// are proposed in the background, best effort. Either way a client's
+// retained writes commit in the order sent (retained_lane.go).
 type Retained struct {
 	mqtt.HookBase
 	server  *mqtt.Server
@@ -41,7 +42,15 @@ type Retained struct {
 	base    context.Context // see Sessions.base
 
 	willMu sync.Mutex
-	wills  map[*mqtt.Client]string // retained wills mochi is publishing (retained_wills.go)
+	wills  map[*mqtt.Client]willMark // retained wills mochi is publishing (retained_wills.go)
+
+	// laneMu guards lanes, each client id's queue of retained writes
+	// (retained_lane.go); laneSpace wakes writers waiting for room.
+	laneMu    sync.Mutex
+	laneSpace *sync.Cond
+	lanes     map[string]*retainLane
+
+	pipeline *Pipeline // SetPipeline; nil: none
 
 	durableLimit int // SetDurableLimit
 }
@@ -49,13 +58,27 @@ type Retained struct {
 // NewRetained returns the hook; timeout bounds each replicated write.
 // SetReplication must be called before the server serves.
 func NewRetained(s *mqtt.Server, timeout time.Duration, m *Metrics, log *slog.Logger) *Retained {
-	return &Retained{server: s, timeout: timeout, metrics: m, log: log.With("component", "retained"), base: context.Background(),
-		wills: map[*mqtt.Client]string{}}
+	h := &Retained{server: s, timeout: timeout, metrics: m, log: log.With("component", "retained"), base: context.Background(),
+		wills: map[*mqtt.Client]willMark{}, lanes: map[string]*retainLane{}}
+	h.laneSpace = sync.NewCond(&h.laneMu)
+	return h
 }
 
 // SetBase sets the context client-facing writes derive from; call it
-// before the server serves.
-func (h *Retained) SetBase(ctx context.Context) { h.base = ctx }
+// before the server serves. When it ends, publishes waiting for room in a
+// full lane give up (retained_lane.go), so that a stop is not held up.
+func (h *Retained) SetBase(ctx context.Context) {
+	h.base = ctx
+	context.AfterFunc(ctx, func() {
+		h.laneMu.Lock()
+		h.laneSpace.Broadcast()
+		h.laneMu.Unlock()
+	})
+}
+
+// SetPipeline tells the hook the publish pipeline, whose last publishes
+// of a client its will waits for; call it before the server serves.
+func (h *Retained) SetPipeline(p *Pipeline) { h.pipeline = p }
 
 // SetReplication attaches the raft node (it is built once the cluster port
 // is bound, after the hooks).
@@ -112,27 +135,20 @@ func (h *Retained) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		return pk, nil // the deliberately broken build: see brokenbuild_on.go
 	}
 	cmd := retainCommand(pk, time.Now())
-	timeout := durableTimeout(h.timeout, len(pk.Payload))
+	topic := pk.TopicName
 	if pk.FixedHeader.Qos == 0 {
-		// The goroutine takes copies of what it needs: capturing pk would
-		// move every publish's packet (about 800 bytes) to the heap, retained
-		// or not.
-		topic, payload := pk.TopicName, pk.Payload
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), timeout)
-			defer cancel()
-			if _, err := h.write(ctx, cmd, payload); err != nil {
-				h.metrics.retainedFailed(err)
-				h.log.Warn("QoS 0 retained message not replicated", "topic", topic, "error", err)
-			}
-		}()
+		h.writeOrdered(h.base, cl.ID, &retainWrite{topic: topic, cmd: cmd, payload: pk.Payload, failed: func(err error) {
+			h.metrics.retainedFailed(err)
+			h.log.Warn("QoS 0 retained message not replicated", "topic", topic, "error", err)
+		}})
 		return pk, nil
 	}
-	ctx, cancel := context.WithTimeout(h.base, timeout)
+	ctx, cancel := context.WithTimeout(h.base, h.laneTimeout(len(pk.Payload)))
 	defer cancel()
-	if _, err := h.write(ctx, cmd, pk.Payload); err != nil {
+	w := &retainWrite{topic: topic, cmd: cmd, payload: pk.Payload, done: make(chan error, 1)}
+	if err := h.writeOrdered(ctx, cl.ID, w); err != nil {
 		h.metrics.retainedFailed(err)
-		h.log.Warn("retained message not replicated; not acknowledged", "client", cl.ID, "topic", pk.TopicName, "error", err)
+		h.log.Warn("retained message not replicated; not acknowledged", "client", cl.ID, "topic", topic, "error", err)
 		return pk, refusePublish(cl, pk, "retained message", err)
 	}
 	return pk, nil
@@ -197,8 +213,8 @@ func (h *Retained) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) 
 	if ackBeforeCommit {
 		return // the broken build keeps mochi's local, unreplicated copy
 	}
-	if h.takeWill(cl, pk.TopicName) {
-		h.replicateWill(pk) // it never went through OnPublish
+	if h.takeWill(cl, pk) {
+		h.replicateWill(cl, pk) // it never went through OnPublish
 		return
 	}
 	h.assert(pk.TopicName)

@@ -1,8 +1,8 @@
 package hooks
 
 import (
-	"context"
 	"time"
+	"unsafe"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -23,7 +23,7 @@ import (
 func (h *Retained) OnWill(cl *mqtt.Client, w mqtt.Will) (mqtt.Will, error) {
 	if w.Retain && w.WillDelayInterval == 0 && !cl.Net.Inline {
 		h.willMu.Lock()
-		h.wills[cl] = w.TopicName
+		h.wills[cl] = willMark{topic: w.TopicName, data: unsafe.SliceData(w.Payload)}
 		h.willMu.Unlock()
 	}
 	return w, nil
@@ -37,37 +37,55 @@ func (h *Retained) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	h.willMu.Unlock()
 }
 
-// takeWill reports (once) whether cl's retained will for topic is the
-// message being retained.
-func (h *Retained) takeWill(cl *mqtt.Client, topic string) bool {
+// willMark names the retained will mochi is publishing for a client: its
+// topic and its payload's backing array (mochi publishes the will's own
+// payload slice). The topic alone is not enough: the publish pipeline
+// hands the client's last publishes back on its worker while the read
+// loop publishes the will, and a retained "online" handed back between
+// OnWill and the will's OnRetainMessage was taken for the will, and the
+// will for a stale copy (TestWillAfterClientsLastRetainedWrites).
+type willMark struct {
+	topic string
+	data  *byte
+}
+
+// takeWill reports (once) whether pk, being retained for cl, is cl's
+// retained will.
+func (h *Retained) takeWill(cl *mqtt.Client, pk packets.Packet) bool {
 	if cl == nil {
 		return false
 	}
 	h.willMu.Lock()
 	defer h.willMu.Unlock()
-	t, ok := h.wills[cl]
-	if !ok || t != topic {
+	m, ok := h.wills[cl]
+	if !ok || m.topic != pk.TopicName || m.data != unsafe.SliceData(pk.Payload) {
 		return false
 	}
 	delete(h.wills, cl)
 	return true
 }
 
-// replicateWill proposes a will mochi retained locally. It is not waited
-// for (the client is gone, and a clean session must not need a quorum):
+// replicateWill proposes a will mochi retained locally, in its client's
+// lane (retained_lane.go), once the client's pipe handed back its last
+// publishes: after the client's own retained writes. It is
+// not waited for (the client is gone, and a clean session must not need a quorum):
 // mochi's local copy serves this node's subscribers meanwhile, and every
 // node applies the committed value. If it cannot be committed, the local
 // copy is replaced by the committed value again, so that every node keeps
 // the same retained set (guarantee 2).
-func (h *Retained) replicateWill(pk packets.Packet) {
-	cmd := retainCommand(pk, time.Now())
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
-		defer cancel()
-		if _, err := h.repl.Apply(ctx, cmd); err != nil {
+func (h *Retained) replicateWill(cl *mqtt.Client, pk packets.Packet) {
+	topic, id := pk.TopicName, cl.ID
+	w := &retainWrite{topic: topic, cmd: retainCommand(pk, time.Now()), payload: pk.Payload,
+		failed: func(err error) {
 			h.metrics.retainedFailed(err)
-			h.log.Warn("retained will not replicated", "topic", pk.TopicName, "error", err)
-			h.assert(pk.TopicName)
-		}
-	}()
+			h.log.Warn("retained will not replicated", "topic", topic, "error", err)
+			h.assert(topic)
+		}}
+	write := func() { _ = h.writeOrdered(h.base, id, w) }
+	if h.pipeline == nil {
+		write()
+		return
+	}
+	// After the client's last publishes, which its pipe may still hold.
+	h.pipeline.AfterPublishes(cl, write)
 }

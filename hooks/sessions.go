@@ -122,6 +122,30 @@ type Sessions struct {
 	stopping stopState // graceful stops and restarts (wills.go)
 
 	pipeline *Pipeline // nil: durable publishes wait inside OnPublish
+	retained *Retained // SetRetained; nil: none
+}
+
+// SetRetained tells the hook the retained hook, whose writes of a client
+// its will waits for (afterClientWrites); call it before the server
+// serves.
+func (h *Sessions) SetRetained(r *Retained) { h.retained = r }
+
+// afterClientWrites runs fn once cl's last publishes went through the
+// hooks (its pipe) and their retained writes are written (its lane): a
+// will that the log publishes after a close written by fn then comes
+// after the client's own retained writes, as on Mosquitto, where a
+// client's "online" never lands after its will's "offline"
+// (TestWillAfterClientsLastRetainedWrites).
+func (h *Sessions) afterClientWrites(cl *mqtt.Client, id string, fn func()) {
+	then := fn
+	if h.retained != nil {
+		then = func() { h.retained.AfterWrites(id, fn) }
+	}
+	if h.pipeline == nil {
+		then()
+		return
+	}
+	h.pipeline.AfterPublishes(cl, then)
 }
 
 // SessionsConfig configures the Sessions hook.
@@ -680,7 +704,12 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 			h.settleOwed(c, cl)
 			return
 		}
-		h.endMirror(c, err) // session_mirror.go
+		if err == nil {
+			h.endMirror(c, err) // session_mirror.go
+			return
+		}
+		// The will is due: its close after the client's retained writes.
+		h.afterClientWrites(cl, c.id, func() { h.endMirror(c, err) })
 		return
 	}
 	if !c.managed {
@@ -710,13 +739,21 @@ func (h *Sessions) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.mu.Lock()
 	h.closing[c.id] = c
 	h.mu.Unlock()
-	h.submit(sessOp{cmd: func() replication.Command { return cmd },
-		done: func(res replication.Result, err error) {
-			if err == nil {
-				c.closeIndex.Store(res.Index)
-			}
-			h.closeWritten(c)
-		}})
+	submit := func() {
+		h.submit(sessOp{cmd: func() replication.Command { return cmd },
+			done: func(res replication.Result, err error) {
+				if err == nil {
+					c.closeIndex.Store(res.Index)
+				}
+				h.closeWritten(c)
+			}})
+	}
+	if err == nil {
+		submit() // DISCONNECT: no will
+		return
+	}
+	// A will may be due: its close after the client's retained writes.
+	h.afterClientWrites(cl, c.id, submit)
 }
 
 // hasOtherConn reports whether another connection of c's client id is

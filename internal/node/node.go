@@ -46,6 +46,7 @@ type Node struct {
 	clusterHook     *hooks.Cluster
 	repl            *replication.Node
 	retainedHook    *hooks.Retained
+	pipeline        *hooks.Pipeline
 	ownershipHook   *hooks.Ownership
 	sessionsHook    *hooks.Sessions
 	raftAddr        string
@@ -148,6 +149,9 @@ func New(cfg Config) (_ *Node, err error) {
 	n.sys = hooks.NewSys(n.mqtt, hooks.SysConfig{Interval: cfg.SysInterval, Version: cfg.Version,
 		Cluster: n.sysCluster, Log: log.With("component", "sys")})
 	n.sessionsHook.SetBase(drainCtx)
+	n.pipeline = hooks.NewPipeline(n.sessionsHook)
+	n.retainedHook.SetPipeline(n.pipeline)
+	n.sessionsHook.SetRetained(n.retainedHook)
 	// Order matters: auth decides first; storage and the cluster see only
 	// accepted traffic.
 	for _, h := range []mqtt.Hook{
@@ -159,7 +163,7 @@ func New(cfg Config) (_ *Node, err error) {
 		hooks.NewQueueOrder(n.mqtt),
 		// After auth (a refused publish must not be written), before
 		// every hook that writes a publish to the log.
-		hooks.NewPipeline(n.sessionsHook),
+		n.pipeline,
 		n.retainedHook,
 		n.sessionsHook, // before the cluster hook: it may refuse filters in OnSubscribed
 		n.ownershipHook,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -417,6 +418,40 @@ func killAndRestartAll(t *testing.T, nodes []*Broker) {
 	for _, b := range nodes {
 		if err := b.waitReady(); err != nil {
 			t.Fatalf("%s not ready after restart: %v", b.ID, err)
+		}
+	}
+}
+
+// TestClusterRetainedBurstEndsWithLastValue: a client that replaces a
+// retained value 300 times at QoS 0 (mosquitto_pub -l, one connection)
+// leaves the last one retained on every node, as Mosquitto does with the
+// same commands. A QoS 1 retained publish by the same client id afterwards
+// is acknowledged only once the client's earlier retained writes are
+// committed (they go first, in order: hooks/retained_lane.go), so the
+// readings after it are final.
+func TestClusterRetainedBurstEndsWithLastValue(t *testing.T) {
+	t.Parallel()
+	var lines strings.Builder
+	for i := 1; i <= 300; i++ {
+		fmt.Fprintf(&lines, "%d\n", i)
+	}
+	burst := func(hostArgs []string) {
+		t.Helper()
+		mustSucceed(t, mosquittoPub(t, lines.String(), append(hostArgs, "-i", "burst-pub", "-t", "burst/state", "-r", "-q", "0", "-l")...))
+		mustSucceed(t, mosquittoPub(t, "", append(hostArgs, "-i", "burst-pub", "-t", "burst/done", "-r", "-q", "1", "-m", "x")...))
+	}
+	host, port, _ := startMosquitto(t, "")
+	mosq := []string{"-h", host, "-p", port}
+	burst(mosq)
+	_, want := startSub(t, mosq, "-t", "burst/state", "-C", "1", "-W", "2").result(t)
+	if len(want) != 1 || want[0] != msg("burst/state", 0, true, "300") {
+		t.Fatalf("mosquitto serves %v after the burst", want)
+	}
+	nodes := startCluster(t, 3)
+	burst(nodes[0].hostArgs())
+	for _, b := range nodes {
+		if _, got := b.sub(t, "-t", "burst/state", "-C", "1", "-W", "2").result(t); !slices.Equal(got, want) {
+			t.Fatalf("%s serves %v after the burst, mosquitto %v", b.ID, got, want)
 		}
 	}
 }
