@@ -33,6 +33,8 @@ type Metrics struct {
 	packetErrors *prometheus.CounterVec
 	retainedFail *prometheus.CounterVec
 	retainedRepl prometheus.Counter
+	laneWaits    prometheus.Counter
+	laneWaiting  int64 // publishes waiting for room in a full retained lane now
 	acceptErrors *prometheus.CounterVec
 	sessions     *sessionMetrics
 
@@ -97,6 +99,8 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 		retainedFail: counter("retained_replication_failures_total", "Retained writes the raft log did not commit, by reason.", "reason"),
 		retainedRepl: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "retained_writes_replaced_total",
 			Help: "QoS 0 retained writes (and clean sessions' retained wills) not written because a newer write of the same topic by the same client replaced them while they were queued (hooks/retained_lane.go)."}),
+		laneWaits: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "retained_lane_waits_total",
+			Help: "Retained publishes that waited for room in their client's full lane of queued retained writes (1,024 writes or 64 MiB; hooks/retained_lane.go): the client writes faster than the log commits."}),
 		acceptErrors: counter("accept_errors_total", "Failed accepts on a client listener (EMFILE: out of file descriptors), retried with backoff, by listener.", "listener"),
 		sessions:     newSessionMetrics(),
 	}
@@ -111,11 +115,12 @@ func NewMetrics(reg prometheus.Registerer, info *system.Info) *Metrics {
 	}
 	reg.MustRegister(
 		m.connects, m.msgsIn, m.msgsOut, m.payloadIn, m.payloadOut, m.dropped,
-		m.authFailures, m.aclDenied, m.packetErrors, m.retainedFail, m.retainedRepl, m.acceptErrors,
+		m.authFailures, m.aclDenied, m.packetErrors, m.retainedFail, m.retainedRepl, m.laneWaits, m.acceptErrors,
 		gauge("connections", "Clients currently connected.", &info.ClientsConnected),
 		gauge("sessions", "Sessions held, connected or not.", &info.ClientsTotal),
 		gauge("subscriptions", "Active subscriptions.", &info.Subscriptions),
 		gauge("retained_messages", "Retained messages held.", &info.Retained),
+		gauge("retained_lane_waiting", "Retained publishes waiting now for room in their client's full lane (their read loops wait too).", &m.laneWaiting),
 		gauge("inflight_messages", "QoS 1/2 messages in flight or queued for sessions.", &info.Inflight),
 		counterFunc("bytes_received_total", "Bytes received from clients.", &info.BytesReceived),
 		counterFunc("bytes_sent_total", "Bytes sent to clients.", &info.BytesSent),
@@ -168,6 +173,17 @@ func (m *Metrics) retainedFailed(err error) {
 func (m *Metrics) retainedReplaced() {
 	if m != nil {
 		m.retainedRepl.Inc()
+	}
+}
+
+// laneWait counts a publish that starts (+1) or stops (-1) waiting for
+// room in a full retained lane.
+func (m *Metrics) laneWait(d int64) {
+	if m != nil {
+		if d > 0 {
+			m.laneWaits.Inc()
+		}
+		atomic.AddInt64(&m.laneWaiting, d)
 	}
 }
 

@@ -70,6 +70,10 @@ type Pipeline struct {
 	// (one message, for a publisher that waits for each PUBACK) spent 9 %
 	// of a node's CPU growing its stack.
 	workers *gopool.Pool
+
+	// readers orders a takeover on this node after the old connection's
+	// publishes (pipeline_takeover.go).
+	readers readers
 }
 
 // pipeWorkerIdle is how long an idle pipe worker goroutine is kept.
@@ -139,6 +143,7 @@ func (v *pubVerdict) is(pk packets.Packet) bool {
 // an OnPublish but after the one that refuses publishes (auth).
 func NewPipeline(s *Sessions) *Pipeline {
 	p := &Pipeline{s: s, workers: gopool.New(pipeWorkerIdle)}
+	p.readers.init()
 	s.pipeline = p
 	return p
 }
@@ -148,7 +153,7 @@ func (h *Pipeline) ID() string { return "publish-pipeline" }
 
 // Provides implements mqtt.Hook.
 func (h *Pipeline) Provides(b byte) bool {
-	return b == mqtt.OnPublish || b == mqtt.OnDisconnect
+	return b == mqtt.OnPublish || b == mqtt.OnDisconnect || b == mqtt.OnSessionEstablished
 }
 
 // OnPublish queues a client's QoS 1/2 PUBLISH on its pipe, and a QoS 0
@@ -261,6 +266,7 @@ func (h *Pipeline) newPipe(cl *mqtt.Client) *pubPipe {
 // acknowledgements any more; the commits stand, as for a publisher that
 // drops before its PUBACK).
 func (h *Pipeline) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	h.readers.ended(cl)
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	v, ok := h.pipes.Load(cl)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/mqtt-ha/broker/replication"
@@ -35,20 +36,28 @@ import (
 // per round trip, not one per message. A queued write that nobody waits
 // for is dropped when a newer write of its topic joins the lane before it
 // was written: only the newer value could ever be read. A lane holds at
-// most laneMax writes; beyond that OnPublish waits, which stops the
-// client's read loop and pushes back through TCP, as the pipeline does.
+// most laneMax writes and laneMaxBytes of payloads (always at least one
+// write); beyond that OnPublish waits, which stops the client's read loop
+// and pushes back through TCP, as the pipeline does. Without the byte
+// bound a client could queue laneMax retained writes of the maximum
+// packet size (256 MiB by default), none of them waited for.
 //
 // When the node stops, a publish waiting for room gives up (the write
 // fails), so that the stop is not held up by a lane that cannot drain.
 //
+// A connection that takes another over on this node reads nothing until
+// the old one's publishes went through its pipe and lane
+// (pipeline_takeover.go).
+//
 // Not covered: a batch whose outcome was unknown (a timeout) may still
-// commit after the next one, if its forward reaches the leader late; and
-// a connection taken over on this node may still hand back publishes from
-// its pipe after the new connection's first writes.
+// commit after the next one, if its forward reaches the leader late.
 
 const (
 	laneMax   = 1024
 	laneBatch = 256
+	// laneMaxBytes bounds the payloads a lane holds queued (those being
+	// written not counted).
+	laneMaxBytes = 64 << 20
 	// laneBatchBytes bounds a batch's payloads (an entry carries at most
 	// replication.Config.MaxBatchBytes).
 	laneBatchBytes = 1 << 20
@@ -71,7 +80,13 @@ type retainWrite struct {
 // retainLane is a client id's queue of retained writes.
 type retainLane struct {
 	queue   []*retainWrite
+	bytes   int  // the queued writes' payloads
 	running bool // a goroutine is writing (runLane)
+}
+
+// full reports whether the lane has no room for a write of size bytes.
+func (l *retainLane) full(size int) bool {
+	return len(l.queue) >= laneMax || len(l.queue) > 0 && l.bytes+size > laneMaxBytes
 }
 
 // enqueue adds w to the lane of client id, in order, and starts the lane's
@@ -87,10 +102,15 @@ func (h *Retained) enqueue(id string, w *retainWrite) bool {
 		h.lanes[id] = l
 	}
 	if i := slices.IndexFunc(l.queue, func(q *retainWrite) bool { return q.cmd != nil && q.topic == w.topic && q.done == nil }); w.cmd != nil && i >= 0 {
+		l.bytes -= len(l.queue[i].payload)
 		l.queue = slices.Delete(l.queue, i, i+1)
 		h.metrics.retainedReplaced()
 	}
-	for len(l.queue) >= laneMax {
+	if l.full(len(w.payload)) {
+		h.metrics.laneWait(1)
+		defer h.metrics.laneWait(-1)
+	}
+	for l.full(len(w.payload)) {
 		if h.base.Err() != nil {
 			return false
 		}
@@ -105,6 +125,7 @@ func (h *Retained) enqueue(id string, w *retainWrite) bool {
 		}
 	}
 	l.queue = append(l.queue, w)
+	l.bytes += len(w.payload)
 	if !l.running {
 		l.running = true
 		go h.runLane(id, l)
@@ -124,7 +145,7 @@ func (h *Retained) runLane(id string, l *retainLane) {
 			h.laneMu.Unlock()
 			return
 		}
-		l.queue = nil
+		l.queue, l.bytes = nil, 0
 		h.laneSpace.Broadcast()
 		h.laneMu.Unlock()
 		h.writeInOrder(batch)
@@ -255,10 +276,25 @@ func (h *Retained) AfterWrites(id string, fn func()) {
 // LaneLen returns how many client ids have retained writes queued or being
 // written, and how many writes are queued (not yet being written).
 func (h *Retained) LaneLen() (lanes, queued int) {
+	lanes, queued, _ = h.LaneUse()
+	return lanes, queued
+}
+
+// LaneWaiting returns how many publishes wait for room in a full lane.
+func (h *Retained) LaneWaiting() int64 {
+	if h.metrics == nil {
+		return 0
+	}
+	return atomic.LoadInt64(&h.metrics.laneWaiting)
+}
+
+// LaneUse is LaneLen with the queued writes' payload bytes.
+func (h *Retained) LaneUse() (lanes, queued, bytes int) {
 	h.laneMu.Lock()
 	defer h.laneMu.Unlock()
 	for _, l := range h.lanes {
 		queued += len(l.queue)
+		bytes += l.bytes
 	}
-	return len(h.lanes), queued
+	return len(h.lanes), queued, bytes
 }

@@ -148,6 +148,23 @@ func (h *Sessions) afterClientWrites(cl *mqtt.Client, id string, fn func()) {
 	h.pipeline.AfterPublishes(cl, then)
 }
 
+// awaitClientWrites waits until cl's last publishes went through the hooks
+// and their retained writes are written (afterClientWrites), or until
+// deadline; it reports whether they were.
+func (h *Sessions) awaitClientWrites(cl *mqtt.Client, id string, deadline time.Time) bool {
+	done := make(chan struct{})
+	h.afterClientWrites(cl, id, func() { close(done) })
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+	case <-h.base.Done():
+	}
+	return false
+}
+
 // SessionsConfig configures the Sessions hook.
 type SessionsConfig struct {
 	Self string // this node's id

@@ -1,0 +1,115 @@
+package hooks
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// Takeovers on this node keep the client's order.
+//
+// mochi disconnects the connection a new CONNECT of its client id takes
+// over (inheritClientSession) before it sends the CONNACK, but the old
+// connection's reader may still be handling a packet, and its pipe may
+// still hold publishes (a QoS 1 commit in flight, a retained write queued
+// behind it). Their retained writes then joined the client's lane after
+// the new connection's first ones, and the old connection's value stayed
+// retained (TestTakeoverAfterOldConnectionsWrites). Mosquitto handles the
+// old connection's packets before the takeover, so the new connection's
+// writes come last there.
+//
+// So the new connection reads nothing before the old one's publishes went
+// through: OnSessionEstablished (after CONNACK, before mochi's read loop)
+// waits until the old connection's reader ended (OnDisconnect), its pipe
+// handed back what it held, and the lane wrote it, mochi's own will of the
+// old connection included (it joins the pipe's after-list first). The wait
+// is bounded by the write timeout: a pipe that cannot commit must not hold
+// the new connection up for longer than a publish may take.
+type readers struct {
+	mu   sync.Mutex
+	cond sync.Cond // broadcast when a reader ends, or a waiter's deadline passes
+	// live: connections whose read loop runs (OnSessionEstablished to
+	// OnDisconnect); latest: the newest of each client id.
+	live   map[*mqtt.Client]struct{}
+	latest map[string]*mqtt.Client
+}
+
+func (r *readers) init() {
+	r.cond.L = &r.mu
+	r.live = map[*mqtt.Client]struct{}{}
+	r.latest = map[string]*mqtt.Client{}
+}
+
+// started records cl's reader and returns the connection of its client id
+// whose reader still runs (one being taken over), or nil.
+func (r *readers) started(cl *mqtt.Client) *mqtt.Client {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	prev := r.latest[cl.ID]
+	r.latest[cl.ID] = cl
+	r.live[cl] = struct{}{}
+	if _, ok := r.live[prev]; ok && prev != cl {
+		return prev
+	}
+	return nil
+}
+
+// ended records that cl's reader has ended.
+func (r *readers) ended(cl *mqtt.Client) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.live[cl]; !ok {
+		return
+	}
+	delete(r.live, cl)
+	if r.latest[cl.ID] == cl {
+		delete(r.latest, cl.ID)
+	}
+	r.cond.Broadcast()
+}
+
+// await waits until cl's reader has ended or ctx ends; it reports whether
+// it has.
+func (r *readers) await(ctx context.Context, cl *mqtt.Client) bool {
+	stop := context.AfterFunc(ctx, func() {
+		r.mu.Lock()
+		r.cond.Broadcast()
+		r.mu.Unlock()
+	})
+	defer stop()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		if _, ok := r.live[cl]; !ok {
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		r.cond.Wait()
+	}
+}
+
+// OnSessionEstablished holds a new connection's reader until the
+// connection it took over on this node has handed back its publishes.
+func (h *Pipeline) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	prev := h.readers.started(cl)
+	if prev == nil {
+		return
+	}
+	start := time.Now()
+	deadline := start.Add(h.s.cfg.Timeout)
+	ctx, cancel := context.WithDeadline(h.s.base, deadline)
+	defer cancel()
+	if h.readers.await(ctx, prev) && h.s.awaitClientWrites(prev, cl.ID, deadline) {
+		return
+	}
+	h.s.log.Warn("takeover: the old connection's publishes were not all written in time; the new connection's may overtake them",
+		"client", cl.ID, "waited", time.Since(start).Round(time.Millisecond))
+}
