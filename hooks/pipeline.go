@@ -266,7 +266,7 @@ func (h *Pipeline) newPipe(cl *mqtt.Client) *pubPipe {
 // acknowledgements any more; the commits stand, as for a publisher that
 // drops before its PUBACK).
 func (h *Pipeline) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
-	h.readers.ended(cl)
+	h.AfterPublishes(cl, func() { h.readers.ended(cl) })
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	v, ok := h.pipes.Load(cl)

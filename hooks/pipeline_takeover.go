@@ -23,16 +23,22 @@ import (
 //
 // So the new connection reads nothing before the old one's publishes went
 // through: OnSessionEstablished (after CONNACK, before mochi's read loop)
-// waits until the old connection's reader ended (OnDisconnect), its pipe
-// handed back what it held, and the lane wrote it, mochi's own will of the
-// old connection included (it joins the pipe's after-list first). The wait
-// is bounded by the write timeout: a pipe that cannot commit must not hold
-// the new connection up for longer than a publish may take.
+// waits until the old connection is done, that is its reader ended
+// (OnDisconnect) and then its pipe handed back what it held, and then
+// until the lane wrote that, mochi's own will of the old connection
+// included (it joins the pipe's after-list first). The old reader usually
+// ends before the new connection is established (mochi closes it in
+// inheritClientSession), so a connection counts as live until its pipe is
+// empty too, not only until OnDisconnect (a first version waited only for
+// live readers, and a three-node cluster still lost the order, about 1
+// takeover in 10). The wait is bounded by the write timeout: a pipe that
+// cannot commit must not hold the new connection up for longer than a
+// publish may take.
 type readers struct {
 	mu   sync.Mutex
 	cond sync.Cond // broadcast when a reader ends, or a waiter's deadline passes
-	// live: connections whose read loop runs (OnSessionEstablished to
-	// OnDisconnect); latest: the newest of each client id.
+	// live: connections not done (OnSessionEstablished until their pipe
+	// is empty after OnDisconnect); latest: the newest of each client id.
 	live   map[*mqtt.Client]struct{}
 	latest map[string]*mqtt.Client
 }
@@ -43,8 +49,8 @@ func (r *readers) init() {
 	r.latest = map[string]*mqtt.Client{}
 }
 
-// started records cl's reader and returns the connection of its client id
-// whose reader still runs (one being taken over), or nil.
+// started records cl and returns the connection of its client id that is
+// not done yet (one being taken over), or nil.
 func (r *readers) started(cl *mqtt.Client) *mqtt.Client {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -57,7 +63,7 @@ func (r *readers) started(cl *mqtt.Client) *mqtt.Client {
 	return nil
 }
 
-// ended records that cl's reader has ended.
+// ended records that cl is done: its reader ended and its pipe is empty.
 func (r *readers) ended(cl *mqtt.Client) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -71,8 +77,7 @@ func (r *readers) ended(cl *mqtt.Client) {
 	r.cond.Broadcast()
 }
 
-// await waits until cl's reader has ended or ctx ends; it reports whether
-// it has.
+// await waits until cl is done or ctx ends; it reports whether it is.
 func (r *readers) await(ctx context.Context, cl *mqtt.Client) bool {
 	stop := context.AfterFunc(ctx, func() {
 		r.mu.Lock()

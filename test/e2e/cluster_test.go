@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -452,6 +455,101 @@ func TestClusterRetainedBurstEndsWithLastValue(t *testing.T) {
 	for _, b := range nodes {
 		if _, got := b.sub(t, "-t", "burst/state", "-C", "1", "-W", "2").result(t); !slices.Equal(got, want) {
 			t.Fatalf("%s serves %v after the burst, mosquitto %v", b.ID, got, want)
+		}
+	}
+}
+
+// connectWillV311 is a hand-made MQTT 3.1.1 CONNECT (clean session) with a
+// retained QoS 0 will.
+func connectWillV311(clientID, willTopic, will string) []byte {
+	var vh bytes.Buffer
+	vh.Write([]byte{0, 4, 'M', 'Q', 'T', 'T', 4, 0x02 | 0x04 | 0x20, 0, 30})
+	for _, s := range []string{clientID, willTopic, will} {
+		vh.Write([]byte{byte(len(s) >> 8), byte(len(s))})
+		vh.WriteString(s)
+	}
+	return append([]byte{0x10, byte(vh.Len())}, vh.Bytes()...)
+}
+
+// retainedV311 is a hand-made MQTT 3.1.1 retained PUBLISH (packet id 1 at
+// QoS 1).
+func retainedV311(topic string, qos byte, payload string) []byte {
+	var b bytes.Buffer
+	b.Write([]byte{byte(len(topic) >> 8), byte(len(topic))})
+	b.WriteString(topic)
+	if qos > 0 {
+		b.Write([]byte{0, 1})
+	}
+	b.WriteString(payload)
+	return append([]byte{0x30 | qos<<1 | 1, byte(b.Len())}, b.Bytes()...)
+}
+
+// TestTakeoverKeepsSendOrderAsMosquitto: a client's old connection sends a
+// QoS 1 and then a QoS 0 retained "online", and the same client id at
+// once connects again to the same node, taking the old connection over.
+// The retained value left must be what Mosquitto leaves after the same
+// bytes: the new connection's "new" when it writes one, and the old
+// connection's will "offline" when it had one (the takeover publishes
+// it). The old connection's publishes, still in the node's publish
+// pipeline, used to land after the new connection's.
+func TestTakeoverKeepsSendOrderAsMosquitto(t *testing.T) {
+	t.Parallel()
+	run := func(addr, name string, will bool, round int) {
+		t.Helper()
+		id, status := fmt.Sprintf("to-%s-%d", name, round), fmt.Sprintf("e2e/takeover/%s/%d/status", name, round)
+		conn := dialTCP(t, addr)
+		defer conn.Close()
+		connect := connectV311(id, 30)
+		if will {
+			connect = connectWillV311(id, status, "offline")
+		}
+		if _, err := conn.Write(connect); err != nil {
+			t.Fatal(err)
+		}
+		ack := make([]byte, 4)
+		_ = conn.SetReadDeadline(time.Now().Add(msgTimeout))
+		if _, err := io.ReadFull(conn, ack); err != nil || !bytes.Equal(ack, []byte{0x20, 0x02, 0x00, 0x00}) {
+			t.Fatalf("CONNACK: % x (%v)", ack, err)
+		}
+		burst := append(retainedV311(fmt.Sprintf("e2e/takeover/%s/%d/a", name, round), 1, "a"), retainedV311(status, 0, "online")...)
+		if _, err := conn.Write(burst); err != nil {
+			t.Fatal(err)
+		}
+		taker := connectRawV311(t, addr, id, 30)
+		defer taker.Close()
+		if !will {
+			if _, err := taker.Write(retainedV311(status, 0, "new")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	host, port, _ := startMosquitto(t, "")
+	mosq := []string{"-h", host, "-p", port}
+	nodes := startCluster(t, 3)
+	for _, will := range []bool{false, true} {
+		name, value := "write", "new"
+		if will {
+			name, value = "will", "offline"
+		}
+		for round := 0; round < 3; round++ {
+			status := fmt.Sprintf("e2e/takeover/%s/%d/status", name, round)
+			want := []message{msg(status, 0, true, value)}
+			run(net.JoinHostPort(host, port), name, will, round)
+			eventually(t, 10*time.Second, func() error {
+				if _, got := startSub(t, mosq, "-t", status, "-C", "1", "-W", "2").result(t); !slices.Equal(got, want) {
+					return fmt.Errorf("mosquitto serves %v, want %v", got, want)
+				}
+				return nil
+			})
+			run(nodes[0].MQTTAddr, name, will, round)
+			for _, b := range nodes {
+				eventually(t, 10*time.Second, func() error {
+					if _, got := b.sub(t, "-t", status, "-C", "1", "-W", "2").result(t); !slices.Equal(got, want) {
+						return fmt.Errorf("%s serves %v, as mosquitto: %v", b.ID, got, want)
+					}
+					return nil
+				})
+			}
 		}
 	}
 }
