@@ -263,10 +263,17 @@ func (n *Node) onLeave(node *memberlist.Node) {
 		m.state, m.since = state, time.Now()
 	}
 	n.updateAliveLocked()
-	p := n.peers[node.Name]
-	delete(n.peers, node.Name)
+	// While this node closes, shutdown stops the peers it finds in the
+	// table: leave them there. Removed here without being stopped, a peer
+	// outlived Close, which then waited closeWait for it and failed (every
+	// node of a cluster closed at once: TestCloseAllAtOnce).
+	var p *peer
+	if !n.closing {
+		p = n.peers[node.Name]
+		delete(n.peers, node.Name)
+	}
 	in := n.inbound[node.Name]
-	if p != nil && !n.closing {
+	if p != nil {
 		// stop waits for the writer; never block memberlist's callback.
 		n.wg.Add(1)
 		go func() {
