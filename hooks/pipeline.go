@@ -99,6 +99,15 @@ type pubPipe struct {
 	closed  bool // the connection ended: nothing waits for space
 	// after runs once the pipe is empty (AfterPublishes).
 	after []func()
+	// queued and handed count the messages queued on the pipe and those
+	// handed back; marks run once handed reaches their count
+	// (AfterQueued).
+	queued, handed uint64
+	marks          []pipeMark
+	// waitFor: the connection of this client id this one took over on
+	// this node, not done yet; the first publish waits for it
+	// (pipeline_takeover.go).
+	waitFor atomic.Pointer[mqtt.Client]
 	// qos2 counts the QoS 2 packet ids in the pipe (queued or being
 	// committed), to tell a resend of one of them (pubItem.resend).
 	qos2 map[uint16]int
@@ -170,6 +179,9 @@ func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		if v := p.cur.Load(); v != nil && v.is(pk) {
 			return pk, nil // the hand-back
 		}
+		if prev := p.waitFor.Swap(nil); prev != nil {
+			h.afterTakenOver(cl, prev)
+		}
 	}
 	if pk.FixedHeader.Qos == 0 && (p == nil || !p.busy()) {
 		return pk, nil
@@ -197,6 +209,7 @@ func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		p.qos2[pk.PacketID]++
 	}
 	p.queue = append(p.queue, it)
+	p.queued++
 	start := !p.running
 	p.running = true
 	p.mu.Unlock()
@@ -221,6 +234,31 @@ func (h *Pipeline) AfterPublishes(cl *mqtt.Client, fn func()) {
 		p.mu.Lock()
 		if p.running {
 			p.after = append(p.after, fn)
+			p.mu.Unlock()
+			return
+		}
+		p.mu.Unlock()
+	}
+	fn()
+}
+
+// pipeMark is an AfterQueued call: fn runs once at messages were handed
+// back.
+type pipeMark struct {
+	at uint64
+	fn func()
+}
+
+// AfterQueued runs fn once every publish queued on cl's pipe so far was
+// handed back, whatever is queued after: at once when the pipe is empty,
+// else on its worker. Unlike AfterPublishes it does not wait for a pipe
+// that a live connection keeps busy.
+func (h *Pipeline) AfterQueued(cl *mqtt.Client, fn func()) {
+	if v, ok := h.pipes.Load(cl); ok {
+		p := v.(*pubPipe)
+		p.mu.Lock()
+		if p.running {
+			p.marks = append(p.marks, pipeMark{at: p.queued, fn: fn})
 			p.mu.Unlock()
 			return
 		}
@@ -318,8 +356,13 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 			if p.closed {
 				h.pipes.Delete(cl)
 			}
+			marks := p.marks // none: each ran once its messages were handed back
+			p.marks = nil
 			p.mu.Unlock()
 			h.mu.Unlock()
+			for _, m := range marks {
+				m.fn()
+			}
 			return
 		}
 		p.space.Broadcast()
@@ -327,6 +370,17 @@ func (h *Pipeline) run(cl *mqtt.Client, p *pubPipe) {
 		h.mu.Unlock()
 		h.s.m.pipelineBatches.Inc()
 		h.process(cl, p, batch)
+		p.mu.Lock()
+		p.handed += uint64(len(batch))
+		var due []func()
+		for len(p.marks) > 0 && p.marks[0].at <= p.handed {
+			due = append(due, p.marks[0].fn)
+			p.marks = p.marks[1:]
+		}
+		p.mu.Unlock()
+		for _, fn := range due {
+			fn()
+		}
 		if cap(batch) <= maxSpare {
 			clear(batch) // the packets and payloads are mochi's now
 			p.mu.Lock()

@@ -21,19 +21,26 @@ import (
 // old connection's packets before the takeover, so the new connection's
 // writes come last there.
 //
-// So the new connection reads nothing before the old one's publishes went
-// through: OnSessionEstablished (after CONNACK, before mochi's read loop)
-// waits until the old connection is done, that is its reader ended
-// (OnDisconnect) and then its pipe handed back what it held, and then
-// until the lane wrote that, mochi's own will of the old connection
-// included (it joins the pipe's after-list first). The old reader usually
-// ends before the new connection is established (mochi closes it in
-// inheritClientSession), so a connection counts as live until its pipe is
-// empty too, not only until OnDisconnect (a first version waited only for
-// live readers, and a three-node cluster still lost the order, about 1
-// takeover in 10). The wait is bounded by the write timeout: a pipe that
-// cannot commit must not hold the new connection up for longer than a
-// publish may take.
+// So the new connection's first publish waits until the old connection
+// is done, that is its reader ended (OnDisconnect) and then its pipe handed
+// back what it held, and then until the lane wrote that, mochi's own will
+// of the old connection included (it joins the pipe's after-list first).
+// The old reader usually ends before the new connection is established
+// (mochi closes it in inheritClientSession), so a connection counts as
+// live until its pipe is empty too, not only until OnDisconnect (a first
+// version waited only for live readers, and a three-node cluster still
+// lost the order, about 1 takeover in 10). The wait is at the first
+// PUBLISH, not at CONNACK, so that the new connection's session, pump
+// and routes are set up meanwhile and a connection that only subscribes
+// never waits; it is bounded by the write timeout, as a pipe that cannot
+// commit must not hold the new connection up for longer than a publish
+// may take.
+//
+// A persistent session's will that the takeover publishes in the new
+// CONNECT's entry (TakeoverWill) must come after the old connection's
+// writes as well: Sessions.OnSessionEstablish waits for what the old
+// connection had queued when the CONNECT arrived (AfterQueued), before the
+// open's own time budget starts.
 type readers struct {
 	mu   sync.Mutex
 	cond sync.Cond // broadcast when a reader ends, or a waiter's deadline passes
@@ -54,6 +61,11 @@ func (r *readers) init() {
 func (r *readers) started(cl *mqtt.Client) *mqtt.Client {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if cl.Closed() {
+		// Taken over already, by a connection established before this
+		// one got here: it must not become the newest.
+		return nil
+	}
 	prev := r.latest[cl.ID]
 	r.latest[cl.ID] = cl
 	r.live[cl] = struct{}{}
@@ -98,16 +110,21 @@ func (r *readers) await(ctx context.Context, cl *mqtt.Client) bool {
 	}
 }
 
-// OnSessionEstablished holds a new connection's reader until the
-// connection it took over on this node has handed back its publishes.
+// OnSessionEstablished records the connection, and the one of its client
+// id it took over on this node that is not done yet, for its first
+// publish to wait for (afterTakenOver).
 func (h *Pipeline) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
-	prev := h.readers.started(cl)
-	if prev == nil {
-		return
+	if prev := h.readers.started(cl); prev != nil {
+		h.newPipe(cl).waitFor.Store(prev)
 	}
+}
+
+// afterTakenOver waits until prev, the connection cl took over, is done
+// and its retained writes are written, or the write timeout passes.
+func (h *Pipeline) afterTakenOver(cl, prev *mqtt.Client) {
 	start := time.Now()
 	deadline := start.Add(h.s.cfg.Timeout)
 	ctx, cancel := context.WithDeadline(h.s.base, deadline)

@@ -45,9 +45,9 @@ import (
 // When the node stops, a publish waiting for room gives up (the write
 // fails), so that the stop is not held up by a lane that cannot drain.
 //
-// A connection that takes another over on this node reads nothing until
-// the old one's publishes went through its pipe and lane
-// (pipeline_takeover.go).
+// A connection that takes another over on this node publishes nothing
+// until the old one's publishes went through its pipe and lane, and a
+// will the takeover publishes waits for them too (pipeline_takeover.go).
 //
 // Not covered: a batch whose outcome was unknown (a timeout) may still
 // commit after the next one, if its forward reaches the leader late.

@@ -154,12 +154,6 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 			return nil
 		}
 	}
-	// The will comes after the old connection's last publishes, which
-	// its pipe may still hold (as for a connection that dropped,
-	// afterClientWrites); the grace above usually outlasts them, but not
-	// a commit slower than that. Past the write timeout the will goes
-	// out anyway: better out of order than lost.
-	h.awaitClientWrites(old, id, time.Now().Add(h.cfg.Timeout))
 	if old.Closed() {
 		return nil
 	}
