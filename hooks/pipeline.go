@@ -104,10 +104,10 @@ type pubPipe struct {
 	// (AfterQueued).
 	queued, handed uint64
 	marks          []pipeMark
-	// waitFor: the connection of this client id this one took over on
-	// this node, not done yet; the first publish waits for it
-	// (pipeline_takeover.go).
-	waitFor atomic.Pointer[mqtt.Client]
+	// waitFor: the older connections of this client id on this node not
+	// done when this one was established; the first publish waits for
+	// them (pipeline_takeover.go).
+	waitFor atomic.Pointer[takeoverWait]
 	// qos2 counts the QoS 2 packet ids in the pipe (queued or being
 	// committed), to tell a resend of one of them (pubItem.resend).
 	qos2 map[uint16]int
@@ -179,8 +179,8 @@ func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		if v := p.cur.Load(); v != nil && v.is(pk) {
 			return pk, nil // the hand-back
 		}
-		if prev := p.waitFor.Swap(nil); prev != nil {
-			h.afterTakenOver(cl, prev)
+		if tw := p.waitFor.Swap(nil); tw != nil {
+			h.afterTakenOver(cl, tw)
 		}
 	}
 	if pk.FixedHeader.Qos == 0 && (p == nil || !p.busy()) {

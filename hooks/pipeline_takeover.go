@@ -1,7 +1,7 @@
 package hooks
 
 import (
-	"context"
+	"slices"
 	"sync"
 	"time"
 
@@ -21,10 +21,15 @@ import (
 // old connection's packets before the takeover, so the new connection's
 // writes come last there.
 //
-// So the new connection's first publish waits until the old connection
-// is done, that is its reader ended (OnDisconnect) and then its pipe handed
-// back what it held, and then until the lane wrote that, mochi's own will
-// of the old connection included (it joins the pipe's after-list first).
+// So the new connection's first publish waits until every older
+// connection of its client id on this node is done, that is its reader
+// ended (OnDisconnect) and then its pipe handed back what it held, and
+// then until the lane wrote that, mochi's own will of the old connection
+// included (it joins the pipe's after-list first). Every older one, not
+// only the one taken over: a connection in between that published nothing
+// is done at once, and the first one's pipe may still be busy (found by
+// review: A's backlog, B connects and leaves, C's "new" landed before A's
+// "online").
 // The old reader usually ends before the new connection is established
 // (mochi closes it in inheritClientSession), so a connection counts as
 // live until its pipe is empty too, not only until OnDisconnect (a first
@@ -42,96 +47,113 @@ import (
 // connection had queued when the CONNECT arrived (AfterQueued), before the
 // open's own time budget starts.
 type readers struct {
-	mu   sync.Mutex
-	cond sync.Cond // broadcast when a reader ends, or a waiter's deadline passes
-	// live: connections not done (OnSessionEstablished until their pipe
-	// is empty after OnDisconnect); latest: the newest of each client id.
-	live   map[*mqtt.Client]struct{}
-	latest map[string]*mqtt.Client
+	mu sync.Mutex
+	// byID: each client id's connections not done yet, oldest first;
+	// byClient: the same, by connection.
+	byID     map[string][]*connRun
+	byClient map[*mqtt.Client]*connRun
+}
+
+// connRun is a connection until it is done.
+type connRun struct {
+	id   string
+	done chan struct{} // closed when it is done
+}
+
+// takeoverWait is what a connection's first publish waits for: the older
+// connections of its client id not done when it was established. It holds
+// their done channels, not the connections, which mochi may then free.
+type takeoverWait struct {
+	done []chan struct{}
 }
 
 func (r *readers) init() {
-	r.cond.L = &r.mu
-	r.live = map[*mqtt.Client]struct{}{}
-	r.latest = map[string]*mqtt.Client{}
+	r.byID = map[string][]*connRun{}
+	r.byClient = map[*mqtt.Client]*connRun{}
 }
 
-// started records cl and returns the connection of its client id that is
-// not done yet (one being taken over), or nil.
-func (r *readers) started(cl *mqtt.Client) *mqtt.Client {
+// started records cl and returns what its first publish must wait for:
+// nil when no older connection of its client id is left.
+func (r *readers) started(cl *mqtt.Client) *takeoverWait {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if cl.Closed() {
-		// Taken over already, by a connection established before this
-		// one got here: it must not become the newest.
+		// Taken over already by a newer connection, which waits for
+		// the connections before this one; this one reads nothing.
 		return nil
 	}
-	prev := r.latest[cl.ID]
-	r.latest[cl.ID] = cl
-	r.live[cl] = struct{}{}
-	if _, ok := r.live[prev]; ok && prev != cl {
-		return prev
+	older := r.byID[cl.ID]
+	var tw *takeoverWait
+	if len(older) > 0 {
+		tw = &takeoverWait{done: make([]chan struct{}, len(older))}
+		for i, c := range older {
+			tw.done[i] = c.done
+		}
 	}
-	return nil
+	c := &connRun{id: cl.ID, done: make(chan struct{})}
+	r.byID[cl.ID] = append(older, c)
+	r.byClient[cl] = c
+	return tw
 }
 
 // ended records that cl is done: its reader ended and its pipe is empty.
 func (r *readers) ended(cl *mqtt.Client) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if _, ok := r.live[cl]; !ok {
+	c := r.byClient[cl]
+	if c == nil {
 		return
 	}
-	delete(r.live, cl)
-	if r.latest[cl.ID] == cl {
-		delete(r.latest, cl.ID)
+	delete(r.byClient, cl)
+	list := slices.DeleteFunc(r.byID[c.id], func(o *connRun) bool { return o == c })
+	if len(list) == 0 {
+		delete(r.byID, c.id)
+	} else {
+		r.byID[c.id] = list
 	}
-	r.cond.Broadcast()
+	close(c.done)
 }
 
-// await waits until cl is done or ctx ends; it reports whether it is.
-func (r *readers) await(ctx context.Context, cl *mqtt.Client) bool {
-	stop := context.AfterFunc(ctx, func() {
-		r.mu.Lock()
-		r.cond.Broadcast()
-		r.mu.Unlock()
-	})
-	defer stop()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for {
-		if _, ok := r.live[cl]; !ok {
-			return true
-		}
-		if ctx.Err() != nil {
-			return false
-		}
-		r.cond.Wait()
-	}
-}
-
-// OnSessionEstablished records the connection, and the one of its client
-// id it took over on this node that is not done yet, for its first
-// publish to wait for (afterTakenOver).
+// OnSessionEstablished records the connection, and the older ones of its
+// client id on this node not done yet, for its first publish to wait for
+// (afterTakenOver).
 func (h *Pipeline) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
-	if prev := h.readers.started(cl); prev != nil {
-		h.newPipe(cl).waitFor.Store(prev)
+	if tw := h.readers.started(cl); tw != nil {
+		h.newPipe(cl).waitFor.Store(tw)
 	}
 }
 
-// afterTakenOver waits until prev, the connection cl took over, is done
-// and its retained writes are written, or the write timeout passes.
-func (h *Pipeline) afterTakenOver(cl, prev *mqtt.Client) {
+// afterTakenOver waits until the older connections in tw are done and the
+// client's retained writes queued by then are written, or the write
+// timeout passes.
+func (h *Pipeline) afterTakenOver(cl *mqtt.Client, tw *takeoverWait) {
 	start := time.Now()
-	deadline := start.Add(h.s.cfg.Timeout)
-	ctx, cancel := context.WithDeadline(h.s.base, deadline)
-	defer cancel()
-	if h.readers.await(ctx, prev) && h.s.awaitClientWrites(prev, cl.ID, deadline) {
+	t := time.NewTimer(h.s.cfg.Timeout)
+	defer t.Stop()
+	for _, done := range tw.done {
+		select {
+		case <-done:
+			continue
+		case <-t.C:
+		case <-h.s.base.Done():
+		}
+		h.s.log.Warn("takeover: an older connection's publishes were not all written in time; the new connection's may overtake them",
+			"client", cl.ID, "waited", time.Since(start).Round(time.Millisecond))
 		return
 	}
-	h.s.log.Warn("takeover: the old connection's publishes were not all written in time; the new connection's may overtake them",
-		"client", cl.ID, "waited", time.Since(start).Round(time.Millisecond))
+	if h.s.retained == nil {
+		return
+	}
+	written := make(chan struct{})
+	h.s.retained.AfterWrites(cl.ID, func() { close(written) })
+	select {
+	case <-written:
+	case <-t.C:
+		h.s.log.Warn("takeover: an older connection's retained writes were not all written in time; the new connection's may overtake them",
+			"client", cl.ID, "waited", time.Since(start).Round(time.Millisecond))
+	case <-h.s.base.Done():
+	}
 }

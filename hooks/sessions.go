@@ -148,21 +148,16 @@ func (h *Sessions) afterClientWrites(cl *mqtt.Client, id string, fn func()) {
 	h.pipeline.AfterPublishes(cl, then)
 }
 
-// awaitClientWrites waits until cl's last publishes went through the hooks
-// and their retained writes are written (afterClientWrites), or until
-// deadline; it reports whether they were.
-func (h *Sessions) awaitClientWrites(cl *mqtt.Client, id string, deadline time.Time) bool {
-	done := make(chan struct{})
-	h.afterClientWrites(cl, id, func() { close(done) })
-	t := time.NewTimer(time.Until(deadline))
-	defer t.Stop()
-	select {
-	case <-done:
+// hasWill reports whether cl has a will: mochi's, or one the log holds (a
+// persistent session's, a clean session's mirrored will).
+func (h *Sessions) hasWill(cl *mqtt.Client) bool {
+	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
 		return true
-	case <-t.C:
-	case <-h.base.Done():
 	}
-	return false
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	c := h.conns[cl]
+	return c != nil && (c.will || c.mirror)
 }
 
 // awaitQueuedWrites waits until the publishes cl had queued when it was
@@ -396,22 +391,25 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
-	if old, ok := h.server.Clients.Get(cl.ID); ok && old != cl && !old.Closed() && !old.Net.Inline {
-		// A takeover here. A will it publishes in this CONNECT's entry
-		// (TakeoverWill) comes after what the old connection sent before
-		// the CONNECT arrived, which its pipe may still hold, as on
-		// Mosquitto. Waited for before the open's own time budget starts:
-		// inside it, a backlog made the open, or the discard of a clean
-		// start, fail (found by review). Past the write timeout the will
-		// goes out anyway: better out of order than lost.
+	// When this CONNECT arrived: a connection elsewhere that claimed the
+	// client id since is newer (applyOpen).
+	arrival := time.Now().UnixMilli()
+	if old, ok := h.server.Clients.Get(cl.ID); ok && old != cl && !old.Closed() && !old.Net.Inline && h.hasWill(old) {
+		// A takeover here, of a connection with a will. A will the
+		// takeover publishes in this CONNECT's entry (TakeoverWill) comes
+		// after what the old connection sent before the CONNECT arrived,
+		// which its pipe may still hold, as on Mosquitto. Waited for
+		// before the open's own time budget starts: inside it, a backlog
+		// made the open, or the discard of a clean start, fail (found by
+		// review). Past the write timeout the will goes out anyway: better
+		// out of order than lost. Without a will there is nothing to
+		// order here (the new connection's publishes wait for the old
+		// ones: pipeline_takeover.go), and CONNACK does not wait.
 		h.awaitQueuedWrites(old, cl.ID, time.Now().Add(h.cfg.Timeout))
 	}
 	if !pk.Connect.Clean {
 		h.awaitDisconnectInFlight(cl.ID) // session_lifecycle.go
 	}
-	// When this CONNECT arrived: a connection elsewhere that claimed the
-	// client id since is newer (applyOpen).
-	arrival := time.Now().UnixMilli()
 	c := &sessConn{cl: cl, id: cl.ID, closeDone: make(chan struct{})}
 	hasWill := atomic.LoadUint32(&cl.Properties.Will.Flag) == 1
 	if !persistent(cl, pk) && !h.resumesWithoutExpiry(cl, pk) {

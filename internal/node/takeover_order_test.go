@@ -59,7 +59,7 @@ func TestReconnectAfterDisconnectKeepsOrder(t *testing.T) {
 }
 
 // TestCleanTakeoverWithBacklog: a device's connection with a retained
-// will has a backlog of QoS 1 retained publishes in its pipe (each
+// will has a backlog of 800 QoS 1 retained publishes in its pipe (each
 // committed on its own, from a follower), then its "online"; the device
 // connects again on the same node with clean start. The CONNECT is
 // accepted, and the old connection's will comes after its "online", as
@@ -71,7 +71,7 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 		persistent bool // the old session outlives its connection
 		newWill    bool // the new connection has a will too
 	}{
-		{name: "persistent"},
+		{name: "persistent", persistent: true},
 		{name: "clean"},
 		{name: "clean/new-will", newWill: true},
 	} {
@@ -110,7 +110,9 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 				t.Fatal(ack)
 			}
 			var buf bytes.Buffer
-			for i := 0; i < 1000; i++ {
+			// About 3 s of commits here, more than a clean start's 2 s
+			// discard budget and less than the 5 s write timeout.
+			for i := 0; i < 800; i++ {
 				pubBytes(t, &buf, fmt.Sprintf("bl/a/%d", i), 1, uint16(i+1), "a", true, false)
 			}
 			pubBytes(t, &buf, status, 0, 0, "online", true, false)
@@ -137,4 +139,87 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestTakeoverChainWaitsForEveryOlderConnection: A sends a backlog of QoS
+// 1 retained writes, its "online" and DISCONNECT; the client connects (B)
+// and disconnects at once, then connects again (C) and sets "new". C's
+// first publish must wait for A's pipe too: B being done says nothing of
+// A (found by review: "online" was left in 3 rounds of 3 when only the
+// newest older connection was waited for).
+func TestTakeoverChainWaitsForEveryOlderConnection(t *testing.T) {
+	cl := newTestCluster(t, "n1")
+	cl.waitReady()
+	n1 := cl.nodes["n1"]
+	for round := 0; round < 3; round++ {
+		id := fmt.Sprintf("ch-dev-%d", round)
+		status := fmt.Sprintf("ch/%d/status", round)
+		a, _ := rawConnect(t, n1.Addr("mqtt"), id, true, 0)
+		var buf bytes.Buffer
+		for i := 0; i < 300; i++ {
+			pubBytes(t, &buf, fmt.Sprintf("ch/%d/a/%d", round, i), 1, uint16(i+1), "a", true, false)
+		}
+		pubBytes(t, &buf, status, 0, 0, "online", true, false)
+		if _, err := packets.NewControlPacket(packets.DISCONNECT).WriteTo(&buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a.conn.Write(buf.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		_ = a.conn.SetReadDeadline(time.Now().Add(wait))
+		_, _ = io.Copy(io.Discard, a.conn)
+		b, _ := rawConnect(t, n1.Addr("mqtt"), id, true, 0)
+		b.send(packets.NewControlPacket(packets.DISCONNECT))
+		_ = b.conn.SetReadDeadline(time.Now().Add(wait))
+		_, _ = io.Copy(io.Discard, b.conn)
+		c, _ := rawConnect(t, n1.Addr("mqtt"), id, true, 0)
+		var bb bytes.Buffer
+		pubBytes(t, &bb, status, 0, 0, "new", true, false)
+		if _, err := c.conn.Write(bb.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		testutil.Eventually(t, 3*wait, func() error {
+			if v, _ := retainedValue(n1, status); v != "new" {
+				return fmt.Errorf("round %d: %s retained %q, want C's \"new\" after A's \"online\"", round, status, v)
+			}
+			return idle(n1)
+		})
+		_ = c.conn.Close()
+	}
+}
+
+// TestTakeoverWithoutWillDoesNotWaitForBacklog: a takeover of a connection
+// without a will has no will to order, so its CONNACK does not wait for
+// the old connection's backlog (only its first publish does): CONNACK
+// comes while the old pipe still holds messages. It used to wait for the
+// backlog, up to the write timeout (found by review: 5 s).
+func TestTakeoverWithoutWillDoesNotWaitForBacklog(t *testing.T) {
+	cl := newTestCluster(t, "n1", "n2", "n3")
+	cl.waitReady()
+	var n1 *Node
+	for _, n := range cl.nodes {
+		if !n.repl.IsLeader() {
+			n1 = n // a follower: each commit is a round trip to the leader
+		}
+	}
+	id := "dl-dev"
+	a, _ := rawConnect(t, n1.Addr("mqtt"), id, true, 0)
+	var buf bytes.Buffer
+	for i := 0; i < 1000; i++ {
+		pubBytes(t, &buf, fmt.Sprintf("dl/a/%d", i), 1, uint16(i+1), "a", true, false)
+	}
+	go func() { _, _ = io.Copy(io.Discard, a.conn) }() // the PUBACKs
+	_ = a.conn.SetWriteDeadline(time.Time{})
+	go func() { _, _ = a.conn.Write(buf.Bytes()) }()
+	testutil.Eventually(t, wait, func() error {
+		if n1.pipeline.Busy() == 0 {
+			return fmt.Errorf("the old connection's pipe is idle")
+		}
+		return nil
+	})
+	rawConnect(t, n1.Addr("mqtt"), id, true, 0)
+	if n1.pipeline.Busy() == 0 {
+		t.Fatal("CONNACK came only once the old connection's backlog was written")
+	}
+	testutil.Eventually(t, 6*wait, func() error { return idle(n1) })
 }
