@@ -195,6 +195,11 @@ func (cp *campaign) rrRound(rc *rrConns, round int, qos byte, wait time.Duration
 			case p := <-rc.req.Msgs:
 				if p.Topic == topic {
 					recv.Outcome, recv.QoS, recv.Dup, recv.Value = OK, p.QoS, p.Duplicate(), string(p.Payload)
+					if rc.persistent {
+						cp.rrReplies[1].Add(1)
+					} else {
+						cp.rrReplies[0].Add(1)
+					}
 					break wait
 				}
 				// A late reply of an earlier round (a persistent session
