@@ -179,8 +179,12 @@ func (h *Pipeline) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		if v := p.cur.Load(); v != nil && v.is(pk) {
 			return pk, nil // the hand-back
 		}
-		if tw := p.waitFor.Swap(nil); tw != nil {
-			h.afterTakenOver(cl, tw)
+		// Load first: a Swap on every publish would write a cache line
+		// the pipe's worker reads.
+		if p.waitFor.Load() != nil {
+			if tw := p.waitFor.Swap(nil); tw != nil {
+				h.afterTakenOver(cl, tw)
+			}
 		}
 	}
 	if pk.FixedHeader.Qos == 0 && (p == nil || !p.busy()) {

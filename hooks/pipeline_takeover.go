@@ -133,27 +133,31 @@ func (h *Pipeline) afterTakenOver(cl *mqtt.Client, tw *takeoverWait) {
 	start := time.Now()
 	t := time.NewTimer(h.s.cfg.Timeout)
 	defer t.Stop()
+	ok := true
 	for _, done := range tw.done {
-		select {
-		case <-done:
-			continue
-		case <-t.C:
-		case <-h.s.base.Done():
+		if ok = waitOrStop(done, t.C, h.s.base.Done()); !ok {
+			break
 		}
+	}
+	if ok && h.s.retained != nil {
+		written := make(chan struct{})
+		h.s.retained.AfterWrites(cl.ID, func() { close(written) })
+		ok = waitOrStop(written, t.C, h.s.base.Done())
+	}
+	if !ok && h.s.base.Err() == nil {
 		h.s.log.Warn("takeover: an older connection's publishes were not all written in time; the new connection's may overtake them",
 			"client", cl.ID, "waited", time.Since(start).Round(time.Millisecond))
-		return
 	}
-	if h.s.retained == nil {
-		return
-	}
-	written := make(chan struct{})
-	h.s.retained.AfterWrites(cl.ID, func() { close(written) })
+}
+
+// waitOrStop waits for done and reports whether it came before expired or
+// stop.
+func waitOrStop(done <-chan struct{}, expired <-chan time.Time, stop <-chan struct{}) bool {
 	select {
-	case <-written:
-	case <-t.C:
-		h.s.log.Warn("takeover: an older connection's retained writes were not all written in time; the new connection's may overtake them",
-			"client", cl.ID, "waited", time.Since(start).Round(time.Millisecond))
-	case <-h.s.base.Done():
+	case <-done:
+		return true
+	case <-expired:
+	case <-stop:
 	}
+	return false
 }

@@ -179,13 +179,7 @@ func (h *Sessions) awaitQueuedWrites(cl *mqtt.Client, id string, deadline time.T
 	}
 	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()
-	select {
-	case <-done:
-		return true
-	case <-t.C:
-	case <-h.base.Done():
-	}
-	return false
+	return waitOrStop(done, t.C, h.base.Done())
 }
 
 // SessionsConfig configures the Sessions hook.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/eclipse/paho.golang/packets"
 
+	"github.com/mqtt-ha/broker/hooks"
 	"github.com/mqtt-ha/broker/internal/testutil"
 )
 
@@ -76,7 +77,13 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 		{name: "clean/new-will", newWill: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cl := newTestCluster(t, "n1", "n2", "n3")
+			// The takeover waits at most the write timeout for the
+			// backlog, which took up to 4.2 s of the default 5 s with the
+			// race detector: a longer one keeps this test about order, not
+			// about the machine's speed.
+			cl := newTunedCluster(t, func(c *Config) {
+				c.SessionsTuning = func(s *hooks.SessionsConfig) { s.Timeout = 20 * time.Second }
+			}, "n1", "n2", "n3")
 			cl.waitReady()
 			var n1 *Node
 			for _, n := range cl.nodes {
@@ -111,7 +118,7 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 			}
 			var buf bytes.Buffer
 			// About 3 s of commits here, more than a clean start's 2 s
-			// discard budget and less than the 5 s write timeout.
+			// discard budget and less than the write timeout.
 			for i := 0; i < 800; i++ {
 				pubBytes(t, &buf, fmt.Sprintf("bl/a/%d", i), 1, uint16(i+1), "a", true, false)
 			}
