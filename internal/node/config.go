@@ -100,6 +100,9 @@ type Config struct {
 	// BeforeClaim, if set, runs before each client-id claim this node
 	// writes (tests stand in for a slow claim).
 	BeforeClaim func(clientID string)
+	// claimPace, if set, replaces the spacing of client-id claim entries
+	// (hooks.Ownership.Pace; tests).
+	claimPace time.Duration
 	// ReplicatedSizeLimit is the largest payload stored durably (retained,
 	// or queued for a persistent session); larger ones are refused. 0:
 	// any MQTT payload. Payloads over replication.BlobThreshold are

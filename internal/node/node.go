@@ -130,6 +130,9 @@ func New(cfg Config) (_ *Node, err error) {
 	n.retainedHook = hooks.NewRetained(n.mqtt, replicatedWriteTimeout, metrics, log)
 	n.ownershipHook = hooks.NewOwnership(n.mqtt, cfg.NodeID, replicatedWriteTimeout, log)
 	n.ownershipHook.BeforeClaim = cfg.BeforeClaim
+	if cfg.claimPace > 0 {
+		n.ownershipHook.Pace = cfg.claimPace
+	}
 	drainCtx, drain := context.WithCancel(context.Background())
 	n.drain = drain
 	n.retainedHook.SetBase(drainCtx)
