@@ -2,7 +2,6 @@ package hooks
 
 import (
 	"context"
-	"maps"
 	"slices"
 	"time"
 
@@ -19,34 +18,38 @@ import (
 // next claim of one of their ids elsewhere still takes it over.
 func (h *Sessions) releaseDeadOwners() {
 	now := time.Now()
+	// alive: per node, whether its ids stay this round (alive, or first
+	// seen dead in this round).
 	alive := map[string]bool{}
-	var b replication.Batch
 	owners := h.repl.Owners()
-	for _, id := range slices.Sorted(maps.Keys(owners)) {
-		o := owners[id]
+	// Sorted only among the ids to release (the first 1,000 of them go in
+	// this round's entry): sorting every owner on every round cost the
+	// leader a sort of the whole table per tick.
+	var dead []string
+	for id, o := range owners {
 		if o.Node == h.cfg.Self {
 			continue
 		}
 		a, known := alive[o.Node]
 		if !known {
 			a = h.cfg.Alive(o.Node)
+			if a {
+				delete(h.ownerDead, o.Node)
+			} else if _, ok := h.ownerDead[o.Node]; !ok {
+				h.ownerDead[o.Node] = now
+				a = true // first seen dead now: from the next round on
+			}
 			alive[o.Node] = a
 		}
-		if a {
-			delete(h.ownerDead, o.Node)
-			continue
+		if !a && now.Sub(h.ownerDead[o.Node]) >= h.cfg.DeadAfter {
+			dead = append(dead, id)
 		}
-		since, ok := h.ownerDead[o.Node]
-		if !ok {
-			h.ownerDead[o.Node] = now
-			continue
-		}
-		if now.Sub(since) >= h.cfg.DeadAfter {
-			b.Commands = append(b.Commands, &replication.ReleaseOwner{ClientID: id, Node: o.Node, Epoch: o.Epoch})
-		}
-		if len(b.Commands) >= 1000 {
-			break // the rest next round: bounded entries
-		}
+	}
+	slices.Sort(dead)
+	var b replication.Batch
+	for _, id := range dead[:min(len(dead), 1000)] { // the rest next round: bounded entries
+		o := owners[id]
+		b.Commands = append(b.Commands, &replication.ReleaseOwner{ClientID: id, Node: o.Node, Epoch: o.Epoch})
 	}
 	if len(b.Commands) == 0 {
 		return
