@@ -231,7 +231,13 @@ func (h *Ownership) work(stop <-chan struct{}) {
 			case h.wake <- struct{}{}: // more for another worker
 			default:
 			}
-			h.do(batch)
+			if !h.do(batch) {
+				// Nothing to write (claims of connections gone,
+				// releases of ids not held): the entry is not spent.
+				h.qmu.Lock()
+				h.tokens = min(claimBurst, h.tokens+1)
+				h.qmu.Unlock()
+			}
 			continue
 		}
 		select {
@@ -257,10 +263,10 @@ func (h *Ownership) budgetLocked() time.Duration {
 	return time.Duration((1 - h.tokens) * float64(h.Pace))
 }
 
-// do writes a batch of claims and releases as one entry: a connect storm
-// (a thousand devices back after a node loss) costs a few commits, not one
-// per client.
-func (h *Ownership) do(batch []claim) {
+// do writes a batch of claims and releases as one entry (a connect storm,
+// a thousand devices back after a node loss, costs a few commits, not one
+// per client), and reports whether it had anything to write.
+func (h *Ownership) do(batch []claim) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
 	defer cancel()
 	var cmds []replication.Command
@@ -275,7 +281,7 @@ func (h *Ownership) do(batch []claim) {
 	var err error
 	switch len(cmds) {
 	case 0:
-		return
+		return false
 	case 1:
 		var res replication.Result
 		res, err = h.repl.Apply(ctx, cmds[0])
@@ -298,6 +304,7 @@ func (h *Ownership) do(batch []claim) {
 		}
 		h.claimed(c, results[i])
 	}
+	return true
 }
 
 // command is what c writes: a ReleaseOwner if this connection still holds
