@@ -60,6 +60,9 @@ type campaign struct {
 	// rrReplies counts the replies each requester received (0: clean, 1:
 	// persistent): the faults wait for one of each (awaitWorkloads).
 	rrReplies [2]atomic.Int64
+	// tkoRounds counts each takeover device's rounds whose "new" was
+	// acknowledged and read: the faults wait for one of each too.
+	tkoRounds [tkoDevices]atomic.Int64
 	t         *testing.T
 	seed      int64
 	c         *cluster
@@ -253,6 +256,13 @@ func runCampaign(t *testing.T, seed int64, phase time.Duration) {
 			cp.rrRequester(ctx, id, id == rrPersistent, rand.New(rand.NewSource(seed+270+int64(i))))
 		}()
 	}
+	for k := 1; k <= tkoDevices; k++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cp.takeoverDevice(ctx, k, rand.New(rand.NewSource(seed+280+int64(k))))
+		}()
+	}
 
 	cp.awaitWorkloads(workloadWarmup)
 	faultErr := cp.injectFaults(phase, rand.New(rand.NewSource(seed)))
@@ -364,7 +374,7 @@ func partitionsWanted() bool { return os.Getenv("CHAOS_NETNS") != "0" }
 // workloadMissing lists the parts of the workload that did not run (their
 // counts are zero): a campaign that exercised nothing proves nothing.
 func workloadMissing(res CheckResult, partitions bool) []string {
-	ss, wl, av, sw, rr := res.Sessions, res.Wills, res.Avail, res.Switch, res.RR
+	ss, wl, av, sw, rr, tk := res.Sessions, res.Wills, res.Avail, res.Switch, res.RR, res.Takeover
 	checks := []struct {
 		what string
 		n    int
@@ -386,6 +396,7 @@ func workloadMissing(res CheckResult, partitions bool) []string {
 		{"graceful stops with the client back in time", wl.GracefulJudged},
 		{"request/response rounds judged (clean requester)", rr.Judged - rr.JudgedPersistent},
 		{"request/response rounds judged (persistent requester)", rr.JudgedPersistent},
+		{"same-node takeover rounds judged", tk.Judged},
 	}
 	if partitions {
 		p := res.Partition
@@ -472,7 +483,9 @@ func (cp *campaign) addUnavailable(n *Node, since time.Time) {
 const workloadWarmup = 20 * time.Second
 
 // awaitWorkloads waits, at most d, until each request/response requester
-// has received a reply. A round is judged only when no fault came within
+// has received a reply and each takeover device has had tkoWarmRounds
+// rounds read (checkTakeover judges a round only without a fault near it
+// either). A round is judged only when no fault came within
 // rejoinGrace before it, and the faults of a short campaign follow each
 // other closer than that: with the first fault at once, a race build
 // that was slow to start judged no round at all, and the campaign failed
@@ -480,7 +493,18 @@ const workloadWarmup = 20 * time.Second
 // rounds, every one beside a fault).
 func (cp *campaign) awaitWorkloads(d time.Duration) {
 	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) && (cp.rrReplies[0].Load() == 0 || cp.rrReplies[1].Load() == 0) {
+	waiting := func() bool {
+		if cp.rrReplies[0].Load() == 0 || cp.rrReplies[1].Load() == 0 {
+			return true
+		}
+		for i := range cp.tkoRounds {
+			if cp.tkoRounds[i].Load() < tkoWarmRounds {
+				return true
+			}
+		}
+		return false
+	}
+	for time.Now().Before(deadline) && waiting() {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
@@ -1082,6 +1106,11 @@ func summary(r Report) string {
 	fmt.Fprintf(w, "request/response rounds / judged (persistent, qos0) / received / lost\t%d / %d (%d, %d) / %d / %d\n", rr.Rounds, rr.Judged, rr.JudgedPersistent, rr.JudgedQoS0, rr.Received, rr.Lost)
 	fmt.Fprintf(w, "request/response not judged: suback / publish / fault / connection (reply received anyway)\t%d / %d / %d / %d (%d)\n",
 		rr.NotJudged["suback"], rr.NotJudged["publish"], rr.NotJudged["fault"], rr.NotJudged["connection"], rr.NotJudgedReceived)
+	tk := r.Result.Takeover
+	fmt.Fprintf(w, "same-node takeover rounds / judged / node reads judged (not judged) / old value served\t%d / %d / %d (%d) / %d\n",
+		tk.Rounds, tk.Judged, tk.NodeReads, tk.ReadsNotJudged, tk.OldValue)
+	fmt.Fprintf(w, "same-node takeover not judged: old / new / slow / fault / read\t%d / %d / %d / %d / %d\n",
+		tk.NotJudged["old"], tk.NotJudged["new"], tk.NotJudged["slow"], tk.NotJudged["fault"], tk.NotJudged["read"])
 	for _, k := range sortedKeys(r.BrokerCounters) {
 		fmt.Fprintf(w, "broker %s\t%g\n", k, r.BrokerCounters[k])
 	}

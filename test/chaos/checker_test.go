@@ -885,3 +885,171 @@ func TestCheckerRequestResponse(t *testing.T) {
 		})
 	}
 }
+
+// tkoRoundAt adds one takeover round of tko1 on node1 to h, starting at
+// start ms: the old connection's burst (backlog, then "online-<round>"),
+// the takeover's "new-<round>" acknowledged, and one reading per node of
+// served (node -> value; a node absent from it serves "new-<round>").
+func tkoRoundAt(h *History, round, start int, served map[string]string) {
+	dev := tkoDevice(1)
+	status := tkoStatus(dev)
+	h.Add(Op{Kind: KindTkoOld, Client: dev, Node: "node1", Topic: status, Seq: round, Value: tkoOnline(round), QoS: byte(round % 2), Backlog: 40,
+		Start: at(start), End: at(start + 5), Outcome: OK})
+	h.Add(Op{Kind: KindTkoNew, Client: dev, Node: "node1", Topic: status, Seq: round, Value: tkoNew(round), QoS: 1,
+		Start: at(start + 6), End: at(start + 300), Outcome: OK})
+	for _, n := range []string{"node1", "node2", "node3"} {
+		v, end := tkoNew(round), start+320
+		if s, ok := served[n]; ok {
+			v, end = s, start+300+int(tkoReadWait/time.Millisecond)
+		}
+		h.Add(Op{Kind: KindTkoRead, Client: "tko-reader", Node: n, Topic: status, Seq: round, Value: v,
+			Start: at(start + 301), End: at(end), Outcome: OK})
+	}
+}
+
+// TestCheckerTakeoverOrder: after a same-node takeover whose "new" was
+// acknowledged, a node serving the round's "online" (the old connection's
+// write, queued behind its backlog, landed after the takeover's: the bug
+// fixed in hooks/pipeline_takeover.go) or an older value is
+// takeover-order; a round near a fault on the device's node, or whose
+// "new" or reads did not succeed (or "new" only slowly), is not judged; a
+// reading of a node near a fault is not judged.
+func TestCheckerTakeoverOrder(t *testing.T) {
+	var ok History
+	tkoRoundAt(&ok, 1, 0, nil)
+	tkoRoundAt(&ok, 2, 1000, nil)
+	if r := Check(ok.Ops(), nil, nil); len(r.Violations) != 0 || r.Takeover.Judged != 2 || r.Takeover.NodeReads != 6 || r.Takeover.Rounds != 2 {
+		t.Fatalf("valid rounds: violations %v, counts %+v", r.Violations, r.Takeover)
+	}
+
+	for _, tc := range []struct {
+		name, served, want string
+	}{
+		{"reordered: the round's online landed last", tkoOnline(2), "landed after it"},
+		{"the previous round's value kept", tkoNew(1), "an older value"},
+		{"no value", "", "no value"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h History
+			tkoRoundAt(&h, 1, 0, nil)
+			tkoRoundAt(&h, 2, 1000, map[string]string{"node2": tc.served})
+			r := Check(h.Ops(), nil, nil)
+			if len(r.Violations) != 1 || r.Violations[0].Check != "takeover-order" || len(r.Failing()) != 1 {
+				t.Fatalf("violations %v, want one takeover-order", r.Violations)
+			}
+			v := r.Violations[0]
+			if !strings.Contains(v.Detail, "round 2 of tko1") || !strings.Contains(v.Detail, "node2") ||
+				!strings.Contains(v.Detail, tc.want) || len(v.Excerpt) != 3 {
+				t.Errorf("violation does not name the round, the node and what it served: %s", v)
+			}
+			if r.Takeover.Judged != 2 || r.Takeover.OldValue != 1 {
+				t.Errorf("counts %+v, want 2 judged, 1 old value", r.Takeover)
+			}
+			if tc.served == tkoOnline(2) {
+				t.Logf("reported: %s", v)
+			}
+		})
+	}
+
+	var reordered History
+	tkoRoundAt(&reordered, 1, 0, nil)
+	tkoRoundAt(&reordered, 2, 1000, map[string]string{"node1": tkoOnline(2), "node2": tkoOnline(2), "node3": tkoOnline(2)})
+	for _, tc := range []struct {
+		name string
+		f    faultEvent
+	}{
+		{"pause of the device's node during the takeover", faultEvent{Kind: FaultPause, Node: "node1", Start: at(1100), End: at(2000)}},
+		// A write of a round touched by a fault may land late: the
+		// previous round's window counts too.
+		{"cut of the device's node healed within rejoinGrace before the previous round", faultEvent{Kind: FaultPartition, Node: "node1", Start: at(-9000), End: at(-4000)}},
+		{"rolling restart", faultEvent{Kind: FaultRolling, Node: "all", Start: at(500), End: at(20000)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := Check(reordered.Ops(), nil, []faultEvent{tc.f})
+			if len(r.Violations) != 0 || r.Takeover.OldValue != 0 || r.Takeover.NotJudged["fault"] < 1 {
+				t.Fatalf("violations %v, counts %+v; want the reordered round not judged", r.Violations, r.Takeover)
+			}
+		})
+	}
+	// A fault on another node leaves the round judged (the bug showed
+	// mostly then); only that node's reading is not.
+	for _, tc := range []struct {
+		name string
+		f    faultEvent
+	}{
+		{"pause of another node during the takeover", faultEvent{Kind: FaultPause, Node: "node3", Start: at(1100), End: at(2000)}},
+		{"kill of another node during the reads", faultEvent{Kind: FaultKill, Node: "node3", Start: at(3000), End: at(4000)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := Check(reordered.Ops(), nil, []faultEvent{tc.f})
+			if len(r.Violations) != 2 || r.Takeover.Judged != 2 || r.Takeover.ReadsNotJudged != 1 {
+				t.Fatalf("violations %v, counts %+v; want takeover-order on node1 and node2", r.Violations, r.Takeover)
+			}
+			for _, v := range r.Violations {
+				if strings.Contains(v.Detail, "node3 served") || !strings.Contains(v.Excerpt[len(v.Excerpt)-1], "beside: fault") {
+					t.Errorf("violation judged the faulted node's reading or does not show the fault: %s", v)
+				}
+			}
+		})
+	}
+	// A fault that ended more than rejoinGrace before the previous round
+	// excuses nothing.
+	old := []faultEvent{{Kind: FaultKill, Node: "node1", Start: at(-9000), End: at(-100 - int(rejoinGrace/time.Millisecond))}}
+	if r := Check(reordered.Ops(), nil, old); len(r.Violations) != 3 || r.Takeover.Judged != 2 {
+		t.Errorf("a fault long before the rounds: violations %v, want takeover-order on each node", r.Violations)
+	}
+
+	// Rounds that are not clean are counted, not judged.
+	for _, tc := range []struct {
+		name, why string
+		edit      func(o *Op)
+	}{
+		{"the old connection's burst not written", "old", func(o *Op) {
+			if o.Kind == KindTkoOld {
+				o.Outcome, o.Err = Unknown, "write: broken pipe"
+			}
+		}},
+		{"new not acknowledged", "new", func(o *Op) {
+			if o.Kind == KindTkoNew {
+				o.Outcome, o.Err = Unknown, "no acknowledgement in time"
+			}
+		}},
+		// The takeover's wait for the old connection may have run into
+		// its bound (the write timeout).
+		{"new acknowledged slowly", "slow", func(o *Op) {
+			if o.Kind == KindTkoNew {
+				o.End = o.Start.Add(tkoFastAck + time.Millisecond)
+			}
+		}},
+		{"no node read", "read", func(o *Op) {
+			if o.Kind == KindTkoRead {
+				o.Outcome, o.Value, o.Err = Unknown, "", tkoNodeDown
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h History
+			for _, o := range reordered.Ops() {
+				if o.Seq == 2 {
+					tc.edit(&o)
+				}
+				h.Add(o)
+			}
+			r := Check(h.Ops(), nil, nil)
+			if len(r.Violations) != 0 || r.Takeover.Judged != 1 || r.Takeover.NotJudged[tc.why] != 1 {
+				t.Fatalf("violations %v, counts %+v; want round 2 not judged (%s)", r.Violations, r.Takeover, tc.why)
+			}
+		})
+	}
+	// A node that could not be read is not judged; the others are.
+	var partial History
+	for _, o := range reordered.Ops() {
+		if o.Seq == 2 && o.Kind == KindTkoRead && o.Node != "node3" {
+			o.Outcome, o.Value, o.Err = Unknown, "", "node1: the end marker did not arrive"
+		}
+		partial.Add(o)
+	}
+	if r := Check(partial.Ops(), nil, nil); len(r.Violations) != 1 || r.Takeover.NodeReads != 4 || !strings.Contains(r.Violations[0].Detail, "node3") {
+		t.Errorf("one node read: violations %v, counts %+v; want takeover-order on node3 only", r.Violations, r.Takeover)
+	}
+}

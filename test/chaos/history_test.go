@@ -74,6 +74,12 @@ type Op struct {
 	// Values: what a fresh subscriber read as retained values on Node
 	// (KindAvailRead: topic -> payload).
 	Values map[string]string `json:"values,omitempty"`
+	// Backlog: how many QoS 1 retained publishes a takeover device's old
+	// connection wrote before its "online" (KindTkoOld).
+	Backlog int `json:"backlog,omitempty"`
+	// Early: the takeover's PUBLISH was sent with its CONNECT, before
+	// CONNACK (KindTkoNew).
+	Early bool `json:"early,omitempty"`
 }
 
 func (o Op) String() string {
@@ -98,6 +104,12 @@ func (o Op) String() string {
 		fmt.Fprintf(&b, " round=%d qos=%d expiry=%d", o.Seq, o.QoS, o.Expiry)
 	case KindRRPub, KindRRRecv:
 		fmt.Fprintf(&b, " round=%d qos=%d", o.Seq, o.QoS)
+	case KindTkoOld:
+		fmt.Fprintf(&b, " round=%d backlog=%d qos=%d", o.Seq, o.Backlog, o.QoS)
+	case KindTkoNew:
+		fmt.Fprintf(&b, " round=%d early=%t", o.Seq, o.Early)
+	case KindTkoRead:
+		fmt.Fprintf(&b, " round=%d", o.Seq)
 	default:
 		fmt.Fprintf(&b, " publisher=%s seq=%d pub_conn=%d sub_conn=%d", o.Publisher, o.Seq, o.PubConn, o.SubConn)
 	}
@@ -188,6 +200,7 @@ type CheckResult struct {
 	Avail         AvailResult     `json:"avail"`
 	Switch        SwitchResult    `json:"switch"`
 	RR            RRResult        `json:"request_response"`
+	Takeover      TakeoverResult  `json:"takeover"`
 	Violations    []Violation     `json:"violations"`
 	// KnownIssues counts the violations with a known bug's signature, by
 	// bug (they are in Violations too, with Known set).
@@ -244,9 +257,10 @@ func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
 		Partition: PartitionResult{Minority: map[Outcome]int{}, Majority: map[Outcome]int{}},
 		Sessions: SessionResult{PublishedQoS1: map[Outcome]int{}, PublishedQoS2: map[Outcome]int{},
 			PersistentQoS2: map[Outcome]int{}, Fresh: map[Outcome]int{}},
-		Avail:  AvailResult{Online: map[Outcome]int{}},
-		Switch: SwitchResult{Published: map[Outcome]int{}},
-		RR:     RRResult{NotJudged: map[string]int{}}}
+		Avail:    AvailResult{Online: map[Outcome]int{}},
+		Switch:   SwitchResult{Published: map[Outcome]int{}},
+		RR:       RRResult{NotJudged: map[string]int{}},
+		Takeover: TakeoverResult{NotJudged: map[string]int{}}}
 	for _, o := range ops {
 		switch o.Kind {
 		case KindRetain:
@@ -265,6 +279,7 @@ func Check(ops []Op, finals []FinalRead, faults []faultEvent) CheckResult {
 	checkAvail(ops, faults, &r)
 	checkSwitch(ops, &r)
 	checkRR(ops, faults, &r)
+	checkTakeover(ops, faults, &r)
 	for _, v := range r.Violations {
 		if v.Known != "" {
 			if r.KnownIssues == nil {
