@@ -85,12 +85,8 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 				c.SessionsTuning = func(s *hooks.SessionsConfig) { s.Timeout = 20 * time.Second }
 			}, "n1", "n2", "n3")
 			cl.waitReady()
-			var n1 *Node
-			for _, n := range cl.nodes {
-				if !n.repl.IsLeader() {
-					n1 = n // a follower: each commit is a round trip to the leader
-				}
-			}
+			_, f := cl.leaderAndFollower(t)
+			n1 := cl.nodes[f] // a follower: each commit is a round trip to the leader
 			id, status := "bl-dev", "bl/status"
 			connect := func(clean, will bool) (*rawClient, *packets.Connack) {
 				conn, err := net.DialTimeout("tcp", n1.Addr("mqtt"), 5*time.Second)
@@ -203,12 +199,8 @@ func TestTakeoverChainWaitsForEveryOlderConnection(t *testing.T) {
 func TestTakeoverWithoutWillDoesNotWaitForBacklog(t *testing.T) {
 	cl := newTestCluster(t, "n1", "n2", "n3")
 	cl.waitReady()
-	var n1 *Node
-	for _, n := range cl.nodes {
-		if !n.repl.IsLeader() {
-			n1 = n // a follower: each commit is a round trip to the leader
-		}
-	}
+	_, f := cl.leaderAndFollower(t)
+	n1 := cl.nodes[f] // a follower: each commit is a round trip to the leader
 	id := "dl-dev"
 	a, _ := rawConnect(t, n1.Addr("mqtt"), id, true, 0)
 	var buf bytes.Buffer
