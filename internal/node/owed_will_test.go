@@ -92,6 +92,13 @@ func owedDev(t *testing.T, tc *testCluster) *testutil.Client {
 		if s, ok := tc.nodes["n1"].repl.Session("ow-dev"); !ok || s.Will == nil || s.Owner != "n3" {
 			return fmt.Errorf("dev's will not in n1's log yet: %+v", s)
 		}
+		// And n3's claim of the client id, written after CONNACK: one
+		// still on its way when the test cuts n3 off lands after the new
+		// connection's and ends it (the README's known gap of a late
+		// claim; seen once in CI), which is not what these tests are about.
+		if o, ok := tc.nodes["n1"].repl.Owner("ow-dev"); !ok || o.Node != "n3" {
+			return fmt.Errorf("n3's claim of dev not in n1's log yet: %+v", o)
+		}
 		return nil
 	})
 	tc.waitSession(t, "ow-ha", func(s sessionView) error {
