@@ -44,6 +44,15 @@ type Retained struct {
 	willMu sync.Mutex
 	wills  map[*mqtt.Client]willMark // retained wills mochi is publishing (retained_wills.go)
 
+	// indexMu orders the writes of committed values into mochi's index:
+	// assert reads this node's state and then writes the index, and an
+	// Apply of a newer value between the two was overwritten by the value
+	// assert had read. A follower whose own forwarded write returned
+	// before it applied it then served the older value until the topic
+	// changed again (chaos seed 20261213, takeover-order:
+	// TestAssertDoesNotUndoANewerApply).
+	indexMu sync.Mutex
+
 	// laneMu guards lanes, each client id's queue of retained writes
 	// (retained_lane.go); laneSpace wakes writers waiting for room.
 	laneMu    sync.Mutex
@@ -221,7 +230,13 @@ func (h *Retained) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) 
 }
 
 func (h *Retained) assert(topic string) {
-	if m, ok := h.repl.RetainedMessage(topic); ok && !m.Expired(time.Now()) {
+	h.indexMu.Lock()
+	defer h.indexMu.Unlock()
+	m, ok := h.repl.RetainedMessage(topic)
+	if assertGap != nil {
+		assertGap(topic)
+	}
+	if ok && !m.Expired(time.Now()) {
 		if pk, ok := h.packet(m); ok {
 			h.server.Topics.RetainMessage(pk)
 		}
@@ -231,8 +246,14 @@ func (h *Retained) assert(topic string) {
 	atomic.StoreInt64(&h.server.Info.Retained, int64(h.server.Topics.Retained.Len()))
 }
 
+// assertGap, if set, runs in assert between its read of the state and its
+// write of the index (tests: a newer value applied meanwhile).
+var assertGap func(topic string)
+
 // Apply is the replication observer: a committed change, in log order.
 func (h *Retained) Apply(ch replication.RetainedChange) {
+	h.indexMu.Lock()
+	defer h.indexMu.Unlock()
 	if ch.Cleared {
 		h.server.Topics.RetainMessage(clearPacket(ch.Topic))
 	} else if pk, ok := h.packet(ch.Msg); ok {
@@ -246,6 +267,8 @@ func (h *Retained) Apply(ch replication.RetainedChange) {
 // Resync replaces the local retained index with the replicated state,
 // after a snapshot restore (including at start-up).
 func (h *Retained) Resync() {
+	h.indexMu.Lock()
+	defer h.indexMu.Unlock()
 	want := map[string]bool{}
 	now := time.Now()
 	for _, m := range h.repl.Retained() {

@@ -1,0 +1,87 @@
+package hooks
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/system"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mqtt-ha/broker/replication"
+)
+
+// TestAssertDoesNotUndoANewerApply: assert (after mochi stored its own
+// copy of a retained publish) reads this node's state and then writes
+// mochi's index. A newer value applied in between was overwritten by the
+// older one read, and the node served it until the topic changed again:
+// on a follower, whose own forwarded write returns before it applies it
+// (chaos seed 20261213: the old connection's "online" served after the
+// new connection's acknowledged "new").
+func TestAssertDoesNotUndoANewerApply(t *testing.T) {
+	s := mqtt.New(&mqtt.Options{Logger: slog.New(slog.DiscardHandler)})
+	h := NewRetained(s, 5*time.Second, NewMetrics(prometheus.NewRegistry(), &system.Info{}), slog.New(slog.DiscardHandler))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	n, err := replication.New(replication.Config{NodeID: "n1", Advertise: addr, DataDir: t.TempDir(),
+		BootstrapExpect: 1, Listener: ln, OnRetained: h.Apply,
+		HeartbeatTimeout: 150 * time.Millisecond, ElectionTimeout: 150 * time.Millisecond,
+		LeaderLeaseTimeout: 100 * time.Millisecond, CommitTimeout: 5 * time.Millisecond, ExpirySweepInterval: -1,
+		Dial: func(ctx context.Context, a string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", a)
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	h.SetReplication(n)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	set := func(v string) *replication.RetainSet {
+		return &replication.RetainSet{Msg: replication.RetainedMessage{Topic: "dev/status", Payload: []byte(v), Created: time.Now().UnixMilli()}}
+	}
+	for {
+		if _, err := n.Apply(ctx, set("online")); err == nil {
+			break
+		} else if ctx.Err() != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond) // no leader yet
+	}
+	applied := make(chan error, 1)
+	assertGap = func(topic string) {
+		// "new" commits and is applied while assert holds "online".
+		go func() {
+			_, err := n.Apply(ctx, set("new"))
+			applied <- err
+		}()
+		deadline := time.Now().Add(5 * time.Second)
+		for time.Now().Before(deadline) {
+			if m, ok := n.RetainedMessage(topic); ok && string(m.Payload) == "new" {
+				time.Sleep(50 * time.Millisecond) // room for its observer to write the index
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		t.Error("the newer value was not applied")
+	}
+	defer func() { assertGap = nil }()
+	h.assert("dev/status")
+	assertGap = nil
+	if err := <-applied; err != nil {
+		t.Fatal(err)
+	}
+	if pk, ok := s.Topics.Retained.Get("dev/status"); !ok || string(pk.Payload) != "new" {
+		t.Fatalf("mochi's index holds %q after the newer value was applied, want \"new\"", pk.Payload)
+	}
+}
