@@ -47,34 +47,30 @@ func TestClaimsOfAConnectStormShareEntries(t *testing.T) {
 	}
 }
 
-// TestPacedNodeDoesNotHoldBackAClaim: a client connects to n1, which has
-// just written another client's claim, and at once to n2. n1's claim of
-// the older connection must not wait for the pace: held back, it landed
-// after n2's and, the later claim in log order winning, dropped the
-// client's newer connection (3 rounds of 3 with n1's pace at 1 s; with the
-// 10 ms default, 58 of 60 against 1-3 of 60 with n1 quiet; found by
-// review).
+// TestPacedNodeDoesNotHoldBackAClaim: a client that connects to n1 just
+// after another one is not held back by the pace: its claim is written at
+// once. Held back, it could land after the claim of the client's newer
+// connection on another node and, the later claim in log order winning,
+// drop that connection (58 of 60 rounds with a plain 10 ms pace against
+// 1-3 of 60 with n1 quiet; found by review). That race itself is the
+// README's known gap and is not what this test measures: only that the
+// claim is not held for the pace (5 s here).
 func TestPacedNodeDoesNotHoldBackAClaim(t *testing.T) {
-	tc := newTunedCluster(t, func(c *Config) {
-		if c.NodeID == "n1" {
-			c.claimPace = time.Second
-		}
-	}, "n1", "n2")
+	const pace = 5 * time.Second
+	tc := newTunedCluster(t, func(c *Config) { c.claimPace = pace }, "n1")
 	tc.waitReady()
+	n := tc.nodes["n1"]
 	for i := range 3 {
-		f := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: fmt.Sprintf("pace-f-%d", i), CleanStart: true})
+		f := testutil.Connect(t, n.Addr("mqtt"), testutil.ClientOptions{ID: fmt.Sprintf("pace-f-%d", i), CleanStart: true})
 		id := fmt.Sprintf("pace-x-%d", i)
-		old := testutil.Connect(t, tc.nodes["n1"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true})
-		cur := testutil.Connect(t, tc.nodes["n2"].Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true})
-		select {
-		case <-old.Done():
-		case <-cur.Done():
-			t.Fatalf("round %d: the newer connection, on n2, was dropped by the older one's claim, held back on n1", i)
-		case <-time.After(wait):
-			t.Fatalf("round %d: neither connection was dropped", i)
-		}
-		old.Close()
-		cur.Close()
+		x := testutil.Connect(t, n.Addr("mqtt"), testutil.ClientOptions{ID: id, CleanStart: true})
+		testutil.Eventually(t, pace/2, func() error {
+			if o, ok := n.repl.Owner(id); !ok || o.Node != "n1" {
+				return fmt.Errorf("round %d: the claim of %s is held back", i, id)
+			}
+			return nil
+		})
+		x.Close()
 		f.Close()
 	}
 }
