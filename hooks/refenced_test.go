@@ -3,7 +3,6 @@ package hooks
 import (
 	"context"
 	"errors"
-	"net"
 	"testing"
 	"time"
 
@@ -19,26 +18,7 @@ import (
 // again and mochi published the will at the stop (what mirrorLeftovers
 // exists to prevent).
 func TestRefencedMirrorOpenIsAsOfNow(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	n, err := replication.New(replication.Config{NodeID: "n1", Advertise: addr, DataDir: t.TempDir(),
-		BootstrapExpect: 1, Listener: ln, Registerer: nil,
-		HeartbeatTimeout: 150 * time.Millisecond, ElectionTimeout: 150 * time.Millisecond,
-		LeaderLeaseTimeout: 100 * time.Millisecond, CommitTimeout: 5 * time.Millisecond, ExpirySweepInterval: -1,
-		Dial: func(ctx context.Context, a string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "tcp", a)
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	defer n.Close()
+	n := startSingleNode(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	open := func(id string, at int64, asOf uint64) *replication.SessionOpen {

@@ -3,7 +3,6 @@ package hooks
 import (
 	"context"
 	"log/slog"
-	"net"
 	"testing"
 	"time"
 
@@ -24,39 +23,15 @@ import (
 func TestAssertDoesNotUndoANewerApply(t *testing.T) {
 	s := mqtt.New(&mqtt.Options{Logger: slog.New(slog.DiscardHandler)})
 	h := NewRetained(s, 5*time.Second, NewMetrics(prometheus.NewRegistry(), &system.Info{}), slog.New(slog.DiscardHandler))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	n, err := replication.New(replication.Config{NodeID: "n1", Advertise: addr, DataDir: t.TempDir(),
-		BootstrapExpect: 1, Listener: ln, OnRetained: h.Apply,
-		HeartbeatTimeout: 150 * time.Millisecond, ElectionTimeout: 150 * time.Millisecond,
-		LeaderLeaseTimeout: 100 * time.Millisecond, CommitTimeout: 5 * time.Millisecond, ExpirySweepInterval: -1,
-		Dial: func(ctx context.Context, a string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "tcp", a)
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	defer n.Close()
+	n := startSingleNode(t, func(c *replication.Config) { c.OnRetained = h.Apply })
 	h.SetReplication(n)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	set := func(v string) *replication.RetainSet {
 		return &replication.RetainSet{Msg: replication.RetainedMessage{Topic: "dev/status", Payload: []byte(v), Created: time.Now().UnixMilli()}}
 	}
-	for {
-		if _, err := n.Apply(ctx, set("online")); err == nil {
-			break
-		} else if ctx.Err() != nil {
-			t.Fatal(err)
-		}
-		time.Sleep(50 * time.Millisecond) // no leader yet
+	if _, err := n.Apply(ctx, set("online")); err != nil {
+		t.Fatal(err)
 	}
 	applied := make(chan error, 1)
 	assertGap = func(topic string) {
