@@ -99,7 +99,7 @@ func (h *Retained) ID() string { return "replicated-retained" }
 // Provides implements mqtt.Hook.
 func (h *Retained) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnPublish, mqtt.OnRetainMessage, mqtt.OnWill, mqtt.OnWillSent, mqtt.OnSubscribe, mqtt.OnPacketEncode:
+	case mqtt.OnPublish, mqtt.OnRetainMessage, mqtt.OnRetainedExpired, mqtt.OnWill, mqtt.OnWillSent, mqtt.OnSubscribe, mqtt.OnPacketEncode:
 		return true
 	}
 	return false
@@ -244,6 +244,17 @@ func (h *Retained) assert(topic string) {
 		h.server.Topics.RetainMessage(clearPacket(topic))
 	}
 	atomic.StoreInt64(&h.server.Info.Retained, int64(h.server.Topics.Retained.Len()))
+}
+
+// OnRetainedExpired puts back what the state holds after mochi's own
+// expiry sweep deleted filter from its index: the sweep deletes by name,
+// from a copy of the index taken before, so it also deleted a newer,
+// unexpired value that Apply wrote after the copy, and the node served
+// nothing for the topic until it changed again (found by review).
+func (h *Retained) OnRetainedExpired(filter string) {
+	if h.repl != nil {
+		h.assert(filter)
+	}
 }
 
 // assertGap, if set, runs in assert between its read of the state and its

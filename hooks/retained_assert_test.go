@@ -60,3 +60,40 @@ func TestAssertDoesNotUndoANewerApply(t *testing.T) {
 		t.Fatalf("mochi's index holds %q after the newer value was applied, want \"new\"", pk.Payload)
 	}
 }
+
+// TestExpirySweepDoesNotDropANewerValue: mochi's retained expiry sweep
+// (clearExpiredRetainedMessages) copies the index, then deletes each
+// expired topic by name and calls OnRetainedExpired. A value applied
+// between the copy and the delete was deleted with the expired one; the
+// hook must put the state's value back, and must not put back a value
+// the state holds expired.
+func TestExpirySweepDoesNotDropANewerValue(t *testing.T) {
+	s := mqtt.New(&mqtt.Options{Logger: slog.New(slog.DiscardHandler)})
+	h := NewRetained(s, 5*time.Second, NewMetrics(prometheus.NewRegistry(), &system.Info{}), slog.New(slog.DiscardHandler))
+	if !h.Provides(mqtt.OnRetainedExpired) {
+		t.Fatal("the retained hook does not take mochi's OnRetainedExpired")
+	}
+	n := startSingleNode(t, func(c *replication.Config) { c.OnRetained = h.Apply })
+	h.SetReplication(n)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	set := func(topic, v string, expires int64) {
+		t.Helper()
+		if _, err := n.Apply(ctx, &replication.RetainSet{Msg: replication.RetainedMessage{Topic: topic, Payload: []byte(v),
+			Created: time.Now().UnixMilli(), Expires: expires}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set("dev/status", "new", 0)
+	set("dev/gone", "old", time.Now().Add(-time.Minute).UnixMilli())
+	for _, topic := range []string{"dev/status", "dev/gone"} {
+		s.Topics.Retained.Delete(topic) // the sweep's delete
+		h.OnRetainedExpired(topic)
+	}
+	if pk, ok := s.Topics.Retained.Get("dev/status"); !ok || string(pk.Payload) != "new" {
+		t.Fatalf("after mochi's expiry sweep the index holds %q (present %t), want the state's unexpired \"new\"", pk.Payload, ok)
+	}
+	if pk, ok := s.Topics.Retained.Get("dev/gone"); ok {
+		t.Fatalf("the index holds %q, which the state holds expired", pk.Payload)
+	}
+}
