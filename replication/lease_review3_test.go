@@ -175,7 +175,7 @@ func r3Cluster(t *testing.T, ht, et time.Duration) (map[string]*r3Node, map[stri
 			}
 			return r.State(), r.CurrentTerm(), true
 		}
-		r, err := raft.NewRaft(rc, nopFSM{}, logs, n.stable, snaps, raftTransport{n.trans, &heartbeatGuard{}, gate, n.lease, false})
+		r, err := raft.NewRaft(rc, nopFSM{}, logs, n.stable, snaps, raftTransport{n.trans, &heartbeatGuard{}, gate, n.lease, false, nil})
 		if err != nil {
 			t.Fatal(err)
 		}

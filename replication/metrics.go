@@ -19,6 +19,7 @@ type metrics struct {
 	snapshotBytes    prometheus.Gauge
 	snapshotDuration prometheus.Histogram
 	leaderChanges    prometheus.Counter
+	commitNotices    prometheus.Counter
 	membership       *prometheus.CounterVec
 	barrierLatency   prometheus.Histogram
 	barrierErrors    *prometheus.CounterVec
@@ -70,6 +71,10 @@ func newMetrics() *metrics {
 			Namespace: ns, Subsystem: sub, Name: "leader_changes_total",
 			Help: "Leader changes observed by this node (including 'no leader').",
 		}),
+		commitNotices: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "commit_notices_total",
+			Help: "AppendEntries without entries this node sent as leader only to tell a follower of a commit at once, instead of after CommitTimeout (commitnotice.go).",
+		}),
 		membership: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "membership_changes_total",
 			Help: "Configuration changes made by this node as leader, by action.",
@@ -94,7 +99,7 @@ func newMetrics() *metrics {
 	}
 	m.collectors = []prometheus.Collector{
 		m.commitLatency, m.applyLatency, m.batchSize, m.appliedEntries, m.appliedCommands,
-		m.applyErrors, m.snapshotBytes, m.snapshotDuration, m.leaderChanges, m.membership,
+		m.applyErrors, m.snapshotBytes, m.snapshotDuration, m.leaderChanges, m.commitNotices, m.membership,
 		m.barrierLatency, m.barrierErrors, m.readIndexes, m.blobBytes,
 	}
 	return m

@@ -59,6 +59,7 @@ type Node struct {
 	snaps     raft.SnapshotStore
 	reads     readRounds                // coalesced ReadBarrier rounds
 	lease     *readLease                // read indexes without a heartbeat round (lease.go)
+	notice    *commitNotice             // commits told to followers at once (commitnotice.go)
 	raftReady atomic.Pointer[raft.Raft] // n.raft, for the transport's goroutines
 	demux     *demux
 	rpcc      *rpcClient
@@ -240,6 +241,10 @@ func (n *Node) Start(ctx context.Context) (err error) {
 		Stream: &streamLayer{d: n.demux}, MaxPool: cfg.MaxPool, Timeout: cfg.IOTimeout,
 		Logger: hlog.Named("net"),
 	})
+	if !cfg.Pipeline {
+		n.notice = newCommitNotice(trans.AppendEntries, n.raftReady.Load, n.m.commitNotices.Inc)
+		cleanup = append(cleanup, n.notice.close) // after the transport's, which ends a send
+	}
 	cleanup = append(cleanup, func() { trans.CloseStreams(); _ = trans.Close() })
 
 	rc := raft.DefaultConfig()
@@ -271,7 +276,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	gate := newVoteGate(&n.votesHeld, &n.votesStrict, n.lease, n.transferAccepted, n.stop)
 	gate.state = n.raftState
 	gate.lastEntry = n.lastEntry
-	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, raftTransport{trans, n.heartbeats, gate, n.lease, cfg.Pipeline})
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, raftTransport{trans, n.heartbeats, gate, n.lease, cfg.Pipeline, n.notice})
 	if err != nil {
 		return fmt.Errorf("replication: start raft: %w", err)
 	}
@@ -298,7 +303,8 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.logVers.known = map[raft.ServerID]uint32{}
 	n.logVers.wake = make(chan struct{}, 1)
 	n.logVers.min.Store(1)
-	n.wg.Add(3)
+	n.wg.Add(4)
+	go n.commitNoticeLoop()
 	go n.observeLoop(obsCh)
 	go n.manageLoop()
 	go n.logVersionLoop()
@@ -344,6 +350,7 @@ func (n *Node) shutdown(graceful bool) error {
 	n.rpcc.close()
 	n.trans.CloseStreams()
 	_ = n.trans.Close()
+	n.notice.close()
 	n.demux.close()
 	if err := n.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close log store: %w", err))
@@ -457,4 +464,24 @@ func (n *Node) rpcContext(ms uint64) (context.Context, context.CancelFunc) {
 		d = time.Duration(ms) * time.Millisecond
 	}
 	return context.WithTimeout(n.life, d)
+}
+
+// commitNoticeLoop wakes the commit notifier whenever this node applies
+// (on the leader, entries apply once committed).
+func (n *Node) commitNoticeLoop() {
+	defer n.wg.Done()
+	if n.notice == nil {
+		return
+	}
+	for {
+		_, moved := n.fsm.syncedState()
+		select {
+		case <-moved:
+		case <-n.stop:
+			return
+		}
+		if n.raft.State() == raft.Leader {
+			n.notice.committed()
+		}
+	}
 }

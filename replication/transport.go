@@ -283,6 +283,7 @@ type raftTransport struct {
 	// sends one AppendEntries at a time per follower, each carrying up to
 	// MaxAppendEntries entries.
 	pipeline bool
+	notice   *commitNotice // nil with pipeline on
 }
 
 // AppendEntries records, for the read lease, when a request the follower
@@ -294,7 +295,9 @@ type raftTransport struct {
 // main loop in order with that decision.
 func (t raftTransport) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
 	sent := time.Now()
+	t.notice.begin(id, target, args)
 	err := t.NetworkTransport.AppendEntries(id, target, args, resp)
+	t.notice.end(id, args, resp, err)
 	if err == nil && renewsLease(args, resp) {
 		t.lease.acked(id, args.Term, sent)
 	}
