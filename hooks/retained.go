@@ -39,7 +39,10 @@ type Retained struct {
 	timeout time.Duration
 	metrics *Metrics
 	log     *slog.Logger
-	base    context.Context // see Sessions.base
+	// assertGap, if set, runs in assert between its read of the state
+	// and its write of the index (tests: a newer value applied meanwhile).
+	assertGap func(topic string)
+	base      context.Context // see Sessions.base
 
 	willMu sync.Mutex
 	wills  map[*mqtt.Client]willMark // retained wills mochi is publishing (retained_wills.go)
@@ -233,8 +236,8 @@ func (h *Retained) assert(topic string) {
 	h.indexMu.Lock()
 	defer h.indexMu.Unlock()
 	m, ok := h.repl.RetainedMessage(topic)
-	if assertGap != nil {
-		assertGap(topic)
+	if h.assertGap != nil {
+		h.assertGap(topic)
 	}
 	if ok && !m.Expired(time.Now()) {
 		if pk, ok := h.packet(m); ok {
@@ -256,10 +259,6 @@ func (h *Retained) OnRetainedExpired(filter string) {
 		h.assert(filter)
 	}
 }
-
-// assertGap, if set, runs in assert between its read of the state and its
-// write of the index (tests: a newer value applied meanwhile).
-var assertGap func(topic string)
 
 // Apply is the replication observer: a committed change, in log order.
 func (h *Retained) Apply(ch replication.RetainedChange) {
