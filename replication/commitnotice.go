@@ -83,7 +83,7 @@ func (c *commitNotice) end(id raft.ServerID, args *raft.AppendEntriesRequest, re
 		return
 	}
 	p.inflight--
-	if err == nil && resp.Term == args.Term {
+	if err == nil && resp.Term == args.Term && args.Term >= p.term {
 		if args.Term != p.term {
 			p.term, p.match, p.matchT, p.told = args.Term, 0, 0, 0
 		}
@@ -182,11 +182,15 @@ func (c *commitNotice) due(p *noticePeer, claim bool) (raft.AppendEntriesRequest
 	if r == nil || r.State() != raft.Leader {
 		return raft.AppendEntriesRequest{}, "", false
 	}
+	term := r.CurrentTerm()
 	commit, last := r.CommitIndex(), r.LastIndex()
+	if r.State() != raft.Leader || r.CurrentTerm() != term {
+		return raft.AppendEntriesRequest{}, "", false
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	to := min(commit, p.match)
-	if p.inflight > 0 || p.term == 0 || to <= p.told || last > p.match {
+	if p.inflight > 0 || p.term != term || to <= p.told || last > p.match {
 		return raft.AppendEntriesRequest{}, "", false
 	}
 	if claim {
@@ -196,8 +200,8 @@ func (c *commitNotice) due(p *noticePeer, claim bool) (raft.AppendEntriesRequest
 		PrevLogEntry: p.match, PrevLogTerm: p.matchT, LeaderCommitIndex: to}, p.addr, true
 }
 
-// close stops the notifiers; call it once the transport is closed (which
-// ends a send in progress).
+// close stops the notifiers; call it once the node's connections are
+// closed (demux.close), which ends a send in progress.
 func (c *commitNotice) close() {
 	if c == nil {
 		return

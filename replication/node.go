@@ -233,6 +233,9 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	n.votesStrict.Store(!had) // relaxed only once peers show a new cluster
 
 	maxFrame := cfg.MaxBatchBytes + maxRPCFrameSlack
+	// After the demux's close (cleanups run last first), which ends a
+	// notice being sent; the transport's Close does not.
+	cleanup = append(cleanup, func() { n.notice.close() })
 	n.demux = newDemux(cfg, n.log, func(c net.Conn) { (&rpcServer{n: n, maxFrame: maxFrame}).serveConn(c) })
 	cleanup = append(cleanup, n.demux.close)
 	n.rpcc = newRPCClient(n.demux, maxFrame)
@@ -243,7 +246,6 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	})
 	if !cfg.Pipeline {
 		n.notice = newCommitNotice(trans.AppendEntries, n.raftReady.Load, n.m.commitNotices.Inc)
-		cleanup = append(cleanup, n.notice.close) // after the transport's, which ends a send
 	}
 	cleanup = append(cleanup, func() { trans.CloseStreams(); _ = trans.Close() })
 
@@ -350,8 +352,8 @@ func (n *Node) shutdown(graceful bool) error {
 	n.rpcc.close()
 	n.trans.CloseStreams()
 	_ = n.trans.Close()
+	n.demux.close() // ends a notice being sent
 	n.notice.close()
-	n.demux.close()
 	if err := n.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close log store: %w", err))
 	}
@@ -473,13 +475,15 @@ func (n *Node) commitNoticeLoop() {
 	if n.notice == nil {
 		return
 	}
+	_, moved := n.fsm.syncedState()
 	for {
-		_, moved := n.fsm.syncedState()
 		select {
 		case <-moved:
 		case <-n.stop:
 			return
 		}
+		// The next channel before the kick: a move in between still wakes.
+		_, moved = n.fsm.syncedState()
 		if n.raft.State() == raft.Leader {
 			n.notice.committed()
 		}
