@@ -1,18 +1,11 @@
 package replication
 
 import (
-	"io"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/raft"
 )
-
-type nopRaftFSM struct{}
-
-func (nopRaftFSM) Apply(*raft.Log) any                 { return nil }
-func (nopRaftFSM) Snapshot() (raft.FSMSnapshot, error) { return nil, io.EOF }
-func (nopRaftFSM) Restore(io.ReadCloser) error         { return nil }
 
 // TestNoticeKeepsToItsTerm (found by review): the notifier paired a
 // follower's match recorded while this node led an earlier term with the
@@ -33,7 +26,7 @@ func TestNoticeKeepsToItsTerm(t *testing.T) {
 	if err := raft.BootstrapCluster(lc, logs, stable, snaps, lTrans, raft.Configuration{Servers: []raft.Server{{Suffrage: raft.Voter, ID: "L", Address: lAddr}}}); err != nil {
 		t.Fatal(err)
 	}
-	lr, err := raft.NewRaft(lc, nopRaftFSM{}, logs, stable, snaps, lTrans)
+	lr, err := raft.NewRaft(lc, nopFSM{}, logs, stable, snaps, lTrans)
 	if err != nil {
 		t.Fatal(err)
 	}
