@@ -52,6 +52,11 @@ test: test-deps lint tidy-check
 	CHAOS_SEED=$(TEST_CHAOS_SEED) CHAOS_SEED_LOG=$(CHAOS_SEED_LOG) E2E_RACE=1 $(GO) test $(RACE) -p 1 -count=1 -timeout 20m ./... 2>&1 | tee bin/test-output.txt \
 	  || { cat $(CHAOS_SEED_LOG) 2>/dev/null; ./scripts/test-digest.sh bin/test-output.txt; exit 1; }
 	@cat $(CHAOS_SEED_LOG) 2>/dev/null || echo "no chaos campaign ran (see test/chaos/README.md)"
+	@# The replication package again on the other log store, raft-wal
+	@# (--raft-log-store=wal): its restarts, snapshots and membership
+	@# changes on that store too. About 90 s.
+	REPLICATION_LOG_STORE=wal $(GO) test $(RACE) -count=1 -timeout 10m ./replication/ 2>&1 | tee bin/test-output-wal.txt \
+	  || { ./scripts/test-digest.sh bin/test-output-wal.txt; exit 1; }
 	$(MAKE) k8s-validate
 	$(MAKE) fuzz-short
 

@@ -37,9 +37,13 @@ type Config struct {
 	// right choice in Kubernetes: a pod whose IP changes needs no
 	// reconfiguration). Required.
 	Advertise string
-	// DataDir holds raft.db (bolt log and stable store) and snapshots/.
+	// DataDir holds the log store (raft.db or wal/) and snapshots/.
 	// Required.
 	DataDir string
+	// LogStore is the kind of log store a new data dir gets: LogStoreBolt
+	// (default) or LogStoreWAL (logstore.go). A data dir that holds the
+	// other kind is refused (ErrLogStoreMismatch).
+	LogStore string
 	// BootstrapExpect is the number of voters to wait for before the first
 	// election (see DESIGN.md). 0: never bootstrap, only join. It must be
 	// the same on every node and is ignored once the node has state.
@@ -188,6 +192,9 @@ func (c *Config) Sanitize() {
 			*i = v
 		}
 	}
+	if c.LogStore == "" {
+		c.LogStore = LogStoreBolt
+	}
 	def(&c.HeartbeatTimeout, time.Second)
 	def(&c.ElectionTimeout, time.Second)
 	def(&c.LeaderLeaseTimeout, 500*time.Millisecond)
@@ -235,6 +242,8 @@ func (c *Config) Validate() error {
 		return bad("NodeID is required")
 	case c.DataDir == "":
 		return bad("DataDir is required")
+	case c.LogStore != LogStoreBolt && c.LogStore != LogStoreWAL:
+		return bad("LogStore %q: want %q or %q", c.LogStore, LogStoreBolt, LogStoreWAL)
 	case c.Listener == nil:
 		return bad("Listener is required")
 	case c.Dial == nil:

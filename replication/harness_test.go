@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -21,8 +22,11 @@ import (
 
 // testConfig holds every tightened timing of the in-process tests in one
 // place. Raft's LeaderLeaseTimeout must stay below HeartbeatTimeout.
+// REPLICATION_LOG_STORE picks the log store (make test runs the package
+// once with each).
 func testConfig() Config {
 	return Config{
+		LogStore:                os.Getenv("REPLICATION_LOG_STORE"),
 		HeartbeatTimeout:        150 * time.Millisecond,
 		ElectionTimeout:         150 * time.Millisecond,
 		LeaderLeaseTimeout:      100 * time.Millisecond,

@@ -531,7 +531,11 @@ func bootstrapOnly(t *testing.T, dir string, servers []raft.Server) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		t.Fatal(err)
 	}
-	store, err := openBoltStore(filepath.Join(dir, raftDBFile), false)
+	cfg := testConfig()
+	if cfg.LogStore == "" {
+		cfg.LogStore = LogStoreBolt
+	}
+	store, err := openLogStore(dir, cfg.LogStore)
 	if err != nil {
 		t.Fatal(err)
 	}

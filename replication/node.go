@@ -17,7 +17,6 @@ import (
 )
 
 const (
-	raftDBFile  = "raft.db"
 	snapDir     = "snapshots" // created by raft's FileSnapshotStore under DataDir
 	blobDirName = "blobs"     // blob files (blob.go), rebuilt at every start
 	boltOpenTO  = 2 * time.Second
@@ -54,7 +53,7 @@ type Node struct {
 	logVers logVersions
 
 	blobSweep blobSweep // manageLoop only
-	store     *boltStore
+	store     logStore
 	logs      raft.LogStore // the cached log store raft uses
 	snaps     raft.SnapshotStore
 	reads     readRounds                // coalesced ReadBarrier rounds
@@ -154,7 +153,6 @@ func New(cfg Config) (*Node, error) {
 // snapshot), without creating anything. Call it before Start (bolt allows
 // one process at a time); afterwards use Node.HasState.
 func HasState(dir string) (bool, error) {
-	dbPath := filepath.Join(dir, raftDBFile)
 	snaps, err := os.ReadDir(filepath.Join(dir, snapDir))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return false, fmt.Errorf("replication: read snapshots: %w", err)
@@ -162,12 +160,23 @@ func HasState(dir string) (bool, error) {
 	if len(snaps) > 0 {
 		return true, nil
 	}
-	if _, err := os.Stat(dbPath); errors.Is(err, os.ErrNotExist) {
-		return false, nil
+	kind, err := existingLogStore(dir)
+	if err != nil || kind == "" {
+		return false, err
 	}
-	store, err := openBoltStore(dbPath, true)
-	if err != nil {
-		return false, fmt.Errorf("replication: %w", err)
+	var store logStore
+	if kind == LogStoreWAL {
+		w, err := openWAL(filepath.Join(dir, walDirName))
+		if err != nil {
+			return false, fmt.Errorf("replication: %w", err)
+		}
+		store = w
+	} else {
+		b, err := openBoltStore(filepath.Join(dir, raftDBFile), true)
+		if err != nil {
+			return false, fmt.Errorf("replication: %w", err)
+		}
+		store = b
 	}
 	defer store.Close()
 	ok, err := raft.HasExistingState(store, store, raft.NewDiscardSnapshotStore())
@@ -209,7 +218,7 @@ func (n *Node) Start(ctx context.Context) (err error) {
 	if err := n.fsm.st.store.reset(); err != nil {
 		return err
 	}
-	store, err := openBoltStore(filepath.Join(cfg.DataDir, raftDBFile), false)
+	store, err := openLogStore(cfg.DataDir, cfg.LogStore)
 	if err != nil {
 		return fmt.Errorf("replication: open log store: %w", err)
 	}

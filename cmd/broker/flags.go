@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/mqtt-ha/broker/internal/node"
+	"github.com/mqtt-ha/broker/replication"
 )
 
 // usageError is a configuration mistake: it names where the bad value came
@@ -121,6 +122,14 @@ func newServeFlags(o *serveOptions, hostname string) *flag.FlagSet {
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "time allowed for a graceful stop")
 	fs.DurationVar(&c.LameDuck, "lame-duck", 5*time.Second, "on a graceful stop, spread client disconnects over up to this long (10 ms apart, at most half of --shutdown-timeout), so that clients do not all reconnect to the other nodes at once; 0: all at once")
 	fs.BoolVar(&c.Pprof, "pprof", false, "serve /debug/pprof on --http-addr")
+	c.RaftLogStore = replication.LogStoreBolt
+	fs.Func("raft-log-store", "raft's log store for a new data dir: bolt (raft-boltdb) or wal (raft-wal, one fsync per write instead of two: about twice the durable QoS 1/2 throughput; experimental upstream). A data dir keeps the kind it was created with (default bolt)", func(s string) error {
+		if s != replication.LogStoreBolt && s != replication.LogStoreWAL {
+			return fmt.Errorf("want %s or %s", replication.LogStoreBolt, replication.LogStoreWAL)
+		}
+		c.RaftLogStore = s
+		return nil
+	})
 	fs.BoolVar(&c.RaftPipeline, "raft-pipeline", false, "experimental: raft sends AppendEntries to a follower without waiting for the answer to the previous one (see replication/DESIGN.md, Transport)")
 	fs.BoolVar(&c.ReadLease, "read-lease", false, "experimental: the raft leader confirms read barriers by a lease instead of a heartbeat round (cheaper QoS 1/2 publishes; set it on every node or none; see replication/DESIGN.md)")
 	fs.StringVar(&o.logFormat, "log-format", "", "text or json (default: text on a terminal, json otherwise)")

@@ -87,6 +87,9 @@ type Config struct {
 	// RaftPipeline: raft sends AppendEntries without waiting for the
 	// previous answer (--raft-pipeline, experimental).
 	RaftPipeline bool
+	// RaftLogStore is the log store a new data dir gets
+	// (replication.LogStoreBolt or LogStoreWAL; --raft-log-store).
+	RaftLogStore string
 
 	Logger *slog.Logger
 	// ClusterTuning, if set, adjusts the cluster configuration before the

@@ -81,6 +81,7 @@ func (n *Node) startReplication(ctx context.Context) error {
 		ExpirySweepInterval: 2 * time.Second,
 		ReadLease:           n.cfg.ReadLease,
 		Pipeline:            n.cfg.RaftPipeline,
+		LogStore:            n.cfg.RaftLogStore,
 		Logger:              n.cfg.Logger,
 		Registerer:          n.reg,
 	}

@@ -225,21 +225,24 @@ func TestClusterBootstrapsWhenStartedTogether(t *testing.T) {
 
 // launchTogether starts n nodes at the same moment, each joining all, with
 // --bootstrap-expect n, and waits until all are ready.
-func launchTogether(t *testing.T, n int) ([]*Broker, error) { return launchTogetherBin(t, n, "") }
+func launchTogether(t *testing.T, n int) ([]*Broker, error) {
+	return launchTogetherSpec(t, n, brokerSpec{})
+}
 
-// launchTogetherBin is launchTogether with another broker binary.
-func launchTogetherBin(t *testing.T, n int, bin string) ([]*Broker, error) {
+// launchTogetherSpec is launchTogether with a binary, flags or environment
+// of the test's.
+func launchTogetherSpec(t *testing.T, n int, spec brokerSpec) ([]*Broker, error) {
 	var nodes []*Broker
 	var gossip []string
 	for i := 1; i <= n; i++ {
-		b := &Broker{t: t, ID: fmt.Sprintf("node%d", i), DataDir: t.TempDir(), log: &lockedBuffer{}, spec: brokerSpec{Bin: bin}}
+		b := &Broker{t: t, ID: fmt.Sprintf("node%d", i), DataDir: t.TempDir(), log: &lockedBuffer{}, spec: spec}
 		t.Cleanup(b.cleanup)
 		b.pickPorts()
 		nodes = append(nodes, b)
 		gossip = append(gossip, b.GossipAddr)
 	}
 	for _, b := range nodes {
-		b.spec.Args = []string{"--bootstrap-expect", fmt.Sprint(n), "--join", strings.Join(gossip, ",")}
+		b.spec.Args = append([]string{"--bootstrap-expect", fmt.Sprint(n), "--join", strings.Join(gossip, ",")}, spec.Args...)
 		if err := b.launch(); err != nil {
 			return nodes, err
 		}

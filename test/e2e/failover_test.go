@@ -3,6 +3,8 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,13 +22,19 @@ import (
 // startVoters starts n nodes together (--bootstrap-expect n), so all n
 // are voters from the start and any one may be killed without losing the
 // quorum. A port taken between picking and binding restarts the attempt.
-func startVoters(t *testing.T, n int) []*Broker { return startVotersBin(t, n, "") }
+func startVoters(t *testing.T, n int) []*Broker { return startVotersSpec(t, n, brokerSpec{}) }
 
 // startVotersBin is startVoters with another broker binary.
 func startVotersBin(t *testing.T, n int, bin string) []*Broker {
+	return startVotersSpec(t, n, brokerSpec{Bin: bin})
+}
+
+// startVotersSpec is startVoters with a binary, flags or environment of
+// the test's (spec's ID is ignored).
+func startVotersSpec(t *testing.T, n int, spec brokerSpec) []*Broker {
 	t.Helper()
 	for attempt := 1; ; attempt++ {
-		nodes, err := launchTogetherBin(t, n, bin)
+		nodes, err := launchTogetherSpec(t, n, spec)
 		if err == nil {
 			waitVoters(t, nodes, n)
 			return nodes
@@ -228,6 +236,51 @@ func TestSessionOfflineWhileNodeDies(t *testing.T) {
 	for i := range got {
 		if got[i] != want[i] {
 			t.Fatalf("message #%d: got %v, want %v (order or content)", i, got[i], want[i])
+		}
+	}
+}
+
+// TestWALLogStore: a cluster on the raft-wal log store
+// (--raft-log-store=wal, given as BROKER_RAFT_LOG_STORE) keeps what it
+// acknowledged when every node is SIGKILLed and started again: a
+// persistent session's queued QoS 1 messages, delivered in order on
+// another node, and a retained message (Debian mosquitto_pub and
+// mosquitto_sub, MQTT 3.1.1). The data dirs hold the WAL, not raft.db.
+func TestWALLogStore(t *testing.T) {
+	t.Parallel()
+	nodes := startVotersSpec(t, 3, brokerSpec{Env: []string{"BROKER_RAFT_LOG_STORE=wal"}})
+	session := []string{"-c", "-i", "wal-sub", "-q", "1"}
+	nodes[1].sub(t, append(session, "-t", "wal/#", "-E")...).wait(t)
+	const total = 300
+	var lines []string
+	for i := range total {
+		lines = append(lines, fmt.Sprintf("m-%03d", i))
+	}
+	mustSucceed(t, mosquittoPub(t, strings.Join(lines, "\n")+"\n", append(nodes[0].hostArgs(), "-q", "1", "-t", "wal/x", "-l")...))
+	mustSucceed(t, mosquittoPub(t, "", append(nodes[2].hostArgs(), "-q", "1", "-r", "-t", "walr/kept", "-m", "kept")...))
+	killAndRestartAll(t, nodes)
+	for _, b := range nodes {
+		dir := filepath.Join(b.DataDir, "raft")
+		if _, err := os.Stat(filepath.Join(dir, "wal", "wal-meta.db")); err != nil {
+			t.Fatalf("%s: no WAL: %v", b.ID, err)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "raft.db")); err == nil {
+			t.Fatalf("%s: a bolt raft.db beside the WAL", b.ID)
+		}
+	}
+	got := launchSub(t, nodes[2].hostArgs(), append(session, "-t", "wal/unrelated", "-C", strconv.Itoa(total), "-W", "20")...).wait(t)
+	if len(got) != total {
+		t.Fatalf("got %d of %d queued messages", len(got), total)
+	}
+	for i := range got {
+		if want := msg("wal/x", 1, false, lines[i]); got[i] != want {
+			t.Fatalf("message #%d: got %v, want %v (order or content)", i, got[i], want)
+		}
+	}
+	for _, b := range nodes {
+		r := launchSub(t, b.hostArgs(), "-q", "1", "-t", "walr/#", "-C", "1", "-W", "10").wait(t)
+		if len(r) != 1 || r[0] != msg("walr/kept", 1, true, "kept") {
+			t.Fatalf("%s: retained after the restart: %v", b.ID, r)
 		}
 	}
 }
