@@ -14,7 +14,6 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb"
 	wal "github.com/hashicorp/raft-wal"
-	"github.com/hashicorp/raft-wal/metadb"
 )
 
 // The log store holds raft's log and its stable values (term, vote). Two
@@ -28,7 +27,11 @@ import (
 //     write is one append and one fdatasync. Upstream still calls it
 //     experimental. Durable QoS 1 roughly doubled on it (BENCHMARKS.md),
 //     because every commit waits for the leader's and a follower's
-//     writes in turn.
+//     writes in turn. v0.4.1, not v0.4.0, which left a segment it sealed
+//     in a tail truncation without its index, so that the node could not
+//     start again (raft-wal#31; the chaos suite hit it); v0.4.2 imports
+//     go-metrics' compat package, which the go-metrics of raft v1.8.0 no
+//     longer has.
 //
 // A data dir holding one kind is never opened as the other: switching
 // means emptying the data dir and letting the node catch up from its
@@ -127,17 +130,12 @@ func openBoltStore(path string, readOnly bool) (*boltStore, error) {
 	return s, nil
 }
 
-// walStore is raft-wal's store, with two things raft-wal v0.4.0 leaves out:
-//   - WAL.Close does not close its meta file (a bbolt database), so the
-//     file and its flock stay held: opening the dir again in the same
-//     process (HasState before Start; a restart in tests) waited forever.
-//     We pass the meta store in and close it ourselves.
-//   - bbolt opens the meta file without a timeout, so a second process
-//     on the same dir would wait forever instead of failing: a lock file
-//     of our own fails it after boltOpenTO.
+// walStore is raft-wal's store with a lock file held while it is open:
+// bbolt opens raft-wal's meta file without a timeout, so a second process
+// on the same dir would wait forever instead of failing; our lock fails
+// it after boltOpenTO.
 type walStore struct {
 	*wal.WAL
-	meta *metadb.BoltMetaDB
 	lock *os.File
 }
 
@@ -162,19 +160,17 @@ func openWAL(dir string) (*walStore, error) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	meta := &metadb.BoltMetaDB{}
-	w, err := wal.Open(dir, wal.WithMetaStore(meta))
+	w, err := wal.Open(dir)
 	if err != nil {
-		_ = meta.Close()
 		_ = lock.Close()
 		return nil, fmt.Errorf("open %s: %w", dir, err)
 	}
-	return &walStore{WAL: w, meta: meta, lock: lock}, nil
+	return &walStore{WAL: w, lock: lock}, nil
 }
 
 func (s *walStore) Close() error {
-	err := errors.Join(s.WAL.Close(), s.meta.Close())
-	_ = s.lock.Close() // releases the flock
+	err := s.WAL.Close() // closes the meta file too (since v0.4.1)
+	_ = s.lock.Close()   // releases the flock
 	if err != nil {
 		return fmt.Errorf("close wal: %w", err)
 	}

@@ -72,8 +72,8 @@ func TestLogStoreKeepsItsKind(t *testing.T) {
 }
 
 // TestWALReopens: what was written is there after a close and a reopen in
-// the same process. raft-wal's Close leaves its meta file open and locked,
-// so without our own close of it the reopen waited forever.
+// the same process. raft-wal v0.4.0's Close left its meta file open and
+// locked, so the reopen waited forever.
 func TestWALReopens(t *testing.T) {
 	dir := t.TempDir()
 	s, err := openLogStore(dir, LogStoreWAL)
@@ -101,6 +101,55 @@ func TestWALReopens(t *testing.T) {
 	}
 	if term, err := s.GetUint64([]byte("CurrentTerm")); err != nil || term != 7 {
 		t.Fatalf("term after reopen: %d, %v", term, err)
+	}
+}
+
+// TestWALReopensAfterTailTruncation: a follower whose uncommitted suffix
+// is replaced by a new leader's entries starts again with the new ones.
+// raft-wal v0.4.0 sealed the segment in the truncation without writing its
+// index, and the reopened store failed every read of it ("sealed segment
+// has no index block": raft panicked at start; the chaos suite hit it on
+// a rolling restart).
+func TestWALReopensAfterTailTruncation(t *testing.T) {
+	dir := t.TempDir()
+	s, err := openLogStore(dir, LogStoreWAL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs []*raft.Log
+	for i := uint64(1); i <= 10; i++ {
+		logs = append(logs, &raft.Log{Index: i, Term: 1, Data: []byte(fmt.Sprintf("t1-%d", i))})
+	}
+	if err := s.StoreLogs(logs); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteRange(8, 10); err != nil { // as raft clears a conflicting suffix
+		t.Fatal(err)
+	}
+	logs = logs[:0]
+	for i := uint64(8); i <= 12; i++ {
+		logs = append(logs, &raft.Log{Index: i, Term: 2, Data: []byte(fmt.Sprintf("t2-%d", i))})
+	}
+	if err := s.StoreLogs(logs); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	within(t, 5*time.Second, "reopening the WAL", func() { s, err = openLogStore(dir, LogStoreWAL) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := uint64(1); i <= 12; i++ {
+		want := fmt.Sprintf("t1-%d", i)
+		if i >= 8 {
+			want = fmt.Sprintf("t2-%d", i)
+		}
+		var l raft.Log
+		if err := s.GetLog(i, &l); err != nil || string(l.Data) != want {
+			t.Fatalf("entry %d after reopen: %q, %v; want %q", i, l.Data, err, want)
+		}
 	}
 }
 
