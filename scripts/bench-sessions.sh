@@ -6,8 +6,8 @@
 # (persistent sessions, persistence off: nothing on disk) in the same run.
 # One publisher connection (waiting for each PUBACK, and with 64 in
 # flight, which the publish pipeline commits in batches), and many; the
-# cluster cases again with the experimental --read-lease, and two with the
-# experimental --raft-pipeline.
+# cluster cases again with the experimental --read-lease and with
+# --raft-log-store=wal, and two with the experimental --raft-pipeline.
 #   scripts/bench-sessions.sh [duration] [publishers] [markdown-out]
 #   (defaults: 10s, 48, bin/bench-sessions.md)
 set -euo pipefail
@@ -84,6 +84,16 @@ start_cluster sbench p 22890 28090 26936 4 6 --max-queued-messages 65535 --raft-
 wait_ready 28094 28095 28096
 run "cluster --raft-pipeline, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${cluster_pids[@]}"
 run "cluster --raft-pipeline, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${cluster_pids[@]}"
+
+# A fourth with --raft-log-store=wal (raft-wal: one fdatasync per write
+# instead of bolt's two), again on nodes 4-6 once the third is stopped.
+for p in "${cluster_pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+start_cluster sbench w 22890 28090 26936 4 6 --max-queued-messages 65535 --raft-log-store wal
+wait_ready 28094 28095 28096
+run "cluster --raft-log-store=wal, 1 publisher, 1 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 1 "${cluster_pids[@]}"
+run "cluster --raft-log-store=wal, 1 publisher, 64 in flight" 127.0.0.1:22894 127.0.0.1:22895 1 64 "${cluster_pids[@]}"
+run "cluster --raft-log-store=wal, $pubs publishers" "$lnodes" "$lsubnodes" "$pubs" 1 "${cluster_pids[@]}"
+run "cluster --raft-log-store=wal, $pubs publishers, 16 in flight" "$lnodes" "$lsubnodes" "$pubs" 16 "${cluster_pids[@]}"
 
 {
   echo "| case | delivered msg/s | lost | p50 / p99 / p99.9 / max (ms) | brokers' CPU per message (µs) | system calls per message |"
