@@ -256,6 +256,8 @@ func (c *Config) Validate() error {
 		return bad("ElectionTimeout %v < HeartbeatTimeout %v", c.ElectionTimeout, c.HeartbeatTimeout)
 	case c.LeaderLeaseTimeout > c.HeartbeatTimeout:
 		return bad("LeaderLeaseTimeout %v > HeartbeatTimeout %v", c.LeaderLeaseTimeout, c.HeartbeatTimeout)
+	case c.LogStore == LogStoreWAL && c.MaxBatchBytes > maxWALEntry:
+		return bad("MaxBatchBytes %d: raft-wal reads no entry over %d bytes", c.MaxBatchBytes, maxWALEntry)
 	case c.MaxCommandBytes > c.MaxBatchBytes:
 		return bad("MaxCommandBytes %d > MaxBatchBytes %d", c.MaxCommandBytes, c.MaxBatchBytes)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb"
 	wal "github.com/hashicorp/raft-wal"
+	"github.com/hashicorp/raft-wal/types"
 )
 
 // The log store holds raft's log and its stable values (term, vote). Two
@@ -24,7 +25,7 @@ import (
 //     write is a bolt transaction: two fdatasyncs (pages, then meta).
 //   - LogStoreWAL: hashicorp/raft-wal, append-only segment files plus a
 //     small bolt file for their index and the stable values (wal/). A
-//     write is one append and one fdatasync. Upstream still calls it
+//     write is one append and one fsync. Upstream still calls it
 //     experimental. Durable QoS 1 roughly doubled on it (BENCHMARKS.md),
 //     because every commit waits for the leader's and a follower's
 //     writes in turn. v0.4.1, not v0.4.0, which left a segment it sealed
@@ -40,6 +41,10 @@ const (
 	LogStoreBolt = "bolt"
 	LogStoreWAL  = "wal"
 )
+
+// maxWALEntry is below raft-wal's segment.MaxEntrySize (64 MiB), with room
+// for an entry's framing around the largest batch.
+const maxWALEntry = 60 << 20
 
 const (
 	raftDBFile = "raft.db" // the bolt store
@@ -139,6 +144,10 @@ type walStore struct {
 	lock *os.File
 }
 
+// walTestFiler, when set (tests), gives wal.Open the segment files: a
+// file system that fails writes on purpose.
+var walTestFiler func(dir string) types.SegmentFiler
+
 func openWAL(dir string) (*walStore, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("open %s: %w", dir, err)
@@ -160,7 +169,12 @@ func openWAL(dir string) (*walStore, error) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	w, err := wal.Open(dir)
+	var w *wal.WAL
+	if walTestFiler != nil {
+		w, err = wal.Open(dir, wal.WithSegmentFiler(walTestFiler(dir)))
+	} else {
+		w, err = wal.Open(dir)
+	}
 	if err != nil {
 		_ = lock.Close()
 		return nil, fmt.Errorf("open %s: %w", dir, err)
@@ -213,13 +227,16 @@ func (c *logCache) GetLog(idx uint64, log *raft.Log) error {
 		*log = *cached
 		return nil
 	}
-	// raft-wal truncates its head logically and still reads entries
-	// below its first index from the open tail segment. raft would then
-	// send a lagging follower entries it compacted away rather than the
-	// snapshot; the entries are genuine, but both stores should behave
-	// alike, so what is below the first index is gone for raft.
-	if first, err := c.LogStore.FirstIndex(); err == nil && idx < first {
-		return raft.ErrLogNotFound
+	// raft-wal (the monotonic store) truncates its head logically and
+	// still reads entries below its first index from the open tail
+	// segment. raft would then send a lagging follower entries it
+	// compacted away rather than the snapshot; the entries are genuine,
+	// but both stores should behave alike, so what is below the first
+	// index is gone for raft.
+	if c.IsMonotonic() {
+		if first, err := c.LogStore.FirstIndex(); err == nil && idx < first {
+			return raft.ErrLogNotFound
+		}
 	}
 	return c.LogStore.GetLog(idx, log)
 }

@@ -6,10 +6,15 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/hashicorp/raft-wal/fs"
+	"github.com/hashicorp/raft-wal/segment"
+	"github.com/hashicorp/raft-wal/types"
 )
 
 // within fails the test if f does not return within d: the bugs these
@@ -245,4 +250,82 @@ func TestWALFollowerCatchesUpBySnapshot(t *testing.T) {
 	c.waitRetained(want)
 	lag.restart(t) // and it reads its log back
 	c.waitRetained(want)
+}
+
+// failingFS fails the next failWrites segment writes with ENOSPC.
+type failingFS struct {
+	*fs.FS
+	failWrites *atomic.Int32
+}
+
+type failingFile struct {
+	types.WritableFile
+	failWrites *atomic.Int32
+}
+
+func (v failingFS) Create(dir, name string, size uint64) (types.WritableFile, error) {
+	f, err := v.FS.Create(dir, name, size)
+	return failingFile{f, v.failWrites}, err
+}
+
+func (v failingFS) OpenWriter(dir, name string) (types.WritableFile, error) {
+	f, err := v.FS.OpenWriter(dir, name)
+	return failingFile{f, v.failWrites}, err
+}
+
+func (f failingFile) WriteAt(b []byte, off int64) (int, error) {
+	if f.failWrites.Add(-1) >= 0 {
+		return 0, syscall.ENOSPC
+	}
+	return f.WritableFile.WriteAt(b, off)
+}
+
+// TestWALRecoversFromAFailedWrite: after one failed write (a full disk),
+// raft's retry of the same entries succeeds and the log reads back whole:
+// raft-wal rolls its in-memory end of log back when a write fails, as bolt
+// rolls its transaction back.
+func TestWALRecoversFromAFailedWrite(t *testing.T) {
+	var failWrites atomic.Int32
+	walTestFiler = func(dir string) types.SegmentFiler {
+		return segment.NewFiler(dir, failingFS{fs.New(), &failWrites})
+	}
+	t.Cleanup(func() { walTestFiler = nil })
+	s, err := openLogStore(t.TempDir(), LogStoreWAL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	entry := func(i uint64) *raft.Log { return &raft.Log{Index: i, Term: 1, Data: []byte(fmt.Sprint("e", i))} }
+	if err := s.StoreLogs([]*raft.Log{entry(1), entry(2), entry(3)}); err != nil {
+		t.Fatal(err)
+	}
+	failWrites.Store(1)
+	if err := s.StoreLogs([]*raft.Log{entry(4)}); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("the failing write: %v, want ENOSPC", err)
+	}
+	for try := range 2 { // the disk takes writes again
+		if err := s.StoreLogs([]*raft.Log{entry(4)}); err != nil {
+			t.Fatalf("retry %d: %v", try+1, err)
+		}
+		if try == 0 {
+			if err := s.StoreLogs([]*raft.Log{entry(5)}); err != nil {
+				t.Fatalf("the next entry: %v", err)
+			}
+			if err := s.DeleteRange(5, 5); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.DeleteRange(4, 4); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i := uint64(1); i <= 4; i++ {
+		var l raft.Log
+		if err := s.GetLog(i, &l); err != nil || string(l.Data) != fmt.Sprint("e", i) {
+			t.Fatalf("entry %d: %q, %v", i, l.Data, err)
+		}
+	}
+	if last, err := s.LastIndex(); last != 4 || err != nil {
+		t.Fatalf("last index %d, %v; want 4", last, err)
+	}
 }

@@ -150,7 +150,8 @@ func New(cfg Config) (*Node, error) {
 }
 
 // HasState reports whether dir holds raft state (a log, a term or a
-// snapshot), without creating anything. Call it before Start (bolt allows
+// snapshot), without creating anything where there is no store (opening
+// a WAL runs its recovery, as Start would). Call it before Start (bolt allows
 // one process at a time); afterwards use Node.HasState.
 func HasState(dir string) (bool, error) {
 	snaps, err := os.ReadDir(filepath.Join(dir, snapDir))

@@ -28,6 +28,8 @@ func TestConfigValidate(t *testing.T) {
 		"expect no peer": func(c *Config) { c.BootstrapExpect = 3 },
 		"lease":          func(c *Config) { c.LeaderLeaseTimeout = time.Hour },
 		"negative":       func(c *Config) { c.BootstrapExpect = -1 },
+		"log store":      func(c *Config) { c.LogStore = "sqlite" },
+		"wal entry size": func(c *Config) { c.LogStore, c.MaxBatchBytes = LogStoreWAL, 64<<20 },
 	} {
 		c := ok()
 		mut(&c)
