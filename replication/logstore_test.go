@@ -76,15 +76,32 @@ func TestLogStoreKeepsItsKind(t *testing.T) {
 	}
 }
 
+// openTestWAL opens dir's WAL, first closing prev (a reopen), and fails
+// the test if that does not return (the bugs below hang rather than fail).
+// The store is closed when the test ends.
+func openTestWAL(t *testing.T, dir string, prev logStore) logStore {
+	t.Helper()
+	if prev != nil {
+		if err := prev.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var s logStore
+	var err error
+	within(t, 5*time.Second, "opening the WAL", func() { s, err = openLogStore(dir, LogStoreWAL) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
 // TestWALReopens: what was written is there after a close and a reopen in
 // the same process. raft-wal v0.4.0's Close left its meta file open and
 // locked, so the reopen waited forever.
 func TestWALReopens(t *testing.T) {
 	dir := t.TempDir()
-	s, err := openLogStore(dir, LogStoreWAL)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openTestWAL(t, dir, nil)
 	logs := []*raft.Log{{Index: 1, Term: 1, Data: []byte("a")}, {Index: 2, Term: 1, Data: []byte("b")}}
 	if err := s.StoreLogs(logs); err != nil {
 		t.Fatal(err)
@@ -92,14 +109,7 @@ func TestWALReopens(t *testing.T) {
 	if err := s.SetUint64([]byte("CurrentTerm"), 7); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	within(t, 5*time.Second, "reopening the WAL", func() { s, err = openLogStore(dir, LogStoreWAL) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s = openTestWAL(t, dir, s)
 	var l raft.Log
 	if err := s.GetLog(2, &l); err != nil || string(l.Data) != "b" {
 		t.Fatalf("entry 2 after reopen: %q, %v", l.Data, err)
@@ -117,10 +127,7 @@ func TestWALReopens(t *testing.T) {
 // a rolling restart).
 func TestWALReopensAfterTailTruncation(t *testing.T) {
 	dir := t.TempDir()
-	s, err := openLogStore(dir, LogStoreWAL)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openTestWAL(t, dir, nil)
 	var logs []*raft.Log
 	for i := uint64(1); i <= 10; i++ {
 		logs = append(logs, &raft.Log{Index: i, Term: 1, Data: []byte(fmt.Sprintf("t1-%d", i))})
@@ -138,14 +145,7 @@ func TestWALReopensAfterTailTruncation(t *testing.T) {
 	if err := s.StoreLogs(logs); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	within(t, 5*time.Second, "reopening the WAL", func() { s, err = openLogStore(dir, LogStoreWAL) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s = openTestWAL(t, dir, s)
 	for i := uint64(1); i <= 12; i++ {
 		want := fmt.Sprintf("t1-%d", i)
 		if i >= 8 {
