@@ -5,6 +5,8 @@ import (
 	"errors"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
+
 	"github.com/mqtt-ha/broker/internal/session"
 	"github.com/mqtt-ha/broker/replication"
 )
@@ -141,18 +143,8 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 	// (bounded by the write timeout); if it has not by then, publish
 	// nothing: a will is better lost than published after a DISCONNECT.
 	h.awaitDisconnectInFlight(id)
-	if w, ok := old.Net.Conn.(interface{ WaitingForInput() bool }); ok {
-		deadline := time.Now().Add(h.cfg.Timeout)
-		for !old.Closed() && !w.WaitingForInput() && time.Now().Before(deadline) {
-			select {
-			case <-time.After(2 * time.Millisecond):
-			case <-h.base.Done():
-				return nil
-			}
-		}
-		if !w.WaitingForInput() {
-			return nil
-		}
+	if !h.awaitReaderIdle(old, time.Now().Add(h.cfg.Timeout)) {
+		return nil
 	}
 	if old.Closed() {
 		return nil
@@ -163,6 +155,27 @@ func (h *Sessions) takeoverWill(id string, clean bool, now int64) *takenOver {
 		h.publishWill(id, t.will)
 	})
 	return t
+}
+
+// awaitReaderIdle waits until cl's reader has handled everything the
+// client sent so far and waits for more input (WaitingForInput), or cl
+// closed; false if neither happened by deadline or the node stops.
+func (h *Sessions) awaitReaderIdle(cl *mqtt.Client, deadline time.Time) bool {
+	w, ok := cl.Net.Conn.(interface{ WaitingForInput() bool })
+	if !ok {
+		return true
+	}
+	for !cl.Closed() && !w.WaitingForInput() {
+		if !time.Now().Before(deadline) {
+			return false
+		}
+		select {
+		case <-time.After(2 * time.Millisecond):
+		case <-h.base.Done():
+			return false
+		}
+	}
+	return true
 }
 
 // published settles t's claim (wills.go) with the result of the entry

@@ -400,7 +400,16 @@ func (h *Sessions) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		// out of order than lost. Without a will there is nothing to
 		// order here (the new connection's publishes wait for the old
 		// ones: pipeline_takeover.go), and CONNACK does not wait.
-		h.awaitQueuedWrites(old, cl.ID, time.Now().Add(h.cfg.Timeout))
+		//
+		// The old reader may still be reading what the client sent before
+		// this CONNECT (held back by a full pipe, or just slow): once it
+		// waits for input, wait for what it queued meanwhile too (CI
+		// failed twice, the will landing before the "online" read late:
+		// TestCleanTakeoverWithBacklog/persistent/late).
+		deadline := time.Now().Add(h.cfg.Timeout)
+		if h.awaitQueuedWrites(old, cl.ID, deadline) && h.awaitReaderIdle(old, deadline) {
+			h.awaitQueuedWrites(old, cl.ID, deadline)
+		}
 	}
 	if !pk.Connect.Clean {
 		h.awaitDisconnectInFlight(cl.ID) // session_lifecycle.go

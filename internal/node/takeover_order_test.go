@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -66,15 +67,22 @@ func TestReconnectAfterDisconnectKeepsOrder(t *testing.T) {
 // accepted, and the old connection's will comes after its "online", as
 // on Mosquitto. Waiting for the backlog inside the open's or the clean
 // discard's time budget made them fail: CONNACK 0x88 (found by review).
+// With late, the client's last 400 publishes and its "online" reach the
+// old connection only after the new CONNECT arrived: the old reader reads
+// them while the takeover waits, and the will must still come after them
+// (CI failed twice, "online" left, when only what the pipe held at the
+// CONNECT's arrival was waited for).
 func TestCleanTakeoverWithBacklog(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
 		persistent bool // the old session outlives its connection
 		newWill    bool // the new connection has a will too
+		late       bool // the backlog's tail is sent after the CONNECT
 	}{
 		{name: "persistent", persistent: true},
 		{name: "clean"},
 		{name: "clean/new-will", newWill: true},
+		{name: "persistent/late", persistent: true, late: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// The takeover waits at most the write timeout for the
@@ -88,7 +96,7 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 			_, f := cl.leaderAndFollower(t)
 			n1 := cl.nodes[f] // a follower: each commit is a round trip to the leader
 			id, status := "bl-dev", "bl/status"
-			connect := func(clean, will bool) (*rawClient, *packets.Connack) {
+			send := func(clean, will bool) *rawClient {
 				conn, err := net.DialTimeout("tcp", n1.Addr("mqtt"), 5*time.Second)
 				if err != nil {
 					t.Fatal(err)
@@ -106,6 +114,10 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 					cn.WillFlag, cn.WillTopic, cn.WillMessage, cn.WillRetain = true, status, []byte("offline"), true
 				}
 				c.send(cp)
+				return c
+			}
+			connect := func(clean, will bool) (*rawClient, *packets.Connack) {
+				c := send(clean, will)
 				return c, c.expect(packets.CONNACK).Content.(*packets.Connack)
 			}
 			old, ack := connect(!tc.persistent, true)
@@ -119,9 +131,14 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 				pubBytes(t, &buf, fmt.Sprintf("bl/a/%d", i), 1, uint16(i+1), "a", true, false)
 			}
 			pubBytes(t, &buf, status, 0, 0, "online", true, false)
+			head, tail := buf.Bytes(), []byte(nil)
+			if tc.late {
+				n := buf.Len() * 400 / 800 // about 400 publishes: the cut need not fall between two
+				head, tail = head[:n], head[n:]
+			}
 			go func() { _, _ = io.Copy(io.Discard, old.conn) }() // the PUBACKs
 			_ = old.conn.SetWriteDeadline(time.Time{})
-			go func() { _, _ = old.conn.Write(buf.Bytes()) }()
+			go func() { _, _ = old.conn.Write(head) }()
 			testutil.Eventually(t, wait, func() error {
 				if n1.pipeline.Busy() == 0 {
 					return fmt.Errorf("the old connection's pipe is idle")
@@ -129,7 +146,21 @@ func TestCleanTakeoverWithBacklog(t *testing.T) {
 				return nil
 			})
 			start := time.Now()
-			_, ack = connect(true, tc.newWill)
+			nc := send(true, tc.newWill)
+			if tc.late {
+				// mochi counts the new connection just before its
+				// OnSessionEstablish; the head's commits take over a second.
+				testutil.Eventually(t, wait, func() error {
+					if c := atomic.LoadInt64(&n1.mqtt.Info.ClientsConnected); c < 2 {
+						return fmt.Errorf("%d connections, want the new one too", c)
+					}
+					return nil
+				})
+				if _, err := old.conn.Write(tail); err != nil {
+					t.Fatal(err)
+				}
+			}
+			ack = nc.expect(packets.CONNACK).Content.(*packets.Connack)
 			t.Logf("CONNACK 0x%02x after %v", ack.ReasonCode, time.Since(start))
 			if ack.ReasonCode != 0 {
 				t.Fatalf("clean takeover refused: CONNACK 0x%02x", ack.ReasonCode)
