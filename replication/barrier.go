@@ -46,7 +46,17 @@ func (n *Node) SessionsBarrier(ctx context.Context) error {
 
 func (n *Node) barrier(ctx context.Context, subsOnly bool) error {
 	start := time.Now()
-	ri, err := n.readIndex(ctx)
+	var ri readIndexes
+	err := errNotSole
+	if n.raft.State() == raft.Leader && n.soleVoter() {
+		// Nothing to ask and no round to share: the leader's own read
+		// index without a round trip. On an error (the term moved) the
+		// rounds below retry.
+		ri, err = n.leaderReadIndex(ctx)
+	}
+	if err != nil {
+		ri, err = n.readIndex(ctx)
+	}
 	if err != nil && !errors.Is(err, ErrClosed) {
 		err = fmt.Errorf("%w: %w", ErrNoReadIndex, err)
 	}
@@ -63,6 +73,8 @@ func (n *Node) barrier(ctx context.Context, subsOnly bool) error {
 	}
 	return err
 }
+
+var errNotSole = errors.New("not the sole voter")
 
 // WaitSynced waits until this node's state holds the log up to index (see
 // FSM.synced), or ctx ends.
@@ -245,9 +257,12 @@ func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
 	if n.fsm.syncedTerm.Load() == term {
 		idx = n.raft.CommitIndex()
 	}
-	if n.leaseHeld(term) {
+	switch {
+	case n.raft.State() == raft.Leader && n.soleVoter():
+		n.m.readIndexes.WithLabelValues("sole_voter").Inc()
+	case n.leaseHeld(term):
 		n.m.readIndexes.WithLabelValues("lease").Inc()
-	} else {
+	default:
 		f := n.raft.VerifyLeader()
 		errc := make(chan error, 1)
 		go func() { errc <- f.Error() }()
@@ -272,6 +287,29 @@ func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
 	}
 	ri.subs = min(n.fsm.subsChanged.Load(), ri.read)
 	return ri, nil
+}
+
+// soleVoter reports whether this node is the only voter of the latest
+// configuration in its log. Such a leader stays the leader until it
+// appends a configuration change itself (no one else can win a vote
+// without it, and it never loses contact with a quorum), so its commit
+// index is the cluster's without a heartbeat round; the term check in
+// leaderReadIndex covers its stepping down meanwhile. A one-node
+// broker's QoS 1 publishes took a round through raft's leader loop for
+// every batch (4.5 % of its CPU).
+func (n *Node) soleVoter() bool {
+	f := n.raft.GetConfiguration()
+	if f.Error() != nil {
+		return false
+	}
+	self, voters := false, 0
+	for _, s := range f.Configuration().Servers {
+		if s.Suffrage == raft.Voter {
+			voters++
+			self = self || s.ID == raft.ServerID(n.cfg.NodeID)
+		}
+	}
+	return self && voters == 1
 }
 
 // leaseHeld reports whether this node leads term and holds the read lease

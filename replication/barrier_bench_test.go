@@ -31,3 +31,17 @@ func BenchmarkReadBarrier(b *testing.B) {
 		c.closeAll()
 	}
 }
+
+// BenchmarkReadBarrierSoleVoter: the same on a one-node cluster, whose
+// leader needs no round (soleVoter).
+func BenchmarkReadBarrierSoleVoter(b *testing.B) {
+	c := newTestCluster(b, 1)
+	tn := c.startNew("solo")[0]
+	c.leader()
+	ctx := ctxT(b, waitFor*6)
+	for b.Loop() {
+		if err := tn.node().ReadBarrier(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

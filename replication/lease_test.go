@@ -536,3 +536,56 @@ func (s *gateSender) send(cmd any) (passed bool, err error) {
 		return false, nil
 	}
 }
+
+// TestSoleVoterReadIndex: the only voter confirms its read indexes without
+// a heartbeat round, also while a non-voter replicates; once a second
+// voter joins, it takes the round again (without a lease).
+func TestSoleVoterReadIndex(t *testing.T) {
+	c := newTestCluster(t, 1)
+	c.mutate = func(cfg *Config) { cfg.ReadLease = false }
+	a := c.startNew("a")[0]
+	lead := c.leader()
+	if lead != a {
+		t.Fatalf("leader %s, want a", lead.id)
+	}
+	m := a.node().m.readIndexes
+	barriers := func(tn *testNode, k int) {
+		t.Helper()
+		for range k {
+			if _, err := a.node().Apply(ctxT(t, waitFor), setRetained("sv", "x")); err != nil {
+				t.Fatal(err)
+			}
+			if err := tn.node().ReadBarrier(ctxT(t, waitFor)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	count := func() (sole, rounds float64) {
+		return counterValue(t, m.WithLabelValues("sole_voter")), counterValue(t, m.WithLabelValues("heartbeat_round"))
+	}
+	barriers(a, 20)
+	if sole, rounds := count(); sole < 20 || rounds > 0 {
+		t.Fatalf("sole voter: %v read indexes without a round, %v with one; want 20 and 0", sole, rounds)
+	}
+	// b joins as a non-voter, and barriers on it ask a.
+	c.mutate = func(cfg *Config) { cfg.ReadLease = false; cfg.StabilizationTime = time.Hour }
+	b := c.startNew("b")[0]
+	waitConfig(t, a, []string{"a"}, []string{"b"})
+	eventually(t, waitFor, b.node().Ready)
+	s0, _ := count()
+	barriers(b, 10)
+	if sole, rounds := count(); sole < s0+10 || rounds > 0 {
+		t.Fatalf("with a non-voter: %v read indexes without a round (%v before), %v with one", sole, s0, rounds)
+	}
+	// A second voter: rounds again, and the data still reads right.
+	if err := a.node().raft.AddVoter("b", raft.ServerAddress(b.advert), 0, 0).Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitConfig(t, a, []string{"a", "b"}, nil)
+	s1, _ := count()
+	barriers(a, 5)
+	barriers(b, 5)
+	if sole, rounds := count(); sole != s1 || rounds < 10 {
+		t.Fatalf("two voters: %v read indexes without a round (%v before), %v with one; want none more and 10", sole, s1, rounds)
+	}
+}
