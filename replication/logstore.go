@@ -26,7 +26,7 @@ import (
 //   - LogStoreWAL: hashicorp/raft-wal, append-only segment files plus a
 //     small bolt file for their index and the stable values (wal/). A
 //     write is one append and one fsync. Upstream still calls it
-//     experimental. Durable QoS 1 roughly doubled on it (BENCHMARKS.md),
+//     experimental. Durable QoS 1 went up 1.2-1.75 × on it (BENCHMARKS.md),
 //     because every commit waits for the leader's and a follower's
 //     writes in turn. v0.4.1, not v0.4.0, which left a segment it sealed
 //     in a tail truncation without its index, so that the node could not
@@ -99,6 +99,12 @@ func openLogStore(dir, kind string) (logStore, error) {
 			"set --raft-log-store=%s, or empty the data dir so that the node catches up from its peers",
 			ErrLogStoreMismatch, dir, have, kind, have)
 	}
+	return openStoreOfKind(dir, kind, false)
+}
+
+// openStoreOfKind opens dir's log store of kind; readOnly applies to bolt
+// (raft-wal has no read-only mode: HasState runs its recovery).
+func openStoreOfKind(dir, kind string, readOnly bool) (logStore, error) {
 	// Explicit nils: a nil *walStore in the interface is not nil.
 	if kind == LogStoreWAL {
 		s, err := openWAL(filepath.Join(dir, walDirName))
@@ -107,7 +113,7 @@ func openLogStore(dir, kind string) (logStore, error) {
 		}
 		return s, nil
 	}
-	s, err := openBoltStore(filepath.Join(dir, raftDBFile), false)
+	s, err := openBoltStore(filepath.Join(dir, raftDBFile), readOnly)
 	if err != nil {
 		return nil, err
 	}

@@ -165,19 +165,9 @@ func HasState(dir string) (bool, error) {
 	if err != nil || kind == "" {
 		return false, err
 	}
-	var store logStore
-	if kind == LogStoreWAL {
-		w, err := openWAL(filepath.Join(dir, walDirName))
-		if err != nil {
-			return false, fmt.Errorf("replication: %w", err)
-		}
-		store = w
-	} else {
-		b, err := openBoltStore(filepath.Join(dir, raftDBFile), true)
-		if err != nil {
-			return false, fmt.Errorf("replication: %w", err)
-		}
-		store = b
+	store, err := openStoreOfKind(dir, kind, true)
+	if err != nil {
+		return false, fmt.Errorf("replication: %w", err)
 	}
 	defer store.Close()
 	ok, err := raft.HasExistingState(store, store, raft.NewDiscardSnapshotStore())
