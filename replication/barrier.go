@@ -48,7 +48,7 @@ func (n *Node) barrier(ctx context.Context, subsOnly bool) error {
 	start := time.Now()
 	var ri readIndexes
 	err := errNotSole
-	if n.raft.State() == raft.Leader && n.soleVoter() {
+	if n.running() && n.raft.State() == raft.Leader && n.soleVoter() {
 		// Nothing to ask and no round to share: the leader's own read
 		// index without a round trip. On an error (the term moved) the
 		// rounds below retry.
@@ -257,11 +257,12 @@ func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
 	if n.fsm.syncedTerm.Load() == term {
 		idx = n.raft.CommitIndex()
 	}
+	var by string
 	switch {
 	case n.raft.State() == raft.Leader && n.soleVoter():
-		n.m.readIndexes.WithLabelValues("sole_voter").Inc()
+		by = "sole_voter"
 	case n.leaseHeld(term):
-		n.m.readIndexes.WithLabelValues("lease").Inc()
+		by = "lease"
 	default:
 		f := n.raft.VerifyLeader()
 		errc := make(chan error, 1)
@@ -274,19 +275,26 @@ func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
 		case <-ctx.Done():
 			return readIndexes{}, fmt.Errorf("%w: verifying leadership: %w", ErrTimeout, ctx.Err())
 		}
-		n.m.readIndexes.WithLabelValues("heartbeat_round").Inc()
+		by = "heartbeat_round"
 	}
 	if n.raft.CurrentTerm() != term {
 		// Leadership was lost and won again between reading the index and
 		// confirming it: the index belongs to the old term. Ask again.
 		return readIndexes{}, fmt.Errorf("%w: term changed during the read index", ErrNotLeader)
 	}
+	n.m.readIndexes.WithLabelValues(by).Inc()
 	ri := readIndexes{read: n.lastFSMEntry(idx)}
 	if err := n.WaitSynced(ctx, ri.read); err != nil {
 		return readIndexes{}, err
 	}
 	ri.subs = min(n.fsm.subsChanged.Load(), ri.read)
 	return ri, nil
+}
+
+// ReadsLocally reports whether a barrier on this node costs no round
+// trip now: it leads as the only voter, or holds its read lease.
+func (n *Node) ReadsLocally() bool {
+	return n.running() && n.raft.State() == raft.Leader && (n.soleVoter() || n.leaseHeld(n.raft.CurrentTerm()))
 }
 
 // soleVoter reports whether this node is the only voter of the latest

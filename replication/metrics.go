@@ -90,7 +90,7 @@ func newMetrics() *metrics {
 		}, []string{"reason"}),
 		readIndexes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "leader_read_indexes_total",
-			Help: "Read indexes this node named as leader, by how leadership was confirmed: sole_voter (a one-voter cluster: no round), lease (no round) or heartbeat_round.",
+			Help: "Read indexes this node named as leader, by how leadership was confirmed: sole_voter (a one-voter cluster: no round), lease (no round) or heartbeat_round. Counted per read index, which on a follower is per shared round of its callers and on a sole voter per barrier call.",
 		}, []string{"confirmed_by"}),
 		blobBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "blob_written_bytes_total",
