@@ -68,7 +68,7 @@ func newSessionMetrics() *sessionMetrics {
 		openFailed:      c("open_failures_total", "Persistent sessions served without replication because SessionOpen failed."),
 		opsDropped:      c("writes_dropped_total", "Asynchronous session writes (acks, closes) dropped because the write queue was full."),
 		qos2Duplicates:  c("qos2_duplicates_total", "Inbound QoS 2 PUBLISH resends recognised from the log and not delivered again."),
-		pipelined:       c("pipelined_publishes_total", "QoS 1/2 publishes taken off the read loop by the publish pipeline (hooks/pipeline.go)."),
+		pipelined:       c("pipelined_publishes_total", "QoS 1/2 publishes taken off the read loop by the publish pipeline (hooks/pipeline.go); on a one-node broker, those with nothing to commit stay on it and are not counted."),
 		pipelineBatches: c("pipeline_batches_total", "Batches the publish pipeline's workers took; pipelined_publishes_total divided by it is the mean batch."),
 		writesFailed:    c("writes_failed_total", "Asynchronous session writes (acks, closes) given up after retrying for 10 s without a quorum; the maintenance loop repairs what it can."),
 	}

@@ -38,6 +38,9 @@ func (h *Sessions) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 			}
 			return pk, h.published(v.qos2, v.res)
 		}
+		if h.pipeline.takeInlined(cl, pk) {
+			return pk, nil // nothing to commit, as of a barrier after it arrived
+		}
 	}
 	ctx, cancel := context.WithTimeout(h.base, durableTimeout(h.cfg.Timeout, len(pk.Payload)))
 	defer cancel()

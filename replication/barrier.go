@@ -291,10 +291,21 @@ func (n *Node) leaderReadIndex(ctx context.Context) (readIndexes, error) {
 	return ri, nil
 }
 
-// ReadsLocally reports whether a barrier on this node costs no round
-// trip now: it leads as the only voter, or holds its read lease.
-func (n *Node) ReadsLocally() bool {
-	return n.running() && n.raft.State() == raft.Leader && (n.soleVoter() || n.leaseHeld(n.raft.CurrentTerm()))
+// SessionsCurrent reports whether a SessionsBarrier called now would pass
+// at once, without a round trip or a wait: this node leads as the only
+// voter and has applied everything committed. False says nothing (call
+// SessionsBarrier); it never blocks, so a connection's reader may ask.
+func (n *Node) SessionsCurrent() bool {
+	if !n.running() || n.raft.State() != raft.Leader || !n.soleVoter() {
+		return false
+	}
+	term := n.raft.CurrentTerm()
+	if n.fsm.syncedTerm.Load() != term {
+		return false // no entry of its own term applied: the commit index may be behind
+	}
+	idx := n.lastFSMEntry(n.raft.CommitIndex())
+	synced, _ := n.fsm.syncedState()
+	return synced >= idx && n.raft.CurrentTerm() == term
 }
 
 // soleVoter reports whether this node is the only voter of the latest

@@ -255,3 +255,62 @@ func TestPipelineBackpressure(t *testing.T) {
 		}
 	}
 }
+
+// TestSoleVoterPublishesInline: on a one-node broker a QoS 1 publish that
+// matches no persistent session goes through mochi on the reader, off the
+// pipe (hooks.Pipeline.inline); once a persistent session subscribes,
+// every later one is committed through the pipe before its PUBACK and
+// none is lost.
+func TestSoleVoterPublishesInline(t *testing.T) {
+	tc := newTestCluster(t, "n1")
+	tc.waitReady()
+	n1 := tc.nodes["n1"]
+	pipelined := func() float64 { return plainCounter(t, n1.reg, "broker_sessions_pipelined_publishes_total") }
+	pub, _ := rawConnect(t, n1.Addr("mqtt"), "inl-pub", true, 0)
+	live, _ := rawConnect(t, n1.Addr("mqtt"), "inl-live", true, 0)
+	live.subscribe("inl/#", 1)
+	publish := func(from, to int) {
+		t.Helper()
+		for i := from; i < to; i++ {
+			cp := packets.NewControlPacket(packets.PUBLISH)
+			p := cp.Content.(*packets.Publish)
+			p.Topic, p.QoS, p.PacketID, p.Payload = "inl/a", 1, uint16(i+1), []byte(strconv.Itoa(i))
+			pub.send(cp)
+			if a := pub.expect(packets.PUBACK).Content.(*packets.Puback); a.PacketID != uint16(i+1) || a.ReasonCode >= 0x80 {
+				t.Fatalf("PUBACK %+v for %d", a, i)
+			}
+		}
+	}
+	receive := func(c *rawClient, from, to int) {
+		t.Helper()
+		for i := from; i < to; i++ {
+			p, ok := c.next().Content.(*packets.Publish)
+			if !ok || string(p.Payload) != strconv.Itoa(i) {
+				t.Fatalf("got %+v, want message %d", p, i)
+			}
+			ack := packets.NewControlPacket(packets.PUBACK)
+			ack.Content.(*packets.Puback).PacketID = p.PacketID
+			c.send(ack)
+		}
+	}
+	before := pipelined()
+	publish(0, 50)
+	receive(live, 0, 50)
+	if got := pipelined() - before; got != 0 {
+		t.Fatalf("%v of 50 publishes without a persistent subscriber took the pipe", got)
+	}
+	dur, _ := rawConnect(t, n1.Addr("mqtt"), "inl-dur", false, 600)
+	dur.subscribe("inl/#", 1)
+	_ = dur.conn.Close()
+	before = pipelined()
+	publish(50, 100)
+	receive(live, 50, 100)
+	if got := pipelined() - before; got != 50 {
+		t.Fatalf("%v of 50 publishes to a persistent subscriber took the pipe, want all", got)
+	}
+	dur, ack := rawConnect(t, n1.Addr("mqtt"), "inl-dur", false, 600)
+	if !ack.SessionPresent {
+		t.Fatal("the persistent session is gone")
+	}
+	receive(dur, 50, 100)
+}
